@@ -1,0 +1,1 @@
+//! Async client of the rendezvous service (QUIC): register, watch peers, exchange offers.

@@ -1,0 +1,54 @@
+//! Whether a test that needs root or a system tool may run here.
+//!
+//! Outside CI a missing requirement makes the test print why it skips and return early.
+//! In CI (`CI` set in the environment, as `.ci/run` is started) a missing requirement is a
+//! failure: CI installs everything, so a skip there would hide a broken install step.
+
+use std::path::PathBuf;
+
+/// True when running under CI (`CI` is set to anything but `0`/`false`).
+pub fn in_ci() -> bool {
+    matches!(std::env::var("CI"), Ok(v) if !v.is_empty() && v != "0" && v != "false")
+}
+
+/// True when the effective user is root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Finds `cmd` on `PATH` (also in `/usr/sbin` and `/sbin`, where Debian keeps `ip`/`nft`).
+pub fn which(cmd: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(cmd))
+        .find(|p| p.is_file())
+}
+
+fn unmet(test: &str, why: &str) -> bool {
+    if in_ci() {
+        panic!("{test}: requirement not met in CI: {why}");
+    }
+    eprintln!("SKIP {test}: {why}");
+    false
+}
+
+/// Returns true if `test` may run as root; otherwise skips (or fails in CI).
+pub fn require_root(test: &str) -> bool {
+    is_root() || unmet(test, "needs root (network namespaces, nftables)")
+}
+
+/// Returns true if every command in `cmds` is installed; otherwise skips (or fails in CI).
+pub fn require_commands(test: &str, cmds: &[&str]) -> bool {
+    let missing: Vec<&str> = cmds.iter().copied().filter(|c| which(c).is_none()).collect();
+    missing.is_empty()
+        || unmet(
+            test,
+            &format!(
+                "needs {} (Debian: apt-get install coturn redis-server wireguard-tools nftables; \
+                 boringtun-cli: cargo install boringtun-cli)",
+                missing.join(", ")
+            ),
+        )
+}

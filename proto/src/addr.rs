@@ -1,0 +1,1 @@
+//! Address policy shared by the relay and the client: canonicalising IPv6 spellings of IPv4 addresses and classifying addresses (loopback, private, link-local, …) so that a relay refuses to forward to them unless allowed.

@@ -1,0 +1,20 @@
+//! Sans-IO core of meshpunch: every codec and protocol state machine, with no sockets,
+//! no async runtime and no clock of its own. Functions take bytes, addresses and
+//! [`std::time::Instant`]s and return bytes to send, timers to arm and events.
+//!
+//! The binaries (`meshpunch-rendezvous`, `meshpunch-relay`, `meshpunch`,
+//! `meshpunch-loadtest`) are thin drivers around these modules, so everything here is
+//! unit-, property- and fuzz-testable without a network.
+
+pub mod addr;
+pub mod channeldata;
+pub mod connect;
+pub mod creds;
+pub mod nat;
+pub mod path;
+pub mod probe;
+pub mod stun;
+pub mod token;
+pub mod turn;
+pub mod turn_client;
+pub mod wire;

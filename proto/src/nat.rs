@@ -1,0 +1,1 @@
+//! NAT classification (RFC 4787 / RFC 5780 terms) from the results of STUN probes.

@@ -1,0 +1,1 @@
+//! The rendezvous protocol: framing, versioning and messages exchanged over QUIC between client and rendezvous.
