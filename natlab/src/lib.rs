@@ -1,8 +1,43 @@
 //! natlab: real NAT topologies in Linux network namespaces (nftables NAT, veth, bridges)
 //! and a user-space latency/loss shaper, used by meshpunch's end-to-end tests and runnable
-//! by hand.
+//! by hand (`natlab up cafe`).
 //!
-//! [`testenv`] is also used by every other crate's tests to decide whether a test that
-//! needs root or a system package runs or skips.
+//! - [`lab`]: namespaces, links, processes in namespaces, teardown on drop / panic / death.
+//! - [`topo`]: an internet router, a server host with two public addresses plus a relay
+//!   address, and sites behind NATs of every behaviour ([`topo::Nat`]).
+//! - [`shaper`]: delay and loss through a TUN device (this kernel has no netem).
+//! - [`probe`]: a UDP reflector proving NAT mapping/filtering without meshpunch.
+//! - [`bins`]: where the workspace binaries a scenario needs are.
+//! - [`testenv`] is also used by every other crate's tests to decide whether a test that
+//!   needs root or a system package runs or skips.
 
+pub mod bins;
+pub mod lab;
+pub mod probe;
+pub mod sh;
+pub mod shaper;
 pub mod testenv;
+pub mod topo;
+
+pub use lab::Lab;
+pub use topo::{Host, Nat, RttStats, Topology, TopologySpec};
+
+/// What can go wrong while building or driving a lab.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system command failed.
+    #[error("`{cmd}` failed: {detail}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Exit status and stderr.
+        detail: String,
+    },
+    /// I/O on a file, socket or device.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A lab set-up or scenario step that is not one command.
+    #[error("{0}")]
+    Setup(String),
+}

@@ -41,7 +41,11 @@ pub fn require_root(test: &str) -> bool {
 
 /// Returns true if every command in `cmds` is installed; otherwise skips (or fails in CI).
 pub fn require_commands(test: &str, cmds: &[&str]) -> bool {
-    let missing: Vec<&str> = cmds.iter().copied().filter(|c| which(c).is_none()).collect();
+    let missing: Vec<&str> = cmds
+        .iter()
+        .copied()
+        .filter(|c| which(c).is_none())
+        .collect();
     missing.is_empty()
         || unmet(
             test,
