@@ -1,1 +1,1010 @@
-//! Path selection state machine: per peer, which candidate pair carries traffic, with failover to the relay and upgrade back to direct.
+//! Path selection state machine: per peer, which candidate pair carries traffic, with
+//! failover to the relay and upgrade back to direct.
+//!
+//! One [`PeerPath`] exists per WireGuard peer. The client has ONE data socket, so a "pair" is
+//! identified by the remote side only: a [`PathAddr`] that is either a direct UDP address
+//! (a host, server-reflexive, peer-reflexive or predicted candidate of the peer) or the peer's
+//! TURN relayed address reached through our own TURN allocation ([`Via::Relay`]).
+//!
+//! Call order (as in quinn-proto and str0m): after every input — [`PeerPath::start_session`],
+//! [`PeerPath::handle_probe`], [`PeerPath::handle_timeout`], [`PeerPath::set_remote_candidates`],
+//! [`PeerPath::local_addresses_changed`], [`PeerPath::on_data_sent`] — drain
+//! [`PeerPath::poll_transmit`] and [`PeerPath::poll_event`], then arm a timer for
+//! [`PeerPath::poll_timeout`]. No clock is read here: `now` is always an argument.
+//!
+//! Rules:
+//! * From the session start time every pair is pinged every [`PathConfig::punch_interval`];
+//!   after [`PathConfig::fast_punch_for`] unanswered pairs back off exponentially up to
+//!   [`PathConfig::backoff_max`] but are never given up while the session lives.
+//! * A pair is valid once a pong from exactly the address we pinged authenticates. A ping from
+//!   an unknown address adds a peer-reflexive pair (how a symmetric NAT peer is reached).
+//! * Until [`PathConfig::relay_after`] has passed since the start only direct pairs are
+//!   selected; afterwards the relay is used at once if no direct pair is valid.
+//! * Among valid pairs: score = smoothed RTT + class penalty (LAN 0, direct
+//!   [`PathConfig::direct_penalty`], relay [`PathConfig::relay_penalty`]); the current pair is
+//!   replaced only if another scores better by the hysteresis margin.
+//! * While data flows the selected pair is pinged every [`PathConfig::active_interval`]; a valid
+//!   pair whose oldest unanswered ping is older than [`PathConfig::pong_timeout`] and whose last
+//!   pong is older than [`PathConfig::dead_after`] is dead — the next best pair takes over at
+//!   once (within one second of the loss with the defaults).
+//! * Idle, the selected pair gets a keepalive every [`PathConfig::keepalive_interval`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::nat::is_lan_ip;
+use crate::probe::{
+    ProbeBody, ProbeError, ProbeKey, ProbeReceiver, ProbeSender, TxId, MAX_PROBE_LEN,
+};
+
+/// How a datagram reaches the remote address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Straight from the data socket.
+    Direct,
+    /// Through our TURN allocation (ChannelData/Send to the peer's relayed address).
+    Relay,
+}
+
+/// The remote end of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PathAddr {
+    /// Direct or through our relay allocation.
+    pub via: Via,
+    /// The remote UDP address (for `Relay`, the peer's relayed address).
+    pub addr: SocketAddr,
+}
+
+impl PathAddr {
+    /// A direct address.
+    pub fn direct(addr: SocketAddr) -> Self {
+        PathAddr {
+            via: Via::Direct,
+            addr,
+        }
+    }
+    /// A relayed address reached through our TURN allocation.
+    pub fn relay(addr: SocketAddr) -> Self {
+        PathAddr {
+            via: Via::Relay,
+            addr,
+        }
+    }
+}
+
+impl std::fmt::Display for PathAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.via {
+            Via::Direct => write!(f, "{}", self.addr),
+            Via::Relay => write!(f, "relay:{}", self.addr),
+        }
+    }
+}
+
+/// Where a candidate address comes from (ICE terms, RFC 8445 §5.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CandidateKind {
+    /// An interface address of the peer.
+    Host,
+    /// The peer's address as a STUN server / the rendezvous saw it.
+    Srflx,
+    /// An address a valid ping came from that we did not know.
+    Prflx,
+    /// A port guessed near the peer's server-reflexive port (sequential allocation).
+    Predicted,
+    /// The peer's TURN relayed address.
+    Relayed,
+}
+
+/// A remote candidate address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Where it comes from.
+    pub kind: CandidateKind,
+    /// The address.
+    pub addr: SocketAddr,
+}
+
+impl Candidate {
+    /// Where a datagram to this candidate goes.
+    pub fn path_addr(&self) -> PathAddr {
+        if self.kind == CandidateKind::Relayed {
+            PathAddr::relay(self.addr)
+        } else {
+            PathAddr::direct(self.addr)
+        }
+    }
+}
+
+/// The kind of path carrying a peer's traffic (`meshpunch status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathKind {
+    /// Direct to a private/link-local address: both peers on one LAN.
+    Lan,
+    /// Direct over the internet (a punched hole or a public address).
+    Direct,
+    /// Through the TURN relay.
+    Relay,
+    /// No working path yet.
+    None,
+}
+
+impl PathKind {
+    /// The status spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PathKind::Lan => "lan",
+            PathKind::Direct => "direct",
+            PathKind::Relay => "relay",
+            PathKind::None => "none",
+        }
+    }
+}
+
+/// Kind of path a pair gives.
+pub fn path_kind(p: &PathAddr) -> PathKind {
+    match p.via {
+        Via::Relay => PathKind::Relay,
+        Via::Direct if is_lan_ip(p.addr.ip()) => PathKind::Lan,
+        Via::Direct => PathKind::Direct,
+    }
+}
+
+/// Timers and limits of the path manager.
+#[derive(Debug, Clone)]
+pub struct PathConfig {
+    /// Ping interval of unanswered pairs while punching.
+    pub punch_interval: Duration,
+    /// How long after the start pairs are pinged at the punch interval before backing off.
+    pub fast_punch_for: Duration,
+    /// Largest interval between pings of a pair that never answered.
+    pub backoff_max: Duration,
+    /// How long direct pairs get before the relay is used.
+    pub relay_after: Duration,
+    /// Ping interval of the selected pair while data flows.
+    pub active_interval: Duration,
+    /// Ping interval of valid pairs that are not selected while data flows.
+    pub standby_interval: Duration,
+    /// Ping interval of every valid pair when idle (NAT keepalive).
+    pub keepalive_interval: Duration,
+    /// No data sent for this long = idle.
+    pub idle_after: Duration,
+    /// A ping without pong for this long is lost.
+    pub pong_timeout: Duration,
+    /// A valid pair without any pong for this long (with a lost ping) is dead.
+    pub dead_after: Duration,
+    /// Score penalty of a direct (non-LAN) pair.
+    pub direct_penalty: Duration,
+    /// Score penalty of a relayed pair.
+    pub relay_penalty: Duration,
+    /// Minimum score gain for switching between valid pairs.
+    pub hysteresis: Duration,
+    /// Ports after each server-reflexive port of the peer to try (sequential port allocation).
+    pub predicted_ports: u16,
+    /// Random ports to try on each server-reflexive IP of the peer (birthday probing against
+    /// a symmetric NAT with random ports); 0 disables.
+    pub birthday_ports: u16,
+    /// How long predicted pairs are probed before they are dropped.
+    pub predicted_for: Duration,
+    /// Cap on pairs per peer (peer-reflexive ones included).
+    pub max_pairs: usize,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            punch_interval: Duration::from_millis(200),
+            fast_punch_for: Duration::from_secs(3),
+            backoff_max: Duration::from_secs(8),
+            relay_after: Duration::from_secs(1),
+            active_interval: Duration::from_millis(250),
+            standby_interval: Duration::from_secs(2),
+            keepalive_interval: crate::nat::DEFAULT_KEEPALIVE,
+            idle_after: Duration::from_secs(5),
+            pong_timeout: Duration::from_millis(700),
+            dead_after: Duration::from_millis(700),
+            direct_penalty: Duration::from_millis(20),
+            relay_penalty: Duration::from_millis(150),
+            hysteresis: Duration::from_millis(10),
+            predicted_ports: 2,
+            birthday_ports: 0,
+            predicted_for: Duration::from_secs(5),
+            max_pairs: 64,
+        }
+    }
+}
+
+/// A datagram the driver must send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub dest: PathAddr,
+    /// The probe bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Something the driver (and `meshpunch status`) should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathEvent {
+    /// The pair carrying data changed.
+    PathChanged {
+        /// New kind.
+        kind: PathKind,
+        /// New remote (None = no path).
+        remote: Option<PathAddr>,
+        /// Why.
+        reason: String,
+    },
+    /// The set of remote addresses changed (the driver's address → peer map needs updating).
+    RemotesChanged,
+    /// A pong told us our address as the peer sees it (a peer-reflexive local candidate).
+    ObservedAddress(SocketAddr),
+    /// A pong arrived (for `meshpunch ping`).
+    Pong {
+        /// The pair it validated.
+        remote: PathAddr,
+        /// The ping's transaction id.
+        tx: TxId,
+        /// This ping's round-trip time.
+        rtt: Duration,
+    },
+}
+
+/// State of one pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PairState {
+    /// Pinged, no pong yet (or dead again).
+    Probing,
+    /// A pong authenticated recently.
+    Valid,
+}
+
+#[derive(Debug, Clone)]
+struct Pair {
+    dest: PathAddr,
+    kind: CandidateKind,
+    state: PairState,
+    added: Instant,
+    next_ping: Instant,
+    interval: Duration,
+    pings: VecDeque<(TxId, Instant)>,
+    last_pong: Option<Instant>,
+    srtt: Option<Duration>,
+    pings_sent: u64,
+    pongs_received: u64,
+}
+
+const MAX_OUTSTANDING: usize = 8;
+
+/// Snapshot of one pair for status output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairStatus {
+    /// The remote.
+    pub remote: PathAddr,
+    /// Candidate kind.
+    pub kind: CandidateKind,
+    /// Probing or valid.
+    pub state: PairState,
+    /// Smoothed RTT in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Pings sent.
+    pub pings_sent: u64,
+    /// Pongs received.
+    pub pongs_received: u64,
+}
+
+/// Snapshot of a peer's path for status output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathStatus {
+    /// Kind of the selected path.
+    pub kind: PathKind,
+    /// Selected remote.
+    pub remote: Option<PathAddr>,
+    /// RTT of the selected pair.
+    pub rtt: Option<Duration>,
+    /// Why this path (or why none).
+    pub reason: String,
+    /// Every pair.
+    pub pairs: Vec<PairStatus>,
+}
+
+/// Counters of refused probes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeCounters {
+    /// Accepted probes.
+    pub accepted: u64,
+    /// Refused: bad tag / malformed / unknown key.
+    pub unauthenticated: u64,
+    /// Refused: replayed or stale.
+    pub replayed: u64,
+}
+
+struct Session {
+    sender: ProbeSender,
+    receiver: ProbeReceiver,
+    prev_receiver: Option<ProbeReceiver>,
+    start_at: Instant,
+}
+
+/// Per-peer path state machine. See the module docs for the rules and call order.
+pub struct PeerPath {
+    cfg: PathConfig,
+    local_public: [u8; 32],
+    remote_public: [u8; 32],
+    session: Option<Session>,
+    pairs: Vec<Pair>,
+    remote_candidates: Vec<Candidate>,
+    selected: Option<PathAddr>,
+    reason: String,
+    relay_blocked: bool,
+    direct_blocked: bool,
+    relay_deadline_fired: bool,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PathEvent>,
+    last_data_sent: Option<Instant>,
+    epoch: Instant,
+    epoch_unix_ms: u64,
+    rng: u64,
+    counters: ProbeCounters,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for PeerPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerPath")
+            .field("selected", &self.selected)
+            .field("pairs", &self.pairs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerPath {
+    /// A path manager for the peer with `remote_public` key, seen from the holder of
+    /// `local_public`. `now_unix_ms` is the wall-clock time at `now` (probe timestamps);
+    /// `seed` feeds transaction ids and birthday ports.
+    pub fn new(
+        cfg: PathConfig,
+        local_public: [u8; 32],
+        remote_public: [u8; 32],
+        now: Instant,
+        now_unix_ms: u64,
+        seed: u64,
+    ) -> Self {
+        PeerPath {
+            cfg,
+            local_public,
+            remote_public,
+            session: None,
+            pairs: Vec::new(),
+            remote_candidates: Vec::new(),
+            selected: None,
+            reason: "waiting for the peer's candidates".into(),
+            relay_blocked: false,
+            direct_blocked: false,
+            relay_deadline_fired: false,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            last_data_sent: None,
+            epoch: now,
+            epoch_unix_ms: now_unix_ms,
+            rng: seed | 1,
+            counters: ProbeCounters::default(),
+            buf: Vec::with_capacity(MAX_PROBE_LEN),
+        }
+    }
+
+    /// The remote peer's public key.
+    pub fn remote_public(&self) -> &[u8; 32] {
+        &self.remote_public
+    }
+
+    /// Starts (or restarts) punching with a session secret from the rendezvous: probes to every
+    /// candidate pair begin at `start_at`. Valid pairs survive a restart (a working path is
+    /// never dropped because of a new offer); probes with the previous key are still accepted.
+    pub fn start_session(
+        &mut self,
+        now: Instant,
+        secret: &[u8; 32],
+        start_at: Instant,
+        remote: Vec<Candidate>,
+    ) {
+        let sender = ProbeSender::new(ProbeKey::derive(secret, &self.local_public));
+        let receiver = ProbeReceiver::new(ProbeKey::derive(secret, &self.remote_public));
+        let prev_receiver = self.session.take().map(|s| s.receiver);
+        let start_at = start_at.max(now);
+        self.relay_deadline_fired = false;
+        self.session = Some(Session {
+            sender,
+            receiver,
+            prev_receiver,
+            start_at,
+        });
+        for p in &mut self.pairs {
+            p.pings.clear();
+            p.next_ping = start_at;
+            p.interval = self.cfg.punch_interval;
+            p.added = start_at;
+        }
+        self.set_remote_candidates(now, remote);
+        if self.selected.is_none() {
+            self.reason = "punching".into();
+        }
+    }
+
+    /// Whether a session exists.
+    pub fn has_session(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Key ids whose probes belong to this peer (the driver's demux table).
+    pub fn key_ids(&self) -> Vec<u32> {
+        let mut v = Vec::new();
+        if let Some(s) = &self.session {
+            v.push(s.receiver.key_id());
+            if let Some(p) = &s.prev_receiver {
+                v.push(p.key_id());
+            }
+        }
+        v
+    }
+
+    /// Replaces the peer's candidates (a new offer/answer, or the peer re-gathered).
+    /// Pairs for vanished candidates are dropped unless valid or selected.
+    pub fn set_remote_candidates(&mut self, now: Instant, remote: Vec<Candidate>) {
+        let start = self.session.as_ref().map(|s| s.start_at).unwrap_or(now);
+        let mut wanted: Vec<(PathAddr, CandidateKind)> =
+            remote.iter().map(|c| (c.path_addr(), c.kind)).collect();
+        for c in &remote {
+            if c.kind != CandidateKind::Srflx {
+                continue;
+            }
+            for d in 1..=self.cfg.predicted_ports {
+                if let Some(port) = c.addr.port().checked_add(d) {
+                    let mut a = c.addr;
+                    a.set_port(port);
+                    wanted.push((PathAddr::direct(a), CandidateKind::Predicted));
+                }
+            }
+            for _ in 0..self.cfg.birthday_ports {
+                let port = 1024 + (self.next_rand() % (65536 - 1024)) as u16;
+                let mut a = c.addr;
+                a.set_port(port);
+                wanted.push((PathAddr::direct(a), CandidateKind::Predicted));
+            }
+        }
+        self.remote_candidates = remote;
+        let selected = self.selected;
+        self.pairs.retain(|p| {
+            p.state == PairState::Valid
+                || Some(p.dest) == selected
+                || p.kind == CandidateKind::Prflx
+                || wanted.iter().any(|w| w.0 == p.dest)
+        });
+        for (dest, kind) in wanted {
+            if self.pairs.iter().any(|p| p.dest == dest) {
+                continue;
+            }
+            let cap = self.cfg.max_pairs
+                + usize::from(self.cfg.birthday_ports)
+                + usize::from(self.cfg.predicted_ports) * 4;
+            if self.pairs.len() >= cap {
+                break;
+            }
+            self.pairs.push(self.new_pair(dest, kind, start.max(now)));
+        }
+        self.events.push_back(PathEvent::RemotesChanged);
+    }
+
+    fn new_pair(&self, dest: PathAddr, kind: CandidateKind, at: Instant) -> Pair {
+        Pair {
+            dest,
+            kind,
+            state: PairState::Probing,
+            added: at,
+            next_ping: at,
+            interval: self.cfg.punch_interval,
+            pings: VecDeque::new(),
+            last_pong: None,
+            srtt: None,
+            pings_sent: 0,
+            pongs_received: 0,
+        }
+    }
+
+    /// Our local addresses or observed address changed: re-check every pair now, with the
+    /// punch interval again. (The driver also sends our new candidates to the peer.)
+    pub fn local_addresses_changed(&mut self, now: Instant) {
+        for p in &mut self.pairs {
+            p.next_ping = now;
+            p.interval = self.cfg.punch_interval;
+            p.added = now;
+        }
+    }
+
+    /// Forces traffic off direct pairs (`debug block-direct`): direct pairs are neither
+    /// probed nor selected until unblocked.
+    pub fn set_direct_blocked(&mut self, now: Instant, blocked: bool) {
+        self.direct_blocked = blocked;
+        for p in &mut self.pairs {
+            if p.dest.via == Via::Direct {
+                p.state = PairState::Probing;
+                p.pings.clear();
+                p.next_ping = now;
+                p.interval = self.cfg.punch_interval;
+                p.added = now;
+            }
+        }
+        self.select(
+            now,
+            if blocked {
+                "direct blocked by operator"
+            } else {
+                "direct unblocked"
+            },
+        );
+    }
+
+    /// Forces traffic off the relay (`debug block-relay`).
+    pub fn set_relay_blocked(&mut self, now: Instant, blocked: bool) {
+        self.relay_blocked = blocked;
+        for p in &mut self.pairs {
+            if p.dest.via == Via::Relay {
+                p.state = PairState::Probing;
+                p.pings.clear();
+                p.next_ping = now;
+            }
+        }
+        self.select(
+            now,
+            if blocked {
+                "relay blocked by operator"
+            } else {
+                "relay unblocked"
+            },
+        );
+    }
+
+    /// Whether direct pairs are blocked by the operator.
+    pub fn direct_blocked(&self) -> bool {
+        self.direct_blocked
+    }
+
+    fn blocked(&self, d: &PathAddr) -> bool {
+        match d.via {
+            Via::Direct => self.direct_blocked,
+            Via::Relay => self.relay_blocked,
+        }
+    }
+
+    /// Where WireGuard data for this peer goes now.
+    pub fn route(&self) -> Option<PathAddr> {
+        self.selected
+    }
+
+    /// Whether `from` is one of this peer's remotes (for demultiplexing WireGuard data).
+    pub fn knows(&self, from: &PathAddr) -> bool {
+        self.pairs.iter().any(|p| p.dest == *from)
+    }
+
+    /// Every remote address of this peer.
+    pub fn remotes(&self) -> impl Iterator<Item = PathAddr> + '_ {
+        self.pairs.iter().map(|p| p.dest)
+    }
+
+    /// Record that WireGuard data was sent (switches the selected pair to active probing).
+    pub fn on_data_sent(&mut self, now: Instant) {
+        let was_idle = self.is_idle(now);
+        self.last_data_sent = Some(now);
+        if was_idle {
+            if let Some(sel) = self.selected {
+                let iv = self.cfg.active_interval;
+                if let Some(p) = self.pairs.iter_mut().find(|p| p.dest == sel) {
+                    p.next_ping = p.next_ping.min(now + iv);
+                }
+            }
+        }
+    }
+
+    fn is_idle(&self, now: Instant) -> bool {
+        match self.last_data_sent {
+            Some(t) => now.saturating_duration_since(t) > self.cfg.idle_after,
+            None => true,
+        }
+    }
+
+    fn unix_ms(&self, now: Instant) -> u64 {
+        self.epoch_unix_ms
+            .saturating_add(now.saturating_duration_since(self.epoch).as_millis() as u64)
+    }
+
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64*: transaction ids need uniqueness, not secrecy (probes are authenticated).
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Feeds a probe (classified as [`crate::probe::PacketKind::Probe`]) that arrived from
+    /// `from`. Pings are answered; pongs validate pairs.
+    pub fn handle_probe(
+        &mut self,
+        now: Instant,
+        from: PathAddr,
+        bytes: &[u8],
+    ) -> Result<(), ProbeError> {
+        let unix = self.unix_ms(now);
+        let Some(sess) = self.session.as_mut() else {
+            self.counters.unauthenticated += 1;
+            return Err(ProbeError::UnknownKey(crate::probe::peek_key_id(bytes)?));
+        };
+        let res = match sess.receiver.open(unix, bytes) {
+            Err(ProbeError::UnknownKey(k)) => match sess.prev_receiver.as_mut() {
+                Some(prev) => prev.open(unix, bytes),
+                None => Err(ProbeError::UnknownKey(k)),
+            },
+            r => r,
+        };
+        let probe = match res {
+            Ok(p) => p,
+            Err(e) => {
+                match e {
+                    ProbeError::Replayed(_) | ProbeError::Stale => self.counters.replayed += 1,
+                    _ => self.counters.unauthenticated += 1,
+                }
+                return Err(e);
+            }
+        };
+        self.counters.accepted += 1;
+        if self.blocked(&from) {
+            return Ok(());
+        }
+        match probe.body {
+            ProbeBody::Ping { tx } => {
+                let body = ProbeBody::Pong {
+                    tx,
+                    observed: from.addr,
+                };
+                if let Some(s) = self.session.as_mut() {
+                    s.sender.seal(unix, &body, &mut self.buf);
+                    self.transmits.push_back(Transmit {
+                        dest: from,
+                        payload: self.buf.clone(),
+                    });
+                }
+                // Triggered check: make sure we ping back soon (and learn prflx addresses).
+                match self.pairs.iter_mut().find(|p| p.dest == from) {
+                    Some(p) => {
+                        if p.state != PairState::Valid && p.pings.is_empty() {
+                            p.next_ping = now;
+                        }
+                    }
+                    None => {
+                        if self.pairs.len() < self.cfg.max_pairs + 64 {
+                            let mut p = self.new_pair(from, CandidateKind::Prflx, now);
+                            p.next_ping = now;
+                            self.pairs.push(p);
+                            self.events.push_back(PathEvent::RemotesChanged);
+                        }
+                    }
+                }
+            }
+            ProbeBody::Pong { tx, observed } => {
+                let Some(p) = self.pairs.iter_mut().find(|p| p.dest == from) else {
+                    return Ok(());
+                };
+                let Some(idx) = p.pings.iter().position(|(t, _)| *t == tx) else {
+                    return Ok(());
+                };
+                let sent = p.pings[idx].1;
+                // Older pings than the answered one are as good as answered.
+                p.pings.drain(..=idx);
+                let sample = now.saturating_duration_since(sent);
+                p.srtt = Some(match p.srtt {
+                    Some(s) => (s * 7 + sample) / 8,
+                    None => sample,
+                });
+                p.last_pong = Some(now);
+                p.pongs_received += 1;
+                let became_valid = p.state != PairState::Valid;
+                p.state = PairState::Valid;
+                if became_valid {
+                    p.interval = self.cfg.punch_interval;
+                }
+                self.events.push_back(PathEvent::ObservedAddress(observed));
+                self.events.push_back(PathEvent::Pong {
+                    remote: from,
+                    tx,
+                    rtt: sample,
+                });
+                if became_valid {
+                    self.select(now, "pong received");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances timers: sends due pings, expires lost ones, detects dead pairs, reselects.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(start) = self.session.as_ref().map(|s| s.start_at) else {
+            return;
+        };
+        if now < start {
+            return;
+        }
+        let idle = self.is_idle(now);
+        let cfg = self.cfg.clone();
+        let mut died = false;
+        // Expire lost pings; detect dead pairs; drop predicted pairs that never answered.
+        for p in &mut self.pairs {
+            while let Some((_, t)) = p.pings.front() {
+                if now.saturating_duration_since(*t) >= cfg.pong_timeout {
+                    p.pings.pop_front();
+                    if p.state == PairState::Valid
+                        && p.last_pong
+                            .is_none_or(|l| now.saturating_duration_since(l) >= cfg.dead_after)
+                    {
+                        p.state = PairState::Probing;
+                        p.interval = cfg.punch_interval;
+                        p.added = now;
+                        p.next_ping = p.next_ping.min(now);
+                        died = true;
+                    }
+                } else {
+                    break;
+                }
+            }
+        }
+        let before = self.pairs.len();
+        self.pairs.retain(|p| {
+            !(p.kind == CandidateKind::Predicted
+                && p.state != PairState::Valid
+                && now.saturating_duration_since(p.added) > cfg.predicted_for)
+        });
+        if self.pairs.len() != before {
+            self.events.push_back(PathEvent::RemotesChanged);
+        }
+        if died {
+            self.select(now, "selected path stopped answering");
+        }
+        if now >= start + cfg.relay_after && !self.relay_deadline_fired {
+            self.relay_deadline_fired = true;
+            self.select(now, "no direct path answered in time");
+        }
+        // Send due pings.
+        let selected = self.selected;
+        let unix = self.unix_ms(now);
+        for i in 0..self.pairs.len() {
+            let p = &self.pairs[i];
+            if p.next_ping > now || self.blocked(&p.dest) {
+                continue;
+            }
+            let next_interval = match p.state {
+                PairState::Valid if Some(p.dest) == selected && !idle => cfg.active_interval,
+                PairState::Valid if idle => cfg.keepalive_interval,
+                PairState::Valid => cfg.standby_interval,
+                PairState::Probing => {
+                    if now.saturating_duration_since(p.added) < cfg.fast_punch_for {
+                        cfg.punch_interval
+                    } else {
+                        (p.interval * 2).min(cfg.backoff_max)
+                    }
+                }
+            };
+            let mut tx = [0u8; 12];
+            tx[..8].copy_from_slice(&self.next_rand().to_be_bytes());
+            tx[8..].copy_from_slice(&(i as u32).to_be_bytes());
+            if let Some(s) = self.session.as_mut() {
+                s.sender.seal(unix, &ProbeBody::Ping { tx }, &mut self.buf);
+            }
+            let p = &mut self.pairs[i];
+            if p.pings.len() >= MAX_OUTSTANDING {
+                p.pings.pop_front();
+            }
+            p.pings.push_back((tx, now));
+            p.pings_sent += 1;
+            p.interval = next_interval;
+            p.next_ping = now + next_interval;
+            self.transmits.push_back(Transmit {
+                dest: p.dest,
+                payload: self.buf.clone(),
+            });
+        }
+    }
+
+    fn score(&self, p: &Pair) -> Duration {
+        let rtt = p.srtt.unwrap_or(Duration::from_millis(500));
+        rtt + match path_kind(&p.dest) {
+            PathKind::Lan => Duration::ZERO,
+            PathKind::Direct => self.cfg.direct_penalty,
+            _ => self.cfg.relay_penalty,
+        }
+    }
+
+    fn select(&mut self, now: Instant, why: &str) {
+        let Some(start) = self.session.as_ref().map(|s| s.start_at) else {
+            return;
+        };
+        let relay_ok = now >= start + self.cfg.relay_after || self.direct_blocked;
+        let usable = |p: &Pair| {
+            p.state == PairState::Valid
+                && !self.blocked(&p.dest)
+                && (p.dest.via == Via::Direct || relay_ok)
+        };
+        let best = self
+            .pairs
+            .iter()
+            .filter(|p| usable(p))
+            .min_by_key(|p| (self.score(p), p.dest))
+            .map(|p| (p.dest, self.score(p)));
+        let current = self
+            .selected
+            .and_then(|s| self.pairs.iter().find(|p| p.dest == s))
+            .filter(|p| usable(p))
+            .map(|p| (p.dest, self.score(p)));
+        let new = match (current, best) {
+            (Some(c), Some(b)) => {
+                let class_better = path_kind(&b.0) != path_kind(&c.0)
+                    && kind_rank(path_kind(&b.0)) < kind_rank(path_kind(&c.0));
+                if b.0 != c.0 && (class_better || b.1 + self.cfg.hysteresis < c.1) {
+                    Some(b.0)
+                } else {
+                    Some(c.0)
+                }
+            }
+            (None, b) => b.map(|b| b.0),
+            (Some(c), None) => Some(c.0),
+        };
+        if new != self.selected {
+            let old = self.selected;
+            self.selected = new;
+            let kind = new.as_ref().map_or(PathKind::None, path_kind);
+            self.reason = match (old, new) {
+                (_, None) => format!("no working path ({why})"),
+                (None, Some(_)) => format!("{} path found ({why})", kind.as_str()),
+                (Some(o), Some(_)) if path_kind(&o) == kind => {
+                    format!("better {} path: lower RTT", kind.as_str())
+                }
+                (Some(o), Some(_)) => {
+                    format!("{} -> {} ({why})", path_kind(&o).as_str(), kind.as_str())
+                }
+            };
+            self.events.push_back(PathEvent::PathChanged {
+                kind,
+                remote: new,
+                reason: self.reason.clone(),
+            });
+        } else if new.is_none() && now >= start + self.cfg.relay_after {
+            let has_relay = self
+                .pairs
+                .iter()
+                .any(|p| p.dest.via == Via::Relay && !self.relay_blocked);
+            let r = if has_relay {
+                "no pong yet on any path, relay included"
+            } else {
+                "no pong yet on any direct path and no relayed candidate"
+            };
+            if self.reason != r {
+                self.reason = r.into();
+            }
+        }
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<PathEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let s = self.session.as_ref()?;
+        let mut t: Option<Instant> = None;
+        let mut take = |x: Instant| t = Some(t.map_or(x, |t: Instant| t.min(x)));
+        for p in &self.pairs {
+            if !self.blocked(&p.dest) {
+                take(p.next_ping);
+            }
+            if let Some((_, sent)) = p.pings.front() {
+                take(*sent + self.cfg.pong_timeout);
+            }
+        }
+        if !self.relay_deadline_fired {
+            take(s.start_at + self.cfg.relay_after);
+        }
+        Some(t.map_or(s.start_at, |t| t.max(s.start_at)))
+    }
+
+    /// Status snapshot.
+    pub fn status(&self) -> PathStatus {
+        let sel = self
+            .selected
+            .and_then(|s| self.pairs.iter().find(|p| p.dest == s));
+        PathStatus {
+            kind: self.selected.as_ref().map_or(PathKind::None, path_kind),
+            remote: self.selected,
+            rtt: sel.and_then(|p| p.srtt),
+            reason: self.reason.clone(),
+            pairs: self
+                .pairs
+                .iter()
+                .map(|p| PairStatus {
+                    remote: p.dest,
+                    kind: p.kind,
+                    state: p.state,
+                    rtt_us: p.srtt.map(|d| d.as_micros() as u64),
+                    pings_sent: p.pings_sent,
+                    pongs_received: p.pongs_received,
+                })
+                .collect(),
+        }
+    }
+
+    /// Sets the reason shown while nothing is selected (e.g. "peer not in network").
+    pub fn set_reason(&mut self, reason: impl Into<String>) {
+        if self.selected.is_none() {
+            self.reason = reason.into();
+        }
+    }
+
+    /// Probe counters (accepted / refused).
+    pub fn counters(&self) -> ProbeCounters {
+        self.counters
+    }
+
+    /// Sends a ping on the selected pair now (`meshpunch ping`); returns its transaction id.
+    pub fn ping_now(&mut self, now: Instant) -> Option<(TxId, PathAddr)> {
+        let sel = self.selected?;
+        let unix = self.unix_ms(now);
+        let mut tx = [0u8; 12];
+        tx[..8].copy_from_slice(&self.next_rand().to_be_bytes());
+        tx[8..].copy_from_slice(&u32::MAX.to_be_bytes());
+        let s = self.session.as_mut()?;
+        s.sender.seal(unix, &ProbeBody::Ping { tx }, &mut self.buf);
+        let p = self.pairs.iter_mut().find(|p| p.dest == sel)?;
+        if p.pings.len() >= MAX_OUTSTANDING {
+            p.pings.pop_front();
+        }
+        p.pings.push_back((tx, now));
+        p.pings_sent += 1;
+        self.transmits.push_back(Transmit {
+            dest: sel,
+            payload: self.buf.clone(),
+        });
+        Some((tx, sel))
+    }
+
+    /// When the pong to `tx` arrived, the last pong time of `dest` (for `meshpunch ping`).
+    pub fn last_pong(&self, dest: &PathAddr) -> Option<Instant> {
+        self.pairs
+            .iter()
+            .find(|p| p.dest == *dest)
+            .and_then(|p| p.last_pong)
+    }
+}
+
+fn kind_rank(k: PathKind) -> u8 {
+    match k {
+        PathKind::Lan => 0,
+        PathKind::Direct => 1,
+        PathKind::Relay => 2,
+        PathKind::None => 3,
+    }
+}
+
+#[cfg(test)]
+mod tests;
