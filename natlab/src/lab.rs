@@ -57,6 +57,7 @@ pub struct Lab {
     log_dir: PathBuf,
     guardian: Option<Child>,
     keep: bool,
+    files: Vec<PathBuf>,
 }
 
 impl Lab {
@@ -78,6 +79,7 @@ impl Lab {
             log_dir,
             guardian: Some(guardian),
             keep: false,
+            files: Vec::new(),
         })
     }
 
@@ -93,6 +95,7 @@ impl Lab {
             log_dir,
             guardian: None,
             keep: true,
+            files: Vec::new(),
         })
     }
 
@@ -256,6 +259,11 @@ impl Lab {
         Ok(())
     }
 
+    /// Removes `path` at teardown (files outside the namespaces, e.g. a control socket).
+    pub fn remove_on_teardown(&mut self, path: PathBuf) {
+        self.files.push(path);
+    }
+
     /// True while process `name` runs.
     pub fn is_running(&mut self, name: &str) -> bool {
         match self.procs.get_mut(name) {
@@ -333,6 +341,9 @@ impl Lab {
         }
         // Anything a half-finished set-up created but did not record.
         remove_prefix(&self.prefix);
+        for f in self.files.drain(..) {
+            let _ = std::fs::remove_file(f);
+        }
         if let Some(mut g) = self.guardian.take() {
             let _ = g.kill();
             let _ = g.wait();

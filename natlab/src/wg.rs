@@ -1,0 +1,164 @@
+//! Real WireGuard in lab hosts: userspace `boringtun-cli` (the kernel module may be missing)
+//! configured with `wg`.
+//!
+//! boringtun keeps its control socket at `/var/run/wireguard/<iface>.sock`, a path every
+//! namespace shares, so interface names are unique per process and lab (`w<pid%10000><n>`),
+//! and the socket is removed when the interface goes.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::topo::Topology;
+use crate::Error;
+
+static IFACE_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A WireGuard interface running in a lab host.
+#[derive(Debug, Clone)]
+pub struct WgIface {
+    /// Host (node) it runs in.
+    pub host: String,
+    /// Interface name.
+    pub name: String,
+    /// Tunnel address (/24).
+    pub addr: Ipv4Addr,
+    /// Base64 private key.
+    pub private_key: String,
+    /// Base64 public key.
+    pub public_key: String,
+    /// UDP port WireGuard listens on.
+    pub listen_port: u16,
+    proc_name: String,
+}
+
+/// A fresh WireGuard key pair `(private, public)` from `wg genkey` / `wg pubkey`.
+pub fn keypair() -> Result<(String, String), Error> {
+    let private = crate::sh::run("wg", &["genkey"])?.trim().to_string();
+    let public = crate::sh::run_input("wg", &["pubkey"], Some(&format!("{private}\n")))?
+        .trim()
+        .to_string();
+    Ok((private, public))
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/var/run/wireguard/{name}.sock"))
+}
+
+impl WgIface {
+    /// Starts boringtun in `host` with tunnel address `addr`/24 listening on `listen_port`,
+    /// using `keys` (private, public) or fresh ones.
+    pub fn start(
+        topo: &mut Topology,
+        host: &str,
+        addr: Ipv4Addr,
+        listen_port: u16,
+        keys: Option<(String, String)>,
+    ) -> Result<WgIface, Error> {
+        let n = IFACE_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("w{}{n}", std::process::id() % 10000);
+        let (private_key, public_key) = match keys {
+            Some(k) => k,
+            None => keypair()?,
+        };
+        let bin = crate::testenv::which("boringtun-cli").ok_or_else(|| {
+            Error::Setup("boringtun-cli is not installed (cargo install boringtun-cli)".into())
+        })?;
+        let proc_name = format!("boringtun-{host}");
+        let _ = std::fs::remove_file(socket_path(&name));
+        topo.lab.remove_on_teardown(socket_path(&name));
+        let args = vec![
+            "--foreground".to_string(),
+            "--disable-drop-privileges".to_string(),
+            "--threads".to_string(),
+            "1".to_string(),
+            "--log".to_string(),
+            topo.lab
+                .log_dir()
+                .join(format!("{proc_name}.trace"))
+                .display()
+                .to_string(),
+            name.clone(),
+        ];
+        topo.lab.spawn(host, &proc_name, &bin, &args)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket_path(&name).exists() {
+            if Instant::now() > deadline || !topo.lab.is_running(&proc_name) {
+                return Err(Error::Setup(format!(
+                    "boringtun did not start: {}",
+                    topo.lab.log(&proc_name)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let key_file = topo.lab.log_dir().join(format!("{name}.key"));
+        std::fs::write(&key_file, format!("{private_key}\n"))?;
+        let key_path = key_file.display().to_string();
+        topo.lab.exec(
+            host,
+            "wg",
+            &[
+                "set",
+                &name,
+                "private-key",
+                &key_path,
+                "listen-port",
+                &listen_port.to_string(),
+            ],
+        )?;
+        let _ = std::fs::remove_file(&key_file);
+        topo.lab
+            .ip(host, &["addr", "add", &format!("{addr}/24"), "dev", &name])?;
+        topo.lab.ip(host, &["link", "set", &name, "up"])?;
+        Ok(WgIface {
+            host: host.to_string(),
+            name,
+            addr,
+            private_key,
+            public_key,
+            listen_port,
+            proc_name,
+        })
+    }
+
+    /// Adds (or updates) `peer` with its tunnel address, an optional endpoint and a keepalive.
+    pub fn set_peer(
+        &self,
+        topo: &Topology,
+        peer: &WgIface,
+        endpoint: Option<SocketAddr>,
+        keepalive_secs: u16,
+    ) -> Result<(), Error> {
+        let allowed = format!("{}/32", peer.addr);
+        let ka = keepalive_secs.to_string();
+        let ep = endpoint.map(|e| e.to_string());
+        let mut args = vec![
+            "set",
+            &self.name,
+            "peer",
+            &peer.public_key,
+            "allowed-ips",
+            &allowed,
+        ];
+        if let Some(ep) = ep.as_deref() {
+            args.extend_from_slice(&["endpoint", ep]);
+        }
+        if keepalive_secs > 0 {
+            args.extend_from_slice(&["persistent-keepalive", &ka]);
+        }
+        topo.lab.exec(&self.host, "wg", &args).map(|_| ())
+    }
+
+    /// `wg show <iface> dump` output.
+    pub fn dump(&self, topo: &Topology) -> Result<String, Error> {
+        topo.lab
+            .exec(&self.host, "wg", &["show", &self.name, "dump"])
+    }
+
+    /// Stops boringtun and removes its control socket.
+    pub fn stop(&self, topo: &mut Topology) {
+        topo.lab.stop(&self.proc_name);
+        let _ = std::fs::remove_file(socket_path(&self.name));
+    }
+}
