@@ -7,6 +7,7 @@
 //!   address, and sites behind NATs of every behaviour ([`topo::Nat`]).
 //! - [`shaper`]: delay and loss through a TUN device (this kernel has no netem).
 //! - [`probe`]: a UDP reflector proving NAT mapping/filtering without meshpunch.
+//! - [`traffic`]: constant-rate UDP flows and the gaps their receiver saw.
 //! - [`wg`]: userspace WireGuard (boringtun + wg) in lab hosts.
 //! - [`bins`]: where the workspace binaries a scenario needs are.
 //! - [`testenv`] is also used by every other crate's tests to decide whether a test that
@@ -19,6 +20,7 @@ pub mod sh;
 pub mod shaper;
 pub mod testenv;
 pub mod topo;
+pub mod traffic;
 pub mod wg;
 
 pub use lab::Lab;

@@ -407,3 +407,39 @@ fn lab_is_removed_when_its_process_is_killed() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&ps.stdout).contains(&format!("{}inet", prefix)));
 }
+
+#[test]
+fn flow_sink_measures_the_gap_of_a_one_second_cut() {
+    if !ready("flow_sink_measures_the_gap_of_a_one_second_cut") {
+        return;
+    }
+    use natlab::traffic::{Flow, Sink};
+    let t = TopologySpec::new()
+        .site("a", Nat::PortRestricted, 1)
+        .site("b", Nat::Open, 1)
+        .build()
+        .unwrap();
+    let b_ip = t.host("b1").unwrap().ip;
+    let sink = Sink::start(&t.lab, "b1", SocketAddr::from((b_ip, 5000))).unwrap();
+    let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    let flow = Flow::start(&t.lab, "a1", any, sink.addr(), Duration::from_millis(10)).unwrap();
+    assert!(sink
+        .wait_arrival_after(Instant::now(), Duration::from_secs(5))
+        .is_some());
+    let cut_at = Instant::now();
+    t.cut("a1", "b1").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    t.restore("a1", "b1").unwrap();
+    let back = sink
+        .wait_arrival_after(Instant::now(), Duration::from_secs(5))
+        .expect("flow did not resume");
+    std::thread::sleep(Duration::from_millis(200));
+    let gap = sink.max_gap(cut_at, back);
+    let sent = flow.sent();
+    drop(flow);
+    std::thread::sleep(Duration::from_millis(100));
+    let lost = sink.lost(sent);
+    println!("1 s cut: gap {gap:?}, {lost} of {sent} datagrams lost");
+    assert!(gap >= Duration::from_millis(900), "{gap:?}");
+    assert!(lost >= 50, "{lost}");
+}
