@@ -1,1 +1,159 @@
-fn main() {}
+//! `meshpunch-loadtest`: command-line driver of the load generator (see the crate docs).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use meshpunch_loadtest::forwarder::Forwarder;
+use meshpunch_loadtest::load::{self, LoadOptions, Target};
+
+/// Load generator for meshpunch rendezvous nodes and any TURN server.
+#[derive(Parser, Debug)]
+#[command(name = "meshpunch-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Push ChannelData through a TURN server (ours, coturn, any RFC 8656 server).
+    Relay {
+        /// TURN server address (UDP).
+        #[arg(long)]
+        server: SocketAddr,
+        /// TURN REST-API shared secret (coturn: static-auth-secret).
+        #[arg(long, env = "MESHPUNCH_TURN_SECRET")]
+        secret: String,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Push the same load through a bare forwarder (`meshpunch-loadtest forwarder`).
+    Bare {
+        /// Forwarder address.
+        #[arg(long)]
+        server: SocketAddr,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Send straight from clients to peers: the load generator's own ceiling.
+    Direct {
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Run the bare recvmmsg/sendmmsg UDP forwarder (the upper bound for a relay).
+    Forwarder {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:3478")]
+        listen: SocketAddr,
+        /// Worker threads (SO_REUSEPORT sockets).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+#[derive(Args, Debug)]
+struct LoadArgs {
+    /// Concurrent clients (one allocation and socket each).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Offered datagrams per second over all clients (start rate with --find-max).
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Payload bytes per datagram as the peer receives it.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Sending time (per trial with --find-max), e.g. 5s, 500ms.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Peer sockets receiving the load (one receiver thread each).
+    #[arg(long, default_value_t = 1)]
+    peers: usize,
+    /// Address the peer sockets bind to.
+    #[arg(long, default_value = "127.0.0.1")]
+    peer_ip: IpAddr,
+    /// Address the client sockets bind to.
+    #[arg(long, default_value = "127.0.0.1")]
+    client_ip: IpAddr,
+    /// Search the highest rate with loss under --max-loss (doubling, then bisecting).
+    #[arg(long)]
+    find_max: bool,
+    /// Loss limit of --find-max, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    max_loss: f64,
+    /// Highest rate --find-max offers.
+    #[arg(long, default_value_t = 4_000_000)]
+    ceiling: u64,
+    /// Server process id: report its CPU use.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_load(target: Target, a: LoadArgs) -> anyhow::Result<()> {
+    load::raise_limits();
+    let opts = LoadOptions {
+        clients: a.clients,
+        rate: a.rate,
+        size: a.size,
+        duration: a.duration,
+        peers: a.peers,
+        peer_ip: a.peer_ip,
+        client_ip: a.client_ip,
+        server_pid: a.server_pid,
+    };
+    let report = if a.find_max {
+        if !(0.0..100.0).contains(&a.max_loss) {
+            bail!("--max-loss is a percentage in [0, 100)");
+        }
+        let quiet = a.json;
+        load::run_find_max(&target, &opts, a.max_loss / 100.0, a.ceiling, |t| {
+            if !quiet {
+                eprintln!(
+                    "  trial: offered {:>9} pps  delivered {:>11.0} pps  loss {:.3}%",
+                    t.rate,
+                    t.pps,
+                    t.loss * 100.0
+                );
+            }
+        })
+    } else {
+        load::run_once(&target, &opts)
+    }
+    .with_context(|| format!("{} load", target.mode()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", load::table(&report));
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Relay {
+            server,
+            secret,
+            load,
+        } => run_load(Target::Turn { server, secret }, load),
+        Cmd::Bare { server, load } => run_load(Target::Bare(server), load),
+        Cmd::Direct { load } => run_load(Target::Direct, load),
+        Cmd::Forwarder { listen, threads } => {
+            let f = Forwarder::start(listen, threads).context("starting the forwarder")?;
+            println!("listening on {}", f.local_addr());
+            f.join();
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! TURN setup for the load: one allocation per client with REST-API credentials, a channel
+//! bound to that client's peer, driven through the sans-IO
+//! [`meshpunch_proto::turn_client::TurnClient`] over a blocking socket.
+//!
+//! Works against any RFC 8656 server (coturn's `turnserver --use-auth-secret` included):
+//! Allocate (401 → REALM/NONCE → retry), ChannelBind (which installs the permission).
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meshpunch_proto::creds::rest_credentials;
+use meshpunch_proto::turn_client::{TurnClient, TurnCredentials, TurnEvent};
+
+use crate::engine::{Flow, Framing};
+use crate::load::LoadError;
+use crate::udp;
+
+/// How long one client's Allocate + ChannelBind may take.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Lifetime of the REST credentials the load mints.
+pub const CREDENTIAL_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Clients set up in parallel (one thread each handles its share sequentially).
+const SETUP_THREADS: usize = 8;
+
+/// A live allocation kept so it can be released after the run.
+pub struct Allocation {
+    client: TurnClient,
+    sock: UdpSocket,
+}
+
+fn drive(
+    client: &mut TurnClient,
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    until: impl Fn(&TurnEvent) -> Option<Result<(), String>>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        while let Some(t) = client.poll_transmit() {
+            sock.send_to(&t.payload, t.dst).map_err(|e| e.to_string())?;
+        }
+        while let Some(ev) = client.poll_event() {
+            if let Some(done) = until(&ev) {
+                return done;
+            }
+            if let TurnEvent::Failed { op, code, reason } = &ev {
+                return Err(format!("{op:?} failed: {code:?} {reason}"));
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err("timed out".into());
+        }
+        let wait = client
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(now))
+            .unwrap_or(Duration::from_millis(200))
+            .clamp(Duration::from_millis(1), Duration::from_millis(200));
+        match udp::recv_timeout(sock, buf, wait) {
+            Ok(Some((n, from))) => {
+                let _ = client.handle_input(Instant::now(), from, &buf[..n]);
+            }
+            Ok(None) => client.handle_timeout(Instant::now()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err("server not listening (ICMP port unreachable)".into())
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn allocate_one(
+    server: SocketAddr,
+    secret: &str,
+    client_ip: IpAddr,
+    peer: SocketAddr,
+    user: &str,
+) -> Result<(Flow, Allocation), String> {
+    let sock = udp::bind(SocketAddr::new(client_ip, 0)).map_err(|e| e.to_string())?;
+    let expires = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        + CREDENTIAL_LIFETIME.as_secs();
+    let creds = rest_credentials(secret.as_bytes(), expires, user);
+    let now = Instant::now();
+    let mut client = TurnClient::new(
+        server,
+        TurnCredentials {
+            username: creds.username,
+            password: creds.password,
+        },
+        now,
+    );
+    let mut buf = vec![0u8; 2048];
+    client.allocate(now);
+    drive(&mut client, &sock, &mut buf, |ev| match ev {
+        TurnEvent::Allocated { .. } => Some(Ok(())),
+        _ => None,
+    })?;
+    client
+        .bind_channel(peer, Instant::now())
+        .map_err(|e| format!("ChannelBind: {e}"))?;
+    drive(&mut client, &sock, &mut buf, |ev| match ev {
+        TurnEvent::ChannelBound { peer: p, .. } if *p == peer => Some(Ok(())),
+        _ => None,
+    })?;
+    let channel = client
+        .channel_for(peer)
+        .ok_or_else(|| "no channel after ChannelBind".to_string())?;
+    let data = sock.try_clone().map_err(|e| e.to_string())?;
+    data.connect(server).map_err(|e| e.to_string())?;
+    Ok((
+        Flow {
+            sock: data,
+            framing: Framing::ChannelData(channel),
+        },
+        Allocation { client, sock },
+    ))
+}
+
+/// Allocates one relay per entry of `peers` on `server` and binds a channel to that peer.
+pub fn allocate_all(
+    server: SocketAddr,
+    secret: &str,
+    client_ip: IpAddr,
+    peers: &[SocketAddr],
+) -> Result<(Vec<Flow>, Vec<Allocation>), LoadError> {
+    let run_id: u32 = rand::random();
+    let threads = SETUP_THREADS.min(peers.len()).max(1);
+    let chunk = peers.len().div_ceil(threads);
+    let results: Vec<Result<Vec<(Flow, Allocation)>, LoadError>> = thread::scope(|s| {
+        let handles: Vec<_> = peers
+            .chunks(chunk.max(1))
+            .enumerate()
+            .map(|(c, part)| {
+                s.spawn(move || {
+                    let mut out = Vec::with_capacity(part.len());
+                    for (j, peer) in part.iter().enumerate() {
+                        let i = c * chunk + j;
+                        let user = format!("load-{run_id:08x}-{i}");
+                        let one = allocate_one(server, secret, client_ip, *peer, &user)
+                            .map_err(|reason| LoadError::Setup { client: i, reason })?;
+                        out.push(one);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(LoadError::Setup {
+                        client: 0,
+                        reason: "setup thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut flows = Vec::with_capacity(peers.len());
+    let mut allocs = Vec::with_capacity(peers.len());
+    for r in results {
+        for (f, a) in r? {
+            flows.push(f);
+            allocs.push(a);
+        }
+    }
+    Ok((flows, allocs))
+}
+
+/// Releases allocations (Refresh with LIFETIME 0): sends every release, then reads answers
+/// for a short while so they do not linger as ICMP noise.
+pub fn release_all(allocs: Vec<Allocation>) {
+    let mut buf = vec![0u8; 2048];
+    let mut allocs = allocs;
+    for a in allocs.iter_mut() {
+        a.client.release(Instant::now());
+        while let Some(t) = a.client.poll_transmit() {
+            let _ = a.sock.send_to(&t.payload, t.dst);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(300);
+    for a in allocs.iter_mut() {
+        if Instant::now() >= deadline {
+            break;
+        }
+        if let Ok(Some((n, from))) = udp::recv_timeout(&a.sock, &mut buf, Duration::from_millis(20))
+        {
+            let _ = a.client.handle_input(Instant::now(), from, &buf[..n]);
+        }
+    }
+}
