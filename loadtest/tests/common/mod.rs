@@ -1,6 +1,6 @@
 //! Helpers shared by the smoke tests: free ports, a coturn `turnserver` child process.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
