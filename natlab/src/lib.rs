@@ -6,6 +6,7 @@
 //! - [`topo`]: an internet router, a server host with two public addresses plus a relay
 //!   address, and sites behind NATs of every behaviour ([`topo::Nat`]).
 //! - [`shaper`]: delay and loss through a TUN device (this kernel has no netem).
+//! - [`mesh`]: meshpunch (rendezvous, relay, daemons) running inside a topology.
 //! - [`probe`]: a UDP reflector proving NAT mapping/filtering without meshpunch.
 //! - [`traffic`]: constant-rate UDP flows and the gaps their receiver saw.
 //! - [`wg`]: userspace WireGuard (boringtun + wg) in lab hosts.
@@ -15,6 +16,7 @@
 
 pub mod bins;
 pub mod lab;
+pub mod mesh;
 pub mod probe;
 pub mod sh;
 pub mod shaper;

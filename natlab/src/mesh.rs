@@ -1,0 +1,461 @@
+//! meshpunch inside a lab: the rendezvous and the relay on the server host, a `meshpunch up`
+//! daemon per host, and helpers to read each daemon's path choice and to send traffic through
+//! its proxy ports.
+//!
+//! Addresses: rendezvous QUIC on `203.0.113.10:4433`, STUN on `203.0.113.10:3478` with the RFC
+//! 5780 alternate `203.0.113.11:3479`, TURN relay on `203.0.113.20:3478` (region `lab`, REST
+//! credentials from a shared secret). Each daemon's config is written in WireGuard's INI style
+//! (`[Interface]` / `[Peer]`) to the lab's log directory; its control socket is there too.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::topo::{Topology, SERVER_ALTERNATE, SERVER_PRIMARY, SERVER_RELAY};
+use crate::{Error, RttStats};
+
+/// Rendezvous QUIC port.
+pub const RENDEZVOUS_PORT: u16 = 4433;
+/// STUN port on the primary address.
+pub const STUN_PORT: u16 = 3478;
+/// STUN port on the alternate address (other IP and other port, RFC 5780).
+pub const STUN_ALT_PORT: u16 = 3479;
+/// TURN port of the relay.
+pub const RELAY_PORT: u16 = 3478;
+/// Shared TURN REST secret between rendezvous and relay.
+pub const RELAY_SECRET: &str = "natlab-turn-secret";
+/// Region name of the lab's relay.
+pub const RELAY_REGION: &str = "lab";
+/// Data socket port of every daemon (the same on every host; hosts have their own stacks).
+pub const DATA_PORT: u16 = 41641;
+
+const RDV_PROC: &str = "rendezvous";
+const RELAY_PROC: &str = "relay";
+
+/// The three meshpunch binaries.
+#[derive(Debug, Clone)]
+pub struct MeshBins {
+    /// `meshpunch-rendezvous`.
+    pub rendezvous: PathBuf,
+    /// `meshpunch-relay`.
+    pub relay: PathBuf,
+    /// `meshpunch`.
+    pub client: PathBuf,
+}
+
+impl MeshBins {
+    /// Finds the binaries next to the test executable, building missing ones.
+    pub fn find() -> Result<MeshBins, Error> {
+        Ok(MeshBins {
+            rendezvous: crate::bins::find("meshpunch-rendezvous", "meshpunch-rendezvous")?,
+            relay: crate::bins::find("meshpunch-relay", "meshpunch-relay")?,
+            client: crate::bins::find("meshpunch", "meshpunch")?,
+        })
+    }
+}
+
+/// A daemon's identity and files.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Host it runs in.
+    pub host: String,
+    /// WireGuard private key (base64).
+    pub private_key: String,
+    /// WireGuard public key (base64).
+    pub public_key: String,
+    /// Control socket.
+    pub control: PathBuf,
+    /// Config file.
+    pub config: PathBuf,
+}
+
+/// How to start one daemon.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    /// Hosts whose daemons are this daemon's peers.
+    pub peers: Vec<String>,
+    /// `WireGuardEndpoint`: where packets from peers are delivered.
+    pub wireguard_endpoint: Option<SocketAddr>,
+    /// Fixed proxy port per peer host (`ProxyPort`).
+    pub proxy_ports: BTreeMap<String, u16>,
+    /// Take the peers from this WireGuard interface (`--wg-interface`) instead of `peers`.
+    pub wg_interface: Option<String>,
+    /// Keys to use (`(private, public)`), e.g. the WireGuard interface's own.
+    pub keys: Option<(String, String)>,
+}
+
+/// What `meshpunch status --json` says about one peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerView {
+    /// `lan`, `direct`, `relay` or `none`.
+    pub path: String,
+    /// Remote endpoint of the path.
+    pub remote: Option<String>,
+    /// Smoothed RTT in ms.
+    pub rtt_ms: Option<f64>,
+    /// Local proxy address WireGuard talks to for this peer.
+    pub proxy: Option<SocketAddr>,
+    /// Why this path.
+    pub reason: String,
+}
+
+/// A running meshpunch deployment in a lab topology.
+#[derive(Debug)]
+pub struct Mesh {
+    /// The topology (and lab) it runs in.
+    pub topo: Topology,
+    /// Binaries used.
+    pub bins: MeshBins,
+    /// Connect string printed by the rendezvous.
+    pub connect: String,
+    nodes: BTreeMap<String, Node>,
+    rdv_dir: PathBuf,
+}
+
+impl Mesh {
+    /// Starts the relay and the rendezvous on the server host.
+    pub fn start(topo: Topology) -> Result<Mesh, Error> {
+        let bins = MeshBins::find()?;
+        let rdv_dir = topo.lab.log_dir().join("rendezvous-data");
+        std::fs::create_dir_all(&rdv_dir)?;
+        let mut mesh = Mesh {
+            topo,
+            bins,
+            connect: String::new(),
+            nodes: BTreeMap::new(),
+            rdv_dir,
+        };
+        mesh.start_relay()?;
+        mesh.start_rendezvous()?;
+        Ok(mesh)
+    }
+
+    fn start_relay(&mut self) -> Result<(), Error> {
+        let args: Vec<String> = [
+            "--listen",
+            &SocketAddr::from((SERVER_RELAY, RELAY_PORT)).to_string(),
+            "--relay-ip",
+            &SERVER_RELAY.to_string(),
+            "--auth-secret",
+            RELAY_SECRET,
+            "--admin-listen",
+            &SocketAddr::from((SERVER_RELAY, 9479)).to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let server = self.topo.server.clone();
+        let bin = self.bins.relay.clone();
+        self.topo
+            .lab
+            .spawn_env(&server, RELAY_PROC, &bin, &args, &[("RUST_LOG", "info")])?;
+        self.wait_log(RELAY_PROC, "listening on", Duration::from_secs(20))
+    }
+
+    /// Starts (or restarts) the rendezvous; its data directory (token secret, certificate)
+    /// survives restarts, so connect strings stay valid.
+    pub fn start_rendezvous(&mut self) -> Result<(), Error> {
+        let config = format!(
+            "listen = \"{}\"\nstun_listen = \"{}\"\nstun_alt = \"{}\"\nadmin_listen = \"{}\"\n\
+             data_dir = \"{}\"\ndev = true\n\n[[relay]]\nregion = \"{RELAY_REGION}\"\n\
+             urls = [\"turn:{}\"]\nsecret = \"{RELAY_SECRET}\"\n",
+            SocketAddr::from((SERVER_PRIMARY, RENDEZVOUS_PORT)),
+            SocketAddr::from((SERVER_PRIMARY, STUN_PORT)),
+            SocketAddr::from((SERVER_ALTERNATE, STUN_ALT_PORT)),
+            SocketAddr::from((SERVER_PRIMARY, 9478)),
+            self.rdv_dir.display(),
+            SocketAddr::from((SERVER_RELAY, RELAY_PORT)),
+        );
+        let path = self.topo.lab.log_dir().join("rendezvous.toml");
+        std::fs::write(&path, config)?;
+        let connect_file = self.rdv_dir.join("connect");
+        let _ = std::fs::remove_file(&connect_file);
+        let args = vec!["--config".to_string(), path.display().to_string()];
+        let server = self.topo.server.clone();
+        let bin = self.bins.rendezvous.clone();
+        self.topo
+            .lab
+            .spawn_env(&server, RDV_PROC, &bin, &args, &[("RUST_LOG", "info")])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&connect_file) {
+                if !s.trim().is_empty() {
+                    self.connect = s.trim().to_string();
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline || !self.topo.lab.is_running(RDV_PROC) {
+                return Err(Error::Setup(format!(
+                    "rendezvous did not write {}: {}",
+                    connect_file.display(),
+                    self.topo.lab.log(RDV_PROC)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the rendezvous (SIGTERM).
+    pub fn stop_rendezvous(&mut self) {
+        self.topo.lab.stop(RDV_PROC);
+    }
+
+    fn wait_log(&mut self, proc_name: &str, needle: &str, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.topo.lab.log(proc_name).contains(needle) {
+                return Ok(());
+            }
+            if Instant::now() > deadline || !self.topo.lab.is_running(proc_name) {
+                return Err(Error::Setup(format!(
+                    "{proc_name} did not print {needle:?}: {}",
+                    self.topo.lab.log(proc_name)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Identity and files of the daemon on `host` (keys made on first use).
+    pub fn node(&mut self, host: &str) -> Result<Node, Error> {
+        if let Some(n) = self.nodes.get(host) {
+            return Ok(n.clone());
+        }
+        let (private_key, public_key) = crate::wg::keypair()?;
+        let dir = self.topo.lab.log_dir().to_path_buf();
+        let n = Node {
+            host: host.to_string(),
+            private_key,
+            public_key,
+            control: dir.join(format!("{host}.sock")),
+            config: dir.join(format!("{host}.conf")),
+        };
+        self.nodes.insert(host.to_string(), n.clone());
+        Ok(n)
+    }
+
+    /// Uses `keys` (private, public) for the daemon on `host` (before it is first used).
+    pub fn set_keys(&mut self, host: &str, keys: (String, String)) -> Result<(), Error> {
+        let mut n = self.node(host)?;
+        n.private_key = keys.0;
+        n.public_key = keys.1;
+        self.nodes.insert(host.to_string(), n);
+        Ok(())
+    }
+
+    /// Writes the config and starts `meshpunch up` on `host`.
+    pub fn up(&mut self, host: &str, opts: &UpOptions) -> Result<(), Error> {
+        if let Some(k) = opts.keys.clone() {
+            self.set_keys(host, k)?;
+        }
+        let me = self.node(host)?;
+        let mut conf = format!(
+            "[Interface]\nPrivateKey = {}\nRendezvous = {}\nListenPort = {DATA_PORT}\nControlSocket = {}\n",
+            me.private_key,
+            self.connect,
+            me.control.display()
+        );
+        if let Some(ep) = opts.wireguard_endpoint {
+            conf.push_str(&format!("WireGuardEndpoint = {ep}\n"));
+        }
+        if opts.wg_interface.is_none() {
+            for p in &opts.peers {
+                let peer = self.node(p)?;
+                conf.push_str(&format!(
+                    "\n[Peer]\nPublicKey = {}\nName = {p}\n",
+                    peer.public_key
+                ));
+                if let Some(port) = opts.proxy_ports.get(p) {
+                    conf.push_str(&format!("ProxyPort = {port}\n"));
+                }
+            }
+        }
+        std::fs::write(&me.config, conf)?;
+        let _ = std::fs::remove_file(&me.control);
+        let mut args = vec![
+            "up".to_string(),
+            "--config".to_string(),
+            me.config.display().to_string(),
+            "--control-socket".to_string(),
+            me.control.display().to_string(),
+        ];
+        if let Some(wg) = &opts.wg_interface {
+            args.push("--wg-interface".to_string());
+            args.push(wg.clone());
+        }
+        let bin = self.bins.client.clone();
+        self.topo.lab.spawn_env(
+            host,
+            &daemon_proc(host),
+            &bin,
+            &args,
+            &[("RUST_LOG", "info")],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !me.control.exists() {
+            if Instant::now() > deadline || !self.topo.lab.is_running(&daemon_proc(host)) {
+                return Err(Error::Setup(format!(
+                    "meshpunch up on {host} did not open its control socket: {}",
+                    self.topo.lab.log(&daemon_proc(host))
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops the daemon on `host`.
+    pub fn down(&mut self, host: &str) {
+        self.topo.lab.stop(&daemon_proc(host));
+    }
+
+    /// Log of the daemon on `host`.
+    pub fn daemon_log(&self, host: &str) -> String {
+        self.topo.lab.log(&daemon_proc(host))
+    }
+
+    /// Runs the client binary with `args` inside `host`.
+    pub fn client(&self, host: &str, args: &[&str]) -> Result<String, Error> {
+        let bin = self.bins.client.display().to_string();
+        self.topo.lab.exec(host, &bin, args)
+    }
+
+    /// `meshpunch netcheck --connect … --json` on `host`, parsed.
+    pub fn netcheck(&self, host: &str) -> Result<serde_json::Value, Error> {
+        let out = self.client(host, &["netcheck", "--connect", &self.connect, "--json"])?;
+        serde_json::from_str(&out)
+            .map_err(|e| Error::Setup(format!("netcheck JSON on {host}: {e}: {out}")))
+    }
+
+    /// `meshpunch status --json` of the daemon on `host`, parsed.
+    pub fn status(&mut self, host: &str) -> Result<serde_json::Value, Error> {
+        let n = self.node(host)?;
+        let ctl = n.control.display().to_string();
+        let out = self.client(host, &["status", "--json", "--control-socket", &ctl])?;
+        serde_json::from_str(&out)
+            .map_err(|e| Error::Setup(format!("status JSON on {host}: {e}: {out}")))
+    }
+
+    /// What `host`'s daemon says about its peer on host `peer`.
+    pub fn peer(&mut self, host: &str, peer: &str) -> Result<PeerView, Error> {
+        let key = self.node(peer)?.public_key;
+        let st = self.status(host)?;
+        let peers = st
+            .get("peers")
+            .and_then(|p| p.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let p = peers
+            .iter()
+            .find(|p| p.get("public_key").and_then(|k| k.as_str()) == Some(key.as_str()))
+            .ok_or_else(|| Error::Setup(format!("{host}: no peer {peer} in status: {st}")))?;
+        let s = |k: &str| p.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        Ok(PeerView {
+            path: s("path").unwrap_or_else(|| "none".into()),
+            remote: s("remote"),
+            rtt_ms: p.get("rtt_ms").and_then(|v| v.as_f64()),
+            proxy: s("proxy").and_then(|a| a.parse().ok()),
+            reason: s("reason").unwrap_or_default(),
+        })
+    }
+
+    /// Polls until `host`'s path to `peer` is one of `paths`; returns the view and the time it took.
+    pub fn wait_path(
+        &mut self,
+        host: &str,
+        peer: &str,
+        paths: &[&str],
+        timeout: Duration,
+    ) -> Result<(PeerView, Duration), Error> {
+        let start = Instant::now();
+        loop {
+            let v = self.peer(host, peer);
+            if let Ok(v) = &v {
+                if paths.contains(&v.path.as_str()) {
+                    return Ok((v.clone(), start.elapsed()));
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::Setup(format!(
+                    "{host} -> {peer}: path not in {paths:?} after {timeout:?}; last: {v:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn daemon_proc(host: &str) -> String {
+    format!("meshpunch-{host}")
+}
+
+/// A UDP endpoint in a host standing in for WireGuard: it sends datagrams to the daemon's
+/// proxy port and receives what the daemon delivers, or echoes what it receives.
+#[derive(Debug)]
+pub struct FakeWg {
+    sock: UdpSocket,
+}
+
+impl FakeWg {
+    /// Binds `127.0.0.1:port` (0 = any) in `host`.
+    pub fn bind(topo: &Topology, host: &str, port: u16) -> Result<FakeWg, Error> {
+        let sock = topo
+            .lab
+            .udp_socket(host, SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+        Ok(FakeWg { sock })
+    }
+
+    /// Its address (the daemon's `WireGuardEndpoint`).
+    pub fn addr(&self) -> Result<SocketAddr, Error> {
+        Ok(self.sock.local_addr()?)
+    }
+
+    /// Echoes every datagram back to its sender until `stop` is set (run on a thread).
+    pub fn echo_until(self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let _ = self.sock.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut buf = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = self.sock.recv_from(&mut buf) {
+                let _ = self.sock.send_to(&buf[..n], from);
+            }
+        }
+    }
+
+    /// Sends `count` numbered datagrams to `proxy`, `interval` apart, and times each echo
+    /// (an echo later than `timeout` counts as lost). Returns ping-style statistics.
+    pub fn rtt(
+        &self,
+        proxy: SocketAddr,
+        count: u32,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<RttStats, Error> {
+        self.sock.set_read_timeout(Some(Duration::from_millis(5)))?;
+        let mut buf = [0u8; 2048];
+        let mut samples = Vec::new();
+        for seq in 0..count {
+            let mut msg = [0u8; 48];
+            msg[..4].copy_from_slice(b"nlrt");
+            msg[4..8].copy_from_slice(&seq.to_be_bytes());
+            let sent = Instant::now();
+            self.sock.send_to(&msg, proxy)?;
+            let deadline = sent + timeout;
+            while Instant::now() < deadline {
+                if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                    if n >= 8 && &buf[..4] == b"nlrt" && buf[4..8] == seq.to_be_bytes() {
+                        samples.push(sent.elapsed().as_secs_f64() * 1e3);
+                        break;
+                    }
+                }
+            }
+            let next = sent + interval;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+        }
+        RttStats::from_samples(count, &samples)
+            .ok_or_else(|| Error::Setup(format!("no echo to any of {count} datagrams")))
+    }
+}
