@@ -53,6 +53,47 @@ impl MeshBins {
             client: crate::bins::find("meshpunch", "meshpunch")?,
         })
     }
+
+    /// What the binaries cannot do yet that the scenarios need (from their `--help`), or
+    /// `None` when they are complete enough. Lets the scenarios skip with a reason while the
+    /// components are still being built instead of failing on a missing flag.
+    pub fn missing_features(&self) -> Option<String> {
+        let help = |bin: &PathBuf, args: &[&str]| -> String {
+            std::process::Command::new(bin)
+                .args(args)
+                .output()
+                .map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_default()
+        };
+        let mut missing = Vec::new();
+        let rdv = help(&self.rendezvous, &["--help"]);
+        if !rdv.contains("--config") {
+            missing.push("meshpunch-rendezvous --config".to_string());
+        }
+        let relay = help(&self.relay, &["--help"]);
+        for flag in ["--listen", "--relay-ip", "--auth-secret"] {
+            if !relay.contains(flag) {
+                missing.push(format!("meshpunch-relay {flag}"));
+            }
+        }
+        let client = help(&self.client, &["--help"]);
+        for cmd in ["up", "status", "netcheck"] {
+            if !client.lines().any(|l| l.trim_start().starts_with(cmd)) {
+                missing.push(format!("meshpunch {cmd}"));
+            }
+        }
+        if missing.is_empty() {
+            None
+        } else {
+            Some(missing.join(", "))
+        }
+    }
 }
 
 /// A daemon's identity and files.

@@ -1,0 +1,125 @@
+//! Scenario 4: failover. Constant-rate traffic (100 datagrams/s, WireGuard-sized gaps matter
+//! to a call or a song) flows a1 -> b1 on a punched direct path; the direct path is cut with
+//! nftables; the flow must move to the relay within 2 s (goal: 1 s). Then the path is restored
+//! and the flow must move back to direct. Gaps are measured at the receiver.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use natlab::mesh::{Mesh, UpOptions};
+use natlab::traffic::{Flow, Sink};
+use natlab::{Nat, TopologySpec};
+
+const PROXY_PORT: u16 = 51900;
+const WG_PORT: u16 = 51820;
+
+#[test]
+fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
+    let test = "cut_direct_path_fails_over_to_relay_within_two_seconds_and_back";
+    if support::mesh_ready(test, &[]).is_none() {
+        return;
+    }
+    let topo = TopologySpec::new()
+        .site("a", Nat::PortRestricted, 1)
+        .site("b", Nat::PortRestricted, 1)
+        .server_delay(Duration::from_millis(25))
+        .build()
+        .unwrap();
+    let mut mesh = Mesh::start(topo).unwrap();
+    let wg_a = SocketAddr::from((Ipv4Addr::LOCALHOST, WG_PORT));
+    let sink = Sink::start(
+        &mesh.topo.lab,
+        "b1",
+        SocketAddr::from((Ipv4Addr::LOCALHOST, WG_PORT)),
+    )
+    .unwrap();
+    let oa = UpOptions {
+        peers: vec!["b1".into()],
+        wireguard_endpoint: Some(wg_a),
+        proxy_ports: BTreeMap::from([("b1".to_string(), PROXY_PORT)]),
+        ..Default::default()
+    };
+    let ob = UpOptions {
+        peers: vec!["a1".into()],
+        wireguard_endpoint: Some(sink.addr()),
+        ..Default::default()
+    };
+    mesh.up("a1", &oa).unwrap();
+    mesh.up("b1", &ob).unwrap();
+    let (v, took) = mesh
+        .wait_path("a1", "b1", &["direct"], Duration::from_secs(30))
+        .unwrap();
+    println!(
+        "a1 -> b1 direct via {:?} after {}",
+        v.remote,
+        support::secs(took)
+    );
+
+    let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_PORT));
+    let interval = Duration::from_millis(10);
+    let flow = Flow::start(&mesh.topo.lab, "a1", wg_a, proxy, interval).unwrap();
+    assert!(
+        sink.wait_arrival_after(Instant::now(), Duration::from_secs(5))
+            .is_some(),
+        "flow never arrived"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Cut the direct path.
+    let cut_at = Instant::now();
+    mesh.topo.cut_both("a1", "b1").unwrap();
+    let (rv, to_relay) = mesh
+        .wait_path("a1", "b1", &["relay"], Duration::from_secs(10))
+        .unwrap();
+    let resumed =
+        sink.wait_arrival_after(cut_at + Duration::from_millis(1), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    let gap_fail = sink.max_gap(cut_at, Instant::now());
+    println!(
+        "cut: status says relay ({:?}) after {}, flow resumed after {}, largest gap {}",
+        rv.remote,
+        support::secs(to_relay),
+        resumed
+            .map(|t| support::secs(t - cut_at))
+            .unwrap_or_else(|| "never".into()),
+        support::secs(gap_fail)
+    );
+
+    // Restore the direct path.
+    let restore_at = Instant::now();
+    mesh.topo.restore_both("a1", "b1").unwrap();
+    let (dv, to_direct) = mesh
+        .wait_path("a1", "b1", &["direct"], Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let gap_back = sink.max_gap(restore_at, Instant::now());
+    let sent = flow.sent();
+    drop(flow);
+    std::thread::sleep(Duration::from_millis(300));
+    let lost = sink.lost(sent);
+    println!(
+        "restore: back on direct ({:?}) after {}, largest gap while moving back {}",
+        dv.remote,
+        support::secs(to_direct),
+        support::secs(gap_back)
+    );
+    println!(
+        "flow: {sent} datagrams at {} ms intervals, {lost} lost in total",
+        interval.as_millis()
+    );
+
+    assert!(resumed.is_some(), "the flow never resumed over the relay");
+    assert!(
+        gap_fail < Duration::from_secs(2),
+        "failover gap {gap_fail:?} >= 2 s"
+    );
+    assert!(
+        gap_back < Duration::from_secs(2),
+        "gap moving back to direct {gap_back:?}"
+    );
+}

@@ -1,0 +1,231 @@
+//! Scenario 1: every pair of NAT behaviours, real meshpunch daemons, real NATs.
+//!
+//! Rows are hosts `op1 pr1 fc1 sy1 dn1 ub1`, columns `opb1 prb1 fcb1 syb1 dnb1` (a second site
+//! of each behaviour, so a pair never shares a NAT). Every daemon is started at once with all
+//! hosts of the other side as peers; the table shows the path each row host ends on towards
+//! each column host and the time from start until it was direct (`-` = never).
+//!
+//! What is asserted, cell by cell:
+//! - UDP blocked on one side: relay (nothing else can work).
+//! - both sides endpoint-independent mapping (open, port-restricted, full cone, double NAT):
+//!   direct — simultaneous open punches through any filtering.
+//! - symmetric against endpoint-independent filtering (open, full cone): direct — the
+//!   open side answers the symmetric side's new port (peer-reflexive).
+//! - symmetric against an address-and-port-dependent filter (port-restricted, double NAT) or
+//!   against symmetric: direct or relay — with random ports and one data socket nothing can
+//!   predict the port (printed, not asserted).
+//! - every cell: some path (never `none`) once the run settles.
+//!
+//! Also: `meshpunch netcheck --json` on every row host reports the NAT's mapping (and, where
+//! the server offers RFC 5780, its filtering).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use natlab::mesh::{Mesh, UpOptions};
+use natlab::{Nat, TopologySpec};
+
+const ROWS: [&str; 6] = ["op1", "pr1", "fc1", "sy1", "dn1", "ub1"];
+const COLS: [&str; 5] = ["opb1", "prb1", "fcb1", "syb1", "dnb1"];
+/// Longest wait for the whole matrix to settle.
+const SETTLE: Duration = Duration::from_secs(40);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Direct,
+    Relay,
+    Either,
+}
+
+fn expect(a: Nat, b: Nat) -> Expect {
+    let eif = |n: Nat| matches!(n, Nat::Open | Nat::FullCone);
+    if a == Nat::UdpBlocked || b == Nat::UdpBlocked {
+        Expect::Relay
+    } else if (a.endpoint_independent_mapping() && b.endpoint_independent_mapping())
+        || (a == Nat::Symmetric && eif(b))
+        || (b == Nat::Symmetric && eif(a))
+    {
+        Expect::Direct
+    } else {
+        Expect::Either
+    }
+}
+
+#[test]
+fn nat_pair_matrix_ends_on_the_expected_paths() {
+    let test = "nat_pair_matrix_ends_on_the_expected_paths";
+    if support::mesh_ready(test, &[]).is_none() {
+        return;
+    }
+    let topo = natlab::topo::matrix_spec().build().unwrap();
+    let nat_of: BTreeMap<String, Nat> = topo.hosts().map(|h| (h.name.clone(), h.nat)).collect();
+    let mut mesh = Mesh::start(topo).unwrap();
+
+    // netcheck from each row host (before the daemons hold the data port).
+    println!("\nmeshpunch netcheck in each NAT:");
+    println!(
+        "{:<6} {:<16} {:<5} {:<28} {:<28} public_addr",
+        "host", "NAT", "udp", "mapping", "filtering"
+    );
+    let mut netcheck_failures = Vec::new();
+    for h in ROWS {
+        let nat = nat_of[h];
+        let r = mesh.netcheck(h).unwrap();
+        let s = |k: &str| {
+            r.get(k)
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        println!(
+            "{:<6} {:<16} {:<5} {:<28} {:<28} {}",
+            h,
+            nat.name(),
+            s("udp"),
+            s("mapping"),
+            s("filtering"),
+            s("public_addr")
+        );
+        if s("mapping") != nat.expected_mapping() {
+            netcheck_failures.push(format!(
+                "{h} ({nat}): mapping {} != {}",
+                s("mapping"),
+                nat.expected_mapping()
+            ));
+        }
+        let f = s("filtering");
+        if f != "unknown" && f != nat.expected_filtering() {
+            netcheck_failures.push(format!(
+                "{h} ({nat}): filtering {f} != {}",
+                nat.expected_filtering()
+            ));
+        }
+    }
+
+    let started = Instant::now();
+    for h in ROWS {
+        let opts = UpOptions {
+            peers: COLS.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        mesh.up(h, &opts).unwrap();
+    }
+    for h in COLS {
+        let opts = UpOptions {
+            peers: ROWS.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        mesh.up(h, &opts).unwrap();
+    }
+
+    // Poll every cell until each is where it can be, or SETTLE passes.
+    let mut first_direct: BTreeMap<(&str, &str), Duration> = BTreeMap::new();
+    let mut last: BTreeMap<(&str, &str), String> = BTreeMap::new();
+    loop {
+        for r in ROWS {
+            let Ok(st) = mesh.status(r) else { continue };
+            let peers = st
+                .get("peers")
+                .and_then(|p| p.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for c in COLS {
+                let key = mesh.node(c).unwrap().public_key;
+                let path = peers
+                    .iter()
+                    .find(|p| p.get("public_key").and_then(|k| k.as_str()) == Some(key.as_str()))
+                    .and_then(|p| p.get("path").and_then(|v| v.as_str()))
+                    .unwrap_or("none")
+                    .to_string();
+                if path == "direct" || path == "lan" {
+                    first_direct
+                        .entry((r, c))
+                        .or_insert_with(|| started.elapsed());
+                }
+                last.insert((r, c), path);
+            }
+        }
+        let settled = ROWS.iter().all(|r| {
+            COLS.iter().all(|c| {
+                let p = last.get(&(*r, *c)).map(String::as_str).unwrap_or("none");
+                match expect(nat_of[*r], nat_of[*c]) {
+                    Expect::Direct => p == "direct",
+                    Expect::Relay => p == "relay",
+                    Expect::Either => {
+                        p == "direct"
+                            || (p == "relay" && started.elapsed() > Duration::from_secs(15))
+                    }
+                }
+            })
+        });
+        if settled || started.elapsed() > SETTLE {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    println!(
+        "\npath from row host to column host, and time from start to direct (- = not direct):"
+    );
+    print!("{:<22}", "");
+    for c in COLS {
+        print!("{:<22}", format!("{c} ({})", nat_of[c].name()));
+    }
+    println!();
+    let mut failures = Vec::new();
+    for r in ROWS {
+        print!("{:<22}", format!("{r} ({})", nat_of[r].name()));
+        for c in COLS {
+            let p = last.get(&(r, c)).cloned().unwrap_or_else(|| "none".into());
+            let t = first_direct
+                .get(&(r, c))
+                .map(|d| support::secs(*d))
+                .unwrap_or_else(|| "-".into());
+            print!("{:<22}", format!("{p} {t}"));
+            let ok = match expect(nat_of[r], nat_of[c]) {
+                Expect::Direct => p == "direct",
+                Expect::Relay => p == "relay",
+                Expect::Either => p == "direct" || p == "relay",
+            };
+            if !ok {
+                failures.push(format!(
+                    "{r} -> {c}: {p}, expected {:?}",
+                    expect(nat_of[r], nat_of[c])
+                ));
+            }
+        }
+        println!();
+    }
+    let times: Vec<f64> = first_direct.values().map(Duration::as_secs_f64).collect();
+    if !times.is_empty() {
+        let max = times.iter().copied().fold(0.0, f64::max);
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        println!(
+            "time to direct over {} direct cells: mean {mean:.2} s, max {max:.2} s",
+            times.len()
+        );
+    }
+    if !failures.is_empty() || !netcheck_failures.is_empty() {
+        for h in ROWS.iter().chain(COLS.iter()).take(3) {
+            eprintln!("--- daemon log {h} ---\n{}", mesh.daemon_log(h));
+        }
+    }
+    assert!(
+        netcheck_failures.is_empty(),
+        "netcheck: {netcheck_failures:#?}"
+    );
+    assert!(failures.is_empty(), "matrix: {failures:#?}");
+}
+
+#[test]
+fn expectations_follow_mapping_and_filtering() {
+    assert_eq!(expect(Nat::Symmetric, Nat::Symmetric), Expect::Either);
+    assert_eq!(expect(Nat::Symmetric, Nat::FullCone), Expect::Direct);
+    assert_eq!(expect(Nat::PortRestricted, Nat::DoubleNat), Expect::Direct);
+    assert_eq!(expect(Nat::UdpBlocked, Nat::Open), Expect::Relay);
+    assert_eq!(expect(Nat::PortRestricted, Nat::Symmetric), Expect::Either);
+    let _ = TopologySpec::new();
+}
