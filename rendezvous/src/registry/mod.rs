@@ -13,6 +13,7 @@
 //! client `GoAway{Superseded}` and closes it.
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -204,6 +205,12 @@ pub struct RegistryConfig {
     /// Id of this node (default: random).
     #[serde(default)]
     pub node_id: Option<String>,
+    /// `redis` backend: how long a dead node's peers may still look present (`"30s"`).
+    #[serde(default)]
+    pub presence_ttl: Option<String>,
+    /// `redis` backend: prefix of every key and channel (default `"meshpunch"`).
+    #[serde(default)]
+    pub key_prefix: Option<String>,
 }
 
 /// Builds the configured registry and this node's inbox. The one place backends are chosen.
@@ -223,6 +230,10 @@ pub async fn build(cfg: &RegistryConfig) -> Result<(Arc<dyn Registry>, Inbox), R
     match backend {
         "memory" => {
             let (reg, inbox) = memory::MemoryRegistry::new(node_id);
+            Ok((Arc::new(reg), inbox))
+        }
+        "redis" => {
+            let (reg, inbox) = redis::RedisRegistry::start(redis::config_from(cfg, node_id)?);
             Ok((Arc::new(reg), inbox))
         }
         other => Err(RegistryError::Unavailable(format!(
