@@ -1,1 +1,170 @@
-//! placeholder crate root; replaced by the crate owner.
+//! `meshpunch-relay`: a TURN server (RFC 8656 over UDP) built for throughput and safe by
+//! default.
+//!
+//! The protocol lives in [`meshpunch_proto::turn`] (sans-IO); this crate is the driver:
+//! [`config`] resolves TOML + flags + `--dev`, [`worker`] runs one data-plane thread per CPU
+//! (`SO_REUSEPORT`, epoll, `recvmmsg`/`sendmmsg` with GRO/GSO from [`udp`]), [`admin`] serves
+//! `/metrics` and `/healthz`, and [`Relay`] ties them together with graceful drain.
+//!
+//! Capacity: every allocation holds one relayed UDP port, so one relay IP carries at most as
+//! many allocations as its port range has ports (16 384 for the default 49152–65535). Add
+//! relay IPs (`relay_ips`) to go beyond.
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod metrics;
+pub mod udp;
+pub mod worker;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use meshpunch_proto::turn::PortPool;
+
+pub use config::RelayConfig;
+use worker::Shared;
+
+/// A running relay: its worker threads and shared state.
+#[derive(Debug)]
+pub struct Relay {
+    listen: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    capacity: usize,
+}
+
+impl Relay {
+    /// Binds the listening sockets and starts the workers.
+    pub fn start(cfg: RelayConfig) -> anyhow::Result<Relay> {
+        let workers = cfg.workers.max(1);
+        let first = worker::udp_socket(cfg.listen, true, cfg.socket_buffer)
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let listen = first.local_addr()?;
+        let mut sockets: Vec<UdpSocket> = vec![first];
+        for _ in 1..workers {
+            sockets.push(
+                worker::udp_socket(listen, true, cfg.socket_buffer)
+                    .with_context(|| format!("binding worker socket on {listen}"))?,
+            );
+        }
+        let pool = PortPool::new(
+            cfg.relay_ips.clone(),
+            cfg.ports.0,
+            cfg.ports.1,
+            cfg.user_quota,
+        );
+        let capacity = pool.capacity();
+        ::metrics::gauge!(metrics::PORTS_CAPACITY).set(capacity as f64);
+        let shared = Arc::new(Shared {
+            pool: Mutex::new(pool),
+            draining: Default::default(),
+            stop: Default::default(),
+            socket_buffer: cfg.socket_buffer,
+            gro: cfg.gso,
+        });
+        let mut threads = Vec::new();
+        for (id, sock) in sockets.into_iter().enumerate() {
+            let shared = shared.clone();
+            let server_cfg = cfg.server.clone();
+            let gso = cfg.gso;
+            let drain = cfg.drain;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("relay-worker-{id}"))
+                    .spawn(move || {
+                        if let Err(e) =
+                            worker::run(id, sock, server_cfg, shared.clone(), gso, drain)
+                        {
+                            tracing::error!(worker = id, error = %e, "worker failed");
+                        }
+                    })?,
+            );
+        }
+        tracing::info!(
+            %listen,
+            workers,
+            relay_ips = ?cfg.relay_ips,
+            ports = ?cfg.ports,
+            capacity,
+            "relay started"
+        );
+        Ok(Relay {
+            listen,
+            shared,
+            threads,
+            capacity,
+        })
+    }
+
+    /// The bound listening address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Most allocations the relay can hold (relay IPs × port range).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Relayed ports in use.
+    pub fn ports_in_use(&self) -> usize {
+        self.shared.pool.lock().map_or(0, |p| p.in_use())
+    }
+
+    /// A cheap handle for health checks and signal handlers.
+    pub fn control(&self) -> Control {
+        Control {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Waits for every worker to finish (after [`Control::drain`] or [`Control::stop`]).
+    pub fn join(mut self) {
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Drain/stop switch and health of a running relay.
+#[derive(Debug, Clone)]
+pub struct Control {
+    shared: Arc<Shared>,
+}
+
+impl Control {
+    /// Refuse new allocations; workers exit once their allocations are gone or the drain
+    /// period ends.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::DRAINING).set(1.0);
+    }
+
+    /// Stop now.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// True while draining (health checks report 503 so load balancers move on).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// Relayed ports in use.
+    pub fn ports_in_use(&self) -> usize {
+        self.shared.pool.lock().map_or(0, |p| p.in_use())
+    }
+}

@@ -1,0 +1,386 @@
+//! Relay configuration: TOML file, overridden by command-line flags (which also read
+//! `MESHPUNCH_RELAY_*` environment variables), with `--dev` defaults for a laptop.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use meshpunch_proto::addr::PeerPolicy;
+use meshpunch_proto::turn::{Auth, Rate, ServerConfig};
+use serde::Deserialize;
+
+/// Default TURN/STUN port (RFC 8489 §18.5).
+pub const DEFAULT_PORT: u16 = 3478;
+/// Default relayed port range (the IANA dynamic range, like coturn).
+pub const DEFAULT_PORTS: (u16, u16) = (49152, 65535);
+/// Default realm.
+pub const DEFAULT_REALM: &str = "meshpunch";
+/// Default drain period on SIGTERM.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(25);
+
+/// The TOML file (every key optional). See README "Relay configuration".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listening address for TURN/STUN over UDP (`0.0.0.0:3478`).
+    pub listen: Option<SocketAddr>,
+    /// IP addresses relayed ports are bound on (one relayed port per allocation per IP).
+    pub relay_ips: Option<Vec<IpAddr>>,
+    /// Relayed port range, `"LO-HI"`.
+    pub ports: Option<String>,
+    /// REALM.
+    pub realm: Option<String>,
+    /// TURN REST-API shared secret (coturn `static-auth-secret`).
+    pub auth_secret: Option<String>,
+    /// Further accepted secrets (rotation).
+    pub auth_secrets: Option<Vec<String>>,
+    /// Static long-term users: `{ name = "password" }`.
+    pub users: Option<HashMap<String, String>>,
+    /// Allow loopback peers.
+    pub allow_loopback_peers: Option<bool>,
+    /// Allow private (RFC 1918, CGNAT, ULA) peers.
+    pub allow_private_peers: Option<bool>,
+    /// Admin HTTP (`/metrics`, `/healthz`) address.
+    pub admin_listen: Option<SocketAddr>,
+    /// Worker threads (0 = one per CPU).
+    pub workers: Option<usize>,
+    /// Allocations per user at once (0 = unlimited).
+    pub user_quota: Option<u32>,
+    /// Permissions per allocation.
+    pub max_permissions: Option<usize>,
+    /// Channels per allocation.
+    pub max_channels: Option<usize>,
+    /// Per-allocation bandwidth limit in bytes/s (0 = unlimited).
+    pub bandwidth_limit: Option<u64>,
+    /// Burst of the bandwidth limit in bytes (default: one second's worth).
+    pub bandwidth_burst: Option<u64>,
+    /// STUN requests per second per source IP (0 = unlimited).
+    pub request_rate: Option<u64>,
+    /// Burst of `request_rate`.
+    pub request_burst: Option<u64>,
+    /// Unauthenticated answers (401, Binding) per second per source IP (0 = unlimited).
+    pub unauth_rate: Option<u64>,
+    /// Burst of `unauth_rate`.
+    pub unauth_burst: Option<u64>,
+    /// Default allocation lifetime in seconds.
+    pub default_lifetime: Option<u64>,
+    /// Maximum allocation lifetime in seconds.
+    pub max_lifetime: Option<u64>,
+    /// Nonce lifetime in seconds.
+    pub nonce_lifetime: Option<u64>,
+    /// Drain period after SIGTERM in seconds.
+    pub drain_seconds: Option<u64>,
+    /// Socket buffer size in bytes for the listening and relayed sockets.
+    pub socket_buffer: Option<usize>,
+    /// Use UDP GSO/GRO when the kernel supports it.
+    pub gso: Option<bool>,
+}
+
+/// Settings given on the command line (each overrides the file).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--dev`.
+    pub dev: bool,
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--relay-ip` (repeatable).
+    pub relay_ips: Vec<IpAddr>,
+    /// `--ports`.
+    pub ports: Option<String>,
+    /// `--realm`.
+    pub realm: Option<String>,
+    /// `--auth-secret`.
+    pub auth_secret: Option<String>,
+    /// `--allow-loopback-peers`.
+    pub allow_loopback_peers: bool,
+    /// `--allow-private-peers`.
+    pub allow_private_peers: bool,
+    /// `--admin-listen`.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// The resolved configuration the relay runs with.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Listening address.
+    pub listen: SocketAddr,
+    /// Relay IPs.
+    pub relay_ips: Vec<IpAddr>,
+    /// Relayed port range (inclusive).
+    pub ports: (u16, u16),
+    /// Admin HTTP address.
+    pub admin_listen: Option<SocketAddr>,
+    /// Worker threads.
+    pub workers: usize,
+    /// Allocations per user.
+    pub user_quota: u32,
+    /// Drain period.
+    pub drain: Duration,
+    /// Socket buffer size.
+    pub socket_buffer: usize,
+    /// GSO/GRO on.
+    pub gso: bool,
+    /// The sans-IO server configuration (realm, auth, policy, limits).
+    pub server: ServerConfig,
+}
+
+/// Parses `"LO-HI"`.
+pub fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
+    let (lo, hi) = s
+        .split_once('-')
+        .with_context(|| format!("port range {s:?} is not LO-HI"))?;
+    let lo: u16 = lo.trim().parse().context("port range low end")?;
+    let hi: u16 = hi.trim().parse().context("port range high end")?;
+    if lo == 0 || lo > hi {
+        bail!("port range {s:?} must satisfy 0 < LO <= HI");
+    }
+    Ok((lo, hi))
+}
+
+/// Where `--dev` keeps its generated secret.
+pub fn dev_secret_path() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("meshpunch").join("relay-dev-secret")
+}
+
+/// Reads the `--dev` secret, generating and persisting one on first use.
+pub fn dev_secret(path: &Path) -> anyhow::Result<String> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        let s = s.trim().to_owned();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    let bytes: [u8; 24] = rand::random();
+    let secret = hex_encode(&bytes);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, format!("{secret}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(secret)
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl RelayConfig {
+    /// Merges file, flags and `--dev` defaults. `dev_secret` is the secret `--dev` uses when no
+    /// other is configured.
+    pub fn resolve(
+        file: FileConfig,
+        o: Overrides,
+        dev_secret: Option<String>,
+    ) -> anyhow::Result<RelayConfig> {
+        let dev = o.dev;
+        let listen = o.listen.or(file.listen).unwrap_or(if dev {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT)
+        } else {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT)
+        });
+        let mut relay_ips = if o.relay_ips.is_empty() {
+            file.relay_ips.clone().unwrap_or_default()
+        } else {
+            o.relay_ips.clone()
+        };
+        if relay_ips.is_empty() {
+            if listen.ip().is_unspecified() {
+                bail!(
+                    "set relay_ips / --relay-ip: the listening address {listen} is a wildcard, \
+                     and relayed addresses must be concrete IPs clients can reach"
+                );
+            }
+            relay_ips.push(listen.ip());
+        }
+        let ports = match o.ports.as_deref().or(file.ports.as_deref()) {
+            Some(s) => parse_ports(s)?,
+            None => DEFAULT_PORTS,
+        };
+        let realm = o
+            .realm
+            .or(file.realm)
+            .unwrap_or_else(|| DEFAULT_REALM.to_owned());
+        let mut secrets: Vec<Vec<u8>> = Vec::new();
+        if let Some(s) = o.auth_secret.or(file.auth_secret) {
+            secrets.push(s.into_bytes());
+        }
+        for s in file.auth_secrets.unwrap_or_default() {
+            secrets.push(s.into_bytes());
+        }
+        let users = file.users.unwrap_or_default();
+        if secrets.is_empty() && users.is_empty() {
+            match dev_secret {
+                Some(s) if dev => secrets.push(s.into_bytes()),
+                _ => bail!(
+                    "no credentials: set auth_secret / --auth-secret (or users), or use --dev"
+                ),
+            }
+        }
+        let allow_loopback = o.allow_loopback_peers || file.allow_loopback_peers.unwrap_or(dev);
+        let allow_private = o.allow_private_peers || file.allow_private_peers.unwrap_or(false);
+        let mut own_addrs = relay_ips.clone();
+        if !listen.ip().is_unspecified() {
+            own_addrs.push(listen.ip());
+        }
+        let nonce_key: [u8; 32] = rand::random();
+        let mut server = ServerConfig::new(realm, Auth { secrets, users }, nonce_key);
+        server.policy = PeerPolicy {
+            allow_loopback,
+            allow_private,
+            own_addrs,
+        };
+        if let Some(v) = file.max_permissions {
+            server.max_permissions = v;
+        }
+        if let Some(v) = file.max_channels {
+            server.max_channels = v;
+        }
+        let bw = file.bandwidth_limit.unwrap_or(0);
+        server.bandwidth = Rate {
+            per_sec: bw,
+            burst: file.bandwidth_burst.unwrap_or(bw),
+        };
+        if let Some(r) = file.request_rate {
+            server.request_rate = Rate {
+                per_sec: r,
+                burst: file.request_burst.unwrap_or(r * 2),
+            };
+        }
+        if let Some(r) = file.unauth_rate {
+            server.unauth_rate = Rate {
+                per_sec: r,
+                burst: file.unauth_burst.unwrap_or(r * 2),
+            };
+        }
+        if let Some(s) = file.default_lifetime {
+            server.default_lifetime = Duration::from_secs(s.max(1));
+        }
+        if let Some(s) = file.max_lifetime {
+            server.max_lifetime = Duration::from_secs(s.max(1));
+        }
+        if let Some(s) = file.nonce_lifetime {
+            server.nonce_lifetime = Duration::from_secs(s.max(1));
+        }
+        let workers = match file.workers.unwrap_or(0) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Ok(RelayConfig {
+            listen,
+            relay_ips,
+            ports,
+            admin_listen: o.admin_listen.or(file.admin_listen),
+            workers,
+            user_quota: file.user_quota.unwrap_or(if dev { 0 } else { 10 }),
+            drain: file
+                .drain_seconds
+                .map_or(DEFAULT_DRAIN, Duration::from_secs),
+            socket_buffer: file.socket_buffer.unwrap_or(4 << 20),
+            gso: file.gso.unwrap_or(true),
+            server,
+        })
+    }
+
+    /// Reads a TOML file.
+    pub fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(parse_ports("49152-65535").unwrap(), (49152, 65535));
+        assert!(parse_ports("5-4").is_err());
+        assert!(parse_ports("0-4").is_err());
+        assert!(parse_ports("x").is_err());
+    }
+
+    #[test]
+    fn flags_override_file_and_every_key_parses() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:3478"
+            relay_ips = ["127.0.0.1"]
+            ports = "40000-40100"
+            realm = "file"
+            auth_secret = "s1"
+            auth_secrets = ["s0"]
+            users = { alice = "pw" }
+            allow_loopback_peers = false
+            allow_private_peers = true
+            admin_listen = "127.0.0.1:9641"
+            workers = 2
+            user_quota = 3
+            max_permissions = 10
+            max_channels = 11
+            bandwidth_limit = 1000000
+            bandwidth_burst = 2000000
+            request_rate = 100
+            request_burst = 150
+            unauth_rate = 10
+            unauth_burst = 20
+            default_lifetime = 300
+            max_lifetime = 1200
+            nonce_lifetime = 120
+            drain_seconds = 5
+            socket_buffer = 1048576
+            gso = false
+            "#,
+        )
+        .unwrap();
+        let o = Overrides {
+            realm: Some("flag".into()),
+            allow_loopback_peers: true,
+            ..Default::default()
+        };
+        let c = RelayConfig::resolve(file, o, None).unwrap();
+        assert_eq!(c.server.realm, "flag");
+        assert_eq!(c.ports, (40000, 40100));
+        assert!(c.server.policy.allow_loopback && c.server.policy.allow_private);
+        assert_eq!(c.server.auth.secrets.len(), 2);
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.user_quota, 3);
+        assert_eq!(c.server.bandwidth.per_sec, 1_000_000);
+        assert_eq!(c.server.max_lifetime, Duration::from_secs(1200));
+        assert!(!c.gso);
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn dev_mode_needs_nothing_else() {
+        let c = RelayConfig::resolve(
+            FileConfig::default(),
+            Overrides {
+                dev: true,
+                ..Default::default()
+            },
+            Some("devsecret".into()),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3478".parse().unwrap());
+        assert_eq!(c.relay_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert!(c.server.policy.allow_loopback);
+        assert!(RelayConfig::resolve(FileConfig::default(), Overrides::default(), None).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x/secret");
+        let s1 = dev_secret(&p).unwrap();
+        assert_eq!(dev_secret(&p).unwrap(), s1, "persisted");
+    }
+}

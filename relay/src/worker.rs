@@ -1,0 +1,342 @@
+//! The data plane: one thread per CPU, each with its own `SO_REUSEPORT` listening socket, its
+//! own epoll set, its own [`TurnServer`] core and the relayed sockets of the allocations it
+//! created.
+//!
+//! The kernel spreads clients over the listening sockets by a hash of the 4-tuple, so a client
+//! always reaches the same worker, and that worker owns its allocation: lookups on the hot path
+//! are in per-worker maps, with no lock and no atomic. The only shared state is the relayed port
+//! pool with the per-user quota (a mutex taken on Allocate and on release, never per packet)
+//! and the drain/stop flags.
+//!
+//! Per wake-up a worker drains readable sockets with `recvmmsg` (GRO-coalesced where the kernel
+//! does it), runs every datagram through the core, queues the answers in one arena and flushes
+//! them with `sendmmsg` + GSO. Buffers are allocated at start; relaying allocates nothing.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meshpunch_proto::channeldata;
+use meshpunch_proto::turn::{
+    AllocateError, ClientAction, Family, PeerAction, PortPool, RelayAllocator, ServerConfig,
+    TurnServer,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::metrics::Exported;
+use crate::udp::{self, RecvBatch, SendQueue, RECV_BATCH};
+
+const LISTENER_TOKEN: u64 = u64::MAX;
+/// `recvmmsg` rounds per readable socket per wake-up (fairness between sockets).
+const ROUNDS_PER_WAKEUP: usize = 4;
+/// How often counters are exported.
+const EXPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// State shared by all workers.
+#[derive(Debug)]
+pub struct Shared {
+    /// Relayed port pool and per-user quota.
+    pub pool: Mutex<PortPool>,
+    /// Set on SIGTERM: new allocations are refused (508), existing ones run until they end or
+    /// the drain period is over.
+    pub draining: AtomicBool,
+    /// Set to stop at once.
+    pub stop: AtomicBool,
+    /// Socket buffer size for relayed sockets.
+    pub socket_buffer: usize,
+    /// Enable GRO on relayed sockets.
+    pub gro: bool,
+}
+
+/// Creates a UDP socket with large buffers, non-blocking, optionally `SO_REUSEPORT`.
+pub fn udp_socket(addr: SocketAddr, reuse_port: bool, buffer: usize) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    let _ = s.set_recv_buffer_size(buffer);
+    let _ = s.set_send_buffer_size(buffer);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// The driver side of [`RelayAllocator`]: binds relayed sockets and registers them with the
+/// worker's epoll set.
+#[derive(Debug)]
+pub struct WorkerAllocator {
+    shared: Arc<Shared>,
+    epfd: RawFd,
+    sockets: HashMap<SocketAddr, UdpSocket>,
+    by_fd: Vec<Option<SocketAddr>>,
+    /// Sockets released during this round; closed after the send queue is flushed so queued
+    /// datagrams never leave through a reused descriptor.
+    graveyard: Vec<UdpSocket>,
+}
+
+impl WorkerAllocator {
+    fn fd_of(&self, relayed: SocketAddr) -> Option<RawFd> {
+        self.sockets.get(&relayed).map(|s| s.as_raw_fd())
+    }
+    fn addr_of(&self, fd: RawFd) -> Option<SocketAddr> {
+        self.by_fd.get(usize::try_from(fd).ok()?).copied().flatten()
+    }
+}
+
+impl RelayAllocator for WorkerAllocator {
+    fn allocate(
+        &mut self,
+        _client: SocketAddr,
+        user: &str,
+        family: Family,
+    ) -> Result<SocketAddr, AllocateError> {
+        if self.shared.draining.load(Ordering::Relaxed) {
+            return Err(AllocateError::Capacity);
+        }
+        let mut bound = None;
+        let buffer = self.shared.socket_buffer;
+        let result = match self.shared.pool.lock() {
+            Ok(mut pool) => {
+                pool.reserve(user, family, |addr| match udp_socket(addr, false, buffer) {
+                    Ok(s) => {
+                        bound = Some(s);
+                        true
+                    }
+                    Err(_) => false,
+                })
+            }
+            Err(_) => Err(AllocateError::Capacity),
+        };
+        let addr = result?;
+        let Some(sock) = bound else {
+            return Err(AllocateError::Capacity);
+        };
+        let fd = sock.as_raw_fd();
+        if self.shared.gro {
+            udp::enable_gro(fd);
+        }
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: fd as u64,
+        };
+        // SAFETY: valid epoll and socket descriptors.
+        if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            if let Ok(mut pool) = self.shared.pool.lock() {
+                pool.release(addr, user);
+            }
+            return Err(AllocateError::Capacity);
+        }
+        let i = fd as usize;
+        if self.by_fd.len() <= i {
+            self.by_fd.resize(i + 1, None);
+        }
+        self.by_fd[i] = Some(addr);
+        self.sockets.insert(addr, sock);
+        Ok(addr)
+    }
+
+    fn release(&mut self, relayed: SocketAddr, user: &str) {
+        if let Some(sock) = self.sockets.remove(&relayed) {
+            let fd = sock.as_raw_fd();
+            // SAFETY: valid descriptors; removing a registered fd.
+            unsafe {
+                libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut());
+            }
+            if let Some(slot) = self.by_fd.get_mut(fd as usize) {
+                *slot = None;
+            }
+            self.graveyard.push(sock);
+        }
+        if let Ok(mut pool) = self.shared.pool.lock() {
+            pool.release(relayed, user);
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs one worker until stopped (or drained). `drain` is the drain period.
+pub fn run(
+    id: usize,
+    listener: UdpSocket,
+    cfg: ServerConfig,
+    shared: Arc<Shared>,
+    gso: bool,
+    drain: Duration,
+) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let lfd = listener.as_raw_fd();
+    if shared.gro {
+        udp::enable_gro(lfd);
+    }
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: LISTENER_TOKEN,
+    };
+    // SAFETY: valid descriptors.
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, lfd, &mut ev) } != 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: closing our own epoll descriptor.
+        unsafe { libc::close(epfd) };
+        return Err(e);
+    }
+    let alloc = WorkerAllocator {
+        shared: shared.clone(),
+        epfd,
+        sockets: HashMap::new(),
+        by_fd: Vec::new(),
+        graveyard: Vec::new(),
+    };
+    let start = Instant::now();
+    let mut server = TurnServer::new(cfg, alloc, start, unix_now());
+    let mut rb = RecvBatch::new();
+    let mut q = SendQueue::new(gso && udp::gso_supported(lfd));
+    let mut out = vec![0u8; 2048];
+    let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut exported = Exported::default();
+    let mut next_export = start + EXPORT_INTERVAL;
+    let mut drain_deadline: Option<Instant> = None;
+    tracing::debug!(worker = id, gso = q.gso(), "worker started");
+
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let now = Instant::now();
+        if shared.draining.load(Ordering::Relaxed) {
+            let deadline = *drain_deadline.get_or_insert(now + drain);
+            if server.is_idle() || now >= deadline {
+                break;
+            }
+        }
+        let wake = server
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_secs(1))
+            .min(next_export);
+        let mut timeout_ms = wake.saturating_duration_since(now).as_millis().min(1000) as i32;
+        if drain_deadline.is_some() {
+            timeout_ms = timeout_ms.min(200);
+        }
+        // SAFETY: events buffer is valid for its length.
+        let n =
+            unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        let now = Instant::now();
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if token == LISTENER_TOKEN {
+                for _ in 0..ROUNDS_PER_WAKEUP {
+                    let got = match rb.recv(lfd) {
+                        Ok(got) => got,
+                        Err(_) => break,
+                    };
+                    for i in 0..got {
+                        let Some((from, data, seg)) = rb.get(i) else {
+                            continue;
+                        };
+                        for dgram in udp::segments(data, seg) {
+                            match server.handle_client(now, from, dgram, &mut out) {
+                                ClientAction::None => {}
+                                ClientAction::Reply(len) => q.push(lfd, from, &out[..len], &[]),
+                                ClientAction::Relay {
+                                    relayed,
+                                    peer,
+                                    range,
+                                } => {
+                                    if let (Some(fd), Some(payload)) =
+                                        (server.allocator().fd_of(relayed), dgram.get(range))
+                                    {
+                                        q.push(fd, peer, &[], payload);
+                                    }
+                                }
+                            }
+                        }
+                        if q.is_full() {
+                            q.flush();
+                        }
+                    }
+                    if got < RECV_BATCH {
+                        break;
+                    }
+                }
+            } else {
+                let fd = token as RawFd;
+                let Some(relayed) = server.allocator().addr_of(fd) else {
+                    continue;
+                };
+                for _ in 0..ROUNDS_PER_WAKEUP {
+                    let got = match rb.recv(fd) {
+                        Ok(got) => got,
+                        Err(_) => break,
+                    };
+                    for i in 0..got {
+                        let Some((from, data, seg)) = rb.get(i) else {
+                            continue;
+                        };
+                        for dgram in udp::segments(data, seg) {
+                            match server.handle_peer(now, relayed, from, dgram, &mut out) {
+                                PeerAction::Drop => {}
+                                PeerAction::ChannelData { client, channel } => {
+                                    let mut hdr = [0u8; channeldata::HEADER_LEN];
+                                    if channeldata::write_header(channel, dgram.len(), &mut hdr)
+                                        .is_ok()
+                                    {
+                                        q.push(lfd, client, &hdr, dgram);
+                                    }
+                                }
+                                PeerAction::Indication { client, len } => {
+                                    q.push(lfd, client, &out[..len], &[])
+                                }
+                            }
+                        }
+                        if q.is_full() {
+                            q.flush();
+                        }
+                    }
+                    if got < RECV_BATCH {
+                        break;
+                    }
+                }
+            }
+        }
+        q.flush();
+        server.allocator_mut().graveyard.clear();
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+            q.flush();
+            server.allocator_mut().graveyard.clear();
+        }
+        if now >= next_export {
+            next_export = now + EXPORT_INTERVAL;
+            exported.export(server.stats(), server.gauges(now), q.stats);
+        }
+    }
+    server.release_all();
+    server.allocator_mut().graveyard.clear();
+    exported.export(server.stats(), server.gauges(Instant::now()), q.stats);
+    // SAFETY: closing our own epoll descriptor.
+    unsafe { libc::close(epfd) };
+    tracing::debug!(worker = id, "worker stopped");
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! The relay in-process on loopback, driven by our TURN client and plain UDP peers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use meshpunch_relay::client::{TurnSocket, TurnSocketError};
+use meshpunch_relay::Relay;
+
+#[test]
+fn relays_channel_data_and_indications_both_ways() {
+    let relay = Relay::start(relay_config(true, 0)).unwrap();
+    let server = relay.listen_addr();
+    let mut c = TurnSocket::new(any_local(), server, rest_creds(SECRET, "alice")).unwrap();
+    let relayed = c.allocate(T).unwrap();
+    assert_eq!(relayed.ip(), server.ip());
+    assert_eq!(relay.ports_in_use(), 1);
+
+    // Channel path.
+    let peer = peer_socket();
+    let peer_addr = peer.local_addr().unwrap();
+    c.bind_channel(peer_addr, T).unwrap();
+    c.send_to(peer_addr, b"hello over a channel").unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello over a channel");
+    assert_eq!(from, relayed);
+    peer.send_to(b"reply", relayed).unwrap();
+    let (p, n) = c.recv_from(&mut buf, T).unwrap();
+    assert_eq!((p, &buf[..n]), (peer_addr, &b"reply"[..]));
+
+    // Send/Data indication path: a second peer on the same IP (permission covers it), no channel.
+    let peer2 = peer_socket();
+    let peer2_addr = peer2.local_addr().unwrap();
+    c.send_to(peer2_addr, b"via send indication").unwrap();
+    let (n, from) = peer2.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"via send indication"[..], relayed));
+    peer2.send_to(b"via data indication", relayed).unwrap();
+    let (p, n) = c.recv_from(&mut buf, T).unwrap();
+    assert_eq!((p, &buf[..n]), (peer2_addr, &b"via data indication"[..]));
+
+    // Bursts of 50 (the peer's default socket buffer holds ~250 small datagrams) arrive
+    // complete and in order.
+    for burst in 0..10u32 {
+        for i in 0..50u32 {
+            c.send_to(peer_addr, &(burst * 50 + i).to_be_bytes())
+                .unwrap();
+        }
+        for i in 0..50u32 {
+            let (n, _) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &(burst * 50 + i).to_be_bytes());
+        }
+    }
+    c.release(T).unwrap();
+    // Released ports return to the pool.
+    let deadline = std::time::Instant::now() + T;
+    while relay.ports_in_use() != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(relay.ports_in_use(), 0);
+}
+
+#[test]
+fn loopback_peers_are_refused_by_default() {
+    let relay = Relay::start(relay_config(false, 1)).unwrap();
+    let mut c =
+        TurnSocket::new(any_local(), relay.listen_addr(), rest_creds(SECRET, "bob")).unwrap();
+    c.allocate(T).unwrap();
+    for ip in ["127.0.0.1", "::ffff:127.0.0.1", "10.0.0.1", "0.0.0.0"] {
+        match c.create_permission(ip.parse().unwrap(), T) {
+            Err(TurnSocketError::Failed {
+                code: Some(403), ..
+            }) => {}
+            other => panic!("{ip}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn wrong_secret_is_refused() {
+    let relay = Relay::start(relay_config(true, 2)).unwrap();
+    let mut c = TurnSocket::new(
+        any_local(),
+        relay.listen_addr(),
+        rest_creds("not-the-secret", "eve"),
+    )
+    .unwrap();
+    match c.allocate(T) {
+        Err(TurnSocketError::Failed {
+            code: Some(401), ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn drain_refuses_new_allocations_and_finishes_when_idle() {
+    let relay = Relay::start(relay_config(true, 3)).unwrap();
+    let server = relay.listen_addr();
+    let mut c = TurnSocket::new(any_local(), server, rest_creds(SECRET, "carl")).unwrap();
+    c.allocate(T).unwrap();
+    let control = relay.control();
+    control.drain();
+    let mut late = TurnSocket::new(any_local(), server, rest_creds(SECRET, "dora")).unwrap();
+    match late.allocate(T) {
+        Err(TurnSocketError::Failed {
+            code: Some(508), ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    c.release(T).unwrap();
+    // Workers exit once idle; join returns.
+    relay.join();
+}
