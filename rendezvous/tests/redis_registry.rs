@@ -3,6 +3,8 @@
 //! but keeps local service and heals. Drives `RedisRegistry` directly (the server-level tests
 //! are in redis_nodes.rs).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod redis_support;
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! A private `redis-server` for one test: started on a free loopback port with persistence off,
 //! stopped (killed) on drop, restartable on the same port to test outages.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -15,15 +15,31 @@ pub(crate) fn available(test: &str) -> bool {
 pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// `--tls-port` instead of `--port`, with these certificate and key files.
+    tls: Option<(String, String)>,
 }
 
 impl RedisServer {
     /// Starts one on a port the OS picked.
     pub(crate) fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts one that speaks only TLS, with the given PEM certificate chain and key files.
+    pub(crate) fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let tls = (cert.display().to_string(), key.display().to_string());
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<(String, String)>) -> Self {
         // A port another process grabs between our probe and redis' bind makes redis exit: retry.
         for _ in 0..5 {
             let port = free_port();
-            let mut s = RedisServer { child: None, port };
+            let mut s = RedisServer {
+                child: None,
+                port,
+                tls: tls.clone(),
+            };
             if s.spawn() {
                 return s;
             }
@@ -32,8 +48,16 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> bool {
-        let child = Command::new(natlab::testenv::which("redis-server").expect("redis-server"))
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new(natlab::testenv::which("redis-server").expect("redis-server"));
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-cert-file", cert, "--tls-key-file", key])
+                .args(["--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--save",
                 "",
@@ -63,9 +87,14 @@ impl RedisServer {
         false
     }
 
-    /// `redis://127.0.0.1:PORT/`.
+    /// `redis://127.0.0.1:PORT/` (`rediss://` for a TLS server).
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     /// Kills the server (all data is lost, as in a crash without persistence).
