@@ -52,6 +52,24 @@ use super::{
     RegistryError, INBOX_CAPACITY,
 };
 
+// Metric names (one home each; listed in README).
+/// Counter: failed attempts to connect to Redis (each followed by a backoff).
+pub const CONNECT_FAILURES_TOTAL: &str = "meshpunch_rendezvous_redis_connect_failures_total";
+/// Gauge: 1 while Redis is connected, 0 while degraded.
+pub const REDIS_UP: &str = "meshpunch_rendezvous_redis_up";
+/// Counter: connections to Redis lost.
+pub const DISCONNECTS_TOTAL: &str = "meshpunch_rendezvous_redis_disconnects_total";
+/// Counter: pub/sub messages received from other nodes (deliveries, presence events).
+pub const MESSAGES_RECEIVED_TOTAL: &str = "meshpunch_rendezvous_redis_messages_received_total";
+/// Counter: local presence claims found taken by a newer connection on a heartbeat or re-publish.
+pub const CLAIMS_LOST_TOTAL: &str = "meshpunch_rendezvous_redis_claims_lost_total";
+/// Counter: deliveries dropped because this node's inbox was full.
+pub const INBOX_FULL_TOTAL: &str = "meshpunch_rendezvous_redis_inbox_full_total";
+/// Counter: local connections closed because the same key connected to another node.
+pub const SUPERSEDED_TOTAL: &str = "meshpunch_rendezvous_redis_superseded_total";
+/// Counter: deliveries to peers on other nodes, label `result` = sent | node_gone | gone.
+pub const DELIVERIES_TOTAL: &str = "meshpunch_rendezvous_redis_deliveries_total";
+
 /// Errors of the Redis layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -519,6 +537,7 @@ impl RedisBus {
             refresh: Script::new(REFRESH_LUA),
             release: Script::new(RELEASE_LUA),
         });
+        metrics::gauge!(REDIS_UP).set(0.0);
         let task = tokio::spawn(supervise(shared.clone()));
         RedisBus {
             shared,
@@ -923,7 +942,7 @@ async fn supervise(s: Arc<Shared>) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(node = %s.cfg.node_id, error = %e, retry_in = ?backoff, "redis connect failed");
-                metrics::counter!("meshpunch_rendezvous_redis_connect_failures_total").increment(1);
+                metrics::counter!(CONNECT_FAILURES_TOTAL).increment(1);
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(s.cfg.max_backoff);
@@ -961,7 +980,7 @@ async fn supervise(s: Arc<Shared>) {
         }
         backoff = Duration::from_millis(100);
         s.up.store(true, Ordering::Release);
-        metrics::gauge!("meshpunch_rendezvous_redis_up").set(1.0);
+        metrics::gauge!(REDIS_UP).set(1.0);
         tracing::info!(node = %s.cfg.node_id, "redis connected");
         let _ = s.events.send(BusEvent::Up).await;
 
@@ -987,8 +1006,8 @@ async fn disconnect(s: &Shared) {
     *s.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
     *s.sink.lock().await = None;
     if s.up.swap(false, Ordering::AcqRel) {
-        metrics::gauge!("meshpunch_rendezvous_redis_up").set(0.0);
-        metrics::counter!("meshpunch_rendezvous_redis_disconnects_total").increment(1);
+        metrics::gauge!(REDIS_UP).set(0.0);
+        metrics::counter!(DISCONNECTS_TOTAL).increment(1);
         let _ = s.events.send(BusEvent::Down).await;
     }
 }
@@ -1018,7 +1037,7 @@ async fn dispatch(s: &Shared, msg: redis::Msg) {
             }
         }
     };
-    metrics::counter!("meshpunch_rendezvous_redis_messages_received_total").increment(1);
+    metrics::counter!(MESSAGES_RECEIVED_TOTAL).increment(1);
     let _ = s.events.send(event).await;
 }
 
@@ -1070,7 +1089,7 @@ async fn refresh_all(s: &Shared, conn: &Conn) -> Result<(), RedisBusError> {
                         .map(|o| o.node)
                         .unwrap_or_default();
                     forget_claim(s, &net, &key, &claim.conn);
-                    metrics::counter!("meshpunch_rendezvous_redis_claims_lost_total").increment(1);
+                    metrics::counter!(CLAIMS_LOST_TOTAL).increment(1);
                     let _ = s
                         .events
                         .send(BusEvent::Lost {
@@ -1151,7 +1170,7 @@ struct Local {
 impl Local {
     fn push(&self, to: PeerId, delivery: Delivery) -> Result<(), RegistryError> {
         self.inbox.try_send(Envelope { to, delivery }).map_err(|_| {
-            metrics::counter!("meshpunch_rendezvous_redis_inbox_full_total").increment(1);
+            metrics::counter!(INBOX_FULL_TOTAL).increment(1);
             RegistryError::Overloaded
         })
     }
@@ -1214,7 +1233,7 @@ impl Local {
         {
             self.unwatch_all(&peer);
             tracing::info!(%peer, conn, by_node, "connection superseded by a newer one on another node");
-            metrics::counter!("meshpunch_rendezvous_redis_superseded_total").increment(1);
+            metrics::counter!(SUPERSEDED_TOTAL).increment(1);
             let _ = self.push(peer, Delivery::Superseded { conn });
         }
     }
@@ -1254,6 +1273,7 @@ impl RedisRegistry {
         let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
         let sweep = cfg.heartbeat();
+        let cfg_settle = cfg.max_backoff + cfg.heartbeat();
         let local = Arc::new(Local {
             node_id: cfg.node_id.clone(),
             owners: DashMap::new(),
@@ -1262,7 +1282,8 @@ impl RedisRegistry {
             inbox: inbox_tx,
         });
         let bus = RedisBus::start(cfg, ev_tx);
-        let task = tokio::spawn(event_loop(local.clone(), bus.clone(), ev_rx, sweep));
+        let settle = cfg_settle;
+        let task = tokio::spawn(event_loop(local.clone(), bus.clone(), ev_rx, sweep, settle));
         (RedisRegistry { local, bus, task }, inbox)
     }
 
@@ -1415,11 +1436,11 @@ impl Registry for RedisRegistry {
             };
             match self.bus.send_to_node(&owner.node, &msg).await {
                 Ok(true) => {
-                    metrics::counter!("meshpunch_rendezvous_redis_deliveries_total", "result" => "sent").increment(1);
+                    metrics::counter!(DELIVERIES_TOTAL, "result" => "sent").increment(1);
                     Ok(())
                 }
                 Ok(false) => {
-                    metrics::counter!("meshpunch_rendezvous_redis_deliveries_total", "result" => "node_gone").increment(1);
+                    metrics::counter!(DELIVERIES_TOTAL, "result" => "node_gone").increment(1);
                     Err(RegistryError::NotFound)
                 }
                 Err(RedisBusError::Unavailable) => Err(RegistryError::NotFound),
@@ -1519,21 +1540,33 @@ async fn event_loop(
     bus: RedisBus,
     mut events: mpsc::Receiver<BusEvent>,
     sweep: Duration,
+    settle: Duration,
 ) {
     let mut tick = tokio::time::interval(sweep.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a reconnect Redis may have lost its data (a restart without persistence) and other
+    // nodes may still be reconnecting: until they had time to re-publish (`settle`), a missing
+    // key is not taken as "offline", so watchers see no offline/online flap.
+    let mut settled_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
-                Some(ev) => handle_event(&local, &bus, ev).await,
+                Some(BusEvent::Up) => {
+                    settled_at = tokio::time::Instant::now() + settle;
+                    sweep_watched(&local, &bus, false).await;
+                }
+                Some(ev) => handle_event(&local, ev),
                 None => return,
             },
-            _ = tick.tick() => sweep_watched(&local, &bus).await,
+            _ = tick.tick() => {
+                let settled = tokio::time::Instant::now() >= settled_at;
+                sweep_watched(&local, &bus, settled).await;
+            }
         }
     }
 }
 
-async fn handle_event(local: &Local, bus: &RedisBus, ev: BusEvent) {
+fn handle_event(local: &Local, ev: BusEvent) {
     match ev {
         BusEvent::Node(NodeMsg::Deliver { payload, .. }) => {
             let env: Envelope = match serde_json::from_str(&payload) {
@@ -1547,7 +1580,7 @@ async fn handle_event(local: &Local, bus: &RedisBus, ev: BusEvent) {
                 let _ = local.push(env.to, env.delivery);
             } else {
                 // The peer left (or moved) after the sender looked it up; the offer times out.
-                metrics::counter!("meshpunch_rendezvous_redis_deliveries_total", "result" => "gone").increment(1);
+                metrics::counter!(DELIVERIES_TOTAL, "result" => "gone").increment(1);
             }
         }
         BusEvent::Node(NodeMsg::Superseded {
@@ -1579,12 +1612,13 @@ async fn handle_event(local: &Local, bus: &RedisBus, ev: BusEvent) {
             }
             local.set_online(&peer, event.online);
         }
-        BusEvent::Up => sweep_watched(local, bus).await,
-        BusEvent::Down => {}
+        BusEvent::Up | BusEvent::Down => {}
     }
 }
 
-async fn sweep_watched(local: &Local, bus: &RedisBus) {
+/// Re-reads the presence of every watched key; `allow_offline` false applies only keys that
+/// came online.
+async fn sweep_watched(local: &Local, bus: &RedisBus, allow_offline: bool) {
     if !bus.is_up() {
         return; // keep the last known state until Redis answers again
     }
@@ -1609,7 +1643,9 @@ async fn sweep_watched(local: &Local, bus: &RedisBus) {
         for peer in peers {
             let online =
                 local.owners.contains_key(&peer) || present.contains(&peer.key.to_string());
-            local.set_online(&peer, online);
+            if online || allow_offline {
+                local.set_online(&peer, online);
+            }
         }
     }
 }
