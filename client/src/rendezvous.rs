@@ -1,1 +1,961 @@
 //! Async client of the rendezvous service (QUIC): register, watch peers, exchange offers.
+//!
+//! ```no_run
+//! # async fn demo(cs: meshpunch_proto::connect::ConnectString, sk: x25519_dalek::StaticSecret,
+//! #               peer: meshpunch_proto::wire::PeerKey) -> Result<(), meshpunch::rendezvous::ClientError> {
+//! use meshpunch::rendezvous::{Client, ClientConfig, Event};
+//! let (client, mut events) = Client::connect(ClientConfig::new(cs, sk)).await?;
+//! client.watch(vec![peer]).await?;
+//! while let Some(ev) = events.recv().await {
+//!     match ev {
+//!         Event::Presence { key, online: true } if key == peer => {
+//!             let punch = client.offer(peer, vec![]).await?;
+//!             println!("punch {} at {:?}", punch.peer, punch.start_at);
+//!         }
+//!         Event::IncomingOffer(offer) => {
+//!             let punch = offer.answer(vec![]).await?;
+//!             println!("answered {}", punch.peer);
+//!         }
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! [`Client::connect`] returns once the first registration succeeded. A background task then
+//! keeps the client connected: when the connection drops it reconnects with jittered
+//! exponential backoff, trying every address the host resolves to, proves the key again,
+//! re-registers and re-sends the watch set. [`Event::Registered`] marks each registration.
+//!
+//! The QUIC connection uses its own UDP socket ([`ClientConfig::socket`] may supply one, e.g.
+//! bound to a specific interface). quinn owns the socket it is given and drops every
+//! non-QUIC datagram, so the WireGuard/probe data socket cannot be shared with it; the client
+//! learns its data-socket mapping by STUN-probing from the data socket instead.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshpunch_proto::connect::ConnectString;
+use meshpunch_proto::wire::{
+    self, Answer, Candidate, ErrorCode, FrameDecoder, GoAwayReason, Hello, KeyProof, Message,
+    Offer, PeerKey, PunchStart, Registered, RelayRegion,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Client keep-alive interval (well below the server's idle timeout).
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Idle timeout on the client side.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for QUIC handshake + registration on one address.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First reconnect delay.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+/// Event queue length; events beyond it are dropped (with a warning).
+const EVENT_QUEUE: usize = 1024;
+
+/// Client configuration.
+pub struct ClientConfig {
+    /// Where to connect, the certificate pin and the network token.
+    pub connect: ConnectString,
+    /// The WireGuard private key whose public key is registered.
+    pub secret: StaticSecret,
+    /// Software name sent in Hello.
+    pub software: String,
+    /// UDP socket for QUIC (QUIC owns it; it cannot also carry data). Default: an ephemeral
+    /// socket per address family.
+    pub socket: Option<std::net::UdpSocket>,
+    /// How long [`Client::offer`] waits for the peer's answer.
+    pub offer_timeout: Duration,
+    /// Cap of the jittered exponential reconnect backoff.
+    pub max_backoff: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the connect string and key.
+    pub fn new(connect: ConnectString, secret: StaticSecret) -> Self {
+        ClientConfig {
+            connect,
+            secret,
+            software: format!("meshpunch/{}", env!("CARGO_PKG_VERSION")),
+            socket: None,
+            offer_timeout: Duration::from_secs(15),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("server", &self.connect.authority())
+            .field("software", &self.software)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Client errors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server refused with a typed error.
+    #[error("server error {code:?}: {message}")]
+    Server {
+        /// Code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// The client was closed, or the connection dropped while waiting.
+    #[error("connection closed")]
+    Closed,
+    /// Not connected right now (reconnecting).
+    #[error("not connected to the rendezvous (reconnecting)")]
+    NotConnected,
+    /// Could not connect (resolution, QUIC handshake, certificate pin).
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The server sent something unexpected.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// The result of a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The address the server sees our QUIC connection from.
+    pub observed: SocketAddr,
+    /// Network of our token.
+    pub network: String,
+    /// Relay map with TURN credentials.
+    pub relays: Vec<RelayRegion>,
+    /// STUN servers of the rendezvous.
+    pub stun: Vec<SocketAddr>,
+    /// The server address we are connected to.
+    pub server: SocketAddr,
+}
+
+/// Both sides have what they need to punch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Punch {
+    /// The other peer.
+    pub peer: PeerKey,
+    /// The other peer's candidates.
+    pub peer_candidates: Vec<Candidate>,
+    /// Secret shared by both sides for this session.
+    pub session_secret: [u8; 32],
+    /// When to start (both sides start together).
+    pub start_at: Instant,
+    /// True on the offering side.
+    pub initiator: bool,
+}
+
+/// An offer from another peer; answer it with [`IncomingOffer::answer`].
+#[derive(Debug)]
+pub struct IncomingOffer {
+    /// Who offers.
+    pub from: PeerKey,
+    /// Server-assigned id.
+    pub offer_id: u64,
+    /// Their candidates.
+    pub candidates: Vec<Candidate>,
+    client: Client,
+}
+
+impl IncomingOffer {
+    /// Answers with our candidates and waits for the punch signal.
+    pub async fn answer(self, candidates: Vec<Candidate>) -> Result<Punch, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.client
+            .command(Command::Answer {
+                offer_id: self.offer_id,
+                candidates,
+                reply: tx,
+            })
+            .await?;
+        self.client.await_reply(rx).await
+    }
+}
+
+/// Things that happen on the client's connection.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// Registered (first time and after each reconnect).
+    Registered(Registration),
+    /// The connection dropped; the client is reconnecting.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// The server sees us from a new address.
+    ObservedAddr(SocketAddr),
+    /// Fresh relay map / TURN credentials.
+    RelayUpdate(Vec<RelayRegion>),
+    /// A watched key came online or went away.
+    Presence {
+        /// The key.
+        key: PeerKey,
+        /// Online?
+        online: bool,
+    },
+    /// A peer offers to connect.
+    IncomingOffer(IncomingOffer),
+    /// Another connection registered our key; this client stopped.
+    Superseded,
+}
+
+/// Receiver of [`Event`]s.
+#[derive(Debug)]
+pub struct Events(mpsc::Receiver<Event>);
+
+impl Events {
+    /// Next event; `None` when the client has stopped.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+}
+
+enum Command {
+    Watch(Vec<PeerKey>, oneshot::Sender<Result<(), ClientError>>),
+    Offer {
+        peer: PeerKey,
+        candidates: Vec<Candidate>,
+        reply: oneshot::Sender<Result<Punch, ClientError>>,
+    },
+    Answer {
+        offer_id: u64,
+        candidates: Vec<Candidate>,
+        reply: oneshot::Sender<Result<Punch, ClientError>>,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    registration: Option<Registration>,
+    connected: bool,
+}
+
+struct Inner {
+    key: PeerKey,
+    cmd: mpsc::Sender<Command>,
+    state: Mutex<State>,
+    close: watch::Sender<bool>,
+    offer_timeout: Duration,
+}
+
+/// Handle to a rendezvous client; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("key", &self.inner.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects and registers; see the module docs.
+    pub async fn connect(cfg: ClientConfig) -> Result<(Client, Events), ClientError> {
+        let key = PeerKey::from(PublicKey::from(&cfg.secret));
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+        let (close_tx, close_rx) = watch::channel(false);
+        let client = Client {
+            inner: Arc::new(Inner {
+                key,
+                cmd: cmd_tx,
+                state: Mutex::new(State::default()),
+                close: close_tx,
+                offer_timeout: cfg.offer_timeout,
+            }),
+        };
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let driver = Driver::new(cfg, client.clone(), ev_tx)?;
+        tokio::spawn(driver.run(cmd_rx, close_rx, ready_tx));
+        match ready_rx.await {
+            Ok(Ok(())) => Ok((client, Events(ev_rx))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Closed),
+        }
+    }
+
+    /// Our public key.
+    pub fn public_key(&self) -> PeerKey {
+        self.inner.key
+    }
+
+    /// The latest registration.
+    pub fn registration(&self) -> Option<Registration> {
+        self.inner
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.registration.clone())
+    }
+
+    /// The latest observed address.
+    pub fn observed_addr(&self) -> Option<SocketAddr> {
+        self.registration().map(|r| r.observed)
+    }
+
+    /// Whether the client is connected and registered right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .state
+            .lock()
+            .map(|s| s.connected)
+            .unwrap_or(false)
+    }
+
+    /// Replaces the set of watched keys (kept across reconnects). The current state of each
+    /// key arrives as [`Event::Presence`].
+    pub async fn watch(&self, keys: Vec<PeerKey>) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Watch(keys, tx)).await?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Offers to connect to `peer` with our candidates; resolves when both sides got the
+    /// punch signal. Errors: `Server{NotFound}` (unknown peer or other network),
+    /// `Server{SelfOffer}`, `Server{Timeout}` / `Timeout` (no answer), `NotConnected`.
+    pub async fn offer(
+        &self,
+        peer: PeerKey,
+        candidates: Vec<Candidate>,
+    ) -> Result<Punch, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Offer {
+            peer,
+            candidates,
+            reply: tx,
+        })
+        .await?;
+        self.await_reply(rx).await
+    }
+
+    /// Stops the client and closes the connection.
+    pub fn close(&self) {
+        let _ = self.inner.close.send(true);
+    }
+
+    async fn command(&self, c: Command) -> Result<(), ClientError> {
+        self.inner
+            .cmd
+            .send(c)
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    async fn await_reply(
+        &self,
+        rx: oneshot::Receiver<Result<Punch, ClientError>>,
+    ) -> Result<Punch, ClientError> {
+        match tokio::time::timeout(self.inner.offer_timeout + Duration::from_secs(5), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    fn set_state(&self, f: impl FnOnce(&mut State)) {
+        if let Ok(mut s) = self.inner.state.lock() {
+            f(&mut s);
+        }
+    }
+}
+
+/// Certificate verifier that accepts exactly the pinned certificate (SHA-256 of its DER)
+/// and checks the handshake signatures with it.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if meshpunch_proto::connect::cert_pin(end_entity.as_ref()) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The QUIC client config of the rendezvous connection: TLS 1.3, ALPN `meshpunch/1`, the
+/// server certificate pinned by SHA-256, keep-alives. Public for tools (loadtest) that speak
+/// the protocol themselves.
+pub fn quic_client_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Connect(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok())
+        .max_concurrent_uni_streams(0u8.into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// One live, registered connection.
+struct Conn {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    registered: Registered,
+}
+
+/// How a session ended.
+enum End {
+    Lost(String),
+    Draining,
+    Superseded,
+    Closed,
+}
+
+struct Driver {
+    cfg: ClientConfig,
+    client: Client,
+    events: mpsc::Sender<Event>,
+    quic: quinn::ClientConfig,
+    endpoint_v4: Option<quinn::Endpoint>,
+    endpoint_v6: Option<quinn::Endpoint>,
+    watch_set: Vec<PeerKey>,
+    next_id: u64,
+    offers: HashMap<u64, oneshot::Sender<Result<Punch, ClientError>>>,
+    answers: HashMap<u64, oneshot::Sender<Result<Punch, ClientError>>>,
+}
+
+impl Driver {
+    fn new(
+        mut cfg: ClientConfig,
+        client: Client,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Driver, ClientError> {
+        let quic = quic_client_config(cfg.connect.pin)?;
+        let mut d = Driver {
+            quic,
+            client,
+            events,
+            endpoint_v4: None,
+            endpoint_v6: None,
+            watch_set: Vec::new(),
+            next_id: rand::random::<u32>() as u64 + 1,
+            offers: HashMap::new(),
+            answers: HashMap::new(),
+            cfg: ClientConfig {
+                socket: None,
+                ..ClientConfig::new(cfg.connect.clone(), cfg.secret.clone())
+            },
+        };
+        d.cfg.software = std::mem::take(&mut cfg.software);
+        d.cfg.offer_timeout = cfg.offer_timeout;
+        d.cfg.max_backoff = cfg.max_backoff;
+        if let Some(sock) = cfg.socket.take() {
+            let v6 = sock.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+            let runtime = quinn::default_runtime()
+                .ok_or_else(|| ClientError::Connect("no async runtime".into()))?;
+            let ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime)
+                .map_err(|e| ClientError::Connect(format!("using the given socket: {e}")))?;
+            if v6 {
+                d.endpoint_v6 = Some(ep);
+            } else {
+                d.endpoint_v4 = Some(ep);
+            }
+        }
+        Ok(d)
+    }
+
+    fn emit(&self, ev: Event) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(ev) {
+            warn!("rendezvous client event queue full; event dropped");
+        }
+    }
+
+    fn endpoint(&mut self, v6: bool) -> Result<quinn::Endpoint, ClientError> {
+        let slot = if v6 {
+            &mut self.endpoint_v6
+        } else {
+            &mut self.endpoint_v4
+        };
+        if let Some(ep) = slot {
+            return Ok(ep.clone());
+        }
+        let bind: SocketAddr = if v6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let ep = quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Connect(format!("binding {bind}: {e}")))?;
+        *slot = Some(ep.clone());
+        Ok(ep)
+    }
+
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        mut close: watch::Receiver<bool>,
+        ready: oneshot::Sender<Result<(), ClientError>>,
+    ) {
+        let mut ready = Some(ready);
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            let attempt = tokio::select! {
+                r = self.connect_any() => r,
+                _ = close.changed() => break,
+            };
+            match attempt {
+                Ok(conn) => {
+                    backoff = INITIAL_BACKOFF;
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(()));
+                    }
+                    let end = self.session(conn, &mut cmds, &mut close).await;
+                    self.client.set_state(|s| s.connected = false);
+                    for (_, tx) in self.offers.drain().chain(self.answers.drain()) {
+                        let _ = tx.send(Err(ClientError::Closed));
+                    }
+                    match end {
+                        End::Closed => break,
+                        End::Superseded => {
+                            self.emit(Event::Superseded);
+                            break;
+                        }
+                        End::Draining => {
+                            self.emit(Event::Disconnected {
+                                reason: "server draining".into(),
+                            });
+                            backoff = INITIAL_BACKOFF;
+                        }
+                        End::Lost(reason) => {
+                            info!(%reason, "rendezvous connection lost; reconnecting");
+                            self.emit(Event::Disconnected { reason });
+                        }
+                    }
+                }
+                Err(e) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Err(e));
+                        return;
+                    }
+                    debug!(error = %e, "reconnect failed");
+                }
+            }
+            // Jittered exponential backoff; commands arriving meanwhile fail fast.
+            let sleep = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+            let deadline = Instant::now() + sleep;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = close.changed() => return,
+                    c = cmds.recv() => match c {
+                        Some(c) => self.command_offline(c),
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    fn command_offline(&mut self, c: Command) {
+        match c {
+            Command::Watch(keys, reply) => {
+                self.watch_set = keys;
+                let _ = reply.send(Ok(()));
+            }
+            Command::Offer { reply, .. } | Command::Answer { reply, .. } => {
+                let _ = reply.send(Err(ClientError::NotConnected));
+            }
+        }
+    }
+
+    async fn connect_any(&mut self) -> Result<Conn, ClientError> {
+        let authority = self.cfg.connect.authority();
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority.as_str())
+            .await
+            .map_err(|e| ClientError::Connect(format!("resolving {authority}: {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(ClientError::Connect(format!(
+                "{authority} resolves to nothing"
+            )));
+        }
+        let mut last = ClientError::Connect(format!("no address of {authority} answered"));
+        for addr in addrs {
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_one(addr)).await {
+                Ok(Ok(c)) => return Ok(c),
+                // A refusal by the server itself is final for this round.
+                Ok(Err(e @ ClientError::Server { .. })) => return Err(e),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = ClientError::Connect(format!("{addr}: timed out")),
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect_one(&mut self, addr: SocketAddr) -> Result<Conn, ClientError> {
+        let ep = self.endpoint(addr.is_ipv6())?;
+        let server_name = if self.cfg.connect.host.parse::<std::net::IpAddr>().is_ok() {
+            "meshpunch".to_string()
+        } else {
+            self.cfg.connect.host.clone()
+        };
+        let conn = ep
+            .connect_with(self.quic.clone(), addr, &server_name)
+            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
+            .await
+            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+        let mut decoder = FrameDecoder::new(wire::MAX_FRAME_LEN);
+        let key = self.client.inner.key;
+        write(
+            &mut send,
+            &Message::Hello(Hello {
+                token: self.cfg.connect.token.clone(),
+                key,
+                software: self.cfg.software.clone(),
+            }),
+        )
+        .await?;
+        let challenge = match read(&mut recv, &mut decoder).await? {
+            Message::Challenge(c) => c,
+            Message::Error(e) => return Err(server_error(e)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected challenge, got {}",
+                    other.name()
+                )))
+            }
+        };
+        let mut exporter = [0u8; wire::EXPORTER_LEN];
+        conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
+            .map_err(|_| ClientError::Protocol("TLS exporter unavailable".into()))?;
+        let dh = self
+            .cfg
+            .secret
+            .diffie_hellman(&PublicKey::from(challenge.server_ephemeral))
+            .to_bytes();
+        let mac = wire::key_proof(
+            &dh,
+            &exporter,
+            &challenge.nonce,
+            &key,
+            &challenge.server_ephemeral,
+        );
+        write(&mut send, &Message::KeyProof(KeyProof { mac })).await?;
+        let registered = match read(&mut recv, &mut decoder).await? {
+            Message::Registered(r) => r,
+            Message::Error(e) => return Err(server_error(e)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected registered, got {}",
+                    other.name()
+                )))
+            }
+        };
+        Ok(Conn {
+            conn,
+            send,
+            recv,
+            decoder,
+            registered,
+        })
+    }
+
+    async fn session(
+        &mut self,
+        mut c: Conn,
+        cmds: &mut mpsc::Receiver<Command>,
+        close: &mut watch::Receiver<bool>,
+    ) -> End {
+        let reg = Registration {
+            observed: c.registered.observed,
+            network: c.registered.network.clone(),
+            relays: c.registered.relays.clone(),
+            stun: c.registered.stun.clone(),
+            server: c.conn.remote_address(),
+        };
+        info!(server = %reg.server, observed = %reg.observed, network = %reg.network, "registered with rendezvous");
+        self.client.set_state(|s| {
+            s.registration = Some(reg.clone());
+            s.connected = true;
+        });
+        self.emit(Event::Registered(reg));
+        if !self.watch_set.is_empty()
+            && write(&mut c.send, &Message::Watch(self.watch_set.clone()))
+                .await
+                .is_err()
+        {
+            return End::Lost("write failed".into());
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            // Drain decoded messages first.
+            loop {
+                match c.decoder.next_message() {
+                    Ok(Some(msg)) => {
+                        if let Some(end) = self.on_message(&mut c, msg).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) if e.recoverable() => {
+                        debug!(error = %e, "skipping undecodable frame from server");
+                    }
+                    Err(e) => {
+                        c.conn.close(0u8.into(), b"bad frame");
+                        return End::Lost(e.to_string());
+                    }
+                }
+            }
+            tokio::select! {
+                r = c.recv.read(&mut buf) => match r {
+                    Ok(Some(n)) => c.decoder.push(&buf[..n]),
+                    Ok(None) => return End::Lost("server closed the stream".into()),
+                    Err(e) => return End::Lost(e.to_string()),
+                },
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => {
+                        if let Err(e) = self.on_command(&mut c, cmd).await {
+                            return End::Lost(e.to_string());
+                        }
+                    }
+                    None => {
+                        c.conn.close(0u8.into(), b"client dropped");
+                        return End::Closed;
+                    }
+                },
+                _ = close.changed() => {
+                    let _ = c.send.finish();
+                    c.conn.close(0u8.into(), b"client closed");
+                    return End::Closed;
+                }
+            }
+        }
+    }
+
+    async fn on_command(&mut self, c: &mut Conn, cmd: Command) -> Result<(), ClientError> {
+        match cmd {
+            Command::Watch(keys, reply) => {
+                self.watch_set = keys.clone();
+                let r = write(&mut c.send, &Message::Watch(keys)).await;
+                let _ = reply.send(r.clone());
+                r
+            }
+            Command::Offer {
+                peer,
+                candidates,
+                reply,
+            } => {
+                let id = self.next_id;
+                self.next_id = self.next_id.wrapping_add(1).max(1);
+                self.offers.insert(id, reply);
+                write(
+                    &mut c.send,
+                    &Message::Offer(Offer {
+                        id,
+                        peer,
+                        candidates,
+                    }),
+                )
+                .await
+            }
+            Command::Answer {
+                offer_id,
+                candidates,
+                reply,
+            } => {
+                self.answers.insert(offer_id, reply);
+                write(
+                    &mut c.send,
+                    &Message::Answer(Answer {
+                        offer_id,
+                        candidates,
+                    }),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn on_message(&mut self, c: &mut Conn, msg: Message) -> Option<End> {
+        match msg {
+            Message::ObservedAddr(addr) => {
+                self.client.set_state(|s| {
+                    if let Some(r) = s.registration.as_mut() {
+                        r.observed = addr;
+                    }
+                });
+                self.emit(Event::ObservedAddr(addr));
+            }
+            Message::RelayUpdate(relays) => {
+                self.client.set_state(|s| {
+                    if let Some(r) = s.registration.as_mut() {
+                        r.relays = relays.clone();
+                    }
+                });
+                self.emit(Event::RelayUpdate(relays));
+            }
+            Message::Presence { key, online } => self.emit(Event::Presence { key, online }),
+            Message::IncomingOffer(o) => self.emit(Event::IncomingOffer(IncomingOffer {
+                from: o.from,
+                offer_id: o.offer_id,
+                candidates: o.candidates,
+                client: self.client.clone(),
+            })),
+            Message::PunchStart(p) => {
+                let PunchStart {
+                    id,
+                    peer,
+                    peer_candidates,
+                    session_secret,
+                    start_in_ms,
+                    initiator,
+                } = p;
+                let punch = Punch {
+                    peer,
+                    peer_candidates,
+                    session_secret,
+                    start_at: Instant::now() + Duration::from_millis(u64::from(start_in_ms)),
+                    initiator,
+                };
+                let waiter = if initiator {
+                    self.offers.remove(&id)
+                } else {
+                    self.answers.remove(&id)
+                };
+                if let Some(tx) = waiter {
+                    let _ = tx.send(Ok(punch));
+                }
+            }
+            Message::Error(e) => {
+                let waiter = self
+                    .offers
+                    .remove(&e.id)
+                    .or_else(|| self.answers.remove(&e.id));
+                match waiter {
+                    Some(tx) if e.id != 0 => {
+                        let _ = tx.send(Err(server_error(e)));
+                    }
+                    _ => warn!(code = ?e.code, message = %e.message, "rendezvous error"),
+                }
+            }
+            Message::GoAway { reason, message } => {
+                info!(?reason, %message, "rendezvous sent GoAway");
+                c.conn.close(0u8.into(), b"goaway");
+                return Some(match reason {
+                    GoAwayReason::Superseded => End::Superseded,
+                    _ => End::Draining,
+                });
+            }
+            other => debug!(kind = other.name(), "ignoring unexpected message"),
+        }
+        None
+    }
+}
+
+fn server_error(e: wire::ErrorMsg) -> ClientError {
+    ClientError::Server {
+        code: e.code,
+        message: e.message,
+    }
+}
+
+async fn write(send: &mut quinn::SendStream, msg: &Message) -> Result<(), ClientError> {
+    send.write_all(&msg.encode())
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))
+}
+
+async fn read(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Message, ClientError> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match decoder.next_message() {
+            Ok(Some(m)) => return Ok(m),
+            Ok(None) => {}
+            Err(e) if e.recoverable() => continue,
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.push(&buf[..n]),
+            Ok(None) => return Err(ClientError::Connect("server closed the stream".into())),
+            Err(e) => return Err(ClientError::Connect(e.to_string())),
+        }
+    }
+}

@@ -4,4 +4,14 @@
 //! `main.rs` only parses the command line; everything else lives here so integration tests
 //! can run several servers in one process.
 
+mod admin;
+pub mod config;
+pub mod limits;
+pub mod metrics;
 pub mod registry;
+pub mod server;
+pub mod stun_server;
+pub mod tls;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,1 +1,239 @@
-fn main() {}
+//! `meshpunch-rendezvous`: parses the command line and config, then runs the server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use meshpunch_rendezvous::config::Config;
+use meshpunch_rendezvous::server::{load_token_secret, unix_now, Server};
+
+/// meshpunch rendezvous: QUIC signalling, STUN, relay map and TURN credentials.
+#[derive(Debug, Parser)]
+#[command(name = "meshpunch-rendezvous", version)]
+struct Cli {
+    #[command(flatten)]
+    opts: Opts,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Args)]
+struct Opts {
+    /// TOML config file.
+    #[arg(long, global = true, env = "MESHPUNCH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Development mode: self-signed certificate, dev token, prints `connect: STRING`.
+    #[arg(long, global = true, env = "MESHPUNCH_DEV")]
+    dev: bool,
+    /// Directory for generated state (certificate, token secret, dev token, connect file).
+    #[arg(long, global = true, env = "MESHPUNCH_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// QUIC listen address [default: 0.0.0.0:4433].
+    #[arg(long, env = "MESHPUNCH_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// STUN listen address [default: 0.0.0.0:3478].
+    #[arg(long, env = "MESHPUNCH_STUN_LISTEN", value_name = "ADDR")]
+    stun_listen: Option<SocketAddr>,
+    /// Alternate STUN address (second IP; other port) enabling RFC 5780.
+    #[arg(long, env = "MESHPUNCH_STUN_ALT", value_name = "ADDR")]
+    stun_alt: Option<SocketAddr>,
+    /// Disable the STUN server.
+    #[arg(long, conflicts_with_all = ["stun_listen", "stun_alt"])]
+    no_stun: bool,
+    /// Admin HTTP address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9478].
+    #[arg(long, env = "MESHPUNCH_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
+    /// Disable the admin HTTP server.
+    #[arg(long, conflicts_with = "admin_listen")]
+    no_admin: bool,
+    /// Host name or IP clients use to reach this server (goes into connect strings).
+    #[arg(
+        long,
+        global = true,
+        env = "MESHPUNCH_PUBLIC_HOST",
+        value_name = "HOST"
+    )]
+    public_host: Option<String>,
+    /// Certificate chain (PEM); reloaded on SIGHUP.
+    #[arg(long, env = "MESHPUNCH_CERT", value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM); reloaded on SIGHUP.
+    #[arg(long, env = "MESHPUNCH_KEY", value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Redis URL: use the shared Redis registry (several nodes).
+    #[arg(long, env = "MESHPUNCH_REDIS_URL", value_name = "URL")]
+    redis: Option<String>,
+    /// Node id (default: random).
+    #[arg(long, env = "MESHPUNCH_NODE_ID", value_name = "ID")]
+    node_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Network tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Mints a token for a network (stateless; revoke it via `revoked_tokens` in the config).
+    Create {
+        /// Network name ([A-Za-z0-9_-], up to 64 characters).
+        #[arg(long)]
+        network: String,
+        /// Validity: `30d`, `12h`, `90m`, `2w` or seconds.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        /// Print a full connect string (needs the server's certificate in the data dir or
+        /// config, and --public-host or the config's listen address) instead of the token.
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Prints the `sha256:` form of a token, for the revocation list.
+    Hash {
+        /// The token.
+        token: String,
+    },
+}
+
+fn load_config(o: &Opts) -> anyhow::Result<Config> {
+    let mut cfg = match &o.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    cfg.dev |= o.dev;
+    if let Some(d) = &o.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Some(a) = o.listen {
+        cfg.listen = a;
+    }
+    if let Some(a) = o.stun_listen {
+        cfg.stun_listen = Some(a);
+    }
+    if let Some(a) = o.stun_alt {
+        cfg.stun_alt = Some(a);
+    }
+    if o.no_stun {
+        cfg.stun_listen = None;
+        cfg.stun_alt = None;
+    }
+    if let Some(a) = o.admin_listen {
+        cfg.admin_listen = Some(a);
+    }
+    if o.no_admin {
+        cfg.admin_listen = None;
+    }
+    if let Some(h) = &o.public_host {
+        cfg.public_host = Some(h.clone());
+    }
+    if let (Some(c), Some(k)) = (&o.cert, &o.key) {
+        cfg.cert = Some(c.clone());
+        cfg.key = Some(k.clone());
+    }
+    if let Some(r) = &o.redis {
+        cfg.registry.redis_url = Some(r.clone());
+    }
+    if let Some(n) = &o.node_id {
+        cfg.registry.node_id = Some(n.clone());
+    }
+    if let Ok(s) = std::env::var("MESHPUNCH_TOKEN_SECRET") {
+        cfg.token_secret = Some(s);
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            network,
+            ttl,
+            connect,
+        } => {
+            let Some(secs) = meshpunch_proto::token::parse_ttl(&ttl) else {
+                bail!("invalid --ttl {ttl:?} (examples: 30d, 12h, 3600)");
+            };
+            let secret = load_token_secret(&cfg)?;
+            let token =
+                meshpunch_proto::token::mint(&secret, &network, unix_now().saturating_add(secs))?;
+            if connect {
+                let ck = match (&cfg.cert, &cfg.key) {
+                    (Some(c), Some(k)) => meshpunch_rendezvous::tls::load_pem(c, k)?,
+                    _ => meshpunch_rendezvous::tls::load_pem(
+                        &cfg.data_dir.join("cert.pem"),
+                        &cfg.data_dir.join("key.pem"),
+                    )
+                    .context("no certificate yet: start the server once or pass --cert/--key")?,
+                };
+                let host = cfg.public_host.clone().unwrap_or_else(|| {
+                    if cfg.listen.ip().is_unspecified() {
+                        "127.0.0.1".to_string()
+                    } else {
+                        cfg.listen.ip().to_string()
+                    }
+                });
+                let stun = cfg
+                    .stun_listen
+                    .map(|s| meshpunch_proto::connect::join_host_port(&host, s.port()));
+                let cs = meshpunch_proto::connect::ConnectString {
+                    token,
+                    host,
+                    port: cfg.listen.port(),
+                    pin: ck.pin(),
+                    stun,
+                };
+                println!("{cs}");
+            } else {
+                println!("{token}");
+            }
+            Ok(())
+        }
+        TokenCmd::Hash { token } => {
+            println!("sha256:{}", meshpunch_proto::token::token_hash(&token));
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let server = Server::start(cfg).await?;
+    if let Some(cs) = server.dev_connect() {
+        println!("connect: {cs}");
+    }
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match server.reload_tls() {
+                Ok(pin) => tracing::info!(pin = %hex::encode(pin), "certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("draining: telling clients to reconnect elsewhere");
+    server.drain(Duration::from_secs(10)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = load_config(&cli.opts)?;
+    match cli.cmd {
+        Some(Cmd::Token(t)) => token_cmd(cfg, t),
+        None => tokio::runtime::Runtime::new()?.block_on(serve(cfg)),
+    }
+}

@@ -1,0 +1,315 @@
+//! Configuration: a TOML file, overridden by command-line flags and `MESHPUNCH_*` environment
+//! variables (see `main.rs`). Every key has a default, so an empty file is a valid config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::registry::RegistryConfig;
+
+/// Default QUIC listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default STUN listen address (RFC 8489 §18.6 default port).
+pub const DEFAULT_STUN_LISTEN: &str = "0.0.0.0:3478";
+/// Default admin HTTP listen address (metrics, health).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9478";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "meshpunch-data";
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// One `[[relay]]` entry: a TURN region handed to clients with REST-API credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Region name.
+    pub region: String,
+    /// TURN URIs, e.g. `"turn:relay.example.com:3478"`.
+    pub urls: Vec<String>,
+    /// Shared secret (coturn `static-auth-secret`).
+    pub secret: String,
+}
+
+/// `[limits]`: abuse limits, each with a metric when hit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent QUIC connections per source IP.
+    pub max_connections_per_ip: u32,
+    /// Sustained registrations (Hello) per second per source IP.
+    pub registrations_per_sec_per_ip: f64,
+    /// Burst of registrations per source IP.
+    pub registrations_burst: u32,
+    /// Largest accepted frame (version + kind + body), bytes.
+    pub max_frame_bytes: usize,
+    /// A connection with no traffic for this long is closed (clients send keep-alives).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Time allowed from connection start to a completed registration.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub handshake_timeout: Duration,
+    /// Sustained offers per second per connection.
+    pub offers_per_sec: f64,
+    /// Offers a connection may have outstanding (sent or received, unanswered).
+    pub max_pending_offers: usize,
+    /// How long an offer waits for the answer.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub offer_timeout: Duration,
+    /// Sustained STUN Binding requests per second per source IP.
+    pub stun_per_sec_per_ip: f64,
+    /// Burst of STUN requests per source IP.
+    pub stun_burst: u32,
+    /// Most source IPs tracked by each rate limiter (older entries are evicted).
+    pub max_tracked_ips: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections_per_ip: 64,
+            registrations_per_sec_per_ip: 10.0,
+            registrations_burst: 40,
+            max_frame_bytes: meshpunch_proto::wire::MAX_FRAME_LEN,
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            offers_per_sec: 20.0,
+            max_pending_offers: 64,
+            offer_timeout: Duration::from_secs(15),
+            stun_per_sec_per_ip: 50.0,
+            stun_burst: 100,
+            max_tracked_ips: 100_000,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// STUN listen address; `None` disables the STUN server.
+    pub stun_listen: Option<SocketAddr>,
+    /// Second STUN address (other IP, and other port unless equal) for RFC 5780.
+    pub stun_alt: Option<SocketAddr>,
+    /// Admin HTTP address (`/metrics`, `/healthz`, `/readyz`); `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Host name or IP clients use to reach this server (connect strings). Default: the
+    /// listen IP, or 127.0.0.1 when listening on the unspecified address.
+    pub public_host: Option<String>,
+    /// Directory for generated state (dev certificate, token secret, dev token, connect file).
+    pub data_dir: PathBuf,
+    /// Certificate chain (PEM). Without cert+key a self-signed certificate is generated in
+    /// `data_dir` and kept there.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) matching `cert`.
+    pub key: Option<PathBuf>,
+    /// Token HMAC secret (hex or any string). Default: read/generate `data_dir/token-secret`.
+    pub token_secret: Option<String>,
+    /// File holding the token secret (takes precedence over `data_dir/token-secret`).
+    pub token_secret_file: Option<PathBuf>,
+    /// Revoked tokens: whole tokens or `sha256:<hex>` of them.
+    pub revoked_tokens: Vec<String>,
+    /// Lifetime of the TURN credentials handed out (re-sent at half-life).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub turn_credential_ttl: Duration,
+    /// SOFTWARE attribute of STUN answers.
+    pub software: String,
+    /// Development mode: print and write a connect string with a long-lived `dev` token.
+    pub dev: bool,
+    /// Network of the dev token.
+    pub dev_network: String,
+    /// Limits.
+    pub limits: Limits,
+    /// Relay map.
+    #[serde(rename = "relay")]
+    pub relays: Vec<RelayConfig>,
+    /// Registry backend.
+    pub registry: RegistryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433))),
+            stun_listen: Some(
+                DEFAULT_STUN_LISTEN
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            ),
+            stun_alt: None,
+            admin_listen: Some(
+                DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9478))),
+            ),
+            public_host: None,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            cert: None,
+            key: None,
+            token_secret: None,
+            token_secret_file: None,
+            revoked_tokens: Vec::new(),
+            turn_credential_ttl: Duration::from_secs(12 * 3600),
+            software: format!("meshpunch-rendezvous/{}", env!("CARGO_PKG_VERSION")),
+            dev: false,
+            dev_network: "dev".to_string(),
+            limits: Limits::default(),
+            relays: Vec::new(),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+/// Errors loading the config.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// A config for tests and `--dev` on loopback: every port chosen by the OS, STUN on, no
+    /// admin port, state in `data_dir`.
+    pub fn loopback(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stun_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            admin_listen: None,
+            data_dir: data_dir.into(),
+            dev: true,
+            ..Config::default()
+        }
+    }
+
+    /// Checks consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "cert and key must be given together".into(),
+            ));
+        }
+        if !meshpunch_proto::token::valid_network_name(&self.dev_network) {
+            return Err(ConfigError::Invalid(
+                "dev_network must match [A-Za-z0-9_-]{1,64}".into(),
+            ));
+        }
+        if self.limits.max_frame_bytes < 256 {
+            return Err(ConfigError::Invalid(
+                "limits.max_frame_bytes must be at least 256".into(),
+            ));
+        }
+        if self.turn_credential_ttl < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid(
+                "turn_credential_ttl must be at least 60s".into(),
+            ));
+        }
+        for r in &self.relays {
+            if r.urls.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "relay {:?} has no urls",
+                    r.region
+                )));
+            }
+        }
+        if let (Some(alt), Some(primary)) = (self.stun_alt, self.stun_listen) {
+            if alt.ip() == primary.ip() {
+                return Err(ConfigError::Invalid(
+                    "stun_alt must use a different IP than stun_listen (RFC 5780)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let cfg = Config::from_toml(
+            r#"
+            listen = "0.0.0.0:4433"
+            stun_listen = "0.0.0.0:3478"
+            stun_alt = "192.0.2.2:3479"
+            admin_listen = "127.0.0.1:9478"
+            public_host = "rdv.example.com"
+            data_dir = "/var/lib/meshpunch"
+            revoked_tokens = ["sha256:00"]
+            turn_credential_ttl = "6h"
+            [limits]
+            idle_timeout = "45s"
+            max_connections_per_ip = 8
+            [[relay]]
+            region = "eu"
+            urls = ["turn:relay.example.com:3478"]
+            secret = "s3cret"
+            [registry]
+            backend = "memory"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(45));
+        assert_eq!(cfg.limits.max_connections_per_ip, 8);
+        assert_eq!(cfg.relays.len(), 1);
+        assert_eq!(cfg.turn_credential_ttl, Duration::from_secs(6 * 3600));
+        assert!(Config::from_toml("").is_ok());
+        assert!(Config::from_toml("bogus = 1").is_err());
+    }
+}

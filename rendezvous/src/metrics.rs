@@ -1,0 +1,56 @@
+//! Metric names (one home for each) and the Prometheus recorder.
+//!
+//! The recorder is process-global; it is installed once and every server in the process
+//! (tests run several) renders from the same handle.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Counter: QUIC connections accepted.
+pub const CONNECTIONS_TOTAL: &str = "meshpunch_rendezvous_connections_total";
+/// Gauge: QUIC connections open.
+pub const CONNECTIONS_OPEN: &str = "meshpunch_rendezvous_connections_open";
+/// Gauge: registered peers on this node.
+pub const PEERS_REGISTERED: &str = "meshpunch_rendezvous_peers_registered";
+/// Counter: successful registrations.
+pub const REGISTRATIONS_TOTAL: &str = "meshpunch_rendezvous_registrations_total";
+/// Counter: refused registrations, label `reason` = bad_token | expired | revoked | key_proof.
+pub const AUTH_FAILURES_TOTAL: &str = "meshpunch_rendezvous_auth_failures_total";
+/// Counter: typed errors sent to clients, label `code`.
+pub const ERRORS_SENT_TOTAL: &str = "meshpunch_rendezvous_errors_sent_total";
+/// Counter: offers, label `result` = forwarded | not_found | self_offer | timeout | failed.
+pub const OFFERS_TOTAL: &str = "meshpunch_rendezvous_offers_total";
+/// Counter: PunchStart messages sent.
+pub const PUNCH_STARTS_TOTAL: &str = "meshpunch_rendezvous_punch_starts_total";
+/// Counter: presence events sent.
+pub const PRESENCE_EVENTS_TOTAL: &str = "meshpunch_rendezvous_presence_events_total";
+/// Counter: observed-address changes seen on live connections.
+pub const OBSERVED_ADDR_CHANGES_TOTAL: &str = "meshpunch_rendezvous_observed_addr_changes_total";
+/// Counter: limits hit, label `limit` = connections_per_ip | registrations_per_ip |
+/// frame_size | idle_timeout | handshake_timeout | offers_rate | pending_offers | stun_rate.
+pub const LIMIT_HITS_TOTAL: &str = "meshpunch_rendezvous_limit_hits_total";
+/// Counter: inbox deliveries dropped (recipient gone or its queue full).
+pub const DELIVERIES_DROPPED_TOTAL: &str = "meshpunch_rendezvous_deliveries_dropped_total";
+/// Counter: STUN requests, label `result` = ok | changed | error | dropped.
+pub const STUN_REQUESTS_TOTAL: &str = "meshpunch_rendezvous_stun_requests_total";
+/// Counter: certificate reloads, label `result` = ok | error.
+pub const TLS_RELOADS_TOTAL: &str = "meshpunch_rendezvous_tls_reloads_total";
+/// Counter: GoAway messages sent, label `reason` = draining | superseded.
+pub const GOAWAY_TOTAL: &str = "meshpunch_rendezvous_goaway_total";
+/// Gauge: 1 when ready, 0 when degraded or draining.
+pub const READY: &str = "meshpunch_rendezvous_ready";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder (first call) and returns the handle to render from.
+/// `None` when another recorder was already installed by someone else.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|_| handle)
+        })
+        .clone()
+}

@@ -1,0 +1,1216 @@
+//! The rendezvous server: QUIC listener, one task per connection running the session state
+//! machine (hello → challenge → key proof → registered), and the dispatcher that routes
+//! registry deliveries to local connections.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use meshpunch_proto::connect::{join_host_port, ConnectString};
+use meshpunch_proto::token::{self, Revocations, TokenError};
+use meshpunch_proto::wire::{
+    self, Answer, Candidate, Challenge, ErrorCode, FrameDecoder, GoAwayReason, Hello,
+    IncomingOffer, KeyProof, Message, Offer, PeerKey, PunchStart, Registered, RelayRegion,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::config::Config;
+use crate::limits::{ConnCounter, ConnSlot, RateLimiter};
+use crate::metrics as m;
+use crate::registry::{self, ConnId, Delivery, Inbox, PeerId, Registry, RegistryError};
+use crate::tls::{self, CertAndKey, ReloadableCert};
+
+/// Extra delay added to the common punch start so both PunchStart messages arrive first.
+const START_MARGIN_MS: u64 = 150;
+
+/// How often each connection checks its observed address, timers and deadlines.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Bound on a write to a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Queue of deliveries per connection.
+const CONN_QUEUE: usize = 256;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Registry backend.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    /// Binding a socket or writing state.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let what = what.into();
+    move |source| StartError::Io { what, source }
+}
+
+/// Unix time now in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads the token secret: `token_secret`, else `token_secret_file`, else
+/// `data_dir/token-secret` (generated on first use).
+pub fn load_token_secret(cfg: &Config) -> Result<Vec<u8>, StartError> {
+    if let Some(s) = &cfg.token_secret {
+        return Ok(s.trim().as_bytes().to_vec());
+    }
+    let path = cfg
+        .token_secret_file
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("token-secret"));
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().as_bytes().to_vec()),
+        Ok(_) | Err(_) if cfg.token_secret_file.is_none() => {
+            std::fs::create_dir_all(&cfg.data_dir)
+                .map_err(io_err(format!("creating {}", cfg.data_dir.display())))?;
+            let secret = hex::encode(rand::random::<[u8; 32]>());
+            tls::write_private(&path, secret.as_bytes())?;
+            Ok(secret.into_bytes())
+        }
+        Ok(_) => Err(StartError::Io {
+            what: format!("{} is empty", path.display()),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        }),
+        Err(e) => Err(StartError::Io {
+            what: format!("reading {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Events for one connection task.
+#[derive(Debug)]
+enum ConnEvent {
+    Delivery(Delivery),
+    Superseded,
+}
+
+/// State shared by all tasks of one server.
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    token_secret: Vec<u8>,
+    revocations: Revocations,
+    pub(crate) registry: Arc<dyn Registry>,
+    conns: DashMap<ConnId, mpsc::Sender<ConnEvent>>,
+    peers: DashMap<PeerId, ConnId>,
+    conn_counter: Arc<ConnCounter>,
+    reg_limiter: RateLimiter,
+    drain_tx: watch::Sender<bool>,
+    pub(crate) degraded: RwLock<Option<String>>,
+    cert: Arc<ReloadableCert>,
+    stun_addrs: Vec<SocketAddr>,
+}
+
+impl Shared {
+    fn relay_map(&self, peer: &PeerId) -> Vec<RelayRegion> {
+        let expires = unix_now() + self.cfg.turn_credential_ttl.as_secs();
+        let user = format!(
+            "{}.{}",
+            peer.network,
+            &hex::encode(peer.key.as_bytes())[..16]
+        );
+        self.cfg
+            .relays
+            .iter()
+            .map(|r| {
+                let c =
+                    meshpunch_proto::creds::rest_credentials(r.secret.as_bytes(), expires, &user);
+                RelayRegion {
+                    region: r.region.clone(),
+                    urls: r.urls.clone(),
+                    username: c.username,
+                    password: c.password,
+                    expires_unix: c.expires_unix,
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn draining(&self) -> bool {
+        *self.drain_tx.borrow()
+    }
+}
+
+/// A running rendezvous server. Dropping it stops every task and closes the sockets.
+pub struct Server {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    dev_connect: Option<ConnectString>,
+    tasks: Vec<JoinHandle<()>>,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("quic_addr", &self.quic_addr)
+            .field("stun_addrs", &self.shared.stun_addrs)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Starts every part of the server configured in `cfg`.
+    pub async fn start(cfg: Config) -> Result<Server, StartError> {
+        cfg.validate()?;
+        let _ = m::install();
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(io_err(format!("creating {}", cfg.data_dir.display())))?;
+        let token_secret = load_token_secret(&cfg)?;
+        let cert = load_cert(&cfg)?;
+        let resolver = Arc::new(ReloadableCert::new(&cert)?);
+        let (registry, inbox) = registry::build(&cfg.registry).await?;
+
+        let mut server_config =
+            quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(resolver.clone())?));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(quinn::IdleTimeout::try_from(cfg.limits.idle_timeout).ok())
+            .max_concurrent_bidi_streams(2u8.into())
+            .max_concurrent_uni_streams(0u8.into());
+        server_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
+            .map_err(io_err(format!("binding QUIC {}", cfg.listen)))?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(io_err("QUIC local address"))?;
+
+        let mut tasks = Vec::new();
+        let stun_addrs = match cfg.stun_listen {
+            Some(primary) => {
+                let (addrs, handles) = crate::stun_server::start(
+                    primary,
+                    cfg.stun_alt,
+                    cfg.software.clone(),
+                    &cfg.limits,
+                )
+                .await
+                .map_err(io_err("binding STUN sockets"))?;
+                tasks.extend(handles);
+                addrs
+            }
+            None => Vec::new(),
+        };
+
+        let (drain_tx, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            revocations: Revocations::new(cfg.revoked_tokens.iter().map(String::as_str)),
+            reg_limiter: RateLimiter::new(
+                cfg.limits.registrations_per_sec_per_ip,
+                cfg.limits.registrations_burst,
+                cfg.limits.max_tracked_ips,
+            ),
+            token_secret,
+            registry,
+            conns: DashMap::new(),
+            peers: DashMap::new(),
+            conn_counter: Arc::new(ConnCounter::default()),
+            drain_tx,
+            degraded: RwLock::new(None),
+            cert: resolver,
+            stun_addrs,
+            cfg,
+        });
+
+        tasks.push(tokio::spawn(dispatch(shared.clone(), inbox)));
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), endpoint.clone())));
+        let admin_addr = match shared.cfg.admin_listen {
+            Some(addr) => {
+                let (bound, handle) = crate::admin::start(addr, shared.clone())
+                    .await
+                    .map_err(io_err(format!("binding admin {addr}")))?;
+                tasks.push(handle);
+                Some(bound)
+            }
+            None => None,
+        };
+        metrics::gauge!(m::READY).set(1.0);
+
+        let mut server = Server {
+            shared,
+            endpoint,
+            quic_addr,
+            admin_addr,
+            dev_connect: None,
+            tasks,
+            stopped: AtomicBool::new(false),
+        };
+        if server.shared.cfg.dev {
+            server.dev_connect = Some(server.write_dev_connect()?);
+        }
+        info!(quic = %server.quic_addr, stun = ?server.shared.stun_addrs, admin = ?server.admin_addr,
+              node = server.shared.registry.node_id(), "rendezvous listening");
+        Ok(server)
+    }
+
+    fn write_dev_connect(&self) -> Result<ConnectString, StartError> {
+        let dir = &self.shared.cfg.data_dir;
+        let token_path = dir.join("dev-token");
+        let network = &self.shared.cfg.dev_network;
+        let existing = std::fs::read_to_string(&token_path).ok().and_then(|t| {
+            let t = t.trim().to_string();
+            match token::verify(&self.shared.token_secret, &t, unix_now() + 86_400, |_| {
+                false
+            }) {
+                Ok(tok) if &tok.network == network => Some(t),
+                _ => None,
+            }
+        });
+        let tok = match existing {
+            Some(t) => t,
+            None => {
+                let t = self.mint_token(network, Duration::from_secs(365 * 86_400));
+                tls::write_private(&token_path, t.as_bytes())?;
+                t
+            }
+        };
+        let cs = self.connect_string(&tok);
+        std::fs::write(dir.join("connect"), format!("{cs}\n"))
+            .map_err(io_err(format!("writing {}", dir.join("connect").display())))?;
+        Ok(cs)
+    }
+
+    /// Mints a token for `network` valid for `ttl` with this server's secret.
+    pub fn mint_token(&self, network: &str, ttl: Duration) -> String {
+        token::mint(
+            &self.shared.token_secret,
+            network,
+            unix_now().saturating_add(ttl.as_secs()),
+        )
+        .unwrap_or_default()
+    }
+
+    /// The connect string for `token` pointing at this server.
+    pub fn connect_string(&self, token: &str) -> ConnectString {
+        let host = public_host(&self.shared.cfg, self.quic_addr.ip());
+        let stun = self.shared.stun_addrs.first().map(|s| {
+            if s.ip().is_unspecified() {
+                join_host_port(&host, s.port())
+            } else {
+                join_host_port(&s.ip().to_string(), s.port())
+            }
+        });
+        ConnectString {
+            token: token.to_string(),
+            host,
+            port: self.quic_addr.port(),
+            pin: self.shared.cert.pin(),
+            stun,
+        }
+    }
+
+    /// The dev connect string (only with `dev`).
+    pub fn dev_connect(&self) -> Option<&ConnectString> {
+        self.dev_connect.as_ref()
+    }
+
+    /// QUIC address bound.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// STUN addresses bound: primary first, then (with `stun_alt`) alt-port, alt-IP, alt-both.
+    pub fn stun_addrs(&self) -> &[SocketAddr] {
+        &self.shared.stun_addrs
+    }
+
+    /// Admin HTTP address bound.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The registry in use.
+    pub fn registry(&self) -> Arc<dyn Registry> {
+        self.shared.registry.clone()
+    }
+
+    /// Number of open client connections.
+    pub fn open_connections(&self) -> usize {
+        self.shared.conns.len()
+    }
+
+    /// Marks the node degraded (`/readyz` answers 503 with `reason`) or healthy again.
+    pub fn set_degraded(&self, reason: Option<String>) {
+        if let Ok(mut g) = self.shared.degraded.write() {
+            *g = reason;
+        }
+    }
+
+    /// Reloads the certificate and key files (SIGHUP). New handshakes use the new
+    /// certificate; open connections are not touched.
+    pub fn reload_tls(&self) -> Result<[u8; 32], tls::TlsError> {
+        let result = load_cert_files(&self.shared.cfg).and_then(|ck| {
+            self.shared.cert.set(&ck)?;
+            Ok(ck.pin())
+        });
+        let label = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::TLS_RELOADS_TOTAL, "result" => label).increment(1);
+        result
+    }
+
+    /// Drains: stops accepting, tells every client `GoAway{Draining}`, waits up to `grace`
+    /// for them to leave, then closes the endpoint.
+    pub async fn drain(&self, grace: Duration) {
+        let _ = self.shared.drain_tx.send(true);
+        metrics::gauge!(m::READY).set(0.0);
+        let deadline = Instant::now() + grace;
+        while !self.shared.conns.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop();
+    }
+
+    fn stop(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.endpoint.close(0u8.into(), b"server stopped");
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn public_host(cfg: &Config, bound: IpAddr) -> String {
+    if let Some(h) = &cfg.public_host {
+        return h.clone();
+    }
+    if bound.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        bound.to_string()
+    }
+}
+
+fn load_cert_files(cfg: &Config) -> Result<CertAndKey, tls::TlsError> {
+    match (&cfg.cert, &cfg.key) {
+        (Some(c), Some(k)) => tls::load_pem(c, k),
+        _ => tls::load_or_generate(&cfg.data_dir, &cert_names(cfg)),
+    }
+}
+
+fn cert_names(cfg: &Config) -> Vec<String> {
+    let mut names = vec!["127.0.0.1".to_string()];
+    if let Some(h) = &cfg.public_host {
+        names.push(h.clone());
+    }
+    if !cfg.listen.ip().is_unspecified() {
+        names.push(cfg.listen.ip().to_string());
+    }
+    names
+}
+
+fn load_cert(cfg: &Config) -> Result<CertAndKey, StartError> {
+    Ok(load_cert_files(cfg)?)
+}
+
+/// Paths of the generated dev state inside `data_dir`.
+pub fn dev_paths(data_dir: &std::path::Path) -> [PathBuf; 3] {
+    [
+        data_dir.join("cert.pem"),
+        data_dir.join("dev-token"),
+        data_dir.join("connect"),
+    ]
+}
+
+async fn dispatch(shared: Arc<Shared>, mut inbox: Inbox) {
+    while let Some(env) = inbox.recv().await {
+        let (conn, event) = match env.delivery {
+            Delivery::Superseded { conn } => (Some(conn), ConnEvent::Superseded),
+            d => (
+                shared.peers.get(&env.to).map(|c| *c),
+                ConnEvent::Delivery(d),
+            ),
+        };
+        let delivered = conn
+            .and_then(|c| shared.conns.get(&c).map(|tx| tx.try_send(event).is_ok()))
+            .unwrap_or(false);
+        if !delivered {
+            metrics::counter!(m::DELIVERIES_DROPPED_TOTAL).increment(1);
+            debug!(to = %env.to, "delivery dropped: recipient not here or queue full");
+        }
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if shared.draining() {
+                    incoming.refuse();
+                    continue;
+                }
+                let ip = incoming.remote_address().ip();
+                let Some(slot) = shared
+                    .conn_counter
+                    .acquire(ip, shared.cfg.limits.max_connections_per_ip)
+                else {
+                    metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "connections_per_ip").increment(1);
+                    warn!(%ip, "connection refused: too many connections from this IP");
+                    incoming.refuse();
+                    continue;
+                };
+                metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+                conns.spawn(handle_incoming(shared.clone(), incoming, slot));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    conns.shutdown().await;
+}
+
+async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: ConnSlot) {
+    let remote = incoming.remote_address();
+    let timeout = shared.cfg.limits.handshake_timeout;
+    let conn = match tokio::time::timeout(timeout, async { incoming.accept()?.await }).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshake_timeout").increment(1);
+            return;
+        }
+    };
+    let streams = tokio::time::timeout(timeout, conn.accept_bi()).await;
+    let (send, recv) = match streams {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshake_timeout").increment(1);
+            conn.close(0u8.into(), b"no control stream");
+            return;
+        }
+    };
+    let conn_id: ConnId = rand::random();
+    let (tx, rx) = mpsc::channel(CONN_QUEUE);
+    shared.conns.insert(conn_id, tx);
+    metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
+    let mut session = Session {
+        decoder: FrameDecoder::new(shared.cfg.limits.max_frame_bytes),
+        shared: shared.clone(),
+        observed: conn.remote_address(),
+        conn,
+        send,
+        conn_id,
+        state: State::AwaitHello,
+        peer: None,
+        outgoing: HashMap::new(),
+        incoming: HashMap::new(),
+        offer_tokens: 4.0,
+        offer_last: Instant::now(),
+        started: Instant::now(),
+        next_refresh: Instant::now() + registry::REFRESH_INTERVAL,
+        next_relay_update: Instant::now() + shared.cfg.turn_credential_ttl / 2,
+    };
+    session.run(recv, rx).await;
+    session.cleanup().await;
+    shared.conns.remove(&conn_id);
+    metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+    drop(slot);
+}
+
+enum State {
+    AwaitHello,
+    AwaitProof {
+        hello: Hello,
+        network: String,
+        eph: StaticSecret,
+        eph_pub: [u8; 32],
+        nonce: [u8; 32],
+    },
+    Registered,
+}
+
+struct PendingIncoming {
+    from: PeerKey,
+    request_id: u64,
+    initiator_rtt_ms: u32,
+    candidates: Vec<Candidate>,
+    deadline: Instant,
+}
+
+/// What the session loop does after handling something.
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    decoder: FrameDecoder,
+    conn_id: ConnId,
+    state: State,
+    peer: Option<PeerId>,
+    observed: SocketAddr,
+    /// request id → deadline of offers this client sent.
+    outgoing: HashMap<u64, Instant>,
+    /// offer id → offers this client received and has not answered.
+    incoming: HashMap<u64, PendingIncoming>,
+    offer_tokens: f64,
+    offer_last: Instant,
+    started: Instant,
+    next_refresh: Instant,
+    next_relay_update: Instant,
+}
+
+impl Session {
+    async fn run(&mut self, mut recv: quinn::RecvStream, mut rx: mpsc::Receiver<ConnEvent>) {
+        let mut drain = self.shared.drain_tx.subscribe();
+        let mut tick = tokio::time::interval(TICK);
+        let mut buf = vec![0u8; 16 * 1024];
+        if *drain.borrow() {
+            self.go_away(GoAwayReason::Draining, "server draining")
+                .await;
+            return;
+        }
+        loop {
+            let flow = tokio::select! {
+                r = recv.read(&mut buf) => match r {
+                    Ok(Some(n)) => {
+                        self.decoder.push(&buf[..n]);
+                        self.drain_decoder().await
+                    }
+                    Ok(None) | Err(_) => Flow::Close,
+                },
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => Flow::Close,
+                },
+                _ = tick.tick() => self.on_tick().await,
+                _ = drain.changed() => {
+                    self.go_away(GoAwayReason::Draining, "server draining").await;
+                    Flow::Close
+                }
+            };
+            if let Flow::Close = flow {
+                break;
+            }
+        }
+        if matches!(
+            self.conn.close_reason(),
+            Some(quinn::ConnectionError::TimedOut)
+        ) {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "idle_timeout").increment(1);
+        }
+    }
+
+    async fn drain_decoder(&mut self) -> Flow {
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some(msg)) => {
+                    if let Flow::Close = self.on_message(msg).await {
+                        return Flow::Close;
+                    }
+                }
+                Ok(None) => return Flow::Continue,
+                Err(e) if e.recoverable() => {
+                    debug!(peer = ?self.peer, error = %e, "undecodable frame");
+                    if let Flow::Close = self.error(e.code(), 0, e.to_string()).await {
+                        return Flow::Close;
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "frame_size").increment(1);
+                    warn!(remote = %self.conn.remote_address(), error = %e, "closing connection");
+                    let _ = self.error(e.code(), 0, e.to_string()).await;
+                    self.finish().await;
+                    return Flow::Close;
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, msg: &Message) -> Flow {
+        let frame = msg.encode();
+        match tokio::time::timeout(WRITE_TIMEOUT, self.send.write_all(&frame)).await {
+            Ok(Ok(())) => Flow::Continue,
+            _ => Flow::Close,
+        }
+    }
+
+    async fn error(&mut self, code: ErrorCode, id: u64, message: impl Into<String>) -> Flow {
+        metrics::counter!(m::ERRORS_SENT_TOTAL, "code" => code.as_str()).increment(1);
+        self.write(&Message::error(code, id, message)).await
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.send.stopped()).await;
+        self.conn.close(0u8.into(), b"");
+    }
+
+    async fn go_away(&mut self, reason: GoAwayReason, message: &str) {
+        let label = match reason {
+            GoAwayReason::Draining => "draining",
+            GoAwayReason::Superseded => "superseded",
+            _ => "other",
+        };
+        metrics::counter!(m::GOAWAY_TOTAL, "reason" => label).increment(1);
+        let _ = self
+            .write(&Message::GoAway {
+                reason,
+                message: message.to_string(),
+            })
+            .await;
+        self.finish().await;
+    }
+
+    async fn on_message(&mut self, msg: Message) -> Flow {
+        match (std::mem::replace(&mut self.state, State::Registered), msg) {
+            (State::AwaitHello, Message::Hello(hello)) => self.on_hello(hello).await,
+            (
+                State::AwaitProof {
+                    hello,
+                    network,
+                    eph,
+                    eph_pub,
+                    nonce,
+                },
+                Message::KeyProof(proof),
+            ) => {
+                self.on_proof(hello, network, eph, eph_pub, nonce, proof)
+                    .await
+            }
+            (State::Registered, msg) if self.peer.is_some() => {
+                self.on_registered_message(msg).await
+            }
+            (state, msg) => {
+                let name = msg.name();
+                self.state = state;
+                self.error(
+                    ErrorCode::BadRequest,
+                    0,
+                    format!("unexpected {name} in this state"),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn on_hello(&mut self, hello: Hello) -> Flow {
+        let ip = self.conn.remote_address().ip();
+        if !self.shared.reg_limiter.allow(ip, Instant::now()) {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "registrations_per_ip").increment(1);
+            self.state = State::AwaitHello;
+            let _ = self
+                .error(ErrorCode::RateLimited, 0, "too many registrations")
+                .await;
+            self.finish().await;
+            return Flow::Close;
+        }
+        let verified = token::verify(&self.shared.token_secret, &hello.token, unix_now(), |t| {
+            self.shared.revocations.contains(t)
+        });
+        let network = match verified {
+            Ok(t) => t.network,
+            Err(e) => {
+                let reason = match e {
+                    TokenError::Expired(_) => "expired",
+                    TokenError::Revoked => "revoked",
+                    _ => "bad_token",
+                };
+                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+                info!(remote = %self.conn.remote_address(), %reason, "registration refused");
+                let _ = self.error(ErrorCode::Unauthorized, 0, e.to_string()).await;
+                self.finish().await;
+                return Flow::Close;
+            }
+        };
+        let eph = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let eph_pub = PublicKey::from(&eph).to_bytes();
+        let nonce: [u8; 32] = rand::random();
+        self.state = State::AwaitProof {
+            hello,
+            network,
+            eph,
+            eph_pub,
+            nonce,
+        };
+        self.write(&Message::Challenge(Challenge {
+            server_ephemeral: eph_pub,
+            nonce,
+        }))
+        .await
+    }
+
+    async fn on_proof(
+        &mut self,
+        hello: Hello,
+        network: String,
+        eph: StaticSecret,
+        eph_pub: [u8; 32],
+        nonce: [u8; 32],
+        proof: KeyProof,
+    ) -> Flow {
+        let mut exporter = [0u8; wire::EXPORTER_LEN];
+        let exported = self
+            .conn
+            .export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
+            .is_ok();
+        let dh = eph
+            .diffie_hellman(&PublicKey::from(*hello.key.as_bytes()))
+            .to_bytes();
+        if !exported
+            || !wire::verify_key_proof(&dh, &exporter, &nonce, &hello.key, &eph_pub, &proof.mac)
+        {
+            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "key_proof").increment(1);
+            info!(remote = %self.conn.remote_address(), key = %hello.key, "key proof failed");
+            let _ = self
+                .error(ErrorCode::Unauthorized, 0, "key proof failed")
+                .await;
+            self.finish().await;
+            return Flow::Close;
+        }
+        let peer = PeerId {
+            network: network.clone(),
+            key: hello.key,
+        };
+        self.shared.peers.insert(peer.clone(), self.conn_id);
+        if let Err(e) = self.shared.registry.register(&peer, self.conn_id).await {
+            self.shared
+                .peers
+                .remove_if(&peer, |_, c| *c == self.conn_id);
+            warn!(%peer, error = %e, "registry refused registration");
+            let _ = self
+                .error(ErrorCode::Internal, 0, format!("registry: {e}"))
+                .await;
+            self.finish().await;
+            return Flow::Close;
+        }
+        metrics::counter!(m::REGISTRATIONS_TOTAL).increment(1);
+        metrics::gauge!(m::PEERS_REGISTERED).increment(1.0);
+        info!(%peer, remote = %self.observed, software = %hello.software, "registered");
+        let relays = self.shared.relay_map(&peer);
+        self.peer = Some(peer);
+        self.state = State::Registered;
+        self.write(&Message::Registered(Registered {
+            observed: self.observed,
+            network,
+            relays,
+            stun: self
+                .shared
+                .stun_addrs
+                .iter()
+                .take(1)
+                .chain(self.shared.stun_addrs.get(3))
+                .copied()
+                .collect(),
+            server_time_unix_ms: unix_now_ms(),
+        }))
+        .await
+    }
+
+    fn take_offer_token(&mut self) -> bool {
+        let now = Instant::now();
+        let rate = self.shared.cfg.limits.offers_per_sec;
+        let burst = rate.max(4.0);
+        self.offer_tokens = (self.offer_tokens
+            + now.saturating_duration_since(self.offer_last).as_secs_f64() * rate)
+            .min(burst);
+        self.offer_last = now;
+        if self.offer_tokens >= 1.0 {
+            self.offer_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn rtt_ms(&self) -> u32 {
+        self.conn.rtt().as_millis().min(u128::from(u32::MAX / 2)) as u32
+    }
+
+    async fn on_registered_message(&mut self, msg: Message) -> Flow {
+        let Some(me) = self.peer.clone() else {
+            return Flow::Close;
+        };
+        match msg {
+            Message::Watch(keys) => {
+                if keys.len() > wire::MAX_WATCH_KEYS {
+                    return self
+                        .error(ErrorCode::BadRequest, 0, "too many keys in watch")
+                        .await;
+                }
+                match self.shared.registry.watch(&me, &keys).await {
+                    Ok(states) => {
+                        for (key, online) in states {
+                            metrics::counter!(m::PRESENCE_EVENTS_TOTAL).increment(1);
+                            if let Flow::Close =
+                                self.write(&Message::Presence { key, online }).await
+                            {
+                                return Flow::Close;
+                            }
+                        }
+                        Flow::Continue
+                    }
+                    Err(e) => self.error(ErrorCode::Internal, 0, e.to_string()).await,
+                }
+            }
+            Message::Offer(offer) => self.on_offer(me, offer).await,
+            Message::Answer(answer) => self.on_answer(me, answer).await,
+            Message::Error(e) => {
+                debug!(peer = %me, code = ?e.code, message = %e.message, "client reported error");
+                Flow::Continue
+            }
+            other => {
+                let name = other.name();
+                self.error(
+                    ErrorCode::BadRequest,
+                    0,
+                    format!("{name} is not a client message"),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn on_offer(&mut self, me: PeerId, offer: Offer) -> Flow {
+        let Offer {
+            id,
+            peer,
+            candidates,
+        } = offer;
+        if peer == me.key {
+            metrics::counter!(m::OFFERS_TOTAL, "result" => "self_offer").increment(1);
+            return self
+                .error(ErrorCode::SelfOffer, id, "offer to own key")
+                .await;
+        }
+        if candidates.len() > wire::MAX_CANDIDATES {
+            return self
+                .error(ErrorCode::BadRequest, id, "too many candidates")
+                .await;
+        }
+        if !self.take_offer_token() {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "offers_rate").increment(1);
+            return self
+                .error(ErrorCode::RateLimited, id, "too many offers")
+                .await;
+        }
+        if self.outgoing.len() >= self.shared.cfg.limits.max_pending_offers
+            || self.outgoing.contains_key(&id)
+        {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "pending_offers").increment(1);
+            return self
+                .error(
+                    ErrorCode::RateLimited,
+                    id,
+                    "too many pending offers (or duplicate id)",
+                )
+                .await;
+        }
+        let to = PeerId {
+            network: me.network.clone(),
+            key: peer,
+        };
+        let delivery = Delivery::Offer {
+            from: me.key,
+            offer_id: rand::random(),
+            request_id: id,
+            candidates,
+            initiator_rtt_ms: self.rtt_ms(),
+        };
+        match self.shared.registry.deliver(&to, delivery).await {
+            Ok(()) => {
+                metrics::counter!(m::OFFERS_TOTAL, "result" => "forwarded").increment(1);
+                self.outgoing
+                    .insert(id, Instant::now() + self.shared.cfg.limits.offer_timeout);
+                Flow::Continue
+            }
+            Err(RegistryError::NotFound) => {
+                metrics::counter!(m::OFFERS_TOTAL, "result" => "not_found").increment(1);
+                self.error(ErrorCode::NotFound, id, "peer not found").await
+            }
+            Err(e) => {
+                metrics::counter!(m::OFFERS_TOTAL, "result" => "failed").increment(1);
+                self.error(ErrorCode::Internal, id, e.to_string()).await
+            }
+        }
+    }
+
+    async fn on_answer(&mut self, me: PeerId, answer: Answer) -> Flow {
+        let Answer {
+            offer_id,
+            candidates,
+        } = answer;
+        if candidates.len() > wire::MAX_CANDIDATES {
+            return self
+                .error(ErrorCode::BadRequest, offer_id, "too many candidates")
+                .await;
+        }
+        let Some(pending) = self.incoming.remove(&offer_id) else {
+            return self
+                .error(ErrorCode::NotFound, offer_id, "no such offer")
+                .await;
+        };
+        let my_rtt = self.rtt_ms();
+        let session_secret: [u8; 32] = rand::random();
+        let now = unix_now_ms();
+        let start_at = now + u64::from(my_rtt.max(pending.initiator_rtt_ms)) / 2 + START_MARGIN_MS;
+        let to = PeerId {
+            network: me.network.clone(),
+            key: pending.from,
+        };
+        let delivery = Delivery::Answer {
+            from: me.key,
+            request_id: pending.request_id,
+            candidates: candidates.clone(),
+            session_secret,
+            start_at_unix_ms: start_at,
+        };
+        match self.shared.registry.deliver(&to, delivery).await {
+            Ok(()) => {}
+            Err(RegistryError::NotFound) => {
+                return self
+                    .error(ErrorCode::NotFound, offer_id, "offering peer went away")
+                    .await
+            }
+            Err(e) => {
+                return self
+                    .error(ErrorCode::Internal, offer_id, e.to_string())
+                    .await
+            }
+        }
+        // Our copy leaves now and arrives after half our RTT.
+        let start_in = start_at.saturating_sub(unix_now_ms() + u64::from(my_rtt / 2));
+        metrics::counter!(m::PUNCH_STARTS_TOTAL).increment(1);
+        self.write(&Message::PunchStart(PunchStart {
+            id: offer_id,
+            peer: pending.from,
+            peer_candidates: pending.candidates,
+            session_secret,
+            start_in_ms: start_in.min(u64::from(u32::MAX)) as u32,
+            initiator: false,
+        }))
+        .await
+    }
+
+    async fn on_event(&mut self, ev: ConnEvent) -> Flow {
+        match ev {
+            ConnEvent::Superseded => {
+                info!(peer = ?self.peer, "superseded by a newer connection");
+                self.go_away(
+                    GoAwayReason::Superseded,
+                    "a newer connection registered this key",
+                )
+                .await;
+                Flow::Close
+            }
+            ConnEvent::Delivery(d) => self.on_delivery(d).await,
+        }
+    }
+
+    async fn on_delivery(&mut self, d: Delivery) -> Flow {
+        let Some(me) = self.peer.clone() else {
+            return Flow::Continue;
+        };
+        match d {
+            Delivery::Offer {
+                from,
+                offer_id,
+                request_id,
+                candidates,
+                initiator_rtt_ms,
+            } => {
+                let now = Instant::now();
+                self.incoming.retain(|_, p| p.deadline > now);
+                if self.incoming.len() >= self.shared.cfg.limits.max_pending_offers {
+                    metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "pending_offers")
+                        .increment(1);
+                    let to = PeerId {
+                        network: me.network.clone(),
+                        key: from,
+                    };
+                    let failed = Delivery::OfferFailed {
+                        from: me.key,
+                        request_id,
+                        code: ErrorCode::RateLimited,
+                        message: "peer has too many pending offers".into(),
+                    };
+                    let _ = self.shared.registry.deliver(&to, failed).await;
+                    return Flow::Continue;
+                }
+                self.incoming.insert(
+                    offer_id,
+                    PendingIncoming {
+                        from,
+                        request_id,
+                        initiator_rtt_ms,
+                        candidates: candidates.clone(),
+                        deadline: now + self.shared.cfg.limits.offer_timeout,
+                    },
+                );
+                self.write(&Message::IncomingOffer(IncomingOffer {
+                    offer_id,
+                    from,
+                    candidates,
+                }))
+                .await
+            }
+            Delivery::Answer {
+                from,
+                request_id,
+                candidates,
+                session_secret,
+                start_at_unix_ms,
+            } => {
+                if self.outgoing.remove(&request_id).is_none() {
+                    // Timed out meanwhile: the client already got Timeout.
+                    return Flow::Continue;
+                }
+                let start_in =
+                    start_at_unix_ms.saturating_sub(unix_now_ms() + u64::from(self.rtt_ms() / 2));
+                metrics::counter!(m::PUNCH_STARTS_TOTAL).increment(1);
+                self.write(&Message::PunchStart(PunchStart {
+                    id: request_id,
+                    peer: from,
+                    peer_candidates: candidates,
+                    session_secret,
+                    start_in_ms: start_in.min(u64::from(u32::MAX)) as u32,
+                    initiator: true,
+                }))
+                .await
+            }
+            Delivery::OfferFailed {
+                request_id,
+                code,
+                message,
+                ..
+            } => {
+                if self.outgoing.remove(&request_id).is_none() {
+                    return Flow::Continue;
+                }
+                metrics::counter!(m::OFFERS_TOTAL, "result" => "failed").increment(1);
+                self.error(code, request_id, message).await
+            }
+            Delivery::Presence { key, online } => {
+                metrics::counter!(m::PRESENCE_EVENTS_TOTAL).increment(1);
+                self.write(&Message::Presence { key, online }).await
+            }
+            Delivery::Superseded { .. } => Flow::Continue,
+        }
+    }
+
+    async fn on_tick(&mut self) -> Flow {
+        let now = Instant::now();
+        if self.peer.is_none() {
+            if now.saturating_duration_since(self.started)
+                > self.shared.cfg.limits.handshake_timeout
+            {
+                metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshake_timeout").increment(1);
+                let _ = self
+                    .error(ErrorCode::Timeout, 0, "registration not completed in time")
+                    .await;
+                self.finish().await;
+                return Flow::Close;
+            }
+            return Flow::Continue;
+        }
+        let addr = self.conn.remote_address();
+        if addr != self.observed {
+            self.observed = addr;
+            metrics::counter!(m::OBSERVED_ADDR_CHANGES_TOTAL).increment(1);
+            info!(peer = ?self.peer, %addr, "observed address changed");
+            if let Flow::Close = self.write(&Message::ObservedAddr(addr)).await {
+                return Flow::Close;
+            }
+        }
+        let expired: Vec<u64> = self
+            .outgoing
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.outgoing.remove(&id);
+            metrics::counter!(m::OFFERS_TOTAL, "result" => "timeout").increment(1);
+            if let Flow::Close = self
+                .error(ErrorCode::Timeout, id, "peer did not answer in time")
+                .await
+            {
+                return Flow::Close;
+            }
+        }
+        self.incoming.retain(|_, p| p.deadline > now);
+        if now >= self.next_refresh {
+            self.next_refresh = now + registry::REFRESH_INTERVAL;
+            if let Some(peer) = &self.peer {
+                if let Err(e) = self.shared.registry.refresh(peer, self.conn_id).await {
+                    warn!(%peer, error = %e, "registry refresh failed");
+                }
+            }
+        }
+        if now >= self.next_relay_update {
+            self.next_relay_update = now + self.shared.cfg.turn_credential_ttl / 2;
+            if let Some(peer) = self.peer.clone() {
+                if !self.shared.cfg.relays.is_empty() {
+                    let relays = self.shared.relay_map(&peer);
+                    return self.write(&Message::RelayUpdate(relays)).await;
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn cleanup(&mut self) {
+        if let Some(peer) = self.peer.take() {
+            self.shared
+                .peers
+                .remove_if(&peer, |_, c| *c == self.conn_id);
+            if let Err(e) = self.shared.registry.unregister(&peer, self.conn_id).await {
+                warn!(%peer, error = %e, "registry unregister failed");
+            }
+            metrics::gauge!(m::PEERS_REGISTERED).decrement(1.0);
+            info!(%peer, "disconnected");
+        }
+    }
+}
