@@ -2,4 +2,13 @@
 //! the per-peer path manager driver and the WireGuard integration behind the `meshpunch`
 //! binary.
 
+pub mod binding;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod keys;
+pub mod netcheck;
+pub mod rdvinfo;
 pub mod rendezvous;
+pub mod signal;
+pub mod wg;

@@ -1,1 +1,406 @@
-fn main() {}
+//! `meshpunch`: keys, netcheck, the `up` daemon and its control commands.
+
+use std::io::Read as _;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshpunch::config::{Config, PeerConfig};
+use meshpunch::control::{self, Request};
+use meshpunch::daemon;
+use meshpunch::keys::{format_key, generate_private, parse_key, public_of, Identity};
+use meshpunch::netcheck;
+use meshpunch_proto::path::PathConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "meshpunch",
+    version,
+    about = "Shortest paths between WireGuard peers: hole punching with relay fallback"
+)]
+struct Cli {
+    /// Control socket of the daemon (default: $XDG_RUNTIME_DIR/meshpunch.sock,
+    /// /run/meshpunch/meshpunch.sock as root, else /tmp/meshpunch-UID.sock).
+    #[arg(long, global = true, env = "MESHPUNCH_CONTROL_SOCKET")]
+    control_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print a new private key (like `wg genkey`).
+    Keygen,
+    /// Read a private key on stdin, print its public key (like `wg pubkey`).
+    Pubkey,
+    /// Classify the NAT: UDP, public address, mapping, filtering, hairpin, relay latencies.
+    Netcheck {
+        /// Rendezvous connect string (gives the STUN servers and the relay map).
+        #[arg(long, env = "MESHPUNCH_CONNECT")]
+        connect: Option<String>,
+        /// Extra STUN server HOST:PORT (repeatable).
+        #[arg(long)]
+        stun: Vec<String>,
+        /// Extra relay REGION=HOST:PORT (repeatable).
+        #[arg(long)]
+        relay: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also estimate the NAT binding lifetime (takes a few minutes).
+        #[arg(long)]
+        long: bool,
+    },
+    /// Run the daemon.
+    Up {
+        /// Config file (WireGuard INI style).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Take peers (and the private key) from this WireGuard interface and point each
+        /// peer's endpoint at its local proxy port.
+        #[arg(long)]
+        wg_interface: Option<String>,
+        /// Rendezvous connect string (overrides the config's Rendezvous).
+        #[arg(long, env = "MESHPUNCH_CONNECT")]
+        connect: Option<String>,
+        /// Data socket port (overrides ListenPort).
+        #[arg(long)]
+        listen_port: Option<u16>,
+        /// Data socket IP (default: [::] dual-stack, falling back to 0.0.0.0).
+        #[arg(long)]
+        listen_ip: Option<IpAddr>,
+        /// Do not offer interface addresses as candidates.
+        #[arg(long)]
+        no_host_candidates: bool,
+        /// Write the data socket and proxy addresses as JSON to this file once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Show every peer's path.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ping a peer over its current path (like `tailscale ping`).
+    Ping {
+        /// Peer public key or name.
+        peer: String,
+        /// Number of pings.
+        #[arg(short = 'c', long, default_value_t = 5)]
+        count: u32,
+        /// Seconds between pings.
+        #[arg(short = 'i', long, default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// Test knobs: `debug block-direct PEER on|off` (alias force-relay), `debug block-relay PEER on|off`.
+    Debug {
+        /// block-direct, force-relay or block-relay.
+        knob: String,
+        /// Peer public key or name.
+        peer: String,
+        /// on or off.
+        state: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshpunch: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshpunch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn resolve(s: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(s)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot resolve {s}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{s} resolves to no address"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let sock = cli
+        .control_socket
+        .clone()
+        .unwrap_or_else(control::default_socket_path);
+    match cli.cmd {
+        Cmd::Keygen => {
+            println!("{}", format_key(&generate_private()));
+        }
+        Cmd::Pubkey => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            let k = parse_key(&s).map_err(|e| anyhow::anyhow!("stdin: {e}"))?;
+            println!("{}", format_key(&public_of(&k)));
+        }
+        Cmd::Netcheck {
+            connect,
+            stun,
+            relay,
+            json,
+            long,
+        } => {
+            let mut targets = netcheck::Targets::default();
+            if let Some(c) = connect {
+                let (s, r) = meshpunch::rdvinfo::fetch(&c).await?;
+                targets.stun.extend(s);
+                targets.relays.extend(r);
+            }
+            for s in stun {
+                targets.stun.push(resolve(&s).await?);
+            }
+            for r in relay {
+                let (region, addr) = r.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--relay: expected REGION=HOST:PORT, found {r:?}")
+                })?;
+                targets.relays.push((
+                    region.to_string(),
+                    addr.to_string(),
+                    resolve(addr).await.ok(),
+                ));
+            }
+            if targets.stun.is_empty() && targets.relays.is_empty() {
+                anyhow::bail!("nothing to test against: give --connect, --stun or --relay");
+            }
+            let opts = netcheck::Options {
+                long,
+                ..Default::default()
+            };
+            let report = netcheck::run(&targets, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+        }
+        Cmd::Up {
+            config,
+            wg_interface,
+            connect,
+            listen_port,
+            listen_ip,
+            no_host_candidates,
+            ready_file,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config {
+                    host_candidates: true,
+                    ..Config::default()
+                },
+            };
+            let mut wg_dump = None;
+            if let Some(iface) = &wg_interface {
+                let d = meshpunch::wg::show_dump(iface)?;
+                if cfg.private_key.is_none() {
+                    cfg.private_key = d.private_key;
+                }
+                for (k, _) in &d.peers {
+                    if !cfg.peers.iter().any(|p| p.public_key == *k) {
+                        cfg.peers.push(PeerConfig {
+                            public_key: *k,
+                            name: None,
+                            proxy_port: 0,
+                            candidates: Vec::new(),
+                        });
+                    }
+                }
+                if cfg.wireguard_endpoint.is_none() && d.listen_port != 0 {
+                    cfg.wireguard_endpoint =
+                        Some(SocketAddr::from(([127, 0, 0, 1], d.listen_port)));
+                }
+                wg_dump = Some(d);
+            }
+            let private = cfg.private_key.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no private key: set PrivateKey in [Interface] or use --wg-interface"
+                )
+            })?;
+            if cfg.peers.is_empty() {
+                anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
+            }
+            let rendezvous = connect.or(cfg.rendezvous.clone());
+            if rendezvous.is_none() && cfg.peers.iter().all(|p| p.candidates.is_empty()) {
+                anyhow::bail!("no rendezvous: set Rendezvous in [Interface] or pass --connect");
+            }
+            let control_socket = cli
+                .control_socket
+                .clone()
+                .or(cfg.control_socket.clone())
+                .unwrap_or_else(control::default_socket_path);
+            let listen = SocketAddr::new(
+                listen_ip.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                listen_port.unwrap_or(cfg.listen_port),
+            );
+            let opts = daemon::Options {
+                identity: Identity::from_private(private),
+                rendezvous,
+                listen,
+                control_socket: control_socket.clone(),
+                wireguard_endpoint: cfg.wireguard_endpoint,
+                host_candidates: cfg.host_candidates && !no_host_candidates,
+                peers: cfg.peers.clone(),
+                path: PathConfig::default(),
+            };
+            let mut d = daemon::start(opts).await?;
+            if let (Some(iface), Some(_)) = (&wg_interface, &wg_dump) {
+                for (k, addr) in &d.proxies {
+                    meshpunch::wg::set_endpoint(iface, k, *addr)?;
+                }
+            }
+            let ready = serde_json::json!({
+                "data_addr": d.data_addr,
+                "control_socket": control_socket,
+                "public_key": format_key(&public_of(&private)),
+                "peers": d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect::<Vec<_>>(),
+            });
+            if let Some(f) = ready_file {
+                std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
+            }
+            println!("{ready}");
+            tracing::info!(data = %d.data_addr, control = %control_socket.display(), "meshpunch up");
+            tokio::select! {
+                _ = d.wait() => {}
+                _ = tokio::signal::ctrl_c() => {}
+                _ = sigterm() => {}
+            }
+        }
+        Cmd::Status { json } => {
+            let v = control::request(&sock, &Request::Status).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let st: control::Status = serde_json::from_value(v)?;
+                print_status(&st);
+            }
+        }
+        Cmd::Ping {
+            peer,
+            count,
+            interval,
+        } => {
+            let req = Request::Ping {
+                peer,
+                count,
+                interval_ms: (interval.max(0.0) * 1000.0) as u64,
+            };
+            let mut got = 0u32;
+            control::request_lines(&sock, &req, |v| {
+                if v.get("done").is_some() {
+                    return false;
+                }
+                if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                    let seq = v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0);
+                    println!("seq={seq} {e}");
+                    return true;
+                }
+                if let Ok(l) = serde_json::from_value::<control::PingLine>(v) {
+                    got += 1;
+                    println!(
+                        "pong from {} via {} ({}) in {:.2} ms",
+                        l.remote.as_deref().unwrap_or("?"),
+                        l.path.map(|p| p.as_str()).unwrap_or("?"),
+                        l.seq,
+                        l.rtt_ms.unwrap_or(0.0)
+                    );
+                }
+                true
+            })
+            .await?;
+            if got == 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Debug { knob, peer, state } => {
+            let on = match state.as_str() {
+                "on" | "true" | "1" => true,
+                "off" | "false" | "0" => false,
+                s => anyhow::bail!("expected on or off, found {s:?}"),
+            };
+            let v = control::request(&sock, &Request::Debug { peer, knob, on }).await?;
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                anyhow::bail!("{e}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
+}
+
+fn print_status(st: &control::Status) {
+    println!(
+        "meshpunch {}  data {}  public {}  rendezvous {}{}",
+        st.public_key,
+        st.data_addr,
+        st.public_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
+        st.rendezvous.state,
+        st.rendezvous
+            .error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    if let Some(r) = &st.home_relay {
+        println!(
+            "home relay {} {} {} {}{}",
+            r.region,
+            r.server,
+            r.state,
+            r.relayed.map(|a| a.to_string()).unwrap_or_default(),
+            r.error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    for p in &st.peers {
+        println!(
+            "{} {:<8} {:<7} {:<28} rtt {:>8}  tx {} rx {}  proxy {}  {}",
+            p.public_key,
+            p.name.as_deref().unwrap_or("-"),
+            p.path.as_str(),
+            p.remote.as_deref().unwrap_or("-"),
+            p.rtt_ms
+                .map(|r| format!("{r:.2}ms"))
+                .unwrap_or_else(|| "-".into()),
+            p.tx_bytes,
+            p.rx_bytes,
+            p.proxy,
+            p.reason
+        );
+    }
+}

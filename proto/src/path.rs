@@ -415,7 +415,11 @@ impl PeerPath {
         start_at: Instant,
         remote: Vec<Candidate>,
     ) {
-        let sender = ProbeSender::new(ProbeKey::derive(secret, &self.local_public));
+        // Counter from the wall clock (microseconds): a restarted daemon with a re-derived key
+        // (static sessions) still counts upwards past the peer's replay window.
+        let counter = self.unix_ms(now).saturating_mul(1000);
+        let sender =
+            ProbeSender::with_counter(ProbeKey::derive(secret, &self.local_public), counter);
         let receiver = ProbeReceiver::new(ProbeKey::derive(secret, &self.remote_public));
         let prev_receiver = self.session.take().map(|s| s.receiver);
         let start_at = start_at.max(now);

@@ -364,6 +364,11 @@ impl ProbeSender {
     pub fn new(key: ProbeKey) -> Self {
         ProbeSender { key, counter: 0 }
     }
+    /// A sender whose counter starts at `counter` (e.g. derived from the wall clock, so a
+    /// restarted daemon that re-derives the same key is not taken for a replay).
+    pub fn with_counter(key: ProbeKey, counter: u64) -> Self {
+        ProbeSender { key, counter }
+    }
     /// The key id of this sender.
     pub fn key_id(&self) -> u32 {
         self.key.id

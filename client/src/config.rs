@@ -1,0 +1,385 @@
+//! The daemon's configuration file, in WireGuard's INI style, and `wg show IFACE dump`
+//! parsing for `--wg-interface`.
+//!
+//! ```ini
+//! [Interface]
+//! PrivateKey = <base64>              # required (or taken from --wg-interface)
+//! Rendezvous = meshpunch://TOKEN@rdv.example.com:4433?pin=...
+//! ListenPort = 41641                 # data socket port; 0 or absent = any free port
+//! ControlSocket = /run/meshpunch.sock
+//! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)
+//! HostCandidates = true              # offer interface addresses to peers
+//!
+//! [Peer]
+//! PublicKey = <base64>               # required
+//! Name = laptop                      # optional label for status
+//! ProxyPort = 51901                  # optional fixed 127.0.0.1 port WireGuard talks to
+//! Candidate = 192.0.2.7:41641        # optional known address of the peer's data socket
+//! ```
+//!
+//! Keys are case-insensitive, `#` and `;` start comments. WireGuard keys that mean nothing to
+//! meshpunch (`Address`, `AllowedIPs`, `DNS`, `Endpoint`, ...) are accepted and ignored, so a
+//! `wg-quick` file can carry the meshpunch keys too. Anything else is an error naming the
+//! file, the line and what was expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::keys::parse_key;
+
+/// A configuration error with its location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {msg}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// 1-based line number (0 = the file as a whole).
+    pub line: usize,
+    /// What was wrong / expected.
+    pub msg: String,
+}
+
+/// `[Interface]` settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Private key.
+    pub private_key: Option<[u8; 32]>,
+    /// Rendezvous connect string.
+    pub rendezvous: Option<String>,
+    /// Data socket port (0 = any).
+    pub listen_port: u16,
+    /// Control socket path.
+    pub control_socket: Option<PathBuf>,
+    /// Where WireGuard listens.
+    pub wireguard_endpoint: Option<SocketAddr>,
+    /// Whether to offer interface addresses as candidates.
+    pub host_candidates: bool,
+    /// Peers.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// `[Peer]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's WireGuard public key.
+    pub public_key: [u8; 32],
+    /// Label.
+    pub name: Option<String>,
+    /// Fixed local proxy port (0 = any).
+    pub proxy_port: u16,
+    /// Known addresses of the peer's data socket.
+    pub candidates: Vec<SocketAddr>,
+}
+
+const IGNORED_WG_KEYS: &[&str] = &[
+    "address",
+    "dns",
+    "mtu",
+    "table",
+    "preup",
+    "postup",
+    "predown",
+    "postdown",
+    "saveconfig",
+    "fwmark",
+    "allowedips",
+    "endpoint",
+    "persistentkeepalive",
+    "presharedkey",
+];
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+impl Config {
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            msg: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses configuration text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        #[derive(PartialEq)]
+        enum Section {
+            None,
+            Interface,
+            Peer,
+        }
+        let err = |line: usize, msg: String| ConfigError {
+            file: file.to_string(),
+            line,
+            msg,
+        };
+        let mut cfg = Config {
+            host_candidates: true,
+            ..Config::default()
+        };
+        let mut section = Section::None;
+        let mut peer: Option<(usize, PeerBuilder)> = None;
+        let finish_peer =
+            |p: Option<(usize, PeerBuilder)>, cfg: &mut Config| -> Result<(), ConfigError> {
+                if let Some((line, b)) = p {
+                    let public_key = b.public_key.ok_or_else(|| {
+                        err(
+                            line,
+                            "[Peer] section without PublicKey = <base64 key>".into(),
+                        )
+                    })?;
+                    if cfg.peers.iter().any(|p| p.public_key == public_key) {
+                        return Err(err(line, "duplicate [Peer] PublicKey".into()));
+                    }
+                    cfg.peers.push(PeerConfig {
+                        public_key,
+                        name: b.name,
+                        proxy_port: b.proxy_port,
+                        candidates: b.candidates,
+                    });
+                }
+                Ok(())
+            };
+        for (i, raw) in text.lines().enumerate() {
+            let n = i + 1;
+            let line = raw.split(['#', ';']).next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            if line.starts_with('[') {
+                match line.to_ascii_lowercase().as_str() {
+                    "[interface]" => {
+                        finish_peer(peer.take(), &mut cfg)?;
+                        section = Section::Interface;
+                    }
+                    "[peer]" => {
+                        finish_peer(peer.take(), &mut cfg)?;
+                        section = Section::Peer;
+                        peer = Some((n, PeerBuilder::default()));
+                    }
+                    _ => {
+                        return Err(err(
+                            n,
+                            format!("unknown section {line}; expected [Interface] or [Peer]"),
+                        ))
+                    }
+                }
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(err(
+                    n,
+                    format!("expected 'Key = Value' or a [Section], found {line:?}"),
+                ));
+            };
+            let key = k.trim().to_ascii_lowercase();
+            let v = v.trim();
+            if IGNORED_WG_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            match section {
+                Section::None => {
+                    return Err(err(
+                        n,
+                        format!("{} outside a section; expected [Interface] or [Peer] first", k.trim()),
+                    ))
+                }
+                Section::Interface => match key.as_str() {
+                    "privatekey" => {
+                        cfg.private_key = Some(parse_key(v).map_err(|e| {
+                            err(n, format!("PrivateKey: {e}"))
+                        })?)
+                    }
+                    "rendezvous" => {
+                        if !v.starts_with("meshpunch://") {
+                            return Err(err(
+                                n,
+                                "Rendezvous: expected a connect string meshpunch://TOKEN@HOST:PORT?pin=SHA256HEX".into(),
+                            ));
+                        }
+                        cfg.rendezvous = Some(v.to_string())
+                    }
+                    "listenport" => {
+                        cfg.listen_port = v.parse().map_err(|_| {
+                            err(n, format!("ListenPort: expected a UDP port 0-65535, found {v:?}"))
+                        })?
+                    }
+                    "controlsocket" => cfg.control_socket = Some(PathBuf::from(v)),
+                    "wireguardendpoint" => {
+                        cfg.wireguard_endpoint = Some(v.parse().map_err(|_| {
+                            err(n, format!("WireGuardEndpoint: expected IP:PORT, found {v:?}"))
+                        })?)
+                    }
+                    "hostcandidates" => {
+                        cfg.host_candidates = parse_bool(v).ok_or_else(|| {
+                            err(n, format!("HostCandidates: expected true or false, found {v:?}"))
+                        })?
+                    }
+                    _ => {
+                        return Err(err(n, format!(
+                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint or HostCandidates",
+                            k.trim()
+                        )))
+                    }
+                },
+                Section::Peer => {
+                    let Some((_, b)) = peer.as_mut() else {
+                        return Err(err(n, "key outside [Peer]".into()));
+                    };
+                    match key.as_str() {
+                        "publickey" => {
+                            b.public_key = Some(
+                                parse_key(v).map_err(|e| err(n, format!("PublicKey: {e}")))?,
+                            )
+                        }
+                        "name" => b.name = Some(v.to_string()),
+                        "proxyport" => {
+                            b.proxy_port = v.parse().map_err(|_| {
+                                err(n, format!("ProxyPort: expected a UDP port 0-65535, found {v:?}"))
+                            })?
+                        }
+                        "candidate" => {
+                            for part in v.split(',') {
+                                let part = part.trim();
+                                b.candidates.push(part.parse().map_err(|_| {
+                                    err(n, format!("Candidate: expected IP:PORT, found {part:?}"))
+                                })?);
+                            }
+                        }
+                        _ => {
+                            return Err(err(n, format!(
+                                "unknown [Peer] key {}; expected PublicKey, Name, ProxyPort or Candidate",
+                                k.trim()
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        finish_peer(peer.take(), &mut cfg)?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Default)]
+struct PeerBuilder {
+    public_key: Option<[u8; 32]>,
+    name: Option<String>,
+    proxy_port: u16,
+    candidates: Vec<SocketAddr>,
+}
+
+/// What `wg show IFACE dump` says about an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgDump {
+    /// Interface private key (`None` if not readable / `(none)`).
+    pub private_key: Option<[u8; 32]>,
+    /// Interface public key.
+    pub public_key: Option<[u8; 32]>,
+    /// WireGuard's listen port.
+    pub listen_port: u16,
+    /// Peer public keys with their current endpoints.
+    pub peers: Vec<([u8; 32], Option<SocketAddr>)>,
+}
+
+/// Parses `wg show IFACE dump` output (tab-separated; first line is the interface).
+pub fn parse_wg_dump(text: &str) -> Result<WgDump, String> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().ok_or("empty `wg show dump` output")?;
+    let f: Vec<&str> = first.split('\t').collect();
+    if f.len() < 3 {
+        return Err(format!(
+            "interface line: expected 4 tab-separated fields, found {first:?}"
+        ));
+    }
+    let key = |s: &str| parse_key(s).ok();
+    let listen_port = f[2]
+        .parse()
+        .map_err(|_| format!("interface line: bad listen port {:?}", f[2]))?;
+    let mut peers = Vec::new();
+    for l in lines {
+        let p: Vec<&str> = l.split('\t').collect();
+        if p.len() < 3 {
+            return Err(format!(
+                "peer line: expected 8 tab-separated fields, found {l:?}"
+            ));
+        }
+        let pk = parse_key(p[0]).map_err(|e| format!("peer line: {e}"))?;
+        peers.push((pk, p[2].parse().ok()));
+    }
+    Ok(WgDump {
+        private_key: key(f[0]),
+        public_key: key(f[1]),
+        listen_port,
+        peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{format_key, generate_private, public_of};
+
+    #[test]
+    fn parses_interface_and_peers() {
+        let sk = generate_private();
+        let pk = public_of(&generate_private());
+        let text = format!(
+            "# meshpunch\n[Interface]\nPrivateKey = {}\nRendezvous = meshpunch://t@127.0.0.1:4433?pin=00\nListenPort = 41641\nAddress = 10.9.0.1/24\nControlSocket=/tmp/x.sock\n\n[Peer]\nPublicKey = {}\nName = bob ; comment\nProxyPort = 51999\nCandidate = 192.0.2.1:5, 192.0.2.2:6\nAllowedIPs = 10.9.0.2/32\n",
+            format_key(&sk),
+            format_key(&pk)
+        );
+        let c = Config::parse("a.conf", &text).unwrap();
+        assert_eq!(c.private_key, Some(sk));
+        assert_eq!(c.listen_port, 41641);
+        assert_eq!(c.control_socket, Some(PathBuf::from("/tmp/x.sock")));
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers[0].public_key, pk);
+        assert_eq!(c.peers[0].name.as_deref(), Some("bob"));
+        assert_eq!(c.peers[0].proxy_port, 51999);
+        assert_eq!(c.peers[0].candidates.len(), 2);
+    }
+
+    #[test]
+    fn bad_line_names_file_line_and_expectation() {
+        let e = Config::parse("x.conf", "[Interface]\nListenPort = lots\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert_eq!(e.file, "x.conf");
+        assert!(e
+            .to_string()
+            .starts_with("x.conf:2: ListenPort: expected a UDP port"));
+        let e = Config::parse("x.conf", "[Interface]\n\nFoo = 1\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.msg.contains("expected PrivateKey"));
+        let e = Config::parse("x.conf", "[Peer]\nName = a\n").unwrap_err();
+        assert!(e.msg.contains("without PublicKey"), "{e}");
+        let e = Config::parse("x.conf", "[Peer]\nPublicKey = nope\n").unwrap_err();
+        assert!(e.msg.contains("PublicKey: expected a WireGuard key"), "{e}");
+        let e = Config::parse("x.conf", "garbage\n").unwrap_err();
+        assert!(e.msg.contains("expected 'Key = Value'"), "{e}");
+        let e = Config::parse("x.conf", "[Wat]\n").unwrap_err();
+        assert!(e.msg.contains("unknown section"), "{e}");
+    }
+
+    #[test]
+    fn parses_wg_dump() {
+        let a = format_key(&generate_private());
+        let b = format_key(&public_of(&generate_private()));
+        let text = format!(
+            "{a}\t{b}\t51820\toff\n{b}\t(none)\t127.0.0.1:5000\t10.0.0.2/32\t0\t0\t0\toff\n{b}\t(none)\t(none)\t10.0.0.3/32\t0\t0\t0\toff\n"
+        );
+        let d = parse_wg_dump(&text).unwrap();
+        assert_eq!(d.listen_port, 51820);
+        assert_eq!(d.peers.len(), 2);
+        assert_eq!(d.peers[0].1, Some("127.0.0.1:5000".parse().unwrap()));
+        assert_eq!(d.peers[1].1, None);
+        assert!(d.private_key.is_some());
+    }
+}

@@ -1,0 +1,264 @@
+//! `meshpunch netcheck`: classify the NAT in front of this host from STUN tests run from one
+//! UDP socket (RFC 5780 §4.3 mapping, §4.4 filtering when the server has a second address),
+//! check hairpinning, measure latency to every relay region, and with `--long` estimate how
+//! long the NAT keeps an idle mapping. The decisions live in [`meshpunch_proto::nat`]; this
+//! module only sends and receives.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use meshpunch_proto::nat::{LifetimeSearch, MappingObservation, NetcheckReport, RelayLatency};
+use tokio::net::UdpSocket;
+
+use crate::binding;
+
+/// What to test against.
+#[derive(Debug, Clone, Default)]
+pub struct Targets {
+    /// STUN servers (the first one with OTHER-ADDRESS is used for the RFC 5780 tests).
+    pub stun: Vec<SocketAddr>,
+    /// Relay regions: (region, display address, resolved address).
+    pub relays: Vec<(String, String, Option<SocketAddr>)>,
+}
+
+/// Options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Estimate the binding lifetime (takes minutes).
+    pub long: bool,
+    /// Longest idle period of the lifetime test.
+    pub long_max: Duration,
+    /// Time to wait for each answer (with retransmits every 500 ms).
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            long: false,
+            long_max: Duration::from_secs(180),
+            timeout: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Sends a Binding request to `server` (retransmitting) and waits for the answer from any
+/// source. Returns the response and the RTT of the first transmission that got an answer.
+async fn transact(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    change: Option<(bool, bool)>,
+    timeout: Duration,
+) -> Option<(binding::Response, Duration)> {
+    let tx = binding::new_tx();
+    let req = binding::request(tx, change);
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 2048];
+    let mut sent = Instant::now();
+    let dest = to_family(sock, server);
+    let _ = sock.send_to(&req, dest).await;
+    let mut next_rtx = sent + Duration::from_millis(500);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        let wait = next_rtx.min(deadline).saturating_duration_since(now);
+        match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, _from))) => {
+                if let Some(r) = binding::parse_response(&buf[..n]) {
+                    if r.tx == tx {
+                        return Some((r, sent.elapsed()));
+                    }
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => {
+                if Instant::now() >= next_rtx {
+                    sent = Instant::now();
+                    let _ = sock.send_to(&req, dest).await;
+                    next_rtx = sent + Duration::from_millis(500);
+                }
+            }
+        }
+    }
+}
+
+fn to_family(sock: &UdpSocket, a: SocketAddr) -> SocketAddr {
+    match (sock.local_addr().map(|l| l.is_ipv6()).unwrap_or(false), a) {
+        (true, SocketAddr::V4(v4)) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => a,
+    }
+}
+
+/// Whether a Binding request sent to our own public address comes back to us.
+async fn hairpin(sock: &UdpSocket, public: SocketAddr, timeout: Duration) -> bool {
+    let tx = binding::new_tx();
+    let req = binding::request(tx, None);
+    let _ = sock.send_to(&req, to_family(sock, public)).await;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match tokio::time::timeout(left, sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => {
+                if binding::request_tx(&buf[..n]) == Some(tx) {
+                    return true;
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Runs every test and builds the report.
+pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckReport> {
+    let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
+    let local_port = sock.local_addr()?.port();
+    let mut local: Vec<SocketAddr> = crate::daemon::interface_addrs()
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, local_port))
+        .collect();
+    local.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local_port));
+    let mut obs = Vec::new();
+    let mut change_ip_port = None;
+    let mut change_port = None;
+    let mut rfc5780_done = false;
+    let v4_stun: Vec<SocketAddr> = targets
+        .stun
+        .iter()
+        .filter(|a| a.is_ipv4())
+        .copied()
+        .collect();
+    let v6_stun: Vec<SocketAddr> = targets
+        .stun
+        .iter()
+        .filter(|a| a.is_ipv6())
+        .copied()
+        .collect();
+    let mut primary: Option<(SocketAddr, SocketAddr)> = None;
+    for server in &v4_stun {
+        let Some((r, _)) = transact(&sock, *server, None, opts.timeout).await else {
+            continue;
+        };
+        let Some(mapped) = r.mapped.map(crate::daemon::canonical) else {
+            continue;
+        };
+        obs.push(MappingObservation {
+            server: *server,
+            mapped,
+        });
+        if primary.is_none() {
+            primary = Some((*server, mapped));
+        }
+        if let (Some(other), false) = (r.other, rfc5780_done) {
+            rfc5780_done = true;
+            let other = crate::daemon::canonical(other);
+            // RFC 5780 §4.3 tests II and III.
+            let alt_ip_same_port = SocketAddr::new(other.ip(), server.port());
+            for dest in [alt_ip_same_port, other] {
+                if let Some((r2, _)) = transact(&sock, dest, None, opts.timeout).await {
+                    if let Some(m) = r2.mapped {
+                        obs.push(MappingObservation {
+                            server: dest,
+                            mapped: crate::daemon::canonical(m),
+                        });
+                    }
+                }
+            }
+            // RFC 5780 §4.4 tests II and III.
+            change_ip_port = Some(
+                match transact(&sock, *server, Some((true, true)), opts.timeout).await {
+                    Some((r, _)) if r.error == Some(420) => None,
+                    Some((r, _)) => Some(r.error.is_none()),
+                    None => Some(false),
+                },
+            )
+            .flatten();
+            change_port = Some(
+                match transact(&sock, *server, Some((false, true)), opts.timeout).await {
+                    Some((r, _)) if r.error == Some(420) => None,
+                    Some((r, _)) => Some(r.error.is_none()),
+                    None => Some(false),
+                },
+            )
+            .flatten();
+        }
+    }
+    let mut relays = Vec::new();
+    for (region, display, addr) in &targets.relays {
+        let mut latency_ms = None;
+        if let Some(a) = addr.filter(|a| a.is_ipv4()) {
+            if let Some((r, rtt)) = transact(&sock, a, None, opts.timeout).await {
+                latency_ms = Some(rtt.as_secs_f64() * 1000.0);
+                if let Some(m) = r.mapped {
+                    obs.push(MappingObservation {
+                        server: a,
+                        mapped: crate::daemon::canonical(m),
+                    });
+                }
+            }
+        }
+        relays.push(RelayLatency {
+            region: region.clone(),
+            addr: display.clone(),
+            latency_ms,
+        });
+    }
+    if !v6_stun.is_empty() {
+        if let Ok(s6) = UdpSocket::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)).await
+        {
+            for server in &v6_stun {
+                if let Some((r, _)) = transact(&s6, *server, None, opts.timeout).await {
+                    if let Some(m) = r.mapped {
+                        obs.push(MappingObservation {
+                            server: *server,
+                            mapped: m,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let hair = match primary {
+        Some((_, mapped)) if !local.contains(&mapped) => {
+            Some(hairpin(&sock, mapped, Duration::from_millis(800)).await)
+        }
+        _ => None,
+    };
+    let mut lifetime = None;
+    if opts.long {
+        if let Some((server, mapped)) = primary {
+            let mut search = LifetimeSearch::new(opts.long_max);
+            while let Some(idle) = search.next_idle() {
+                tokio::time::sleep(idle).await;
+                match transact(&sock, server, None, opts.timeout).await {
+                    Some((r, _)) => {
+                        search.record(r.mapped.map(crate::daemon::canonical) == Some(mapped))
+                    }
+                    None => search.record(false),
+                }
+                if search.result().at_most_s.is_some() {
+                    break;
+                }
+            }
+            lifetime = Some(search.result());
+        }
+    }
+    Ok(NetcheckReport::from_results(
+        &local,
+        local_port,
+        &obs,
+        change_ip_port,
+        change_port,
+        hair,
+        relays,
+        lifetime,
+    ))
+}

@@ -1,0 +1,236 @@
+//! Glue between the rendezvous client library ([`crate::rendezvous`]) and the daemon's engine:
+//! one task that keeps a rendezvous client, answers incoming offers with our current
+//! candidates, makes offers on request, and turns everything into [`SignalEvent`]s.
+//!
+//! The engine never waits on the rendezvous: when it is down, working paths keep working and
+//! only new offers wait.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshpunch_proto::connect::ConnectString;
+use meshpunch_proto::path::{Candidate, CandidateKind};
+use meshpunch_proto::wire::{self, PeerKey, RelayRegion};
+use tokio::sync::{mpsc, watch};
+
+use crate::rendezvous::{Client, ClientConfig, Event, Punch};
+
+/// What the rendezvous side tells the engine.
+#[derive(Debug)]
+pub enum SignalEvent {
+    /// (Re)registered.
+    Registered {
+        /// Our address as the rendezvous saw it (QUIC socket).
+        observed: SocketAddr,
+        /// STUN servers to use from the data socket.
+        stun: Vec<SocketAddr>,
+        /// Relay regions with TURN credentials.
+        relays: Vec<RelayRegion>,
+    },
+    /// The first connection attempt (or a reconnect cycle) failed.
+    ConnectFailed {
+        /// Why.
+        reason: String,
+    },
+    /// Lost the connection; reconnecting.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// Fresh relay credentials.
+    Relays(Vec<RelayRegion>),
+    /// A watched peer came or went.
+    Presence {
+        /// Peer key.
+        key: [u8; 32],
+        /// Online now.
+        online: bool,
+    },
+    /// Punch now: candidates of the peer, the session secret and the start time.
+    Punch {
+        /// Peer key.
+        peer: [u8; 32],
+        /// Peer candidates.
+        candidates: Vec<Candidate>,
+        /// Session secret.
+        secret: [u8; 32],
+        /// When to start probing.
+        start_at: Instant,
+    },
+    /// Our offer failed.
+    OfferFailed {
+        /// Peer key.
+        peer: [u8; 32],
+        /// Why (shown in status).
+        reason: String,
+    },
+}
+
+/// What the engine asks of the rendezvous side.
+#[derive(Debug)]
+pub enum SignalCmd {
+    /// Offer our current candidates to this peer.
+    Offer([u8; 32]),
+}
+
+/// Converts a candidate from the wire.
+pub fn from_wire(c: &wire::Candidate) -> Option<Candidate> {
+    let kind = match c.kind {
+        wire::CandidateKind::Host => CandidateKind::Host,
+        wire::CandidateKind::ServerReflexive => CandidateKind::Srflx,
+        wire::CandidateKind::Predicted => CandidateKind::Predicted,
+        wire::CandidateKind::Relayed => CandidateKind::Relayed,
+        wire::CandidateKind::Other(_) => return None,
+    };
+    Some(Candidate { kind, addr: c.addr })
+}
+
+/// Converts a candidate to the wire, with an ICE-like priority (host > srflx > relayed).
+pub fn to_wire(c: &Candidate) -> wire::Candidate {
+    let (kind, priority) = match c.kind {
+        CandidateKind::Host => (wire::CandidateKind::Host, 126),
+        CandidateKind::Srflx | CandidateKind::Prflx => (wire::CandidateKind::ServerReflexive, 100),
+        CandidateKind::Predicted => (wire::CandidateKind::Predicted, 50),
+        CandidateKind::Relayed => (wire::CandidateKind::Relayed, 0),
+    };
+    wire::Candidate {
+        addr: c.addr,
+        kind,
+        priority,
+    }
+}
+
+fn punch_event(p: Punch) -> SignalEvent {
+    SignalEvent::Punch {
+        peer: p.peer.0,
+        candidates: p.peer_candidates.iter().filter_map(from_wire).collect(),
+        secret: p.session_secret,
+        start_at: p.start_at.into_std(),
+    }
+}
+
+/// Starts the rendezvous task. `local` always holds our current candidates.
+pub fn spawn(
+    connect: ConnectString,
+    private_key: [u8; 32],
+    peers: Vec<[u8; 32]>,
+    local: watch::Receiver<Vec<Candidate>>,
+    events: mpsc::Sender<SignalEvent>,
+) -> mpsc::Sender<SignalCmd> {
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<SignalCmd>(256);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let cfg = ClientConfig::new(
+                connect.clone(),
+                x25519_dalek::StaticSecret::from(private_key),
+            );
+            let (client, mut evs) = match Client::connect(cfg).await {
+                Ok(x) => x,
+                Err(e) => {
+                    if events
+                        .send(SignalEvent::ConnectFailed {
+                            reason: e.to_string(),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    // Drain offers asked for while down: they fail at once.
+                    while let Ok(SignalCmd::Offer(peer)) = cmd_rx.try_recv() {
+                        let _ = events
+                            .send(SignalEvent::OfferFailed {
+                                peer,
+                                reason: format!("rendezvous unreachable: {e}"),
+                            })
+                            .await;
+                    }
+                    let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
+                    tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(250);
+            if let Some(r) = client.registration() {
+                let _ = events
+                    .send(SignalEvent::Registered {
+                        observed: r.observed,
+                        stun: r.stun.clone(),
+                        relays: r.relays.clone(),
+                    })
+                    .await;
+            }
+            let keys: Vec<PeerKey> = peers.iter().map(|k| PeerKey(*k)).collect();
+            if let Err(e) = client.watch(keys).await {
+                tracing::warn!(error = %e, "rendezvous watch failed");
+            }
+            loop {
+                tokio::select! {
+                    ev = evs.recv() => {
+                        let Some(ev) = ev else { break };
+                        let out = match ev {
+                            Event::Registered(r) => Some(SignalEvent::Registered {
+                                observed: r.observed,
+                                stun: r.stun.clone(),
+                                relays: r.relays.clone(),
+                            }),
+                            Event::Disconnected { reason } => Some(SignalEvent::Disconnected { reason }),
+                            Event::ObservedAddr(_) => None,
+                            Event::RelayUpdate(r) => Some(SignalEvent::Relays(r)),
+                            Event::Presence { key, online } => Some(SignalEvent::Presence { key: key.0, online }),
+                            Event::IncomingOffer(o) => {
+                                let from = o.from.0;
+                                if !peers.contains(&from) {
+                                    tracing::info!(peer = %o.from, "offer from a peer not in our config ignored");
+                                    None
+                                } else {
+                                    let cands: Vec<wire::Candidate> = local.borrow().iter().map(to_wire).collect();
+                                    let events = events.clone();
+                                    tokio::spawn(async move {
+                                        let ev = match o.answer(cands).await {
+                                            Ok(p) => punch_event(p),
+                                            Err(e) => SignalEvent::OfferFailed { peer: from, reason: format!("answer failed: {e}") },
+                                        };
+                                        let _ = events.send(ev).await;
+                                    });
+                                    None
+                                }
+                            }
+                            Event::Superseded => {
+                                let _ = events.send(SignalEvent::Disconnected {
+                                    reason: "another daemon registered the same key; this one stopped using the rendezvous".into(),
+                                }).await;
+                                return;
+                            }
+                        };
+                        if let Some(out) = out {
+                            if events.send(out).await.is_err() {
+                                client.close();
+                                return;
+                            }
+                        }
+                    }
+                    cmd = cmd_rx.recv() => {
+                        let Some(SignalCmd::Offer(peer)) = cmd else {
+                            client.close();
+                            return;
+                        };
+                        let cands: Vec<wire::Candidate> = local.borrow().iter().map(to_wire).collect();
+                        let client = client.clone();
+                        let events = events.clone();
+                        tokio::spawn(async move {
+                            let ev = match client.offer(PeerKey(peer), cands).await {
+                                Ok(p) => punch_event(p),
+                                Err(e) => SignalEvent::OfferFailed { peer, reason: e.to_string() },
+                            };
+                            let _ = events.send(ev).await;
+                        });
+                    }
+                }
+            }
+        }
+    });
+    cmd_tx
+}

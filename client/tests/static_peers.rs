@@ -1,0 +1,104 @@
+//! Two daemons on loopback with static candidates (no rendezvous): WireGuard-shaped traffic
+//! through the proxy ports over the direct path, `ping`, status JSON.
+
+mod support;
+
+use std::time::Duration;
+
+use meshpunch::config::PeerConfig;
+use meshpunch::control::{self, Request};
+use meshpunch::daemon::{self, Options};
+use meshpunch::keys::{generate_private, Identity};
+use meshpunch_proto::path::PathConfig;
+use support::{free_udp_port, wait_path, FakeWg};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_peers_carry_wireguard_packets_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Identity::from_private(generate_private());
+    let b = Identity::from_private(generate_private());
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let wga = FakeWg::new().await;
+    let wgb = FakeWg::new().await;
+    let mk =
+        |me: &Identity, other: &Identity, port: u16, other_port: u16, wg, name: &str| Options {
+            identity: me.clone(),
+            rendezvous: None,
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            control_socket: dir.path().join(format!("{name}.sock")),
+            wireguard_endpoint: Some(wg),
+            host_candidates: false,
+            peers: vec![PeerConfig {
+                public_key: other.public,
+                name: Some("other".into()),
+                proxy_port: 0,
+                candidates: vec![format!("127.0.0.1:{other_port}").parse().unwrap()],
+            }],
+            path: PathConfig::default(),
+        };
+    let da = daemon::start(mk(&a, &b, pa, pb, wga.addr(), "a"))
+        .await
+        .unwrap();
+    let db = daemon::start(mk(&b, &a, pb, pa, wgb.addr(), "b"))
+        .await
+        .unwrap();
+    let st = wait_path(&da.control_socket, &["direct"], Duration::from_secs(20)).await;
+    assert_eq!(
+        st.peers[0].remote.as_deref(),
+        Some(format!("127.0.0.1:{pb}").as_str())
+    );
+    wait_path(&db.control_socket, &["direct"], Duration::from_secs(20)).await;
+
+    let to_b = da.proxies[0].1;
+    let to_a = db.proxies[0].1;
+    let got = wga.exchange(to_b, &wgb, 50, Duration::from_secs(10)).await;
+    assert!(got >= 45, "a->b {got}/50");
+    let got = wgb.exchange(to_a, &wga, 50, Duration::from_secs(10)).await;
+    assert!(got >= 45, "b->a {got}/50");
+
+    let st = support::status(&da.control_socket).await;
+    assert!(st.peers[0].tx_packets >= 45);
+    assert!(st.peers[0].rx_packets >= 45);
+    assert!(st.peers[0].rtt_ms.is_some());
+
+    // ping by name over the control socket.
+    let mut lines = Vec::new();
+    control::request_lines(
+        &da.control_socket,
+        &Request::Ping {
+            peer: "other".into(),
+            count: 3,
+            interval_ms: 50,
+        },
+        |v| {
+            let done = v.get("done").is_some();
+            lines.push(v);
+            !done
+        },
+    )
+    .await
+    .unwrap();
+    let ok = lines
+        .iter()
+        .filter(|l| l.get("rtt_ms").and_then(|r| r.as_f64()).is_some())
+        .count();
+    assert!(ok >= 2, "{lines:?}");
+    assert_eq!(lines[0]["path"], "direct");
+
+    // Status JSON has the documented keys.
+    let v = control::request(&da.control_socket, &Request::Status)
+        .await
+        .unwrap();
+    for k in [
+        "public_key",
+        "path",
+        "remote",
+        "rtt_ms",
+        "tx_bytes",
+        "rx_bytes",
+        "reason",
+    ] {
+        assert!(v["peers"][0].get(k).is_some(), "{k} missing: {v}");
+    }
+    assert_eq!(v["probes"]["unauthenticated"], 0);
+}

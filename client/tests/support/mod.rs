@@ -1,0 +1,104 @@
+//! Shared helpers of the loopback integration tests.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use meshpunch::control::{self, Request, Status};
+use tokio::net::UdpSocket;
+
+/// A free UDP port on 127.0.0.1 (from the OS).
+pub(crate) fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Status over the control socket.
+pub(crate) async fn status(sock: &Path) -> Status {
+    let v = control::request(sock, &Request::Status).await.unwrap();
+    serde_json::from_value(v).unwrap()
+}
+
+/// Polls until the first peer's path is one of `paths`.
+pub(crate) async fn wait_path(sock: &Path, paths: &[&str], timeout: Duration) -> Status {
+    let start = Instant::now();
+    loop {
+        let st = status(sock).await;
+        if st
+            .peers
+            .first()
+            .is_some_and(|p| paths.contains(&p.path.as_str()))
+        {
+            return st;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "path not in {paths:?} after {timeout:?}: {}",
+                serde_json::to_string_pretty(&st).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fake WireGuard endpoint: a UDP socket that sends WireGuard-shaped transport packets to a
+/// proxy port and counts what comes back.
+pub(crate) struct FakeWg {
+    pub(crate) sock: UdpSocket,
+}
+
+impl FakeWg {
+    pub(crate) async fn new() -> Self {
+        FakeWg {
+            sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        }
+    }
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+    /// A WireGuard transport-data-shaped packet (type 4) carrying `n`.
+    pub(crate) fn packet(n: u32) -> Vec<u8> {
+        let mut p = vec![4u8, 0, 0, 0];
+        p.extend_from_slice(&7u32.to_le_bytes());
+        p.extend_from_slice(&u64::from(n).to_le_bytes());
+        p.extend_from_slice(&[0xAB; 64]);
+        p
+    }
+    /// Sends `count` packets to `to` and waits until `peer` received them all (or timeout);
+    /// returns how many arrived unchanged.
+    pub(crate) async fn exchange(
+        &self,
+        to: SocketAddr,
+        peer: &FakeWg,
+        count: u32,
+        timeout: Duration,
+    ) -> u32 {
+        let mut got = 0;
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 2048];
+        for n in 0..count {
+            self.sock.send_to(&Self::packet(n), to).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        while got < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left, peer.sock.recv_from(&mut buf)).await {
+                Ok(Ok((len, _))) => {
+                    let p = &buf[..len];
+                    if p.len() == 80 && p[..4] == [4, 0, 0, 0] && p[16..] == [0xAB; 64] {
+                        got += 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+        got
+    }
+}
