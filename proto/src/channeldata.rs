@@ -19,6 +19,9 @@ pub const HEADER_LEN: usize = 4;
 pub const CHANNEL_MIN: u16 = 0x4000;
 /// Highest channel number a client may bind (RFC 8656 §12); 0x5000–0x7FFF are reserved.
 pub const CHANNEL_MAX: u16 = 0x4FFF;
+/// Highest channel number of RFC 5766 (TURN's first version), which allowed 0x4000–0x7FFF.
+/// coturn (and its `turnutils_uclient`) still use that range.
+pub const LEGACY_CHANNEL_MAX: u16 = 0x7FFF;
 
 /// Why a ChannelData frame was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -67,14 +70,21 @@ pub fn is_channel_data(packet: &[u8]) -> bool {
     matches!(packet.first(), Some(b) if b & 0xC0 == 0x40)
 }
 
-/// Parses a ChannelData frame without copying.
+/// Parses a ChannelData frame (RFC 8656 range 0x4000–0x4FFF) without copying.
 #[inline]
 pub fn parse(packet: &[u8]) -> Result<ChannelData<'_>, ChannelDataError> {
+    parse_up_to(packet, CHANNEL_MAX)
+}
+
+/// Parses a ChannelData frame with a channel number up to `max` (use
+/// [`LEGACY_CHANNEL_MAX`] to accept RFC 5766 clients) without copying.
+#[inline]
+pub fn parse_up_to(packet: &[u8], max: u16) -> Result<ChannelData<'_>, ChannelDataError> {
     if packet.len() < HEADER_LEN {
         return Err(ChannelDataError::Truncated);
     }
     let channel = u16::from_be_bytes([packet[0], packet[1]]);
-    if !is_valid_channel(channel) {
+    if !(CHANNEL_MIN..=max.min(LEGACY_CHANNEL_MAX)).contains(&channel) {
         return Err(ChannelDataError::BadChannel(channel));
     }
     let declared = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
@@ -92,7 +102,7 @@ pub fn parse(packet: &[u8]) -> Result<ChannelData<'_>, ChannelDataError> {
 /// received the payload straight into `out[4..]` (no copy on the relay's hot path).
 #[inline]
 pub fn write_header(channel: u16, data_len: usize, out: &mut [u8]) -> Result<(), ChannelDataError> {
-    if !is_valid_channel(channel) {
+    if !(CHANNEL_MIN..=LEGACY_CHANNEL_MAX).contains(&channel) {
         return Err(ChannelDataError::BadChannel(channel));
     }
     let len = u16::try_from(data_len).map_err(|_| ChannelDataError::TooLong(data_len))?;
@@ -177,6 +187,13 @@ mod tests {
                 available: 2
             })
         );
+        assert_eq!(
+            parse_up_to(&[0x71, 0xee, 0x00, 0x00], LEGACY_CHANNEL_MAX)
+                .unwrap()
+                .channel,
+            0x71ee
+        );
+        assert!(parse_up_to(&[0x80, 0x00, 0x00, 0x00], LEGACY_CHANNEL_MAX).is_err());
         let mut out = [0u8; 8];
         assert_eq!(
             encode(0x4000, &[0; 5], &mut out),

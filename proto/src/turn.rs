@@ -80,9 +80,7 @@ pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 pub(crate) mod attr {
     pub(crate) const XOR_PEER_ADDRESS: u16 = 0x0012;
     pub(crate) const DATA: u16 = 0x0013;
-    pub(crate) const EVEN_PORT: u16 = 0x0018;
     pub(crate) const DONT_FRAGMENT: u16 = 0x001A;
-    pub(crate) const RESERVATION_TOKEN: u16 = 0x0022;
     pub(crate) const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
 }
 
@@ -149,6 +147,10 @@ pub struct ServerConfig {
     pub nonce_key: [u8; 32],
     /// Whether responses carry FINGERPRINT when the request did.
     pub fingerprint: bool,
+    /// Highest channel number accepted: [`channeldata::LEGACY_CHANNEL_MAX`] (0x7FFF, RFC 5766,
+    /// what coturn accepts and its tools use; the default) or [`channeldata::CHANNEL_MAX`]
+    /// (0x4FFF, strict RFC 8656).
+    pub channel_max: u16,
 }
 
 impl ServerConfig {
@@ -175,6 +177,7 @@ impl ServerConfig {
             max_rate_entries: 65_536,
             nonce_key,
             fingerprint: true,
+            channel_max: channeldata::LEGACY_CHANNEL_MAX,
         }
     }
 }
@@ -215,12 +218,14 @@ pub enum AllocateError {
 
 /// Reserves relayed transport addresses; implemented by the driver (which binds sockets).
 pub trait RelayAllocator {
-    /// Reserves a relayed address of `family` for `user` (quota key) asked for by `client`.
+    /// Reserves a relayed address of `family` for `user` (quota key) asked for by `client`;
+    /// `even_port` asks for an even port number (EVEN-PORT without reservation, RFC 8656 §14.6).
     fn allocate(
         &mut self,
         client: SocketAddr,
         user: &str,
         family: Family,
+        even_port: bool,
     ) -> Result<SocketAddr, AllocateError>;
     /// Returns an address reserved by [`RelayAllocator::allocate`].
     fn release(&mut self, relayed: SocketAddr, user: &str);
@@ -269,6 +274,7 @@ impl PortPool {
         &mut self,
         user: &str,
         family: Family,
+        even_port: bool,
         mut try_bind: impl FnMut(SocketAddr) -> bool,
     ) -> Result<SocketAddr, AllocateError> {
         if self.user_quota > 0 && self.per_user.get(user).copied().unwrap_or(0) >= self.user_quota {
@@ -293,7 +299,7 @@ impl PortPool {
             self.next = self.next.wrapping_add(1);
             let port = self.lo + (i % ports) as u16;
             let addr = SocketAddr::new(ips[i / ports], port);
-            if self.in_use.contains(&addr) {
+            if self.in_use.contains(&addr) || (even_port && port % 2 == 1) {
                 continue;
             }
             if try_bind(addr) {
@@ -328,8 +334,9 @@ impl RelayAllocator for PortPool {
         _client: SocketAddr,
         user: &str,
         family: Family,
+        even_port: bool,
     ) -> Result<SocketAddr, AllocateError> {
-        self.reserve(user, family, |_| true)
+        self.reserve(user, family, even_port, |_| true)
     }
     fn release(&mut self, relayed: SocketAddr, user: &str) {
         PortPool::release(self, relayed, user)
@@ -828,7 +835,7 @@ impl<A: RelayAllocator> TurnServer<A> {
         from: SocketAddr,
         packet: &[u8],
     ) -> ClientAction {
-        let cd = match channeldata::parse(packet) {
+        let cd = match channeldata::parse_up_to(packet, self.cfg.channel_max) {
             Ok(cd) => cd,
             Err(_) => {
                 self.stats.malformed += 1;
@@ -1372,7 +1379,22 @@ impl<A: RelayAllocator> TurnServer<A> {
             _ => Family::V4,
         };
         let lifetime = self.granted_lifetime(msg);
-        let relayed = match self.allocator.allocate(from, &user, family) {
+        // EVEN-PORT: an even port is easy; reserving the next one (R bit) and
+        // RESERVATION-TOKEN are not offered and refused cleanly with 508 (RFC 8656 §7.2).
+        let mut even_port = false;
+        for a in msg.attributes() {
+            match a {
+                StunAttribute::EvenPort(e) if e.reserve() => {
+                    return Err(Refuse(508, "Insufficient Capacity"))
+                }
+                StunAttribute::EvenPort(_) => even_port = true,
+                StunAttribute::ReservationToken(_) => {
+                    return Err(Refuse(508, "Insufficient Capacity"))
+                }
+                _ => {}
+            }
+        }
+        let relayed = match self.allocator.allocate(from, &user, family, even_port) {
             Ok(r) => r,
             Err(AllocateError::Quota) => return Err(Refuse(486, "Allocation Quota Reached")),
             Err(AllocateError::Capacity) => return Err(Refuse(508, "Insufficient Capacity")),
@@ -1530,7 +1552,7 @@ impl<A: RelayAllocator> TurnServer<A> {
             Some(StunAttribute::ChannelNumber(c)) => c.number(),
             _ => return Err(Refuse(400, "Bad Request")),
         };
-        if !channeldata::is_valid_channel(number) {
+        if !(channeldata::CHANNEL_MIN..=self.cfg.channel_max).contains(&number) {
             return Err(Refuse(400, "Bad Request"));
         }
         let peer = match msg.get::<XorPeerAddress>() {
@@ -1660,7 +1682,9 @@ pub(crate) fn verify_hmac(integrity: Integrity, key: &[u8], input: &[u8], receiv
 
 /// Comprehension-required attribute types in `packet` that this server does not implement.
 fn unknown_required(packet: &[u8]) -> Vec<u16> {
-    const KNOWN: [u16; 16] = [
+    const KNOWN: [u16; 18] = [
+        0x0018, // EVEN-PORT (even port only; R bit refused with 508)
+        0x0022, // RESERVATION-TOKEN (refused with 508)
         0x0006, // USERNAME
         0x0008, // MESSAGE-INTEGRITY
         0x0009, // ERROR-CODE
@@ -1680,10 +1704,7 @@ fn unknown_required(packet: &[u8]) -> Vec<u16> {
     ];
     let mut v = Vec::new();
     for (t, _) in RawAttrs::new(packet) {
-        let refused = matches!(
-            t,
-            attr::EVEN_PORT | attr::RESERVATION_TOKEN | attr::DONT_FRAGMENT
-        );
+        let refused = t == attr::DONT_FRAGMENT;
         let unknown =
             (t < 0x8000 && !KNOWN.contains(&t)) || refused || t == attr::ADDITIONAL_ADDRESS_FAMILY;
         if unknown && !v.contains(&t) {
@@ -2733,8 +2754,8 @@ mod tests {
         let mut net = Net::new();
         let me = sa("198.51.100.7:40013");
         let mut c = net.allocated("pat", me);
-        // Channel number outside 0x4000-0x4FFF.
-        for number in [0x3FFF, 0x5000, 0xFFFF] {
+        // Channel number outside 0x4000-0x7FFF (the default accepts RFC 5766's range).
+        for number in [0x3FFF, 0x8000, 0xFFFF] {
             let req = signed_request(
                 &mut net,
                 me,
@@ -2762,7 +2783,8 @@ mod tests {
         assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(400));
         let req = signed_request(&mut net, me, CREATE_PERMMISSION, vec![], "pat");
         assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(400));
-        // EVEN-PORT / RESERVATION-TOKEN: refused cleanly with 420.
+        // EVEN-PORT with the R bit / RESERVATION-TOKEN: refused cleanly with 508; DONT-FRAGMENT
+        // (which we cannot honour) with 420.
         let other = sa("198.51.100.7:40014");
         let req = signed_request(
             &mut net,
@@ -2774,7 +2796,7 @@ mod tests {
             ],
             "pat",
         );
-        assert_eq!(error_code(&net.raw(other, &req).unwrap()), Some(420));
+        assert_eq!(error_code(&net.raw(other, &req).unwrap()), Some(508));
         let req = signed_request(
             &mut net,
             other,
@@ -2785,7 +2807,40 @@ mod tests {
             ],
             "pat",
         );
+        assert_eq!(error_code(&net.raw(other, &req).unwrap()), Some(508));
+        let req = signed_request(
+            &mut net,
+            other,
+            ALLOCATE,
+            vec![
+                RequestedTrasport::new(stun_rs::protocols::UDP).into(),
+                stun_rs::attributes::turn::DontFragment::default().into(),
+            ],
+            "pat",
+        );
         assert_eq!(error_code(&net.raw(other, &req).unwrap()), Some(420));
+        // EVEN-PORT without R: an even port.
+        for k in 0..3u16 {
+            let from = SocketAddr::new(other.ip(), 41000 + k);
+            let req = signed_request(
+                &mut net,
+                from,
+                ALLOCATE,
+                vec![
+                    RequestedTrasport::new(stun_rs::protocols::UDP).into(),
+                    stun_rs::attributes::turn::EvenPort::new(false).into(),
+                ],
+                "pat",
+            );
+            let reply = net.raw(from, &req).unwrap();
+            let (msg, _) = MessageDecoder::default().decode(&reply).unwrap();
+            match msg.get::<XorRelayedAddress>() {
+                Some(StunAttribute::XorRelayedAddress(a)) => {
+                    assert_eq!(a.socket_address().port() % 2, 0)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         // TCP relaying is not offered.
         let mut req = signed_request(
             &mut net,
@@ -2821,6 +2876,45 @@ mod tests {
             net.drive(&mut c, me).as_slice(),
             [TurnEvent::ChannelBound { .. }]
         ));
+    }
+
+    #[test]
+    fn strict_rfc8656_channel_range_refuses_0x5000() {
+        let mut cfg = config(PeerPolicy::default());
+        cfg.channel_max = channeldata::CHANNEL_MAX;
+        let mut net = Net::with(
+            cfg,
+            PortPool::new(
+                vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
+                50000,
+                50009,
+                0,
+            ),
+        );
+        let me = sa("198.51.100.7:40019");
+        let _c = net.allocated("strict", me);
+        for (number, code) in [(0x4FFF, None), (0x5000, Some(400)), (0x7FFF, Some(400))] {
+            let req = signed_request(
+                &mut net,
+                me,
+                CHANNEL_BIND,
+                vec![
+                    ChannelNumber::new(number).into(),
+                    XorPeerAddress::from(SocketAddr::new("192.0.2.1".parse().unwrap(), number))
+                        .into(),
+                ],
+                "strict",
+            );
+            assert_eq!(error_code(&net.raw(me, &req).unwrap()), code, "{number:#x}");
+        }
+        let mut cd = [0u8; 8];
+        cd[..4].copy_from_slice(&[0x50, 0x00, 0x00, 0x01]);
+        assert_eq!(
+            net.server
+                .handle_client(net.now, me, &cd[..5], &mut net.out),
+            ClientAction::None
+        );
+        assert_eq!(net.server.stats().malformed, 1);
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct FileConfig {
     pub socket_buffer: Option<usize>,
     /// Use UDP GSO/GRO when the kernel supports it.
     pub gso: Option<bool>,
+    /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF (default: also RFC 5766's
+    /// 0x5000-0x7FFF, as coturn does).
+    pub strict_channel_range: Option<bool>,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -243,6 +246,9 @@ impl RelayConfig {
         if let Some(v) = file.max_permissions {
             server.max_permissions = v;
         }
+        if file.strict_channel_range.unwrap_or(false) {
+            server.channel_max = meshpunch_proto::channeldata::CHANNEL_MAX;
+        }
         if let Some(v) = file.max_channels {
             server.max_channels = v;
         }
@@ -342,6 +348,7 @@ mod tests {
             drain_seconds = 5
             socket_buffer = 1048576
             gso = false
+            strict_channel_range = true
             "#,
         )
         .unwrap();
@@ -360,6 +367,7 @@ mod tests {
         assert_eq!(c.server.bandwidth.per_sec, 1_000_000);
         assert_eq!(c.server.max_lifetime, Duration::from_secs(1200));
         assert!(!c.gso);
+        assert_eq!(c.server.channel_max, 0x4FFF);
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
     }
 

@@ -96,6 +96,7 @@ impl RelayAllocator for WorkerAllocator {
         _client: SocketAddr,
         user: &str,
         family: Family,
+        even_port: bool,
     ) -> Result<SocketAddr, AllocateError> {
         if self.shared.draining.load(Ordering::Relaxed) {
             return Err(AllocateError::Capacity);
@@ -103,15 +104,15 @@ impl RelayAllocator for WorkerAllocator {
         let mut bound = None;
         let buffer = self.shared.socket_buffer;
         let result = match self.shared.pool.lock() {
-            Ok(mut pool) => {
-                pool.reserve(user, family, |addr| match udp_socket(addr, false, buffer) {
+            Ok(mut pool) => pool.reserve(user, family, even_port, |addr| {
+                match udp_socket(addr, false, buffer) {
                     Ok(s) => {
                         bound = Some(s);
                         true
                     }
                     Err(_) => false,
-                })
-            }
+                }
+            }),
             Err(_) => Err(AllocateError::Capacity),
         };
         let addr = result?;
