@@ -8,6 +8,7 @@
 //! - [`forwarder`]: the bare recvmmsg/sendmmsg forwarder.
 //! - [`turn`]: TURN allocations and channels for the load (through `proto::turn_client`).
 //! - [`load`]: the relay / bare / direct load modes and their report.
+//! - [`rendezvous`]: many lean QUIC clients registering, watching and exchanging offers.
 //! - [`sys`]: RSS and CPU of a process from `/proc`.
 //! - [`progress`]: progress bar on long runs when stderr is a terminal.
 
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod forwarder;
 pub mod load;
 pub mod progress;
+pub mod rendezvous;
 pub mod sys;
 pub mod turn;
 pub mod udp;

@@ -7,6 +7,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use meshpunch_loadtest::forwarder::Forwarder;
 use meshpunch_loadtest::load::{self, LoadOptions, Target};
+use meshpunch_loadtest::rendezvous::{self, RendezvousOptions};
 
 /// Load generator for meshpunch rendezvous nodes and any TURN server.
 #[derive(Parser, Debug)]
@@ -41,6 +42,44 @@ enum Cmd {
     Direct {
         #[command(flatten)]
         load: LoadArgs,
+    },
+    /// Many QUIC clients register, watch a partner and exchange offers with a rendezvous.
+    Rendezvous {
+        /// Connect string of the rendezvous (`meshpunch://TOKEN@host:port?pin=…`), or `@FILE`
+        /// to read it from a file (the server's `data_dir/connect`).
+        #[arg(long, env = "MESHPUNCH_CONNECT")]
+        connect: String,
+        /// Clients to register and keep connected at once.
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// New connections per second (0: as fast as --concurrency allows).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Registrations in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Offers exchanged between client pairs once everyone is registered.
+        #[arg(long, default_value_t = 200)]
+        offers: usize,
+        /// Offers per second.
+        #[arg(long, default_value_t = 500.0)]
+        offer_rate: f64,
+        /// Clients sharing one QUIC endpoint (UDP socket).
+        #[arg(long, default_value_t = 50)]
+        clients_per_endpoint: usize,
+        /// Keep every endpoint on 127.0.0.1 instead of spreading over 127.0.1.x (a loopback
+        /// server's per-IP limits then apply to the whole load).
+        #[arg(long)]
+        no_spread: bool,
+        /// Hold everyone connected this long after the offers (e.g. 10s).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Server process id: report its RSS per connected client and CPU time.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the bare recvmmsg/sendmmsg UDP forwarder (the upper bound for a relay).
     Forwarder {
@@ -149,6 +188,45 @@ fn main() -> anyhow::Result<()> {
         } => run_load(Target::Turn { server, secret }, load),
         Cmd::Bare { server, load } => run_load(Target::Bare(server), load),
         Cmd::Direct { load } => run_load(Target::Direct, load),
+        Cmd::Rendezvous {
+            connect,
+            clients,
+            rate,
+            concurrency,
+            offers,
+            offer_rate,
+            clients_per_endpoint,
+            no_spread,
+            hold,
+            server_pid,
+            json,
+        } => {
+            let connect = match connect.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading connect string from {path}"))?,
+                None => connect,
+            };
+            let opts = RendezvousOptions {
+                connect,
+                clients,
+                rate,
+                concurrency,
+                offers,
+                offer_rate,
+                clients_per_endpoint,
+                spread_source_ips: !no_spread,
+                server_pid,
+                hold,
+                ..RendezvousOptions::default()
+            };
+            let r = rendezvous::run(&opts).context("rendezvous load")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", rendezvous::table(&r));
+            }
+            Ok(())
+        }
         Cmd::Forwarder { listen, threads } => {
             let f = Forwarder::start(listen, threads).context("starting the forwarder")?;
             println!("listening on {}", f.local_addr());
