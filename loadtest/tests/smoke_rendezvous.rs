@@ -1,4 +1,6 @@
 //! Short rendezvous-mode runs against an in-process rendezvous server on loopback: clients
+
+#![allow(clippy::expect_used)]
 //! register, watch their partner and exchange offers. Output sanity only, never timing.
 
 use std::process::Command;
