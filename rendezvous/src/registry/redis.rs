@@ -1547,13 +1547,19 @@ async fn event_loop(
     // After a reconnect Redis may have lost its data (a restart without persistence) and other
     // nodes may still be reconnecting: until they had time to re-publish (`settle`), a missing
     // key is not taken as "offline", so watchers see no offline/online flap.
+    // The first connection needs no settling: nothing was lost before it.
     let mut settled_at = tokio::time::Instant::now();
+    let mut reconnect = false;
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(BusEvent::Up) => {
-                    settled_at = tokio::time::Instant::now() + settle;
-                    sweep_watched(&local, &bus, false).await;
+                    if reconnect {
+                        settled_at = tokio::time::Instant::now() + settle;
+                    }
+                    reconnect = true;
+                    let settled = tokio::time::Instant::now() >= settled_at;
+                    sweep_watched(&local, &bus, settled).await;
                 }
                 Some(ev) => handle_event(&local, ev),
                 None => return,
