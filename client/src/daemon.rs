@@ -256,6 +256,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
             proxy,
             proxy_addr,
             wg_addr: opts.wireguard_endpoint,
+            wg_fixed: opts.wireguard_endpoint.is_some(),
             path,
             tx_bytes: 0,
             rx_bytes: 0,
@@ -349,6 +350,7 @@ struct Peer {
     proxy: Arc<UdpSocket>,
     proxy_addr: SocketAddr,
     wg_addr: Option<SocketAddr>,
+    wg_fixed: bool,
     path: PeerPath,
     tx_bytes: u64,
     rx_bytes: u64,
@@ -1026,8 +1028,8 @@ impl Engine {
         let Some(p) = self.peers.get_mut(i) else {
             return;
         };
-        if p.wg_addr.is_none() || !src.ip().is_loopback() || p.wg_addr != Some(src) {
-            // Learn (or follow) where WireGuard sends from.
+        if !p.wg_fixed {
+            // Learn (and follow) where WireGuard sends from.
             p.wg_addr = Some(src);
         }
         p.path.on_data_sent(now);

@@ -102,3 +102,30 @@ impl FakeWg {
         got
     }
 }
+
+const SECRET: &str = "loopback-test-turn-secret";
+
+pub(crate) fn start_relay() -> meshpunch_relay::Relay {
+    let o = meshpunch_relay::config::Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        relay_ips: vec!["127.0.0.1".parse().unwrap()],
+        auth_secret: Some(SECRET.into()),
+        allow_loopback_peers: true,
+        ..Default::default()
+    };
+    let cfg = meshpunch_relay::config::RelayConfig::resolve(Default::default(), o, None).unwrap();
+    meshpunch_relay::Relay::start(cfg).unwrap()
+}
+
+pub(crate) async fn start_rendezvous(
+    dir: &std::path::Path,
+    relay: std::net::SocketAddr,
+) -> meshpunch_rendezvous::Server {
+    let mut cfg = meshpunch_rendezvous::Config::loopback(dir);
+    cfg.relays = vec![meshpunch_rendezvous::config::RelayConfig {
+        region: "loopback".into(),
+        urls: vec![format!("turn:{relay}?transport=udp")],
+        secret: SECRET.into(),
+    }];
+    meshpunch_rendezvous::Server::start(cfg).await.unwrap()
+}
