@@ -9,6 +9,7 @@
 //! - [`turn`]: TURN allocations and channels for the load (through `proto::turn_client`).
 //! - [`load`]: the relay / bare / direct load modes and their report.
 //! - [`rendezvous`]: many lean QUIC clients registering, watching and exchanging offers.
+//! - [`punch`]: time from "connect to peer" to the first authenticated direct reply.
 //! - [`sys`]: RSS and CPU of a process from `/proc`.
 //! - [`progress`]: progress bar on long runs when stderr is a terminal.
 
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod forwarder;
 pub mod load;
 pub mod progress;
+pub mod punch;
 pub mod rendezvous;
 pub mod sys;
 pub mod turn;

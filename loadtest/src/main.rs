@@ -7,6 +7,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use meshpunch_loadtest::forwarder::Forwarder;
 use meshpunch_loadtest::load::{self, LoadOptions, Target};
+use meshpunch_loadtest::punch::{self, PunchOptions};
 use meshpunch_loadtest::rendezvous::{self, RendezvousOptions};
 
 /// Load generator for meshpunch rendezvous nodes and any TURN server.
@@ -77,6 +78,22 @@ enum Cmd {
         /// Server process id: report its RSS per connected client and CPU time.
         #[arg(long)]
         server_pid: Option<u32>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time from "connect to peer" to the first authenticated direct reply, over many pairs
+    /// of real rendezvous clients on this host.
+    Punch {
+        /// Connect string of the rendezvous, or `@FILE`.
+        #[arg(long, env = "MESHPUNCH_CONNECT")]
+        connect: String,
+        /// Pairs to punch.
+        #[arg(long, default_value_t = 20)]
+        pairs: usize,
+        /// Pairs punching at the same time.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -171,6 +188,16 @@ fn run_load(target: Target, a: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A connect string given as is, or `@FILE` to read it from a file.
+fn read_connect(arg: String) -> anyhow::Result<String> {
+    match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("reading connect string from {path}")),
+        None => Ok(arg),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -201,13 +228,8 @@ fn main() -> anyhow::Result<()> {
             server_pid,
             json,
         } => {
-            let connect = match connect.strip_prefix('@') {
-                Some(path) => std::fs::read_to_string(path)
-                    .with_context(|| format!("reading connect string from {path}"))?,
-                None => connect,
-            };
             let opts = RendezvousOptions {
-                connect,
+                connect: read_connect(connect)?,
                 clients,
                 rate,
                 concurrency,
@@ -224,6 +246,26 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", rendezvous::table(&r));
+            }
+            Ok(())
+        }
+        Cmd::Punch {
+            connect,
+            pairs,
+            concurrency,
+            json,
+        } => {
+            let opts = PunchOptions {
+                connect: read_connect(connect)?,
+                pairs,
+                concurrency,
+                ..PunchOptions::default()
+            };
+            let r = punch::run(&opts).context("punch")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", punch::table(&r));
             }
             Ok(())
         }

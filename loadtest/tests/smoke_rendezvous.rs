@@ -1,7 +1,7 @@
 //! Short rendezvous-mode runs against an in-process rendezvous server on loopback: clients
+//! register, watch their partner and exchange offers. Output sanity only, never timing.
 
 #![allow(clippy::expect_used)]
-//! register, watch their partner and exchange offers. Output sanity only, never timing.
 
 use std::process::Command;
 use std::time::Duration;
@@ -104,4 +104,39 @@ fn rendezvous_mode_reports_a_bad_token_as_failures() {
     let r = rendezvous::run(&opts).expect("run completes");
     assert_eq!(r.registered, 0, "{r:?}");
     assert_eq!(r.failures, 2, "{r:?}");
+}
+
+#[test]
+fn punch_mode_gets_authenticated_direct_replies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_rt, _server, connect) = start_server(dir.path());
+    let opts = meshpunch_loadtest::punch::PunchOptions {
+        connect,
+        pairs: 4,
+        concurrency: 2,
+        ..Default::default()
+    };
+    let r = meshpunch_loadtest::punch::run(&opts).expect("punch run");
+    assert_eq!(r.direct, 4, "{r:?}");
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(r.ttd_p50_us > 0 && r.ttd_p50_us <= r.ttd_max_us, "{r:?}");
+}
+
+#[test]
+fn punch_binary_prints_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_rt, _server, connect) = start_server(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_meshpunch-loadtest"))
+        .args(["punch", "--connect", &connect, "--pairs", "2", "--json"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run meshpunch-loadtest");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["direct"].as_u64(), Some(2), "{v}");
+    assert!(v.get("ttd_p99_us").is_some(), "{v}");
 }
