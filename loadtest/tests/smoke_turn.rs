@@ -1,6 +1,8 @@
 //! Short relay-mode runs against real TURN servers on loopback: coturn's `turnserver` and
 //! meshpunch-relay. Output sanity only (keys, delivery), never timing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -101,4 +103,59 @@ fn relay_mode_rejects_a_wrong_secret() {
     common::retry(Duration::from_secs(15), || load::run_once(&good, &opts));
     let err = load::run_once(&target, &opts).expect_err("a wrong secret must fail setup");
     assert!(err.to_string().contains("setup of client 0"), "{err}");
+}
+
+fn start_meshpunch_relay() -> meshpunch_relay::Relay {
+    use meshpunch_relay::config::{FileConfig, Overrides, RelayConfig};
+    let o = Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        relay_ips: vec!["127.0.0.1".parse().unwrap()],
+        realm: Some("loadtest.test".into()),
+        auth_secret: Some(SECRET.into()),
+        allow_loopback_peers: true,
+        ..Default::default()
+    };
+    let file = FileConfig {
+        workers: Some(1),
+        ..Default::default()
+    };
+    let cfg = RelayConfig::resolve(file, o, None).expect("relay config");
+    meshpunch_relay::Relay::start(cfg).expect("relay starts")
+}
+
+#[test]
+fn relay_mode_pushes_channel_data_through_meshpunch_relay() {
+    let relay = start_meshpunch_relay();
+    let target = Target::Turn {
+        server: relay.listen_addr(),
+        secret: SECRET.into(),
+    };
+    for size in [100, 1200] {
+        let opts = LoadOptions { size, ..short() };
+        let r = common::retry(Duration::from_secs(15), || load::run_once(&target, &opts));
+        assert_eq!(r.mode, "relay");
+        assert_eq!(r.size, size);
+        assert!(r.sent > 0 && r.received > 0, "{r:?}");
+    }
+    relay.control().stop();
+}
+
+#[test]
+fn find_max_against_meshpunch_relay_reports_a_passing_rate() {
+    let relay = start_meshpunch_relay();
+    let target = Target::Turn {
+        server: relay.listen_addr(),
+        secret: SECRET.into(),
+    };
+    let opts = LoadOptions {
+        rate: 1_000,
+        duration: Duration::from_millis(300),
+        ..short()
+    };
+    let r = common::retry(Duration::from_secs(15), || {
+        load::run_find_max(&target, &opts, 0.5, 4_000, |_| {})
+    });
+    let trials = r.trials.expect("trials listed");
+    assert!(!trials.is_empty());
+    relay.control().stop();
 }

@@ -1,6 +1,8 @@
 //! Short loopback runs of the packet modes that need no external server: direct (generator
 //! alone) and the bare forwarder, through the library and through the binary's JSON.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 use std::time::Duration;
 
