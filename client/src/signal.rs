@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::path::{Candidate, CandidateKind};
-use meshpunch_proto::wire::{self, PeerKey, RelayRegion};
+use meshpunch_proto::wire::{self, ErrorCode, PeerKey, RelayRegion};
 use tokio::sync::{mpsc, watch};
 
-use crate::rendezvous::{Client, ClientConfig, Event, Punch};
+use crate::rendezvous::{Client, ClientConfig, ClientError, Event, Punch};
 
 /// What the rendezvous side tells the engine.
 #[derive(Debug)]
@@ -97,6 +97,22 @@ pub fn to_wire(c: &Candidate) -> wire::Candidate {
         addr: c.addr,
         kind,
         priority,
+    }
+}
+
+/// A status-friendly reason for a failed offer.
+fn offer_error(e: &ClientError) -> String {
+    match e {
+        ClientError::Server {
+            code: ErrorCode::NotFound,
+            ..
+        } => "peer is not connected to the rendezvous (offline, or not in this network)".into(),
+        ClientError::Server {
+            code: ErrorCode::Unauthorized,
+            message,
+        } => format!("rendezvous refused: {message}"),
+        ClientError::Timeout => "the peer did not answer the offer in time".into(),
+        e => e.to_string(),
     }
 }
 
@@ -223,7 +239,7 @@ pub fn spawn(
                         tokio::spawn(async move {
                             let ev = match client.offer(PeerKey(peer), cands).await {
                                 Ok(p) => punch_event(p),
-                                Err(e) => SignalEvent::OfferFailed { peer, reason: e.to_string() },
+                                Err(e) => SignalEvent::OfferFailed { peer, reason: offer_error(&e) },
                             };
                             let _ = events.send(ev).await;
                         });

@@ -106,10 +106,14 @@ impl FakeWg {
 const SECRET: &str = "loopback-test-turn-secret";
 
 pub(crate) fn start_relay() -> meshpunch_relay::Relay {
+    start_relay_with_secret(SECRET)
+}
+
+pub(crate) fn start_relay_with_secret(secret: &str) -> meshpunch_relay::Relay {
     let o = meshpunch_relay::config::Overrides {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         relay_ips: vec!["127.0.0.1".parse().unwrap()],
-        auth_secret: Some(SECRET.into()),
+        auth_secret: Some(secret.into()),
         allow_loopback_peers: true,
         ..Default::default()
     };
