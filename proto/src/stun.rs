@@ -42,6 +42,9 @@ pub const HEADER_LEN: usize = 20;
 /// Attribute type of CHANGE-REQUEST (RFC 5780 §7.2).
 pub const ATTR_CHANGE_REQUEST: u16 = 0x0003;
 
+/// Attribute type of RESPONSE-PORT (RFC 5780 §7.5).
+pub const ATTR_RESPONSE_PORT: u16 = 0x0027;
+
 /// 420 Unknown Attribute (RFC 8489 §14.8).
 pub const ERROR_UNKNOWN_ATTRIBUTE: u16 = 420;
 
@@ -74,6 +77,8 @@ pub struct BindingServer {
 pub struct Reply {
     /// Socket to send from.
     pub via: SocketIndex,
+    /// Destination: the request's source, or its IP with the RESPONSE-PORT port.
+    pub to: SocketAddr,
     /// Encoded STUN message.
     pub bytes: Vec<u8>,
     /// What kind of answer it is.
@@ -123,7 +128,7 @@ impl BindingServer {
                 if class != 0 {
                     return None;
                 }
-                return self.error(local, TransactionId::from(tx), ERROR_BAD_REQUEST, &[]);
+                return self.error(local, from, TransactionId::from(tx), ERROR_BAD_REQUEST, &[]);
             }
         };
         if msg.class() != MessageClass::Request {
@@ -131,11 +136,12 @@ impl BindingServer {
         }
         let tx = *msg.transaction_id();
         if msg.method() != BINDING {
-            return self.error(local, tx, ERROR_BAD_REQUEST, &[]);
+            return self.error(local, from, tx, ERROR_BAD_REQUEST, &[]);
         }
         let mut unknown = Vec::new();
         let mut change_ip = false;
         let mut change_port = false;
+        let mut to = from;
         for attr in msg.attributes() {
             match attr {
                 StunAttribute::ChangeRequest(cr) => {
@@ -145,13 +151,17 @@ impl BindingServer {
                 StunAttribute::Unknown(u) if u.attribute_type().is_comprehension_required() => {
                     unknown.push(u.attribute_type().as_u16());
                 }
-                // RESPONSE-PORT (RFC 5780 §7.5) is not implemented: say so.
-                StunAttribute::ResponsePort(_) => unknown.push(0x0027),
+                // RESPONSE-PORT (RFC 5780 §7.5): answer the same IP on another port. Only the
+                // port can change, so the server cannot be aimed at a third host.
+                StunAttribute::ResponsePort(p) if self.has_alternate() => {
+                    to = SocketAddr::new(from.ip(), p.as_u16());
+                }
+                StunAttribute::ResponsePort(_) => unknown.push(ATTR_RESPONSE_PORT),
                 _ => {}
             }
         }
         if !unknown.is_empty() {
-            return self.error(local, tx, ERROR_UNKNOWN_ATTRIBUTE, &unknown);
+            return self.error(local, from, tx, ERROR_UNKNOWN_ATTRIBUTE, &unknown);
         }
         let mut via = local;
         if change_ip {
@@ -161,7 +171,13 @@ impl BindingServer {
             via ^= 1;
         }
         let Some(origin) = self.sockets.get(via).copied().flatten() else {
-            return self.error(local, tx, ERROR_UNKNOWN_ATTRIBUTE, &[ATTR_CHANGE_REQUEST]);
+            return self.error(
+                local,
+                from,
+                tx,
+                ERROR_UNKNOWN_ATTRIBUTE,
+                &[ATTR_CHANGE_REQUEST],
+            );
         };
         let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
             .with_transaction_id(tx)
@@ -179,6 +195,7 @@ impl BindingServer {
         let bytes = encode(&b.with_attribute(Fingerprint::default()).build())?;
         Some(Reply {
             via,
+            to,
             bytes,
             outcome: if via == local {
                 Outcome::Ok
@@ -191,6 +208,7 @@ impl BindingServer {
     fn error(
         &self,
         local: SocketIndex,
+        from: SocketAddr,
         tx: TransactionId,
         code: u16,
         unknown: &[u16],
@@ -212,6 +230,7 @@ impl BindingServer {
         let bytes = encode(&b.with_attribute(Fingerprint::default()).build())?;
         Some(Reply {
             via: local,
+            to: from,
             bytes,
             outcome: Outcome::Error(code),
         })
@@ -378,6 +397,12 @@ mod tests {
             assert_eq!(r.other_address, Some(addr("127.0.0.2:3479")));
             assert_eq!(r.response_origin, s.sockets[via]);
         }
+        // RESPONSE-PORT redirects to another port of the same IP.
+        let mut req = binding_request([6; 12], true, true);
+        req = with_response_port(&req, 40000);
+        let reply = s.handle(0, from, &req).unwrap();
+        assert_eq!(reply.to, addr("192.0.2.7:40000"));
+        assert_eq!(reply.via, 3);
         // Received on the alternate socket: OTHER-ADDRESS is the primary.
         let reply = s
             .handle(3, from, &binding_request([4; 12], false, false))
@@ -395,6 +420,24 @@ mod tests {
             .unwrap();
         assert!(s.handle(0, from, &reply.bytes).is_none());
         assert!(s.handle(0, from, b"hello world, not stun at all").is_none());
+    }
+
+    fn with_response_port(req: &[u8], port: u16) -> Vec<u8> {
+        // Append RESPONSE-PORT (type 0x0027, 4 bytes: port + 2 reserved) before FINGERPRINT by
+        // rebuilding without fingerprint: simplest is to decode and re-encode.
+        let (msg, _) = MessageDecoderBuilder::default()
+            .build()
+            .decode(req)
+            .unwrap();
+        let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request)
+            .with_transaction_id(*msg.transaction_id());
+        for a in msg.attributes() {
+            if let StunAttribute::ChangeRequest(cr) = a {
+                b = b.with_attribute(ChangeRequest::new(Some(cr.flags())));
+            }
+        }
+        let b = b.with_attribute(stun_rs::attributes::discovery::ResponsePort::new(port));
+        encode(&b.build()).unwrap()
     }
 
     proptest! {

@@ -267,6 +267,12 @@ impl Config {
             }
         }
         if let (Some(alt), Some(primary)) = (self.stun_alt, self.stun_listen) {
+            if primary.ip().is_unspecified() || alt.ip().is_unspecified() {
+                return Err(ConfigError::Invalid(
+                    "stun_listen and stun_alt must be specific IPs with RFC 5780 (answers name them)"
+                        .into(),
+                ));
+            }
             if alt.ip() == primary.ip() {
                 return Err(ConfigError::Invalid(
                     "stun_alt must use a different IP than stun_listen (RFC 5780)".into(),
@@ -286,7 +292,7 @@ mod tests {
         let cfg = Config::from_toml(
             r#"
             listen = "0.0.0.0:4433"
-            stun_listen = "0.0.0.0:3478"
+            stun_listen = "192.0.2.1:3478"
             stun_alt = "192.0.2.2:3479"
             admin_listen = "127.0.0.1:9478"
             public_host = "rdv.example.com"
@@ -311,5 +317,6 @@ mod tests {
         assert_eq!(cfg.turn_credential_ttl, Duration::from_secs(6 * 3600));
         assert!(Config::from_toml("").is_ok());
         assert!(Config::from_toml("bogus = 1").is_err());
+        assert!(Config::from_toml("stun_alt = \"192.0.2.2:3479\"").is_err());
     }
 }

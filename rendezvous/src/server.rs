@@ -414,6 +414,17 @@ impl Drop for Server {
     }
 }
 
+/// STUN servers announced to clients: the primary and, with RFC 5780, the address on the
+/// other IP (the last socket), so a client can test whether its mapping depends on the
+/// destination.
+fn client_stun_addrs(all: &[SocketAddr]) -> Vec<SocketAddr> {
+    match all {
+        [] => Vec::new(),
+        [one] => vec![*one],
+        [first, .., last] => vec![*first, *last],
+    }
+}
+
 fn public_host(cfg: &Config, bound: IpAddr) -> String {
     if let Some(h) = &cfg.public_host {
         return h.clone();
@@ -836,14 +847,7 @@ impl Session {
             observed: self.observed,
             network,
             relays,
-            stun: self
-                .shared
-                .stun_addrs
-                .iter()
-                .take(1)
-                .chain(self.shared.stun_addrs.get(3))
-                .copied()
-                .collect(),
+            stun: client_stun_addrs(&self.shared.stun_addrs),
             server_time_unix_ms: unix_now_ms(),
         }))
         .await

@@ -28,21 +28,49 @@ pub async fn start(
     software: String,
     limits: &Limits,
 ) -> std::io::Result<(Vec<SocketAddr>, Vec<JoinHandle<()>>)> {
+    // With OS-chosen ports the port picked for one IP may be taken on the other: retry.
+    let ephemeral = primary.port() == 0 || alt.is_some_and(|a| a.port() == 0);
+    let mut attempt = 0;
+    let socks = loop {
+        match bind_all(primary, alt).await {
+            Ok(s) => break s,
+            Err(e) if ephemeral && e.kind() == std::io::ErrorKind::AddrInUse && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    spawn_all(socks, software, limits)
+}
+
+async fn bind_all(
+    primary: SocketAddr,
+    alt: Option<SocketAddr>,
+) -> std::io::Result<[Option<Arc<UdpSocket>>; 4]> {
     let mut socks: [Option<Arc<UdpSocket>>; 4] = [None, None, None, None];
     let s0 = bind(primary).await?;
     let p1 = s0.local_addr()?;
     socks[0] = Some(Arc::new(s0));
     if let Some(alt) = alt {
-        let s3 = bind(alt).await?;
-        let a3 = s3.local_addr()?;
-        socks[3] = Some(Arc::new(s3));
-        socks[2] = Some(Arc::new(bind(SocketAddr::new(a3.ip(), p1.port())).await?));
-        if a3.port() != p1.port() {
-            socks[1] = Some(Arc::new(bind(SocketAddr::new(p1.ip(), a3.port())).await?));
+        let s_alt = bind(alt).await?;
+        let a = s_alt.local_addr()?;
+        if a.port() == p1.port() {
+            // Same port on the second IP: only CHANGE-IP can be honoured.
+            socks[2] = Some(Arc::new(s_alt));
         } else {
-            socks[3] = None;
+            socks[3] = Some(Arc::new(s_alt));
+            socks[2] = Some(Arc::new(bind(SocketAddr::new(a.ip(), p1.port())).await?));
+            socks[1] = Some(Arc::new(bind(SocketAddr::new(p1.ip(), a.port())).await?));
         }
     }
+    Ok(socks)
+}
+
+fn spawn_all(
+    socks: [Option<Arc<UdpSocket>>; 4],
+    software: String,
+    limits: &Limits,
+) -> std::io::Result<(Vec<SocketAddr>, Vec<JoinHandle<()>>)> {
     let mut addrs: [Option<SocketAddr>; 4] = [None; 4];
     for (i, s) in socks.iter().enumerate() {
         if let Some(s) = s {
@@ -103,7 +131,7 @@ async fn serve(
         };
         metrics::counter!(m::STUN_REQUESTS_TOTAL, "result" => label).increment(1);
         if let Some(out) = all.get(reply.via).cloned().flatten() {
-            let _ = out.send_to(&reply.bytes, from).await;
+            let _ = out.send_to(&reply.bytes, reply.to).await;
         }
     }
 }
