@@ -121,11 +121,24 @@ async fn hairpin(sock: &UdpSocket, public: SocketAddr, timeout: Duration) -> boo
 pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckReport> {
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
     let local_port = sock.local_addr()?.port();
-    let mut local: Vec<SocketAddr> = crate::daemon::interface_addrs()
-        .into_iter()
-        .map(|ip| SocketAddr::new(ip, local_port))
-        .collect();
+    let mut local: Vec<SocketAddr> = Vec::new();
+    // The source address the kernel picks towards the first server comes first.
+    if let Some(first) = targets.stun.iter().find(|a| a.is_ipv4()) {
+        if let Ok(probe) = std::net::UdpSocket::bind("0.0.0.0:0") {
+            if probe.connect(first).is_ok() {
+                if let Ok(a) = probe.local_addr() {
+                    local.push(SocketAddr::new(a.ip(), local_port));
+                }
+            }
+        }
+    }
+    local.extend(
+        crate::daemon::interface_addrs()
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, local_port)),
+    );
     local.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local_port));
+    local.dedup();
     let mut obs = Vec::new();
     let mut change_ip_port = None;
     let mut change_port = None;
@@ -144,6 +157,9 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         .collect();
     let mut primary: Option<(SocketAddr, SocketAddr)> = None;
     for server in &v4_stun {
+        if obs.iter().any(|o: &MappingObservation| o.server == *server) {
+            continue;
+        }
         let Some((r, _)) = transact(&sock, *server, None, opts.timeout).await else {
             continue;
         };

@@ -103,7 +103,7 @@ impl FakeWg {
     }
 }
 
-const SECRET: &str = "loopback-test-turn-secret";
+pub(crate) const SECRET: &str = "loopback-test-turn-secret";
 
 pub(crate) fn start_relay() -> meshpunch_relay::Relay {
     start_relay_with_secret(SECRET)
