@@ -113,7 +113,14 @@ def check_k8s():
 
     for where, cm in by_kind.get("ConfigMap", []):
         for key, text in cm["data"].items():
+            # TOML in a ConfigMap is a copy of an example the Rust tests load with the real
+            # config types (rendezvous/tests/redis_deploy_configs.rs, deploy/validate for relays).
+            example = DEPLOY / "examples" / f"k8s-{key}"
             if key.endswith(".toml"):
+                check(
+                    example.is_file() and example.read_text() == text,
+                    f"{where}: {key} is identical to deploy/examples/{example.name}",
+                )
                 try:
                     tomllib.loads(text)
                     ok(f"{where}: {key} is valid TOML")
@@ -348,9 +355,14 @@ def check_prometheus(services):
                 svc = services.get(host)
                 if not check(svc is not None, f"prometheus.yml job {job.get('job_name')}: target {target} is a compose service"):
                     continue
-                cmd = " ".join(str(a) for a in svc.get("command") or [])
+                # The admin port is on the command line or in a mounted config file.
+                served = " ".join(str(a) for a in svc.get("command") or [])
+                for vol in svc.get("volumes") or []:
+                    src = vol.split(":", 1)[0] if isinstance(vol, str) else ""
+                    if (DEPLOY / src).is_file():
+                        served += (DEPLOY / src).read_text()
                 check(
-                    f":{port}" in cmd or "prometheus" in host,
+                    f":{port}" in served,
                     f"prometheus.yml job {job.get('job_name')}: {host} serves admin HTTP on port {port}",
                 )
 
