@@ -9,6 +9,7 @@
 //! ControlSocket = /run/meshpunch.sock
 //! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)
 //! HostCandidates = true              # offer interface addresses to peers
+//! BindingLifetime = 30               # seconds, from `netcheck --long`: keepalive = half of it
 //!
 //! [Peer]
 //! PublicKey = <base64>               # required
@@ -54,6 +55,8 @@ pub struct Config {
     pub wireguard_endpoint: Option<SocketAddr>,
     /// Whether to offer interface addresses as candidates.
     pub host_candidates: bool,
+    /// NAT binding lifetime in seconds (as `netcheck --long` measured it).
+    pub binding_lifetime: Option<u64>,
     /// Peers.
     pub peers: Vec<PeerConfig>,
 }
@@ -217,6 +220,11 @@ impl Config {
                             err(n, format!("WireGuardEndpoint: expected IP:PORT, found {v:?}"))
                         })?)
                     }
+                    "bindinglifetime" => {
+                        cfg.binding_lifetime = Some(v.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                            err(n, format!("BindingLifetime: expected seconds (a positive integer), found {v:?}"))
+                        })?)
+                    }
                     "hostcandidates" => {
                         cfg.host_candidates = parse_bool(v).ok_or_else(|| {
                             err(n, format!("HostCandidates: expected true or false, found {v:?}"))
@@ -224,7 +232,7 @@ impl Config {
                     }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint or HostCandidates",
+                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates or BindingLifetime",
                             k.trim()
                         )))
                     }
@@ -339,6 +347,7 @@ mod tests {
         let c = Config::parse("a.conf", &text).unwrap();
         assert_eq!(c.private_key, Some(sk));
         assert_eq!(c.listen_port, 41641);
+        assert_eq!(c.binding_lifetime, None);
         assert_eq!(c.control_socket, Some(PathBuf::from("/tmp/x.sock")));
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.peers[0].public_key, pk);

@@ -11,6 +11,7 @@ use meshpunch::control::{self, Request};
 use meshpunch::daemon;
 use meshpunch::keys::{format_key, generate_private, parse_key, public_of, Identity};
 use meshpunch::netcheck;
+use meshpunch_proto::nat::{keepalive_interval, BindingLifetime};
 use meshpunch_proto::path::PathConfig;
 
 #[derive(Parser)]
@@ -264,7 +265,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wireguard_endpoint: cfg.wireguard_endpoint,
                 host_candidates: cfg.host_candidates && !no_host_candidates,
                 peers: cfg.peers.clone(),
-                path: PathConfig::default(),
+                path: PathConfig {
+                    keepalive_interval: keepalive_interval(cfg.binding_lifetime.map(|s| {
+                        BindingLifetime {
+                            at_least_s: 0,
+                            at_most_s: Some(s),
+                        }
+                    })),
+                    ..PathConfig::default()
+                },
             };
             let mut d = daemon::start(opts).await?;
             if let (Some(iface), Some(_)) = (&wg_interface, &wg_dump) {
