@@ -99,6 +99,10 @@ impl Raw {
         }
     }
 
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self._ep
+    }
+
     pub async fn send_bytes(&mut self, b: &[u8]) {
         self.send.write_all(b).await.unwrap();
     }
