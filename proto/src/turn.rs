@@ -151,6 +151,9 @@ pub struct ServerConfig {
     /// what coturn accepts and its tools use; the default) or [`channeldata::CHANNEL_MAX`]
     /// (0x4FFF, strict RFC 8656).
     pub channel_max: u16,
+    /// Relayed IP as bound → IP advertised in XOR-RELAYED-ADDRESS (a relay behind 1:1 NAT,
+    /// e.g. a cloud VM that only sees its private address; coturn's `external-ip`).
+    pub external_ips: Vec<(IpAddr, IpAddr)>,
 }
 
 impl ServerConfig {
@@ -178,6 +181,7 @@ impl ServerConfig {
             nonce_key,
             fingerprint: true,
             channel_max: channeldata::LEGACY_CHANNEL_MAX,
+            external_ips: Vec::new(),
         }
     }
 }
@@ -795,16 +799,17 @@ impl<A: RelayAllocator> TurnServer<A> {
         if channeldata::is_channel_data(packet) {
             return self.client_channel_data(now, from, packet);
         }
-        if !self.request_limit.allow(from.ip(), now) {
-            self.stats.rate_limited += 1;
-            return ClientAction::None;
-        }
         let Some(hdr) = parse_header(packet) else {
             self.stats.malformed += 1;
             return ClientAction::None;
         };
         if hdr.msg_type == msgtype::SEND_INDICATION {
+            // Data, not a request: limited by the allocation's bandwidth, not the request rate.
             return self.send_indication(now, from, packet, &hdr);
+        }
+        if !self.request_limit.allow(from.ip(), now) {
+            self.stats.rate_limited += 1;
+            return ClientAction::None;
         }
         if hdr.msg_type & 0x0110 != 0 {
             // Indications other than Send, responses: nothing for a server to do.
@@ -1356,7 +1361,7 @@ impl<A: RelayAllocator> TurnServer<A> {
             // A retransmitted Allocate gets the original success again (RFC 8656 §7.2).
             if a.created_by == *msg.transaction_id() {
                 return Ok(vec![
-                    XorRelayedAddress::from(a.relayed).into(),
+                    XorRelayedAddress::from(self.advertised(a.relayed)).into(),
                     LifeTime::new(a.granted).into(),
                     XorMappedAddress::from(from).into(),
                 ]);
@@ -1431,10 +1436,23 @@ impl<A: RelayAllocator> TurnServer<A> {
         self.by_relay.insert(relayed, i);
         self.stats.allocations_created += 1;
         Ok(vec![
-            XorRelayedAddress::from(relayed).into(),
+            XorRelayedAddress::from(self.advertised(relayed)).into(),
             LifeTime::new(lifetime).into(),
             XorMappedAddress::from(from).into(),
         ])
+    }
+
+    /// The relayed address as clients must see it (external IP mapping applied).
+    fn advertised(&self, relayed: SocketAddr) -> SocketAddr {
+        match self
+            .cfg
+            .external_ips
+            .iter()
+            .find(|(bound, _)| *bound == relayed.ip())
+        {
+            Some((_, public)) => SocketAddr::new(*public, relayed.port()),
+            None => relayed,
+        }
     }
 
     fn granted_lifetime(&self, msg: &StunMessage) -> u32 {
@@ -2494,6 +2512,29 @@ mod tests {
         assert_eq!(net.drive(&mut c, me), vec![TurnEvent::Released]);
         assert_eq!(net.server.allocator().in_use(), 0);
         assert_eq!(net.server.stats().allocations_released, 1);
+    }
+
+    #[test]
+    fn external_ip_is_advertised_for_a_relay_behind_nat() {
+        let mut cfg = config(PeerPolicy::default());
+        cfg.external_ips = vec![("10.0.0.5".parse().unwrap(), "203.0.113.50".parse().unwrap())];
+        let mut net = Net::with(
+            cfg,
+            PortPool::new(vec!["10.0.0.5".parse().unwrap()], 50000, 50009, 0),
+        );
+        let c = net.allocated("nat", sa("198.51.100.7:40020"));
+        assert_eq!(
+            c.relayed_addr().unwrap().ip(),
+            "203.0.113.50".parse::<IpAddr>().unwrap()
+        );
+        // The driver still talks about the bound address.
+        assert_eq!(
+            net.server
+                .relayed_addr(sa("198.51.100.7:40020"), net.now)
+                .unwrap()
+                .ip(),
+            "10.0.0.5".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct FileConfig {
     pub socket_buffer: Option<usize>,
     /// Use UDP GSO/GRO when the kernel supports it.
     pub gso: Option<bool>,
+    /// Relay IP as bound → public IP to advertise (relay behind 1:1 NAT, like coturn's
+    /// `external-ip`): `{ "10.0.0.5" = "203.0.113.7" }`.
+    pub external_ips: Option<HashMap<IpAddr, IpAddr>>,
     /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF (default: also RFC 5766's
     /// 0x5000-0x7FFF, as coturn does).
     pub strict_channel_range: Option<bool>,
@@ -232,7 +235,10 @@ impl RelayConfig {
         }
         let allow_loopback = o.allow_loopback_peers || file.allow_loopback_peers.unwrap_or(dev);
         let allow_private = o.allow_private_peers || file.allow_private_peers.unwrap_or(false);
+        let external_ips: Vec<(IpAddr, IpAddr)> =
+            file.external_ips.unwrap_or_default().into_iter().collect();
         let mut own_addrs = relay_ips.clone();
+        own_addrs.extend(external_ips.iter().map(|(_, public)| *public));
         if !listen.ip().is_unspecified() {
             own_addrs.push(listen.ip());
         }
@@ -246,6 +252,7 @@ impl RelayConfig {
         if let Some(v) = file.max_permissions {
             server.max_permissions = v;
         }
+        server.external_ips = external_ips;
         if file.strict_channel_range.unwrap_or(false) {
             server.channel_max = meshpunch_proto::channeldata::CHANNEL_MAX;
         }
@@ -349,6 +356,7 @@ mod tests {
             socket_buffer = 1048576
             gso = false
             strict_channel_range = true
+            external_ips = { "127.0.0.1" = "203.0.113.9" }
             "#,
         )
         .unwrap();
@@ -368,6 +376,12 @@ mod tests {
         assert_eq!(c.server.max_lifetime, Duration::from_secs(1200));
         assert!(!c.gso);
         assert_eq!(c.server.channel_max, 0x4FFF);
+        assert_eq!(c.server.external_ips.len(), 1);
+        assert!(c
+            .server
+            .policy
+            .own_addrs
+            .contains(&"203.0.113.9".parse().unwrap()));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
     }
 

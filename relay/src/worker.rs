@@ -221,7 +221,10 @@ pub fn run(
         let now = Instant::now();
         if shared.draining.load(Ordering::Relaxed) {
             let deadline = *drain_deadline.get_or_insert(now + drain);
-            if server.is_idle() || now >= deadline {
+            // Every worker keeps its listening socket until no allocation is left anywhere:
+            // closing one would re-hash SO_REUSEPORT flows onto workers that do not own them.
+            let all_idle = server.is_idle() && shared.pool.lock().map_or(true, |p| p.in_use() == 0);
+            if all_idle || now >= deadline {
                 break;
             }
         }
