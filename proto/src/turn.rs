@@ -2538,6 +2538,76 @@ mod tests {
     }
 
     #[test]
+    fn client_retransmits_then_gives_up_when_nothing_answers() {
+        let net = Net::new();
+        let start = net.now;
+        let mut c = net.client("silent");
+        c.allocate(start);
+        let mut sends = 0;
+        let mut t = start;
+        let failure = loop {
+            while c.poll_transmit().is_some() {
+                sends += 1;
+            }
+            if let Some(ev) = c.poll_event() {
+                break ev;
+            }
+            t = c.poll_timeout().unwrap();
+            c.handle_timeout(t);
+        };
+        assert!(
+            matches!(
+                failure,
+                TurnEvent::Failed {
+                    op: TurnOp::Allocate,
+                    code: None,
+                    ..
+                }
+            ),
+            "{failure:?}"
+        );
+        assert_eq!(sends, crate::turn_client::MAX_TRANSMISSIONS);
+        assert!(t - start >= Duration::from_secs(30), "{:?}", t - start);
+        assert!(!c.is_allocated());
+    }
+
+    #[test]
+    fn lost_answers_are_recovered_by_retransmission() {
+        let mut net = Net::new();
+        let me = sa("198.51.100.7:40021");
+        let mut c = net.client("lossy");
+        c.allocate(net.now);
+        // Drop the first answer of every request once.
+        let mut dropped = 0;
+        for _ in 0..50 {
+            while let Some(t) = c.poll_transmit() {
+                if let ClientAction::Reply(n) =
+                    net.server
+                        .handle_client(net.now, me, &t.payload, &mut net.out)
+                {
+                    if dropped < 2 {
+                        dropped += 1;
+                        continue;
+                    }
+                    let reply = net.out[..n].to_vec();
+                    c.handle_input(net.now, net.server_addr, &reply);
+                }
+            }
+            if c.is_allocated() {
+                break;
+            }
+            net.now = c.poll_timeout().unwrap();
+            c.handle_timeout(net.now);
+        }
+        assert!(c.is_allocated());
+        assert_eq!(
+            net.server.stats().allocations_created,
+            1,
+            "the retransmission reused it"
+        );
+    }
+
+    #[test]
     fn lifetime_is_clamped_to_the_maximum() {
         let mut net = Net::new();
         let me = sa("198.51.100.7:40007");
