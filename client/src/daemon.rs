@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::nat::{choose_relay, RelayLatency};
 use meshpunch_proto::path::{
-    path_kind, Candidate, CandidateKind, PathAddr, PathConfig, PathEvent, PathKind, PeerPath,
-    ProbeCounters, Via,
+    Candidate, CandidateKind, PathAddr, PathConfig, PathEvent, PathKind, PeerPath, ProbeCounters,
+    Via,
 };
 use meshpunch_proto::probe::{classify, peek_key_id, PacketKind, TxId};
 use meshpunch_proto::turn_client::{Input, TurnClient, TurnCredentials, TurnEvent, TurnOp};
@@ -317,6 +317,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         home: None,
         turn: None,
         turn_bound: HashSet::new(),
+        turn_permitted: HashSet::new(),
         turn_retry_at: None,
         rdv,
         sig,
@@ -416,6 +417,7 @@ struct Engine {
     home: Option<String>,
     turn: Option<Turn>,
     turn_bound: HashSet<SocketAddr>,
+    turn_permitted: HashSet<IpAddr>,
     turn_retry_at: Option<Instant>,
     rdv: RendezvousStatus,
     sig: Option<mpsc::Sender<SignalCmd>>,
@@ -774,6 +776,32 @@ impl Engine {
             error: None,
         });
         self.turn_bound.clear();
+        self.turn_permitted.clear();
+    }
+
+    /// Installs TURN permissions for every direct address of every peer, so that a peer's
+    /// probes and packets sent straight to our relayed address are let through (permissions
+    /// are per IP, RFC 8656 §9, so any port a symmetric NAT picks is covered).
+    fn sync_permissions(&mut self, now: Instant) {
+        let Some(turn) = &mut self.turn else { return };
+        if !turn.client.is_allocated() {
+            return;
+        }
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for p in &self.peers {
+            for a in p.path.remotes() {
+                if a.via == Via::Direct && p.path.class_of(&a) != PathKind::Relay {
+                    ips.push(a.addr.ip());
+                }
+            }
+        }
+        for ip in ips {
+            if self.turn_permitted.insert(ip) {
+                if let Err(e) = turn.client.create_permission(ip, now) {
+                    tracing::debug!(error = %e, %ip, "TURN permission refused");
+                }
+            }
+        }
     }
 
     fn ensure_channel(&mut self, now: Instant, peer_relayed: SocketAddr) {
@@ -838,13 +866,22 @@ impl Engine {
                     }
                     PathEvent::RemotesChanged => remap = true,
                     PathEvent::ObservedAddress(_) => {}
-                    PathEvent::Pong { remote, tx, rtt } => {
+                    PathEvent::Pong {
+                        remote,
+                        kind,
+                        tx,
+                        rtt,
+                    } => {
                         if let Some(pos) = self.pings.iter().position(|p| p.peer == i && p.tx == tx)
                         {
                             let p = self.pings.swap_remove(pos);
+                            let label = match (remote.via, kind) {
+                                (Via::Direct, PathKind::Relay) => format!("relay:{}", remote.addr),
+                                _ => remote.to_string(),
+                            };
                             let _ = p.reply.send(Ok(PingResult {
-                                path: path_kind(&remote),
-                                remote: remote.to_string(),
+                                path: kind,
+                                remote: label,
                                 rtt,
                             }));
                         }
@@ -863,6 +900,7 @@ impl Engine {
             for r in relayed {
                 self.ensure_channel(now, r);
             }
+            self.sync_permissions(now);
         }
         let mut allocated = false;
         if let Some(turn) = &mut self.turn {
@@ -900,6 +938,7 @@ impl Engine {
             if failed_alloc {
                 self.turn_retry_at = Some(now + TURN_RETRY);
                 self.turn_bound.clear();
+                self.turn_permitted.clear();
             }
         }
         if allocated {
@@ -913,7 +952,8 @@ impl Engine {
             for r in relayed {
                 self.ensure_channel(now, r);
             }
-            // Send what the channel binds queued.
+            self.sync_permissions(now);
+            // Send what the channel binds and permissions queued.
             if let Some(turn) = &mut self.turn {
                 let mut sends = Vec::new();
                 while let Some(t) = turn.client.poll_transmit() {
@@ -1011,7 +1051,7 @@ impl Engine {
                     return;
                 };
                 let p = &mut self.peers[i];
-                if from.via == Via::Direct && p.path.direct_blocked() {
+                if p.path.direct_blocked() && p.path.class_of(&from) != PathKind::Relay {
                     return;
                 }
                 p.rx_bytes += pkt.len() as u64;
@@ -1285,7 +1325,7 @@ impl Engine {
                     name: p.name.clone(),
                     proxy: p.proxy_addr,
                     path: st.kind,
-                    remote: st.remote.map(|r| r.to_string()),
+                    remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     tx_bytes: p.tx_bytes,
                     rx_bytes: p.rx_bytes,

@@ -70,7 +70,8 @@ async fn direct_then_forced_relay_then_back_to_direct() {
                 .as_ref()
                 .is_some_and(|r| r.state == "allocated")
                 && s.peers[0].pairs.iter().any(|p| {
-                    p.remote.via == meshpunch_proto::path::Via::Relay
+                    (p.remote.via == meshpunch_proto::path::Via::Relay
+                        || p.kind == meshpunch_proto::path::CandidateKind::Relayed)
                         && p.state == meshpunch_proto::path::PairState::Valid
                 })
         };

@@ -111,13 +111,12 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// Where a datagram to this candidate goes.
+    /// Where a datagram to this candidate goes: always straight from the data socket. A
+    /// peer's relayed address is reached directly too — its relay hands the packet to the peer
+    /// through the peer's allocation, and the peer answers through that allocation, so the
+    /// answer comes back from the relayed address (one relay hop, and never relay-to-itself).
     pub fn path_addr(&self) -> PathAddr {
-        if self.kind == CandidateKind::Relayed {
-            PathAddr::relay(self.addr)
-        } else {
-            PathAddr::direct(self.addr)
-        }
+        PathAddr::direct(self.addr)
     }
 }
 
@@ -147,7 +146,9 @@ impl PathKind {
     }
 }
 
-/// Kind of path a pair gives.
+/// Kind of path an address gives when nothing else is known about it (a pair to a peer's
+/// relayed candidate is a relay path although it is sent directly: see
+/// [`PeerPath::class_of`]).
 pub fn path_kind(p: &PathAddr) -> PathKind {
     match p.via {
         Via::Relay => PathKind::Relay,
@@ -249,6 +250,8 @@ pub enum PathEvent {
     Pong {
         /// The pair it validated.
         remote: PathAddr,
+        /// Kind of path of that pair.
+        kind: PathKind,
         /// The ping's transaction id.
         tx: TxId,
         /// This ping's round-trip time.
@@ -309,6 +312,8 @@ pub struct PathStatus {
     pub remote: Option<PathAddr>,
     /// RTT of the selected pair.
     pub rtt: Option<Duration>,
+    /// The selected remote as shown to users (`relay:IP:PORT` for relay paths).
+    pub remote_label: Option<String>,
     /// Why this path (or why none).
     pub reason: String,
     /// Every pair.
@@ -537,7 +542,7 @@ impl PeerPath {
     pub fn set_direct_blocked(&mut self, now: Instant, blocked: bool) {
         self.direct_blocked = blocked;
         for p in &mut self.pairs {
-            if p.dest.via == Via::Direct {
+            if pair_kind(p) != PathKind::Relay {
                 p.state = PairState::Probing;
                 p.pings.clear();
                 p.next_ping = now;
@@ -559,7 +564,7 @@ impl PeerPath {
     pub fn set_relay_blocked(&mut self, now: Instant, blocked: bool) {
         self.relay_blocked = blocked;
         for p in &mut self.pairs {
-            if p.dest.via == Via::Relay {
+            if pair_kind(p) == PathKind::Relay {
                 p.state = PairState::Probing;
                 p.pings.clear();
                 p.next_ping = now;
@@ -581,9 +586,18 @@ impl PeerPath {
     }
 
     fn blocked(&self, d: &PathAddr) -> bool {
-        match d.via {
-            Via::Direct => self.direct_blocked,
-            Via::Relay => self.relay_blocked,
+        match self.class_of(d) {
+            PathKind::Relay => self.relay_blocked,
+            _ => self.direct_blocked,
+        }
+    }
+
+    /// The kind of path `addr` gives for this peer: relay for the peer's relayed candidates
+    /// and for anything through our own allocation, else LAN/direct by address.
+    pub fn class_of(&self, addr: &PathAddr) -> PathKind {
+        match self.pairs.iter().find(|p| p.dest == *addr) {
+            Some(p) => pair_kind(p),
+            None => path_kind(addr),
         }
     }
 
@@ -725,8 +739,10 @@ impl PeerPath {
                     p.interval = self.cfg.punch_interval;
                 }
                 self.events.push_back(PathEvent::ObservedAddress(observed));
+                let kind = pair_kind(p);
                 self.events.push_back(PathEvent::Pong {
                     remote: from,
+                    kind,
                     tx,
                     rtt: sample,
                 });
@@ -828,7 +844,7 @@ impl PeerPath {
 
     fn score(&self, p: &Pair) -> Duration {
         let rtt = p.srtt.unwrap_or(Duration::from_millis(500));
-        rtt + match path_kind(&p.dest) {
+        rtt + match pair_kind(p) {
             PathKind::Lan => Duration::ZERO,
             PathKind::Direct => self.cfg.direct_penalty,
             _ => self.cfg.relay_penalty,
@@ -843,7 +859,7 @@ impl PeerPath {
         let usable = |p: &Pair| {
             p.state == PairState::Valid
                 && !self.blocked(&p.dest)
-                && (p.dest.via == Via::Direct || relay_ok)
+                && (pair_kind(p) != PathKind::Relay || relay_ok)
         };
         let best = self
             .pairs
@@ -858,8 +874,8 @@ impl PeerPath {
             .map(|p| (p.dest, self.score(p)));
         let new = match (current, best) {
             (Some(c), Some(b)) => {
-                let class_better = path_kind(&b.0) != path_kind(&c.0)
-                    && kind_rank(path_kind(&b.0)) < kind_rank(path_kind(&c.0));
+                let (bk, ck) = (self.class_of(&b.0), self.class_of(&c.0));
+                let class_better = bk != ck && kind_rank(bk) < kind_rank(ck);
                 if b.0 != c.0 && (class_better || b.1 + self.cfg.hysteresis < c.1) {
                     Some(b.0)
                 } else {
@@ -872,15 +888,19 @@ impl PeerPath {
         if new != self.selected {
             let old = self.selected;
             self.selected = new;
-            let kind = new.as_ref().map_or(PathKind::None, path_kind);
+            let kind = new.as_ref().map_or(PathKind::None, |n| self.class_of(n));
             self.reason = match (old, new) {
                 (_, None) => format!("no working path ({why})"),
                 (None, Some(_)) => format!("{} path found ({why})", kind.as_str()),
-                (Some(o), Some(_)) if path_kind(&o) == kind => {
+                (Some(o), Some(_)) if self.class_of(&o) == kind => {
                     format!("better {} path: lower RTT", kind.as_str())
                 }
                 (Some(o), Some(_)) => {
-                    format!("{} -> {} ({why})", path_kind(&o).as_str(), kind.as_str())
+                    format!(
+                        "{} -> {} ({why})",
+                        self.class_of(&o).as_str(),
+                        kind.as_str()
+                    )
                 }
             };
             self.events.push_back(PathEvent::PathChanged {
@@ -892,7 +912,7 @@ impl PeerPath {
             let has_relay = self
                 .pairs
                 .iter()
-                .any(|p| p.dest.via == Via::Relay && !self.relay_blocked);
+                .any(|p| pair_kind(p) == PathKind::Relay && !self.relay_blocked);
             let r = if has_relay {
                 "no pong yet on any path, relay included"
             } else {
@@ -939,8 +959,15 @@ impl PeerPath {
             .selected
             .and_then(|s| self.pairs.iter().find(|p| p.dest == s));
         PathStatus {
-            kind: self.selected.as_ref().map_or(PathKind::None, path_kind),
+            kind: self
+                .selected
+                .as_ref()
+                .map_or(PathKind::None, |s| self.class_of(s)),
             remote: self.selected,
+            remote_label: self.selected.map(|s| match (s.via, self.class_of(&s)) {
+                (Via::Direct, PathKind::Relay) => format!("relay:{}", s.addr),
+                _ => s.to_string(),
+            }),
             rtt: sel.and_then(|p| p.srtt),
             reason: self.reason.clone(),
             pairs: self
@@ -998,6 +1025,14 @@ impl PeerPath {
             .iter()
             .find(|p| p.dest == *dest)
             .and_then(|p| p.last_pong)
+    }
+}
+
+fn pair_kind(p: &Pair) -> PathKind {
+    if p.kind == CandidateKind::Relayed {
+        PathKind::Relay
+    } else {
+        path_kind(&p.dest)
     }
 }
 

@@ -207,16 +207,38 @@ impl Sim {
         self.loss_percent > 0 && xorshift(&mut self.rng) % 100 < self.loss_percent
     }
 
+    /// Relay model (RFC 8656): a datagram sent straight to a node's relayed address is handed
+    /// to that node by its relay as coming from the sender's mapping (`Via::Relay`); a
+    /// datagram a node sends through its own allocation leaves from its relayed address.
     fn send(&mut self, from: usize, dest: PathAddr, bytes: Vec<u8>) {
         let to = 1 - from;
         match dest.via {
             Via::Relay => {
-                if self.relay_dead || dest.addr != self.nodes[to].relayed {
+                if self.relay_dead {
                     return;
                 }
-                let src = PathAddr::relay(self.nodes[from].relayed);
+                let src = self.nodes[from].relayed;
+                let ok = match &self.nodes[to].nat {
+                    Some(nat) => {
+                        dest.addr.ip() == nat.ip && nat.inbound_allowed(dest.addr.port(), src)
+                    }
+                    None => dest.addr == self.nodes[to].local,
+                };
+                if ok {
+                    let at = self.now + self.relay_one_way;
+                    self.inflight.push((at, to, PathAddr::direct(src), bytes));
+                }
+            }
+            Via::Direct if dest.addr == self.nodes[to].relayed => {
+                if self.relay_dead {
+                    return;
+                }
+                let src = match self.nodes[from].nat.as_mut() {
+                    Some(nat) => nat.outbound(dest.addr, &mut self.rng),
+                    None => self.nodes[from].local,
+                };
                 let at = self.now + self.relay_one_way;
-                self.inflight.push((at, to, src, bytes));
+                self.inflight.push((at, to, PathAddr::relay(src), bytes));
             }
             Via::Direct => {
                 if self.direct_dead || self.lose() {
