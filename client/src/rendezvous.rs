@@ -56,6 +56,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed for QUIC handshake + registration on one address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Delay between starting handshakes to successive addresses of the host.
+const STAGGER: Duration = Duration::from_millis(250);
 /// First reconnect delay.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Event queue length; events beyond it are dropped (with a warning).
@@ -650,31 +652,53 @@ impl Driver {
                 "{authority} resolves to nothing"
             )));
         }
-        let mut last = ClientError::Connect(format!("no address of {authority} answered"));
-        for addr in addrs {
-            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_one(addr)).await {
-                Ok(Ok(c)) => return Ok(c),
-                // A refusal by the server itself is final for this round.
-                Ok(Err(e @ ClientError::Server { .. })) => return Err(e),
-                Ok(Err(e)) => last = e,
-                Err(_) => last = ClientError::Connect(format!("{addr}: timed out")),
-            }
-        }
-        Err(last)
-    }
-
-    async fn connect_one(&mut self, addr: SocketAddr) -> Result<Conn, ClientError> {
-        let ep = self.endpoint(addr.is_ipv6())?;
+        // Happy-eyeballs style (RFC 8305 §5): start a QUIC handshake to each address in turn,
+        // STAGGER apart, and keep the first that completes. Only the winner registers, so two
+        // registrations can never race each other.
         let server_name = if self.cfg.connect.host.parse::<std::net::IpAddr>().is_ok() {
             "meshpunch".to_string()
         } else {
             self.cfg.connect.host.clone()
         };
-        let conn = ep
-            .connect_with(self.quic.clone(), addr, &server_name)
-            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
-            .await
-            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        for (i, addr) in addrs.iter().copied().enumerate() {
+            let ep = self.endpoint(addr.is_ipv6())?;
+            let quic = self.quic.clone();
+            let name = server_name.clone();
+            let delay = STAGGER * i.min(16) as u32;
+            attempts.push(async move {
+                tokio::time::sleep(delay).await;
+                let handshake = async {
+                    ep.connect_with(quic, addr, &name)
+                        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
+                        .await
+                        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ClientError::Connect(format!("{addr}: timed out"))),
+                }
+            });
+        }
+        let mut last = ClientError::Connect(format!("no address of {authority} answered"));
+        let conn = loop {
+            match futures::StreamExt::next(&mut attempts).await {
+                Some(Ok(conn)) => break conn,
+                Some(Err(e)) => last = e,
+                None => return Err(last),
+            }
+        };
+        drop(attempts);
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.register(conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Connect(format!(
+                "{authority}: registration timed out"
+            ))),
+        }
+    }
+
+    async fn register(&mut self, conn: quinn::Connection) -> Result<Conn, ClientError> {
+        let addr = conn.remote_address();
         let (mut send, mut recv) = conn
             .open_bi()
             .await

@@ -394,3 +394,66 @@ async fn clients_rejoin_a_restarted_server() {
     assert_eq!(p.session_secret, q.session_secret);
     drop(b);
 }
+
+#[tokio::test]
+async fn connect_string_with_a_host_name_connects() {
+    // The client resolves the host and races handshakes over every address it gets (where
+    // "localhost" also maps to ::1, the IPv4 listener still wins quickly).
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut cs = server.dev_connect().unwrap().clone();
+    cs.host = "localhost".into();
+    let started = std::time::Instant::now();
+    let (c, _ev, _, _) = connect(&cs).await;
+    assert_eq!(c.registration().unwrap().server, server.quic_addr());
+    eprintln!("connected via localhost in {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn unanswered_offer_times_out_and_relay_credentials_are_handed_out() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = meshpunch_rendezvous::Config::loopback(dir.path());
+    cfg.limits.offer_timeout = std::time::Duration::from_secs(1);
+    cfg.relays = vec![meshpunch_rendezvous::config::RelayConfig {
+        region: "eu".into(),
+        urls: vec!["turn:127.0.0.1:3478".into()],
+        secret: "s3cret".into(),
+    }];
+    let server = meshpunch_rendezvous::Server::start(cfg).await.unwrap();
+    let cs = server.dev_connect().unwrap().clone();
+    let (a, _a_ev, _, _) = connect(&cs).await;
+    let (_b, mut b_ev, _, b_key) = connect(&cs).await;
+
+    let relays = a.registration().unwrap().relays;
+    assert_eq!(relays.len(), 1);
+    let r = &relays[0];
+    assert_eq!(r.region, "eu");
+    assert_eq!(r.urls, vec!["turn:127.0.0.1:3478".to_string()]);
+    assert_eq!(
+        r.password,
+        meshpunch_proto::creds::rest_password(b"s3cret", &r.username)
+    );
+    let now = meshpunch_rendezvous::server::unix_now();
+    let expiry = meshpunch_proto::creds::check_rest_username(&r.username, now).unwrap();
+    assert_eq!(expiry, r.expires_unix);
+    assert!(expiry > now + 3600);
+
+    // b sees the offer but never answers.
+    let offer = a.offer(b_key, cand(1));
+    let seen = wait_for(&mut b_ev, |e| match e {
+        Event::IncomingOffer(o) => Some(o.offer_id),
+        _ => None,
+    });
+    let (result, _) = tokio::join!(offer, seen);
+    assert!(
+        matches!(
+            result,
+            Err(ClientError::Server {
+                code: ErrorCode::Timeout,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
