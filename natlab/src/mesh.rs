@@ -33,6 +33,16 @@ pub const DATA_PORT: u16 = 41641;
 const RDV_PROC: &str = "rendezvous";
 const RELAY_PROC: &str = "relay";
 
+/// Which TURN server plays the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayImpl {
+    /// `meshpunch-relay`.
+    #[default]
+    Meshpunch,
+    /// coturn's `turnserver` with `use-auth-secret` (any RFC 8656 server must do).
+    Coturn,
+}
+
 /// The three meshpunch binaries.
 #[derive(Debug, Clone)]
 pub struct MeshBins {
@@ -120,9 +130,12 @@ pub struct UpOptions {
     pub wireguard_endpoint: Option<SocketAddr>,
     /// Fixed proxy port per peer host (`ProxyPort`).
     pub proxy_ports: BTreeMap<String, u16>,
+    /// `HostCandidates` (offer interface addresses); `None` = the daemon's default (true).
+    pub host_candidates: Option<bool>,
     /// Take the peers from this WireGuard interface (`--wg-interface`) instead of `peers`.
     pub wg_interface: Option<String>,
-    /// Keys to use (`(private, public)`), e.g. the WireGuard interface's own.
+    /// Keys to use (`(private, public)`), e.g. the WireGuard interface's own. Peers' configs
+    /// written before this take the old key: use [`Mesh::set_keys`] first for every host.
     pub keys: Option<(String, String)>,
 }
 
@@ -155,8 +168,13 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Starts the relay and the rendezvous on the server host.
+    /// Starts the relay (`meshpunch-relay`) and the rendezvous on the server host.
     pub fn start(topo: Topology) -> Result<Mesh, Error> {
+        Self::start_with(topo, RelayImpl::Meshpunch)
+    }
+
+    /// Starts the given relay implementation and the rendezvous on the server host.
+    pub fn start_with(topo: Topology, relay: RelayImpl) -> Result<Mesh, Error> {
         let bins = MeshBins::find()?;
         let rdv_dir = topo.lab.log_dir().join("rendezvous-data");
         std::fs::create_dir_all(&rdv_dir)?;
@@ -167,9 +185,74 @@ impl Mesh {
             nodes: BTreeMap::new(),
             rdv_dir,
         };
-        mesh.start_relay()?;
+        match relay {
+            RelayImpl::Meshpunch => mesh.start_relay()?,
+            RelayImpl::Coturn => mesh.start_coturn()?,
+        }
         mesh.start_rendezvous()?;
         Ok(mesh)
+    }
+
+    fn start_coturn(&mut self) -> Result<(), Error> {
+        let bin = crate::testenv::which("turnserver")
+            .ok_or_else(|| Error::Setup("coturn's turnserver is not installed".into()))?;
+        let relay = SERVER_RELAY.to_string();
+        let secret = format!("--static-auth-secret={RELAY_SECRET}");
+        // `-c /dev/null`: ignore Debian's /etc/turnserver.conf.
+        let pidfile = self
+            .topo
+            .lab
+            .log_dir()
+            .join("turnserver.pid")
+            .display()
+            .to_string();
+        let args: Vec<String> = [
+            "-c",
+            "/dev/null",
+            "--pidfile",
+            &pidfile,
+            "--listening-ip",
+            &relay,
+            "--listening-port",
+            &RELAY_PORT.to_string(),
+            "--relay-ip",
+            &relay,
+            "--use-auth-secret",
+            &secret,
+            "--realm",
+            "meshpunch",
+            "--fingerprint",
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp-relay",
+            "--no-cli",
+            "--no-rfc5780",
+            "--log-file",
+            "stdout",
+            "--simple-log",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let server = self.topo.server.clone();
+        self.topo.lab.spawn(&server, RELAY_PROC, &bin, &args)?;
+        let want = format!("{relay}:{RELAY_PORT}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .topo
+            .lab
+            .exec(&server, "ss", &["-uln"])?
+            .contains(&want)
+        {
+            if Instant::now() > deadline || !self.topo.lab.is_running(RELAY_PROC) {
+                return Err(Error::Setup(format!(
+                    "turnserver did not listen on {want}: {}",
+                    self.topo.lab.log(RELAY_PROC)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     fn start_relay(&mut self) -> Result<(), Error> {
@@ -188,9 +271,13 @@ impl Mesh {
         .collect();
         let server = self.topo.server.clone();
         let bin = self.bins.relay.clone();
-        self.topo
-            .lab
-            .spawn_env(&server, RELAY_PROC, &bin, &args, &[("RUST_LOG", "info")])?;
+        self.topo.lab.spawn_env(
+            &server,
+            RELAY_PROC,
+            &bin,
+            &args,
+            &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
+        )?;
         self.wait_log(RELAY_PROC, "listening on", Duration::from_secs(20))
     }
 
@@ -215,9 +302,13 @@ impl Mesh {
         let args = vec!["--config".to_string(), path.display().to_string()];
         let server = self.topo.server.clone();
         let bin = self.bins.rendezvous.clone();
-        self.topo
-            .lab
-            .spawn_env(&server, RDV_PROC, &bin, &args, &[("RUST_LOG", "info")])?;
+        self.topo.lab.spawn_env(
+            &server,
+            RDV_PROC,
+            &bin,
+            &args,
+            &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
+        )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(s) = std::fs::read_to_string(&connect_file) {
@@ -300,6 +391,9 @@ impl Mesh {
         if let Some(ep) = opts.wireguard_endpoint {
             conf.push_str(&format!("WireGuardEndpoint = {ep}\n"));
         }
+        if let Some(h) = opts.host_candidates {
+            conf.push_str(&format!("HostCandidates = {h}\n"));
+        }
         if opts.wg_interface.is_none() {
             for p in &opts.peers {
                 let peer = self.node(p)?;
@@ -331,7 +425,7 @@ impl Mesh {
             &daemon_proc(host),
             &bin,
             &args,
-            &[("RUST_LOG", "info")],
+            &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
         )?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !me.control.exists() {
@@ -362,9 +456,17 @@ impl Mesh {
         self.topo.lab.exec(host, &bin, args)
     }
 
-    /// `meshpunch netcheck --connect … --json` on `host`, parsed.
+    /// `meshpunch netcheck --connect … --json` on `host`, parsed (up to three tries: a run can
+    /// fail with "rendezvous: no registration").
     pub fn netcheck(&self, host: &str) -> Result<serde_json::Value, Error> {
-        let out = self.client(host, &["netcheck", "--connect", &self.connect, "--json"])?;
+        let mut out = self.client(host, &["netcheck", "--connect", &self.connect, "--json"]);
+        for _ in 0..2 {
+            if out.is_ok() {
+                break;
+            }
+            out = self.client(host, &["netcheck", "--connect", &self.connect, "--json"]);
+        }
+        let out = out?;
         serde_json::from_str(&out)
             .map_err(|e| Error::Setup(format!("netcheck JSON on {host}: {e}: {out}")))
     }
@@ -373,7 +475,7 @@ impl Mesh {
     pub fn status(&mut self, host: &str) -> Result<serde_json::Value, Error> {
         let n = self.node(host)?;
         let ctl = n.control.display().to_string();
-        let out = self.client(host, &["status", "--json", "--control-socket", &ctl])?;
+        let out = self.client(host, &["--control-socket", &ctl, "status", "--json"])?;
         serde_json::from_str(&out)
             .map_err(|e| Error::Setup(format!("status JSON on {host}: {e}: {out}")))
     }
@@ -399,6 +501,49 @@ impl Mesh {
             proxy: s("proxy").and_then(|a| a.parse().ok()),
             reason: s("reason").unwrap_or_default(),
         })
+    }
+
+    /// Polls until `host` has a candidate pair through the relay towards `peer` (it knows the
+    /// peer's relayed candidate); returns how long that took.
+    pub fn wait_relay_pair(
+        &mut self,
+        host: &str,
+        peer: &str,
+        timeout: Duration,
+    ) -> Result<Duration, Error> {
+        let key = self.node(peer)?.public_key;
+        let start = Instant::now();
+        loop {
+            if let Ok(st) = self.status(host) {
+                let has = st
+                    .get("peers")
+                    .and_then(|p| p.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p.get("public_key").and_then(|k| k.as_str()) == Some(key.as_str()))
+                    .flat_map(|p| {
+                        p.get("pairs")
+                            .and_then(|x| x.as_array())
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .any(|pair| {
+                        pair.get("remote")
+                            .and_then(|r| r.get("via"))
+                            .and_then(|v| v.as_str())
+                            == Some("relay")
+                    });
+                if has {
+                    return Ok(start.elapsed());
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::Setup(format!(
+                    "{host}: no relay pair towards {peer} after {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Polls until `host`'s path to `peer` is one of `paths`; returns the view and the time it took.
@@ -476,15 +621,17 @@ impl FakeWg {
         let mut buf = [0u8; 2048];
         let mut samples = Vec::new();
         for seq in 0..count {
+            // Framed like a WireGuard transport message so the daemon carries it.
             let mut msg = [0u8; 48];
-            msg[..4].copy_from_slice(b"nlrt");
-            msg[4..8].copy_from_slice(&seq.to_be_bytes());
+            msg[..4].copy_from_slice(&crate::traffic::WG_HEADER);
+            msg[4..8].copy_from_slice(b"nlrt");
+            msg[8..12].copy_from_slice(&seq.to_be_bytes());
             let sent = Instant::now();
             self.sock.send_to(&msg, proxy)?;
             let deadline = sent + timeout;
             while Instant::now() < deadline {
                 if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
-                    if n >= 8 && &buf[..4] == b"nlrt" && buf[4..8] == seq.to_be_bytes() {
+                    if n >= 12 && &buf[4..8] == b"nlrt" && buf[8..12] == seq.to_be_bytes() {
                         samples.push(sent.elapsed().as_secs_f64() * 1e3);
                         break;
                     }

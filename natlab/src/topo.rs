@@ -92,9 +92,11 @@ impl Nat {
         !matches!(self, Nat::Symmetric)
     }
 
-    /// The `mapping` value `meshpunch netcheck --json` should report behind this NAT.
+    /// The `mapping` value `meshpunch netcheck --json` should report behind this NAT
+    /// (`none`: no translation).
     pub fn expected_mapping(self) -> &'static str {
         match self {
+            Nat::Open => "none",
             Nat::Symmetric => "address-and-port-dependent",
             _ => "endpoint-independent",
         }
@@ -668,6 +670,14 @@ pub fn nat_ruleset(nat: Nat, first_host: Option<Ipv4Addr>) -> String {
     r.push_str(&format!(
         "  chain post {{ type nat hook postrouting priority srcnat; policy accept;\n    oifname \"wan\" {masq}\n  }}\n"
     ));
+    // Unsolicited UDP to the router itself is dropped in the input hook, before conntrack
+    // confirms an entry for it. Otherwise that entry (peer:port -> wan:port) would clash with
+    // the mapping the host's own first packet to that peer needs, and masquerade would pick
+    // another source port: a hole-punching race Linux loses but home routers do not.
+    r.push_str(
+        "  chain input { type filter hook input priority filter; policy accept;\n    \
+         iifname \"wan\" meta l4proto udp ct state new drop\n  }\n",
+    );
     if let (Nat::FullCone, Some(h)) = (nat, first_host) {
         r.push_str(&format!(
             "  chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n    iifname \"wan\" udp dport 1024-65535 dnat to {h}\n  }}\n"

@@ -3,6 +3,8 @@
 //!
 //! A [`Flow`] sends sequence-numbered datagrams at a fixed interval from a socket in one
 //! namespace; a [`Sink`] in another records the arrival time of each sequence number.
+//! Datagrams are framed like WireGuard transport messages (type 4, three zero bytes), so a
+//! meshpunch daemon carries them through its proxy ports as it carries WireGuard.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,8 +14,10 @@ use std::time::{Duration, Instant};
 use crate::lab::Lab;
 use crate::Error;
 
-/// Payload size of each datagram (sequence number + padding).
+/// Payload size of each datagram (WireGuard-like header + sequence number + padding).
 const PAYLOAD: usize = 64;
+/// First bytes of a WireGuard transport data message.
+pub const WG_HEADER: [u8; 4] = [4, 0, 0, 0];
 
 /// A sender of sequence-numbered datagrams at a constant rate; stops when dropped.
 #[derive(Debug)]
@@ -38,10 +42,11 @@ impl Flow {
         let (s2, n2) = (stop.clone(), sent.clone());
         let thread = std::thread::spawn(move || {
             let mut buf = [0u8; PAYLOAD];
+            buf[..4].copy_from_slice(&WG_HEADER);
             let start = Instant::now();
             let mut seq: u64 = 0;
             while !s2.load(Ordering::Relaxed) {
-                buf[..8].copy_from_slice(&seq.to_be_bytes());
+                buf[4..12].copy_from_slice(&seq.to_be_bytes());
                 // Errors (a cut path answering EPERM, no route yet) are loss, not failure.
                 let _ = sock.send_to(&buf, dst);
                 seq += 1;
@@ -97,9 +102,9 @@ impl Sink {
             let mut buf = [0u8; 2048];
             while !s2.load(Ordering::Relaxed) {
                 if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                    if n >= 8 {
+                    if n >= 12 && buf[..4] == WG_HEADER {
                         let mut seq = [0u8; 8];
-                        seq.copy_from_slice(&buf[..8]);
+                        seq.copy_from_slice(&buf[4..12]);
                         if let Ok(mut a) = a2.lock() {
                             a.push((Instant::now(), u64::from_be_bytes(seq)));
                         }

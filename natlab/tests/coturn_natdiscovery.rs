@@ -13,7 +13,7 @@ use natlab::{Nat, TopologySpec};
 
 fn coturn_words(nat: Nat) -> (&'static str, &'static str) {
     let mapping = match nat.expected_mapping() {
-        "endpoint-independent" => "Endpoint Independent Mapping",
+        "endpoint-independent" | "none" => "Endpoint Independent Mapping",
         _ => "Address and Port Dependent Mapping",
     };
     let filtering = match nat.expected_filtering() {
@@ -49,9 +49,12 @@ fn coturn_natdiscovery_sees_every_nat_behaviour_as_designed() {
     let mut t = spec.build().unwrap();
     // `-c /dev/null`: Debian's /etc/turnserver.conf says no-rfc5780.
     let turnserver = natlab::testenv::which("turnserver").unwrap();
+    let pidfile = t.lab.log_dir().join("turnserver.pid").display().to_string();
     let args: Vec<String> = [
         "-c",
         "/dev/null",
+        "--pidfile",
+        &pidfile,
         "--listening-ip",
         &SERVER_PRIMARY.to_string(),
         "--listening-ip",

@@ -30,7 +30,7 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
         .server_delay(Duration::from_millis(25))
         .build()
         .unwrap();
-    let mut mesh = Mesh::start(topo).unwrap();
+    let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
     let wg_a = SocketAddr::from((Ipv4Addr::LOCALHOST, WG_PORT));
     let sink = Sink::start(
         &mesh.topo.lab,
@@ -59,6 +59,18 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
         v.remote,
         support::secs(took)
     );
+
+    // Failover needs the peer's relayed candidate. The daemons exchange candidates before their
+    // TURN allocation may be ready and only re-offer ~20 s later (a client bug, tested by
+    // relay_candidate_reaches_the_peer_within_seconds below); wait for it so the gap measured is
+    // the failover's, not that race's.
+    for (h, p) in [("a1", "b1"), ("b1", "a1")] {
+        let t = mesh.wait_relay_pair(h, p, Duration::from_secs(40)).unwrap();
+        println!(
+            "{h} knows a relay pair towards {p} after {}",
+            support::secs(t)
+        );
+    }
 
     let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_PORT));
     let interval = Duration::from_millis(10);
@@ -122,4 +134,37 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
         gap_back < Duration::from_secs(2),
         "gap moving back to direct {gap_back:?}"
     );
+}
+
+/// Right after start both daemons must know a relay pair for each other (so a failover has
+/// somewhere to go), also when the servers are far (50 ms) and the TURN allocation completes
+/// after the first offer/answer.
+#[test]
+#[ignore = "client bug: a relayed candidate that appears after the offer/answer reaches the peer only at the next re-offer ~20 s later, see /work/notes/blockers.md"]
+fn relay_candidate_reaches_the_peer_within_seconds() {
+    let test = "relay_candidate_reaches_the_peer_within_seconds";
+    if support::mesh_ready(test, &[]).is_none() {
+        return;
+    }
+    let topo = TopologySpec::new()
+        .site("a", Nat::PortRestricted, 1)
+        .site("b", Nat::PortRestricted, 1)
+        .server_delay(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
+    for (h, p) in [("a1", "b1"), ("b1", "a1")] {
+        let opts = UpOptions {
+            peers: vec![p.to_string()],
+            ..Default::default()
+        };
+        mesh.up(h, &opts).unwrap();
+    }
+    for (h, p) in [("a1", "b1"), ("b1", "a1")] {
+        let t = mesh.wait_relay_pair(h, p, Duration::from_secs(5)).unwrap();
+        println!(
+            "{h} knows a relay pair towards {p} after {}",
+            support::secs(t)
+        );
+    }
 }

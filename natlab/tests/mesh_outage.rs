@@ -42,7 +42,7 @@ fn rendezvous_outage_keeps_direct_paths_and_clients_reregister() {
         .server_delay(Duration::from_millis(10))
         .build()
         .unwrap();
-    let mut mesh = Mesh::start(topo).unwrap();
+    let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
     let wg_a = SocketAddr::from((Ipv4Addr::LOCALHOST, WG_PORT));
     let sink = Sink::start(
         &mesh.topo.lab,
@@ -81,6 +81,7 @@ fn rendezvous_outage_keeps_direct_paths_and_clients_reregister() {
     let stop_at = Instant::now();
     mesh.stop_rendezvous();
     std::thread::sleep(OUTAGE);
+    let received_during = sink.received() - before_stop;
     let during = mesh.peer("a1", "b1").unwrap();
     let gap = sink.max_gap(stop_at, Instant::now());
     let state_during = rendezvous_state(&mut mesh, "a1");
@@ -109,7 +110,7 @@ fn rendezvous_outage_keeps_direct_paths_and_clients_reregister() {
         during.path,
         during.remote,
         support::secs(gap),
-        sink.received() - before_stop
+        received_during
     );
     for (h, d) in &reregistered {
         println!("{h} re-registered {} after the restart", support::secs(*d));

@@ -9,7 +9,10 @@ use natlab::mesh::MeshBins;
 /// Root, the system tools, and the meshpunch binaries (built if missing). Skips with a printed
 /// reason otherwise (a missing system requirement fails in CI, see `natlab::testenv`).
 pub(crate) fn mesh_ready(test: &str, extra: &[&str]) -> Option<MeshBins> {
-    let mut cmds = vec!["ip", "nft", "ping"];
+    let mut cmds = vec!["ip", "nft", "ping", "ss"];
+    if relay_impl() == natlab::mesh::RelayImpl::Coturn {
+        cmds.push("turnserver");
+    }
     cmds.extend_from_slice(extra);
     if !natlab::testenv::require_root(test) || !natlab::testenv::require_commands(test, &cmds) {
         return None;
@@ -29,4 +32,18 @@ pub(crate) fn mesh_ready(test: &str, extra: &[&str]) -> Option<MeshBins> {
 /// `1.234 s` style.
 pub(crate) fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
+}
+
+/// The relay the scenarios run: coturn (any RFC 8656 server must do), or `meshpunch-relay`
+/// with `NATLAB_RELAY=meshpunch`.
+///
+/// coturn is the default while meshpunch-relay refuses to relay between two allocations on
+/// itself (its peer policy denies its own public addresses, and the client's relay path goes
+/// from its allocation to the peer's allocation on the same relay): see
+/// /work/notes/blockers.md; flip the default once that is fixed.
+pub(crate) fn relay_impl() -> natlab::mesh::RelayImpl {
+    match std::env::var("NATLAB_RELAY").as_deref() {
+        Ok("meshpunch") => natlab::mesh::RelayImpl::Meshpunch,
+        _ => natlab::mesh::RelayImpl::Coturn,
+    }
 }
