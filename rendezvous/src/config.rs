@@ -75,7 +75,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections_per_ip: 64,
+            max_connections_per_ip: 256,
             registrations_per_sec_per_ip: 10.0,
             registrations_burst: 40,
             max_frame_bytes: meshpunch_proto::wire::MAX_FRAME_LEN,
