@@ -8,7 +8,7 @@ use std::time::Duration;
 use meshpunch_proto::connect::ConnectString;
 
 use crate::daemon::turn_uri_authority;
-use crate::rendezvous::{Client, ClientConfig};
+use crate::rendezvous::{Client, ClientConfig, Event};
 
 /// Relay regions as netcheck tests them: (region, TURN URI, resolved address).
 pub type RelayTargets = Vec<(String, String, Option<SocketAddr>)>;
@@ -28,13 +28,26 @@ pub async fn fetch(connect: &str) -> anyhow::Result<(Vec<SocketAddr>, RelayTarge
     }
     let secret = x25519_dalek::StaticSecret::from(crate::keys::generate_private());
     let cfg = ClientConfig::new(cs, secret);
-    let (client, _events) = tokio::time::timeout(Duration::from_secs(10), Client::connect(cfg))
+    let (client, mut events) = tokio::time::timeout(Duration::from_secs(10), Client::connect(cfg))
         .await
         .map_err(|_| anyhow::anyhow!("rendezvous did not answer within 10 s"))?
         .map_err(|e| anyhow::anyhow!("rendezvous: {e}"))?;
-    let reg = client
-        .registration()
-        .ok_or_else(|| anyhow::anyhow!("rendezvous: no registration"))?;
+    let reg = match client.registration() {
+        Some(r) => r,
+        // The registration may reach the event stream just after connect() returns.
+        None => tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(ev) = events.recv().await {
+                if let Event::Registered(r) = ev {
+                    return Some(r);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| anyhow::anyhow!("rendezvous: no registration"))?,
+    };
     for s in reg.stun {
         if !stun.contains(&s) {
             stun.push(s);

@@ -169,15 +169,7 @@ pub fn spawn(
                 }
             };
             backoff = Duration::from_millis(250);
-            if let Some(r) = client.registration() {
-                let _ = events
-                    .send(SignalEvent::Registered {
-                        observed: r.observed,
-                        stun: r.stun.clone(),
-                        relays: r.relays.clone(),
-                    })
-                    .await;
-            }
+            // The first registration arrives as Event::Registered like every later one.
             let keys: Vec<PeerKey> = peers.iter().map(|k| PeerKey(*k)).collect();
             if let Err(e) = client.watch(keys).await {
                 tracing::warn!(error = %e, "rendezvous watch failed");
