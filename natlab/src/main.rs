@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use natlab::lab::{self, Lab};
+use natlab::mesh::{Mesh, RelayImpl};
 use natlab::shaper::{self, ShapeConfig, ShapeStats};
 use natlab::TopologySpec;
 
@@ -31,6 +32,13 @@ enum Cmd {
         /// Loss probability on the server link (0.0-1.0).
         #[arg(long)]
         loss: Option<f64>,
+        /// Also start meshpunch-rendezvous and a relay on the server host and print the
+        /// connect string and a `meshpunch up` command line per host.
+        #[arg(long)]
+        services: bool,
+        /// With --services: run coturn's turnserver as the relay instead of meshpunch-relay.
+        #[arg(long)]
+        coturn: bool,
     },
     /// Build a named topology for as long as this command runs (Ctrl-C or end of input removes it).
     Hold {
@@ -63,7 +71,13 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { name, delay, loss } => up(&name, delay, loss),
+        Cmd::Up {
+            name,
+            delay,
+            loss,
+            services,
+            coturn,
+        } => up(&name, delay, loss, services, coturn),
         Cmd::Hold { name } => hold(&name),
         Cmd::Down { name } => {
             let gone = Lab::down(&name);
@@ -127,7 +141,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn up(name: &str, delay: Option<Duration>, loss: Option<f64>) -> anyhow::Result<()> {
+fn up(
+    name: &str,
+    delay: Option<Duration>,
+    loss: Option<f64>,
+    services: bool,
+    coturn: bool,
+) -> anyhow::Result<()> {
     if !natlab::testenv::is_root() {
         bail!("natlab up needs root (network namespaces, nftables)");
     }
@@ -147,17 +167,41 @@ fn up(name: &str, delay: Option<Duration>, loss: Option<f64>) -> anyhow::Result<
         spec.server_loss = l;
     }
     let lab = Lab::persistent(name)?;
-    match spec.build_in(lab) {
-        Ok(topo) => {
-            print!("{}", topo.describe());
-            println!("remove with: natlab down {name}");
-            Ok(())
-        }
+    let topo = match spec.build_in(lab) {
+        Ok(topo) => topo,
         Err(e) => {
             Lab::down(name);
-            Err(e.into())
+            return Err(e.into());
+        }
+    };
+    print!("{}", topo.describe());
+    if services {
+        let relay = if coturn {
+            RelayImpl::Coturn
+        } else {
+            RelayImpl::Meshpunch
+        };
+        match Mesh::start_with(topo, relay) {
+            Ok(mesh) => {
+                println!(
+                    "rendezvous + STUN + relay running on the server; connect string:\n  {}",
+                    mesh.connect
+                );
+                println!("a daemon on a host (write a config with [Interface] PrivateKey/Rendezvous and [Peer]s first):");
+                println!(
+                    "  ip netns exec {} {} up --config FILE --control-socket /tmp/natlab/HOST.sock",
+                    mesh.topo.lab.ns("HOST"),
+                    mesh.bins.client.display()
+                );
+            }
+            Err(e) => {
+                Lab::down(name);
+                return Err(e.into());
+            }
         }
     }
+    println!("remove with: natlab down {name}");
+    Ok(())
 }
 
 fn hold(name: &str) -> anyhow::Result<()> {
