@@ -1225,17 +1225,20 @@ impl Local {
 
     /// A local connection lost `peer` to a newer connection elsewhere: forget it and have its
     /// connection closed with GoAway{Superseded}.
-    fn superseded(&self, peer: PeerId, conn: ConnId, by_node: &str) {
+    /// Returns how many watched keys lost their last watcher (presence subscriptions to drop).
+    fn superseded(&self, peer: PeerId, conn: ConnId, by_node: &str) -> usize {
         if self
             .owners
             .remove_if(&peer, |_, owner| *owner == conn)
-            .is_some()
+            .is_none()
         {
-            self.unwatch_all(&peer);
-            tracing::info!(%peer, conn, by_node, "connection superseded by a newer one on another node");
-            metrics::counter!(SUPERSEDED_TOTAL).increment(1);
-            let _ = self.push(peer, Delivery::Superseded { conn });
+            return 0;
         }
+        let dropped = self.unwatch_all(&peer);
+        tracing::info!(%peer, conn, by_node, "connection superseded by a newer one on another node");
+        metrics::counter!(SUPERSEDED_TOTAL).increment(1);
+        let _ = self.push(peer, Delivery::Superseded { conn });
+        dropped
     }
 }
 
@@ -1561,7 +1564,13 @@ async fn event_loop(
                     let settled = tokio::time::Instant::now() >= settled_at;
                     sweep_watched(&local, &bus, settled).await;
                 }
-                Some(ev) => handle_event(&local, ev),
+                Some(ev) => {
+                    if let Some((network, dropped)) = handle_event(&local, ev) {
+                        for _ in 0..dropped {
+                            let _ = bus.interest(&network, false).await;
+                        }
+                    }
+                }
                 None => return,
             },
             _ = tick.tick() => {
@@ -1572,14 +1581,15 @@ async fn event_loop(
     }
 }
 
-fn handle_event(local: &Local, ev: BusEvent) {
+/// Applies one event; returns a network and how many of its watched keys lost their last watcher.
+fn handle_event(local: &Local, ev: BusEvent) -> Option<(String, usize)> {
     match ev {
         BusEvent::Node(NodeMsg::Deliver { payload, .. }) => {
             let env: Envelope = match serde_json::from_str(&payload) {
                 Ok(env) => env,
                 Err(e) => {
                     tracing::warn!(error = %e, "malformed delivery from another node");
-                    return;
+                    return None;
                 }
             };
             if local.owners.contains_key(&env.to) {
@@ -1588,6 +1598,7 @@ fn handle_event(local: &Local, ev: BusEvent) {
                 // The peer left (or moved) after the sender looked it up; the offer times out.
                 metrics::counter!(DELIVERIES_TOTAL, "result" => "gone").increment(1);
             }
+            None
         }
         BusEvent::Node(NodeMsg::Superseded {
             network,
@@ -1601,24 +1612,34 @@ fn handle_event(local: &Local, ev: BusEvent) {
             conn,
             by_node,
         } => {
-            if let (Ok(key), Ok(conn)) = (key.parse::<PeerKey>(), conn.parse::<ConnId>()) {
-                local.superseded(PeerId { network, key }, conn, &by_node);
-            }
+            let (Ok(key), Ok(conn)) = (key.parse::<PeerKey>(), conn.parse::<ConnId>()) else {
+                return None;
+            };
+            let dropped = local.superseded(
+                PeerId {
+                    network: network.clone(),
+                    key,
+                },
+                conn,
+                &by_node,
+            );
+            Some((network, dropped))
         }
         BusEvent::Presence { network, event } => {
             if event.node == local.node_id {
-                return; // applied locally already
+                return None; // applied locally already
             }
             let Ok(key) = event.key.parse::<PeerKey>() else {
-                return;
+                return None;
             };
             let peer = PeerId { network, key };
             if !event.online && local.owners.contains_key(&peer) {
-                return; // it moved here
+                return None; // it moved here
             }
             local.set_online(&peer, event.online);
+            None
         }
-        BusEvent::Up | BusEvent::Down => {}
+        BusEvent::Up | BusEvent::Down => None,
     }
 }
 
