@@ -1056,6 +1056,7 @@ impl Engine {
                 }
                 p.rx_bytes += pkt.len() as u64;
                 p.rx_packets += 1;
+                p.path.on_data_received(now, &from);
                 if let Some(wg) = p.wg_addr {
                     let _ = p.proxy.try_send_to(pkt, wg);
                 }

@@ -630,6 +630,21 @@ impl PeerPath {
         }
     }
 
+    /// Record that WireGuard data arrived from `from`. Data arriving on another pair than the
+    /// selected one hints that the peer moved (its side of our path may be dead): the selected
+    /// pair is checked at once instead of at the next keepalive.
+    pub fn on_data_received(&mut self, now: Instant, from: &PathAddr) {
+        let Some(sel) = self.selected else { return };
+        if sel == *from {
+            return;
+        }
+        if let Some(p) = self.pairs.iter_mut().find(|p| p.dest == sel) {
+            if p.pings.is_empty() && p.next_ping > now {
+                p.next_ping = now;
+            }
+        }
+    }
+
     fn is_idle(&self, now: Instant) -> bool {
         match self.last_data_sent {
             Some(t) => now.saturating_duration_since(t) > self.cfg.idle_after,

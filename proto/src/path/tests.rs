@@ -107,6 +107,8 @@ struct Sim {
     one_way: Duration,
     relay_one_way: Duration,
     data_every: Option<Duration>,
+    /// Only this node sends data (the other one only receives).
+    data_only_from: Option<usize>,
     next_data: Instant,
 }
 
@@ -166,6 +168,7 @@ impl Sim {
             one_way: Duration::from_millis(15),
             relay_one_way: Duration::from_millis(25),
             data_every: None,
+            data_only_from: None,
             next_data: t0,
         }
     }
@@ -317,6 +320,7 @@ impl Sim {
                     }
                     PacketKind::WireGuard if self.nodes[to].path.knows(&from) => {
                         self.nodes[to].data_received += 1;
+                        self.nodes[to].path.on_data_received(now, &from);
                     }
                     _ => {}
                 }
@@ -330,6 +334,9 @@ impl Sim {
                 if self.next_data <= now {
                     self.next_data = now + every;
                     for i in 0..2 {
+                        if self.data_only_from.is_some_and(|only| only != i) {
+                            continue;
+                        }
                         self.nodes[i].path.on_data_sent(now);
                         if let Some(dest) = self.nodes[i].path.route() {
                             self.nodes[i].data_sent += 1;
@@ -643,4 +650,31 @@ fn replayed_and_forged_probes_are_refused_and_counted() {
     assert_eq!((c.accepted, c.replayed, c.unauthenticated), (1, 1, 1));
     // A probe reflected back to its sender fails too.
     assert!(a.handle_probe(t0, from, &ping.payload).is_err());
+}
+
+#[test]
+fn receiving_side_follows_the_sender_to_the_relay_quickly() {
+    let mut sim = Sim::new(
+        Some(MapKind::Cone),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    sim.data_every = Some(Duration::from_millis(50));
+    sim.data_only_from = Some(0);
+    sim.start();
+    sim.run_for(Duration::from_secs(3));
+    assert_eq!(sim.kind(1), PathKind::Direct);
+    // B only receives, so it is idle (keepalive every 25 s) when the direct path dies.
+    sim.run_for(Duration::from_secs(10));
+    sim.direct_dead = true;
+    let died = sim.now - sim.t0;
+    sim.run_for(Duration::from_secs(4));
+    assert_eq!(sim.kind(0), PathKind::Relay);
+    assert_eq!(sim.kind(1), PathKind::Relay);
+    let t = sim.changed_to(1, PathKind::Relay, died).unwrap();
+    assert!(
+        t - died <= Duration::from_secs(3),
+        "receiver followed after {:?}",
+        t - died
+    );
 }
