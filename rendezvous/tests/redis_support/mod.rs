@@ -17,21 +17,54 @@ pub(crate) struct RedisServer {
     port: u16,
     /// `--tls-port` instead of `--port`, with these certificate and key files.
     tls: Option<(String, String)>,
+    /// Further server options (cluster mode, replication).
+    extra: Vec<String>,
+    /// Run as a Sentinel with this config file.
+    sentinel_conf: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     /// Starts one on a port the OS picked.
     pub(crate) fn start() -> Self {
-        Self::start_with(None)
+        Self::start_with(None, Vec::new(), None)
+    }
+
+    /// Starts one with further `redis-server` options (e.g. `--cluster-enabled yes`).
+    pub(crate) fn start_args(extra: &[&str]) -> Self {
+        Self::start_with(None, extra.iter().map(|s| s.to_string()).collect(), None)
+    }
+
+    /// Starts a Sentinel watching the master at `master_port` as `master_name` (quorum 1, a
+    /// master is "down" after 1 s); its config file lives in `dir`.
+    pub(crate) fn start_sentinel(
+        dir: &std::path::Path,
+        master_name: &str,
+        master_port: u16,
+    ) -> Self {
+        let conf = dir.join(format!("sentinel-{}.conf", free_port()));
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {master_name} 1000\n\
+                 sentinel failover-timeout {master_name} 5000\n"
+            ),
+        )
+        .expect("write sentinel.conf");
+        Self::start_with(None, Vec::new(), Some(conf))
     }
 
     /// Starts one that speaks only TLS, with the given PEM certificate chain and key files.
     pub(crate) fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
         let tls = (cert.display().to_string(), key.display().to_string());
-        Self::start_with(Some(tls))
+        Self::start_with(Some(tls), Vec::new(), None)
     }
 
-    fn start_with(tls: Option<(String, String)>) -> Self {
+    fn start_with(
+        tls: Option<(String, String)>,
+        extra: Vec<String>,
+        sentinel_conf: Option<std::path::PathBuf>,
+    ) -> Self {
         // A port another process grabs between our probe and redis' bind makes redis exit: retry.
         for _ in 0..5 {
             let port = free_port();
@@ -39,6 +72,8 @@ impl RedisServer {
                 child: None,
                 port,
                 tls: tls.clone(),
+                extra: extra.clone(),
+                sentinel_conf: sentinel_conf.clone(),
             };
             if s.spawn() {
                 return s;
@@ -49,6 +84,11 @@ impl RedisServer {
 
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new(natlab::testenv::which("redis-server").expect("redis-server"));
+        if let Some(conf) = &self.sentinel_conf {
+            cmd.arg(conf).arg("--sentinel");
+            cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"]);
+            return self.run(cmd);
+        }
         match &self.tls {
             None => cmd.args(["--port", &self.port.to_string()]),
             Some((cert, key)) => cmd
@@ -56,16 +96,20 @@ impl RedisServer {
                 .args(["--tls-cert-file", cert, "--tls-key-file", key])
                 .args(["--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]),
         };
+        cmd.args(["--bind", "127.0.0.1"]).args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]);
+        cmd.args(&self.extra);
+        self.run(cmd)
+    }
+
+    fn run(&mut self, mut cmd: Command) -> bool {
         let child = cmd
-            .args(["--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -85,6 +129,11 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         false
+    }
+
+    /// The port it listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
     }
 
     /// `redis://127.0.0.1:PORT/` (`rediss://` for a TLS server).
