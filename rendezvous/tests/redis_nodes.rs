@@ -69,6 +69,7 @@ impl Node {
             .args(["--admin-listen", &admin.to_string()])
             .args(["--redis", &redis.url(), "--node-id", id])
             .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
