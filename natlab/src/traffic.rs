@@ -152,23 +152,30 @@ impl Sink {
     /// The largest interval between consecutive arrivals within `[from, to]`, counting the
     /// interval from the last arrival before `from` (the flow's real interruption).
     pub fn max_gap(&self, from: Instant, to: Instant) -> Duration {
-        let Ok(a) = self.arrivals.lock() else {
-            return Duration::ZERO;
-        };
+        self.max_gap_span(from, to)
+            .map(|(a, b)| b - a)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Like [`Sink::max_gap`], returning the last arrival before the gap and the first after.
+    pub fn max_gap_span(&self, from: Instant, to: Instant) -> Option<(Instant, Instant)> {
+        let a = self.arrivals.lock().ok()?;
         let mut prev: Option<Instant> = None;
-        let mut gap = Duration::ZERO;
+        let mut best: Option<(Instant, Instant)> = None;
         for &(t, _) in a.iter() {
             if t > to {
                 break;
             }
             if t >= from {
                 if let Some(p) = prev {
-                    gap = gap.max(t - p);
+                    if best.is_none_or(|(x, y)| t - p > y - x) {
+                        best = Some((p, t));
+                    }
                 }
             }
             prev = Some(t);
         }
-        gap
+        best
     }
 
     /// Sequence numbers below `sent` that never arrived.
