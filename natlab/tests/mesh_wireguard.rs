@@ -129,8 +129,8 @@ fn scenario(host_candidates: bool, relay: RelayImpl) {
     let relay = mesh.topo.ping("a1", wb.addr, 10).unwrap();
     println!("ping over WireGuard, forced relay: {relay}");
 
-    assert!(direct.received >= 9, "{direct}");
-    assert!(relay.received >= 8, "{relay}");
+    assert!(direct.received >= 8, "{direct}");
+    assert!(relay.received >= 7, "{relay}");
     assert!(
         relay.min_ms > direct.min_ms,
         "relay {relay} vs direct {direct}"
