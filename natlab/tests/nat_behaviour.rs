@@ -368,44 +368,81 @@ fn lab_is_removed_on_drop_and_after_a_panic() {
 }
 
 #[test]
-fn lab_is_removed_when_its_process_is_killed() {
-    if !ready("lab_is_removed_when_its_process_is_killed") {
+fn lab_is_removed_when_its_process_is_interrupted_or_killed() {
+    if !ready("lab_is_removed_when_its_process_is_interrupted_or_killed") {
         return;
     }
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_natlab"))
-        .args(["hold", "pair"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    // "lab np<pid>-<n> — shells:"
-    let prefix = format!("{}-", first.split_whitespace().nth(1).unwrap());
-    assert!(prefix.starts_with("np"), "{first}");
-    assert!(natlab::lab::list_namespaces()
-        .iter()
-        .any(|n| n.starts_with(&prefix)));
-    child.kill().unwrap(); // SIGKILL: no destructor runs, only the guardian can clean up
-    child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while natlab::lab::list_namespaces()
-        .iter()
-        .any(|n| n.starts_with(&prefix))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "namespaces {prefix}* outlived their killed owner"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    // SIGINT (Ctrl-C) and SIGKILL: no destructor runs, only the guardian can clean up.
+    for signal in [libc::SIGINT, libc::SIGKILL] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_natlab"))
+            .args(["hold", "pair"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        // "lab np<pid>-<n> — shells:"
+        let prefix = format!("{}-", first.split_whitespace().nth(1).unwrap());
+        assert!(prefix.starts_with("np"), "{first}");
+        assert!(natlab::lab::list_namespaces()
+            .iter()
+            .any(|n| n.starts_with(&prefix)));
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(i32::try_from(child.id()).unwrap(), signal);
+        }
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while natlab::lab::list_namespaces()
+            .iter()
+            .any(|n| n.starts_with(&prefix))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "namespaces {prefix}* outlived their owner (signal {signal})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The shaper it ran inside the lab is gone too.
+        let ps = std::process::Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&ps.stdout).contains(&format!("{prefix}inet")));
     }
-    // The shaper it ran inside the lab is gone too.
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "args"])
-        .output()
+}
+
+#[test]
+fn stale_labs_of_dead_processes_are_removed_at_start() {
+    if !ready("stale_labs_of_dead_processes_are_removed_at_start") {
+        return;
+    }
+    // A pid that certainly is not running any more.
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let dead = c.id();
+    c.wait().unwrap();
+    let stale = format!("np{dead}-0-stale");
+    natlab::sh::run("ip", &["netns", "add", &stale]).unwrap();
+    // Another live process's lab (ours) must survive.
+    let live = TopologySpec::new()
+        .site("a", Nat::PortRestricted, 1)
+        .build()
         .unwrap();
-    assert!(!String::from_utf8_lossy(&ps.stdout).contains(&format!("{}inet", prefix)));
+    let t = TopologySpec::new()
+        .site("b", Nat::PortRestricted, 1)
+        .build()
+        .unwrap();
+    let names = natlab::lab::list_namespaces();
+    assert!(
+        !names.contains(&stale),
+        "stale lab {stale} survived a new run"
+    );
+    assert!(names
+        .iter()
+        .any(|n| n.starts_with(&format!("{}-", live.lab.prefix()))));
+    drop(t);
 }
 
 #[test]
