@@ -486,8 +486,9 @@ impl TurnClient {
                 *ip
             })
             .collect();
-        if !due.is_empty() {
-            self.start(Op::Permission { ips: due }, now);
+        // Several addresses per CreatePermission, in requests that stay well under the MTU.
+        for ips in due.chunks(32) {
+            self.start(Op::Permission { ips: ips.to_vec() }, now);
         }
         let due: Vec<(SocketAddr, u16)> = self
             .channels
@@ -818,7 +819,7 @@ impl TurnClient {
                 b.with_attribute(MessageIntegrity::new(auth.key.clone()))
             };
         }
-        let mut buf = vec![0u8; 1024];
+        let mut buf = vec![0u8; 2048];
         let n = self.encoder.encode(&mut buf, &b.build()).ok()?;
         buf.truncate(n);
         Some(buf)

@@ -40,6 +40,7 @@ pub struct TurnSocket {
     sock: UdpSocket,
     client: TurnClient,
     buf: Vec<u8>,
+    out: Vec<u8>,
     /// Relayed data that arrived while waiting for a control answer.
     backlog: std::collections::VecDeque<(SocketAddr, Vec<u8>)>,
 }
@@ -52,6 +53,7 @@ impl TurnSocket {
             sock,
             client: TurnClient::new(server, creds, Instant::now()),
             buf: vec![0u8; 65_536],
+            out: vec![0u8; 65_536 + 64],
             backlog: Default::default(),
         })
     }
@@ -169,9 +171,8 @@ impl TurnSocket {
 
     /// Sends `data` to `peer` through the relay.
     pub fn send_to(&mut self, peer: SocketAddr, data: &[u8]) -> Result<(), TurnSocketError> {
-        let mut out = [0u8; 2048];
-        let n = self.client.encode_send(peer, data, &mut out)?;
-        self.sock.send_to(&out[..n], self.client.server())?;
+        let n = self.client.encode_send(peer, data, &mut self.out)?;
+        self.sock.send_to(&self.out[..n], self.client.server())?;
         Ok(())
     }
 

@@ -207,7 +207,8 @@ pub fn run(
     let mut server = TurnServer::new(cfg, alloc, start, unix_now());
     let mut rb = RecvBatch::new();
     let mut q = SendQueue::new(gso && udp::gso_supported(lfd));
-    let mut out = vec![0u8; 2048];
+    // Room for a Data indication around the largest UDP payload.
+    let mut out = vec![0u8; 65_536 + 64];
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut exported = Exported::default();
     let mut next_export = start + EXPORT_INTERVAL;

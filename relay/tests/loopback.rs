@@ -52,6 +52,18 @@ fn relays_channel_data_and_indications_both_ways() {
             assert_eq!(&buf[..n], &(burst * 50 + i).to_be_bytes());
         }
     }
+    // Large datagrams (loopback MTU is 64 KiB) in both framings.
+    let big: Vec<u8> = (0..8000u32).map(|i| i as u8).collect();
+    for p in [&peer, &peer2] {
+        let addr = p.local_addr().unwrap();
+        c.send_to(addr, &big).unwrap();
+        let mut rx = vec![0u8; 65_536];
+        let (n, _) = p.recv_from(&mut rx).unwrap();
+        assert_eq!(&rx[..n], &big[..]);
+        p.send_to(&big, relayed).unwrap();
+        let (from, n) = c.recv_from(&mut rx, T).unwrap();
+        assert_eq!((from, &rx[..n]), (addr, &big[..]));
+    }
     c.release(T).unwrap();
     // Released ports return to the pool.
     let deadline = std::time::Instant::now() + T;
