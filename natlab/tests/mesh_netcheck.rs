@@ -12,7 +12,7 @@ use natlab::mesh::Mesh;
 use natlab::{Nat, TopologySpec};
 
 #[test]
-#[ignore = "client bugs: filtering is reported endpoint-independent behind every NAT (CHANGE-REQUEST tests run on a socket that already talked to the alternate address), and netcheck intermittently exits with \"rendezvous: no registration\"; see /work/notes/blockers.md"]
+#[ignore = "client bug: filtering is reported endpoint-independent behind every NAT (the CHANGE-REQUEST tests run on a socket that already talked to the alternate address); see /work/notes/blockers.md"]
 fn netcheck_classifies_every_lab_nat() {
     let test = "netcheck_classifies_every_lab_nat";
     if support::mesh_ready(test, &[]).is_none() {
