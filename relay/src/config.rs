@@ -260,9 +260,10 @@ impl RelayConfig {
             server.max_channels = v;
         }
         let bw = file.bandwidth_limit.unwrap_or(0);
+        // The burst must hold the largest datagram, or big packets could never pass.
         server.bandwidth = Rate {
             per_sec: bw,
-            burst: file.bandwidth_burst.unwrap_or(bw),
+            burst: file.bandwidth_burst.unwrap_or(bw).max(65_536),
         };
         if let Some(r) = file.request_rate {
             server.request_rate = Rate {
