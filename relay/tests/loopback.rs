@@ -125,3 +125,31 @@ fn drain_refuses_new_allocations_and_finishes_when_idle() {
     // Workers exit once idle; join returns.
     relay.join();
 }
+
+#[test]
+fn many_clients_spread_over_workers_all_relay() {
+    let relay = Relay::start(relay_config(true, 7)).unwrap();
+    let server = relay.listen_addr();
+    let peer = peer_socket();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut clients = Vec::new();
+    for i in 0..16 {
+        let mut c =
+            TurnSocket::new(any_local(), server, rest_creds(SECRET, &format!("u{i}"))).unwrap();
+        let relayed = c.allocate(T).unwrap();
+        c.bind_channel(peer_addr, T).unwrap();
+        clients.push((c, relayed));
+    }
+    let mut buf = [0u8; 64];
+    for (i, (c, relayed)) in clients.iter_mut().enumerate() {
+        c.send_to(peer_addr, &[i as u8]).unwrap();
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&[i as u8][..], *relayed));
+        peer.send_to(&[i as u8, 1], *relayed).unwrap();
+        let (p, n) = c.recv_from(&mut buf, T).unwrap();
+        assert_eq!((p, &buf[..n]), (peer_addr, &[i as u8, 1][..]));
+    }
+    let relayed: std::collections::HashSet<_> = clients.iter().map(|(_, r)| *r).collect();
+    assert_eq!(relayed.len(), 16, "one relayed port per allocation");
+    assert_eq!(relay.ports_in_use(), 16);
+}

@@ -21,7 +21,7 @@ pub const T: Duration = Duration::from_secs(10);
 /// A relayed port range unlikely to collide with parallel tests (ports that fail to bind
 /// are skipped by the pool anyway).
 pub fn port_range(slot: u16) -> String {
-    let base = 20_000 + (std::process::id() as u16 % 200) * 100 + slot * 20 % 100;
+    let base = 20_000 + (std::process::id() % 100) as u16 * 200 + (slot % 10) * 20;
     format!("{}-{}", base, base + 19)
 }
 
