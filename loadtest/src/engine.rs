@@ -29,7 +29,7 @@ use crate::udp::{self, RecvBatch, SendBatch, BATCH, MAX_DATAGRAM};
 pub const STAMP_LEN: usize = 24;
 
 /// Shortest pause of the sender between batches.
-const MIN_SLEEP: Duration = Duration::from_micros(20);
+const MIN_SLEEP: Duration = Duration::from_micros(100);
 
 /// Largest `--size` a trial accepts (payload bytes seen by the peer).
 pub const MAX_SIZE: usize = MAX_DATAGRAM - 8;

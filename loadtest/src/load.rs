@@ -254,6 +254,9 @@ pub struct Report {
     pub send_errors: u64,
     /// Server CPU use during the reported trial (100 = one core), when `--server-pid` given.
     pub server_cpu_percent: Option<f64>,
+    /// Server CPU time per delivered datagram, µs (when `--server-pid` given): the cost of
+    /// relaying one packet, independent of whether the generator or the server was the limit.
+    pub server_cpu_us_per_packet: Option<f64>,
     /// Load generator CPU use during the reported trial.
     pub generator_cpu_percent: f64,
     /// For `--find-max`: every trial in order (the reported one is the best passing).
@@ -262,13 +265,41 @@ pub struct Report {
     pub found: Option<bool>,
 }
 
+/// CPU measured over one trial: server (percent, seconds) and generator percent.
+#[derive(Debug, Clone, Copy, Default)]
+struct TrialCpu {
+    server_percent: Option<f64>,
+    server_seconds: Option<f64>,
+    generator_percent: f64,
+}
+
+struct Meters {
+    server: Option<CpuMeter>,
+    generator: Option<CpuMeter>,
+}
+
+impl Meters {
+    fn start(server_pid: Option<u32>) -> Meters {
+        Meters {
+            server: server_pid.and_then(CpuMeter::start),
+            generator: CpuMeter::start(std::process::id()),
+        }
+    }
+    fn read(&self) -> TrialCpu {
+        TrialCpu {
+            server_percent: self.server.and_then(|m| m.percent()),
+            server_seconds: self.server.and_then(|m| m.used()).map(|d| d.as_secs_f64()),
+            generator_percent: self.generator.and_then(|m| m.percent()).unwrap_or(0.0),
+        }
+    }
+}
+
 fn report_from(
     target: &Target,
     opts: &LoadOptions,
     setup_seconds: f64,
     r: &TrialResult,
-    server_cpu: Option<f64>,
-    gen_cpu: f64,
+    cpu: TrialCpu,
 ) -> Report {
     Report {
         mode: target.mode().into(),
@@ -288,8 +319,12 @@ fn report_from(
         p99_us: r.p99_us,
         max_us: r.max_us,
         send_errors: r.send_errors,
-        server_cpu_percent: server_cpu,
-        generator_cpu_percent: gen_cpu,
+        server_cpu_percent: cpu.server_percent,
+        server_cpu_us_per_packet: match cpu.server_seconds {
+            Some(s) if r.received > 0 => Some(s * 1e6 / r.received as f64),
+            _ => None,
+        },
+        generator_cpu_percent: cpu.generator_percent,
         trials: None,
         found: None,
     }
@@ -309,8 +344,7 @@ pub fn run_once(target: &Target, opts: &LoadOptions) -> Result<Report, LoadError
         duration: opts.duration,
         drain: drain_for(opts.duration),
     };
-    let meter = opts.server_pid.and_then(CpuMeter::start);
-    let gen = CpuMeter::start(std::process::id());
+    let meters = Meters::start(opts.server_pid);
     let bar = Bar::start(target.mode(), opts.duration, progress.clone());
     let Setup {
         flows,
@@ -320,9 +354,7 @@ pub fn run_once(target: &Target, opts: &LoadOptions) -> Result<Report, LoadError
     } = setup;
     let (peers, r) = engine::run_trial(&flows, peers, spec, progress);
     bar.finish();
-    let server_cpu = meter.and_then(|m| m.percent());
-    let gen_cpu = gen.and_then(|m| m.percent()).unwrap_or(0.0);
-    let report = report_from(target, opts, setup_seconds, &r, server_cpu, gen_cpu);
+    let report = report_from(target, opts, setup_seconds, &r, meters.read());
     Setup {
         flows,
         peers,
@@ -360,27 +392,18 @@ pub fn run_find_max(
         max_loss,
         steps: 6,
     };
-    let mut cpu: Vec<(Option<f64>, f64)> = Vec::new();
-    let mut meter = (
-        opts.server_pid.and_then(CpuMeter::start),
-        CpuMeter::start(std::process::id()),
-    );
+    let mut cpu: Vec<TrialCpu> = Vec::new();
+    let mut meters = Meters::start(opts.server_pid);
     let (trials, best) = engine::find_max(&flows, peers, base, search, progress, |r| {
-        cpu.push((
-            meter.0.and_then(|m| m.percent()),
-            meter.1.and_then(|m| m.percent()).unwrap_or(0.0),
-        ));
-        meter = (
-            opts.server_pid.and_then(CpuMeter::start),
-            CpuMeter::start(std::process::id()),
-        );
+        cpu.push(meters.read());
+        meters = Meters::start(opts.server_pid);
         on_trial(r);
     });
     turn::release_all(turn);
     let idx = best.unwrap_or(0);
-    let (server_cpu, gen_cpu) = cpu.get(idx).copied().unwrap_or((None, 0.0));
+    let c = cpu.get(idx).copied().unwrap_or_default();
     let mut report = match trials.get(idx) {
-        Some(r) => report_from(target, opts, setup_seconds, r, server_cpu, gen_cpu),
+        Some(r) => report_from(target, opts, setup_seconds, r, c),
         None => return Err(LoadError::Options("no trial ran".into())),
     };
     report.found = Some(best.is_some());
@@ -412,7 +435,7 @@ pub fn table(r: &Report) -> String {
         "gen%"
     ));
     s.push_str(&format!(
-        "{:>10} {:>10} {:>11.0} {:>9.1} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7.0}\n",
+        "{:>10} {:>10} {:>11.0} {:>9.1} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7.0}\n",
         r.sent,
         r.received,
         r.pps,
@@ -424,6 +447,9 @@ pub fn table(r: &Report) -> String {
         r.max_us,
         r.server_cpu_percent
             .map(|c| format!("{c:.0}"))
+            .unwrap_or_else(|| "-".into()),
+        r.server_cpu_us_per_packet
+            .map(|c| format!("{c:.2}"))
             .unwrap_or_else(|| "-".into()),
         r.generator_cpu_percent
     ));

@@ -65,8 +65,9 @@ enum Cmd {
         /// Offers per second.
         #[arg(long, default_value_t = 500.0)]
         offer_rate: f64,
-        /// Clients sharing one QUIC endpoint (UDP socket).
-        #[arg(long, default_value_t = 50)]
+        /// Clients sharing one QUIC endpoint (UDP socket, and source IP when spread; keep it
+        /// within the server's per-IP connection and registration-burst limits).
+        #[arg(long, default_value_t = 32)]
         clients_per_endpoint: usize,
         /// Keep every endpoint on 127.0.0.1 instead of spreading over 127.0.1.x (a loopback
         /// server's per-IP limits then apply to the whole load).

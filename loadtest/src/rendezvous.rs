@@ -78,7 +78,7 @@ impl Default for RendezvousOptions {
             concurrency: 256,
             offers: 100,
             offer_rate: 500.0,
-            clients_per_endpoint: 50,
+            clients_per_endpoint: 32,
             spread_source_ips: true,
             server_pid: None,
             hold: Duration::ZERO,

@@ -60,6 +60,11 @@ impl CpuMeter {
         })
     }
 
+    /// CPU time used since [`Self::start`].
+    pub fn used(&self) -> Option<Duration> {
+        cpu_time(self.pid)?.checked_sub(self.cpu)
+    }
+
     /// CPU percent since [`Self::start`].
     pub fn percent(&self) -> Option<f64> {
         let used = cpu_time(self.pid)?.checked_sub(self.cpu)?;
