@@ -371,3 +371,48 @@ async fn redis_outage_keeps_local_service_and_republishes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_heartbeat_notices_a_key_taken_while_its_message_was_lost() {
+    if !redis_support::available("redis_heartbeat_notices_a_key_taken_while_its_message_was_lost") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (n1, mut in1) = node(&redis, "n1");
+    wait_ready(&n1).await;
+    let a = pid("net", 1);
+    n1.register(&a, 100).await.expect("register");
+    // Another node took the key, but its "superseded" message never arrived (e.g. published
+    // while this node's subscription was reconnecting): write the newer owner directly.
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let owner = r#"{"node":"elsewhere","conn":"999","since":1,"info":""}"#;
+    let _: () = redis::cmd("SET")
+        .arg(format!("meshpunch:{{net}}:peer:{}", a.key))
+        .arg(owner)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut c)
+        .await
+        .expect("SET");
+    // The next heartbeat finds it and closes the local connection.
+    let e = next_matching(&mut in1, "superseded by heartbeat", |e| {
+        matches!(e.delivery, Delivery::Superseded { .. })
+    })
+    .await;
+    assert_eq!(
+        (e.to, e.delivery),
+        (a.clone(), Delivery::Superseded { conn: 100 })
+    );
+    assert_eq!(n1.local_peers(), 0);
+    // The newer owner's key is left alone.
+    let v: Option<String> = redis::cmd("GET")
+        .arg(format!("meshpunch:{{net}}:peer:{}", a.key))
+        .query_async(&mut c)
+        .await
+        .expect("GET");
+    assert_eq!(v.as_deref(), Some(owner));
+}

@@ -443,19 +443,51 @@ redis.call('PEXPIRE', KEYS[2], ttl * 2)
 return {1, cur or ''}
 "#;
 
-/// Heartbeat of one claim. KEYS: presence key, index. ARGV: node, conn, ttl ms, now ms, member.
-/// Returns 1 refreshed, 0 owned by someone else (value in second slot), -1 gone.
-const REFRESH_LUA: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {-1, ''} end
-local ok, c = pcall(cjson.decode, cur)
-if not ok or type(c) ~= 'table' or c.node ~= ARGV[1] or c.conn ~= ARGV[2] then return {0, cur} end
-local ttl = tonumber(ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + ttl, ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ttl * 2)
-return {1, ''}
+/// Heartbeat of many claims of one network. KEYS: index, then presence keys. ARGV: ttl ms, now ms,
+/// then (owner prefix, member) per presence key. The owner prefix is the start of the JSON this
+/// node wrote (`{"node":...,"conn":...,`): comparing it is much cheaper than decoding JSON, and
+/// heartbeats are most of the Redis load. Returns per key 1 refreshed, 0 owned by someone else,
+/// -1 gone.
+const REFRESH_MANY_LUA: &str = r#"
+local ttl = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2]) + ttl
+local out = {}
+local zargs = {}
+for i = 2, #KEYS do
+  local prefix = ARGV[2 * i - 1]
+  local cur = redis.call('GET', KEYS[i])
+  if not cur then
+    out[#out + 1] = -1
+  elseif string.sub(cur, 1, #prefix) == prefix then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    zargs[#zargs + 1] = expiry
+    zargs[#zargs + 1] = ARGV[2 * i]
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+if #zargs > 0 then
+  redis.call('ZADD', KEYS[1], unpack(zargs))
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return out
 "#;
+
+/// The start of the JSON of an [`Owner`] with this node and connection (fields serialise in
+/// declaration order: node, conn, since, info).
+fn owner_prefix(node: &str, conn: &str) -> Result<String, RedisBusError> {
+    let json =
+        |v: &str| serde_json::to_string(v).map_err(|e| RedisBusError::Malformed(e.to_string()));
+    Ok(format!(
+        "{{\"node\":{},\"conn\":{},",
+        json(node)?,
+        json(conn)?
+    ))
+}
+
+/// Claims refreshed per script call (all of one network, so one hash slot).
+const REFRESH_BATCH: usize = 128;
 
 /// Drops a claim if still ours. KEYS: presence key, index. ARGV: node, conn, member.
 const RELEASE_LUA: &str = r#"
@@ -488,7 +520,7 @@ struct Shared {
     broken: Notify,
     events: mpsc::Sender<BusEvent>,
     claim: Script,
-    refresh: Script,
+    refresh_many: Script,
     release: Script,
 }
 
@@ -534,7 +566,7 @@ impl RedisBus {
             broken: Notify::new(),
             events,
             claim: Script::new(CLAIM_LUA),
-            refresh: Script::new(REFRESH_LUA),
+            refresh_many: Script::new(REFRESH_MANY_LUA),
             release: Script::new(RELEASE_LUA),
         });
         metrics::gauge!(REDIS_UP).set(0.0);
@@ -574,6 +606,12 @@ impl RedisBus {
         lock(&self.shared.claims).insert((network.to_string(), key.to_string()), claim.clone());
         let conn_handle = self.shared.conn()?;
         claim_remote(&self.shared, conn_handle, network, key, &claim, false).await
+    }
+
+    /// Forgets the local claim of `conn` on `key` without touching Redis (the key belongs to a
+    /// newer connection elsewhere now).
+    pub fn forget(&self, network: &str, key: &str, conn: &str) {
+        forget_claim(&self.shared, network, key, conn);
     }
 
     /// Drops the claim of `conn` on `key` (if it is still the owner) and tells the network.
@@ -984,21 +1022,35 @@ async fn supervise(s: Arc<Shared>) {
         tracing::info!(node = %s.cfg.node_id, "redis connected");
         let _ = s.events.send(BusEvent::Up).await;
 
-        let mut heartbeat = tokio::time::interval(s.cfg.heartbeat());
-        heartbeat.tick().await;
+        // Heartbeats run beside the subscription reader, so a large refresh never holds up
+        // deliveries; any connection error they meet wakes `broken`.
+        let heartbeat = AbortOnDrop(tokio::spawn(heartbeat_loop(s.clone(), conn.clone())));
         loop {
             tokio::select! {
                 msg = stream.next() => match msg {
                     Some(msg) => dispatch(&s, msg).await,
                     None => { tracing::warn!(node = %s.cfg.node_id, "redis subscription closed"); break; }
                 },
-                _ = heartbeat.tick() => {
-                    if refresh_all(&s, &conn).await.is_err() { break; }
-                }
                 _ = s.broken.notified() => { tracing::warn!(node = %s.cfg.node_id, "redis connection error"); break; }
             }
         }
+        drop(heartbeat);
         disconnect(&s).await;
+        // A connection error reported after this point belongs to the old connection.
+        let _ = futures::FutureExt::now_or_never(s.broken.notified());
+    }
+}
+
+async fn heartbeat_loop(s: Arc<Shared>, conn: Conn) {
+    let mut tick = tokio::time::interval(s.cfg.heartbeat());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = refresh_all(&s, &conn).await {
+            tracing::warn!(node = %s.cfg.node_id, error = %e, "presence heartbeat failed");
+            // Connection errors already woke the supervisor; anything else is retried next tick.
+        }
     }
 }
 
@@ -1056,58 +1108,78 @@ async fn republish_all(s: &Shared, conn: &Conn) -> Result<(), RedisBusError> {
     results.into_iter().try_for_each(|r| r.map(|_| ()))
 }
 
+/// Refreshes every local claim, one script call per network and batch of [`REFRESH_BATCH`].
 async fn refresh_all(s: &Shared, conn: &Conn) -> Result<(), RedisBusError> {
-    let claims: Vec<_> = lock(&s.claims)
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let ttl = s.cfg.key_ttl_ms();
-    let results = futures::stream::iter(claims)
-        .map(|((net, key), claim)| async move {
-            let mut c = conn.clone();
-            let r: Result<(i64, String), RedisError> = s
-                .refresh
-                .key(s.peer_key(&net, &key))
-                .key(s.index_key(&net))
-                .arg(&s.cfg.node_id)
-                .arg(&claim.conn)
-                .arg(ttl)
-                .arg(now_ms())
-                .arg(&key)
-                .invoke_async(&mut c)
-                .await;
-            match r {
-                Ok((1, _)) => Ok(()),
-                Ok((-1, _)) => {
-                    // Expired (Redis lost its data, or we were paused past the TTL): claim again.
-                    claim_remote(s, conn.clone(), &net, &key, &claim, true)
-                        .await
-                        .map(|_| ())
-                }
-                Ok((_, cur)) => {
-                    let by_node = serde_json::from_str::<Owner>(&cur)
-                        .map(|o| o.node)
-                        .unwrap_or_default();
-                    forget_claim(s, &net, &key, &claim.conn);
-                    metrics::counter!(CLAIMS_LOST_TOTAL).increment(1);
-                    let _ = s
-                        .events
-                        .send(BusEvent::Lost {
-                            network: net,
-                            key,
-                            conn: claim.conn,
-                            by_node,
-                        })
-                        .await;
-                    Ok(())
-                }
-                Err(e) => Err(s.failed(e)),
-            }
+    let mut by_net: HashMap<String, Vec<(String, Claim)>> = HashMap::new();
+    for ((net, key), claim) in lock(&s.claims).iter() {
+        by_net
+            .entry(net.clone())
+            .or_default()
+            .push((key.clone(), claim.clone()));
+    }
+    let batches: Vec<(String, Vec<(String, Claim)>)> = by_net
+        .into_iter()
+        .flat_map(|(net, claims)| {
+            claims
+                .chunks(REFRESH_BATCH)
+                .map(|c| (net.clone(), c.to_vec()))
+                .collect::<Vec<_>>()
         })
-        .buffer_unordered(64)
+        .collect();
+    let results = futures::stream::iter(batches)
+        .map(|(net, batch)| refresh_batch(s, conn, net, batch))
+        .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await;
     results.into_iter().try_for_each(|r| r)
+}
+
+async fn refresh_batch(
+    s: &Shared,
+    conn: &Conn,
+    net: String,
+    batch: Vec<(String, Claim)>,
+) -> Result<(), RedisBusError> {
+    let mut inv = s.refresh_many.prepare_invoke();
+    inv.key(s.index_key(&net))
+        .arg(s.cfg.key_ttl_ms())
+        .arg(now_ms());
+    for (key, claim) in &batch {
+        let prefix = owner_prefix(&s.cfg.node_id, &claim.conn)?;
+        inv.key(s.peer_key(&net, key)).arg(prefix).arg(key);
+    }
+    let mut c = conn.clone();
+    let results: Vec<i64> = inv.invoke_async(&mut c).await.map_err(|e| s.failed(e))?;
+    for ((key, claim), r) in batch.into_iter().zip(results) {
+        match r {
+            1 => {}
+            -1 => {
+                // Expired (Redis lost its data, or we were paused past the TTL): claim again.
+                claim_remote(s, conn.clone(), &net, &key, &claim, true).await?;
+            }
+            _ => {
+                let by_node = match c.get::<_, Option<String>>(s.peer_key(&net, &key)).await {
+                    Ok(v) => v
+                        .and_then(|v| serde_json::from_str::<Owner>(&v).ok())
+                        .map(|o| o.node)
+                        .unwrap_or_default(),
+                    Err(e) => return Err(s.failed(e)),
+                };
+                forget_claim(s, &net, &key, &claim.conn);
+                metrics::counter!(CLAIMS_LOST_TOTAL).increment(1);
+                let _ = s
+                    .events
+                    .send(BusEvent::Lost {
+                        network: net.clone(),
+                        key,
+                        conn: claim.conn,
+                        by_node,
+                    })
+                    .await;
+            }
+        }
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1565,9 +1637,10 @@ async fn event_loop(
                     sweep_watched(&local, &bus, settled).await;
                 }
                 Some(ev) => {
-                    if let Some((network, dropped)) = handle_event(&local, ev) {
-                        for _ in 0..dropped {
-                            let _ = bus.interest(&network, false).await;
+                    if let Some(gone) = handle_event(&local, ev) {
+                        bus.forget(&gone.network, &gone.key, &gone.conn);
+                        for _ in 0..gone.dropped_watches {
+                            let _ = bus.interest(&gone.network, false).await;
                         }
                     }
                 }
@@ -1581,8 +1654,17 @@ async fn event_loop(
     }
 }
 
-/// Applies one event; returns a network and how many of its watched keys lost their last watcher.
-fn handle_event(local: &Local, ev: BusEvent) -> Option<(String, usize)> {
+/// A local connection that lost its key to a newer one elsewhere.
+struct Superseded {
+    network: String,
+    key: String,
+    conn: String,
+    /// Watched keys of that network that lost their last watcher with it.
+    dropped_watches: usize,
+}
+
+/// Applies one event; reports a superseded local connection for the caller to clean up.
+fn handle_event(local: &Local, ev: BusEvent) -> Option<Superseded> {
     match ev {
         BusEvent::Node(NodeMsg::Deliver { payload, .. }) => {
             let env: Envelope = match serde_json::from_str(&payload) {
@@ -1612,18 +1694,21 @@ fn handle_event(local: &Local, ev: BusEvent) -> Option<(String, usize)> {
             conn,
             by_node,
         } => {
-            let (Ok(key), Ok(conn)) = (key.parse::<PeerKey>(), conn.parse::<ConnId>()) else {
+            let (Ok(peer_key), Ok(conn_id)) = (key.parse::<PeerKey>(), conn.parse::<ConnId>())
+            else {
                 return None;
             };
-            let dropped = local.superseded(
-                PeerId {
-                    network: network.clone(),
-                    key,
-                },
+            let peer = PeerId {
+                network: network.clone(),
+                key: peer_key,
+            };
+            let dropped_watches = local.superseded(peer, conn_id, &by_node);
+            Some(Superseded {
+                network,
+                key,
                 conn,
-                &by_node,
-            );
-            Some((network, dropped))
+                dropped_watches,
+            })
         }
         BusEvent::Presence { network, event } => {
             if event.node == local.node_id {
@@ -1765,6 +1850,21 @@ mod tests {
             Duration::from_millis(cfg.key_ttl_ms()) + cfg.heartbeat(),
             cfg.presence_ttl
         );
+    }
+
+    #[test]
+    fn owner_prefix_matches_the_stored_json() {
+        let o = Owner {
+            node: "n\"1".into(),
+            conn: "42".into(),
+            since: 7,
+            info: String::new(),
+        };
+        let json = serde_json::to_string(&o).expect("json");
+        let prefix = owner_prefix(&o.node, &o.conn).expect("prefix");
+        assert!(json.starts_with(&prefix), "{json} / {prefix}");
+        assert!(!json.starts_with(&owner_prefix("n\"1", "4").expect("prefix")));
+        assert!(!json.starts_with(&owner_prefix("n", "42").expect("prefix")));
     }
 
     #[test]
