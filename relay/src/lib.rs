@@ -65,6 +65,7 @@ impl Relay {
             stop: Default::default(),
             socket_buffer: cfg.socket_buffer,
             gro: cfg.gso,
+            wakers: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
         for (id, sock) in sockets.into_iter().enumerate() {
@@ -133,6 +134,7 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -150,12 +152,14 @@ impl Control {
     /// period ends.
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.wake_all();
         ::metrics::gauge!(metrics::DRAINING).set(1.0);
     }
 
     /// Stop now.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake_all();
     }
 
     /// True while draining (health checks report 503 so load balancers move on).

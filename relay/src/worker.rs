@@ -31,6 +31,7 @@ use crate::metrics::Exported;
 use crate::udp::{self, RecvBatch, SendQueue, RECV_BATCH};
 
 const LISTENER_TOKEN: u64 = u64::MAX;
+const WAKE_TOKEN: u64 = u64::MAX - 1;
 /// `recvmmsg` rounds per readable socket per wake-up (fairness between sockets).
 const ROUNDS_PER_WAKEUP: usize = 4;
 /// How often counters are exported.
@@ -50,6 +51,23 @@ pub struct Shared {
     pub socket_buffer: usize,
     /// Enable GRO on relayed sockets.
     pub gro: bool,
+    /// One eventfd per running worker: written by [`Shared::wake_all`] so a stop or drain
+    /// takes effect at once instead of at the next timer.
+    pub wakers: Mutex<Vec<RawFd>>,
+}
+
+impl Shared {
+    /// Wakes every worker (after setting `stop` or `draining`).
+    pub fn wake_all(&self) {
+        if let Ok(w) = self.wakers.lock() {
+            for fd in w.iter() {
+                let one: u64 = 1;
+                // SAFETY: writing 8 bytes to an eventfd we registered and have not closed
+                // (it is removed from this list under the lock before closing).
+                unsafe { libc::write(*fd, (&one as *const u64).cast(), 8) };
+            }
+        }
+    }
 }
 
 /// Creates a UDP socket with large buffers, non-blocking, optionally `SO_REUSEPORT`.
@@ -115,7 +133,8 @@ impl RelayAllocator for WorkerAllocator {
             }),
             Err(_) => Err(AllocateError::Capacity),
         };
-        let addr = result?;
+        let addr =
+            result.inspect_err(|e| tracing::info!(user, error = %e, "allocation refused"))?;
         let Some(sock) = bound else {
             return Err(AllocateError::Capacity);
         };
@@ -140,10 +159,12 @@ impl RelayAllocator for WorkerAllocator {
         }
         self.by_fd[i] = Some(addr);
         self.sockets.insert(addr, sock);
+        tracing::debug!(%addr, user, "allocation created");
         Ok(addr)
     }
 
     fn release(&mut self, relayed: SocketAddr, user: &str) {
+        tracing::debug!(addr = %relayed, user, "allocation ended");
         if let Some(sock) = self.sockets.remove(&relayed) {
             let fd = sock.as_raw_fd();
             // SAFETY: valid descriptors; removing a registered fd.
@@ -195,6 +216,20 @@ pub fn run(
         // SAFETY: closing our own epoll descriptor.
         unsafe { libc::close(epfd) };
         return Err(e);
+    }
+    // SAFETY: plain syscall.
+    let wakefd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if wakefd >= 0 {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: WAKE_TOKEN,
+        };
+        // SAFETY: valid descriptors.
+        if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, wakefd, &mut ev) } == 0 {
+            if let Ok(mut w) = shared.wakers.lock() {
+                w.push(wakefd);
+            }
+        }
     }
     let alloc = WorkerAllocator {
         shared: shared.clone(),
@@ -250,6 +285,12 @@ pub fn run(
         let now = Instant::now();
         for ev in &events[..n as usize] {
             let token = ev.u64;
+            if token == WAKE_TOKEN {
+                let mut v: u64 = 0;
+                // SAFETY: reading the 8-byte counter of our eventfd.
+                unsafe { libc::read(wakefd, (&mut v as *mut u64).cast(), 8) };
+                continue;
+            }
             if token == LISTENER_TOKEN {
                 for _ in 0..ROUNDS_PER_WAKEUP {
                     let got = match rb.recv(lfd) {
@@ -340,6 +381,13 @@ pub fn run(
     server.release_all();
     server.allocator_mut().graveyard.clear();
     exported.export(server.stats(), server.gauges(Instant::now()), q.stats);
+    if wakefd >= 0 {
+        if let Ok(mut w) = shared.wakers.lock() {
+            w.retain(|fd| *fd != wakefd);
+        }
+        // SAFETY: closing our own eventfd, no longer reachable through `wakers`.
+        unsafe { libc::close(wakefd) };
+    }
     // SAFETY: closing our own epoll descriptor.
     unsafe { libc::close(epfd) };
     tracing::debug!(worker = id, "worker stopped");
