@@ -102,3 +102,91 @@ async fn static_peers_carry_wireguard_packets_directly() {
     }
     assert_eq!(v["probes"]["unauthenticated"], 0);
 }
+
+/// Rough forwarding rate and latency through two daemons on loopback (direct path).
+/// Run with `cargo test -p meshpunch --release --test static_peers -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn measure_forwarding_rate_and_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Identity::from_private(generate_private());
+    let b = Identity::from_private(generate_private());
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let wga = FakeWg::new().await;
+    let wgb = FakeWg::new().await;
+    let mk =
+        |me: &Identity, other: &Identity, port: u16, other_port: u16, wg, name: &str| Options {
+            identity: me.clone(),
+            rendezvous: None,
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            control_socket: dir.path().join(format!("{name}.sock")),
+            wireguard_endpoint: Some(wg),
+            host_candidates: false,
+            peers: vec![PeerConfig {
+                public_key: other.public,
+                name: None,
+                proxy_port: 0,
+                candidates: vec![format!("127.0.0.1:{other_port}").parse().unwrap()],
+            }],
+            path: PathConfig::default(),
+        };
+    let da = daemon::start(mk(&a, &b, pa, pb, wga.addr(), "a"))
+        .await
+        .unwrap();
+    let db = daemon::start(mk(&b, &a, pb, pa, wgb.addr(), "b"))
+        .await
+        .unwrap();
+    wait_path(&da.control_socket, &["direct"], Duration::from_secs(20)).await;
+    wait_path(&db.control_socket, &["direct"], Duration::from_secs(20)).await;
+    let to_b = da.proxies[0].1;
+    let to_a = db.proxies[0].1;
+    // Latency: ping-pong through both daemons (a -> b, b echoes -> a).
+    let mut buf = vec![0u8; 2048];
+    let mut samples = Vec::new();
+    for n in 0..500 {
+        let t = std::time::Instant::now();
+        wga.sock.send_to(&FakeWg::packet(n), to_b).await.unwrap();
+        let (len, _) = wgb.sock.recv_from(&mut buf).await.unwrap();
+        wgb.sock.send_to(&buf[..len], to_a).await.unwrap();
+        wga.sock.recv_from(&mut buf).await.unwrap();
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    println!(
+        "round trip through 4 daemon hops: p50 {:?} p99 {:?}",
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100]
+    );
+    // Rate: blast 1400-byte packets for 2 s, count what arrives.
+    let pkt = {
+        let mut p = FakeWg::packet(0);
+        p.resize(1400, 0xAB);
+        p
+    };
+    let recv = tokio::spawn(async move {
+        let mut n = 0u64;
+        let mut buf = vec![0u8; 2048];
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(500), wgb.sock.recv_from(&mut buf)).await
+        {
+            n += 1;
+        }
+        n
+    });
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        for _ in 0..64 {
+            let _ = wga.sock.send_to(&pkt, to_b).await;
+            sent += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    let got = recv.await.unwrap();
+    println!(
+        "sent {sent} ({:.0} pkt/s offered), delivered {got} ({:.0} pkt/s, {:.1} Mbit/s)",
+        sent as f64 / 2.0,
+        got as f64 / 2.0,
+        got as f64 * 1400.0 * 8.0 / 2.0 / 1e6
+    );
+}
