@@ -6,12 +6,11 @@
 //!
 //! Data model (every key starts with the configured prefix `P`, `meshpunch` by default; `{net}`
 //! is the network name as a Redis Cluster hash tag, so all keys of one network live in one slot
-//! and the Lua scripts below may touch several of them):
+//! and one script call or MGET may touch many of them):
 //!
 //! | key / channel | type | content |
 //! |---|---|---|
 //! | `P:{net}:peer:KEY` | string, TTL | JSON [`Owner`]: node id, connection id, since (unix ms) |
-//! | `P:{net}:peers` | sorted set | member KEY, score = expiry (unix ms) of its presence key |
 //! | `P:node:ID` | channel | [`NodeMsg`]s for node ID: deliveries, "your connection was superseded" |
 //! | `P:net:NET` | channel | [`PresenceEvent`]s of one network |
 //!
@@ -422,55 +421,42 @@ fn net_tag(network: &str) -> String {
     }
 }
 
-/// Claims a presence key. KEYS: presence key, index. ARGV: owner json, node, conn, since,
-/// ttl ms, now ms, member, republish flag. Returns {1, previous json or ""} when claimed,
+/// Claims a presence key. KEYS: presence key. ARGV: owner json, node, conn, since, ttl ms,
+/// republish flag. Returns {1, previous json or ""} when claimed,
 /// {0, current json} when a re-publish finds a newer owner.
 const CLAIM_LUA: &str = r#"
 local cur = redis.call('GET', KEYS[1])
-if cur and ARGV[8] == '1' then
+if cur and ARGV[6] == '1' then
   local ok, c = pcall(cjson.decode, cur)
   if ok and type(c) == 'table' and not (c.node == ARGV[2] and c.conn == ARGV[3])
      and tonumber(c.since or 0) > tonumber(ARGV[4]) then
     return {0, cur}
   end
 end
-local ttl = tonumber(ARGV[5])
-local now = tonumber(ARGV[6])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('PEXPIRE', KEYS[2], ttl * 2)
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[5]))
 return {1, cur or ''}
 "#;
 
-/// Heartbeat of many claims of one network. KEYS: index, then presence keys. ARGV: ttl ms, now ms,
-/// then (owner prefix, member) per presence key. The owner prefix is the start of the JSON this
+/// Heartbeat of many claims of one network. KEYS: presence keys. ARGV: ttl ms, then the owner
+/// prefix of each presence key. The owner prefix is the start of the JSON this
 /// node wrote (`{"node":...,"conn":...,`): comparing it is much cheaper than decoding JSON, and
 /// heartbeats are most of the Redis load. Returns per key 1 refreshed, 0 owned by someone else,
 /// -1 gone.
 const REFRESH_MANY_LUA: &str = r#"
 local ttl = tonumber(ARGV[1])
-local expiry = tonumber(ARGV[2]) + ttl
 local out = {}
-local zargs = {}
-for i = 2, #KEYS do
-  local prefix = ARGV[2 * i - 1]
+for i = 1, #KEYS do
+  local prefix = ARGV[i + 1]
   local cur = redis.call('GET', KEYS[i])
   if not cur then
-    out[#out + 1] = -1
+    out[i] = -1
   elseif string.sub(cur, 1, #prefix) == prefix then
     redis.call('PEXPIRE', KEYS[i], ttl)
-    zargs[#zargs + 1] = expiry
-    zargs[#zargs + 1] = ARGV[2 * i]
-    out[#out + 1] = 1
+    out[i] = 1
   else
-    out[#out + 1] = 0
+    out[i] = 0
   end
 end
-if #zargs > 0 then
-  redis.call('ZADD', KEYS[1], unpack(zargs))
-end
-redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return out
 "#;
 
@@ -489,14 +475,13 @@ fn owner_prefix(node: &str, conn: &str) -> Result<String, RedisBusError> {
 /// Claims refreshed per script call (all of one network, so one hash slot).
 const REFRESH_BATCH: usize = 128;
 
-/// Drops a claim if still ours. KEYS: presence key, index. ARGV: node, conn, member.
+/// Drops a claim if still ours. KEYS: presence key. ARGV: node, conn.
 const RELEASE_LUA: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local ok, c = pcall(cjson.decode, cur)
 if not ok or type(c) ~= 'table' or c.node ~= ARGV[1] or c.conn ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[3])
 return 1
 "#;
 
@@ -628,10 +613,8 @@ impl RedisBus {
         let released: i64 = s
             .release
             .key(s.peer_key(network, key))
-            .key(s.index_key(network))
             .arg(&s.cfg.node_id)
             .arg(conn)
-            .arg(key)
             .invoke_async(&mut c)
             .await
             .map_err(|e| s.failed(e))?;
@@ -686,17 +669,6 @@ impl RedisBus {
             );
         }
         Ok(found)
-    }
-
-    /// Keys present in `network` now (presence keys not yet expired).
-    pub async fn members(&self, network: &str) -> Result<Vec<String>, RedisBusError> {
-        let mut c = self.shared.conn()?;
-        let now = now_ms();
-        let keys: Vec<String> = c
-            .zrangebyscore(self.shared.index_key(network), now, "+inf")
-            .await
-            .map_err(|e| self.shared.failed(e))?;
-        Ok(keys)
     }
 
     /// Publishes `msg` on `node`'s channel. Returns false when no subscriber got it (the node is
@@ -793,10 +765,6 @@ impl Shared {
         )
     }
 
-    fn index_key(&self, network: &str) -> String {
-        format!("{}:{{{}}}:peers", self.cfg.key_prefix, net_tag(network))
-    }
-
     fn node_channel(&self, node: &str) -> String {
         format!("{}:node:{}", self.cfg.key_prefix, node)
     }
@@ -832,14 +800,11 @@ async fn claim_remote(
     let (claimed, prev): (i64, String) = s
         .claim
         .key(s.peer_key(network, key))
-        .key(s.index_key(network))
         .arg(json)
         .arg(&owner.node)
         .arg(&owner.conn)
         .arg(owner.since)
         .arg(s.cfg.key_ttl_ms())
-        .arg(now_ms())
-        .arg(key)
         .arg(if republish { "1" } else { "0" })
         .invoke_async(&mut c)
         .await
@@ -1141,12 +1106,10 @@ async fn refresh_batch(
     batch: Vec<(String, Claim)>,
 ) -> Result<(), RedisBusError> {
     let mut inv = s.refresh_many.prepare_invoke();
-    inv.key(s.index_key(&net))
-        .arg(s.cfg.key_ttl_ms())
-        .arg(now_ms());
+    inv.arg(s.cfg.key_ttl_ms());
     for (key, claim) in &batch {
         let prefix = owner_prefix(&s.cfg.node_id, &claim.conn)?;
-        inv.key(s.peer_key(&net, key)).arg(prefix).arg(key);
+        inv.key(s.peer_key(&net, key)).arg(prefix);
     }
     let mut c = conn.clone();
     let results: Vec<i64> = inv.invoke_async(&mut c).await.map_err(|e| s.failed(e))?;
@@ -1742,16 +1705,22 @@ async fn sweep_watched(local: &Local, bus: &RedisBus, allow_offline: bool) {
     networks.sort();
     networks.dedup();
     for network in networks {
-        let present: HashSet<String> = match bus.members(&network).await {
-            Ok(m) => m.into_iter().collect(),
-            Err(_) => return,
-        };
+        // Only the watched keys are read (MGET), whatever the size of the network.
         let peers: Vec<PeerId> = local
             .watched
             .iter()
             .filter(|e| e.key().network == network)
             .map(|e| e.key().clone())
             .collect();
+        let remote: Vec<String> = peers
+            .iter()
+            .filter(|p| !local.owners.contains_key(*p))
+            .map(|p| p.key.to_string())
+            .collect();
+        let present = match bus.present(&network, &remote).await {
+            Ok(found) => found,
+            Err(_) => return,
+        };
         for peer in peers {
             let online =
                 local.owners.contains_key(&peer) || present.contains(&peer.key.to_string());
