@@ -15,6 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -203,7 +204,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
     let sock = Arc::new(UdpSocket::from_std(std_sock)?);
     let data_addr = sock.local_addr()?;
 
-    let (proxy_tx, proxy_rx) = mpsc::channel::<(usize, Vec<u8>, SocketAddr)>(1024);
+    let (proxy_tx, proxy_rx) = mpsc::channel::<FromProxy>(1024);
     let now = Instant::now();
     let mut peers = Vec::new();
     let mut proxies = Vec::new();
@@ -225,18 +226,51 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         proxies.push((pc.public_key, proxy_addr));
         let reader = proxy.clone();
         let tx = proxy_tx.clone();
+        let fast = Arc::new(FastPath::default());
+        let fast_r = fast.clone();
+        let data = sock.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
+            let mut last_src: Option<SocketAddr> = None;
+            let mut last_notify: Option<Instant> = None;
             loop {
-                match reader.recv_from(&mut buf).await {
-                    Ok((n, src)) => {
-                        if tx.send((i, buf[..n].to_vec(), src)).await.is_err() {
-                            return;
-                        }
-                    }
+                let (n, src) = match reader.recv_from(&mut buf).await {
+                    Ok(x) => x,
                     Err(e) => {
                         // ICMP port unreachable from WireGuard not listening yet, etc.
                         tracing::debug!(error = %e, "proxy recv error");
+                        continue;
+                    }
+                };
+                let pkt = &buf[..n];
+                // Fast path: the selected path is direct and WireGuard's address is known:
+                // send from here, no copy, no engine round trip.
+                let direct = if last_src == Some(src) {
+                    fast_r.route.read().ok().and_then(|r| *r)
+                } else {
+                    None
+                };
+                match direct {
+                    Some(dest) => {
+                        let _ = data.try_send_to(pkt, dest);
+                        fast_r.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        fast_r.tx_packets.fetch_add(1, Ordering::Relaxed);
+                        // Tell the engine now and then that data flows (active probing).
+                        let now = Instant::now();
+                        if last_notify.is_none_or(|t| now.duration_since(t) >= FAST_NOTIFY) {
+                            last_notify = Some(now);
+                            let _ = tx.try_send(FromProxy::Active(i));
+                        }
+                    }
+                    None => {
+                        last_src = Some(src);
+                        if tx
+                            .send(FromProxy::Packet(i, pkt.to_vec(), src))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                 }
             }
@@ -250,6 +284,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
             rand::random(),
         );
         peers.push(Peer {
+            fast,
+            fast_route: None,
             key: pc.public_key,
             b64: format_key(&pc.public_key),
             name: pc.name.clone(),
@@ -344,7 +380,29 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
     })
 }
 
+/// What a proxy reader hands the engine.
+enum FromProxy {
+    /// A packet from WireGuard that the fast path could not send.
+    Packet(usize, Vec<u8>, SocketAddr),
+    /// The fast path sent packets for this peer (data is flowing).
+    Active(usize),
+}
+
+/// How often a proxy reader on the fast path tells the engine that data flows.
+const FAST_NOTIFY: Duration = Duration::from_millis(500);
+
+/// State shared between a peer's proxy reader and the engine: the direct destination of the
+/// selected path (set by the engine) and the fast path's counters.
+#[derive(Default)]
+struct FastPath {
+    route: std::sync::RwLock<Option<SocketAddr>>,
+    tx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+}
+
 struct Peer {
+    fast: Arc<FastPath>,
+    fast_route: Option<SocketAddr>,
     key: [u8; 32],
     b64: String,
     name: Option<String>,
@@ -463,7 +521,7 @@ pub fn turn_uri_authority(url: &str) -> Option<String> {
 impl Engine {
     async fn run(
         mut self,
-        mut proxy_rx: mpsc::Receiver<(usize, Vec<u8>, SocketAddr)>,
+        mut proxy_rx: mpsc::Receiver<FromProxy>,
         mut ctl_rx: mpsc::Receiver<CtlCmd>,
         mut sig_rx: mpsc::Receiver<SignalEvent>,
         mut int_rx: mpsc::Receiver<Internal>,
@@ -474,6 +532,7 @@ impl Engine {
             let now = Instant::now();
             self.handle_timers(now);
             self.flush(now);
+            self.publish_fast_routes();
             let deadline = self.next_deadline(now);
             tokio::select! {
                 r = sock.recv_from(&mut buf) => {
@@ -485,9 +544,14 @@ impl Engine {
                         Err(e) => tracing::debug!(error = %e, "data socket recv error"),
                     }
                 }
-                Some((i, pkt, src)) = proxy_rx.recv() => {
-                    self.on_wireguard(Instant::now(), i, &pkt, src);
-                }
+                Some(m) = proxy_rx.recv() => match m {
+                    FromProxy::Packet(i, pkt, src) => self.on_wireguard(Instant::now(), i, &pkt, src),
+                    FromProxy::Active(i) => {
+                        if let Some(p) = self.peers.get_mut(i) {
+                            p.path.on_data_sent(Instant::now());
+                        }
+                    }
+                },
                 Some(cmd) = ctl_rx.recv() => self.on_ctl(Instant::now(), cmd),
                 Some(ev) = sig_rx.recv() => self.on_signal(Instant::now(), ev),
                 Some(ev) = int_rx.recv() => self.on_internal(Instant::now(), ev),
@@ -966,6 +1030,28 @@ impl Engine {
         }
     }
 
+    /// Publishes each peer's direct destination to its proxy reader (the fast path).
+    fn publish_fast_routes(&mut self) {
+        for p in &mut self.peers {
+            let r =
+                p.path
+                    .route()
+                    .filter(|d| d.via == Via::Direct)
+                    .map(|d| match (self.v6, d.addr) {
+                        (true, SocketAddr::V4(v4)) => {
+                            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+                        }
+                        (_, a) => a,
+                    });
+            if r != p.fast_route {
+                p.fast_route = r;
+                if let Ok(mut w) = p.fast.route.write() {
+                    *w = r;
+                }
+            }
+        }
+    }
+
     fn on_datagram(&mut self, now: Instant, from: SocketAddr, pkt: &[u8]) {
         let kind = classify(pkt);
         if kind == PacketKind::Stun {
@@ -1328,9 +1414,9 @@ impl Engine {
                     path: st.kind,
                     remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                    tx_bytes: p.tx_bytes,
+                    tx_bytes: p.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
                     rx_bytes: p.rx_bytes,
-                    tx_packets: p.tx_packets,
+                    tx_packets: p.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
                     rx_packets: p.rx_packets,
                     dropped_no_path: p.dropped,
                     reason,
