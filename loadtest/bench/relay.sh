@@ -9,13 +9,15 @@
 # JSON results land in $OUT; a markdown table is printed at the end (bench/summarize.sh).
 #
 # Environment knobs (defaults in brackets):
-#   SERVER_CPU [1]  GEN_CPU [0]  CLIENTS [16]  RATE [50000]  DURATION [5s]  TRIAL [2s]
+#   SERVER_CPU [1]  GEN_CPU [0]  PIN [1] (PIN=0: no pinning, both share every core)
+#   CLIENTS [16]  RATE [50000]  DURATION [5s]  TRIAL [2s]
 #   SIZES ["100 1200"]  SERVERS ["meshpunch coturn bare"]  OUT [target/bench-results]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 SERVER_CPU=${SERVER_CPU:-1}
 GEN_CPU=${GEN_CPU:-0}
+PIN=${PIN:-1}
 CLIENTS=${CLIENTS:-16}
 RATE=${RATE:-50000}
 DURATION=${DURATION:-5s}
@@ -84,7 +86,12 @@ stop_server() {
   sleep 0.5
 }
 
-LT=(taskset -c "$GEN_CPU" "$BIN/meshpunch-loadtest")
+if [ "$PIN" = 1 ]; then
+  LT=(taskset -c "$GEN_CPU" "$BIN/meshpunch-loadtest")
+else
+  LT=("$BIN/meshpunch-loadtest")
+  SERVER_CPU=0-$(($(nproc) - 1))
+fi
 date -u +"%Y-%m-%dT%H:%M:%SZ" >"$OUT/started"
 uptime >"$OUT/load-before"
 for server in $SERVERS; do
