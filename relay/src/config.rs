@@ -26,6 +26,8 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(25);
 pub struct FileConfig {
     /// Listening address for TURN/STUN over UDP (`0.0.0.0:3478`).
     pub listen: Option<SocketAddr>,
+    /// More listening addresses (e.g. `["[::]:3478"]` next to an IPv4 `listen`).
+    pub also_listen: Option<Vec<SocketAddr>>,
     /// IP addresses relayed ports are bound on (one relayed port per allocation per IP).
     pub relay_ips: Option<Vec<IpAddr>>,
     /// Relayed port range, `"LO-HI"`.
@@ -112,6 +114,8 @@ pub struct Overrides {
 pub struct RelayConfig {
     /// Listening address.
     pub listen: SocketAddr,
+    /// More listening addresses.
+    pub also_listen: Vec<SocketAddr>,
     /// Relay IPs.
     pub relay_ips: Vec<IpAddr>,
     /// Relayed port range (inclusive).
@@ -238,6 +242,11 @@ impl RelayConfig {
         let external_ips: Vec<(IpAddr, IpAddr)> =
             file.external_ips.unwrap_or_default().into_iter().collect();
         let mut own_addrs = relay_ips.clone();
+        for l in file.also_listen.iter().flatten() {
+            if !l.ip().is_unspecified() {
+                own_addrs.push(l.ip());
+            }
+        }
         own_addrs.extend(external_ips.iter().map(|(_, public)| *public));
         if !listen.ip().is_unspecified() {
             own_addrs.push(listen.ip());
@@ -292,6 +301,7 @@ impl RelayConfig {
         };
         Ok(RelayConfig {
             listen,
+            also_listen: file.also_listen.unwrap_or_default(),
             relay_ips,
             ports,
             admin_listen: o.admin_listen.or(file.admin_listen),
@@ -331,6 +341,7 @@ mod tests {
         let file: FileConfig = toml::from_str(
             r#"
             listen = "127.0.0.1:3478"
+            also_listen = ["[::1]:3478"]
             relay_ips = ["127.0.0.1"]
             ports = "40000-40100"
             realm = "file"
@@ -369,6 +380,7 @@ mod tests {
         let c = RelayConfig::resolve(file, o, None).unwrap();
         assert_eq!(c.server.realm, "flag");
         assert_eq!(c.ports, (40000, 40100));
+        assert_eq!(c.also_listen, vec!["[::1]:3478".parse().unwrap()]);
         assert!(c.server.policy.allow_loopback && c.server.policy.allow_private);
         assert_eq!(c.server.auth.secrets.len(), 2);
         assert_eq!(c.workers, 2);

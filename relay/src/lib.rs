@@ -32,6 +32,7 @@ use worker::Shared;
 #[derive(Debug)]
 pub struct Relay {
     listen: SocketAddr,
+    listens: Vec<SocketAddr>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
@@ -41,16 +42,24 @@ impl Relay {
     /// Binds the listening sockets and starts the workers.
     pub fn start(cfg: RelayConfig) -> anyhow::Result<Relay> {
         let workers = cfg.workers.max(1);
-        let first = worker::udp_socket(cfg.listen, true, cfg.socket_buffer)
-            .with_context(|| format!("binding {}", cfg.listen))?;
-        let listen = first.local_addr()?;
-        let mut sockets: Vec<UdpSocket> = vec![first];
-        for _ in 1..workers {
-            sockets.push(
-                worker::udp_socket(listen, true, cfg.socket_buffer)
-                    .with_context(|| format!("binding worker socket on {listen}"))?,
-            );
+        // Per listening address: the first socket resolves port 0, the others join it with
+        // SO_REUSEPORT. Worker w gets socket w of every address.
+        let mut per_worker: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut listens = Vec::new();
+        for addr in std::iter::once(cfg.listen).chain(cfg.also_listen.iter().copied()) {
+            let first = worker::udp_socket(addr, true, cfg.socket_buffer)
+                .with_context(|| format!("binding {addr}"))?;
+            let bound = first.local_addr()?;
+            listens.push(bound);
+            per_worker[0].push(first);
+            for sockets in per_worker.iter_mut().skip(1) {
+                sockets.push(
+                    worker::udp_socket(bound, true, cfg.socket_buffer)
+                        .with_context(|| format!("binding worker socket on {bound}"))?,
+                );
+            }
         }
+        let listen = listens[0];
         let pool = PortPool::new(
             cfg.relay_ips.clone(),
             cfg.ports.0,
@@ -68,7 +77,7 @@ impl Relay {
             wakers: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
-        for (id, sock) in sockets.into_iter().enumerate() {
+        for (id, sock) in per_worker.into_iter().enumerate() {
             let shared = shared.clone();
             let server_cfg = cfg.server.clone();
             let gso = cfg.gso;
@@ -86,7 +95,7 @@ impl Relay {
             );
         }
         tracing::info!(
-            %listen,
+            listen = ?listens,
             workers,
             relay_ips = ?cfg.relay_ips,
             ports = ?cfg.ports,
@@ -95,6 +104,7 @@ impl Relay {
         );
         Ok(Relay {
             listen,
+            listens,
             shared,
             threads,
             capacity,
@@ -104,6 +114,11 @@ impl Relay {
     /// The bound listening address.
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
+    }
+
+    /// Every bound listening address (`listen` first, then `also_listen`).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listens
     }
 
     /// Most allocations the relay can hold (relay IPs × port range).

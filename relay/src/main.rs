@@ -90,7 +90,9 @@ fn main() -> anyhow::Result<()> {
     let relay = Relay::start(cfg)?;
     let control = relay.control();
     let mut stdout = std::io::stdout();
-    writeln!(stdout, "listening on {}", relay.listen_addr())?;
+    for addr in relay.listen_addrs() {
+        writeln!(stdout, "listening on {addr}")?;
+    }
     stdout.flush()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -30,8 +30,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::metrics::Exported;
 use crate::udp::{self, RecvBatch, SendQueue, RECV_BATCH};
 
+/// Listener `k` has token `LISTENER_TOKEN - k`.
 const LISTENER_TOKEN: u64 = u64::MAX;
-const WAKE_TOKEN: u64 = u64::MAX - 1;
+const MAX_LISTENERS: usize = 8;
+const WAKE_TOKEN: u64 = u64::MAX - MAX_LISTENERS as u64;
 /// `recvmmsg` rounds per readable socket per wake-up (fairness between sockets).
 const ROUNDS_PER_WAKEUP: usize = 4;
 /// How often counters are exported.
@@ -188,10 +190,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Runs one worker until stopped (or drained). `drain` is the drain period.
+/// Runs one worker until stopped (or drained). `listeners` are this worker's sockets of the
+/// listening addresses (one per address, at most 8); `drain` is the drain period.
 pub fn run(
     id: usize,
-    listener: UdpSocket,
+    listeners: Vec<UdpSocket>,
     cfg: ServerConfig,
     shared: Arc<Shared>,
     gso: bool,
@@ -202,21 +205,48 @@ pub fn run(
     if epfd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let lfd = listener.as_raw_fd();
-    if shared.gro {
-        udp::enable_gro(lfd);
+    let lfds: Vec<RawFd> = listeners
+        .iter()
+        .take(MAX_LISTENERS)
+        .map(|l| l.as_raw_fd())
+        .collect();
+    // Peer data goes back out of the listener of the client's address family.
+    let mut lfd_v4 = None;
+    let mut lfd_v6 = None;
+    for (k, l) in listeners.iter().take(MAX_LISTENERS).enumerate() {
+        let lfd = l.as_raw_fd();
+        match l.local_addr() {
+            Ok(a) if a.is_ipv4() => lfd_v4 = lfd_v4.or(Some(lfd)),
+            Ok(_) => lfd_v6 = lfd_v6.or(Some(lfd)),
+            Err(_) => {}
+        }
+        if shared.gro {
+            udp::enable_gro(lfd);
+        }
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: LISTENER_TOKEN - k as u64,
+        };
+        // SAFETY: valid descriptors.
+        if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, lfd, &mut ev) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: closing our own epoll descriptor.
+            unsafe { libc::close(epfd) };
+            return Err(e);
+        }
     }
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: LISTENER_TOKEN,
-    };
-    // SAFETY: valid descriptors.
-    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, lfd, &mut ev) } != 0 {
-        let e = io::Error::last_os_error();
+    let Some(&first_lfd) = lfds.first() else {
         // SAFETY: closing our own epoll descriptor.
         unsafe { libc::close(epfd) };
-        return Err(e);
-    }
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no listening socket",
+        ));
+    };
+    let lfd_for = |client: SocketAddr| -> RawFd {
+        let fam = if client.is_ipv4() { lfd_v4 } else { lfd_v6 };
+        fam.unwrap_or(first_lfd)
+    };
     // SAFETY: plain syscall.
     let wakefd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     if wakefd >= 0 {
@@ -241,7 +271,7 @@ pub fn run(
     let start = Instant::now();
     let mut server = TurnServer::new(cfg, alloc, start, unix_now());
     let mut rb = RecvBatch::new();
-    let mut q = SendQueue::new(gso && udp::gso_supported(lfd));
+    let mut q = SendQueue::new(gso && udp::gso_supported(first_lfd));
     // Room for a Data indication around the largest UDP payload.
     let mut out = vec![0u8; 65_536 + 64];
     let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
@@ -291,7 +321,10 @@ pub fn run(
                 unsafe { libc::read(wakefd, (&mut v as *mut u64).cast(), 8) };
                 continue;
             }
-            if token == LISTENER_TOKEN {
+            if token > WAKE_TOKEN {
+                let Some(&lfd) = lfds.get((LISTENER_TOKEN - token) as usize) else {
+                    continue;
+                };
                 for _ in 0..ROUNDS_PER_WAKEUP {
                     let got = match rb.recv(lfd) {
                         Ok(got) => got,
@@ -348,11 +381,11 @@ pub fn run(
                                     if channeldata::write_header(channel, dgram.len(), &mut hdr)
                                         .is_ok()
                                     {
-                                        q.push(lfd, client, &hdr, dgram);
+                                        q.push(lfd_for(client), client, &hdr, dgram);
                                     }
                                 }
                                 PeerAction::Indication { client, len } => {
-                                    q.push(lfd, client, &out[..len], &[])
+                                    q.push(lfd_for(client), client, &out[..len], &[])
                                 }
                             }
                         }

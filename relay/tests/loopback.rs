@@ -153,3 +153,44 @@ fn many_clients_spread_over_workers_all_relay() {
     assert_eq!(relayed.len(), 16, "one relayed port per allocation");
     assert_eq!(relay.ports_in_use(), 16);
 }
+
+#[test]
+fn ipv6_clients_and_peers_over_a_second_listening_address() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIP ipv6_clients_and_peers_over_a_second_listening_address: no ::1 here");
+        return;
+    }
+    let file = meshpunch_relay::config::FileConfig {
+        workers: Some(2),
+        also_listen: Some(vec!["[::1]:0".parse().unwrap()]),
+        ..Default::default()
+    };
+    let o = meshpunch_relay::config::Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        relay_ips: vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+        ports: Some(port_range(8)),
+        auth_secret: Some(SECRET.into()),
+        allow_loopback_peers: true,
+        ..Default::default()
+    };
+    let relay = Relay::start(meshpunch_relay::config::RelayConfig::resolve(file, o, None).unwrap())
+        .unwrap();
+    let v6 = relay.listen_addrs()[1];
+    assert!(v6.is_ipv6());
+    let mut c = TurnSocket::new("[::1]:0".parse().unwrap(), v6, rest_creds(SECRET, "six")).unwrap();
+    c.client_mut()
+        .set_requested_family(Some(meshpunch_proto::turn::Family::V6));
+    let relayed = c.allocate(T).unwrap();
+    assert!(relayed.is_ipv6());
+    let peer = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    peer.set_read_timeout(Some(T)).unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    c.bind_channel(peer_addr, T).unwrap();
+    c.send_to(peer_addr, b"over six").unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"over six"[..], relayed));
+    peer.send_to(b"back over six", relayed).unwrap();
+    let (p, n) = c.recv_from(&mut buf, T).unwrap();
+    assert_eq!((p, &buf[..n]), (peer_addr, &b"back over six"[..]));
+}
