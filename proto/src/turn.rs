@@ -3101,6 +3101,51 @@ mod tests {
     }
 
     #[test]
+    fn request_rate_limit_is_per_source_and_spares_relayed_data() {
+        let mut cfg = config(PeerPolicy::default());
+        cfg.request_rate = Rate {
+            per_sec: 5,
+            burst: 5,
+        };
+        cfg.unauth_rate = Rate::UNLIMITED;
+        let mut net = Net::with(
+            cfg,
+            PortPool::new(
+                vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
+                50000,
+                50009,
+                0,
+            ),
+        );
+        let me = sa("198.51.100.12:1");
+        let peer = sa("192.0.2.80:1");
+        let mut c = net.client("busy");
+        c.allocate(net.now);
+        net.drive(&mut c, me); // 2 requests (401 round trip)
+        let ch = c.bind_channel(peer, net.now).unwrap();
+        net.drive(&mut c, me); // 3rd request
+        assert!(c.channel_for(peer).is_some());
+        let msg = StunMessageBuilder::new(BINDING, MessageClass::Request).build();
+        let mut buf = [0u8; 64];
+        let n = MessageEncoder::default().encode(&mut buf, &msg).unwrap();
+        let answered = (0..10).filter(|_| net.raw(me, &buf[..n]).is_some()).count();
+        assert_eq!(answered, 2, "burst of 5 minus the 3 TURN requests");
+        assert!(net.server.stats().rate_limited >= 8);
+        // Relayed data is not a request: it still flows.
+        let mut cd = [0u8; 16];
+        let n = channeldata::encode(ch, b"data", &mut cd).unwrap();
+        for _ in 0..20 {
+            assert!(matches!(
+                net.server
+                    .handle_client(net.now, me, &cd[..n], &mut net.out),
+                ClientAction::Relay { .. }
+            ));
+        }
+        // Other sources are unaffected.
+        assert!(net.raw(sa("198.51.100.13:1"), &buf[..20]).is_some());
+    }
+
+    #[test]
     fn bandwidth_limit_drops_excess() {
         let mut cfg = config(PeerPolicy::default());
         cfg.bandwidth = Rate {
