@@ -36,6 +36,9 @@ pub struct FileConfig {
     pub realm: Option<String>,
     /// TURN REST-API shared secret (coturn `static-auth-secret`).
     pub auth_secret: Option<String>,
+    /// File holding the REST-API secret (first line), instead of `auth_secret` (keeps it out
+    /// of the config file and the process list).
+    pub auth_secret_file: Option<PathBuf>,
     /// Further accepted secrets (rotation).
     pub auth_secrets: Option<Vec<String>>,
     /// Static long-term users: `{ name = "password" }`.
@@ -224,6 +227,15 @@ impl RelayConfig {
         let mut secrets: Vec<Vec<u8>> = Vec::new();
         if let Some(s) = o.auth_secret.or(file.auth_secret) {
             secrets.push(s.into_bytes());
+        }
+        if let Some(path) = &file.auth_secret_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading auth_secret_file {}", path.display()))?;
+            let secret = text.lines().next().unwrap_or("").trim();
+            if secret.is_empty() {
+                bail!("auth_secret_file {} is empty", path.display());
+            }
+            secrets.push(secret.as_bytes().to_vec());
         }
         for s in file.auth_secrets.unwrap_or_default() {
             secrets.push(s.into_bytes());
@@ -414,6 +426,19 @@ mod tests {
         assert!(c.server.policy.allow_loopback);
         assert!(RelayConfig::resolve(FileConfig::default(), Overrides::default(), None).is_err());
         let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("turn-secret");
+        std::fs::write(&f, "from-file\n").unwrap();
+        let c = RelayConfig::resolve(
+            FileConfig {
+                auth_secret_file: Some(f),
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..Default::default()
+            },
+            Overrides::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.server.auth.secrets, vec![b"from-file".to_vec()]);
         let p = dir.path().join("x/secret");
         let s1 = dev_secret(&p).unwrap();
         assert_eq!(dev_secret(&p).unwrap(), s1, "persisted");

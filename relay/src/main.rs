@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
     let needs_dev_secret = cli.dev
         && cli.auth_secret.is_none()
         && file.auth_secret.is_none()
+        && file.auth_secret_file.is_none()
         && file.auth_secrets.as_ref().is_none_or(|v| v.is_empty())
         && file.users.as_ref().is_none_or(|u| u.is_empty());
     let dev_secret = if needs_dev_secret {
