@@ -31,10 +31,13 @@ use crate::tls::{self, CertAndKey, ReloadableCert};
 const START_MARGIN_MS: u64 = 150;
 
 /// How often each connection checks its observed address, timers and deadlines.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_secs(1);
 
 /// Bound on a write to a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Read buffer per connection: messages are small, and this is paid per connected client.
+const READ_BUF: usize = 2048;
 
 /// Queue of deliveries per connection.
 const CONN_QUEUE: usize = 256;
@@ -617,7 +620,8 @@ impl Session {
     async fn run(&mut self, mut recv: quinn::RecvStream, mut rx: mpsc::Receiver<ConnEvent>) {
         let mut drain = self.shared.drain_tx.subscribe();
         let mut tick = tokio::time::interval(TICK);
-        let mut buf = vec![0u8; 16 * 1024];
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = vec![0u8; READ_BUF];
         if *drain.borrow() {
             self.go_away(GoAwayReason::Draining, "server draining")
                 .await;
@@ -910,7 +914,7 @@ impl Session {
                 self.error(
                     ErrorCode::BadRequest,
                     0,
-                    format!("{name} is not a client message"),
+                    format!("unexpected {name} after registration"),
                 )
                 .await
             }
