@@ -343,6 +343,12 @@ async fn clients_rejoin_a_restarted_server() {
     let port = server.quic_addr().port();
     let (a, mut a_ev, _, _) = connect(&cs).await;
     let (b, mut b_ev, _, b_key) = connect(&cs).await;
+    a.watch(vec![b_key]).await.unwrap();
+    wait_for(&mut a_ev, |e| match e {
+        Event::Presence { key, online: true } if key == b_key => Some(()),
+        _ => None,
+    })
+    .await;
     drop(server);
     wait_for(&mut a_ev, |e| {
         matches!(e, Event::Disconnected { .. }).then_some(())
@@ -380,6 +386,12 @@ async fn clients_rejoin_a_restarted_server() {
     })
     .await;
     assert!(a.is_connected() && b.is_connected());
+    // a re-sent its watch set: it learns that b is back.
+    wait_for(&mut a_ev, |e| match e {
+        Event::Presence { key, online: true } if key == b_key => Some(()),
+        _ => None,
+    })
+    .await;
     // They can reach each other again.
     let answering = tokio::spawn(async move {
         let o = wait_for(&mut b_ev, |e| match e {

@@ -143,3 +143,26 @@ async fn proto_binding_client_talks_to_the_server() {
     assert_eq!(r.mapped, Some(me));
     assert_eq!(r.response_origin, Some(s.stun_addrs()[3]));
 }
+
+#[tokio::test]
+async fn stun_answers_are_rate_limited_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::loopback(dir.path());
+    cfg.limits.stun_burst = 3;
+    cfg.limits.stun_per_sec_per_ip = 0.001;
+    let s = Server::start(cfg).await.unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..10u8 {
+        let req = meshpunch_proto::stun::binding_request([i; 12], false, false);
+        sock.send_to(&req, s.stun_addrs()[0]).await.unwrap();
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 1500];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await
+    {
+        assert!(meshpunch_proto::stun::parse_binding_response(&buf[..n]).is_ok());
+        answered += 1;
+    }
+    assert_eq!(answered, 3, "only the burst is answered");
+}
