@@ -727,12 +727,21 @@ impl RedisBus {
         let Some(s) = sink.as_mut() else {
             return Ok(());
         };
-        let r = if on {
-            s.subscribe(&channel).await
-        } else {
-            s.unsubscribe(&channel).await
+        let change = async {
+            if on {
+                s.subscribe(&channel).await
+            } else {
+                s.unsubscribe(&channel).await
+            }
         };
-        r.map_err(|e| self.shared.failed(e))
+        // A Redis that accepts the connection but never answers must not hang watch() calls.
+        match tokio::time::timeout(self.shared.cfg.command_timeout, change).await {
+            Ok(r) => r.map_err(|e| self.shared.failed(e)),
+            Err(_) => {
+                self.shared.broken.notify_one();
+                Err(RedisBusError::Unavailable)
+            }
+        }
     }
 }
 
@@ -961,8 +970,10 @@ async fn supervise(s: Arc<Shared>) {
             channels.insert(s.node_channel(&s.cfg.node_id));
             let mut ok = true;
             for ch in &channels {
-                if let Err(e) = sink.subscribe(ch).await {
-                    tracing::warn!(error = %e, channel = %ch, "redis subscribe failed");
+                let subscribed =
+                    tokio::time::timeout(s.cfg.command_timeout, sink.subscribe(ch)).await;
+                if !matches!(subscribed, Ok(Ok(()))) {
+                    tracing::warn!(channel = %ch, "redis subscribe failed or timed out");
                     ok = false;
                     break;
                 }

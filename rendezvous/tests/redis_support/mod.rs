@@ -154,6 +154,18 @@ impl RedisServer {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: connections stay open, nothing answers.
+    pub(crate) fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Starts it again on the same port.
     pub(crate) fn restart(&mut self) {
         self.stop();
@@ -169,6 +181,16 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            // A frozen server ignores nothing but SIGKILL, which stop() sends; thaw it anyway so
+            // it can exit cleanly if the kill races.
+            let _ = Command::new("kill")
+                .args([
+                    "-CONT",
+                    &self.child.as_ref().map(|c| c.id()).unwrap_or(0).to_string(),
+                ])
+                .status();
+        }
         self.stop();
     }
 }
