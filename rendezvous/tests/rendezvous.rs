@@ -469,3 +469,17 @@ async fn unanswered_offer_times_out_and_relay_credentials_are_handed_out() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn client_can_bring_its_own_udp_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let cs = server.dev_connect().unwrap().clone();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = sock.local_addr().unwrap();
+    let (sk, _) = key();
+    let mut cfg = common::client::ClientConfig::new(cs, sk);
+    cfg.socket = Some(sock);
+    let (c, _ev) = common::client::Client::connect(cfg).await.unwrap();
+    assert_eq!(c.observed_addr(), Some(local));
+}

@@ -8,10 +8,7 @@ use meshpunch_proto::wire::{self, FrameDecoder, Message, PeerKey};
 use meshpunch_rendezvous::{Config, Server};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-// The client library is compiled in from its source so these tests do not depend on the
-// state of the rest of the `meshpunch` crate.
-#[path = "../../../client/src/rendezvous.rs"]
-pub mod client;
+pub use meshpunch::rendezvous as client;
 
 /// Generous bound for anything that should happen "soon" on a loaded machine.
 pub const SOON: Duration = Duration::from_secs(20);
