@@ -769,7 +769,19 @@ impl Driver {
             observed: c.registered.observed,
             network: c.registered.network.clone(),
             relays: c.registered.relays.clone(),
-            stun: c.registered.stun.clone(),
+            // A wildcard STUN address means "the server's IP".
+            stun: c
+                .registered
+                .stun
+                .iter()
+                .map(|a| {
+                    if a.ip().is_unspecified() {
+                        SocketAddr::new(c.conn.remote_address().ip(), a.port())
+                    } else {
+                        *a
+                    }
+                })
+                .collect(),
             server: c.conn.remote_address(),
         };
         info!(server = %reg.server, observed = %reg.observed, network = %reg.network, "registered with rendezvous");

@@ -851,7 +851,14 @@ impl Session {
             observed: self.observed,
             network,
             relays,
-            stun: client_stun_addrs(&self.shared.stun_addrs),
+            stun: client_stun_addrs(&self.shared.stun_addrs)
+                .into_iter()
+                .map(|a| match self.conn.local_ip() {
+                    // A wildcard-bound STUN socket answers on the IP the client reached us on.
+                    Some(ip) if a.ip().is_unspecified() => SocketAddr::new(ip, a.port()),
+                    _ => a,
+                })
+                .collect(),
             server_time_unix_ms: unix_now_ms(),
         }))
         .await

@@ -312,3 +312,18 @@ fn token_create_prints_a_verifiable_token() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[tokio::test]
+async fn wildcard_stun_listener_is_announced_with_a_usable_ip() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::loopback(dir.path());
+    cfg.stun_listen = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let server = Server::start(cfg).await.unwrap();
+    let cs = server.dev_connect().unwrap().clone();
+    let (c, _ev, _, _) = connect(&cs).await;
+    let stun = c.registration().unwrap().stun;
+    assert_eq!(stun.len(), 1);
+    assert_eq!(stun[0].ip(), std::net::IpAddr::from([127, 0, 0, 1]));
+    assert_eq!(stun[0].port(), server.stun_addrs()[0].port());
+}
