@@ -364,6 +364,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         relay_eval_at: None,
         next_host_scan: now,
         pings: Vec::new(),
+        unknown_probes: 0,
         int_tx,
         out: vec![0u8; 65536 + 64],
     };
@@ -486,6 +487,7 @@ struct Engine {
     relay_eval_at: Option<Instant>,
     next_host_scan: Instant,
     pings: Vec<PendingPing>,
+    unknown_probes: u64,
     int_tx: mpsc::Sender<Internal>,
     out: Vec<u8>,
 }
@@ -1124,6 +1126,7 @@ impl Engine {
             PacketKind::Probe => {
                 let Ok(kid) = peek_key_id(pkt) else { return };
                 let Some(&i) = self.key_ids.get(&kid) else {
+                    self.unknown_probes += 1;
                     tracing::debug!(%from, key_id = kid, "probe for an unknown session dropped");
                     return;
                 };
@@ -1322,6 +1325,14 @@ impl Engine {
                 self.rdv.error = Some(reason);
             }
             SignalEvent::Relays(r) => self.set_regions(now, r),
+            SignalEvent::ObservedChanged(a) => {
+                tracing::info!(observed = %a, "rendezvous sees a new address; re-checking our mapping");
+                self.rdv.observed_addr = Some(a);
+                // Re-ask STUN from the data socket now; a changed mapping re-gathers.
+                self.next_stun = now;
+                self.scan_hosts(now);
+                self.update_local(now);
+            }
             SignalEvent::Presence { key, online } => {
                 let Some(i) = self.peers.iter().position(|p| p.key == key) else {
                     return;
@@ -1393,7 +1404,10 @@ impl Engine {
     }
 
     fn status(&self) -> Status {
-        let mut probes = ProbeCounters::default();
+        let mut probes = ProbeCounters {
+            unauthenticated: self.unknown_probes,
+            ..ProbeCounters::default()
+        };
         let peers = self
             .peers
             .iter()

@@ -39,6 +39,8 @@ pub enum SignalEvent {
     },
     /// Fresh relay credentials.
     Relays(Vec<RelayRegion>),
+    /// The rendezvous saw us from a new address: our mapping may have changed.
+    ObservedChanged(SocketAddr),
     /// A watched peer came or went.
     Presence {
         /// Peer key.
@@ -185,7 +187,7 @@ pub fn spawn(
                                 relays: r.relays.clone(),
                             }),
                             Event::Disconnected { reason } => Some(SignalEvent::Disconnected { reason }),
-                            Event::ObservedAddr(_) => None,
+                            Event::ObservedAddr(a) => Some(SignalEvent::ObservedChanged(a)),
                             Event::RelayUpdate(r) => Some(SignalEvent::Relays(r)),
                             Event::Presence { key, online } => Some(SignalEvent::Presence { key: key.0, online }),
                             Event::IncomingOffer(o) => {

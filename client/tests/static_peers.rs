@@ -101,6 +101,25 @@ async fn static_peers_carry_wireguard_packets_directly() {
         assert!(v["peers"][0].get(k).is_some(), "{k} missing: {v}");
     }
     assert_eq!(v["probes"]["unauthenticated"], 0);
+
+    // A forged probe (right magic, garbage key id and tag) is dropped and counted.
+    let mut forged = vec![0xE1u8, 1, 1, 0];
+    forged.extend_from_slice(&[0x5A; 48]);
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&forged, da.data_addr).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = support::status(&da.control_socket).await;
+        if st.probes.unauthenticated >= 1 {
+            assert_eq!(st.peers[0].path.as_str(), "direct");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "forged probe not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Rough forwarding rate and latency through two daemons on loopback (direct path).
