@@ -81,11 +81,38 @@ pub fn udp_socket(addr: SocketAddr, reuse_port: bool, buffer: usize) -> io::Resu
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
-    let _ = s.set_recv_buffer_size(buffer);
-    let _ = s.set_send_buffer_size(buffer);
+    set_buffers(&s, buffer);
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())
+}
+
+/// Sets SO_RCVBUF/SO_SNDBUF to `size`; where `net.core.rmem_max`/`wmem_max` cap it and the
+/// process may (root or CAP_NET_ADMIN), uses the `*BUFFORCE` variants: bursts then queue in the
+/// kernel instead of being dropped.
+fn set_buffers(s: &Socket, size: usize) {
+    let _ = s.set_recv_buffer_size(size);
+    let _ = s.set_send_buffer_size(size);
+    let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // Linux reports twice the requested value (bookkeeping overhead).
+    let short = |got: io::Result<usize>| got.map_or(true, |g| g < size);
+    for (short_now, opt) in [
+        (short(s.recv_buffer_size()), libc::SO_RCVBUFFORCE),
+        (short(s.send_buffer_size()), libc::SO_SNDBUFFORCE),
+    ] {
+        if short_now {
+            // SAFETY: valid socket and a c_int option value of the right size.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&want as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
 }
 
 /// The driver side of [`RelayAllocator`]: binds relayed sockets and registers them with the
