@@ -199,7 +199,7 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let server = Server::start(cfg).await?;
     if let Some(cs) = server.dev_connect() {
         println!("connect: {cs}");
@@ -208,10 +208,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => match server.reload_tls() {
-                Ok(pin) => tracing::info!(pin = %hex::encode(pin), "certificate reloaded"),
-                Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
-            },
+            _ = hup.recv() => {
+                match server.reload_tls() {
+                    Ok(pin) => tracing::info!(pin = %hex::encode(pin), "certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+                }
+                if let Some(path) = &config_file {
+                    match Config::from_file(path) {
+                        Ok(fresh) => {
+                            server.set_revoked_tokens(&fresh.revoked_tokens);
+                            tracing::info!(entries = fresh.revoked_tokens.len(), "revocation list reloaded");
+                        }
+                        Err(e) => tracing::error!(error = %e, "config reload failed; keeping the old revocation list"),
+                    }
+                }
+            }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -234,6 +245,6 @@ fn main() -> anyhow::Result<()> {
     let cfg = load_config(&cli.opts)?;
     match cli.cmd {
         Some(Cmd::Token(t)) => token_cmd(cfg, t),
-        None => tokio::runtime::Runtime::new()?.block_on(serve(cfg)),
+        None => tokio::runtime::Runtime::new()?.block_on(serve(cfg, cli.opts.config.clone())),
     }
 }

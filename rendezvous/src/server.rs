@@ -126,7 +126,8 @@ enum ConnEvent {
 pub(crate) struct Shared {
     pub(crate) cfg: Config,
     token_secret: Vec<u8>,
-    revocations: Revocations,
+    /// Revoked tokens and a generation counter bumped on every change.
+    revocations: RwLock<(Revocations, u64)>,
     pub(crate) registry: Arc<dyn Registry>,
     conns: DashMap<ConnId, mpsc::Sender<ConnEvent>>,
     peers: DashMap<PeerId, ConnId>,
@@ -161,6 +162,17 @@ impl Shared {
                 }
             })
             .collect()
+    }
+
+    fn is_revoked(&self, token: &str) -> bool {
+        self.revocations
+            .read()
+            .map(|g| g.0.contains(token))
+            .unwrap_or(false)
+    }
+
+    fn revocation_generation(&self) -> u64 {
+        self.revocations.read().map(|g| g.1).unwrap_or(0)
     }
 
     pub(crate) fn draining(&self) -> bool {
@@ -234,7 +246,10 @@ impl Server {
 
         let (drain_tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
-            revocations: Revocations::new(cfg.revoked_tokens.iter().map(String::as_str)),
+            revocations: RwLock::new((
+                Revocations::new(cfg.revoked_tokens.iter().map(String::as_str)),
+                0,
+            )),
             reg_limiter: RateLimiter::new(
                 cfg.limits.registrations_per_sec_per_ip,
                 cfg.limits.registrations_burst,
@@ -373,6 +388,16 @@ impl Server {
     pub fn set_degraded(&self, reason: Option<String>) {
         if let Ok(mut g) = self.shared.degraded.write() {
             *g = reason;
+        }
+    }
+
+    /// Replaces the revocation list (SIGHUP re-reads it from the config file). Connections
+    /// registered with a token now revoked get `Error{Unauthorized}` and are closed within a
+    /// second.
+    pub fn set_revoked_tokens(&self, entries: &[String]) {
+        if let Ok(mut g) = self.shared.revocations.write() {
+            g.0 = Revocations::new(entries.iter().map(String::as_str));
+            g.1 += 1;
         }
     }
 
@@ -562,6 +587,8 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: C
         started: Instant::now(),
         next_refresh: Instant::now() + registry::REFRESH_INTERVAL,
         next_relay_update: Instant::now() + shared.cfg.turn_credential_ttl / 2,
+        token: None,
+        revocation_gen: shared.revocation_generation(),
     };
     session.run(recv, rx).await;
     session.cleanup().await;
@@ -614,6 +641,9 @@ struct Session {
     started: Instant,
     next_refresh: Instant,
     next_relay_update: Instant,
+    /// Token this connection registered with, and the revocation generation last checked.
+    token: Option<String>,
+    revocation_gen: u64,
 }
 
 impl Session {
@@ -763,7 +793,7 @@ impl Session {
             return Flow::Close;
         }
         let verified = token::verify(&self.shared.token_secret, &hello.token, unix_now(), |t| {
-            self.shared.revocations.contains(t)
+            self.shared.is_revoked(t)
         });
         let network = match verified {
             Ok(t) => t.network,
@@ -846,6 +876,7 @@ impl Session {
         info!(%peer, remote = %self.observed, software = %hello.software, "registered");
         let relays = self.shared.relay_map(&peer);
         self.peer = Some(peer);
+        self.token = Some(hello.token.clone());
         self.state = State::Registered;
         self.write(&Message::Registered(Registered {
             observed: self.observed,
@@ -1169,6 +1200,23 @@ impl Session {
                 return Flow::Close;
             }
             return Flow::Continue;
+        }
+        let generation = self.shared.revocation_generation();
+        if generation != self.revocation_gen {
+            self.revocation_gen = generation;
+            if self
+                .token
+                .as_deref()
+                .is_some_and(|t| self.shared.is_revoked(t))
+            {
+                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "revoked").increment(1);
+                info!(peer = ?self.peer, "token revoked; closing connection");
+                let _ = self
+                    .error(ErrorCode::Unauthorized, 0, "token revoked")
+                    .await;
+                self.finish().await;
+                return Flow::Close;
+            }
         }
         let addr = self.conn.remote_address();
         if addr != self.observed {

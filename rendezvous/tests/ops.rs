@@ -327,3 +327,25 @@ async fn wildcard_stun_listener_is_announced_with_a_usable_ip() {
     assert_eq!(stun[0].ip(), std::net::IpAddr::from([127, 0, 0, 1]));
     assert_eq!(stun[0].port(), server.stun_addrs()[0].port());
 }
+
+#[tokio::test]
+async fn revoking_a_token_closes_its_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut cs_a = server.dev_connect().unwrap().clone();
+    cs_a.token = server.mint_token("dev", Duration::from_secs(3600));
+    let cs_b = server.dev_connect().unwrap().clone();
+    let (a, mut a_ev, _, _) = connect(&cs_a).await;
+    let (b, _b_ev, _, _) = connect(&cs_b).await;
+    server.set_revoked_tokens(&[cs_a.token.clone()]);
+    wait_for(&mut a_ev, |e| {
+        matches!(e, Event::Disconnected { .. }).then_some(())
+    })
+    .await;
+    assert!(!a.is_connected());
+    // Reconnecting with the revoked token keeps failing; the other token is unaffected.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!a.is_connected());
+    assert!(b.is_connected());
+    a.close();
+}
