@@ -436,6 +436,11 @@ pub fn run(
         if now >= next_export {
             next_export = now + EXPORT_INTERVAL;
             exported.export(server.stats(), server.gauges(now), q.stats);
+            if id == 0 {
+                if let Ok(pool) = shared.pool.lock() {
+                    metrics::gauge!(crate::metrics::PORTS_IN_USE).set(pool.in_use() as f64);
+                }
+            }
         }
     }
     server.release_all();

@@ -106,6 +106,7 @@ fn binary_relays_serves_metrics_and_drains_on_sigterm() {
                 && body.contains("meshpunch_relay_packets_total{direction=\"to_peer\"} 1")
                 && body.contains("meshpunch_relay_peer_denied_total{reason=\"private\"} 1")
                 && body.contains("meshpunch_relay_channels 1")
+                && body.contains("meshpunch_relay_ports_in_use 1")
         }),
         "metrics: {}",
         http_get(admin, "/metrics").1
