@@ -570,6 +570,7 @@ impl Driver {
     ) {
         let mut ready = Some(ready);
         let mut backoff = INITIAL_BACKOFF;
+        let mut last_refusal: Option<String> = None;
         loop {
             let attempt = tokio::select! {
                 r = self.connect_any() => r,
@@ -578,6 +579,7 @@ impl Driver {
             match attempt {
                 Ok(conn) => {
                     backoff = INITIAL_BACKOFF;
+                    last_refusal = None;
                     if let Some(r) = ready.take() {
                         let _ = r.send(Ok(()));
                     }
@@ -610,6 +612,18 @@ impl Driver {
                         return;
                     }
                     debug!(error = %e, "reconnect failed");
+                    // A refusal by the server (revoked or expired token, rate limit) is worth
+                    // surfacing; report each distinct one once.
+                    if let ClientError::Server { .. } = &e {
+                        let reason = e.to_string();
+                        if last_refusal.as_deref() != Some(reason.as_str()) {
+                            warn!(%reason, "rendezvous refused the registration; retrying");
+                            self.emit(Event::Disconnected {
+                                reason: reason.clone(),
+                            });
+                            last_refusal = Some(reason);
+                        }
+                    }
                 }
             }
             // Jittered exponential backoff; commands arriving meanwhile fail fast.

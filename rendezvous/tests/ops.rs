@@ -343,8 +343,14 @@ async fn revoking_a_token_closes_its_connections() {
     })
     .await;
     assert!(!a.is_connected());
-    // Reconnecting with the revoked token keeps failing; the other token is unaffected.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Reconnecting with the revoked token keeps failing, and says why; the other token is
+    // unaffected.
+    let reason = wait_for(&mut a_ev, |e| match e {
+        Event::Disconnected { reason } if reason.contains("revoked") => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("Unauthorized"), "{reason}");
     assert!(!a.is_connected());
     assert!(b.is_connected());
     a.close();
