@@ -356,7 +356,8 @@ pub struct SearchSpec {
 
 /// Searches the highest offered rate whose loss stays below `search.max_loss`.
 ///
-/// Doubles from `search.start` until a trial loses too much (or the ceiling is reached), then
+/// A rate fails only when two trials in a row at that rate lose too much.
+/// Doubles from `search.start` until a rate fails (or the ceiling is reached), then
 /// bisects between the last good and the first bad rate. Returns every trial run (in order)
 /// and the index of the best passing one, if any passed.
 pub fn find_max(
@@ -373,10 +374,19 @@ pub fn find_max(
     let mut bad: Option<u64> = None;
     let mut rate = search.start.max(1);
     let passes = |r: &TrialResult| r.loss < search.max_loss && r.received > 0;
+    // A failing trial is run once more before the rate counts as failing: on a shared
+    // machine one stall of another process must not end the search.
     let mut run = |rate: u64, peers: Vec<UdpSocket>, trials: &mut Vec<TrialResult>| {
-        let (p, r) = run_trial(flows, peers, TrialSpec { rate, ..base }, progress.clone());
+        let (mut p, r) = run_trial(flows, peers, TrialSpec { rate, ..base }, progress.clone());
         on_trial(&r);
+        let failed = !passes(&r);
         trials.push(r);
+        if failed {
+            let (p2, r2) = run_trial(flows, p, TrialSpec { rate, ..base }, progress.clone());
+            on_trial(&r2);
+            trials.push(r2);
+            p = p2;
+        }
         p
     };
     // Ramp up.
