@@ -355,3 +355,51 @@ async fn revoking_a_token_closes_its_connections() {
     assert!(b.is_connected());
     a.close();
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::loopback(dir.path());
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let server = Server::start(cfg).await.unwrap();
+    let cs = server.dev_connect().unwrap().clone();
+    // The raw connection sends no keep-alives (the real client does, every 10 s).
+    let (sk, _) = key();
+    let mut raw = Raw::connect(&cs).await;
+    assert!(matches!(
+        raw.register(&cs.token, &sk).await,
+        Message::Registered(_)
+    ));
+    assert!(raw.recv().await.is_none(), "idle connection must be closed");
+    tokio::time::timeout(SOON, async {
+        while server.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn ipv6_connect_strings_work_end_to_end() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIP ipv6_connect_strings_work_end_to_end: no IPv6 loopback here");
+        return;
+    }
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::loopback(dir.path());
+    cfg.listen = "[::1]:0".parse().unwrap();
+    cfg.stun_listen = Some("[::1]:0".parse().unwrap());
+    let server = Server::start(cfg).await.unwrap();
+    let cs = server.dev_connect().unwrap().clone();
+    assert_eq!(cs.host, "::1");
+    let text = cs.to_string();
+    assert!(text.contains("@[::1]:"), "{text}");
+    let parsed: meshpunch_proto::connect::ConnectString = text.parse().unwrap();
+    let (c, _ev, _, _) = connect(&parsed).await;
+    let reg = c.registration().unwrap();
+    assert!(reg.observed.is_ipv6());
+    assert_eq!(reg.stun, server.stun_addrs().to_vec());
+}
