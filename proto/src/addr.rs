@@ -191,13 +191,19 @@ impl PeerPolicy {
             | AddrClass::Broadcast
             | AddrClass::Reserved => false,
         };
+        let own = self.own_addrs.iter().any(|a| canonical_ip(*a) == canon);
+        // Own addresses are reported as such (a TURN server may still accept them on its relayed
+        // ports, allocation to allocation): always when public (relay loops, services bound on the
+        // relay host), and when their class is refused anyway. A loopback/private own address
+        // whose class is allowed passes, which is what a single-host setup needs.
         if !class_allowed {
-            return Err(DenyReason::Class(class));
+            return Err(if own {
+                DenyReason::RelaySelf
+            } else {
+                DenyReason::Class(class)
+            });
         }
-        // Own addresses: a public own address is always refused (relay loops, reaching services
-        // bound on the relay host); a loopback/private own address only when its class is allowed,
-        // which is what a single-host test setup needs.
-        if class == AddrClass::Public && self.own_addrs.iter().any(|a| canonical_ip(*a) == canon) {
+        if class == AddrClass::Public && own {
             return Err(DenyReason::RelaySelf);
         }
         Ok(canon)
@@ -370,6 +376,15 @@ mod tests {
             ..Default::default()
         };
         assert!(p.check(ip("127.0.0.1")).is_ok());
+        let p = PeerPolicy {
+            own_addrs: vec![ip("127.0.0.1")],
+            ..Default::default()
+        };
+        assert_eq!(p.check(ip("127.0.0.1")), Err(DenyReason::RelaySelf));
+        assert_eq!(
+            p.check(ip("127.0.0.2")),
+            Err(DenyReason::Class(AddrClass::Loopback))
+        );
         assert_eq!(DenyReason::RelaySelf.as_str(), "relay_self");
         assert_eq!(DenyReason::Class(AddrClass::Loopback).as_str(), "loopback");
     }

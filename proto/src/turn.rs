@@ -154,6 +154,11 @@ pub struct ServerConfig {
     /// Relayed IP as bound → IP advertised in XOR-RELAYED-ADDRESS (a relay behind 1:1 NAT,
     /// e.g. a cloud VM that only sees its private address; coturn's `external-ip`).
     pub external_ips: Vec<(IpAddr, IpAddr)>,
+    /// Relayed port range (inclusive) on which the relay's own addresses are allowed as peers:
+    /// two clients of one relay reaching each other allocation to allocation (TURN to TURN on
+    /// one server, as coturn allows). Every other port of an own address stays refused (the
+    /// listening port, services on the host). `None` refuses own addresses entirely.
+    pub self_relay_ports: Option<(u16, u16)>,
 }
 
 impl ServerConfig {
@@ -182,6 +187,7 @@ impl ServerConfig {
             fingerprint: true,
             channel_max: channeldata::LEGACY_CHANNEL_MAX,
             external_ips: Vec::new(),
+            self_relay_ports: None,
         }
     }
 }
@@ -918,6 +924,19 @@ impl<A: RelayAllocator> TurnServer<A> {
             self.stats.malformed += 1;
             return ClientAction::None;
         }
+        let relayed = a.relayed;
+        // A permission for an own address (TURN to TURN on this relay) covers only the relayed
+        // port range: the port of a Send indication is the real destination.
+        if self.cfg.policy.check(canon) == Err(DenyReason::RelaySelf)
+            && !self.self_peer_ok(peer.port(), true)
+        {
+            self.stats.denied[deny_index(DenyReason::RelaySelf)] += 1;
+            return ClientAction::None;
+        }
+        let Some(Some(a)) = self.slots.get_mut(i) else {
+            return ClientAction::None;
+        };
+        debug_assert_eq!(a.relayed, relayed);
         let len = range.len() as u64;
         if !a.bucket.take(bw, len, now) {
             self.stats.bandwidth_dropped += 1;
@@ -1500,9 +1519,20 @@ impl<A: RelayAllocator> TurnServer<A> {
     }
 
     /// Policy first (a denied address is 403 in any spelling), then the family (443).
-    fn check_peer(&mut self, relayed: SocketAddr, peer: SocketAddr) -> Result<IpAddr, Refuse> {
+    ///
+    /// `port_matters`: the port is the real destination (ChannelBind) rather than ignored
+    /// (CreatePermission), which decides whether an own relay address is acceptable.
+    fn check_peer(
+        &mut self,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        port_matters: bool,
+    ) -> Result<IpAddr, Refuse> {
         let ip = match self.cfg.policy.check(peer.ip()) {
             Ok(ip) => ip,
+            Err(DenyReason::RelaySelf) if self.self_peer_ok(peer.port(), port_matters) => {
+                crate::addr::canonical_ip(peer.ip())
+            }
             Err(reason) => {
                 self.stats.denied[deny_index(reason)] += 1;
                 return Err(Refuse(403, "Forbidden"));
@@ -1512,6 +1542,14 @@ impl<A: RelayAllocator> TurnServer<A> {
             return Err(Refuse(443, "Peer Address Family Mismatch"));
         }
         Ok(ip)
+    }
+
+    /// Whether an own relay address is an acceptable peer on `port`.
+    fn self_peer_ok(&self, port: u16, port_matters: bool) -> bool {
+        match self.cfg.self_relay_ports {
+            Some((lo, hi)) => !port_matters || (lo..=hi).contains(&port),
+            None => false,
+        }
     }
 
     fn create_permission(
@@ -1538,7 +1576,7 @@ impl<A: RelayAllocator> TurnServer<A> {
         // All or nothing (RFC 8656 §9.2): check every address before installing any.
         let mut ips = Vec::with_capacity(peers.len());
         for p in peers {
-            ips.push(self.check_peer(relayed, p)?);
+            ips.push(self.check_peer(relayed, p, false)?);
         }
         let max = self.cfg.max_permissions;
         let Some(Some(a)) = self.slots.get_mut(i) else {
@@ -1581,7 +1619,7 @@ impl<A: RelayAllocator> TurnServer<A> {
             Some(Some(a)) => a.relayed,
             _ => return Err(Refuse(437, "Allocation Mismatch")),
         };
-        let ip = self.check_peer(relayed, peer)?;
+        let ip = self.check_peer(relayed, peer, true)?;
         let peer = SocketAddr::new(ip, peer.port());
         let max_ch = self.cfg.max_channels;
         let max_perm = self.cfg.max_permissions;
@@ -2296,6 +2334,93 @@ mod tests {
         assert!(
             matches!(ev.as_slice(), [TurnEvent::PermissionCreated { .. }]),
             "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn two_clients_of_one_relay_reach_each_other_allocation_to_allocation() {
+        let mut cfg = config(PeerPolicy {
+            own_addrs: vec!["203.0.113.1".parse().unwrap()],
+            ..Default::default()
+        });
+        cfg.self_relay_ports = Some((50000, 50009));
+        let mut net = Net::with(
+            cfg,
+            PortPool::new(
+                vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
+                50000,
+                50009,
+                0,
+            ),
+        );
+        let (ma, mb) = (sa("198.51.100.7:1"), sa("198.51.100.8:1"));
+        let mut a = net.allocated("a", ma);
+        let mut b = net.allocated("b", mb);
+        let (ra, rb) = (a.relayed_addr().unwrap(), b.relayed_addr().unwrap());
+        // Permission for the relay's own IP (ports ignored) and channels to the other's relayed
+        // address are fine ...
+        b.create_permission(ra.ip(), net.now).unwrap();
+        assert!(matches!(
+            net.drive(&mut b, mb).as_slice(),
+            [TurnEvent::PermissionCreated { .. }]
+        ));
+        let ch = a.bind_channel(rb, net.now).unwrap();
+        assert!(matches!(
+            net.drive(&mut a, ma).as_slice(),
+            [TurnEvent::ChannelBound { .. }]
+        ));
+        let mut buf = [0u8; 64];
+        let n = a.encode_send(rb, b"a to b", &mut buf).unwrap();
+        assert_eq!(buf[..2], ch.to_be_bytes());
+        let ClientAction::Relay {
+            relayed,
+            peer,
+            range,
+        } = net
+            .server
+            .handle_client(net.now, ma, &buf[..n], &mut net.out)
+        else {
+            panic!("not relayed")
+        };
+        assert_eq!((relayed, peer), (ra, rb));
+        // ... and B's relayed socket hands it to B.
+        let payload = buf[range].to_vec();
+        let PeerAction::Indication { client, len } =
+            net.server
+                .handle_peer(net.now, rb, ra, &payload, &mut net.out)
+        else {
+            panic!("not delivered to b")
+        };
+        assert_eq!(client, mb);
+        let ind = net.out[..len].to_vec();
+        assert!(
+            matches!(b.handle_input(net.now, net.server_addr, &ind), Input::Data { peer, .. } if peer == ra)
+        );
+        // Other ports of the relay's own address stay closed: the listening port, SSH.
+        for port in [3478, 22] {
+            a.bind_channel(SocketAddr::new(ra.ip(), port), net.now)
+                .unwrap();
+            let ev = net.drive(&mut a, ma);
+            assert!(
+                matches!(
+                    ev.as_slice(),
+                    [TurnEvent::Failed {
+                        code: Some(403),
+                        ..
+                    }]
+                ),
+                "{port}: {ev:?}"
+            );
+        }
+        b.create_permission(ra.ip(), net.now).unwrap();
+        net.drive(&mut b, mb);
+        let n = b
+            .encode_send(SocketAddr::new(ra.ip(), 22), b"ssh?", &mut buf)
+            .unwrap();
+        assert_eq!(
+            net.server
+                .handle_client(net.now, mb, &buf[..n], &mut net.out),
+            ClientAction::None
         );
     }
 

@@ -84,6 +84,9 @@ pub struct FileConfig {
     /// Relay IP as bound → public IP to advertise (relay behind 1:1 NAT, like coturn's
     /// `external-ip`): `{ "10.0.0.5" = "203.0.113.7" }`.
     pub external_ips: Option<HashMap<IpAddr, IpAddr>>,
+    /// Let two clients of this relay reach each other allocation to allocation (peer = one of
+    /// the relay's own addresses, on a port of the relayed range only). Default true.
+    pub relay_to_self: Option<bool>,
     /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF (default: also RFC 5766's
     /// 0x5000-0x7FFF, as coturn does).
     pub strict_channel_range: Option<bool>,
@@ -274,6 +277,9 @@ impl RelayConfig {
             server.max_permissions = v;
         }
         server.external_ips = external_ips;
+        if file.relay_to_self.unwrap_or(true) {
+            server.self_relay_ports = Some(ports);
+        }
         if file.strict_channel_range.unwrap_or(false) {
             server.channel_max = meshpunch_proto::channeldata::CHANNEL_MAX;
         }
@@ -380,6 +386,7 @@ mod tests {
             socket_buffer = 1048576
             gso = false
             strict_channel_range = true
+            relay_to_self = false
             external_ips = { "127.0.0.1" = "203.0.113.9" }
             "#,
         )
@@ -401,6 +408,7 @@ mod tests {
         assert_eq!(c.server.max_lifetime, Duration::from_secs(1200));
         assert!(!c.gso);
         assert_eq!(c.server.channel_max, 0x4FFF);
+        assert_eq!(c.server.self_relay_ports, None);
         assert_eq!(c.server.external_ips.len(), 1);
         assert!(c
             .server

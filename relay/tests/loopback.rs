@@ -79,7 +79,17 @@ fn loopback_peers_are_refused_by_default() {
     let mut c =
         TurnSocket::new(any_local(), relay.listen_addr(), rest_creds(SECRET, "bob")).unwrap();
     c.allocate(T).unwrap();
-    for ip in ["127.0.0.1", "::ffff:127.0.0.1", "10.0.0.1", "0.0.0.0"] {
+    // The relay itself sits on 127.0.0.1 here, which makes 127.0.0.1 one of its own addresses
+    // (reachable only on relayed ports, see the allocation-to-allocation test); the rest of
+    // loopback and every other spelling are refused outright.
+    for ip in [
+        "127.0.0.2",
+        "::ffff:127.0.0.2",
+        "::127.0.0.2",
+        "127.255.255.254",
+        "10.0.0.1",
+        "0.0.0.0",
+    ] {
         match c.create_permission(ip.parse().unwrap(), T) {
             Err(TurnSocketError::Failed {
                 code: Some(403), ..
@@ -193,4 +203,33 @@ fn ipv6_clients_and_peers_over_a_second_listening_address() {
     peer.send_to(b"back over six", relayed).unwrap();
     let (p, n) = c.recv_from(&mut buf, T).unwrap();
     assert_eq!((p, &buf[..n]), (peer_addr, &b"back over six"[..]));
+}
+
+#[test]
+fn two_clients_of_one_relay_talk_allocation_to_allocation_but_not_to_other_ports() {
+    // Loopback peers NOT allowed: only the relay's own relayed ports are reachable.
+    let relay = Relay::start(relay_config(false, 9)).unwrap();
+    let server = relay.listen_addr();
+    let mut a = TurnSocket::new(any_local(), server, rest_creds(SECRET, "ta")).unwrap();
+    let mut b = TurnSocket::new(any_local(), server, rest_creds(SECRET, "tb")).unwrap();
+    let ra = a.allocate(T).unwrap();
+    let rb = b.allocate(T).unwrap();
+    a.bind_channel(rb, T).unwrap();
+    b.bind_channel(ra, T).unwrap();
+    a.send_to(rb, b"a to b through one relay").unwrap();
+    let mut buf = [0u8; 128];
+    let (from, n) = b.recv_from(&mut buf, T).unwrap();
+    assert_eq!((from, &buf[..n]), (ra, &b"a to b through one relay"[..]));
+    b.send_to(ra, b"b to a").unwrap();
+    let (from, n) = a.recv_from(&mut buf, T).unwrap();
+    assert_eq!((from, &buf[..n]), (rb, &b"b to a"[..]));
+    // The listening port and any non-relayed port of the relay's address stay closed.
+    for port in [server.port(), 22] {
+        match a.bind_channel(std::net::SocketAddr::new(server.ip(), port), T) {
+            Err(TurnSocketError::Failed {
+                code: Some(403), ..
+            }) => {}
+            other => panic!("{port}: {other:?}"),
+        }
+    }
 }
