@@ -34,16 +34,11 @@ pub(crate) fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-/// The relay the scenarios run: coturn (any RFC 8656 server must do), or `meshpunch-relay`
-/// with `NATLAB_RELAY=meshpunch`.
-///
-/// coturn is the default while meshpunch-relay refuses to relay between two allocations on
-/// itself (its peer policy denies its own public addresses, and the client's relay path goes
-/// from its allocation to the peer's allocation on the same relay): see
-/// /work/notes/blockers.md; flip the default once that is fixed.
+/// The relay the scenarios run: `meshpunch-relay`, or coturn with `NATLAB_RELAY=coturn` (any
+/// RFC 8656 server must do; `mesh_wireguard` also runs its relay leg through coturn).
 pub(crate) fn relay_impl() -> natlab::mesh::RelayImpl {
     match std::env::var("NATLAB_RELAY").as_deref() {
-        Ok("meshpunch") => natlab::mesh::RelayImpl::Meshpunch,
-        _ => natlab::mesh::RelayImpl::Coturn,
+        Ok("coturn") => natlab::mesh::RelayImpl::Coturn,
+        _ => natlab::mesh::RelayImpl::Meshpunch,
     }
 }
