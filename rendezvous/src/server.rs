@@ -873,7 +873,14 @@ impl Session {
         }
         metrics::counter!(m::REGISTRATIONS_TOTAL).increment(1);
         metrics::gauge!(m::PEERS_REGISTERED).increment(1.0);
-        info!(%peer, remote = %self.observed, software = %hello.software, "registered");
+        // Peer-chosen text: bounded before it reaches the log.
+        let software: String = hello
+            .software
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect();
+        info!(%peer, remote = %self.observed, %software, "registered");
         let relays = self.shared.relay_map(&peer);
         self.peer = Some(peer);
         self.token = Some(hello.token.clone());
