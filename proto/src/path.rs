@@ -20,9 +20,10 @@
 //!   an unknown address adds a peer-reflexive pair (how a symmetric NAT peer is reached).
 //! * Until [`PathConfig::relay_after`] has passed since the start only direct pairs are
 //!   selected; afterwards the relay is used at once if no direct pair is valid.
-//! * Among valid pairs: score = smoothed RTT + class penalty (LAN 0, direct
-//!   [`PathConfig::direct_penalty`], relay [`PathConfig::relay_penalty`]); the current pair is
-//!   replaced only if another scores better by the hysteresis margin.
+//! * A valid LAN/direct pair always beats the relay. Within a tier: score = smoothed RTT +
+//!   class penalty (LAN 0, direct [`PathConfig::direct_penalty`], relay
+//!   [`PathConfig::relay_penalty`]); the current pair is replaced only if another scores better
+//!   by the hysteresis margin, or is of a better class (LAN over direct).
 //! * While data flows the selected pair is pinged every [`PathConfig::active_interval`]; a valid
 //!   pair whose oldest unanswered ping is older than [`PathConfig::pong_timeout`] and whose last
 //!   pong is older than [`PathConfig::dead_after`] is dead — the next best pair takes over at
@@ -761,9 +762,8 @@ impl PeerPath {
                     tx,
                     rtt: sample,
                 });
-                if became_valid {
-                    self.select(now, "pong received");
-                }
+                // Every pong may change the ranking (RTT), not only a newly valid pair.
+                self.select(now, "pong received");
             }
         }
         Ok(())
@@ -876,16 +876,23 @@ impl PeerPath {
                 && !self.blocked(&p.dest)
                 && (pair_kind(p) != PathKind::Relay || relay_ok)
         };
+        // A working direct (or LAN) pair always beats the relay: RTT only ranks pairs of the
+        // same tier, so a slow first sample on a loaded host never hands traffic to the relay.
+        let any_direct = self
+            .pairs
+            .iter()
+            .any(|p| usable(p) && pair_kind(p) != PathKind::Relay);
+        let tier_ok = |p: &Pair| !any_direct || pair_kind(p) != PathKind::Relay;
         let best = self
             .pairs
             .iter()
-            .filter(|p| usable(p))
+            .filter(|p| usable(p) && tier_ok(p))
             .min_by_key(|p| (self.score(p), p.dest))
             .map(|p| (p.dest, self.score(p)));
         let current = self
             .selected
             .and_then(|s| self.pairs.iter().find(|p| p.dest == s))
-            .filter(|p| usable(p))
+            .filter(|p| usable(p) && tier_ok(p))
             .map(|p| (p.dest, self.score(p)));
         let new = match (current, best) {
             (Some(c), Some(b)) => {

@@ -678,3 +678,25 @@ fn receiving_side_follows_the_sender_to_the_relay_quickly() {
         t - died
     );
 }
+
+#[test]
+fn a_slow_direct_path_is_kept_over_a_fast_relay() {
+    let mut sim = Sim::new(
+        Some(MapKind::Cone),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    // Direct RTT 600 ms, relay RTT 20 ms: the relay never takes over from a working direct path.
+    sim.one_way = Duration::from_millis(300);
+    sim.relay_one_way = Duration::from_millis(10);
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.start();
+    sim.run_for(Duration::from_secs(10));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    assert_eq!(sim.kind(1), PathKind::Direct);
+    assert!(
+        sim.changed_to(0, PathKind::Relay, Duration::ZERO).is_none(),
+        "{:?}",
+        sim.nodes[0].changes
+    );
+}
