@@ -21,6 +21,8 @@ pub(crate) struct RedisServer {
     extra: Vec<String>,
     /// Run as a Sentinel with this config file.
     sentinel_conf: Option<std::path::PathBuf>,
+    /// Working directory: replication writes RDB files there even with `--save ""`.
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -74,6 +76,7 @@ impl RedisServer {
                 tls: tls.clone(),
                 extra: extra.clone(),
                 sentinel_conf: sentinel_conf.clone(),
+                dir: tempfile::tempdir().expect("redis dir"),
             };
             if s.spawn() {
                 return s;
@@ -104,12 +107,14 @@ impl RedisServer {
             "--protected-mode",
             "yes",
         ]);
+        cmd.arg("--dir").arg(self.dir.path());
         cmd.args(&self.extra);
         self.run(cmd)
     }
 
     fn run(&mut self, mut cmd: Command) -> bool {
         let child = cmd
+            .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
