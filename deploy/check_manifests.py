@@ -13,7 +13,8 @@ failed. What is checked:
   of the same protocol; QUIC/STUN/TURN ports are UDP; HPA and PDB point at existing Deployments.
 * deploy/docker-compose.yml: build contexts, Dockerfiles and build targets exist, bind-mounted files
   exist, depends_on names existing services, QUIC/STUN/TURN ports are published as UDP.
-* deploy/prometheus.yml: scrape targets are compose services on a port they serve metrics on.
+* deploy/prometheus.yml: scrape targets are compose services on a port they serve metrics on;
+  deploy/alerts.yml: rules are mounted, complete, and use only metrics defined in the code.
 * deploy/Dockerfile: has the `rendezvous` and `relay` stages; files it COPYs from the build context
   exist; the binaries it builds are [[bin]] targets of the workspace.
 * deploy/grafana/*.json: valid dashboard JSON with unique panel ids, and every meshpunch_* metric a
@@ -367,6 +368,34 @@ def check_prometheus(services):
                 )
 
 
+def check_alerts(services):
+    path = DEPLOY / "alerts.yml"
+    if not check(path.is_file(), "deploy/alerts.yml exists"):
+        return
+    try:
+        rules = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        fail(f"alerts.yml: YAML syntax: {e}")
+        return
+    ok("alerts.yml: YAML parses")
+    known = defined_metrics()
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text()) or {}
+    mounted = {
+        str(v).split(":")[1]
+        for v in (services.get("prometheus") or {}).get("volumes") or []
+        if isinstance(v, str) and v.count(":") >= 1
+    }
+    for rf in prom.get("rule_files") or []:
+        check(rf in mounted, f"prometheus.yml: rule file {rf} is mounted into the prometheus service")
+    for group in rules.get("groups") or []:
+        for rule in group.get("rules") or []:
+            name = rule.get("alert", "?")
+            check(bool(rule.get("expr")), f"alerts.yml {name}: has expr")
+            check(bool((rule.get("annotations") or {}).get("summary")), f"alerts.yml {name}: has a summary")
+            for m in re.findall(r"meshpunch_[a-z0-9_]+", rule.get("expr", "")):
+                check(m in known, f"alerts.yml {name}: metric {m} is defined in rendezvous/ or relay/ source")
+
+
 # --------------------------------------------------------------------------- Grafana
 def defined_metrics():
     names = set()
@@ -424,7 +453,9 @@ def check_examples():
 
 check_k8s()
 check_dockerfile()
-check_prometheus(check_compose())
+compose_services = check_compose()
+check_prometheus(compose_services)
+check_alerts(compose_services)
 check_grafana()
 check_examples()
 print(f"check_manifests: {len(failures)} failure(s)")
