@@ -286,6 +286,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         peers.push(Peer {
             fast,
             fast_route: None,
+            sent_version: 0,
             key: pc.public_key,
             b64: format_key(&pc.public_key),
             name: pc.name.clone(),
@@ -311,7 +312,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         .await
         .map_err(|e| anyhow::anyhow!("control socket {}: {e}", opts.control_socket.display()))?;
 
-    let (local_tx, local_rx) = watch::channel(Vec::<Candidate>::new());
+    let (local_tx, local_rx) = watch::channel((0u64, Vec::<Candidate>::new()));
     let (sig_ev_tx, sig_ev_rx) = mpsc::channel::<SignalEvent>(256);
     let (int_tx, int_rx) = mpsc::channel::<Internal>(64);
     let mut rdv = RendezvousStatus {
@@ -358,6 +359,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         rdv,
         sig,
         local_tx,
+        local_version: 0,
         local: Vec::new(),
         next_stun: now,
         next_relay_measure: None,
@@ -404,6 +406,8 @@ struct FastPath {
 struct Peer {
     fast: Arc<FastPath>,
     fast_route: Option<SocketAddr>,
+    /// Version of our candidates the peer got with the latest punch.
+    sent_version: u64,
     key: [u8; 32],
     b64: String,
     name: Option<String>,
@@ -480,7 +484,8 @@ struct Engine {
     turn_retry_at: Option<Instant>,
     rdv: RendezvousStatus,
     sig: Option<mpsc::Sender<SignalCmd>>,
-    local_tx: watch::Sender<Vec<Candidate>>,
+    local_tx: watch::Sender<(u64, Vec<Candidate>)>,
+    local_version: u64,
     local: Vec<Candidate>,
     next_stun: Instant,
     next_relay_measure: Option<Instant>,
@@ -641,7 +646,12 @@ impl Engine {
         for i in 0..self.peers.len() {
             if self.peers[i].next_offer_at.is_some_and(|t| t <= now) {
                 self.peers[i].next_offer_at = None;
-                self.send_offer(now, i);
+                let p = &self.peers[i];
+                // A working path whose peer has our latest candidates needs no new session.
+                let up_to_date = p.path.route().is_some() && p.sent_version >= self.local_version;
+                if !up_to_date {
+                    self.send_offer(now, i);
+                }
             }
         }
         self.pings.retain(|p| {
@@ -702,7 +712,8 @@ impl Engine {
         let first = self.local.is_empty();
         tracing::info!(candidates = ?c.iter().map(|c| format!("{:?} {}", c.kind, c.addr)).collect::<Vec<_>>(), "local candidates");
         self.local = c.clone();
-        let _ = self.local_tx.send(c);
+        self.local_version += 1;
+        let _ = self.local_tx.send((self.local_version, c));
         if first {
             return;
         }
@@ -1359,6 +1370,7 @@ impl Engine {
                 candidates,
                 secret,
                 start_at,
+                local_version,
             } => {
                 let Some(i) = self.peers.iter().position(|p| p.key == peer) else {
                     return;
@@ -1387,8 +1399,15 @@ impl Engine {
                 for r in relayed {
                     self.ensure_channel(now, r);
                 }
-                // If nothing works after a while, offer again (fresh candidates, new secret).
-                self.schedule_offer(now, i, OFFER_RETRY);
+                self.peers[i].sent_version = local_version;
+                if local_version < self.local_version {
+                    // Our candidates changed while this offer/answer was in flight (typically the
+                    // relay allocation became ready): send the new set at once.
+                    self.schedule_offer(now, i, Duration::ZERO);
+                } else {
+                    // If nothing works after a while, offer again (fresh candidates, new secret).
+                    self.schedule_offer(now, i, OFFER_RETRY);
+                }
             }
             SignalEvent::OfferFailed { peer, reason } => {
                 let Some(i) = self.peers.iter().position(|p| p.key == peer) else {

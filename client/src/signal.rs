@@ -58,6 +58,8 @@ pub enum SignalEvent {
         secret: [u8; 32],
         /// When to start probing.
         start_at: Instant,
+        /// Version of our candidates that the peer received.
+        local_version: u64,
     },
     /// Our offer failed.
     OfferFailed {
@@ -118,8 +120,15 @@ fn offer_error(e: &ClientError) -> String {
     }
 }
 
-fn punch_event(p: Punch) -> SignalEvent {
+/// Our current candidates (and their version) for an offer or answer.
+fn snapshot(local: &watch::Receiver<(u64, Vec<Candidate>)>) -> (u64, Vec<wire::Candidate>) {
+    let l = local.borrow();
+    (l.0, l.1.iter().map(to_wire).collect())
+}
+
+fn punch_event(p: Punch, local_version: u64) -> SignalEvent {
     SignalEvent::Punch {
+        local_version,
         peer: p.peer.0,
         candidates: p.peer_candidates.iter().filter_map(from_wire).collect(),
         secret: p.session_secret,
@@ -127,12 +136,13 @@ fn punch_event(p: Punch) -> SignalEvent {
     }
 }
 
-/// Starts the rendezvous task. `local` always holds our current candidates.
+/// Starts the rendezvous task. `local` always holds our current candidates and their version
+/// (bumped on every change), which each [`SignalEvent::Punch`] reports back.
 pub fn spawn(
     connect: ConnectString,
     private_key: [u8; 32],
     peers: Vec<[u8; 32]>,
-    local: watch::Receiver<Vec<Candidate>>,
+    local: watch::Receiver<(u64, Vec<Candidate>)>,
     events: mpsc::Sender<SignalEvent>,
 ) -> mpsc::Sender<SignalCmd> {
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SignalCmd>(256);
@@ -196,11 +206,11 @@ pub fn spawn(
                                     tracing::info!(peer = %o.from, "offer from a peer not in our config ignored");
                                     None
                                 } else {
-                                    let cands: Vec<wire::Candidate> = local.borrow().iter().map(to_wire).collect();
+                                    let (version, cands) = snapshot(&local);
                                     let events = events.clone();
                                     tokio::spawn(async move {
                                         let ev = match o.answer(cands).await {
-                                            Ok(p) => punch_event(p),
+                                            Ok(p) => punch_event(p, version),
                                             Err(e) => SignalEvent::OfferFailed { peer: from, reason: format!("answer failed: {e}") },
                                         };
                                         let _ = events.send(ev).await;
@@ -227,12 +237,12 @@ pub fn spawn(
                             client.close();
                             return;
                         };
-                        let cands: Vec<wire::Candidate> = local.borrow().iter().map(to_wire).collect();
+                        let (version, cands) = snapshot(&local);
                         let client = client.clone();
                         let events = events.clone();
                         tokio::spawn(async move {
                             let ev = match client.offer(PeerKey(peer), cands).await {
-                                Ok(p) => punch_event(p),
+                                Ok(p) => punch_event(p, version),
                                 Err(e) => SignalEvent::OfferFailed { peer, reason: offer_error(&e) },
                             };
                             let _ = events.send(ev).await;
