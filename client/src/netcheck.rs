@@ -93,6 +93,16 @@ fn to_family(sock: &UdpSocket, a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Outcome of a CHANGE-REQUEST test: an answer = passes the filter, none = filtered, error 420
+/// = the server cannot do it (unknown).
+fn change_result(r: Option<(binding::Response, Duration)>) -> Option<bool> {
+    match r {
+        Some((r, _)) if r.error == Some(420) => None,
+        Some((r, _)) => Some(r.error.is_none()),
+        None => Some(false),
+    }
+}
+
 /// Whether a Binding request sent to our own public address comes back to us.
 async fn hairpin(sock: &UdpSocket, public: SocketAddr, timeout: Duration) -> bool {
     let tx = binding::new_tx();
@@ -188,23 +198,22 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                     }
                 }
             }
-            // RFC 5780 §4.4 tests II and III.
-            change_ip_port = Some(
-                match transact(&sock, *server, Some((true, true)), opts.timeout).await {
-                    Some((r, _)) if r.error == Some(420) => None,
-                    Some((r, _)) => Some(r.error.is_none()),
-                    None => Some(false),
-                },
-            )
-            .flatten();
-            change_port = Some(
-                match transact(&sock, *server, Some((false, true)), opts.timeout).await {
-                    Some((r, _)) if r.error == Some(420) => None,
-                    Some((r, _)) => Some(r.error.is_none()),
-                    None => Some(false),
-                },
-            )
-            .flatten();
+            // RFC 5780 §4.4 tests II and III, from a fresh socket that has only talked to the
+            // primary address: the mapping tests above opened filter holes towards the
+            // alternate address and port on the first socket.
+            let fsock =
+                UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
+            if transact(&fsock, *server, None, opts.timeout)
+                .await
+                .is_some()
+            {
+                change_ip_port = change_result(
+                    transact(&fsock, *server, Some((true, true)), opts.timeout).await,
+                );
+                change_port = change_result(
+                    transact(&fsock, *server, Some((false, true)), opts.timeout).await,
+                );
+            }
         }
     }
     let mut relays = Vec::new();
