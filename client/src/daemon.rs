@@ -74,6 +74,9 @@ pub struct Options {
     pub peers: Vec<PeerConfig>,
     /// Path manager timers.
     pub path: PathConfig,
+    /// Interfaces whose addresses are never offered (besides every WireGuard interface found
+    /// with `wg show interfaces` at start).
+    pub exclude_interfaces: Vec<String>,
 }
 
 /// A running daemon (the engine task aborts when this is dropped).
@@ -122,6 +125,31 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 
 /// Every usable interface address (no loopback, no link-local, no unspecified).
 pub fn interface_addrs() -> Vec<IpAddr> {
+    interface_addrs_excluding(&[])
+}
+
+/// Names of the WireGuard interfaces on this host (`wg show interfaces`; empty if `wg` is not
+/// installed or not allowed).
+pub fn wireguard_interfaces() -> Vec<String> {
+    std::process::Command::new("wg")
+        .args(["show", "interfaces"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Usable interface addresses except those of the interfaces named in `exclude` (the
+/// WireGuard interfaces: a probe to a tunnel address would loop into the tunnel meshpunch
+/// itself carries).
+pub fn interface_addrs_excluding(exclude: &[String]) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free with freeifaddrs below; we only read
@@ -133,7 +161,11 @@ pub fn interface_addrs() -> Vec<IpAddr> {
         let mut cur = ifap;
         while !cur.is_null() {
             let ifa = &*cur;
-            if !ifa.ifa_addr.is_null() && ifa.ifa_flags & (libc::IFF_UP as u32) != 0 {
+            let excluded = !ifa.ifa_name.is_null() && {
+                let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
+                exclude.iter().any(|e| *e == name)
+            };
+            if !excluded && !ifa.ifa_addr.is_null() && ifa.ifa_flags & (libc::IFF_UP as u32) != 0 {
                 let fam = i32::from((*ifa.ifa_addr).sa_family);
                 if fam == libc::AF_INET {
                     let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
@@ -345,6 +377,13 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         key_ids: HashMap::new(),
         addrs: HashMap::new(),
         host_candidates: opts.host_candidates,
+        exclude_ifaces: {
+            let mut v = opts.exclude_interfaces.clone();
+            if opts.host_candidates {
+                v.extend(wireguard_interfaces());
+            }
+            v
+        },
         hosts: Vec::new(),
         srflx: None,
         stun_servers: Vec::new(),
@@ -471,6 +510,7 @@ struct Engine {
     key_ids: HashMap<u32, usize>,
     addrs: HashMap<PathAddr, usize>,
     host_candidates: bool,
+    exclude_ifaces: Vec<String>,
     hosts: Vec<IpAddr>,
     srflx: Option<SocketAddr>,
     stun_servers: Vec<SocketAddr>,
@@ -668,7 +708,7 @@ impl Engine {
 
     fn scan_hosts(&mut self, _now: Instant) -> bool {
         let hosts = if self.host_candidates {
-            let mut h = interface_addrs();
+            let mut h = interface_addrs_excluding(&self.exclude_ifaces);
             if !self.v6 {
                 h.retain(|ip| ip.is_ipv4());
             }

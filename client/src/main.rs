@@ -265,6 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wireguard_endpoint: cfg.wireguard_endpoint,
                 host_candidates: cfg.host_candidates && !no_host_candidates,
                 peers: cfg.peers.clone(),
+                exclude_interfaces: wg_interface.iter().cloned().collect(),
                 path: PathConfig {
                     keepalive_interval: keepalive_interval(cfg.binding_lifetime.map(|s| {
                         BindingLifetime {

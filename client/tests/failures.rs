@@ -40,6 +40,7 @@ fn opts(
                 .unwrap_or_default(),
         }],
         path: PathConfig::default(),
+        exclude_interfaces: Vec::new(),
     }
 }
 

@@ -46,6 +46,7 @@ async fn direct_then_forced_relay_then_back_to_direct() {
             candidates: vec![],
         }],
         path: PathConfig::default(),
+        exclude_interfaces: Vec::new(),
     };
     let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
     let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();

@@ -35,6 +35,7 @@ async fn static_peers_carry_wireguard_packets_directly() {
                 candidates: vec![format!("127.0.0.1:{other_port}").parse().unwrap()],
             }],
             path: PathConfig::default(),
+            exclude_interfaces: Vec::new(),
         };
     let da = daemon::start(mk(&a, &b, pa, pb, wga.addr(), "a"))
         .await
@@ -148,6 +149,7 @@ async fn measure_forwarding_rate_and_latency() {
                 candidates: vec![format!("127.0.0.1:{other_port}").parse().unwrap()],
             }],
             path: PathConfig::default(),
+            exclude_interfaces: Vec::new(),
         };
     let da = daemon::start(mk(&a, &b, pa, pb, wga.addr(), "a"))
         .await
