@@ -293,8 +293,23 @@ pub struct WgDump {
     pub public_key: Option<[u8; 32]>,
     /// WireGuard's listen port.
     pub listen_port: u16,
-    /// Peer public keys with their current endpoints.
-    pub peers: Vec<([u8; 32], Option<SocketAddr>)>,
+    /// The peers.
+    pub peers: Vec<WgPeer>,
+}
+
+/// One peer line of `wg show IFACE dump`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgPeer {
+    /// Public key.
+    pub public_key: [u8; 32],
+    /// Preshared key (base64), if any.
+    pub preshared_key: Option<String>,
+    /// Current endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Allowed IPs, comma-separated as `wg` prints them (empty = none).
+    pub allowed_ips: String,
+    /// Persistent keepalive in seconds.
+    pub persistent_keepalive: Option<u16>,
 }
 
 /// Parses `wg show IFACE dump` output (tab-separated; first line is the interface).
@@ -320,7 +335,17 @@ pub fn parse_wg_dump(text: &str) -> Result<WgDump, String> {
             ));
         }
         let pk = parse_key(p[0]).map_err(|e| format!("peer line: {e}"))?;
-        peers.push((pk, p[2].parse().ok()));
+        let field = |i: usize| p.get(i).copied().unwrap_or("");
+        peers.push(WgPeer {
+            public_key: pk,
+            preshared_key: parse_key(field(1)).ok().map(|_| field(1).to_string()),
+            endpoint: field(2).parse().ok(),
+            allowed_ips: match field(3) {
+                "(none)" => String::new(),
+                a => a.to_string(),
+            },
+            persistent_keepalive: field(7).parse().ok().filter(|k| *k > 0),
+        });
     }
     Ok(WgDump {
         private_key: key(f[0]),
@@ -387,8 +412,10 @@ mod tests {
         let d = parse_wg_dump(&text).unwrap();
         assert_eq!(d.listen_port, 51820);
         assert_eq!(d.peers.len(), 2);
-        assert_eq!(d.peers[0].1, Some("127.0.0.1:5000".parse().unwrap()));
-        assert_eq!(d.peers[1].1, None);
+        assert_eq!(d.peers[0].endpoint, Some("127.0.0.1:5000".parse().unwrap()));
+        assert_eq!(d.peers[0].allowed_ips, "10.0.0.2/32");
+        assert_eq!(d.peers[0].persistent_keepalive, None);
+        assert_eq!(d.peers[1].endpoint, None);
         assert!(d.private_key.is_some());
     }
 }

@@ -220,7 +220,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if cfg.private_key.is_none() {
                     cfg.private_key = d.private_key;
                 }
-                for (k, _) in &d.peers {
+                for wp in &d.peers {
+                    let k = &wp.public_key;
                     if !cfg.peers.iter().any(|p| p.public_key == *k) {
                         cfg.peers.push(PeerConfig {
                             public_key: *k,
@@ -277,9 +278,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             };
             let mut d = daemon::start(opts).await?;
-            if let (Some(iface), Some(_)) = (&wg_interface, &wg_dump) {
+            if let (Some(iface), Some(dump)) = (&wg_interface, &wg_dump) {
                 for (k, addr) in &d.proxies {
-                    meshpunch::wg::set_endpoint(iface, k, *addr)?;
+                    if let Some(wp) = dump.peers.iter().find(|p| p.public_key == *k) {
+                        meshpunch::wg::set_endpoint(iface, wp, *addr)?;
+                    }
                 }
             }
             let ready = serde_json::json!({

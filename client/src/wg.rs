@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::process::Command;
 
-use crate::config::{parse_wg_dump, WgDump};
+use crate::config::{parse_wg_dump, WgDump, WgPeer};
 use crate::keys::format_key;
 
 /// Runs `wg show IFACE dump` and parses it.
@@ -27,18 +27,68 @@ pub fn show_dump(iface: &str) -> anyhow::Result<WgDump> {
         .map_err(|e| anyhow::anyhow!("`wg show {iface} dump`: {e}"))
 }
 
-/// Runs `wg set IFACE peer KEY endpoint ADDR`.
-pub fn set_endpoint(iface: &str, key: &[u8; 32], endpoint: SocketAddr) -> anyhow::Result<()> {
-    let k = format_key(key);
+/// Points `peer` of `iface` at `endpoint`. The peer is removed and added again in the same
+/// `wg set` call (keeping its allowed IPs, keepalive and preshared key): userspace WireGuard
+/// (boringtun) cannot modify an existing peer, and the kernel accepts this form as well.
+pub fn set_endpoint(iface: &str, peer: &WgPeer, endpoint: SocketAddr) -> anyhow::Result<()> {
+    let k = format_key(&peer.public_key);
+    let mut args: Vec<String> = vec![
+        "set".into(),
+        iface.into(),
+        "peer".into(),
+        k.clone(),
+        "remove".into(),
+        "peer".into(),
+        k.clone(),
+        "endpoint".into(),
+        endpoint.to_string(),
+        "allowed-ips".into(),
+        peer.allowed_ips.clone(),
+    ];
+    if let Some(ka) = peer.persistent_keepalive {
+        args.push("persistent-keepalive".into());
+        args.push(ka.to_string());
+    }
+    // The preshared key goes through a private temporary file, never the command line.
+    let psk_file = match &peer.preshared_key {
+        Some(psk) => {
+            let f = tempfile_with(psk)?;
+            args.push("preshared-key".into());
+            args.push(f.display().to_string());
+            Some(f)
+        }
+        None => None,
+    };
     let out = Command::new("wg")
-        .args(["set", iface, "peer", &k, "endpoint", &endpoint.to_string()])
+        .args(&args)
         .output()
-        .map_err(|e| anyhow::anyhow!("cannot run `wg set`: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot run `wg set`: {e}"));
+    if let Some(f) = psk_file {
+        let _ = std::fs::remove_file(f);
+    }
+    let out = out?;
     if !out.status.success() {
         anyhow::bail!(
-            "`wg set {iface} peer {k} endpoint {endpoint}` failed: {}",
+            "`wg set {iface} peer {k} ... endpoint {endpoint}` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
+}
+
+fn tempfile_with(content: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = std::env::temp_dir().join(format!(
+        "meshpunch-psk-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(content.as_bytes())?;
+    Ok(path)
 }

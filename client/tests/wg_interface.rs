@@ -69,9 +69,14 @@ fn wg_interface_peers_get_proxy_endpoints() {
     let _ = child.kill();
     let _ = child.wait();
     for p in &proxies {
+        let k = p["public_key"].as_str().unwrap();
+        let ips = if *k == *peers[0].as_str() {
+            "10.9.0.2/32"
+        } else {
+            "10.9.0.3/32"
+        };
         let want = format!(
-            "set wg0 peer {} endpoint {}",
-            p["public_key"].as_str().unwrap(),
+            "set wg0 peer {k} remove peer {k} endpoint {} allowed-ips {ips}",
             p["proxy"].as_str().unwrap()
         );
         assert!(calls.lines().any(|l| l == want), "{want} not in {calls}");
