@@ -205,12 +205,12 @@ impl Default for PathConfig {
             fast_punch_for: Duration::from_secs(3),
             backoff_max: Duration::from_secs(8),
             relay_after: Duration::from_secs(1),
-            active_interval: Duration::from_millis(250),
+            active_interval: Duration::from_millis(200),
             standby_interval: Duration::from_secs(2),
             keepalive_interval: crate::nat::DEFAULT_KEEPALIVE,
             idle_after: Duration::from_secs(5),
-            pong_timeout: Duration::from_millis(700),
-            dead_after: Duration::from_millis(700),
+            pong_timeout: Duration::from_millis(600),
+            dead_after: Duration::from_millis(600),
             direct_penalty: Duration::from_millis(20),
             relay_penalty: Duration::from_millis(150),
             hysteresis: Duration::from_millis(10),
@@ -718,7 +718,11 @@ impl PeerPath {
                 // Triggered check: make sure we ping back soon (and learn prflx addresses).
                 match self.pairs.iter_mut().find(|p| p.dest == from) {
                     Some(p) => {
-                        if p.state != PairState::Valid && p.pings.is_empty() {
+                        // Triggered check: ping back now unless we just did.
+                        let recent = p.pings.back().is_some_and(|(_, t)| {
+                            now.saturating_duration_since(*t) < self.cfg.punch_interval / 2
+                        });
+                        if p.state != PairState::Valid && !recent {
                             p.next_ping = now;
                         }
                     }
@@ -781,13 +785,22 @@ impl PeerPath {
         let cfg = self.cfg.clone();
         let mut died = false;
         // Expire lost pings; detect dead pairs; drop predicted pairs that never answered.
-        for p in &mut self.pairs {
+        // Only valid pairs expire pings: a probing pair keeps its (bounded) outstanding pings,
+        // so a pong slower than the timeout still validates a long path.
+        for p in self
+            .pairs
+            .iter_mut()
+            .filter(|p| p.state == PairState::Valid)
+        {
             while let Some((_, t)) = p.pings.front() {
-                if now.saturating_duration_since(*t) >= cfg.pong_timeout {
+                // Long paths (satellite, far relays) get twice their RTT before a ping is lost.
+                let rtt2 = p.srtt.map_or(Duration::ZERO, |r| r * 2);
+                if now.saturating_duration_since(*t) >= cfg.pong_timeout.max(rtt2) {
                     p.pings.pop_front();
                     if p.state == PairState::Valid
-                        && p.last_pong
-                            .is_none_or(|l| now.saturating_duration_since(l) >= cfg.dead_after)
+                        && p.last_pong.is_none_or(|l| {
+                            now.saturating_duration_since(l) >= cfg.dead_after.max(rtt2)
+                        })
                     {
                         p.state = PairState::Probing;
                         p.interval = cfg.punch_interval;
@@ -965,8 +978,9 @@ impl PeerPath {
             if !self.blocked(&p.dest) {
                 take(p.next_ping);
             }
-            if let Some((_, sent)) = p.pings.front() {
-                take(*sent + self.cfg.pong_timeout);
+            if let (PairState::Valid, Some((_, sent))) = (p.state, p.pings.front()) {
+                let rtt2 = p.srtt.map_or(Duration::ZERO, |r| r * 2);
+                take(*sent + self.cfg.pong_timeout.max(rtt2));
             }
         }
         if !self.relay_deadline_fired {

@@ -686,8 +686,9 @@ fn a_slow_direct_path_is_kept_over_a_fast_relay() {
         Some(MapKind::Cone),
         PathConfig::default(),
     );
-    // Direct RTT 600 ms, relay RTT 20 ms: the relay never takes over from a working direct path.
-    sim.one_way = Duration::from_millis(300);
+    // Direct RTT 800 ms (beyond the 600 ms pong timeout), relay RTT 20 ms: the relay never
+    // takes over from a working direct path.
+    sim.one_way = Duration::from_millis(400);
     sim.relay_one_way = Duration::from_millis(10);
     sim.data_every = Some(Duration::from_millis(100));
     sim.start();
