@@ -49,7 +49,7 @@ pub const HOST_SCAN_INTERVAL: Duration = Duration::from_secs(10);
 /// Retry interval of offers to a peer that has no path.
 pub const OFFER_RETRY: Duration = Duration::from_secs(20);
 /// Delay before the peer with the higher key offers (the lower key offers at once).
-pub const OFFER_DEFER: Duration = Duration::from_secs(3);
+pub const OFFER_DEFER: Duration = Duration::from_secs(1);
 /// Shortest time between two offers to one peer.
 pub const OFFER_MIN_GAP: Duration = Duration::from_secs(2);
 /// Retry interval after the TURN allocation failed.
