@@ -10,7 +10,7 @@
 //! first authenticated pong from B; it is split into the offer round trip (offer → punch
 //! signal), the wait for the common start time, and the probe exchange.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -177,22 +177,51 @@ async fn probe_until_direct(
     }
 }
 
+/// The address simulated host `n` binds to: its own loopback address (127.1.x.y) when the
+/// rendezvous is on loopback, so the server's per-IP limits apply per host as in production.
+fn host_ip(cs: &ConnectString, n: usize) -> IpAddr {
+    match cs.host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) if ip.is_loopback() => {
+            let i = n % (254 * 255);
+            IpAddr::V4(Ipv4Addr::new(127, 1, (i / 254) as u8, 1 + (i % 254) as u8))
+        }
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    }
+}
+
 async fn connect_client(
     cs: &ConnectString,
+    ip: IpAddr,
 ) -> Result<(Client, meshpunch::rendezvous::Events), String> {
     let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
-    Client::connect(ClientConfig::new(cs.clone(), secret))
+    let mut cfg = ClientConfig::new(cs.clone(), secret);
+    if !ip.is_unspecified() {
+        cfg.socket = Some(
+            std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+                .map_err(|e| format!("bind {ip}: {e}"))?,
+        );
+    }
+    Client::connect(cfg)
         .await
         .map_err(|e| format!("register: {e}"))
 }
 
-async fn one_pair(cs: &ConnectString, timeout: Duration) -> Result<Timings, String> {
-    let (a, _a_events) = connect_client(cs).await?;
-    let (b, mut b_events) = connect_client(cs).await?;
-    let a_sock = UdpSocket::bind("127.0.0.1:0")
+async fn one_pair(cs: &ConnectString, pair: usize, timeout: Duration) -> Result<Timings, String> {
+    let a_ip = host_ip(cs, 2 * pair);
+    let b_ip = host_ip(cs, 2 * pair + 1);
+    let (a, _a_events) = connect_client(cs, a_ip).await?;
+    let (b, mut b_events) = connect_client(cs, b_ip).await?;
+    let data_ip = |ip: IpAddr| {
+        if ip.is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            ip
+        }
+    };
+    let a_sock = UdpSocket::bind(SocketAddr::new(data_ip(a_ip), 0))
         .await
         .map_err(|e| e.to_string())?;
-    let b_sock = UdpSocket::bind("127.0.0.1:0")
+    let b_sock = UdpSocket::bind(SocketAddr::new(data_ip(b_ip), 0))
         .await
         .map_err(|e| e.to_string())?;
     let a_cand = host_candidate(&a_sock)?;
@@ -286,7 +315,7 @@ pub fn run(opts: &PunchOptions) -> Result<PunchReport, PunchError> {
         );
         let sem = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
         let mut joins = Vec::new();
-        for _ in 0..opts.pairs {
+        for pair in 0..opts.pairs {
             let Ok(permit) = sem.clone().acquire_owned().await else {
                 break;
             };
@@ -296,7 +325,7 @@ pub fn run(opts: &PunchOptions) -> Result<PunchReport, PunchError> {
             let progress = progress.clone();
             let timeout = opts.timeout;
             joins.push(tokio::spawn(async move {
-                let r = one_pair(&cs, timeout).await;
+                let r = one_pair(&cs, pair, timeout).await;
                 drop(permit);
                 progress
                     .sent

@@ -562,8 +562,19 @@ async fn run_async(opts: &RendezvousOptions) -> Result<RendezvousReport, Rendezv
             None => senders.push(None),
         }
     }
-    // Let the watches settle before sampling memory.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the watches settle before sampling memory and timing offers: every registered
+    // client expects one Presence for its partner; wait until they stop arriving (the server
+    // may still be working through tens of thousands of Watch requests).
+    let settle_deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = u64::MAX;
+    while Instant::now() < settle_deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = shared.presence.load(Ordering::Relaxed);
+        if now == last || now >= registered {
+            break;
+        }
+        last = now;
+    }
     let rss_after = opts.server_pid.and_then(sys::rss_kib);
     let generator_rss = sys::rss_kib(std::process::id());
 
