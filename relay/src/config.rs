@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 /// Default TURN/STUN port (RFC 8489 §18.5).
 pub const DEFAULT_PORT: u16 = 3478;
+/// `--dev` port: one above the default so a dev relay runs beside `meshpunch-rendezvous --dev`,
+/// whose STUN server holds 3478.
+pub const DEV_PORT: u16 = 3479;
 /// Default relayed port range (the IANA dynamic range, like coturn).
 pub const DEFAULT_PORTS: (u16, u16) = (49152, 65535);
 /// Default realm.
@@ -201,7 +204,7 @@ impl RelayConfig {
     ) -> anyhow::Result<RelayConfig> {
         let dev = o.dev;
         let listen = o.listen.or(file.listen).unwrap_or(if dev {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT)
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEV_PORT)
         } else {
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT)
         });
@@ -429,7 +432,7 @@ mod tests {
             Some("devsecret".into()),
         )
         .unwrap();
-        assert_eq!(c.listen, "127.0.0.1:3478".parse().unwrap());
+        assert_eq!(c.listen, "127.0.0.1:3479".parse().unwrap());
         assert_eq!(c.relay_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
         assert!(c.server.policy.allow_loopback);
         assert!(RelayConfig::resolve(FileConfig::default(), Overrides::default(), None).is_err());

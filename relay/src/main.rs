@@ -17,7 +17,8 @@ struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "MESHPUNCH_RELAY_CONFIG")]
     config: Option<PathBuf>,
-    /// Development mode: listen on 127.0.0.1:3478, relay on 127.0.0.1, allow loopback peers,
+    /// Development mode: listen on 127.0.0.1:3479 (beside the rendezvous dev STUN on 3478),
+    /// relay on 127.0.0.1, allow loopback peers,
     /// generate (and keep) a shared secret if none is given.
     #[arg(long, env = "MESHPUNCH_RELAY_DEV")]
     dev: bool,
@@ -70,6 +71,14 @@ fn main() -> anyhow::Result<()> {
         let path = config::dev_secret_path();
         let s = config::dev_secret(&path)?;
         eprintln!("dev secret (kept in {}): {s}", path.display());
+        // What to paste into the rendezvous config so its clients get this relay.
+        let listen = cli.listen.or(file.listen).map_or_else(
+            || format!("127.0.0.1:{}", config::DEV_PORT),
+            |a| a.to_string(),
+        );
+        eprintln!(
+            "rendezvous config for this relay:\n[[relay]]\nregion = \"dev\"\nurls = [\"turn:{listen}\"]\nsecret = \"{s}\""
+        );
         Some(s)
     } else {
         None
