@@ -147,7 +147,6 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
 /// somewhere to go), also when the servers are far (50 ms) and the TURN allocation completes
 /// after the first offer/answer.
 #[test]
-#[ignore = "client bug: a relayed candidate that appears after the offer/answer reaches the peer only at the next re-offer ~20 s later, see /work/notes/blockers.md"]
 fn relay_candidate_reaches_the_peer_within_seconds() {
     let test = "relay_candidate_reaches_the_peer_within_seconds";
     if support::mesh_ready(test, &[]).is_none() {

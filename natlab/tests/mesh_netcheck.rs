@@ -12,7 +12,6 @@ use natlab::mesh::Mesh;
 use natlab::{Nat, TopologySpec};
 
 #[test]
-#[ignore = "client bug: filtering is reported endpoint-independent behind every NAT (the CHANGE-REQUEST tests run on a socket that already talked to the alternate address); see /work/notes/blockers.md"]
 fn netcheck_classifies_every_lab_nat() {
     let test = "netcheck_classifies_every_lab_nat";
     if support::mesh_ready(test, &[]).is_none() {

@@ -23,7 +23,7 @@ use natlab::{Nat, TopologySpec};
 const PROXY_PORT: u16 = 51900;
 
 /// Host candidates off: only server-reflexive and relayed candidates, so the tunnel's own
-/// address cannot be offered (see the ignored test below).
+/// address cannot be offered whatever the daemon does (the next test covers the default).
 #[test]
 fn wireguard_through_meshpunch_pings_on_direct_and_on_relay() {
     let test = "wireguard_through_meshpunch_pings_on_direct_and_on_relay";
@@ -48,7 +48,6 @@ fn wireguard_relay_leg_through_coturn() {
 /// tunnel address (10.77.0.x) as a candidate — a path to the peer's tunnel address runs
 /// inside the tunnel meshpunch itself carries, and the path flaps lan <-> direct.
 #[test]
-#[ignore = "client bug: the WireGuard tunnel address is offered as a host candidate (routing loop), see /work/notes/blockers.md"]
 fn wireguard_tunnel_address_is_never_a_path() {
     let test = "wireguard_tunnel_address_is_never_a_path";
     if support::mesh_ready(test, &["wg", "boringtun-cli"]).is_none() {
@@ -108,13 +107,29 @@ fn scenario(host_candidates: bool, relay: RelayImpl) {
         v.remote,
         support::secs(took)
     );
+    // The answering side must have its path too, or WireGuard's first handshake response is
+    // dropped ("no path") and WireGuard only retries after 5 s.
+    mesh.wait_path("b1", "a1", &["direct"], Duration::from_secs(30))
+        .unwrap();
+    warm_up(&mesh, wb.addr);
     let dump = wa.dump(&mesh.topo).unwrap();
     assert!(
         dump.contains("127.0.0.1:"),
         "WireGuard endpoint not pointed at the proxy: {dump}"
     );
 
-    let direct = mesh.topo.ping("a1", wb.addr, 10).unwrap();
+    let direct = match mesh.topo.ping("a1", wb.addr, 10) {
+        Ok(r) => r,
+        Err(e) => {
+            for (h, w) in [("a1", &wa), ("b1", &wb)] {
+                eprintln!("--- {h} status: {:?}", mesh.status(h));
+                eprintln!("--- {h} wg: {:?}", w.dump(&mesh.topo));
+                eprintln!("--- {h} addr: {:?}", mesh.topo.lab.ip(h, &["-4", "addr"]));
+                eprintln!("--- {h} route: {:?}", mesh.topo.lab.ip(h, &["-4", "route"]));
+            }
+            panic!("ping over WireGuard on the direct path: {e}");
+        }
+    };
     println!("ping over WireGuard, direct path:  {direct}");
 
     mesh.topo.cut_both("a1", "b1").unwrap();
@@ -126,6 +141,9 @@ fn scenario(host_candidates: bool, relay: RelayImpl) {
         rv.remote,
         support::secs(rtook)
     );
+    mesh.wait_path("b1", "a1", &["relay"], Duration::from_secs(45))
+        .unwrap();
+    warm_up(&mesh, wb.addr);
     let relay = mesh.topo.ping("a1", wb.addr, 10).unwrap();
     println!("ping over WireGuard, forced relay: {relay}");
 
@@ -134,5 +152,14 @@ fn scenario(host_candidates: bool, relay: RelayImpl) {
     assert!(
         relay.min_ms > direct.min_ms,
         "relay {relay} vs direct {direct}"
+    );
+}
+
+/// One ping that may wait for a WireGuard handshake (and its 5 s retry) before measuring.
+fn warm_up(mesh: &Mesh, dst: Ipv4Addr) {
+    let _ = mesh.topo.lab.exec_any(
+        "a1",
+        "ping",
+        &["-n", "-q", "-c", "1", "-W", "8", &dst.to_string()],
     );
 }
