@@ -27,17 +27,28 @@ pub fn show_dump(iface: &str) -> anyhow::Result<WgDump> {
         .map_err(|e| anyhow::anyhow!("`wg show {iface} dump`: {e}"))
 }
 
-/// Points `peer` of `iface` at `endpoint`. The peer is removed and added again in the same
-/// `wg set` call (keeping its allowed IPs, keepalive and preshared key): userspace WireGuard
-/// (boringtun) cannot modify an existing peer, and the kernel accepts this form as well.
+/// Points `peer` of `iface` at `endpoint`: removes the peer, then adds it again with the new
+/// endpoint (keeping its allowed IPs, keepalive and preshared key). Userspace WireGuard
+/// (boringtun) cannot modify an existing peer, and it must be two `wg set` calls: in one call
+/// `wg` merges both sections of the same key into one peer that still carries `remove`, which
+/// leaves the interface with no peer at all. The kernel accepts this form as well.
 pub fn set_endpoint(iface: &str, peer: &WgPeer, endpoint: SocketAddr) -> anyhow::Result<()> {
     let k = format_key(&peer.public_key);
+    run_wg(
+        iface,
+        &k,
+        endpoint,
+        &[
+            "set".into(),
+            iface.into(),
+            "peer".into(),
+            k.clone(),
+            "remove".into(),
+        ],
+    )?;
     let mut args: Vec<String> = vec![
         "set".into(),
         iface.into(),
-        "peer".into(),
-        k.clone(),
-        "remove".into(),
         "peer".into(),
         k.clone(),
         "endpoint".into(),
@@ -59,17 +70,21 @@ pub fn set_endpoint(iface: &str, peer: &WgPeer, endpoint: SocketAddr) -> anyhow:
         }
         None => None,
     };
-    let out = Command::new("wg")
-        .args(&args)
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run `wg set`: {e}"));
+    let res = run_wg(iface, &k, endpoint, &args);
     if let Some(f) = psk_file {
         let _ = std::fs::remove_file(f);
     }
-    let out = out?;
+    res
+}
+
+fn run_wg(iface: &str, k: &str, endpoint: SocketAddr, args: &[String]) -> anyhow::Result<()> {
+    let out = Command::new("wg")
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run `wg set`: {e}"))?;
     if !out.status.success() {
         anyhow::bail!(
-            "`wg set {iface} peer {k} ... endpoint {endpoint}` failed: {}",
+            "`wg set {iface} peer {k} ...` (endpoint {endpoint}) failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

@@ -61,7 +61,7 @@ fn wg_interface_peers_get_proxy_endpoints() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let calls = loop {
         let calls = std::fs::read_to_string(&log).unwrap_or_default();
-        if calls.lines().count() >= 2 || Instant::now() > deadline {
+        if calls.lines().count() >= 4 || Instant::now() > deadline {
             break calls;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -75,11 +75,19 @@ fn wg_interface_peers_get_proxy_endpoints() {
         } else {
             "10.9.0.3/32"
         };
-        let want = format!(
-            "set wg0 peer {k} remove peer {k} endpoint {} allowed-ips {ips}",
+        // Two calls, remove then add: one call would leave boringtun with no peer.
+        let remove = format!("set wg0 peer {k} remove");
+        let add = format!(
+            "set wg0 peer {k} endpoint {} allowed-ips {ips}",
             p["proxy"].as_str().unwrap()
         );
-        assert!(calls.lines().any(|l| l == want), "{want} not in {calls}");
+        let lines: Vec<&str> = calls.lines().collect();
+        let r = lines.iter().position(|l| *l == remove);
+        let a = lines.iter().position(|l| *l == add);
+        assert!(
+            matches!((r, a), (Some(r), Some(a)) if r < a),
+            "want `{remove}` then `{add}` in {calls}"
+        );
         assert!(p["proxy"].as_str().unwrap().starts_with("127.0.0.1:"));
     }
     for k in &peers {
