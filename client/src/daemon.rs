@@ -54,6 +54,9 @@ pub const OFFER_DEFER: Duration = Duration::from_secs(1);
 pub const OFFER_MIN_GAP: Duration = Duration::from_secs(2);
 /// Retry interval after the TURN allocation failed.
 pub const TURN_RETRY: Duration = Duration::from_secs(15);
+/// How long the source of a peer's last WireGuard packet stays usable as the way back while
+/// no path is selected (a WireGuard handshake round trip is far shorter).
+pub const LAST_RX_FALLBACK: Duration = Duration::from_secs(5);
 
 /// What the daemon runs with.
 #[derive(Debug, Clone)]
@@ -332,6 +335,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
             tx_packets: 0,
             rx_packets: 0,
             dropped: 0,
+            last_rx: None,
             static_candidates: pc.candidates.clone(),
             next_offer_at: None,
             last_offer: None,
@@ -460,6 +464,9 @@ struct Peer {
     tx_packets: u64,
     rx_packets: u64,
     dropped: u64,
+    /// Where this peer's last WireGuard packet came from, and when: the way back while no
+    /// path is selected yet (the peer found its path before we did).
+    last_rx: Option<(PathAddr, Instant)>,
     static_candidates: Vec<SocketAddr>,
     next_offer_at: Option<Instant>,
     last_offer: Option<Instant>,
@@ -1196,6 +1203,7 @@ impl Engine {
                 }
                 p.rx_bytes += pkt.len() as u64;
                 p.rx_packets += 1;
+                p.last_rx = Some((from, now));
                 p.path.on_data_received(now, &from);
                 if let Some(wg) = p.wg_addr {
                     let _ = p.proxy.try_send_to(pkt, wg);
@@ -1214,7 +1222,14 @@ impl Engine {
             p.wg_addr = Some(src);
         }
         p.path.on_data_sent(now);
-        let Some(dest) = p.path.route() else {
+        // No path selected yet, but the peer's packets arrive from a known remote: answer
+        // there instead of dropping (a lost handshake response costs WireGuard a 5 s retry).
+        let fallback = p
+            .last_rx
+            .filter(|(_, at)| now.saturating_duration_since(*at) < LAST_RX_FALLBACK)
+            .map(|(from, _)| from)
+            .filter(|from| !p.path.direct_blocked() || p.path.class_of(from) == PathKind::Relay);
+        let Some(dest) = p.path.route().or(fallback) else {
             p.dropped += 1;
             return;
         };
