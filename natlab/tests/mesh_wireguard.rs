@@ -60,7 +60,6 @@ fn wireguard_tunnel_address_is_never_a_path() {
 /// `wg show IFACE dump` and points each WireGuard peer at its proxy port itself (remove and
 /// re-add in one `wg set`, which boringtun supports).
 #[test]
-#[ignore = "client bug: the one-call `wg set IF peer K remove peer K ...` leaves boringtun with no peer at all; see /work/notes/blockers.md (18:20)"]
 fn wireguard_peers_taken_from_the_interface_with_wg_interface() {
     let test = "wireguard_peers_taken_from_the_interface_with_wg_interface";
     if support::mesh_ready(test, &["wg", "boringtun-cli"]).is_none() {
