@@ -36,11 +36,31 @@ const TICK: Duration = Duration::from_secs(1);
 /// Bound on a write to a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Read buffer per connection: messages are small, and this is paid per connected client.
-const READ_BUF: usize = 2048;
+/// Queue of deliveries per connection (each slot is one pointer: deliveries are boxed).
+const CONN_QUEUE: usize = 64;
 
-/// Queue of deliveries per connection.
-const CONN_QUEUE: usize = 256;
+/// Unacknowledged bytes the server may have in flight on one connection. Signalling
+/// messages are small; a Registered with a large relay map or a burst of Presence after a
+/// Watch fits, and a client that stops reading cannot make the server buffer more.
+const SEND_WINDOW: u64 = 64 * 1024;
+
+/// Transport parameters sized for a signalling connection: one bidirectional control stream,
+/// no unidirectional streams, no datagrams, receive windows of one maximum frame, no MTU
+/// discovery (every message fits the 1200-byte minimum MTU). Paid per connected client.
+fn transport_config(limits: &crate::config::Limits) -> quinn::TransportConfig {
+    let frame = u32::try_from(limits.max_frame_bytes + 64).unwrap_or(u32::MAX);
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok())
+        .max_concurrent_bidi_streams(1u8.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .stream_receive_window(frame.into())
+        .receive_window(frame.saturating_mul(2).into())
+        .send_window(SEND_WINDOW)
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
+        .mtu_discovery_config(None);
+    t
+}
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +138,8 @@ pub fn load_token_secret(cfg: &Config) -> Result<Vec<u8>, StartError> {
 /// Events for one connection task.
 #[derive(Debug)]
 enum ConnEvent {
-    Delivery(Delivery),
+    /// Boxed: the per-connection queue allocates its slots up front.
+    Delivery(Box<Delivery>),
     Superseded,
 }
 
@@ -215,12 +236,7 @@ impl Server {
 
         let mut server_config =
             quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(resolver.clone())?));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_idle_timeout(quinn::IdleTimeout::try_from(cfg.limits.idle_timeout).ok())
-            .max_concurrent_bidi_streams(2u8.into())
-            .max_concurrent_uni_streams(0u8.into());
-        server_config.transport_config(Arc::new(transport));
+        server_config.transport_config(Arc::new(transport_config(&cfg.limits)));
         let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
             .map_err(io_err(format!("binding QUIC {}", cfg.listen)))?;
         let quic_addr = endpoint
@@ -501,7 +517,7 @@ async fn dispatch(shared: Arc<Shared>, mut inbox: Inbox) {
             Delivery::Superseded { conn } => (Some(conn), ConnEvent::Superseded),
             d => (
                 shared.peers.get(&env.to).map(|c| *c),
-                ConnEvent::Delivery(d),
+                ConnEvent::Delivery(Box::new(d)),
             ),
         };
         let delivered = conn
@@ -651,7 +667,6 @@ impl Session {
         let mut drain = self.shared.drain_tx.subscribe();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut buf = vec![0u8; READ_BUF];
         if *drain.borrow() {
             self.go_away(GoAwayReason::Draining, "server draining")
                 .await;
@@ -659,9 +674,10 @@ impl Session {
         }
         loop {
             let flow = tokio::select! {
-                r = recv.read(&mut buf) => match r {
-                    Ok(Some(n)) => {
-                        self.decoder.push(&buf[..n]);
+                // No read buffer per connection: take quinn's received chunk as it is.
+                r = recv.read_chunk(usize::MAX, true) => match r {
+                    Ok(Some(chunk)) => {
+                        self.decoder.push(&chunk.bytes);
                         self.drain_decoder().await
                     }
                     Ok(None) | Err(_) => Flow::Close,
@@ -1098,7 +1114,7 @@ impl Session {
                 .await;
                 Flow::Close
             }
-            ConnEvent::Delivery(d) => self.on_delivery(d).await,
+            ConnEvent::Delivery(d) => self.on_delivery(*d).await,
         }
     }
 

@@ -159,6 +159,10 @@ pub fn server_crypto(
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![meshpunch_proto::wire::ALPN.to_vec()];
     cfg.max_early_data_size = 0;
+    // No resumption: clients hold one long-lived connection, and tickets or a session
+    // cache cost handshake bytes and memory for every connection.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| TlsError::Invalid(e.to_string()))
 }
