@@ -606,8 +606,8 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: C
         token: None,
         revocation_gen: shared.revocation_generation(),
     };
-    session.run(recv, rx).await;
-    session.cleanup().await;
+    Box::pin(session.run(recv, rx)).await;
+    Box::pin(session.cleanup()).await;
     shared.conns.remove(&conn_id);
     metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
     drop(slot);
@@ -668,27 +668,28 @@ impl Session {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if *drain.borrow() {
-            self.go_away(GoAwayReason::Draining, "server draining")
-                .await;
+            Box::pin(self.go_away(GoAwayReason::Draining, "server draining")).await;
             return;
         }
+        // The handlers' futures are boxed: they exist only while a message is handled, and
+        // inline they would make every idle connection's task as large as the largest one.
         loop {
             let flow = tokio::select! {
                 // No read buffer per connection: take quinn's received chunk as it is.
                 r = recv.read_chunk(usize::MAX, true) => match r {
                     Ok(Some(chunk)) => {
                         self.decoder.push(&chunk.bytes);
-                        self.drain_decoder().await
+                        Box::pin(self.drain_decoder()).await
                     }
                     Ok(None) | Err(_) => Flow::Close,
                 },
                 ev = rx.recv() => match ev {
-                    Some(ev) => self.on_event(ev).await,
+                    Some(ev) => Box::pin(self.on_event(ev)).await,
                     None => Flow::Close,
                 },
-                _ = tick.tick() => self.on_tick().await,
+                _ = tick.tick() => Box::pin(self.on_tick()).await,
                 _ = drain.changed() => {
-                    self.go_away(GoAwayReason::Draining, "server draining").await;
+                    Box::pin(self.go_away(GoAwayReason::Draining, "server draining")).await;
                     Flow::Close
                 }
             };
