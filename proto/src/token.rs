@@ -123,7 +123,12 @@ pub fn parse(s: &str) -> Result<Token, TokenError> {
     if !valid_network_name(network) {
         return Err(TokenError::BadNetwork);
     }
-    if expiry.is_empty() || !expiry.bytes().all(|b| b.is_ascii_digit()) {
+    // One spelling per token: a leading zero would give the same MAC under a different
+    // string, and revocation lists match the string (or its hash).
+    if expiry.is_empty()
+        || !expiry.bytes().all(|b| b.is_ascii_digit())
+        || (expiry.len() > 1 && expiry.starts_with('0'))
+    {
         return Err(TokenError::Malformed);
     }
     let expires_unix: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
@@ -225,6 +230,28 @@ pub fn parse_ttl(s: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_revoked_token_cannot_come_back_with_a_leading_zero_expiry() {
+        // Found by the `token` fuzz target: "000" parsed as 0 and printed as "0", so the same
+        // MAC verified under a second spelling that a revocation list did not name.
+        let t = mint(b"secret", "net", 2000).unwrap();
+        let respelled = t.replace(".2000.", ".02000.");
+        assert_eq!(parse(&respelled), Err(TokenError::Malformed));
+        let revoked = Revocations::new([t.as_str()]);
+        assert_eq!(
+            verify(b"secret", &respelled, 1000, |s| revoked.contains(s)),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(
+            verify(b"secret", &t, 1000, |s| revoked.contains(s)),
+            Err(TokenError::Revoked)
+        );
+        assert!(
+            parse(&mint(b"secret", "net", 0).unwrap()).is_ok(),
+            "a lone 0 is canonical"
+        );
+    }
 
     #[test]
     fn minted_token_verifies_and_tampering_fails() {
