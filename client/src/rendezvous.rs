@@ -51,9 +51,10 @@ use tracing::{debug, info, warn};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Client keep-alive interval (well below the server's idle timeout).
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
-/// Idle timeout on the client side.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Idle timeout on the client side: how long a node that died without closing (crash, power,
+/// network) keeps the client before it reconnects to another node. Three keep-alives lost.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time allowed for QUIC handshake + registration on one address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delay between starting handshakes to successive addresses of the host.
@@ -78,6 +79,9 @@ pub struct ClientConfig {
     pub offer_timeout: Duration,
     /// Cap of the jittered exponential reconnect backoff.
     pub max_backoff: Duration,
+    /// Node addresses to use instead of resolving the connect string's host (a static list of
+    /// nodes where DNS is not set up). Empty: resolve the host on every (re)connect.
+    pub addresses: Vec<SocketAddr>,
 }
 
 impl ClientConfig {
@@ -90,6 +94,7 @@ impl ClientConfig {
             socket: None,
             offer_timeout: Duration::from_secs(15),
             max_backoff: Duration::from_secs(10),
+            addresses: Vec::new(),
         }
     }
 }
@@ -521,6 +526,7 @@ impl Driver {
         d.cfg.software = std::mem::take(&mut cfg.software);
         d.cfg.offer_timeout = cfg.offer_timeout;
         d.cfg.max_backoff = cfg.max_backoff;
+        d.cfg.addresses = std::mem::take(&mut cfg.addresses);
         if let Some(sock) = cfg.socket.take() {
             let v6 = sock.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
             let runtime = quinn::default_runtime()
@@ -657,15 +663,20 @@ impl Driver {
 
     async fn connect_any(&mut self) -> Result<Conn, ClientError> {
         let authority = self.cfg.connect.authority();
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority.as_str())
-            .await
-            .map_err(|e| ClientError::Connect(format!("resolving {authority}: {e}")))?
-            .collect();
+        let addrs: Vec<SocketAddr> = if self.cfg.addresses.is_empty() {
+            tokio::net::lookup_host(authority.as_str())
+                .await
+                .map_err(|e| ClientError::Connect(format!("resolving {authority}: {e}")))?
+                .collect()
+        } else {
+            self.cfg.addresses.clone()
+        };
         if addrs.is_empty() {
             return Err(ClientError::Connect(format!(
                 "{authority} resolves to nothing"
             )));
         }
+        tracing::debug!(?addrs, "connecting");
         // Happy-eyeballs style (RFC 8305 §5): start a QUIC handshake to each address in turn,
         // STAGGER apart, and keep the first that completes. Only the winner registers, so two
         // registrations can never race each other.
@@ -698,7 +709,10 @@ impl Driver {
         let conn = loop {
             match futures::StreamExt::next(&mut attempts).await {
                 Some(Ok(conn)) => break conn,
-                Some(Err(e)) => last = e,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "handshake failed");
+                    last = e;
+                }
                 None => return Err(last),
             }
         };

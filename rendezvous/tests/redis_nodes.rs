@@ -43,7 +43,14 @@ struct Node {
 
 impl Node {
     fn start(redis: &RedisServer, id: &str) -> Node {
+        Node::start_with_data(redis, id, None)
+    }
+
+    /// `data`: a data dir shared with another node (same certificate, so one pin fits both,
+    /// as in production where all nodes behind one name serve the same certificate).
+    fn start_with_data(redis: &RedisServer, id: &str, data: Option<&std::path::Path>) -> Node {
         let dir = tempfile::tempdir().unwrap();
+        let data = data.map_or_else(|| dir.path().join("data"), |d| d.to_path_buf());
         let cfg = dir.path().join("rendezvous.toml");
         std::fs::write(
             &cfg,
@@ -58,7 +65,7 @@ impl Node {
             .arg("--config")
             .arg(&cfg)
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(&data)
             .args([
                 "--dev",
                 "--listen",
@@ -92,6 +99,11 @@ impl Node {
             admin,
             _dir: dir,
         }
+    }
+
+    /// The node's QUIC address from its connect string.
+    fn connect_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.connect.host.parse().unwrap(), self.connect.port)
     }
 
     /// SIGKILL: no drain, no unregister; its peers' presence must expire by TTL.
@@ -389,4 +401,73 @@ async fn redis_nodes_redis_outage_degrades_readyz_and_heals() {
     let (s1, s2) = offer_and_answer(&a, d_key, &mut d_ev).await;
     assert_eq!(s1, s2);
     drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_nodes_client_moves_to_another_node_by_itself_when_its_node_dies() {
+    if skip("redis_nodes_client_moves_to_another_node_by_itself_when_its_node_dies") {
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let redis = RedisServer::start();
+    let shared = tempfile::tempdir().unwrap();
+    let mut n1 = Node::start_with_data(&redis, "n1", Some(shared.path()));
+    let n2 = Node::start_with_data(&redis, "n2", Some(shared.path()));
+    wait_ready(&n1, true).await;
+    wait_ready(&n2, true).await;
+    assert_eq!(
+        n1.connect.pin, n2.connect.pin,
+        "one certificate for both nodes"
+    );
+
+    // The watcher sits on n2; the moving client knows both nodes, n1 first (as DNS would
+    // list them) and lands there.
+    let (w, mut w_ev, _w_key) = connect(&n2).await;
+    let (c_sk, c_key) = new_key();
+    let mut cfg = ClientConfig::new(n1.connect.clone(), c_sk);
+    cfg.addresses = vec![n1.connect_addr(), n2.connect_addr()];
+    cfg.max_backoff = Duration::from_secs(1);
+    let (c, mut c_ev) = tokio::time::timeout(SOON, Client::connect(cfg))
+        .await
+        .expect("connect in time")
+        .expect("connect ok");
+    w.watch(vec![c_key]).await.unwrap();
+    presence(&mut w_ev, c_key, true, "c online on n1").await;
+    let (sa, sb) = offer_and_answer(&w, c_key, &mut c_ev).await;
+    assert_eq!(sa, sb);
+
+    // n1 dies hard. Nobody tells c where to go: its client must notice (QUIC idle timeout,
+    // no close from a killed process) and find n2 on its own.
+    let killed = Instant::now();
+    n1.kill();
+    let long = Duration::from_secs(90);
+    let registered = tokio::time::timeout(long, async {
+        let mut lost = false;
+        loop {
+            let e = c_ev.recv().await.expect("event stream open");
+            eprintln!("c event at {:?}: {e:?}", killed.elapsed());
+            match e {
+                Event::Disconnected { .. } => lost = true,
+                Event::Registered(r) if lost => break r,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("c re-registers on the surviving node");
+    eprintln!(
+        "c registered again {:?} after its node died: {registered:?}",
+        killed.elapsed()
+    );
+    assert!(c.is_connected());
+    // Offers from n2 reach c: it is registered there now.
+    let (sa, sb) = offer_and_answer(&w, c_key, &mut c_ev).await;
+    assert_eq!(sa, sb);
+    eprintln!(
+        "client moved to the surviving node and took offers {:?} after its node died",
+        killed.elapsed()
+    );
 }
