@@ -1015,23 +1015,12 @@ impl Engine {
         }
         if remap {
             self.rebuild_maps();
-            let relayed: Vec<SocketAddr> = self
-                .addrs
-                .keys()
-                .filter(|a| a.via == Via::Relay)
-                .map(|a| a.addr)
-                .collect();
-            for r in relayed {
-                self.ensure_channel(now, r);
-            }
+            self.bind_relay_channels(now);
             self.sync_permissions(now);
         }
         let mut allocated = false;
+        self.flush_turn();
         if let Some(turn) = &mut self.turn {
-            let mut sends = Vec::new();
-            while let Some(t) = turn.client.poll_transmit() {
-                sends.push(t);
-            }
             let mut failed_alloc = false;
             while let Some(ev) = turn.client.poll_event() {
                 match ev {
@@ -1056,9 +1045,6 @@ impl Engine {
                     _ => {}
                 }
             }
-            for t in sends {
-                self.send_to(t.dst, &t.payload);
-            }
             if failed_alloc {
                 self.turn_retry_at = Some(now + TURN_RETRY);
                 self.turn_bound.clear();
@@ -1067,26 +1053,35 @@ impl Engine {
         }
         if allocated {
             self.update_local(now);
-            let relayed: Vec<SocketAddr> = self
-                .addrs
-                .keys()
-                .filter(|a| a.via == Via::Relay)
-                .map(|a| a.addr)
-                .collect();
-            for r in relayed {
-                self.ensure_channel(now, r);
-            }
+            self.bind_relay_channels(now);
             self.sync_permissions(now);
             // Send what the channel binds and permissions queued.
-            if let Some(turn) = &mut self.turn {
-                let mut sends = Vec::new();
-                while let Some(t) = turn.client.poll_transmit() {
-                    sends.push(t);
-                }
-                for t in sends {
-                    self.send_to(t.dst, &t.payload);
-                }
-            }
+            self.flush_turn();
+        }
+    }
+
+    /// Binds a TURN channel to every relayed remote of every peer.
+    fn bind_relay_channels(&mut self, now: Instant) {
+        let relayed: Vec<SocketAddr> = self
+            .addrs
+            .keys()
+            .filter(|a| a.via == Via::Relay)
+            .map(|a| a.addr)
+            .collect();
+        for r in relayed {
+            self.ensure_channel(now, r);
+        }
+    }
+
+    /// Sends everything the TURN client has queued to the relay.
+    fn flush_turn(&mut self) {
+        let Some(turn) = &mut self.turn else { return };
+        let mut sends = Vec::new();
+        while let Some(t) = turn.client.poll_transmit() {
+            sends.push(t);
+        }
+        for t in sends {
+            self.send_to(t.dst, &t.payload);
         }
     }
 
@@ -1445,15 +1440,7 @@ impl Engine {
                 p.next_offer_at = None;
                 p.path.start_session(now, &secret, start_at, cands);
                 self.rebuild_maps();
-                let relayed: Vec<SocketAddr> = self
-                    .addrs
-                    .keys()
-                    .filter(|a| a.via == Via::Relay)
-                    .map(|a| a.addr)
-                    .collect();
-                for r in relayed {
-                    self.ensure_channel(now, r);
-                }
+                self.bind_relay_channels(now);
                 self.peers[i].sent_version = local_version;
                 if local_version < self.local_version {
                     // Our candidates changed while this offer/answer was in flight (typically the

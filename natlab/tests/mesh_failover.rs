@@ -7,12 +7,11 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use natlab::mesh::{Mesh, UpOptions};
-use natlab::traffic::{Flow, Sink};
+use natlab::traffic::Flow;
 use natlab::{Nat, TopologySpec};
 
 const PROXY_PORT: u16 = 51900;
@@ -31,26 +30,8 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
         .build()
         .unwrap();
     let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
+    let sink = support::up_flow_pair(&mut mesh, PROXY_PORT, WG_PORT);
     let wg_a = SocketAddr::from((Ipv4Addr::LOCALHOST, WG_PORT));
-    let sink = Sink::start(
-        &mesh.topo.lab,
-        "b1",
-        SocketAddr::from((Ipv4Addr::LOCALHOST, WG_PORT)),
-    )
-    .unwrap();
-    let oa = UpOptions {
-        peers: vec!["b1".into()],
-        wireguard_endpoint: Some(wg_a),
-        proxy_ports: BTreeMap::from([("b1".to_string(), PROXY_PORT)]),
-        ..Default::default()
-    };
-    let ob = UpOptions {
-        peers: vec!["a1".into()],
-        wireguard_endpoint: Some(sink.addr()),
-        ..Default::default()
-    };
-    mesh.up("a1", &oa).unwrap();
-    mesh.up("b1", &ob).unwrap();
     let (v, took) = mesh
         .wait_path("a1", "b1", &["direct"], Duration::from_secs(30))
         .unwrap();

@@ -42,3 +42,29 @@ pub(crate) fn relay_impl() -> natlab::mesh::RelayImpl {
         _ => natlab::mesh::RelayImpl::Meshpunch,
     }
 }
+
+/// Starts the daemons of a1 and b1 for a one-way flow a1 → b1: b1's "WireGuard" is a sink on
+/// 127.0.0.1:`wg_port`, a1 reaches b1 through its proxy port `proxy_port`. Returns the sink.
+pub(crate) fn up_flow_pair(
+    mesh: &mut natlab::mesh::Mesh,
+    proxy_port: u16,
+    wg_port: u16,
+) -> natlab::traffic::Sink {
+    use std::net::{Ipv4Addr, SocketAddr};
+    let wg = SocketAddr::from((Ipv4Addr::LOCALHOST, wg_port));
+    let sink = natlab::traffic::Sink::start(&mesh.topo.lab, "b1", wg).unwrap();
+    let oa = natlab::mesh::UpOptions {
+        peers: vec!["b1".into()],
+        wireguard_endpoint: Some(wg),
+        proxy_ports: std::collections::BTreeMap::from([("b1".to_string(), proxy_port)]),
+        ..Default::default()
+    };
+    let ob = natlab::mesh::UpOptions {
+        peers: vec!["a1".into()],
+        wireguard_endpoint: Some(sink.addr()),
+        ..Default::default()
+    };
+    mesh.up("a1", &oa).unwrap();
+    mesh.up("b1", &ob).unwrap();
+    sink
+}

@@ -7,8 +7,8 @@ use meshpunch_proto::wire::PeerKey;
 use tokio::sync::mpsc;
 
 use super::{
-    BoxFuture, ConnId, Delivery, Envelope, Health, Inbox, PeerId, Registry, RegistryError,
-    INBOX_CAPACITY,
+    tell_local_watchers, BoxFuture, ConnId, Delivery, Envelope, Health, Inbox, PeerId, Registry,
+    RegistryError, INBOX_CAPACITY,
 };
 
 /// Single-node registry.
@@ -60,22 +60,9 @@ impl MemoryRegistry {
             Some(w) => w.iter().copied().collect(),
             None => return,
         };
-        for w in watchers {
-            let to = PeerId {
-                network: peer.network.clone(),
-                key: w,
-            };
-            if self.owners.contains_key(&to) {
-                // A full inbox drops the event; the watcher sees the state on its next watch.
-                let _ = self.push(
-                    to,
-                    Delivery::Presence {
-                        key: peer.key,
-                        online,
-                    },
-                );
-            }
-        }
+        tell_local_watchers(&self.owners, watchers, peer, online, |to, d| {
+            self.push(to, d)
+        });
     }
 
     fn unwatch_all(&self, watcher: &PeerId) {

@@ -241,3 +241,30 @@ pub async fn build(cfg: &RegistryConfig) -> Result<(Arc<dyn Registry>, Inbox), R
         ))),
     }
 }
+
+/// Tells each of `watchers` (keys in `peer`'s network) that is connected to this node, per
+/// `owners`, that `peer` went online or offline. Shared by the memory and Redis registries.
+fn tell_local_watchers(
+    owners: &dashmap::DashMap<PeerId, ConnId>,
+    watchers: Vec<PeerKey>,
+    peer: &PeerId,
+    online: bool,
+    push: impl Fn(PeerId, Delivery) -> Result<(), RegistryError>,
+) {
+    for w in watchers {
+        let to = PeerId {
+            network: peer.network.clone(),
+            key: w,
+        };
+        if owners.contains_key(&to) {
+            // A full inbox drops the event; the watcher sees the state on its next watch.
+            let _ = push(
+                to,
+                Delivery::Presence {
+                    key: peer.key,
+                    online,
+                },
+            );
+        }
+    }
+}

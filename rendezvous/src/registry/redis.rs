@@ -47,8 +47,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
 use super::{
-    BoxFuture, ConnId, Delivery, Envelope, Health, Inbox, PeerId, Registry, RegistryConfig,
-    RegistryError, INBOX_CAPACITY,
+    tell_local_watchers, BoxFuture, ConnId, Delivery, Envelope, Health, Inbox, PeerId, Registry,
+    RegistryConfig, RegistryError, INBOX_CAPACITY,
 };
 
 // Metric names (one home each; listed in README).
@@ -1230,22 +1230,9 @@ impl Local {
             }
             _ => return,
         };
-        for w in watchers {
-            let to = PeerId {
-                network: peer.network.clone(),
-                key: w,
-            };
-            if self.owners.contains_key(&to) {
-                // A full inbox drops the event; the watcher sees the state on its next watch.
-                let _ = self.push(
-                    to,
-                    Delivery::Presence {
-                        key: peer.key,
-                        online,
-                    },
-                );
-            }
-        }
+        tell_local_watchers(&self.owners, watchers, peer, online, |to, d| {
+            self.push(to, d)
+        });
     }
 
     /// Removes every watch of `watcher`; returns the networks whose last watched key went away.
