@@ -64,6 +64,19 @@ pub struct RendezvousStatus {
     pub error: Option<String>,
     /// Address the rendezvous saw our QUIC connection from.
     pub observed_addr: Option<SocketAddr>,
+    /// The QUIC connection to the rendezvous runs on the data socket (demultiplexed by
+    /// source), so `observed_addr` is the data socket's mapping as the rendezvous sees it.
+    #[serde(default)]
+    pub shares_data_socket: bool,
+    /// Local address of the socket the QUIC connection runs on (`data_addr` when shared).
+    #[serde(default)]
+    pub quic_local_addr: Option<SocketAddr>,
+    /// Datagrams from the rendezvous handed from the data socket to QUIC.
+    #[serde(default)]
+    pub quic_rx: u64,
+    /// Datagrams from the rendezvous dropped because QUIC's queue was full.
+    #[serde(default)]
+    pub quic_rx_dropped: u64,
 }
 
 /// The home relay as status shows it.
@@ -125,6 +138,11 @@ pub struct Status {
     pub data_addr: SocketAddr,
     /// Our address as STUN servers see the data socket.
     pub public_addr: Option<SocketAddr>,
+    /// Where `public_addr` comes from: `stun` (a STUN Binding from the data socket) or
+    /// `rendezvous` (the address the rendezvous observed on the shared data socket, used
+    /// until STUN answers).
+    #[serde(default)]
+    pub public_addr_source: Option<String>,
     /// Rendezvous connection.
     pub rendezvous: RendezvousStatus,
     /// Home relay.

@@ -7,8 +7,10 @@
 //! the earliest timer any state machine asked for, feeds the input in, then drains what the
 //! state machines want sent.
 //!
-//! Demultiplexing of the data socket: datagrams from the home relay's address go to the TURN
-//! client first (its ChannelData/Data carry probes and WireGuard packets of relayed peers);
+//! Demultiplexing of the data socket: datagrams from an address the QUIC connection to the
+//! rendezvous sent to go to quinn ([`crate::shared_socket`]: the rendezvous connection rides
+//! the data socket, so the address it observes is the data socket's mapping); datagrams from
+//! the home relay's address go to the TURN client next (its ChannelData/Data carry probes and WireGuard packets of relayed peers);
 //! otherwise the first byte decides ([`meshpunch_proto::probe::classify`]): STUN responses to
 //! our own Binding requests, probes (looked up by key id), WireGuard (looked up by source).
 
@@ -36,6 +38,7 @@ use crate::binding;
 use crate::config::PeerConfig;
 use crate::control::{self, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status};
 use crate::keys::{format_key, Identity};
+use crate::shared_socket::SharedSocket;
 use crate::signal::{self, SignalCmd, SignalEvent};
 
 /// How often the data socket re-asks STUN servers for its mapping.
@@ -355,18 +358,25 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         state: "disabled".into(),
         ..Default::default()
     };
+    let mut quic = None;
     let sig = match &opts.rendezvous {
         Some(s) => {
             let cs: ConnectString = s
                 .parse()
                 .map_err(|e| anyhow::anyhow!("rendezvous connect string: {e}"))?;
             rdv.state = "connecting".into();
-            Some(signal::spawn(
+            // The QUIC connection to the rendezvous shares the data socket: one endpoint
+            // for the daemon's whole life, every (re)connect on it.
+            let shared = SharedSocket::new(sock.clone(), v6)?;
+            let endpoint = crate::rendezvous::endpoint_on(shared.clone())?;
+            quic = Some(shared);
+            Some(signal::spawn_with(
                 cs,
                 opts.identity.private,
                 opts.peers.iter().map(|p| p.public_key).collect(),
                 local_rx,
                 sig_ev_tx,
+                Some(endpoint),
             ))
         }
         None => None,
@@ -390,6 +400,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         },
         hosts: Vec::new(),
         srflx: None,
+        srflx_from_stun: false,
+        quic,
         stun_servers: Vec::new(),
         stun_pending: HashMap::new(),
         regions: Vec::new(),
@@ -520,6 +532,10 @@ struct Engine {
     exclude_ifaces: Vec<String>,
     hosts: Vec<IpAddr>,
     srflx: Option<SocketAddr>,
+    /// `srflx` came from STUN (else from the rendezvous' observed address).
+    srflx_from_stun: bool,
+    /// The data socket as the rendezvous client's QUIC endpoint sees it.
+    quic: Option<Arc<SharedSocket>>,
     stun_servers: Vec<SocketAddr>,
     stun_pending: HashMap<[u8; 12], (StunPurpose, Instant)>,
     regions: Vec<RelayRegion>,
@@ -1108,6 +1124,11 @@ impl Engine {
     }
 
     fn on_datagram(&mut self, now: Instant, from: SocketAddr, pkt: &[u8]) {
+        // QUIC from the rendezvous: by source, before any look at the bytes (QUIC's first
+        // byte can look like ChannelData or a probe).
+        if self.quic.as_ref().is_some_and(|q| q.offer(now, from, pkt)) {
+            return;
+        }
         let kind = classify(pkt);
         if kind == PacketKind::Stun {
             if let Some(tx) = binding::any_tx(pkt) {
@@ -1150,6 +1171,7 @@ impl Engine {
             StunPurpose::Srflx => {
                 if let Some(m) = r.mapped {
                     let m = canonical(m);
+                    self.srflx_from_stun = true;
                     if self.srflx != Some(m) {
                         if self.srflx.is_some() {
                             tracing::info!(old = ?self.srflx, new = %m, "observed address changed");
@@ -1354,11 +1376,16 @@ impl Engine {
                 observed,
                 stun,
                 relays,
+                shared_socket,
+                local,
             } => {
-                tracing::info!(%observed, "registered with the rendezvous");
+                tracing::info!(%observed, shared_socket, "registered with the rendezvous");
                 self.rdv.state = "connected".into();
                 self.rdv.error = None;
-                self.rdv.observed_addr = Some(observed);
+                let before = self.rdv.observed_addr.replace(observed);
+                self.rdv.shares_data_socket = shared_socket;
+                self.rdv.quic_local_addr = local;
+                self.observed_as_srflx(now, before, observed);
                 let stun: Vec<SocketAddr> = stun.into_iter().map(canonical).collect();
                 if stun != self.stun_servers {
                     self.stun_servers = stun;
@@ -1388,7 +1415,8 @@ impl Engine {
             SignalEvent::Relays(r) => self.set_regions(now, r),
             SignalEvent::ObservedChanged(a) => {
                 tracing::info!(observed = %a, "rendezvous sees a new address; re-checking our mapping");
-                self.rdv.observed_addr = Some(a);
+                let before = self.rdv.observed_addr.replace(a);
+                self.observed_as_srflx(now, before, a);
                 // Re-ask STUN from the data socket now; a changed mapping re-gathers.
                 self.next_stun = now;
                 self.scan_hosts(now);
@@ -1464,6 +1492,33 @@ impl Engine {
         }
     }
 
+    /// The rendezvous observed `observed` (before: `before`). When its connection rides the
+    /// data socket that is the data socket's server-reflexive address, usable at once: while
+    /// STUN has not answered (slow or absent), or when it follows a mapping STUN agreed with.
+    /// A STUN answer that differs (a symmetric NAT maps each destination apart) keeps
+    /// precedence; STUN also still classifies the mapping.
+    fn observed_as_srflx(
+        &mut self,
+        now: Instant,
+        before: Option<SocketAddr>,
+        observed: SocketAddr,
+    ) {
+        if !self.rdv.shares_data_socket {
+            return;
+        }
+        let observed = canonical(observed);
+        let agreed = before.map(canonical).is_some_and(|b| self.srflx == Some(b));
+        if self.srflx_from_stun && !agreed {
+            return;
+        }
+        if self.srflx != Some(observed) {
+            tracing::info!(%observed, "server-reflexive candidate from the rendezvous' observed address");
+            self.srflx = Some(observed);
+            self.srflx_from_stun = false;
+            self.update_local(now);
+        }
+    }
+
     fn status(&self) -> Status {
         let mut probes = ProbeCounters {
             unauthenticated: self.unknown_probes,
@@ -1505,7 +1560,22 @@ impl Engine {
             public_key: format_key(&self.id.public),
             data_addr: self.data_addr,
             public_addr: self.srflx,
-            rendezvous: self.rdv.clone(),
+            public_addr_source: self.srflx.map(|_| {
+                if self.srflx_from_stun {
+                    "stun".to_string()
+                } else {
+                    "rendezvous".to_string()
+                }
+            }),
+            rendezvous: {
+                let mut r = self.rdv.clone();
+                if let Some(q) = &self.quic {
+                    let st = q.stats();
+                    r.quic_rx = st.rx;
+                    r.quic_rx_dropped = st.rx_dropped;
+                }
+                r
+            },
             home_relay: self.turn.as_ref().map(|t| RelayStatus {
                 region: t.region.clone(),
                 server: t.server,

@@ -10,5 +10,6 @@ pub mod keys;
 pub mod netcheck;
 pub mod rdvinfo;
 pub mod rendezvous;
+pub mod shared_socket;
 pub mod signal;
 pub mod wg;

@@ -27,10 +27,14 @@
 //! exponential backoff, trying every address the host resolves to, proves the key again,
 //! re-registers and re-sends the watch set. [`Event::Registered`] marks each registration.
 //!
-//! The QUIC connection uses its own UDP socket ([`ClientConfig::socket`] may supply one, e.g.
-//! bound to a specific interface). quinn owns the socket it is given and drops every
-//! non-QUIC datagram, so the WireGuard/probe data socket cannot be shared with it; the client
-//! learns its data-socket mapping by STUN-probing from the data socket instead.
+//! Sockets: by default the QUIC connection uses a UDP socket of its own per address family
+//! ([`ClientConfig::socket`] may supply one, e.g. bound to a specific interface; quinn then
+//! owns it). [`ClientConfig::endpoint`] instead hands the client a ready quinn endpoint that
+//! every connection attempt — each address of happy eyeballs, each reconnect — uses; the
+//! daemon makes one with [`endpoint_on`] over its data socket
+//! ([`crate::shared_socket::SharedSocket`]), so the address the rendezvous observes is the
+//! data socket's mapping. An address family that endpoint cannot reach falls back to a socket
+//! of its own; [`Registration::shared_socket`] says which one a registration used.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -72,8 +76,8 @@ pub struct ClientConfig {
     pub secret: StaticSecret,
     /// Software name sent in Hello.
     pub software: String,
-    /// UDP socket for QUIC (QUIC owns it; it cannot also carry data). Default: an ephemeral
-    /// socket per address family.
+    /// UDP socket for QUIC (quinn owns it; to share a socket with other traffic use
+    /// [`ClientConfig::endpoint`]). Default: an ephemeral socket per address family.
     pub socket: Option<std::net::UdpSocket>,
     /// How long [`Client::offer`] waits for the peer's answer.
     pub offer_timeout: Duration,
@@ -82,6 +86,11 @@ pub struct ClientConfig {
     /// Node addresses to use instead of resolving the connect string's host (a static list of
     /// nodes where DNS is not set up). Empty: resolve the host on every (re)connect.
     pub addresses: Vec<SocketAddr>,
+    /// A quinn endpoint to connect from instead of binding a socket (e.g. one made with
+    /// [`endpoint_on`] over a socket shared with other traffic). Several connections may use
+    /// it at once (happy eyeballs); it is reused across reconnects and by later clients given
+    /// the same endpoint. Addresses of a family it cannot reach use a socket of their own.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl ClientConfig {
@@ -95,7 +104,31 @@ impl ClientConfig {
             offer_timeout: Duration::from_secs(15),
             max_backoff: Duration::from_secs(10),
             addresses: Vec::new(),
+            endpoint: None,
         }
+    }
+}
+
+/// A client-only quinn endpoint over `socket` (an abstract socket such as
+/// [`crate::shared_socket::SharedSocket`]), for [`ClientConfig::endpoint`]. Make one per
+/// socket and reuse it: two endpoints on one socket would take each other's datagrams.
+pub fn endpoint_on(socket: Arc<dyn quinn::AsyncUdpSocket>) -> Result<quinn::Endpoint, ClientError> {
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ClientError::Connect(format!("QUIC endpoint on the shared socket: {e}")))
+}
+
+/// Whether an endpoint bound to `local` can send to an address of the given family: IPv4
+/// from an IPv4 socket or a dual-stack `[::]` one (quinn writes IPv4-mapped addresses), IPv6
+/// from an IPv6 socket.
+fn reaches(local: SocketAddr, v6: bool) -> bool {
+    match local {
+        SocketAddr::V4(_) => !v6,
+        SocketAddr::V6(a) => v6 || a.ip().is_unspecified() || a.ip().to_ipv4_mapped().is_some(),
     }
 }
 
@@ -150,6 +183,11 @@ pub struct Registration {
     pub stun: Vec<SocketAddr>,
     /// The server address we are connected to.
     pub server: SocketAddr,
+    /// Local address of the socket the connection runs on.
+    pub local: Option<SocketAddr>,
+    /// The connection runs on [`ClientConfig::endpoint`] (for the daemon: its data socket,
+    /// so [`Registration::observed`] is the data socket's mapping).
+    pub shared_socket: bool,
 }
 
 /// Both sides have what they need to punch.
@@ -478,6 +516,9 @@ struct Conn {
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
     registered: Registered,
+    /// Local address of the endpoint and whether it is [`ClientConfig::endpoint`].
+    local: Option<SocketAddr>,
+    shared: bool,
 }
 
 /// How a session ended.
@@ -527,6 +568,7 @@ impl Driver {
         d.cfg.offer_timeout = cfg.offer_timeout;
         d.cfg.max_backoff = cfg.max_backoff;
         d.cfg.addresses = std::mem::take(&mut cfg.addresses);
+        d.cfg.endpoint = cfg.endpoint.take();
         if let Some(sock) = cfg.socket.take() {
             let v6 = sock.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
             let runtime = quinn::default_runtime()
@@ -548,7 +590,17 @@ impl Driver {
         }
     }
 
-    fn endpoint(&mut self, v6: bool) -> Result<quinn::Endpoint, ClientError> {
+    /// The endpoint for an address of this family, and whether it is the given (shared) one.
+    fn endpoint(&mut self, v6: bool) -> Result<(quinn::Endpoint, bool), ClientError> {
+        if let Some(ep) = &self.cfg.endpoint {
+            if ep.local_addr().is_ok_and(|l| reaches(l, v6)) {
+                return Ok((ep.clone(), true));
+            }
+        }
+        self.own_endpoint(v6).map(|ep| (ep, false))
+    }
+
+    fn own_endpoint(&mut self, v6: bool) -> Result<quinn::Endpoint, ClientError> {
         let slot = if v6 {
             &mut self.endpoint_v6
         } else {
@@ -687,17 +739,19 @@ impl Driver {
         };
         let mut attempts = futures::stream::FuturesUnordered::new();
         for (i, addr) in addrs.iter().copied().enumerate() {
-            let ep = self.endpoint(addr.is_ipv6())?;
+            let (ep, shared) = self.endpoint(addr.is_ipv6())?;
             let quic = self.quic.clone();
             let name = server_name.clone();
             let delay = STAGGER * i.min(16) as u32;
             attempts.push(async move {
                 tokio::time::sleep(delay).await;
                 let handshake = async {
-                    ep.connect_with(quic, addr, &name)
+                    let conn = ep
+                        .connect_with(quic, addr, &name)
                         .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
                         .await
-                        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))
+                        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+                    Ok((conn, ep.local_addr().ok(), shared))
                 };
                 match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
                     Ok(r) => r,
@@ -717,7 +771,8 @@ impl Driver {
             }
         };
         drop(attempts);
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.register(conn)).await {
+        let (conn, local, shared) = conn;
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.register(conn, local, shared)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Connect(format!(
                 "{authority}: registration timed out"
@@ -725,7 +780,12 @@ impl Driver {
         }
     }
 
-    async fn register(&mut self, conn: quinn::Connection) -> Result<Conn, ClientError> {
+    async fn register(
+        &mut self,
+        conn: quinn::Connection,
+        local: Option<SocketAddr>,
+        shared: bool,
+    ) -> Result<Conn, ClientError> {
         let addr = conn.remote_address();
         let (mut send, mut recv) = conn
             .open_bi()
@@ -784,6 +844,8 @@ impl Driver {
             recv,
             decoder,
             registered,
+            local,
+            shared,
         })
     }
 
@@ -793,6 +855,14 @@ impl Driver {
         cmds: &mut mpsc::Receiver<Command>,
         close: &mut watch::Receiver<bool>,
     ) -> End {
+        // On a dual-stack socket quinn reports IPv4 servers IPv4-mapped.
+        let server = match c.conn.remote_address() {
+            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(v4.into(), a.port()),
+                None => SocketAddr::V6(a),
+            },
+            a => a,
+        };
         let reg = Registration {
             observed: c.registered.observed,
             network: c.registered.network.clone(),
@@ -804,15 +874,17 @@ impl Driver {
                 .iter()
                 .map(|a| {
                     if a.ip().is_unspecified() {
-                        SocketAddr::new(c.conn.remote_address().ip(), a.port())
+                        SocketAddr::new(server.ip(), a.port())
                     } else {
                         *a
                     }
                 })
                 .collect(),
-            server: c.conn.remote_address(),
+            server,
+            local: c.local,
+            shared_socket: c.shared,
         };
-        info!(server = %reg.server, observed = %reg.observed, network = %reg.network, "registered with rendezvous");
+        info!(server = %reg.server, observed = %reg.observed, network = %reg.network, shared_socket = reg.shared_socket, "registered with rendezvous");
         self.client.set_state(|s| {
             s.registration = Some(reg.clone());
             s.connected = true;

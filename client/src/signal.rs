@@ -20,12 +20,17 @@ use crate::rendezvous::{Client, ClientConfig, ClientError, Event, Punch};
 pub enum SignalEvent {
     /// (Re)registered.
     Registered {
-        /// Our address as the rendezvous saw it (QUIC socket).
+        /// Our address as the rendezvous saw it (the QUIC connection's socket).
         observed: SocketAddr,
         /// STUN servers to use from the data socket.
         stun: Vec<SocketAddr>,
         /// Relay regions with TURN credentials.
         relays: Vec<RelayRegion>,
+        /// The QUIC connection runs on the daemon's data socket (so `observed` is the data
+        /// socket's mapping).
+        shared_socket: bool,
+        /// Local address of the socket the QUIC connection runs on.
+        local: Option<SocketAddr>,
     },
     /// The first connection attempt (or a reconnect cycle) failed.
     ConnectFailed {
@@ -145,14 +150,29 @@ pub fn spawn(
     local: watch::Receiver<(u64, Vec<Candidate>)>,
     events: mpsc::Sender<SignalEvent>,
 ) -> mpsc::Sender<SignalCmd> {
+    spawn_with(connect, private_key, peers, local, events, None)
+}
+
+/// [`spawn`], with every QUIC connection on `endpoint` (the daemon's one endpoint over its
+/// shared data socket, see [`crate::shared_socket`]); `None`: sockets of the client's own.
+pub fn spawn_with(
+    connect: ConnectString,
+    private_key: [u8; 32],
+    peers: Vec<[u8; 32]>,
+    local: watch::Receiver<(u64, Vec<Candidate>)>,
+    events: mpsc::Sender<SignalEvent>,
+    endpoint: Option<quinn::Endpoint>,
+) -> mpsc::Sender<SignalCmd> {
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SignalCmd>(256);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(250);
         loop {
-            let cfg = ClientConfig::new(
+            let mut cfg = ClientConfig::new(
                 connect.clone(),
                 x25519_dalek::StaticSecret::from(private_key),
             );
+            // The same endpoint for every client this task makes (one endpoint per socket).
+            cfg.endpoint = endpoint.clone();
             let (client, mut evs) = match Client::connect(cfg).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -195,6 +215,8 @@ pub fn spawn(
                                 observed: r.observed,
                                 stun: r.stun.clone(),
                                 relays: r.relays.clone(),
+                                shared_socket: r.shared_socket,
+                                local: r.local,
                             }),
                             Event::Disconnected { reason } => Some(SignalEvent::Disconnected { reason }),
                             Event::ObservedAddr(a) => Some(SignalEvent::ObservedChanged(a)),
