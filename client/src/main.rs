@@ -387,6 +387,16 @@ fn print_status(st: &control::Status) {
             .map(|e| format!(" ({e})"))
             .unwrap_or_default()
     );
+    if let Some(o) = st.rendezvous.observed_addr {
+        println!(
+            "rendezvous observed {o} ({})",
+            if st.rendezvous.shares_data_socket {
+                "QUIC on the data socket"
+            } else {
+                "QUIC on a socket of its own"
+            }
+        );
+    }
     if let Some(r) = &st.home_relay {
         println!(
             "home relay {} {} {} {}{}",
