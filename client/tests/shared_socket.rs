@@ -133,6 +133,84 @@ async fn rendezvous_observes_the_data_socket_and_punching_still_works() {
     relay.control().stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_stun_the_observed_address_is_the_srflx_candidate_and_punching_works() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay();
+    // A rendezvous without a STUN server: the only source of the data socket's mapping is
+    // the address the rendezvous observes on the shared socket.
+    let mut cfg = meshpunch_rendezvous::Config::loopback(dir.path().join("rdv"));
+    cfg.stun_listen = None;
+    cfg.relays = vec![meshpunch_rendezvous::config::RelayConfig {
+        region: "loopback".into(),
+        urls: vec![format!("turn:{}?transport=udp", relay.listen_addr())],
+        secret: support::SECRET.into(),
+    }];
+    let rdv = meshpunch_rendezvous::Server::start(cfg).await.unwrap();
+    let connect = rdv.dev_connect().unwrap().to_string();
+
+    let a = Identity::from_private(generate_private());
+    let b = Identity::from_private(generate_private());
+    let wga = FakeWg::new().await;
+    let wgb = FakeWg::new().await;
+    // No host candidates either: the peers can only meet at their server-reflexive addresses.
+    let mk = |me: &Identity, other: &Identity, wg, name: &str| Options {
+        identity: me.clone(),
+        rendezvous: Some(connect.clone()),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        control_socket: dir.path().join(format!("{name}.sock")),
+        wireguard_endpoint: Some(wg),
+        host_candidates: false,
+        peers: vec![PeerConfig {
+            public_key: other.public,
+            name: Some("other".into()),
+            proxy_port: 0,
+            candidates: vec![],
+        }],
+        path: PathConfig::default(),
+        exclude_interfaces: Vec::new(),
+    };
+    let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
+    let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();
+    for d in [&da, &db] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            let st = status(&d.control_socket).await;
+            if st.public_addr.is_some() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no server-reflexive address: {}",
+                serde_json::to_string_pretty(&st).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(st.public_addr_source.as_deref(), Some("rendezvous"));
+        assert_eq!(st.public_addr, Some(d.data_addr));
+        assert!(st.rendezvous.shares_data_socket);
+    }
+    let t = Instant::now();
+    let st = wait_path(&da.control_socket, &["direct"], Duration::from_secs(30)).await;
+    wait_path(&db.control_socket, &["direct"], Duration::from_secs(30)).await;
+    println!(
+        "direct over the rendezvous-observed candidate after {:?}: {:?}",
+        t.elapsed(),
+        st.peers[0].remote
+    );
+    assert_eq!(
+        st.peers[0].remote.as_deref(),
+        Some(db.data_addr.to_string().as_str())
+    );
+    let (to_b, to_a) = (da.proxies[0].1, db.proxies[0].1);
+    assert!(wga.exchange(to_b, &wgb, 40, Duration::from_secs(10)).await >= 36);
+    assert!(wgb.exchange(to_a, &wga, 40, Duration::from_secs(10)).await >= 36);
+    drop(da);
+    drop(db);
+    relay.control().stop();
+}
+
 /// UDP sockets of process `pid` (in this network namespace), as local ports.
 fn udp_ports_of(pid: u32) -> Vec<u16> {
     let mut by_inode: HashMap<String, u16> = HashMap::new();
