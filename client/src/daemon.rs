@@ -10,9 +10,10 @@
 //! Demultiplexing of the data socket: datagrams from an address the QUIC connection to the
 //! rendezvous sent to go to quinn ([`crate::shared_socket`]: the rendezvous connection rides
 //! the data socket, so the address it observes is the data socket's mapping); datagrams from
-//! the home relay's address go to the TURN client next (its ChannelData/Data carry probes and WireGuard packets of relayed peers);
-//! otherwise the first byte decides ([`meshpunch_proto::probe::classify`]): STUN responses to
-//! our own Binding requests, probes (looked up by key id), WireGuard (looked up by source).
+//! the home relay's address go to the TURN client next (its ChannelData/Data carry probes and
+//! WireGuard packets of relayed peers); otherwise the first byte decides
+//! ([`meshpunch_proto::probe::classify`]): STUN responses to our own Binding requests, probes
+//! (looked up by key id), WireGuard (looked up by source).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -1495,8 +1496,8 @@ impl Engine {
     /// The rendezvous observed `observed` (before: `before`). When its connection rides the
     /// data socket that is the data socket's server-reflexive address, usable at once: while
     /// STUN has not answered (slow or absent), or when it follows a mapping STUN agreed with.
-    /// A STUN answer that differs (a symmetric NAT maps each destination apart) keeps
-    /// precedence; STUN also still classifies the mapping.
+    /// A STUN answer that differs keeps precedence: behind a symmetric NAT each destination
+    /// has its own mapping, and STUN is what tells that apart.
     fn observed_as_srflx(
         &mut self,
         now: Instant,
