@@ -84,6 +84,7 @@ pub fn from_wire(c: &wire::Candidate) -> Option<Candidate> {
         wire::CandidateKind::ServerReflexive => CandidateKind::Srflx,
         wire::CandidateKind::Predicted => CandidateKind::Predicted,
         wire::CandidateKind::Relayed => CandidateKind::Relayed,
+        wire::CandidateKind::ServerReflexiveDependent => CandidateKind::SrflxDependent,
         wire::CandidateKind::Other(_) => return None,
     };
     Some(Candidate { kind, addr: c.addr })
@@ -93,7 +94,10 @@ pub fn from_wire(c: &wire::Candidate) -> Option<Candidate> {
 pub fn to_wire(c: &Candidate) -> wire::Candidate {
     let (kind, priority) = match c.kind {
         CandidateKind::Host => (wire::CandidateKind::Host, 126),
-        CandidateKind::Srflx | CandidateKind::Prflx => (wire::CandidateKind::ServerReflexive, 100),
+        CandidateKind::Srflx | CandidateKind::Prflx | CandidateKind::Birthday => {
+            (wire::CandidateKind::ServerReflexive, 100)
+        }
+        CandidateKind::SrflxDependent => (wire::CandidateKind::ServerReflexiveDependent, 99),
         CandidateKind::Predicted => (wire::CandidateKind::Predicted, 50),
         CandidateKind::Relayed => (wire::CandidateKind::Relayed, 0),
     };
