@@ -196,10 +196,64 @@ fn run_matrix(strict: bool) {
             .collect();
         println!("time to direct of birthday cells: {}", cells.join(", "));
     }
+    // How the birthday cells got there: the symmetric side sends from a pool socket, the
+    // other side's spray found that socket's port.
+    for r in ROWS {
+        for c in COLS {
+            if !birthday_cell(nat_of[r], nat_of[c])
+                || last.get(&(r, c)).map(String::as_str) != Some("direct")
+            {
+                continue;
+            }
+            let (hard, easy) = if nat_of[r] == Nat::Symmetric {
+                (r, c)
+            } else {
+                (c, r)
+            };
+            let h = peer_json(&mut mesh, hard, easy);
+            let e = peer_json(&mut mesh, easy, hard);
+            let num = |v: &serde_json::Value, path: &[&str]| {
+                path.iter()
+                    .try_fold(v, |v, k| v.get(*k))
+                    .and_then(|x| x.as_u64())
+                    .unwrap_or(0)
+            };
+            let local = num(&h, &["local_socket"]);
+            println!(
+                "  {hard} -> {easy}: pool socket {local} (port {}), spray {} sent / {} answered; {easy}: {}",
+                num(&h, &["local_port"]),
+                num(&e, &["birthday", "spray_sent"]),
+                num(&e, &["birthday", "spray_hits"]),
+                e.get("reason").and_then(|x| x.as_str()).unwrap_or(""),
+            );
+            if local == 0 {
+                failures.push(format!(
+                    "{hard} -> {easy}: direct but not from a birthday pool socket: {h}"
+                ));
+            }
+        }
+    }
     if !failures.is_empty() {
         eprintln!("daemon logs: {}", mesh.topo.lab.log_dir().display());
     }
     assert!(failures.is_empty(), "matrix: {failures:#?}");
+}
+
+/// `host`'s status entry for the peer on host `peer` (`null` when unavailable).
+fn peer_json(mesh: &mut Mesh, host: &str, peer: &str) -> serde_json::Value {
+    let Ok(key) = mesh.node(peer).map(|n| n.public_key.clone()) else {
+        return serde_json::Value::Null;
+    };
+    mesh.status(host)
+        .ok()
+        .and_then(|st| {
+            st.get("peers")?
+                .as_array()?
+                .iter()
+                .find(|p| p.get("public_key").and_then(|k| k.as_str()) == Some(key.as_str()))
+                .cloned()
+        })
+        .unwrap_or(serde_json::Value::Null)
 }
 
 #[test]
