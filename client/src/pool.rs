@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use meshpunch_proto::path::{LocalSocket, MappingBehaviour};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -21,6 +22,10 @@ use tokio::sync::mpsc;
 /// Largest datagram a pool socket receives (WireGuard packets over a birthday path included;
 /// jumbo-frame sized so no real WireGuard MTU is cut).
 const POOL_RECV_BUF: usize = 9216;
+/// Receive buffer chunk of a pool socket's reader: datagrams are split off it as [`Bytes`]
+/// that share the chunk, so a busy birthday path costs one allocation per chunk, not per
+/// packet (the chunk is reclaimed once the engine dropped every datagram in it).
+const POOL_RECV_CHUNK: usize = 64 * 1024;
 /// Datagrams queued from all pool readers to the engine.
 const POOL_QUEUE: usize = 1024;
 /// How often unused pool sockets are looked for once no search needs the pool.
@@ -34,7 +39,7 @@ pub(crate) struct PoolDatagram {
     /// Sender.
     pub(crate) from: SocketAddr,
     /// The bytes.
-    pub(crate) bytes: Vec<u8>,
+    pub(crate) bytes: Bytes,
 }
 
 struct PoolSocket {
@@ -131,21 +136,27 @@ impl Pool {
         let r = sock.clone();
         let tx = self.tx.clone();
         let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; POOL_RECV_BUF];
+            let mut buf = BytesMut::new();
             loop {
-                match r.recv_from(&mut buf).await {
+                if buf.capacity() < POOL_RECV_BUF {
+                    buf.reserve(POOL_RECV_CHUNK);
+                }
+                match r.recv_buf_from(&mut buf).await {
                     Ok((n, from)) => {
                         let d = PoolDatagram {
                             local,
                             from,
-                            bytes: buf.get(..n).unwrap_or_default().to_vec(),
+                            bytes: buf.split_to(n.min(buf.len())).freeze(),
                         };
                         if tx.send(d).await.is_err() {
                             return;
                         }
                     }
                     // ICMP errors from pings to closed ports; keep reading.
-                    Err(e) => tracing::trace!(error = %e, local, "pool socket recv error"),
+                    Err(e) => {
+                        buf.clear();
+                        tracing::trace!(error = %e, local, "pool socket recv error");
+                    }
                 }
             }
         });
@@ -313,7 +324,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((d.local, d.bytes.as_slice()), (3, &b"back"[..]));
+        assert_eq!((d.local, &d.bytes[..]), (3, &b"back"[..]));
         pool.close_unused(&HashSet::from([3]));
         assert_eq!(pool.open_count(), 1);
         assert_eq!(pool.announced(), 0);

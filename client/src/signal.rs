@@ -258,3 +258,32 @@ pub fn spawn(
     });
     cmd_tx
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependent_srflx_maps_both_ways_and_unknown_kinds_are_ignored() {
+        let addr: SocketAddr = "198.51.100.1:4000".parse().unwrap();
+        let c = Candidate {
+            kind: CandidateKind::SrflxDependent,
+            addr,
+        };
+        let w = to_wire(&c);
+        assert_eq!(u8::from(w.kind), 4);
+        assert_eq!(from_wire(&w), Some(c));
+        // Pairs found by birthday probing are never signalled as such.
+        let b = to_wire(&Candidate {
+            kind: CandidateKind::Birthday,
+            addr,
+        });
+        assert_eq!(b.kind, wire::CandidateKind::ServerReflexive);
+        let unknown = wire::Candidate {
+            addr,
+            kind: wire::CandidateKind::from(200),
+            priority: 1,
+        };
+        assert_eq!(from_wire(&unknown), None);
+    }
+}

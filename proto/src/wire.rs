@@ -1007,6 +1007,21 @@ mod tests {
     }
 
     #[test]
+    fn candidate_kinds_keep_their_numbers() {
+        for (k, v) in [
+            (CandidateKind::Host, 0u8),
+            (CandidateKind::ServerReflexive, 1),
+            (CandidateKind::Predicted, 2),
+            (CandidateKind::Relayed, 3),
+            (CandidateKind::ServerReflexiveDependent, 4),
+            (CandidateKind::Other(9), 9),
+        ] {
+            assert_eq!(u8::from(k), v);
+            assert_eq!(CandidateKind::from(v), k);
+        }
+    }
+
+    #[test]
     fn key_proof_needs_the_secret_and_the_session() {
         use x25519_dalek::{EphemeralSecret, PublicKey, StaticSecret};
         let client = StaticSecret::random_from_rng(rand::rngs::OsRng);
