@@ -1506,8 +1506,10 @@ impl Engine {
     fn sync_pool(&mut self, now: Instant) {
         if self.peers.iter().any(|p| p.path.wants_pool()) {
             if self.pool.announced() == 0 {
-                let n = self.pool.open();
-                tracing::info!(sockets = n, "birthday pool open");
+                let n = self.pool.open(now);
+                if n > 0 {
+                    tracing::info!(sockets = n, "birthday pool open");
+                }
             }
             let n = self.pool.announced();
             for p in &mut self.peers {

@@ -30,6 +30,9 @@ const POOL_RECV_CHUNK: usize = 64 * 1024;
 const POOL_QUEUE: usize = 1024;
 /// How often unused pool sockets are looked for once no search needs the pool.
 const POOL_GC_INTERVAL: Duration = Duration::from_secs(1);
+/// After the system refused a pool socket (file descriptor limit), opening is not tried again
+/// for this long (the engine asks on every turn of its loop).
+const POOL_OPEN_RETRY: Duration = Duration::from_secs(10);
 
 /// A datagram that arrived on a pool socket.
 #[derive(Debug)]
@@ -66,6 +69,7 @@ pub(crate) struct Pool {
     tx: mpsc::Sender<PoolDatagram>,
     rx: Option<mpsc::Receiver<PoolDatagram>>,
     gc_at: Option<Instant>,
+    open_failed_at: Option<Instant>,
     /// Sockets opened since start (status).
     pub(crate) opened_total: u64,
 }
@@ -81,6 +85,7 @@ impl Pool {
             tx,
             rx: Some(rx),
             gc_at: None,
+            open_failed_at: None,
             opened_total: 0,
         }
     }
@@ -101,8 +106,14 @@ impl Pool {
     }
 
     /// Opens every missing socket up to the cap; returns the announced size (fewer if the
-    /// system ran out of sockets).
-    pub(crate) fn open(&mut self) -> u16 {
+    /// system ran out of sockets; nothing is tried for [`POOL_OPEN_RETRY`] after a refusal).
+    pub(crate) fn open(&mut self, now: Instant) -> u16 {
+        if self
+            .open_failed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < POOL_OPEN_RETRY)
+        {
+            return self.announced;
+        }
         self.gc_at = None;
         let mut n = 0u16;
         for i in 1..=self.cap {
@@ -118,6 +129,7 @@ impl Pool {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, opened = i - 1, "birthday pool: cannot open more sockets");
+                        self.open_failed_at = Some(now);
                         break;
                     }
                 }
@@ -307,7 +319,7 @@ mod tests {
     async fn pool_opens_sends_receives_and_closes_unused_sockets() {
         let mut pool = Pool::new(4);
         let mut rx = pool.take_rx().unwrap();
-        assert_eq!(pool.open(), 4);
+        assert_eq!(pool.open(Instant::now()), 4);
         assert_eq!(pool.open_count(), 4);
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(10)))
@@ -333,7 +345,7 @@ mod tests {
         assert!(pool.socket(0).is_none() && pool.socket(9).is_none());
         // Reopening keeps socket 3 (and its port) and binds the others again.
         let port3 = pool.local_port(3);
-        assert_eq!(pool.open(), 4);
+        assert_eq!(pool.open(Instant::now()), 4);
         assert_eq!(pool.local_port(3), port3);
         assert_eq!(pool.opened_total, 7);
     }
