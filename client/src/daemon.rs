@@ -709,12 +709,16 @@ impl Engine {
                 self.update_local(now);
             }
         }
+        self.schedule_birthday_retries(now);
         for i in 0..self.peers.len() {
             if self.peers[i].next_offer_at.is_some_and(|t| t <= now) {
                 self.peers[i].next_offer_at = None;
                 let p = &self.peers[i];
-                // A working path whose peer has our latest candidates needs no new session.
-                let up_to_date = p.path.route().is_some() && p.sent_version >= self.local_version;
+                // A working path whose peer has our latest candidates needs no new session,
+                // unless a birthday search could still turn a relay path into a direct one.
+                let up_to_date = p.path.route().is_some()
+                    && p.sent_version >= self.local_version
+                    && p.path.birthday_retry_at().is_none_or(|t| t > now);
                 if !up_to_date {
                     self.send_offer(now, i);
                 }
@@ -1498,6 +1502,28 @@ impl Engine {
                 self.peers[i].path.set_reason(msg);
                 self.schedule_offer(now, i, OFFER_RETRY);
             }
+        }
+    }
+
+    /// A peer whose birthday search failed (or whose birthday path died) gets a new offer, so
+    /// a new session searches again, at the time its path manager names (with backoff). The
+    /// peer with the higher key waits [`OFFER_DEFER`] longer: the first offer resets the other
+    /// side's search, so two crossing offers are rare.
+    fn schedule_birthday_retries(&mut self, now: Instant) {
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if p.next_offer_at.is_some() {
+                continue;
+            }
+            let Some(at) = p.path.birthday_retry_at() else {
+                continue;
+            };
+            let at = if self.id.public < p.key {
+                at
+            } else {
+                at + OFFER_DEFER
+            };
+            self.schedule_offer(now, i, at.saturating_duration_since(now));
         }
     }
 

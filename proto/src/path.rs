@@ -49,7 +49,10 @@
 //! passes the easy NAT (the easy side has just sent to that port): both sides then hold a valid
 //! pair and WireGuard moves to it (on the hard side, through that pool socket). The search ends
 //! at the first valid direct pair or after [`PathConfig::birthday_for`]; then the unanswered
-//! pool pairs are dropped and the driver may close every pool socket no pair uses.
+//! pool pairs are dropped and the driver may close every pool socket no pair uses. A search
+//! that found nothing (or whose pair died later) is tried again with a new session: the driver
+//! offers again at [`PeerPath::birthday_retry_at`] (30 s, doubling per failure, at most 10 min),
+//! because a relay path alone never makes it re-offer.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -399,6 +402,12 @@ pub const SPRAY_TICK: Duration = Duration::from_millis(20);
 pub const SPRAY_DELAY: Duration = Duration::from_millis(100);
 /// Lowest port a NAT with random port allocation hands out (Linux `fully-random`: 1024-65535).
 pub const SPRAY_MIN_PORT: u16 = 1024;
+/// After a birthday search failed (or its path died), a new session is due this long after
+/// it ended, doubling with every further failure up to [`BIRTHDAY_RETRY_MAX`]. Each session
+/// has its own spray budget, so this bounds the spray towards one peer over time.
+pub const BIRTHDAY_RETRY: Duration = Duration::from_secs(30);
+/// Longest wait between two birthday searches towards one peer.
+pub const BIRTHDAY_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// Our own NAT's mapping behaviour as the driver measured it (two STUN servers from the data
 /// socket, RFC 5780 §4.3).
@@ -436,11 +445,11 @@ pub struct BirthdayStatus {
     pub active: bool,
     /// Pool pairs still waiting for a hit (hard side).
     pub pool_pairs: u32,
-    /// Spray pings sent this session (easy side).
+    /// Spray pings sent since start (easy side).
     pub spray_sent: u64,
-    /// Spray pings answered by an authenticated pong (easy side).
+    /// Spray pings answered by an authenticated pong since start (easy side).
     pub spray_hits: u64,
-    /// Birthday-found pairs that became valid (both sides).
+    /// Birthday-found pairs that became valid since start (both sides).
     pub found: u64,
 }
 
@@ -526,6 +535,10 @@ pub struct PeerPath {
     buf: Vec<u8>,
     local_mapping: MappingBehaviour,
     birthday: Birthday,
+    /// Birthday searches in a row that ended without a direct pair (kept across sessions).
+    birthday_failures: u32,
+    /// When the last birthday search of a session ended.
+    birthday_ended: Option<Instant>,
 }
 
 impl std::fmt::Debug for PeerPath {
@@ -571,6 +584,8 @@ impl PeerPath {
             buf: Vec::with_capacity(MAX_PROBE_LEN),
             local_mapping: MappingBehaviour::Unknown,
             birthday: Birthday::new(),
+            birthday_failures: 0,
+            birthday_ended: None,
         }
     }
 
@@ -604,23 +619,29 @@ impl PeerPath {
             prev_receiver,
             start_at,
         });
-        for p in &mut self.pairs {
+        for p in self.pairs.iter_mut().filter(|p| !is_waiting_pool_pair(p)) {
             p.pings.clear();
             p.next_ping = start_at;
             p.interval = self.cfg.punch_interval;
             p.added = start_at;
         }
-        // A new session searches again (with a new spray budget); unanswered pool pairs of the
-        // old search go, a working birthday pair stays.
-        let pool = self.birthday.pool;
-        self.birthday = Birthday::new();
-        self.birthday.pool = pool;
-        let selected = self.selected;
-        self.pairs.retain(|p| {
-            p.kind != CandidateKind::Birthday
-                || p.state == PairState::Valid
-                || Some(p.dest) == selected
-        });
+        // A running birthday search goes on in the new session (typically a re-offer because
+        // our relay allocation became ready): its pool ports and spray records stay valid, and
+        // pongs signed with the previous key are still accepted. Otherwise the new session
+        // searches again with a new spray budget; unanswered pool pairs of the old search go,
+        // a working birthday pair stays. The counters are kept (totals since start).
+        if !matches!(self.birthday.search, Search::Active(_)) {
+            let (pool, status) = (self.birthday.pool, self.birthday.status);
+            self.birthday = Birthday::new();
+            self.birthday.pool = pool;
+            self.birthday.status = status;
+            let selected = self.selected;
+            self.pairs.retain(|p| {
+                p.kind != CandidateKind::Birthday
+                    || p.state == PairState::Valid
+                    || Some(p.dest) == selected
+            });
+        }
         self.set_remote_candidates(now, remote);
         if self.selected.is_none() {
             self.reason = "punching".into();
@@ -1330,6 +1351,26 @@ impl PeerPath {
         st
     }
 
+    /// When a new session (a fresh offer) would let a birthday search try again: the last
+    /// search ended without a direct pair, or its direct pair died since. `None` while a
+    /// search runs, when a direct pair works, or when this peer needs no birthday search.
+    /// The driver offers again at that time (see [`BIRTHDAY_RETRY`]).
+    pub fn birthday_retry_at(&self) -> Option<Instant> {
+        if self.birthday.search != Search::Done
+            || self.birthday.role == BirthdayRole::None
+            || self.session.is_none()
+            || self.has_valid_direct()
+        {
+            return None;
+        }
+        let ended = self.birthday_ended?;
+        let doublings = self.birthday_failures.saturating_sub(1).min(16);
+        let wait = BIRTHDAY_RETRY
+            .saturating_mul(1u32 << doublings)
+            .min(BIRTHDAY_RETRY_MAX);
+        Some(ended + wait)
+    }
+
     fn has_valid_direct(&self) -> bool {
         self.pairs
             .iter()
@@ -1406,7 +1447,7 @@ impl PeerPath {
             }
             Search::Active(until) => {
                 if self.has_valid_direct() || now >= until {
-                    self.end_birthday();
+                    self.end_birthday(now);
                     return;
                 }
             }
@@ -1535,8 +1576,14 @@ impl PeerPath {
 
     /// The search is over (a direct pair works, or time is up): unanswered birthday pairs go,
     /// so the driver can close the pool sockets nobody uses.
-    fn end_birthday(&mut self) {
+    fn end_birthday(&mut self, now: Instant) {
         self.birthday.search = Search::Done;
+        self.birthday_ended = Some(now);
+        if self.has_valid_direct() {
+            self.birthday_failures = 0;
+        } else {
+            self.birthday_failures = self.birthday_failures.saturating_add(1);
+        }
         self.birthday.next_spray = None;
         let selected = self.selected;
         let before = self.pairs.len();

@@ -1044,3 +1044,112 @@ fn unknown_mapping_or_disabled_limits_mean_no_birthday() {
         assert_eq!(sim.kind(1), PathKind::Relay);
     }
 }
+
+#[test]
+fn failed_birthday_search_is_retried_in_a_new_session_with_backoff() {
+    let mut sim = Sim::new(
+        Some(MapKind::SymmetricRandom),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.direct_dead = true;
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    // Search from start + 0.55 s for 15 s, nothing found: a new session is due 30 s later.
+    let first_end = Duration::from_millis(50 + 500 + 15_000);
+    let mut due = Vec::new();
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Relay);
+        let at = sim.nodes[i].path.birthday_retry_at().unwrap() - sim.t0;
+        assert_eq!(at, first_end + BIRTHDAY_RETRY, "node {i}");
+        due.push(at);
+    }
+    // Until then nothing changes (the relay path is "working": only the retry offers again).
+    sim.run_for(due[0] - (sim.now - sim.t0));
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    // Second failure: twice the wait.
+    for i in 0..2 {
+        let ended = sim.nodes[i].path.birthday_retry_at().unwrap() - sim.t0;
+        assert_eq!(ended, due[0] + first_end + BIRTHDAY_RETRY * 2, "node {i}");
+    }
+    // The network lets the spray through now: the next session ends direct, no retry due.
+    sim.direct_dead = false;
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Direct, "node {i}");
+        assert_eq!(sim.nodes[i].path.birthday_retry_at(), None);
+    }
+    assert_ne!(sim.nodes[0].path.route().unwrap().local, DATA_SOCKET);
+}
+
+#[test]
+fn birthday_retry_backoff_is_capped() {
+    let t0 = Instant::now();
+    let mut p = PeerPath::new(PathConfig::default(), [1; 32], [2; 32], t0, 1_000_000, 1);
+    p.set_local_mapping(MappingBehaviour::EndpointIndependent);
+    let hard: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let cands = vec![
+        Candidate {
+            kind: CandidateKind::Srflx,
+            addr: hard,
+        },
+        Candidate {
+            kind: CandidateKind::SrflxDependent,
+            addr: hard,
+        },
+    ];
+    let mut now = t0;
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        p.start_session(now, &[3; 32], now, cands.clone());
+        assert_eq!(p.birthday_retry_at(), None);
+        // The search runs from start + birthday_after for birthday_for; nothing answers.
+        let cfg = PathConfig::default();
+        let search_end = now + cfg.birthday_after + cfg.birthday_for;
+        let end = now + Duration::from_secs(30);
+        while now < end {
+            now += Duration::from_millis(50);
+            p.handle_timeout(now);
+            while p.poll_transmit().is_some() {}
+        }
+        let at = p.birthday_retry_at().unwrap();
+        waits.push((at - search_end).as_secs());
+        now = at;
+    }
+    assert_eq!(waits, [30, 60, 120, 240, 480, 600, 600, 600]);
+}
+
+#[test]
+fn a_new_session_during_a_search_does_not_restart_it() {
+    let mut sim = Sim::new(
+        Some(MapKind::SymmetricRandom),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.direct_dead = true;
+    sim.start();
+    // Searching (spray running, pool open) when both sides get a new session.
+    sim.run_for(Duration::from_millis(1200));
+    let sent = sim.nodes[1].path.birthday_status().spray_sent;
+    assert!(sent > 0 && sim.nodes[0].path.wants_pool());
+    let ports: HashSet<_> = sim.nodes[0].path.local_sockets().collect();
+    sim.direct_dead = false;
+    sim.start();
+    sim.run_for(Duration::from_secs(15));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Direct, "node {i}");
+    }
+    // The same search went on: same pool, counters continued, one pool opening.
+    let b = sim.nodes[1].path.birthday_status();
+    // (found, not necessarily a spray pong: a pool ping may also reach us through a port we
+    // sprayed before that pool mapping existed.)
+    assert!(b.spray_sent > sent && b.found >= 1, "{b:?}");
+    assert_eq!(sim.nodes[0].pool_opened, 1);
+    let used = sim.nodes[0].path.route().unwrap().local;
+    assert!(ports.contains(&used));
+    assert!(sim.nodes[1].path.status().reason.contains("birthday"));
+}
