@@ -797,7 +797,7 @@ impl PeerPath {
         }
     }
 
-    /// Where WireGuard data for this peer goes now.
+    /// Where WireGuard data for this peer goes now (from the local socket `local` names).
     pub fn route(&self) -> Option<PathAddr> {
         self.selected
     }
@@ -864,7 +864,9 @@ impl PeerPath {
     }
 
     /// Feeds a probe (classified as [`crate::probe::PacketKind::Probe`]) that arrived from
-    /// `from`. Pings are answered; pongs validate pairs.
+    /// `from` (whose `local` names the socket it arrived on). Pings are answered from that
+    /// socket; pongs validate pairs, or — from exactly a sprayed address, echoing that spray
+    /// ping — make a birthday pair.
     pub fn handle_probe(
         &mut self,
         now: Instant,
