@@ -10,6 +10,8 @@
 //! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)
 //! HostCandidates = true              # offer interface addresses to peers
 //! BindingLifetime = 30               # seconds, from `netcheck --long`: keepalive = half of it
+//! BirthdaySockets = 256              # birthday probing, behind a symmetric NAT: extra sockets (0 = off)
+//! BirthdayProbes = 2048              # birthday probing, towards a symmetric NAT: spray pings per session (0 = off)
 //!
 //! [Peer]
 //! PublicKey = <base64>               # required
@@ -57,6 +59,10 @@ pub struct Config {
     pub host_candidates: bool,
     /// NAT binding lifetime in seconds (as `netcheck --long` measured it).
     pub binding_lifetime: Option<u64>,
+    /// Birthday probing: pool sockets when we are behind a symmetric NAT (None = default).
+    pub birthday_sockets: Option<u16>,
+    /// Birthday probing: spray pings per session towards a symmetric NAT (None = default).
+    pub birthday_probes: Option<u16>,
     /// Peers.
     pub peers: Vec<PeerConfig>,
 }
@@ -73,6 +79,13 @@ pub struct PeerConfig {
     /// Known addresses of the peer's data socket.
     pub candidates: Vec<SocketAddr>,
 }
+
+/// Most pool sockets `BirthdaySockets` may ask for (each is a file descriptor and a mapping
+/// on the NAT).
+pub const MAX_BIRTHDAY_SOCKETS: u16 = 1024;
+/// Most spray pings `BirthdayProbes` may ask for per session (a quarter of the port range:
+/// beyond that the spray is a port scan, not a birthday search).
+pub const MAX_BIRTHDAY_PROBES: u16 = 16384;
 
 const IGNORED_WG_KEYS: &[&str] = &[
     "address",
@@ -225,6 +238,16 @@ impl Config {
                             err(n, format!("BindingLifetime: expected seconds (a positive integer), found {v:?}"))
                         })?)
                     }
+                    "birthdaysockets" => {
+                        cfg.birthday_sockets = Some(v.parse().ok().filter(|n| *n <= MAX_BIRTHDAY_SOCKETS).ok_or_else(|| {
+                            err(n, format!("BirthdaySockets: expected 0-{MAX_BIRTHDAY_SOCKETS} (0 = off), found {v:?}"))
+                        })?)
+                    }
+                    "birthdayprobes" => {
+                        cfg.birthday_probes = Some(v.parse().ok().filter(|n| *n <= MAX_BIRTHDAY_PROBES).ok_or_else(|| {
+                            err(n, format!("BirthdayProbes: expected 0-{MAX_BIRTHDAY_PROBES} (0 = off), found {v:?}"))
+                        })?)
+                    }
                     "hostcandidates" => {
                         cfg.host_candidates = parse_bool(v).ok_or_else(|| {
                             err(n, format!("HostCandidates: expected true or false, found {v:?}"))
@@ -232,7 +255,7 @@ impl Config {
                     }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates or BindingLifetime",
+                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates, BindingLifetime, BirthdaySockets or BirthdayProbes",
                             k.trim()
                         )))
                     }
@@ -379,6 +402,22 @@ mod tests {
         assert_eq!(c.peers[0].name.as_deref(), Some("bob"));
         assert_eq!(c.peers[0].proxy_port, 51999);
         assert_eq!(c.peers[0].candidates.len(), 2);
+        assert_eq!((c.birthday_sockets, c.birthday_probes), (None, None));
+    }
+
+    #[test]
+    fn birthday_keys_are_bounded() {
+        let c = Config::parse(
+            "b.conf",
+            "[Interface]\nBirthdaySockets = 64\nbirthdayprobes = 0\n",
+        )
+        .unwrap();
+        assert_eq!((c.birthday_sockets, c.birthday_probes), (Some(64), Some(0)));
+        let e = Config::parse("b.conf", "[Interface]\nBirthdaySockets = 5000\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.msg.contains("BirthdaySockets: expected 0-1024"), "{e}");
+        let e = Config::parse("b.conf", "[Interface]\nBirthdayProbes = -1\n").unwrap_err();
+        assert!(e.msg.contains("BirthdayProbes: expected"), "{e}");
     }
 
     #[test]

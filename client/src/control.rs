@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshpunch_proto::nat::RelayLatency;
-use meshpunch_proto::path::{PairStatus, PathKind, ProbeCounters};
+use meshpunch_proto::path::{
+    BirthdayStatus, LocalSocket, MappingBehaviour, PairStatus, PathKind, ProbeCounters,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -125,8 +127,35 @@ pub struct PeerStatus {
     pub session: bool,
     /// `debug block-direct` is on.
     pub direct_blocked: bool,
+    /// Local socket carrying the path: 0 = the data socket, `N` = birthday pool socket `N`.
+    #[serde(default)]
+    pub local_socket: LocalSocket,
+    /// UDP port of that local socket.
+    #[serde(default)]
+    pub local_port: Option<u16>,
+    /// Birthday probing towards this peer (role, spray pings sent / answered, pairs found).
+    #[serde(default)]
+    pub birthday: BirthdayStatus,
     /// Every candidate pair.
     pub pairs: Vec<PairStatus>,
+}
+
+/// Birthday probing in `meshpunch status --json` (all peers together).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BirthdayTotals {
+    /// Our data socket's mapping behaviour from two STUN servers (`endpoint-dependent` makes
+    /// us the hard side).
+    pub mapping: MappingBehaviour,
+    /// Pool sockets open now.
+    pub pool_open: usize,
+    /// Pool sockets opened since start.
+    pub pool_opened_total: u64,
+    /// Spray pings sent (easy side).
+    pub spray_sent: u64,
+    /// Spray pings answered by an authenticated pong.
+    pub spray_hits: u64,
+    /// Pairs found by birthday probing that became valid.
+    pub found: u64,
 }
 
 /// `meshpunch status --json`.
@@ -151,6 +180,9 @@ pub struct Status {
     pub relays: Vec<RelayLatency>,
     /// Probe counters (all peers).
     pub probes: ProbeCounters,
+    /// Birthday probing (all peers).
+    #[serde(default)]
+    pub birthday: BirthdayTotals,
     /// Peers.
     pub peers: Vec<PeerStatus>,
 }

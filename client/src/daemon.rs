@@ -14,6 +14,11 @@
 //! WireGuard packets of relayed peers); otherwise the first byte decides
 //! ([`meshpunch_proto::probe::classify`]): STUN responses to our own Binding requests, probes
 //! (looked up by key id), WireGuard (looked up by source).
+//!
+//! Birthday probing ([`crate::pool`]): while a peer's path manager searches as the "hard"
+//! side, a pool of extra sockets is open; their datagrams reach the engine through one
+//! channel and are handled like the data socket's, with the pool socket's index in the
+//! [`PathAddr`]. A path found that way sends (fast path included) from that pool socket.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -25,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::nat::{choose_relay, RelayLatency};
 use meshpunch_proto::path::{
-    Candidate, CandidateKind, PathAddr, PathConfig, PathEvent, PathKind, PeerPath, ProbeCounters,
-    Via,
+    Candidate, CandidateKind, MappingBehaviour, PathAddr, PathConfig, PathEvent, PathKind,
+    PeerPath, ProbeCounters, Via, DATA_SOCKET,
 };
 use meshpunch_proto::probe::{classify, peek_key_id, PacketKind, TxId};
 use meshpunch_proto::turn_client::{Input, TurnClient, TurnCredentials, TurnEvent, TurnOp};
@@ -37,8 +42,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::binding;
 use crate::config::PeerConfig;
-use crate::control::{self, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status};
+use crate::control::{
+    self, BirthdayTotals, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status,
+};
 use crate::keys::{format_key, Identity};
+use crate::pool::{Pool, PoolDatagram, StunMappings};
 use crate::shared_socket::SharedSocket;
 use crate::signal::{self, SignalCmd, SignalEvent};
 
@@ -285,13 +293,14 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
                 // Fast path: the selected path is direct and WireGuard's address is known:
                 // send from here, no copy, no engine round trip.
                 let direct = if last_src == Some(src) {
-                    fast_r.route.read().ok().and_then(|r| *r)
+                    fast_r.route.read().ok().and_then(|r| r.clone())
                 } else {
                     None
                 };
                 match direct {
-                    Some(dest) => {
-                        let _ = data.try_send_to(pkt, dest);
+                    Some((dest, pool_sock)) => {
+                        // A birthday-found path leaves from its pool socket.
+                        let _ = pool_sock.as_ref().unwrap_or(&data).try_send_to(pkt, dest);
                         fast_r.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                         fast_r.tx_packets.fetch_add(1, Ordering::Relaxed);
                         // Tell the engine now and then that data flows (active probing).
@@ -425,6 +434,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         unknown_probes: 0,
         int_tx,
         out: vec![0u8; 65536 + 64],
+        pool: Pool::new(opts.path.birthday_sockets),
+        stun_mappings: StunMappings::default(),
     };
     engine.scan_hosts(now);
     engine.start_static_sessions(now);
@@ -451,17 +462,18 @@ enum FromProxy {
 const FAST_NOTIFY: Duration = Duration::from_millis(500);
 
 /// State shared between a peer's proxy reader and the engine: the direct destination of the
-/// selected path (set by the engine) and the fast path's counters.
+/// selected path and the pool socket it leaves from when birthday probing found it (set by
+/// the engine), and the fast path's counters.
 #[derive(Default)]
 struct FastPath {
-    route: std::sync::RwLock<Option<SocketAddr>>,
+    route: std::sync::RwLock<Option<(SocketAddr, Option<Arc<UdpSocket>>)>>,
     tx_bytes: AtomicU64,
     tx_packets: AtomicU64,
 }
 
 struct Peer {
     fast: Arc<FastPath>,
-    fast_route: Option<SocketAddr>,
+    fast_route: Option<PathAddr>,
     /// Version of our candidates the peer got with the latest punch.
     sent_version: u64,
     key: [u8; 32],
@@ -559,6 +571,8 @@ struct Engine {
     unknown_probes: u64,
     int_tx: mpsc::Sender<Internal>,
     out: Vec<u8>,
+    pool: Pool,
+    stun_mappings: StunMappings,
 }
 
 /// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
@@ -599,9 +613,13 @@ impl Engine {
     ) {
         let mut buf = vec![0u8; 65536];
         let sock = self.sock.clone();
+        let Some(mut pool_rx) = self.pool.take_rx() else {
+            return;
+        };
         loop {
             let now = Instant::now();
             self.handle_timers(now);
+            self.sync_pool(now);
             self.flush(now);
             self.publish_fast_routes();
             let deadline = self.next_deadline(now);
@@ -626,6 +644,7 @@ impl Engine {
                 Some(cmd) = ctl_rx.recv() => self.on_ctl(Instant::now(), cmd),
                 Some(ev) = sig_rx.recv() => self.on_signal(Instant::now(), ev),
                 Some(ev) = int_rx.recv() => self.on_internal(Instant::now(), ev),
+                Some(d) = pool_rx.recv() => self.on_pool_datagram(Instant::now(), d),
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
             }
         }
@@ -707,12 +726,16 @@ impl Engine {
                 self.update_local(now);
             }
         }
+        self.schedule_birthday_retries(now);
         for i in 0..self.peers.len() {
             if self.peers[i].next_offer_at.is_some_and(|t| t <= now) {
                 self.peers[i].next_offer_at = None;
                 let p = &self.peers[i];
-                // A working path whose peer has our latest candidates needs no new session.
-                let up_to_date = p.path.route().is_some() && p.sent_version >= self.local_version;
+                // A working path whose peer has our latest candidates needs no new session,
+                // unless a birthday search could still turn a relay path into a direct one.
+                let up_to_date = p.path.route().is_some()
+                    && p.sent_version >= self.local_version
+                    && p.path.birthday_retry_at().is_none_or(|t| t > now);
                 if !up_to_date {
                     self.send_offer(now, i);
                 }
@@ -760,6 +783,13 @@ impl Engine {
             if !c.iter().any(|x| x.addr == s) {
                 c.push(Candidate {
                     kind: CandidateKind::Srflx,
+                    addr: s,
+                });
+            }
+            // Marks us as the hard side of birthday probing (old peers ignore the kind).
+            if self.stun_mappings.behaviour() == MappingBehaviour::EndpointDependent {
+                c.push(Candidate {
+                    kind: CandidateKind::SrflxDependent,
                     addr: s,
                 });
             }
@@ -960,6 +990,9 @@ impl Engine {
 
     fn send_path(&mut self, now: Instant, dest: PathAddr, payload: &[u8]) -> bool {
         match dest.via {
+            Via::Direct if dest.local != DATA_SOCKET => {
+                self.pool.send(dest.local, dest.addr, payload)
+            }
             Via::Direct => {
                 self.send_to(dest.addr, payload);
                 true
@@ -1105,20 +1138,24 @@ impl Engine {
     /// Publishes each peer's direct destination to its proxy reader (the fast path).
     fn publish_fast_routes(&mut self) {
         for p in &mut self.peers {
-            let r =
-                p.path
-                    .route()
-                    .filter(|d| d.via == Via::Direct)
-                    .map(|d| match (self.v6, d.addr) {
-                        (true, SocketAddr::V4(v4)) => {
-                            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-                        }
-                        (_, a) => a,
-                    });
+            let r = p.path.route().filter(|d| d.via == Via::Direct);
             if r != p.fast_route {
                 p.fast_route = r;
+                let route = r.and_then(|d| match d.local {
+                    DATA_SOCKET => Some((
+                        match (self.v6, d.addr) {
+                            (true, SocketAddr::V4(v4)) => {
+                                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+                            }
+                            (_, a) => a,
+                        },
+                        None,
+                    )),
+                    // Pool sockets are IPv4: the address goes as it is.
+                    l => self.pool.socket(l).map(|s| (d.addr, Some(s.clone()))),
+                });
                 if let Ok(mut w) = p.fast.route.write() {
-                    *w = r;
+                    *w = route;
                 }
             }
         }
@@ -1161,7 +1198,7 @@ impl Engine {
         }
     }
 
-    fn on_stun(&mut self, now: Instant, _from: SocketAddr, pkt: &[u8]) {
+    fn on_stun(&mut self, now: Instant, from: SocketAddr, pkt: &[u8]) {
         let Some(r) = binding::parse_response(pkt) else {
             return;
         };
@@ -1172,6 +1209,9 @@ impl Engine {
             StunPurpose::Srflx => {
                 if let Some(m) = r.mapped {
                     let m = canonical(m);
+                    if !self.note_mapping(now, from, m) {
+                        return;
+                    }
                     self.srflx_from_stun = true;
                     if self.srflx != Some(m) {
                         if self.srflx.is_some() {
@@ -1388,6 +1428,7 @@ impl Engine {
                 self.rdv.quic_local_addr = local;
                 self.observed_as_srflx(now, before, observed);
                 let stun: Vec<SocketAddr> = stun.into_iter().map(canonical).collect();
+                self.stun_mappings.set_servers(&stun);
                 if stun != self.stun_servers {
                     self.stun_servers = stun;
                 }
@@ -1520,10 +1561,102 @@ impl Engine {
         }
     }
 
+    /// A peer whose birthday search failed (or whose birthday path died) gets a new offer, so
+    /// a new session searches again, at the time its path manager names (with backoff). The
+    /// peer with the higher key waits [`OFFER_DEFER`] longer: the first offer resets the other
+    /// side's search, so two crossing offers are rare.
+    fn schedule_birthday_retries(&mut self, now: Instant) {
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if p.next_offer_at.is_some() {
+                continue;
+            }
+            let Some(at) = p.path.birthday_retry_at() else {
+                continue;
+            };
+            let at = if self.id.public < p.key {
+                at
+            } else {
+                at + OFFER_DEFER
+            };
+            self.schedule_offer(now, i, at.saturating_duration_since(now));
+        }
+    }
+
+    /// Opens the birthday pool while a peer searches as the hard side and tells those peers
+    /// its size; once no search needs it, closes every pool socket no pair uses.
+    fn sync_pool(&mut self, now: Instant) {
+        if self.peers.iter().any(|p| p.path.wants_pool()) {
+            if self.pool.announced() == 0 {
+                let n = self.pool.open(now);
+                if n > 0 {
+                    tracing::info!(sockets = n, "birthday pool open");
+                }
+            }
+            let n = self.pool.announced();
+            for p in &mut self.peers {
+                if p.path.wants_pool() && p.path.pool() != n {
+                    p.path.set_pool(now, n);
+                }
+            }
+            return;
+        }
+        if !self.pool.gc_due(now) {
+            return;
+        }
+        let used: HashSet<u16> = self
+            .peers
+            .iter()
+            .flat_map(|p| p.path.local_sockets())
+            .collect();
+        self.pool.close_unused(&used);
+        for p in &mut self.peers {
+            if p.path.pool() != 0 {
+                p.path.set_pool(now, 0);
+            }
+        }
+    }
+
+    /// A datagram on a birthday pool socket: probes and WireGuard, as on the data socket.
+    fn on_pool_datagram(&mut self, now: Instant, d: PoolDatagram) {
+        match classify(&d.bytes) {
+            PacketKind::Probe | PacketKind::WireGuard => {
+                let from = PathAddr::direct_on(d.local, canonical(d.from));
+                self.on_peer_packet(now, from, &d.bytes);
+            }
+            _ => {
+                tracing::trace!(from = %d.from, local = d.local, "unclassified datagram on a pool socket dropped")
+            }
+        }
+    }
+
+    /// Records a STUN server's view of the data socket; a changed mapping behaviour goes to
+    /// every path manager and into our candidates. Returns whether this answer sets our
+    /// server-reflexive address (see [`StunMappings::record`]).
+    fn note_mapping(&mut self, now: Instant, server: SocketAddr, mapped: SocketAddr) -> bool {
+        let before = self.stun_mappings.behaviour();
+        let use_it = self.stun_mappings.record(canonical(server), mapped);
+        let after = self.stun_mappings.behaviour();
+        if after != before {
+            tracing::info!(mapping = ?after, "data socket mapping behaviour");
+            for p in &mut self.peers {
+                p.path.set_local_mapping(after);
+            }
+            self.update_local(now);
+        }
+        use_it
+    }
+
     fn status(&self) -> Status {
         let mut probes = ProbeCounters {
             unauthenticated: self.unknown_probes,
             ..ProbeCounters::default()
+        };
+        let mut birthday = BirthdayTotals {
+            mapping: self.stun_mappings.behaviour(),
+            pool_open: self.pool.open_count(),
+            pool_opened_total: self.pool.opened_total,
+            ..BirthdayTotals::default()
         };
         let peers = self
             .peers
@@ -1537,6 +1670,14 @@ impl Engine {
                 let reason = match (&p.note, st.kind) {
                     (Some(n), PathKind::None) => n.clone(),
                     _ => st.reason.clone(),
+                };
+                birthday.spray_sent += st.birthday.spray_sent;
+                birthday.spray_hits += st.birthday.spray_hits;
+                birthday.found += st.birthday.found;
+                let local_socket = st.remote.map_or(DATA_SOCKET, |r| r.local);
+                let local_port = match local_socket {
+                    DATA_SOCKET => Some(self.data_addr.port()),
+                    l => self.pool.local_port(l),
                 };
                 PeerStatus {
                     public_key: p.b64.clone(),
@@ -1553,6 +1694,9 @@ impl Engine {
                     reason,
                     session: p.path.has_session(),
                     direct_blocked: p.path.direct_blocked(),
+                    local_socket,
+                    local_port,
+                    birthday: st.birthday,
                     pairs: st.pairs,
                 }
             })
@@ -1586,6 +1730,7 @@ impl Engine {
             }),
             relays: self.relay_latencies(),
             probes,
+            birthday,
             peers,
         }
     }

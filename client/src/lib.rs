@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod keys;
 pub mod netcheck;
+mod pool;
 pub mod rdvinfo;
 pub mod rendezvous;
 pub mod shared_socket;

@@ -274,6 +274,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             at_most_s: Some(s),
                         }
                     })),
+                    birthday_sockets: cfg
+                        .birthday_sockets
+                        .unwrap_or(PathConfig::default().birthday_sockets),
+                    birthday_probes: cfg
+                        .birthday_probes
+                        .unwrap_or(PathConfig::default().birthday_probes),
                     ..PathConfig::default()
                 },
             };
@@ -410,9 +416,21 @@ fn print_status(st: &control::Status) {
                 .unwrap_or_default()
         );
     }
-    for p in &st.peers {
+    let b = &st.birthday;
+    if b.pool_opened_total > 0 || b.spray_sent > 0 {
         println!(
-            "{} {:<8} {:<7} {:<28} rtt {:>8}  tx {} rx {}  proxy {}  {}",
+            "birthday: mapping {:?}, pool {} open ({} opened), spray {} sent / {} answered, {} found",
+            b.mapping, b.pool_open, b.pool_opened_total, b.spray_sent, b.spray_hits, b.found
+        );
+    }
+    for p in &st.peers {
+        let from = match (p.local_socket, p.local_port) {
+            (0, _) => String::new(),
+            (n, Some(port)) => format!("  [from pool socket {n}, port {port}]"),
+            (n, None) => format!("  [from pool socket {n}]"),
+        };
+        println!(
+            "{} {:<8} {:<7} {:<28} rtt {:>8}  tx {} rx {}  proxy {}  {}{from}",
             p.public_key,
             p.name.as_deref().unwrap_or("-"),
             p.path.as_str(),

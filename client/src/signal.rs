@@ -89,6 +89,7 @@ pub fn from_wire(c: &wire::Candidate) -> Option<Candidate> {
         wire::CandidateKind::ServerReflexive => CandidateKind::Srflx,
         wire::CandidateKind::Predicted => CandidateKind::Predicted,
         wire::CandidateKind::Relayed => CandidateKind::Relayed,
+        wire::CandidateKind::ServerReflexiveDependent => CandidateKind::SrflxDependent,
         wire::CandidateKind::Other(_) => return None,
     };
     Some(Candidate { kind, addr: c.addr })
@@ -98,7 +99,10 @@ pub fn from_wire(c: &wire::Candidate) -> Option<Candidate> {
 pub fn to_wire(c: &Candidate) -> wire::Candidate {
     let (kind, priority) = match c.kind {
         CandidateKind::Host => (wire::CandidateKind::Host, 126),
-        CandidateKind::Srflx | CandidateKind::Prflx => (wire::CandidateKind::ServerReflexive, 100),
+        CandidateKind::Srflx | CandidateKind::Prflx | CandidateKind::Birthday => {
+            (wire::CandidateKind::ServerReflexive, 100)
+        }
+        CandidateKind::SrflxDependent => (wire::CandidateKind::ServerReflexiveDependent, 99),
         CandidateKind::Predicted => (wire::CandidateKind::Predicted, 50),
         CandidateKind::Relayed => (wire::CandidateKind::Relayed, 0),
     };
@@ -275,4 +279,33 @@ pub fn spawn_with(
         }
     });
     cmd_tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependent_srflx_maps_both_ways_and_unknown_kinds_are_ignored() {
+        let addr: SocketAddr = "198.51.100.1:4000".parse().unwrap();
+        let c = Candidate {
+            kind: CandidateKind::SrflxDependent,
+            addr,
+        };
+        let w = to_wire(&c);
+        assert_eq!(u8::from(w.kind), 4);
+        assert_eq!(from_wire(&w), Some(c));
+        // Pairs found by birthday probing are never signalled as such.
+        let b = to_wire(&Candidate {
+            kind: CandidateKind::Birthday,
+            addr,
+        });
+        assert_eq!(b.kind, wire::CandidateKind::ServerReflexive);
+        let unknown = wire::Candidate {
+            addr,
+            kind: wire::CandidateKind::from(200),
+            priority: 1,
+        };
+        assert_eq!(from_wire(&unknown), None);
+    }
 }

@@ -1,10 +1,11 @@
 //! Path selection state machine: per peer, which candidate pair carries traffic, with
 //! failover to the relay and upgrade back to direct.
 //!
-//! One [`PeerPath`] exists per WireGuard peer. The client has ONE data socket, so a "pair" is
-//! identified by the remote side only: a [`PathAddr`] that is either a direct UDP address
-//! (a host, server-reflexive, peer-reflexive or predicted candidate of the peer) or the peer's
-//! TURN relayed address reached through our own TURN allocation ([`Via::Relay`]).
+//! One [`PeerPath`] exists per WireGuard peer. A "pair" is identified by a [`PathAddr`]: the
+//! local socket (the ONE data socket, index 0, or a birthday pool socket, see below) and the
+//! remote side — either a direct UDP address (a host, server-reflexive, peer-reflexive or
+//! predicted candidate of the peer) or the peer's TURN relayed address reached through our own
+//! TURN allocation ([`Via::Relay`]).
 //!
 //! Call order (as in quinn-proto and str0m): after every input — [`PeerPath::start_session`],
 //! [`PeerPath::handle_probe`], [`PeerPath::handle_timeout`], [`PeerPath::set_remote_candidates`],
@@ -29,6 +30,29 @@
 //!   pong is older than [`PathConfig::dead_after`] is dead — the next best pair takes over at
 //!   once (within one second of the loss with the defaults).
 //! * Idle, the selected pair gets a keepalive every [`PathConfig::keepalive_interval`].
+//!
+//! Birthday probing (a random-port symmetric NAT against an endpoint-independent mapping with
+//! address-and-port-dependent filtering, where one socket per side can never meet): each side
+//! knows its own mapping behaviour ([`PeerPath::set_local_mapping`], from two STUN servers) and
+//! the peer's (a [`CandidateKind::SrflxDependent`] candidate marks a "hard" peer). If no direct
+//! pair is valid [`PathConfig::birthday_after`] after the start:
+//! * the HARD side asks the driver for a pool of extra sockets ([`PeerPath::wants_pool`],
+//!   [`PeerPath::set_pool`]) and pings the peer's server-reflexive address from each of them
+//!   every [`PathConfig::birthday_ping_interval`] (each gets its own random public port);
+//! * the EASY side sprays authenticated pings from its data socket to distinct random ports of
+//!   the hard peer's public IP, [`PathConfig::birthday_rate`] per second, at most
+//!   [`PathConfig::birthday_probes`] per session. Spray pings are not pairs: their transaction
+//!   ids are remembered per port and only an authenticated pong from exactly the address
+//!   pinged creates a (valid) pair.
+//!
+//! A spray ping that hits one of the hard side's ports reaches that pool socket, whose pong
+//! passes the easy NAT (the easy side has just sent to that port): both sides then hold a valid
+//! pair and WireGuard moves to it (on the hard side, through that pool socket). The search ends
+//! at the first valid direct pair or after [`PathConfig::birthday_for`]; then the unanswered
+//! pool pairs are dropped and the driver may close every pool socket no pair uses. A search
+//! that found nothing (or whose pair died later) is tried again with a new session: the driver
+//! offers again at [`PeerPath::birthday_retry_at`] (30 s, doubling per failure, at most 10 min),
+//! because a relay path alone never makes it re-offer.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -51,21 +75,45 @@ pub enum Via {
     Relay,
 }
 
-/// The remote end of a pair.
+/// Index of the local socket a pair uses: the data socket, or a birthday pool socket
+/// (`1..=` the pool size the driver announced with [`PeerPath::set_pool`]).
+pub type LocalSocket = u16;
+
+/// The data socket's [`LocalSocket`] index.
+pub const DATA_SOCKET: LocalSocket = 0;
+
+fn is_data_socket(l: &LocalSocket) -> bool {
+    *l == DATA_SOCKET
+}
+
+/// The two ends of a pair: our local socket and the remote end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PathAddr {
     /// Direct or through our relay allocation.
     pub via: Via,
     /// The remote UDP address (for `Relay`, the peer's relayed address).
     pub addr: SocketAddr,
+    /// Our socket: [`DATA_SOCKET`] or a birthday pool socket (relay pairs always use the data
+    /// socket). Left out of JSON when it is the data socket.
+    #[serde(default, skip_serializing_if = "is_data_socket")]
+    pub local: LocalSocket,
 }
 
 impl PathAddr {
-    /// A direct address.
+    /// A direct address from the data socket.
     pub fn direct(addr: SocketAddr) -> Self {
         PathAddr {
             via: Via::Direct,
             addr,
+            local: DATA_SOCKET,
+        }
+    }
+    /// A direct address from local socket `local`.
+    pub fn direct_on(local: LocalSocket, addr: SocketAddr) -> Self {
+        PathAddr {
+            via: Via::Direct,
+            addr,
+            local,
         }
     }
     /// A relayed address reached through our TURN allocation.
@@ -73,6 +121,7 @@ impl PathAddr {
         PathAddr {
             via: Via::Relay,
             addr,
+            local: DATA_SOCKET,
         }
     }
 }
@@ -94,6 +143,14 @@ pub enum CandidateKind {
     Host,
     /// The peer's address as a STUN server / the rendezvous saw it.
     Srflx,
+    /// The peer's server-reflexive address of an endpoint-DEPENDENT mapping: the port differs
+    /// per destination (symmetric NAT), so it only marks the peer as "hard" for birthday
+    /// probing. Sent beside the plain [`CandidateKind::Srflx`] of the same address.
+    #[serde(rename = "srflx-dependent")]
+    SrflxDependent,
+    /// A pair found by birthday probing (a pool socket's pair, or a sprayed port that
+    /// answered). Never signalled.
+    Birthday,
     /// An address a valid ping came from that we did not know.
     Prflx,
     /// A port guessed near the peer's server-reflexive port (sequential allocation).
@@ -189,9 +246,19 @@ pub struct PathConfig {
     pub hysteresis: Duration,
     /// Ports after each server-reflexive port of the peer to try (sequential port allocation).
     pub predicted_ports: u16,
-    /// Random ports to try on each server-reflexive IP of the peer (birthday probing against
-    /// a symmetric NAT with random ports); 0 disables.
-    pub birthday_ports: u16,
+    /// Birthday probing, hard side: pool sockets pinging the easy peer (0 disables the hard
+    /// role). The driver's pool may be smaller; pairs use `1..=min(pool, this)`.
+    pub birthday_sockets: u16,
+    /// Birthday probing, easy side: most spray pings per session (0 disables the easy role).
+    pub birthday_probes: u16,
+    /// Spray pings per second (paced in batches every [`SPRAY_TICK`]).
+    pub birthday_rate: u32,
+    /// How long after the session start without a valid direct pair birthday probing starts.
+    pub birthday_after: Duration,
+    /// How long a birthday search lasts without a hit (pool pairs are dropped afterwards).
+    pub birthday_for: Duration,
+    /// Ping interval of an unanswered pool pair (keeps its NAT mapping open for the spray).
+    pub birthday_ping_interval: Duration,
     /// How long predicted pairs are probed before they are dropped.
     pub predicted_for: Duration,
     /// Cap on pairs per peer (peer-reflexive ones included).
@@ -215,7 +282,12 @@ impl Default for PathConfig {
             relay_penalty: Duration::from_millis(150),
             hysteresis: Duration::from_millis(10),
             predicted_ports: 2,
-            birthday_ports: 0,
+            birthday_sockets: 256,
+            birthday_probes: 2048,
+            birthday_rate: 300,
+            birthday_after: Duration::from_millis(500),
+            birthday_for: Duration::from_secs(15),
+            birthday_ping_interval: Duration::from_secs(3),
             predicted_for: Duration::from_secs(5),
             max_pairs: 64,
         }
@@ -317,8 +389,109 @@ pub struct PathStatus {
     pub remote_label: Option<String>,
     /// Why this path (or why none).
     pub reason: String,
-    /// Every pair.
+    /// Every pair (unanswered birthday pool pairs are only counted in `birthday`).
     pub pairs: Vec<PairStatus>,
+    /// Birthday probing towards this peer.
+    pub birthday: BirthdayStatus,
+}
+
+/// Spray pings are sent in batches this far apart ([`PathConfig::birthday_rate`] per second).
+pub const SPRAY_TICK: Duration = Duration::from_millis(20);
+/// The easy side starts spraying this long after the search starts, so the hard side's pool
+/// pings (which open the ports the spray must hit) are out first.
+pub const SPRAY_DELAY: Duration = Duration::from_millis(100);
+/// Lowest port a NAT with random port allocation hands out (Linux `fully-random`: 1024-65535).
+pub const SPRAY_MIN_PORT: u16 = 1024;
+/// After a birthday search failed (or its path died), a new session is due this long after
+/// it ended, doubling with every further failure up to [`BIRTHDAY_RETRY_MAX`]. Each session
+/// has its own spray budget, so this bounds the spray towards one peer over time.
+pub const BIRTHDAY_RETRY: Duration = Duration::from_secs(30);
+/// Longest wait between two birthday searches towards one peer.
+pub const BIRTHDAY_RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// Our own NAT's mapping behaviour as the driver measured it (two STUN servers from the data
+/// socket, RFC 5780 §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MappingBehaviour {
+    /// Not measured (fewer than two STUN answers).
+    #[default]
+    Unknown,
+    /// The same public address for every destination (no NAT, or a cone NAT): "easy".
+    EndpointIndependent,
+    /// A public port per destination (symmetric NAT): "hard".
+    EndpointDependent,
+}
+
+/// Which half of birthday probing this side plays towards a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BirthdayRole {
+    /// No birthday probing (not needed, not possible, or not decided yet).
+    #[default]
+    None,
+    /// We are behind the endpoint-dependent mapping: many pool sockets ping the peer.
+    Hard,
+    /// The peer is: we spray pings to random ports of its public IP.
+    Easy,
+}
+
+/// Birthday probing as `meshpunch status` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BirthdayStatus {
+    /// Our role towards this peer.
+    pub role: BirthdayRole,
+    /// A search is running now.
+    pub active: bool,
+    /// Pool pairs still waiting for a hit (hard side).
+    pub pool_pairs: u32,
+    /// Spray pings sent since start (easy side).
+    pub spray_sent: u64,
+    /// Spray pings answered by an authenticated pong since start (easy side).
+    pub spray_hits: u64,
+    /// Birthday-found pairs that became valid since start (both sides).
+    pub found: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Search {
+    /// Waiting for [`PathConfig::birthday_after`].
+    Idle,
+    /// Searching until the instant.
+    Active(Instant),
+    /// Over for this session.
+    Done,
+}
+
+/// Per-session birthday state (reset by every new session).
+#[derive(Debug)]
+struct Birthday {
+    search: Search,
+    role: BirthdayRole,
+    /// Pool sockets the driver has open (`1..=pool`).
+    pool: u16,
+    pool_pairs_made: bool,
+    /// The hard peer's public IP (easy side).
+    target: Option<SocketAddr>,
+    /// Sprayed port -> (transaction id, sent at). Bounded by [`PathConfig::birthday_probes`].
+    sprayed: std::collections::HashMap<u16, (TxId, Instant)>,
+    next_spray: Option<Instant>,
+    status: BirthdayStatus,
+}
+
+impl Birthday {
+    fn new() -> Self {
+        Birthday {
+            search: Search::Idle,
+            role: BirthdayRole::None,
+            pool: 0,
+            pool_pairs_made: false,
+            target: None,
+            sprayed: std::collections::HashMap::new(),
+            next_spray: None,
+            status: BirthdayStatus::default(),
+        }
+    }
 }
 
 /// Counters of refused probes.
@@ -360,6 +533,12 @@ pub struct PeerPath {
     rng: u64,
     counters: ProbeCounters,
     buf: Vec<u8>,
+    local_mapping: MappingBehaviour,
+    birthday: Birthday,
+    /// Birthday searches in a row that ended without a direct pair (kept across sessions).
+    birthday_failures: u32,
+    /// When the last birthday search of a session ended.
+    birthday_ended: Option<Instant>,
 }
 
 impl std::fmt::Debug for PeerPath {
@@ -403,6 +582,10 @@ impl PeerPath {
             rng: seed | 1,
             counters: ProbeCounters::default(),
             buf: Vec::with_capacity(MAX_PROBE_LEN),
+            local_mapping: MappingBehaviour::Unknown,
+            birthday: Birthday::new(),
+            birthday_failures: 0,
+            birthday_ended: None,
         }
     }
 
@@ -436,11 +619,28 @@ impl PeerPath {
             prev_receiver,
             start_at,
         });
-        for p in &mut self.pairs {
+        for p in self.pairs.iter_mut().filter(|p| !is_waiting_pool_pair(p)) {
             p.pings.clear();
             p.next_ping = start_at;
             p.interval = self.cfg.punch_interval;
             p.added = start_at;
+        }
+        // A running birthday search goes on in the new session (typically a re-offer because
+        // our relay allocation became ready): its pool ports and spray records stay valid, and
+        // pongs signed with the previous key are still accepted. Otherwise the new session
+        // searches again with a new spray budget; unanswered pool pairs of the old search go,
+        // a working birthday pair stays. The counters are kept (totals since start).
+        if !matches!(self.birthday.search, Search::Active(_)) {
+            let (pool, status) = (self.birthday.pool, self.birthday.status);
+            self.birthday = Birthday::new();
+            self.birthday.pool = pool;
+            self.birthday.status = status;
+            let selected = self.selected;
+            self.pairs.retain(|p| {
+                p.kind != CandidateKind::Birthday
+                    || p.state == PairState::Valid
+                    || Some(p.dest) == selected
+            });
         }
         self.set_remote_candidates(now, remote);
         if self.selected.is_none() {
@@ -482,12 +682,6 @@ impl PeerPath {
                     wanted.push((PathAddr::direct(a), CandidateKind::Predicted));
                 }
             }
-            for _ in 0..self.cfg.birthday_ports {
-                let port = 1024 + (self.next_rand() % (65536 - 1024)) as u16;
-                let mut a = c.addr;
-                a.set_port(port);
-                wanted.push((PathAddr::direct(a), CandidateKind::Predicted));
-            }
         }
         self.remote_candidates = remote;
         let selected = self.selected;
@@ -495,6 +689,7 @@ impl PeerPath {
             p.state == PairState::Valid
                 || Some(p.dest) == selected
                 || p.kind == CandidateKind::Prflx
+                || p.kind == CandidateKind::Birthday
                 || wanted.iter().any(|w| w.0 == p.dest)
         });
         for (dest, kind) in wanted {
@@ -502,7 +697,7 @@ impl PeerPath {
                 continue;
             }
             let cap = self.cfg.max_pairs
-                + usize::from(self.cfg.birthday_ports)
+                + usize::from(self.cfg.birthday_sockets)
                 + usize::from(self.cfg.predicted_ports) * 4;
             if self.pairs.len() >= cap {
                 break;
@@ -602,7 +797,7 @@ impl PeerPath {
         }
     }
 
-    /// Where WireGuard data for this peer goes now.
+    /// Where WireGuard data for this peer goes now (from the local socket `local` names).
     pub fn route(&self) -> Option<PathAddr> {
         self.selected
     }
@@ -669,7 +864,9 @@ impl PeerPath {
     }
 
     /// Feeds a probe (classified as [`crate::probe::PacketKind::Probe`]) that arrived from
-    /// `from`. Pings are answered; pongs validate pairs.
+    /// `from` (whose `local` names the socket it arrived on). Pings are answered from that
+    /// socket; pongs validate pairs, or — from exactly a sprayed address, echoing that spray
+    /// ping — make a birthday pair.
     pub fn handle_probe(
         &mut self,
         now: Instant,
@@ -727,8 +924,16 @@ impl PeerPath {
                         }
                     }
                     None => {
-                        if self.pairs.len() < self.cfg.max_pairs + 64 {
-                            let mut p = self.new_pair(from, CandidateKind::Prflx, now);
+                        let cap = self.cfg.max_pairs + 64 + usize::from(self.cfg.birthday_sockets);
+                        if self.pairs.len() < cap {
+                            // A ping from a port we sprayed: the hard peer's pool socket got
+                            // through because our spray opened our NAT towards it.
+                            let kind = if self.sprayed_port(&from).is_some() {
+                                CandidateKind::Birthday
+                            } else {
+                                CandidateKind::Prflx
+                            };
+                            let mut p = self.new_pair(from, kind, now);
                             p.next_ping = now;
                             self.pairs.push(p);
                             self.events.push_back(PathEvent::RemotesChanged);
@@ -737,6 +942,7 @@ impl PeerPath {
                 }
             }
             ProbeBody::Pong { tx, observed } => {
+                self.spray_pong(now, from, tx);
                 let Some(p) = self.pairs.iter_mut().find(|p| p.dest == from) else {
                     return Ok(());
                 };
@@ -758,6 +964,7 @@ impl PeerPath {
                 if became_valid {
                     p.interval = self.cfg.punch_interval;
                 }
+                let birthday = became_valid && p.kind == CandidateKind::Birthday;
                 self.events.push_back(PathEvent::ObservedAddress(observed));
                 let kind = pair_kind(p);
                 self.events.push_back(PathEvent::Pong {
@@ -766,8 +973,18 @@ impl PeerPath {
                     tx,
                     rtt: sample,
                 });
+                if birthday {
+                    self.birthday.status.found += 1;
+                }
                 // Every pong may change the ranking (RTT), not only a newly valid pair.
-                self.select(now, "pong received");
+                self.select(
+                    now,
+                    if birthday {
+                        "found by birthday probing"
+                    } else {
+                        "pong received"
+                    },
+                );
             }
         }
         Ok(())
@@ -829,6 +1046,7 @@ impl PeerPath {
             self.relay_deadline_fired = true;
             self.select(now, "no direct path answered in time");
         }
+        self.birthday_tick(now, start);
         // Send due pings.
         let selected = self.selected;
         let unix = self.unix_ms(now);
@@ -841,6 +1059,9 @@ impl PeerPath {
                 PairState::Valid if Some(p.dest) == selected && !idle => cfg.active_interval,
                 PairState::Valid if idle => cfg.keepalive_interval,
                 PairState::Valid => cfg.standby_interval,
+                PairState::Probing if p.kind == CandidateKind::Birthday => {
+                    cfg.birthday_ping_interval
+                }
                 PairState::Probing => {
                     if now.saturating_duration_since(p.added) < cfg.fast_punch_for {
                         cfg.punch_interval
@@ -986,6 +1207,16 @@ impl PeerPath {
         if !self.relay_deadline_fired {
             take(s.start_at + self.cfg.relay_after);
         }
+        match self.birthday.search {
+            Search::Idle if !self.direct_blocked => take(s.start_at + self.cfg.birthday_after),
+            Search::Active(until) if !self.direct_blocked => {
+                take(until);
+                if let Some(t) = self.birthday.next_spray {
+                    take(t);
+                }
+            }
+            _ => {}
+        }
         Some(t.map_or(s.start_at, |t| t.max(s.start_at)))
     }
 
@@ -1009,6 +1240,7 @@ impl PeerPath {
             pairs: self
                 .pairs
                 .iter()
+                .filter(|p| !is_waiting_pool_pair(p))
                 .map(|p| PairStatus {
                     remote: p.dest,
                     kind: p.kind,
@@ -1018,6 +1250,7 @@ impl PeerPath {
                     pongs_received: p.pongs_received,
                 })
                 .collect(),
+            birthday: self.birthday_status(),
         }
     }
 
@@ -1062,6 +1295,314 @@ impl PeerPath {
             .find(|p| p.dest == *dest)
             .and_then(|p| p.last_pong)
     }
+}
+
+/// Birthday probing (see the module docs).
+impl PeerPath {
+    /// Tells the path manager how our own NAT maps the data socket (the driver measures it
+    /// with two STUN servers). Decides whether we are the hard or the easy side.
+    pub fn set_local_mapping(&mut self, mapping: MappingBehaviour) {
+        if mapping == self.local_mapping {
+            return;
+        }
+        self.local_mapping = mapping;
+        // A search that was skipped for want of a role is decided again with the new fact.
+        if self.birthday.search == Search::Done && self.birthday.role == BirthdayRole::None {
+            self.birthday.search = Search::Idle;
+        }
+    }
+
+    /// Whether a birthday search needs the driver's socket pool open (hard side, searching).
+    pub fn wants_pool(&self) -> bool {
+        self.birthday.role == BirthdayRole::Hard
+            && matches!(self.birthday.search, Search::Active(_))
+    }
+
+    /// The driver has `sockets` pool sockets open, with [`LocalSocket`] indices
+    /// `1..=sockets` (0 = closed). Pool pairs are made at once if a search waits for them.
+    pub fn set_pool(&mut self, now: Instant, sockets: u16) {
+        self.birthday.pool = sockets;
+        if self.wants_pool() {
+            self.make_pool_pairs(now);
+        }
+    }
+
+    /// The pool size last announced with [`set_pool`](Self::set_pool).
+    pub fn pool(&self) -> u16 {
+        self.birthday.pool
+    }
+
+    /// Pool sockets this peer's pairs use (the driver keeps them open).
+    pub fn local_sockets(&self) -> impl Iterator<Item = LocalSocket> + '_ {
+        self.pairs
+            .iter()
+            .map(|p| p.dest.local)
+            .filter(|l| *l != DATA_SOCKET)
+    }
+
+    /// Birthday probing counters and state.
+    pub fn birthday_status(&self) -> BirthdayStatus {
+        let mut st = self.birthday.status;
+        st.role = self.birthday.role;
+        st.active = matches!(self.birthday.search, Search::Active(_));
+        st.pool_pairs = self
+            .pairs
+            .iter()
+            .filter(|p| is_waiting_pool_pair(p))
+            .count() as u32;
+        st
+    }
+
+    /// When a new session (a fresh offer) would let a birthday search try again: the last
+    /// search ended without a direct pair, or its direct pair died since. `None` while a
+    /// search runs, when a direct pair works, or when this peer needs no birthday search.
+    /// The driver offers again at that time (see [`BIRTHDAY_RETRY`]).
+    pub fn birthday_retry_at(&self) -> Option<Instant> {
+        if self.birthday.search != Search::Done
+            || self.birthday.role == BirthdayRole::None
+            || self.session.is_none()
+            || self.has_valid_direct()
+        {
+            return None;
+        }
+        let ended = self.birthday_ended?;
+        let doublings = self.birthday_failures.saturating_sub(1).min(16);
+        let wait = BIRTHDAY_RETRY
+            .saturating_mul(1u32 << doublings)
+            .min(BIRTHDAY_RETRY_MAX);
+        Some(ended + wait)
+    }
+
+    fn has_valid_direct(&self) -> bool {
+        self.pairs
+            .iter()
+            .any(|p| p.state == PairState::Valid && pair_kind(p) != PathKind::Relay)
+    }
+
+    /// The peer's server-reflexive IPv4 address of an endpoint-independent mapping, if it
+    /// signalled one (birthday probing is IPv4 only: NATs with random ports are IPv4 NATs).
+    fn peer_easy_srflx(&self) -> Option<SocketAddr> {
+        let dependent = |a: &SocketAddr| {
+            self.remote_candidates
+                .iter()
+                .any(|c| c.kind == CandidateKind::SrflxDependent && c.addr == *a)
+        };
+        self.remote_candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::Srflx && c.addr.is_ipv4() && !dependent(&c.addr))
+            .map(|c| c.addr)
+    }
+
+    fn peer_hard_srflx(&self) -> Option<SocketAddr> {
+        self.remote_candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::SrflxDependent && c.addr.is_ipv4())
+            .map(|c| c.addr)
+    }
+
+    fn decide_role(&self) -> BirthdayRole {
+        match self.local_mapping {
+            MappingBehaviour::EndpointDependent
+                if self.cfg.birthday_sockets > 0
+                    && self.peer_hard_srflx().is_none()
+                    && self.peer_easy_srflx().is_some() =>
+            {
+                BirthdayRole::Hard
+            }
+            MappingBehaviour::EndpointIndependent
+                if self.cfg.birthday_probes > 0 && self.peer_hard_srflx().is_some() =>
+            {
+                BirthdayRole::Easy
+            }
+            _ => BirthdayRole::None,
+        }
+    }
+
+    fn birthday_tick(&mut self, now: Instant, start: Instant) {
+        if self.direct_blocked {
+            return;
+        }
+        match self.birthday.search {
+            Search::Done => return,
+            Search::Idle => {
+                if now < start + self.cfg.birthday_after {
+                    return;
+                }
+                if self.has_valid_direct() {
+                    self.birthday.search = Search::Done;
+                    return;
+                }
+                let role = self.decide_role();
+                self.birthday.role = role;
+                match role {
+                    BirthdayRole::None => {
+                        self.birthday.search = Search::Done;
+                        return;
+                    }
+                    BirthdayRole::Easy => {
+                        self.birthday.target = self.peer_hard_srflx();
+                        self.birthday.next_spray = Some(now + SPRAY_DELAY);
+                    }
+                    BirthdayRole::Hard => {}
+                }
+                self.birthday.search = Search::Active(now + self.cfg.birthday_for);
+            }
+            Search::Active(until) => {
+                if self.has_valid_direct() || now >= until {
+                    self.end_birthday(now);
+                    return;
+                }
+            }
+        }
+        match self.birthday.role {
+            BirthdayRole::Hard => self.make_pool_pairs(now),
+            BirthdayRole::Easy => self.spray(now),
+            BirthdayRole::None => {}
+        }
+    }
+
+    /// Hard side: one pair per pool socket to the easy peer's server-reflexive address.
+    fn make_pool_pairs(&mut self, now: Instant) {
+        if self.birthday.pool_pairs_made || self.birthday.pool == 0 {
+            return;
+        }
+        let Some(dest) = self.peer_easy_srflx() else {
+            return;
+        };
+        let n = self.birthday.pool.min(self.cfg.birthday_sockets);
+        for i in 1..=n {
+            let pa = PathAddr::direct_on(i, dest);
+            if self.pairs.iter().any(|p| p.dest == pa) {
+                continue;
+            }
+            let mut p = self.new_pair(pa, CandidateKind::Birthday, now);
+            // Spread the first pings over one punch interval instead of a burst of `n`.
+            p.next_ping = now + self.cfg.punch_interval * u32::from(i - 1) / u32::from(n);
+            self.pairs.push(p);
+        }
+        self.birthday.pool_pairs_made = true;
+        self.events.push_back(PathEvent::RemotesChanged);
+    }
+
+    /// Easy side: the next batch of spray pings to distinct random ports of the hard peer.
+    fn spray(&mut self, now: Instant) {
+        let (Some(target), Some(at)) = (self.birthday.target, self.birthday.next_spray) else {
+            return;
+        };
+        if now < at {
+            return;
+        }
+        let limit = usize::from(self.cfg.birthday_probes);
+        let per_tick = (u128::from(self.cfg.birthday_rate) * SPRAY_TICK.as_millis() / 1000)
+            .clamp(1, 10_000) as usize;
+        let unix = self.unix_ms(now);
+        let span = u64::from(u16::MAX - SPRAY_MIN_PORT) + 1;
+        for _ in 0..per_tick {
+            if self.birthday.sprayed.len() >= limit {
+                break;
+            }
+            // Distinct ports, never the one the plain pairs already ping.
+            let mut port = None;
+            for _ in 0..16 {
+                let p = SPRAY_MIN_PORT + (self.next_rand() % span) as u16;
+                if p != target.port() && !self.birthday.sprayed.contains_key(&p) {
+                    port = Some(p);
+                    break;
+                }
+            }
+            let Some(port) = port else { break };
+            let mut tx = [0u8; 12];
+            tx[..8].copy_from_slice(&self.next_rand().to_be_bytes());
+            tx[8..10].copy_from_slice(&[0xB1, 0xD7]);
+            tx[10..].copy_from_slice(&port.to_be_bytes());
+            let Some(s) = self.session.as_mut() else {
+                return;
+            };
+            s.sender.seal(unix, &ProbeBody::Ping { tx }, &mut self.buf);
+            self.birthday.sprayed.insert(port, (tx, now));
+            self.birthday.status.spray_sent += 1;
+            self.transmits.push_back(Transmit {
+                dest: PathAddr::direct(SocketAddr::new(target.ip(), port)),
+                payload: self.buf.clone(),
+            });
+        }
+        self.birthday.next_spray = if self.birthday.sprayed.len() < limit {
+            Some(now + SPRAY_TICK)
+        } else {
+            None
+        };
+    }
+
+    /// The spray entry for `from` (a port we sprayed on the hard peer's IP, from the data
+    /// socket), if any.
+    fn sprayed_port(&self, from: &PathAddr) -> Option<(TxId, Instant)> {
+        let target = self.birthday.target?;
+        if from.via != Via::Direct || from.local != DATA_SOCKET || from.addr.ip() != target.ip() {
+            return None;
+        }
+        self.birthday.sprayed.get(&from.addr.port()).copied()
+    }
+
+    /// An authenticated pong from exactly a sprayed address, echoing that spray ping's id:
+    /// the pair (found by birthday probing) is made or marked, and the normal pong handling
+    /// that follows validates it.
+    fn spray_pong(&mut self, now: Instant, from: PathAddr, tx: TxId) {
+        let Some((stx, sent)) = self.sprayed_port(&from) else {
+            return;
+        };
+        if stx != tx {
+            return;
+        }
+        self.birthday.sprayed.remove(&from.addr.port());
+        self.birthday.status.spray_hits += 1;
+        match self.pairs.iter_mut().find(|p| p.dest == from) {
+            Some(p) => {
+                if p.kind == CandidateKind::Prflx {
+                    p.kind = CandidateKind::Birthday;
+                }
+                if p.pings.len() >= MAX_OUTSTANDING {
+                    p.pings.pop_front();
+                }
+                p.pings.push_back((tx, sent));
+            }
+            None => {
+                let mut p = self.new_pair(from, CandidateKind::Birthday, now);
+                p.pings.push_back((tx, sent));
+                p.pings_sent = 1;
+                p.next_ping = now + self.cfg.punch_interval;
+                self.pairs.push(p);
+                self.events.push_back(PathEvent::RemotesChanged);
+            }
+        }
+    }
+
+    /// The search is over (a direct pair works, or time is up): unanswered birthday pairs go,
+    /// so the driver can close the pool sockets nobody uses.
+    fn end_birthday(&mut self, now: Instant) {
+        self.birthday.search = Search::Done;
+        self.birthday_ended = Some(now);
+        if self.has_valid_direct() {
+            self.birthday_failures = 0;
+        } else {
+            self.birthday_failures = self.birthday_failures.saturating_add(1);
+        }
+        self.birthday.next_spray = None;
+        let selected = self.selected;
+        let before = self.pairs.len();
+        self.pairs.retain(|p| {
+            p.kind != CandidateKind::Birthday
+                || p.state == PairState::Valid
+                || Some(p.dest) == selected
+        });
+        if self.pairs.len() != before {
+            self.events.push_back(PathEvent::RemotesChanged);
+        }
+    }
+}
+
+/// An unanswered pair of a birthday pool socket (hundreds of them exist while searching).
+fn is_waiting_pool_pair(p: &Pair) -> bool {
+    p.kind == CandidateKind::Birthday && p.state != PairState::Valid && p.dest.local != DATA_SOCKET
 }
 
 fn pair_kind(p: &Pair) -> PathKind {

@@ -132,6 +132,11 @@ pub enum CandidateKind {
     Predicted,
     /// A TURN relayed address.
     Relayed,
+    /// The server-reflexive address of an endpoint-dependent mapping (symmetric NAT): the
+    /// port differs per destination, so this marks the sender as the "hard" side of birthday
+    /// probing. Sent beside a plain [`CandidateKind::ServerReflexive`] of the same address, so
+    /// older peers (which ignore unknown kinds) lose nothing.
+    ServerReflexiveDependent,
     /// A kind this version does not know.
     Other(u8),
 }
@@ -143,6 +148,7 @@ impl From<u8> for CandidateKind {
             1 => CandidateKind::ServerReflexive,
             2 => CandidateKind::Predicted,
             3 => CandidateKind::Relayed,
+            4 => CandidateKind::ServerReflexiveDependent,
             x => CandidateKind::Other(x),
         }
     }
@@ -155,6 +161,7 @@ impl From<CandidateKind> for u8 {
             CandidateKind::ServerReflexive => 1,
             CandidateKind::Predicted => 2,
             CandidateKind::Relayed => 3,
+            CandidateKind::ServerReflexiveDependent => 4,
             CandidateKind::Other(x) => x,
         }
     }
@@ -997,6 +1004,21 @@ mod tests {
             ErrorCode::from(u16::from(ErrorCode::SelfOffer)),
             ErrorCode::SelfOffer
         );
+    }
+
+    #[test]
+    fn candidate_kinds_keep_their_numbers() {
+        for (k, v) in [
+            (CandidateKind::Host, 0u8),
+            (CandidateKind::ServerReflexive, 1),
+            (CandidateKind::Predicted, 2),
+            (CandidateKind::Relayed, 3),
+            (CandidateKind::ServerReflexiveDependent, 4),
+            (CandidateKind::Other(9), 9),
+        ] {
+            assert_eq!(u8::from(k), v);
+            assert_eq!(CandidateKind::from(v), k);
+        }
     }
 
     #[test]

@@ -22,10 +22,11 @@ enum MapKind {
 struct Nat {
     ip: IpAddr,
     kind: MapKind,
-    /// (destination) -> public port
-    map: HashMap<SocketAddr, u16>,
-    /// public port -> destinations it sent to (address+port-dependent filtering)
-    sent_to: HashMap<u16, HashSet<SocketAddr>>,
+    /// (local socket, destination) -> public port
+    map: HashMap<(LocalSocket, SocketAddr), u16>,
+    /// public port -> the local socket behind it and the destinations it sent to
+    /// (address+port-dependent filtering)
+    sent_to: HashMap<u16, (LocalSocket, HashSet<SocketAddr>)>,
     next_port: u16,
     local_port: u16,
     /// Endpoint-independent filtering (full cone) instead of address+port-dependent.
@@ -44,30 +45,34 @@ impl Nat {
             full_cone: false,
         }
     }
-    fn outbound(&mut self, dest: SocketAddr, rng: &mut u64) -> SocketAddr {
+    fn outbound(&mut self, local: LocalSocket, dest: SocketAddr, rng: &mut u64) -> SocketAddr {
         let port = match self.kind {
-            MapKind::Cone => self.local_port,
-            MapKind::SymmetricSequential => match self.map.get(&dest) {
+            // Port preserving; every pool socket has its own local port.
+            MapKind::Cone => self.local_port.wrapping_add(local),
+            MapKind::SymmetricSequential => match self.map.get(&(local, dest)) {
                 Some(p) => *p,
                 None => {
                     self.next_port += 1;
                     self.next_port
                 }
             },
-            MapKind::SymmetricRandom => match self.map.get(&dest) {
+            MapKind::SymmetricRandom => match self.map.get(&(local, dest)) {
                 Some(p) => *p,
-                None => 1024 + (xorshift(rng) % 60000) as u16,
+                None => 1024 + (xorshift(rng) % 64000) as u16,
             },
         };
-        self.map.insert(dest, port);
-        self.sent_to.entry(port).or_default().insert(dest);
+        self.map.insert((local, dest), port);
+        self.sent_to
+            .entry(port)
+            .or_insert_with(|| (local, HashSet::new()))
+            .1
+            .insert(dest);
         SocketAddr::new(self.ip, port)
     }
-    fn inbound_allowed(&self, port: u16, src: SocketAddr) -> bool {
-        if self.full_cone {
-            return self.sent_to.contains_key(&port);
-        }
-        self.sent_to.get(&port).is_some_and(|s| s.contains(&src))
+    /// The local socket an inbound datagram to public `port` from `src` reaches, if any.
+    fn inbound(&self, port: u16, src: SocketAddr) -> Option<LocalSocket> {
+        let (local, sent) = self.sent_to.get(&port)?;
+        (self.full_cone || sent.contains(&src)).then_some(*local)
     }
     fn rebind(&mut self) {
         self.map.clear();
@@ -87,6 +92,12 @@ fn xorshift(s: &mut u64) -> u64 {
 struct Node {
     path: PeerPath,
     local: SocketAddr,
+    /// Pool sockets the node opens when its path asks (the daemon's cap).
+    pool_cap: u16,
+    /// How often the pool was opened.
+    pool_opened: u32,
+    /// Spray pings sent per 100 ms window (for pacing checks).
+    spray_windows: Vec<u64>,
     nat: Option<Nat>,
     relayed: SocketAddr,
     data_sent: u64,
@@ -134,6 +145,9 @@ impl Sim {
                     42 + i as u64,
                 ),
                 local,
+                pool_cap: 256,
+                pool_opened: 0,
+                spray_windows: Vec::new(),
                 nat: nat.map(|k| {
                     Nat::new(
                         if i == 0 {
@@ -177,10 +191,11 @@ impl Sim {
     fn candidates(&mut self, i: usize) -> Vec<Candidate> {
         let n = &mut self.nodes[i];
         let srflx = match n.nat.as_mut() {
-            Some(nat) => nat.outbound(STUN.parse().unwrap(), &mut self.rng),
+            Some(nat) => nat.outbound(DATA_SOCKET, STUN.parse().unwrap(), &mut self.rng),
             None => n.local,
         };
-        vec![
+        let hard = n.nat.as_ref().is_some_and(|n| n.kind != MapKind::Cone);
+        let mut v = vec![
             Candidate {
                 kind: CandidateKind::Host,
                 addr: n.local,
@@ -193,7 +208,22 @@ impl Sim {
                 kind: CandidateKind::Relayed,
                 addr: n.relayed,
             },
-        ]
+        ];
+        if hard {
+            v.push(Candidate {
+                kind: CandidateKind::SrflxDependent,
+                addr: srflx,
+            });
+        }
+        v
+    }
+
+    /// What two STUN servers would tell node i about its mapping.
+    fn mapping(&self, i: usize) -> MappingBehaviour {
+        match self.nodes[i].nat.as_ref().map(|n| n.kind) {
+            None | Some(MapKind::Cone) => MappingBehaviour::EndpointIndependent,
+            Some(_) => MappingBehaviour::EndpointDependent,
+        }
     }
 
     fn start(&mut self) {
@@ -202,6 +232,10 @@ impl Sim {
         let ca = self.candidates(0);
         let cb = self.candidates(1);
         let now = self.now;
+        for i in 0..2 {
+            let m = self.mapping(i);
+            self.nodes[i].path.set_local_mapping(m);
+        }
         self.nodes[0].path.start_session(now, &secret, start, cb);
         self.nodes[1].path.start_session(now, &secret, start, ca);
     }
@@ -213,33 +247,29 @@ impl Sim {
     /// Relay model (RFC 8656): a datagram sent straight to a node's relayed address is handed
     /// to that node by its relay as coming from the sender's mapping (`Via::Relay`); a
     /// datagram a node sends through its own allocation leaves from its relayed address.
+    /// `dest.local` is the sending socket; delivered datagrams carry the receiving socket.
     fn send(&mut self, from: usize, dest: PathAddr, bytes: Vec<u8>) {
         let to = 1 - from;
+        let sock = dest.local;
         match dest.via {
             Via::Relay => {
                 if self.relay_dead {
                     return;
                 }
                 let src = self.nodes[from].relayed;
-                let ok = match &self.nodes[to].nat {
-                    Some(nat) => {
-                        dest.addr.ip() == nat.ip && nat.inbound_allowed(dest.addr.port(), src)
-                    }
-                    None => dest.addr == self.nodes[to].local,
-                };
-                if ok {
+                let rx = self.deliverable(to, dest.addr, src);
+                if let Some(rx) = rx {
                     let at = self.now + self.relay_one_way;
-                    self.inflight.push((at, to, PathAddr::direct(src), bytes));
+                    let mut fromp = PathAddr::direct(src);
+                    fromp.local = rx;
+                    self.inflight.push((at, to, fromp, bytes));
                 }
             }
             Via::Direct if dest.addr == self.nodes[to].relayed => {
                 if self.relay_dead {
                     return;
                 }
-                let src = match self.nodes[from].nat.as_mut() {
-                    Some(nat) => nat.outbound(dest.addr, &mut self.rng),
-                    None => self.nodes[from].local,
-                };
+                let src = self.source(from, sock, dest.addr);
                 let at = self.now + self.relay_one_way;
                 self.inflight.push((at, to, PathAddr::relay(src), bytes));
             }
@@ -256,26 +286,61 @@ impl Sim {
                     }
                     return;
                 }
-                let src = match self.nodes[from].nat.as_mut() {
-                    Some(nat) => nat.outbound(dest.addr, &mut self.rng),
-                    None => self.nodes[from].local,
-                };
-                let ok = match &self.nodes[to].nat {
-                    Some(nat) => {
-                        dest.addr.ip() == nat.ip && nat.inbound_allowed(dest.addr.port(), src)
-                    }
-                    None => dest.addr == self.nodes[to].local,
-                };
-                if ok {
+                let src = self.source(from, sock, dest.addr);
+                if let Some(rx) = self.deliverable(to, dest.addr, src) {
                     let at = self.now + self.one_way;
-                    self.inflight.push((at, to, PathAddr::direct(src), bytes));
+                    self.inflight
+                        .push((at, to, PathAddr::direct_on(rx, src), bytes));
                 }
             }
         }
     }
 
+    /// The public source address of a datagram node `from` sends from socket `sock`.
+    fn source(&mut self, from: usize, sock: LocalSocket, dest: SocketAddr) -> SocketAddr {
+        let n = &mut self.nodes[from];
+        match n.nat.as_mut() {
+            Some(nat) => nat.outbound(sock, dest, &mut self.rng),
+            None => SocketAddr::new(n.local.ip(), n.local.port().wrapping_add(sock)),
+        }
+    }
+
+    /// Which socket of node `to` a datagram to `dest` from `src` reaches, if it gets through.
+    fn deliverable(&self, to: usize, dest: SocketAddr, src: SocketAddr) -> Option<LocalSocket> {
+        let n = &self.nodes[to];
+        match &n.nat {
+            Some(nat) if dest.ip() == nat.ip => nat.inbound(dest.port(), src),
+            Some(_) => None,
+            None if dest.ip() == n.local.ip() => {
+                let i = dest.port().checked_sub(n.local.port())?;
+                (i <= n.path.pool()).then_some(i)
+            }
+            None => None,
+        }
+    }
+
     fn drain(&mut self) {
         for i in 0..2 {
+            // The driver's socket pool: opened when a search wants it, closed when no pair
+            // uses it any more.
+            let now = self.now;
+            let n = &mut self.nodes[i];
+            if n.path.wants_pool() && n.path.pool() == 0 {
+                n.pool_opened += 1;
+                let cap = n.pool_cap;
+                n.path.set_pool(now, cap);
+            } else if !n.path.wants_pool()
+                && n.path.pool() > 0
+                && n.path.local_sockets().next().is_none()
+            {
+                n.path.set_pool(now, 0);
+            }
+            let sprayed = n.path.birthday_status().spray_sent;
+            let w = ((self.now - self.t0).as_millis() / 100) as usize;
+            if n.spray_windows.len() <= w {
+                n.spray_windows.resize(w + 1, sprayed);
+            }
+            n.spray_windows[w] = sprayed;
             while let Some(t) = self.nodes[i].path.poll_transmit() {
                 self.send(i, t.dest, t.payload);
             }
@@ -700,4 +765,391 @@ fn a_slow_direct_path_is_kept_over_a_fast_relay() {
         "{:?}",
         sim.nodes[0].changes
     );
+}
+
+/// Runs a random-port symmetric NAT (node `hard`) against a port-restricted cone NAT until
+/// both are direct; returns the simulation.
+fn birthday_sim(hard: usize) -> Sim {
+    let kinds = if hard == 0 {
+        (MapKind::SymmetricRandom, MapKind::Cone)
+    } else {
+        (MapKind::Cone, MapKind::SymmetricRandom)
+    };
+    let mut sim = Sim::new(Some(kinds.0), Some(kinds.1), PathConfig::default());
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    sim
+}
+
+#[test]
+fn random_symmetric_nat_against_port_restricted_nat_ends_direct_by_birthday_probing() {
+    for hard in 0..2 {
+        let easy = 1 - hard;
+        let sim = birthday_sim(hard);
+        assert_eq!(sim.kind(hard), PathKind::Direct, "hard side {hard}");
+        assert_eq!(sim.kind(easy), PathKind::Direct, "easy side {easy}");
+        // The relay carried traffic first (after a second), then the birthday pair took over.
+        let relay = sim
+            .changed_to(easy, PathKind::Relay, Duration::ZERO)
+            .unwrap();
+        let direct = sim.changed_to(easy, PathKind::Direct, relay).unwrap();
+        assert!(direct < Duration::from_secs(12), "direct after {direct:?}");
+        // The hard side sends through the pool socket whose port the spray hit ...
+        let hr = sim.nodes[hard].path.route().unwrap();
+        assert_ne!(hr.local, DATA_SOCKET);
+        assert_eq!(hr.addr.ip(), IpAddr::from([198, 51, 100, 1 + easy as u8]));
+        // ... the easy side to that port, from its data socket.
+        let er = sim.nodes[easy].path.route().unwrap();
+        assert_eq!(er.local, DATA_SOCKET);
+        assert_eq!(er.addr.ip(), IpAddr::from([198, 51, 100, 1 + hard as u8]));
+        let st = sim.nodes[easy].path.status();
+        assert!(st.reason.contains("birthday"), "{}", st.reason);
+        assert_eq!(st.birthday.role, BirthdayRole::Easy);
+        assert!(st.birthday.spray_hits >= 1);
+        assert!(st.birthday.spray_sent <= 2048);
+        assert!(st
+            .pairs
+            .iter()
+            .any(|p| p.kind == CandidateKind::Birthday && p.state == PairState::Valid));
+        let hs = sim.nodes[hard].path.status();
+        assert_eq!(hs.birthday.role, BirthdayRole::Hard);
+        assert!(hs.reason.contains("birthday"), "{}", hs.reason);
+        // The search is over: the pool is down to the sockets of working pairs.
+        assert!(!hs.birthday.active);
+        assert_eq!(hs.birthday.pool_pairs, 0);
+        assert!(!sim.nodes[hard].path.wants_pool());
+        let used: HashSet<_> = sim.nodes[hard].path.local_sockets().collect();
+        assert!(!used.is_empty() && used.len() <= 4, "{used:?}");
+        assert_eq!(sim.nodes[hard].pool_opened, 1);
+        // Data flows both ways on the new path.
+        assert!(sim.nodes[easy].data_received > 100);
+        assert!(sim.nodes[hard].data_received > 100);
+        eprintln!(
+            "hard={hard}: direct after {direct:?}, {} spray pings, {} hits",
+            st.birthday.spray_sent, st.birthday.spray_hits
+        );
+    }
+}
+
+#[test]
+fn birthday_search_is_deterministic() {
+    let a = birthday_sim(0);
+    let b = birthday_sim(0);
+    assert_eq!(a.nodes[1].changes, b.nodes[1].changes);
+    assert_eq!(
+        a.nodes[1].path.birthday_status(),
+        b.nodes[1].path.birthday_status()
+    );
+}
+
+#[test]
+fn random_symmetric_nats_do_not_birthday_probe_each_other() {
+    let mut sim = Sim::new(
+        Some(MapKind::SymmetricRandom),
+        Some(MapKind::SymmetricRandom),
+        PathConfig::default(),
+    );
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Relay);
+        let b = sim.nodes[i].path.birthday_status();
+        assert_eq!(b.role, BirthdayRole::None);
+        assert_eq!(b.spray_sent, 0);
+        assert_eq!(sim.nodes[i].pool_opened, 0);
+    }
+}
+
+#[test]
+fn cone_nats_never_start_a_birthday_search() {
+    let mut sim = Sim::new(
+        Some(MapKind::Cone),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    sim.start();
+    sim.run_for(Duration::from_secs(5));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Direct);
+        assert_eq!(
+            sim.nodes[i].path.birthday_status(),
+            BirthdayStatus::default()
+        );
+        assert_eq!(sim.nodes[i].pool_opened, 0);
+    }
+}
+
+#[test]
+fn spray_is_paced_capped_and_makes_no_pairs_without_a_pong() {
+    let cfg = PathConfig {
+        birthday_probes: 500,
+        birthday_rate: 200,
+        birthday_for: Duration::from_secs(8),
+        ..PathConfig::default()
+    };
+    let mut sim = Sim::new(
+        Some(MapKind::SymmetricRandom),
+        Some(MapKind::Cone),
+        cfg.clone(),
+    );
+    // Nothing direct gets through: every spray ping is lost.
+    sim.direct_dead = true;
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    let easy = &sim.nodes[1];
+    let st = easy.path.status();
+    assert_eq!(st.birthday.role, BirthdayRole::Easy);
+    assert_eq!(st.birthday.spray_sent, 500);
+    assert_eq!(st.birthday.spray_hits, 0);
+    // Spray pings are not pairs: only the signalled candidates (+ predicted ports) exist.
+    assert!(st.pairs.len() < 10, "{} pairs", st.pairs.len());
+    // At most rate/10 (+ one batch) per 100 ms window.
+    let per_tick = (cfg.birthday_rate as usize * SPRAY_TICK.as_millis() as usize / 1000) as u64;
+    for w in easy.spray_windows.windows(2) {
+        assert!(w[1] - w[0] <= 20 + per_tick, "{} in 100 ms", w[1] - w[0]);
+    }
+    // 500 pings at 200/s take about 2.5 s, not less.
+    let first = easy.spray_windows.iter().position(|&n| n > 0).unwrap();
+    let last = easy.spray_windows.iter().position(|&n| n == 500).unwrap();
+    assert!(last - first >= 23, "{first}..{last}");
+    // The hard side gave up after birthday_for: no pool pairs, no pool wanted.
+    let hard = &sim.nodes[0];
+    let hs = hard.path.birthday_status();
+    assert_eq!(hs.role, BirthdayRole::Hard);
+    assert!(!hs.active);
+    assert_eq!(hs.pool_pairs, 0);
+    assert!(!hard.path.wants_pool());
+    assert_eq!(hard.path.local_sockets().count(), 0);
+    assert_eq!(hard.path.pool(), 0, "pool closed again");
+    assert_eq!(sim.kind(0), PathKind::Relay);
+}
+
+#[test]
+fn spray_pongs_must_be_authentic_fresh_and_from_the_address_pinged() {
+    let t0 = Instant::now();
+    let cfg = PathConfig::default();
+    let hard_ip: IpAddr = IpAddr::from([198, 51, 100, 7]);
+    let hard_srflx = SocketAddr::new(hard_ip, 40000);
+    let mut easy = PeerPath::new(cfg.clone(), [1; 32], [2; 32], t0, 1_000_000, 1);
+    let mut hard = PeerPath::new(cfg.clone(), [2; 32], [1; 32], t0, 1_000_000, 2);
+    easy.set_local_mapping(MappingBehaviour::EndpointIndependent);
+    hard.set_local_mapping(MappingBehaviour::EndpointDependent);
+    let easy_srflx: SocketAddr = "203.0.113.50:41641".parse().unwrap();
+    easy.start_session(
+        t0,
+        &[5; 32],
+        t0,
+        vec![
+            Candidate {
+                kind: CandidateKind::Srflx,
+                addr: hard_srflx,
+            },
+            Candidate {
+                kind: CandidateKind::SrflxDependent,
+                addr: hard_srflx,
+            },
+        ],
+    );
+    hard.start_session(
+        t0,
+        &[5; 32],
+        t0,
+        vec![Candidate {
+            kind: CandidateKind::Srflx,
+            addr: easy_srflx,
+        }],
+    );
+    // Run the easy side until it sprays.
+    let mut now = t0;
+    let mut spray = Vec::new();
+    while spray.is_empty() {
+        now += Duration::from_millis(10);
+        easy.handle_timeout(now);
+        while let Some(t) = easy.poll_transmit() {
+            // Not the signalled address or its predicted ports: a spray ping.
+            if t.dest.addr.ip() == hard_ip && !(40000..=40002).contains(&t.dest.addr.port()) {
+                spray.push(t);
+            }
+        }
+    }
+    let pairs_before = easy.status().pairs.len();
+    let ping = spray.remove(0);
+    // The hard side answers the spray ping on its pool socket 3.
+    assert!(hard
+        .handle_probe(now, PathAddr::direct_on(3, easy_srflx), &ping.payload)
+        .is_ok());
+    let pong = std::iter::from_fn(|| hard.poll_transmit())
+        .find(|t| t.dest == PathAddr::direct_on(3, easy_srflx))
+        .unwrap();
+    // The pong of another spray ping, arriving from this ping's address (a NAT that
+    // remapped, or a guess): authentic, but neither its address nor its id match.
+    let ping2 = spray.remove(0);
+    assert!(hard
+        .handle_probe(now, PathAddr::direct_on(4, easy_srflx), &ping2.payload)
+        .is_ok());
+    let pong2 = std::iter::from_fn(|| hard.poll_transmit())
+        .find(|t| t.dest == PathAddr::direct_on(4, easy_srflx))
+        .unwrap();
+    assert!(easy.handle_probe(now, ping.dest, &pong2.payload).is_ok());
+    assert_eq!(easy.birthday_status().spray_hits, 0);
+    assert!(!easy.knows(&ping.dest));
+    // Forged: refused, no pair.
+    let mut forged = pong.payload.clone();
+    forged[30] ^= 1;
+    assert!(easy.handle_probe(now, ping.dest, &forged).is_err());
+    assert_eq!(easy.birthday_status().spray_hits, 0);
+    assert!(!easy.knows(&ping.dest));
+    // Genuine, from exactly the address pinged: a valid birthday pair.
+    now += Duration::from_millis(30);
+    assert!(easy.handle_probe(now, ping.dest, &pong.payload).is_ok());
+    assert_eq!(easy.birthday_status().spray_hits, 1);
+    assert!(easy.knows(&ping.dest));
+    let st = easy.status();
+    assert_eq!(st.pairs.len(), pairs_before + 1);
+    let p = st.pairs.iter().find(|p| p.remote == ping.dest).unwrap();
+    assert_eq!(
+        (p.kind, p.state),
+        (CandidateKind::Birthday, PairState::Valid)
+    );
+    assert_eq!(easy.route(), Some(ping.dest));
+    assert!(st.reason.contains("birthday"), "{}", st.reason);
+    // Replayed: refused and counted, nothing changes.
+    assert!(matches!(
+        easy.handle_probe(now, ping.dest, &pong.payload),
+        Err(ProbeError::Replayed(_))
+    ));
+    assert_eq!(easy.birthday_status().spray_hits, 1);
+    assert_eq!(easy.counters().replayed, 1);
+}
+
+#[test]
+fn unknown_mapping_or_disabled_limits_mean_no_birthday() {
+    for (mapping, cfg) in [
+        (MappingBehaviour::Unknown, PathConfig::default()),
+        (
+            MappingBehaviour::EndpointIndependent,
+            PathConfig {
+                birthday_probes: 0,
+                ..PathConfig::default()
+            },
+        ),
+    ] {
+        let mut sim = Sim::new(Some(MapKind::SymmetricRandom), Some(MapKind::Cone), cfg);
+        sim.start();
+        sim.nodes[1].path.set_local_mapping(mapping);
+        sim.run_for(Duration::from_secs(5));
+        assert_eq!(sim.nodes[1].path.birthday_status().spray_sent, 0);
+        assert_eq!(sim.kind(1), PathKind::Relay);
+    }
+}
+
+#[test]
+fn failed_birthday_search_is_retried_in_a_new_session_with_backoff() {
+    let mut sim = Sim::new(
+        Some(MapKind::SymmetricRandom),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.direct_dead = true;
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    // Search from start + 0.55 s for 15 s, nothing found: a new session is due 30 s later.
+    let first_end = Duration::from_millis(50 + 500 + 15_000);
+    let mut due = Vec::new();
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Relay);
+        let at = sim.nodes[i].path.birthday_retry_at().unwrap() - sim.t0;
+        assert_eq!(at, first_end + BIRTHDAY_RETRY, "node {i}");
+        due.push(at);
+    }
+    // Until then nothing changes (the relay path is "working": only the retry offers again).
+    sim.run_for(due[0] - (sim.now - sim.t0));
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    // Second failure: twice the wait.
+    for i in 0..2 {
+        let ended = sim.nodes[i].path.birthday_retry_at().unwrap() - sim.t0;
+        assert_eq!(ended, due[0] + first_end + BIRTHDAY_RETRY * 2, "node {i}");
+    }
+    // The network lets the spray through now: the next session ends direct, no retry due.
+    sim.direct_dead = false;
+    sim.start();
+    sim.run_for(Duration::from_secs(20));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Direct, "node {i}");
+        assert_eq!(sim.nodes[i].path.birthday_retry_at(), None);
+    }
+    assert_ne!(sim.nodes[0].path.route().unwrap().local, DATA_SOCKET);
+}
+
+#[test]
+fn birthday_retry_backoff_is_capped() {
+    let t0 = Instant::now();
+    let mut p = PeerPath::new(PathConfig::default(), [1; 32], [2; 32], t0, 1_000_000, 1);
+    p.set_local_mapping(MappingBehaviour::EndpointIndependent);
+    let hard: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let cands = vec![
+        Candidate {
+            kind: CandidateKind::Srflx,
+            addr: hard,
+        },
+        Candidate {
+            kind: CandidateKind::SrflxDependent,
+            addr: hard,
+        },
+    ];
+    let mut now = t0;
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        p.start_session(now, &[3; 32], now, cands.clone());
+        assert_eq!(p.birthday_retry_at(), None);
+        // The search runs from start + birthday_after for birthday_for; nothing answers.
+        let cfg = PathConfig::default();
+        let search_end = now + cfg.birthday_after + cfg.birthday_for;
+        let end = now + Duration::from_secs(30);
+        while now < end {
+            now += Duration::from_millis(50);
+            p.handle_timeout(now);
+            while p.poll_transmit().is_some() {}
+        }
+        let at = p.birthday_retry_at().unwrap();
+        waits.push((at - search_end).as_secs());
+        now = at;
+    }
+    assert_eq!(waits, [30, 60, 120, 240, 480, 600, 600, 600]);
+}
+
+#[test]
+fn a_new_session_during_a_search_does_not_restart_it() {
+    let mut sim = Sim::new(
+        Some(MapKind::SymmetricRandom),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.direct_dead = true;
+    sim.start();
+    // Searching (spray running, pool open) when both sides get a new session.
+    sim.run_for(Duration::from_millis(1200));
+    let sent = sim.nodes[1].path.birthday_status().spray_sent;
+    assert!(sent > 0 && sim.nodes[0].path.wants_pool());
+    let ports: HashSet<_> = sim.nodes[0].path.local_sockets().collect();
+    sim.direct_dead = false;
+    sim.start();
+    sim.run_for(Duration::from_secs(15));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Direct, "node {i}");
+    }
+    // The same search went on: same pool, counters continued, one pool opening.
+    let b = sim.nodes[1].path.birthday_status();
+    // (found, not necessarily a spray pong: a pool ping may also reach us through a port we
+    // sprayed before that pool mapping existed.)
+    assert!(b.spray_sent > sent && b.found >= 1, "{b:?}");
+    assert_eq!(sim.nodes[0].pool_opened, 1);
+    let used = sim.nodes[0].path.route().unwrap().local;
+    assert!(ports.contains(&used));
+    assert!(sim.nodes[1].path.status().reason.contains("birthday"));
 }

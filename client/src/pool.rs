@@ -1,0 +1,352 @@
+//! Birthday probing support for the daemon: the pool of extra UDP sockets the "hard" side
+//! (behind an endpoint-dependent mapping) pings an easy peer from, and the classification of
+//! our own mapping from two STUN servers.
+//!
+//! The pool is shared by every peer and opened only while some peer's
+//! [`meshpunch_proto::path::PeerPath::wants_pool`] is true; afterwards every socket that no
+//! pair uses is closed again (the one carrying a birthday-found path stays). Socket `i` of the
+//! pool is [`LocalSocket`] `i` (1-based; 0 is the data socket). Each socket has a small reader
+//! task that hands its datagrams to the engine through one channel, so the engine stays the
+//! only owner of all state.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use meshpunch_proto::path::{LocalSocket, MappingBehaviour};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// Largest datagram a pool socket receives (WireGuard packets over a birthday path included;
+/// jumbo-frame sized so no real WireGuard MTU is cut).
+const POOL_RECV_BUF: usize = 9216;
+/// Receive buffer chunk of a pool socket's reader: datagrams are split off it as [`Bytes`]
+/// that share the chunk, so a busy birthday path costs one allocation per chunk, not per
+/// packet (the chunk is reclaimed once the engine dropped every datagram in it).
+const POOL_RECV_CHUNK: usize = 64 * 1024;
+/// Datagrams queued from all pool readers to the engine.
+const POOL_QUEUE: usize = 1024;
+/// How often unused pool sockets are looked for once no search needs the pool.
+const POOL_GC_INTERVAL: Duration = Duration::from_secs(1);
+/// After the system refused a pool socket (file descriptor limit), opening is not tried again
+/// for this long (the engine asks on every turn of its loop).
+const POOL_OPEN_RETRY: Duration = Duration::from_secs(10);
+
+/// A datagram that arrived on a pool socket.
+#[derive(Debug)]
+pub(crate) struct PoolDatagram {
+    /// Which pool socket.
+    pub(crate) local: LocalSocket,
+    /// Sender.
+    pub(crate) from: SocketAddr,
+    /// The bytes.
+    pub(crate) bytes: Bytes,
+}
+
+struct PoolSocket {
+    sock: Arc<UdpSocket>,
+    /// The same socket (a duplicated descriptor) for the engine's sends: a plain `sendto`,
+    /// so the first pings right after opening do not fail with `WouldBlock` before tokio's
+    /// reactor has reported the new socket writable.
+    send: std::net::UdpSocket,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PoolSocket {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The birthday socket pool (IPv4: NATs with random ports are IPv4 NATs).
+pub(crate) struct Pool {
+    cap: u16,
+    socks: Vec<Option<PoolSocket>>,
+    /// Size announced to the path managers (0 = closed for new pairs).
+    announced: u16,
+    tx: mpsc::Sender<PoolDatagram>,
+    rx: Option<mpsc::Receiver<PoolDatagram>>,
+    gc_at: Option<Instant>,
+    open_failed_at: Option<Instant>,
+    /// Sockets opened since start (status).
+    pub(crate) opened_total: u64,
+}
+
+impl Pool {
+    /// A closed pool of at most `cap` sockets.
+    pub(crate) fn new(cap: u16) -> Self {
+        let (tx, rx) = mpsc::channel(POOL_QUEUE);
+        Pool {
+            cap,
+            socks: Vec::new(),
+            announced: 0,
+            tx,
+            rx: Some(rx),
+            gc_at: None,
+            open_failed_at: None,
+            opened_total: 0,
+        }
+    }
+
+    /// The receiving end of every pool socket (taken once by the engine loop).
+    pub(crate) fn take_rx(&mut self) -> Option<mpsc::Receiver<PoolDatagram>> {
+        self.rx.take()
+    }
+
+    /// Pool size announced to path managers (`1..=announced` are usable).
+    pub(crate) fn announced(&self) -> u16 {
+        self.announced
+    }
+
+    /// Sockets open now.
+    pub(crate) fn open_count(&self) -> usize {
+        self.socks.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Opens every missing socket up to the cap; returns the announced size (fewer if the
+    /// system ran out of sockets; nothing is tried for [`POOL_OPEN_RETRY`] after a refusal).
+    pub(crate) fn open(&mut self, now: Instant) -> u16 {
+        if self
+            .open_failed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < POOL_OPEN_RETRY)
+        {
+            return self.announced;
+        }
+        self.gc_at = None;
+        let mut n = 0u16;
+        for i in 1..=self.cap {
+            let idx = usize::from(i - 1);
+            if self.socks.len() <= idx {
+                self.socks.push(None);
+            }
+            if self.socks.get(idx).is_some_and(|s| s.is_none()) {
+                match self.bind(i) {
+                    Ok(s) => {
+                        self.socks[idx] = Some(s);
+                        self.opened_total += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, opened = i - 1, "birthday pool: cannot open more sockets");
+                        self.open_failed_at = Some(now);
+                        break;
+                    }
+                }
+            }
+            n = i;
+        }
+        self.announced = n;
+        n
+    }
+
+    fn bind(&self, local: LocalSocket) -> std::io::Result<PoolSocket> {
+        let std = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))?;
+        std.set_nonblocking(true)?;
+        let send = std.try_clone()?;
+        let sock = Arc::new(UdpSocket::from_std(std)?);
+        let r = sock.clone();
+        let tx = self.tx.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            loop {
+                if buf.capacity() < POOL_RECV_BUF {
+                    buf.reserve(POOL_RECV_CHUNK);
+                }
+                match r.recv_buf_from(&mut buf).await {
+                    Ok((n, from)) => {
+                        let d = PoolDatagram {
+                            local,
+                            from,
+                            bytes: buf.split_to(n.min(buf.len())).freeze(),
+                        };
+                        if tx.send(d).await.is_err() {
+                            return;
+                        }
+                    }
+                    // ICMP errors from pings to closed ports; keep reading.
+                    Err(e) => {
+                        buf.clear();
+                        tracing::trace!(error = %e, local, "pool socket recv error");
+                    }
+                }
+            }
+        });
+        Ok(PoolSocket { sock, send, reader })
+    }
+
+    /// The socket with index `local`, if open.
+    pub(crate) fn socket(&self, local: LocalSocket) -> Option<&Arc<UdpSocket>> {
+        let idx = usize::from(local.checked_sub(1)?);
+        self.socks.get(idx)?.as_ref().map(|s| &s.sock)
+    }
+
+    /// Local port of pool socket `local`.
+    pub(crate) fn local_port(&self, local: LocalSocket) -> Option<u16> {
+        self.socket(local)?.local_addr().ok().map(|a| a.port())
+    }
+
+    /// Sends from pool socket `local` (dropped if it is closed).
+    pub(crate) fn send(&self, local: LocalSocket, dest: SocketAddr, bytes: &[u8]) -> bool {
+        let s = local
+            .checked_sub(1)
+            .and_then(|i| self.socks.get(usize::from(i)))
+            .and_then(|s| s.as_ref());
+        match s {
+            Some(s) => match s.send.send_to(bytes, dest) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::trace!(error = %e, %dest, local, "pool socket send failed");
+                    false
+                }
+            },
+            None => false,
+        }
+    }
+
+    /// Whether it is time to look for unused sockets (no search needs the pool).
+    pub(crate) fn gc_due(&mut self, now: Instant) -> bool {
+        if self.open_count() == 0 {
+            return false;
+        }
+        match self.gc_at {
+            Some(t) if t > now => false,
+            _ => {
+                self.gc_at = Some(now + POOL_GC_INTERVAL);
+                true
+            }
+        }
+    }
+
+    /// Closes every socket not in `used`; no new pairs may use the pool afterwards.
+    pub(crate) fn close_unused(&mut self, used: &HashSet<LocalSocket>) {
+        self.announced = 0;
+        let mut closed = 0;
+        for (idx, s) in self.socks.iter_mut().enumerate() {
+            let local = LocalSocket::try_from(idx + 1).unwrap_or(LocalSocket::MAX);
+            if s.is_some() && !used.contains(&local) {
+                *s = None;
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                kept = self.open_count(),
+                "birthday pool: unused sockets closed"
+            );
+        }
+    }
+}
+
+/// Our mapping behaviour from the data socket's STUN answers: two servers (the rendezvous
+/// announces its primary and its RFC 5780 other-IP address) that see different mapped
+/// addresses mean an endpoint-dependent mapping.
+#[derive(Debug, Default)]
+pub(crate) struct StunMappings {
+    servers: Vec<SocketAddr>,
+    seen: HashMap<SocketAddr, SocketAddr>,
+}
+
+impl StunMappings {
+    /// The STUN servers in use (the first is the primary); forgets answers of others.
+    pub(crate) fn set_servers(&mut self, servers: &[SocketAddr]) {
+        if self.servers != servers {
+            self.servers = servers.to_vec();
+            self.seen.retain(|s, _| servers.contains(s));
+        }
+    }
+
+    /// Records that `server` saw us as `mapped`. Returns whether this answer is the one our
+    /// server-reflexive candidate comes from (the primary's, or any while the primary has not
+    /// answered): with a symmetric NAT every server sees another port.
+    pub(crate) fn record(&mut self, server: SocketAddr, mapped: SocketAddr) -> bool {
+        if !self.servers.contains(&server) {
+            return true;
+        }
+        self.seen.insert(server, mapped);
+        let primary = self.servers.first();
+        primary == Some(&server) || primary.is_none_or(|p| !self.seen.contains_key(p))
+    }
+
+    /// What the answers so far say.
+    pub(crate) fn behaviour(&self) -> MappingBehaviour {
+        let mut it = self.seen.values();
+        let Some(first) = it.next() else {
+            return MappingBehaviour::Unknown;
+        };
+        if self.seen.len() < 2 {
+            return MappingBehaviour::Unknown;
+        }
+        if self.seen.values().all(|m| m == first) {
+            MappingBehaviour::EndpointIndependent
+        } else {
+            MappingBehaviour::EndpointDependent
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_servers_seeing_different_ports_mean_endpoint_dependent() {
+        let a: SocketAddr = "203.0.113.10:3478".parse().unwrap();
+        let b: SocketAddr = "203.0.113.11:3479".parse().unwrap();
+        let mut m = StunMappings::default();
+        m.set_servers(&[a, b]);
+        assert_eq!(m.behaviour(), MappingBehaviour::Unknown);
+        // The other server answered first: used until the primary answers.
+        assert!(m.record(b, "198.51.100.1:2000".parse().unwrap()));
+        assert_eq!(m.behaviour(), MappingBehaviour::Unknown);
+        assert!(m.record(a, "198.51.100.1:1000".parse().unwrap()));
+        assert_eq!(m.behaviour(), MappingBehaviour::EndpointDependent);
+        // From now on only the primary's answer is our srflx.
+        assert!(!m.record(b, "198.51.100.1:2000".parse().unwrap()));
+        assert!(m.record(a, "198.51.100.1:1000".parse().unwrap()));
+        m.record(b, "198.51.100.1:1000".parse().unwrap());
+        assert_eq!(m.behaviour(), MappingBehaviour::EndpointIndependent);
+        // An answer from an unknown server changes nothing.
+        assert!(m.record(
+            "192.0.2.1:1".parse().unwrap(),
+            "198.51.100.1:5".parse().unwrap()
+        ));
+        assert_eq!(m.behaviour(), MappingBehaviour::EndpointIndependent);
+    }
+
+    #[tokio::test]
+    async fn pool_opens_sends_receives_and_closes_unused_sockets() {
+        let mut pool = Pool::new(4);
+        let mut rx = pool.take_rx().unwrap();
+        assert_eq!(pool.open(Instant::now()), 4);
+        assert_eq!(pool.open_count(), 4);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let pa = peer.local_addr().unwrap();
+        assert!(pool.send(3, pa, b"hi"));
+        let mut buf = [0u8; 16];
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        assert_eq!(Some(from.port()), pool.local_port(3));
+        let to = SocketAddr::from(([127, 0, 0, 1], from.port()));
+        peer.send_to(b"back", to).unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.local, &d.bytes[..]), (3, &b"back"[..]));
+        pool.close_unused(&HashSet::from([3]));
+        assert_eq!(pool.open_count(), 1);
+        assert_eq!(pool.announced(), 0);
+        assert!(pool.socket(3).is_some() && pool.socket(1).is_none());
+        assert!(!pool.send(1, pa, b"x"));
+        assert!(pool.socket(0).is_none() && pool.socket(9).is_none());
+        // Reopening keeps socket 3 (and its port) and binds the others again.
+        let port3 = pool.local_port(3);
+        assert_eq!(pool.open(Instant::now()), 4);
+        assert_eq!(pool.local_port(3), port3);
+        assert_eq!(pool.opened_total, 7);
+    }
+}
