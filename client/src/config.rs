@@ -10,6 +10,8 @@
 //! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)
 //! HostCandidates = true              # offer interface addresses to peers
 //! BindingLifetime = 30               # seconds, from `netcheck --long`: keepalive = half of it
+//!                                    # (set: the daemon does not measure it itself)
+//! BindingLifetimeProbe = 15,30,60,120  # idle periods the daemon's own measurement tests; off
 //!
 //! [Peer]
 //! PublicKey = <base64>               # required
@@ -55,8 +57,12 @@ pub struct Config {
     pub wireguard_endpoint: Option<SocketAddr>,
     /// Whether to offer interface addresses as candidates.
     pub host_candidates: bool,
-    /// NAT binding lifetime in seconds (as `netcheck --long` measured it).
+    /// NAT binding lifetime in seconds (as `netcheck --long` measured it). Wins over the
+    /// daemon's own measurement.
     pub binding_lifetime: Option<u64>,
+    /// `BindingLifetimeProbe`: idle periods the daemon's own lifetime measurement tests
+    /// (`None` = not set: the default schedule; `Some(None)` = `off`).
+    pub binding_lifetime_probe: Option<Option<Vec<std::time::Duration>>>,
     /// Peers.
     pub peers: Vec<PeerConfig>,
 }
@@ -225,6 +231,11 @@ impl Config {
                             err(n, format!("BindingLifetime: expected seconds (a positive integer), found {v:?}"))
                         })?)
                     }
+                    "bindinglifetimeprobe" => {
+                        cfg.binding_lifetime_probe = Some(crate::lifetime::parse_steps(v).ok_or_else(|| {
+                            err(n, format!("BindingLifetimeProbe: expected off or idle periods in seconds like 15,30,60,120 (1-3600 s, at most 8), found {v:?}"))
+                        })?)
+                    }
                     "hostcandidates" => {
                         cfg.host_candidates = parse_bool(v).ok_or_else(|| {
                             err(n, format!("HostCandidates: expected true or false, found {v:?}"))
@@ -232,7 +243,7 @@ impl Config {
                     }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates or BindingLifetime",
+                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates, BindingLifetime or BindingLifetimeProbe",
                             k.trim()
                         )))
                     }

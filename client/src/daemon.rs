@@ -36,6 +36,7 @@ use crate::binding;
 use crate::config::PeerConfig;
 use crate::control::{self, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status};
 use crate::keys::{format_key, Identity};
+use crate::lifetime::{LifetimeOptions, LifetimeState};
 use crate::signal::{self, SignalCmd, SignalEvent};
 
 /// How often the data socket re-asks STUN servers for its mapping.
@@ -218,8 +219,14 @@ fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSocket, bool)>
 }
 
 /// Starts the daemon: binds the data socket, the proxy ports and the control socket, starts
-/// the rendezvous task and the engine.
+/// the rendezvous task and the engine. The keepalive interval is measured in the background
+/// with the default schedule and no cache ([`start_with`] chooses).
 pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
+    start_with(opts, LifetimeOptions::default()).await
+}
+
+/// [`start`] with the NAT binding-lifetime options (config key, measurement schedule, cache).
+pub async fn start_with(opts: Options, lifetime: LifetimeOptions) -> anyhow::Result<Daemon> {
     let (std_sock, v6) = match bind_data(opts.listen) {
         Ok(x) => x,
         Err(e) if opts.listen.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
@@ -412,6 +419,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         unknown_probes: 0,
         int_tx,
         out: vec![0u8; 65536 + 64],
+        lifetime: LifetimeState::new(lifetime),
     };
     engine.scan_hosts(now);
     engine.start_static_sessions(now);
@@ -506,6 +514,11 @@ enum Internal {
         idx: usize,
         addr: Option<SocketAddr>,
     },
+    /// The background binding-lifetime measurement for this public IP ended.
+    Lifetime {
+        public_ip: IpAddr,
+        outcome: meshpunch_proto::lifetime::Outcome,
+    },
 }
 
 struct Engine {
@@ -542,6 +555,7 @@ struct Engine {
     unknown_probes: u64,
     int_tx: mpsc::Sender<Internal>,
     out: Vec<u8>,
+    lifetime: LifetimeState,
 }
 
 /// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
@@ -1157,6 +1171,7 @@ impl Engine {
                         self.srflx = Some(m);
                         self.update_local(now);
                     }
+                    self.check_lifetime(now, m);
                 }
             }
             StunPurpose::RelayLatency(i) => {
@@ -1304,6 +1319,43 @@ impl Engine {
                     self.next_relay_measure = Some(now);
                 }
             }
+            Internal::Lifetime { public_ip, outcome } => {
+                if self.lifetime.on_result(now, public_ip, outcome) {
+                    self.apply_keepalive(now);
+                }
+            }
+        }
+    }
+
+    /// The data socket's public address is known (a STUN answer): use a cached binding
+    /// lifetime for it or measure it in the background (see [`crate::lifetime`]).
+    fn check_lifetime(&mut self, now: Instant, public: SocketAddr) {
+        let (changed, job) = self
+            .lifetime
+            .on_public_addr(now, public, &self.stun_servers);
+        if changed {
+            self.apply_keepalive(now);
+        }
+        if let Some(job) = job {
+            let tx = self.int_tx.clone();
+            tokio::spawn(async move {
+                let outcome = crate::lifetime::measure(job.server, &job.steps).await;
+                let _ = tx
+                    .send(Internal::Lifetime {
+                        public_ip: job.public_ip,
+                        outcome,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    /// Gives every peer's path the current keepalive interval.
+    fn apply_keepalive(&mut self, now: Instant) {
+        let k = self.lifetime.keepalive();
+        tracing::info!(keepalive_s = k.as_secs_f64(), "keepalive interval");
+        for p in &mut self.peers {
+            p.path.set_keepalive_interval(now, k);
         }
     }
 
@@ -1515,6 +1567,7 @@ impl Engine {
             }),
             relays: self.relay_latencies(),
             probes,
+            nat: self.lifetime.status(),
             peers,
         }
     }

@@ -239,12 +239,22 @@ impl LifetimeSearch {
 /// `PersistentKeepalive` and Tailscale use).
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(25);
 
-/// Keepalive interval for a measured binding lifetime: half the shortest lifetime seen,
-/// between 2 s and [`DEFAULT_KEEPALIVE`].
+/// Keepalive interval for a measured binding lifetime: half the shortest lifetime seen (and
+/// never more than the longest idle period the mapping is known to survive), between 2 s and
+/// [`DEFAULT_KEEPALIVE`]. Half, so that one lost keepalive does not cost the mapping.
 pub fn keepalive_interval(lifetime: Option<BindingLifetime>) -> Duration {
-    match lifetime.and_then(|l| l.at_most_s) {
-        Some(s) => Duration::from_secs(s / 2).clamp(Duration::from_secs(2), DEFAULT_KEEPALIVE),
-        None => DEFAULT_KEEPALIVE,
+    match lifetime {
+        Some(BindingLifetime {
+            at_least_s,
+            at_most_s: Some(s),
+        }) => {
+            let mut k = s / 2;
+            if at_least_s > 0 {
+                k = k.min(at_least_s);
+            }
+            Duration::from_secs(k).clamp(Duration::from_secs(2), DEFAULT_KEEPALIVE)
+        }
+        _ => DEFAULT_KEEPALIVE,
     }
 }
 
