@@ -127,6 +127,19 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Candidate addresses as the data socket can use them: IPv4-mapped IPv6 spellings become
+/// IPv4 (datagrams arrive from the canonical form, and pairs are matched by address), and
+/// IPv6 addresses are dropped when the data socket is IPv4 only (they could never be sent to).
+pub fn usable_candidates(v6_socket: bool, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| canonical(*a))
+        .filter(|a| v6_socket || a.is_ipv4())
+        .collect();
+    out.dedup();
+    out
+}
+
 /// Every usable interface address (no loopback, no link-local, no unspecified).
 pub fn interface_addrs() -> Vec<IpAddr> {
     interface_addrs_excluding(&[])
@@ -343,7 +356,7 @@ pub async fn start_with(opts: Options, lifetime: LifetimeOptions) -> anyhow::Res
             rx_packets: 0,
             dropped: 0,
             last_rx: None,
-            static_candidates: pc.candidates.clone(),
+            static_candidates: usable_candidates(v6, &pc.candidates),
             next_offer_at: None,
             last_offer: None,
             note: None,
@@ -1477,8 +1490,13 @@ impl Engine {
                 let Some(i) = self.peers.iter().position(|p| p.key == peer) else {
                     return;
                 };
+                let v6 = self.v6;
                 let p = &mut self.peers[i];
                 let mut cands = candidates;
+                for c in &mut cands {
+                    c.addr = canonical(c.addr);
+                }
+                cands.retain(|c| v6 || c.addr.is_ipv4());
                 for a in &p.static_candidates {
                     if !cands.iter().any(|c| c.addr == *a) {
                         cands.push(Candidate {
@@ -1601,5 +1619,20 @@ mod tests {
     fn mapped_addresses_become_ipv4() {
         let a: SocketAddr = "[::ffff:127.0.0.1]:5".parse().unwrap();
         assert_eq!(canonical(a), "127.0.0.1:5".parse().unwrap());
+    }
+
+    #[test]
+    fn candidates_are_canonical_and_fit_the_socket() {
+        let c: Vec<SocketAddr> = ["[::ffff:192.0.2.7]:5", "[2001:db8::7]:5", "192.0.2.8:5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let v4: Vec<SocketAddr> = ["192.0.2.7:5", "192.0.2.8:5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(usable_candidates(false, &c), v4);
+        assert_eq!(usable_candidates(true, &c).len(), 3);
+        assert_eq!(usable_candidates(true, &c)[0], v4[0]);
     }
 }

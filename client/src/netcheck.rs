@@ -276,7 +276,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
             lifetime = Some(search.result());
         }
     }
-    Ok(NetcheckReport::from_results(
+    let mut report = NetcheckReport::from_results(
         &local,
         local_port,
         &obs,
@@ -285,5 +285,10 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         hair,
         relays,
         lifetime,
-    ))
+    );
+    report.ipv6_host_addrs = crate::daemon::interface_addrs()
+        .into_iter()
+        .filter(|ip| ip.is_ipv6() && !meshpunch_proto::nat::is_lan_ip(*ip))
+        .collect();
+    Ok(report)
 }

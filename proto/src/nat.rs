@@ -271,6 +271,11 @@ pub struct NetcheckReport {
     pub public_addr: Option<SocketAddr>,
     /// Our IPv6 address as a STUN server saw it.
     pub public_addr_v6: Option<SocketAddr>,
+    /// Global IPv6 addresses of this host's interfaces (not unique-local, not link-local):
+    /// offered to peers as direct host candidates, reachable without NAT where the path and
+    /// the firewalls allow (a stateful firewall is opened by simultaneous probing).
+    #[serde(default)]
+    pub ipv6_host_addrs: Vec<IpAddr>,
     /// The local address of the socket the tests ran from.
     pub local_addr: Option<SocketAddr>,
     /// Mapping behaviour.
@@ -335,6 +340,7 @@ impl NetcheckReport {
             ipv6: !v6.is_empty(),
             public_addr: main.first().map(|o| o.mapped),
             public_addr_v6: v6.first().map(|o| o.mapped),
+            ipv6_host_addrs: Vec::new(),
             local_addr: local.first().copied(),
             mapping: classify_mapping(local, main),
             filtering: if udp {
@@ -368,6 +374,10 @@ impl NetcheckReport {
         }
         if let Some(a) = self.public_addr_v6 {
             let _ = writeln!(s, "\t* Public IPv6 address: {a}");
+        }
+        if !self.ipv6_host_addrs.is_empty() {
+            let list: Vec<String> = self.ipv6_host_addrs.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(s, "\t* Global IPv6 host addresses: {}", list.join(", "));
         }
         let _ = writeln!(s, "\t* Mapping: {}", mapping_str(self.mapping));
         let _ = writeln!(s, "\t* Filtering: {}", filtering_str(self.filtering));
