@@ -692,7 +692,9 @@ impl Engine {
         self.stun_pending
             .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < STUN_TIMEOUT);
         if self.next_stun <= now {
-            self.next_stun = now + STUN_INTERVAL;
+            // Never slower than the keepalive: the data socket's own mapping (our server-
+            // reflexive candidate) must outlive a NAT that forgets idle mappings quickly.
+            self.next_stun = now + STUN_INTERVAL.min(self.lifetime.keepalive());
             for s in self.stun_servers.clone() {
                 self.stun_send(now, s, StunPurpose::Srflx);
             }

@@ -146,6 +146,15 @@ fn measured_keepalive_keeps_an_idle_direct_path_through_a_short_lived_nat() {
         .iter()
         .map(|h| changes(&mesh, h))
         .collect();
+    // Meanwhile `netcheck --long` on c1 (own sockets) must see the 10 s timeout too.
+    let netcheck_long = std::process::Command::new("ip")
+        .args(["netns", "exec", &mesh.topo.lab.ns("c1")])
+        .arg(&mesh.bins.client)
+        .args(["netcheck", "--connect", &mesh.connect, "--json", "--long"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let watch_start = Instant::now();
     let mut left_direct: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     while watch_start.elapsed() < WATCH {
@@ -196,6 +205,19 @@ fn measured_keepalive_keeps_an_idle_direct_path_through_a_short_lived_nat() {
         flaps[2] + flaps[3] > 0,
         "control: with the default 25 s keepalive the 10 s NAT should have dropped the idle \
          direct path at least once"
+    );
+
+    let out = netcheck_long.wait_with_output().unwrap();
+    let nc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    println!(
+        "netcheck --long on c1: binding_lifetime = {}",
+        nc["binding_lifetime"]
+    );
+    let at_most = nc["binding_lifetime"]["at_most_s"].as_u64();
+    assert!(
+        at_most.is_some_and(|m| m > NAT_TIMEOUT_S && m <= 30)
+            && nc["binding_lifetime"]["at_least_s"].as_u64() <= Some(NAT_TIMEOUT_S),
+        "netcheck --long: {nc}"
     );
 
     // A restart behind the same public IP takes the value from the cache, at once.
