@@ -621,6 +621,61 @@ mod tests {
         assert!(sends <= 2 * MAX_TRIES as usize);
     }
 
+    /// The measured interval reaches paths that are already idle: a pair whose next
+    /// keepalive is 25 s away is pinged within the new, shorter interval.
+    #[test]
+    fn shorter_keepalive_reschedules_idle_pairs() {
+        use crate::path::{Candidate, CandidateKind, PathAddr, PathConfig, PeerPath};
+        let t0 = Instant::now();
+        let (ka, kb) = ([1u8; 32], [2u8; 32]);
+        let (aa, ab) = (sa("192.0.2.1:4000"), sa("192.0.2.2:4000"));
+        let secret = [9u8; 32];
+        let mut a = PeerPath::new(PathConfig::default(), ka, kb, t0, 1_700_000_000_000, 1);
+        let mut b = PeerPath::new(PathConfig::default(), kb, ka, t0, 1_700_000_000_000, 2);
+        let host = |addr| Candidate {
+            kind: CandidateKind::Host,
+            addr,
+        };
+        a.start_session(t0, &secret, t0, vec![host(ab)]);
+        b.start_session(t0, &secret, t0, vec![host(aa)]);
+        let mut now = t0;
+        for _ in 0..50 {
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            for _ in 0..4 {
+                while let Some(t) = a.poll_transmit() {
+                    let _ = b.handle_probe(now, PathAddr::direct(aa), &t.payload);
+                }
+                while let Some(t) = b.poll_transmit() {
+                    let _ = a.handle_probe(now, PathAddr::direct(ab), &t.payload);
+                }
+            }
+            if a.route().is_some() && b.route().is_some() {
+                break;
+            }
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(a.route(), Some(PathAddr::direct(ab)));
+        // Idle (no data for 9 s): the valid pair waits for its next default keepalive.
+        for _ in 0..3 {
+            now += Duration::from_secs(3);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            while let Some(t) = a.poll_transmit() {
+                let _ = b.handle_probe(now, PathAddr::direct(aa), &t.payload);
+            }
+            while let Some(t) = b.poll_transmit() {
+                let _ = a.handle_probe(now, PathAddr::direct(ab), &t.payload);
+            }
+        }
+        let next = a.poll_timeout().unwrap_or(now);
+        assert!(next >= now + Duration::from_secs(15), "{:?}", next - now);
+        a.set_keepalive_interval(now, Duration::from_secs(5));
+        assert_eq!(a.keepalive_interval(), Duration::from_secs(5));
+        let next = a.poll_timeout().unwrap_or(now);
+        assert!(next <= now + Duration::from_secs(5), "{:?}", next - now);
+    }
+
     #[test]
     fn garbage_is_ignored() {
         let now = Instant::now();
