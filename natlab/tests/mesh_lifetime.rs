@@ -4,8 +4,8 @@
 //!
 //! Four port-restricted sites whose routers' UDP conntrack timeouts are cut to 10 s
 //! (`nf_conntrack_udp_timeout` and `_stream`, per network namespace). Pair a1–b1 measures
-//! (test schedule `BindingLifetimeProbe = 3,6,9,12,15` instead of the default 15,30,60,120 s so
-//! the search takes ~15 s); pair c1–d1 has measuring off (`default`, 25 s). Both pairs go
+//! (test schedule `BindingLifetimeProbe = 4,8,12,16` instead of the default 15,30,60,120 s so
+//! the search takes ~15 s; 2 s margins on both sides of the 10 s timeout for a loaded box); pair c1–d1 has measuring off (`default`, 25 s). Both pairs go
 //! direct, then stay idle: a1–b1 must stay direct the whole time, c1–d1 must lose its direct
 //! path at least once. A restarted a1 takes the value from its cache (`cached`).
 
@@ -81,7 +81,7 @@ fn measured_keepalive_keeps_an_idle_direct_path_through_a_short_lived_nat() {
         assert_eq!(got.trim(), NAT_TIMEOUT_S.to_string(), "per-netns sysctl");
     }
     let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
-    let measure = vec!["BindingLifetimeProbe = 3,6,9,12,15".to_string()];
+    let measure = vec!["BindingLifetimeProbe = 4,8,12,16".to_string()];
     let off = vec!["BindingLifetimeProbe = off".to_string()];
     for (host, peer, extra) in [
         ("a1", "b1", &measure),
@@ -111,8 +111,11 @@ fn measured_keepalive_keeps_an_idle_direct_path_through_a_short_lived_nat() {
         let at_least = nat["binding_lifetime_s"].as_u64().unwrap();
         let at_most = nat["binding_lifetime_max_s"].as_u64().unwrap();
         let keepalive = nat["keepalive_interval_s"].as_f64().unwrap();
+        // Expected 8-12 s; a late check on a loaded box can only turn "alive" into "expired".
         assert!(
-            (6..=NAT_TIMEOUT_S).contains(&at_least) && at_most > NAT_TIMEOUT_S && at_most <= 15,
+            (4..=NAT_TIMEOUT_S).contains(&at_least)
+                && (8..=16).contains(&at_most)
+                && at_least < at_most,
             "{h}: measured {at_least}-{at_most} s for a {NAT_TIMEOUT_S} s NAT timeout"
         );
         assert!(
