@@ -58,28 +58,7 @@ fn measured_keepalive_keeps_an_idle_direct_path_through_a_short_lived_nat() {
         .site("d", Nat::PortRestricted, 1)
         .build()
         .unwrap();
-    for router in ["a", "b", "c", "d"] {
-        topo.lab
-            .exec(
-                router,
-                "sysctl",
-                &[
-                    "-qw",
-                    &format!("net.netfilter.nf_conntrack_udp_timeout={NAT_TIMEOUT_S}"),
-                    &format!("net.netfilter.nf_conntrack_udp_timeout_stream={NAT_TIMEOUT_S}"),
-                ],
-            )
-            .unwrap();
-        let got = topo
-            .lab
-            .exec(
-                router,
-                "sysctl",
-                &["-n", "net.netfilter.nf_conntrack_udp_timeout_stream"],
-            )
-            .unwrap();
-        assert_eq!(got.trim(), NAT_TIMEOUT_S.to_string(), "per-netns sysctl");
-    }
+    topo.set_nat_udp_timeout(NAT_TIMEOUT_S).unwrap();
     let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
     let measure = vec!["BindingLifetimeProbe = 4,8,12,16".to_string()];
     let off = vec!["BindingLifetimeProbe = off".to_string()];
