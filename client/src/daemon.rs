@@ -434,6 +434,10 @@ pub async fn start_with(opts: Options, lifetime: LifetimeOptions) -> anyhow::Res
         out: vec![0u8; 65536 + 64],
         lifetime: LifetimeState::new(lifetime),
     };
+    if engine.lifetime.is_configured() {
+        // `BindingLifetime` given: every path uses its keepalive from the start.
+        engine.apply_keepalive(now);
+    }
     engine.scan_hosts(now);
     engine.start_static_sessions(now);
     engine.update_local(now);

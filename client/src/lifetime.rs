@@ -216,6 +216,11 @@ impl LifetimeState {
         }
     }
 
+    /// Whether the lifetime comes from the config (`BindingLifetime`): nothing is measured.
+    pub fn is_configured(&self) -> bool {
+        self.source == Source::Config
+    }
+
     /// The keepalive interval to use now.
     pub fn keepalive(&self) -> Duration {
         self.keepalive
