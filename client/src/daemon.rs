@@ -1357,7 +1357,7 @@ impl Engine {
         }
         if let Some(job) = job {
             let tx = self.int_tx.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let outcome = crate::lifetime::measure(job.server, &job.steps).await;
                 let _ = tx
                     .send(Internal::Lifetime {
@@ -1366,6 +1366,7 @@ impl Engine {
                     })
                     .await;
             });
+            self.lifetime.set_task(task);
         }
     }
 

@@ -189,6 +189,16 @@ pub struct LifetimeState {
     measuring: bool,
     retry_at: Option<Instant>,
     error: Option<String>,
+    /// The running measurement (aborted when replaced or when the engine goes away).
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for LifetimeState {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
 }
 
 impl LifetimeState {
@@ -213,6 +223,14 @@ impl LifetimeState {
             measuring: false,
             retry_at: None,
             error: None,
+            task: None,
+        }
+    }
+
+    /// Keeps the task running `job` (a previous one, for an old public IP, is aborted).
+    pub fn set_task(&mut self, task: tokio::task::JoinHandle<()>) {
+        if let Some(old) = self.task.replace(task) {
+            old.abort();
         }
     }
 
@@ -355,11 +373,20 @@ pub async fn measure(server: SocketAddr, steps: &[Duration]) -> Outcome {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(64);
     let socks: Vec<std::sync::Arc<UdpSocket>> =
         socks.into_iter().map(std::sync::Arc::new).collect();
-    let mut readers = Vec::new();
+    // Readers die with this future, also when it is aborted (no socket outlives the search).
+    struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortAll {
+        fn drop(&mut self) {
+            for r in &self.0 {
+                r.abort();
+            }
+        }
+    }
+    let mut readers = AbortAll(Vec::new());
     for (i, s) in socks.iter().enumerate() {
         let s = s.clone();
         let tx = tx.clone();
-        readers.push(tokio::spawn(async move {
+        readers.0.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 1500];
             loop {
                 match s.recv_from(&mut buf).await {
@@ -396,9 +423,7 @@ pub async fn measure(server: SocketAddr, steps: &[Duration]) -> Outcome {
             }
         }
     };
-    for r in readers {
-        r.abort();
-    }
+    drop(readers);
     outcome
 }
 
