@@ -9,9 +9,9 @@
 //! ControlSocket = /run/meshpunch.sock
 //! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)
 //! HostCandidates = true              # offer interface addresses to peers
+//! BindingLifetimeProbe = 15,30,60,120  # idle periods of the daemon's own lifetime measurement
+//!                                    # (off = never; not used when BindingLifetime is set)
 //! BindingLifetime = 30               # seconds, from `netcheck --long`: keepalive = half of it
-//!                                    # (set: the daemon does not measure it itself)
-//! BindingLifetimeProbe = 15,30,60,120  # idle periods the daemon's own measurement tests; off
 //!
 //! [Peer]
 //! PublicKey = <base64>               # required
@@ -57,12 +57,12 @@ pub struct Config {
     pub wireguard_endpoint: Option<SocketAddr>,
     /// Whether to offer interface addresses as candidates.
     pub host_candidates: bool,
-    /// NAT binding lifetime in seconds (as `netcheck --long` measured it). Wins over the
-    /// daemon's own measurement.
-    pub binding_lifetime: Option<u64>,
     /// `BindingLifetimeProbe`: idle periods the daemon's own lifetime measurement tests
-    /// (`None` = not set: the default schedule; `Some(None)` = `off`).
+    /// (`None` = not set: the default schedule; `Some(None)` = `off`). `BindingLifetime`
+    /// wins over the measurement.
     pub binding_lifetime_probe: Option<Option<Vec<std::time::Duration>>>,
+    /// NAT binding lifetime in seconds (as `netcheck --long` measured it).
+    pub binding_lifetime: Option<u64>,
     /// Peers.
     pub peers: Vec<PeerConfig>,
 }
@@ -226,14 +226,14 @@ impl Config {
                             err(n, format!("WireGuardEndpoint: expected IP:PORT, found {v:?}"))
                         })?)
                     }
-                    "bindinglifetime" => {
-                        cfg.binding_lifetime = Some(v.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
-                            err(n, format!("BindingLifetime: expected seconds (a positive integer), found {v:?}"))
-                        })?)
-                    }
                     "bindinglifetimeprobe" => {
                         cfg.binding_lifetime_probe = Some(crate::lifetime::parse_steps(v).ok_or_else(|| {
                             err(n, format!("BindingLifetimeProbe: expected off or idle periods in seconds like 15,30,60,120 (1-3600 s, at most 8), found {v:?}"))
+                        })?)
+                    }
+                    "bindinglifetime" => {
+                        cfg.binding_lifetime = Some(v.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                            err(n, format!("BindingLifetime: expected seconds (a positive integer), found {v:?}"))
                         })?)
                     }
                     "hostcandidates" => {

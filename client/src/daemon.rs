@@ -36,7 +36,6 @@ use crate::binding;
 use crate::config::PeerConfig;
 use crate::control::{self, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status};
 use crate::keys::{format_key, Identity};
-use crate::lifetime::{LifetimeOptions, LifetimeState};
 use crate::signal::{self, SignalCmd, SignalEvent};
 
 /// How often the data socket re-asks STUN servers for its mapping.
@@ -235,11 +234,14 @@ fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSocket, bool)>
 /// the rendezvous task and the engine. The keepalive interval is measured in the background
 /// with the default schedule and no cache ([`start_with`] chooses).
 pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
-    start_with(opts, LifetimeOptions::default()).await
+    start_with(opts, crate::lifetime::LifetimeOptions::default()).await
 }
 
 /// [`start`] with the NAT binding-lifetime options (config key, measurement schedule, cache).
-pub async fn start_with(opts: Options, lifetime: LifetimeOptions) -> anyhow::Result<Daemon> {
+pub async fn start_with(
+    opts: Options,
+    lifetime: crate::lifetime::LifetimeOptions,
+) -> anyhow::Result<Daemon> {
     let (std_sock, v6) = match bind_data(opts.listen) {
         Ok(x) => x,
         Err(e) if opts.listen.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
@@ -410,6 +412,7 @@ pub async fn start_with(opts: Options, lifetime: LifetimeOptions) -> anyhow::Res
         },
         hosts: Vec::new(),
         srflx: None,
+        lifetime: crate::lifetime::LifetimeState::new(lifetime),
         stun_servers: Vec::new(),
         stun_pending: HashMap::new(),
         regions: Vec::new(),
@@ -432,7 +435,6 @@ pub async fn start_with(opts: Options, lifetime: LifetimeOptions) -> anyhow::Res
         unknown_probes: 0,
         int_tx,
         out: vec![0u8; 65536 + 64],
-        lifetime: LifetimeState::new(lifetime),
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -550,6 +552,8 @@ struct Engine {
     exclude_ifaces: Vec<String>,
     hosts: Vec<IpAddr>,
     srflx: Option<SocketAddr>,
+    /// Binding lifetime and keepalive interval (config, cache or background measurement).
+    lifetime: crate::lifetime::LifetimeState,
     stun_servers: Vec<SocketAddr>,
     stun_pending: HashMap<[u8; 12], (StunPurpose, Instant)>,
     regions: Vec<RelayRegion>,
@@ -572,7 +576,6 @@ struct Engine {
     unknown_probes: u64,
     int_tx: mpsc::Sender<Internal>,
     out: Vec<u8>,
-    lifetime: LifetimeState,
 }
 
 /// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
@@ -1582,6 +1585,7 @@ impl Engine {
             public_key: format_key(&self.id.public),
             data_addr: self.data_addr,
             public_addr: self.srflx,
+            nat: self.lifetime.status(),
             rendezvous: self.rdv.clone(),
             home_relay: self.turn.as_ref().map(|t| RelayStatus {
                 region: t.region.clone(),
@@ -1592,7 +1596,6 @@ impl Engine {
             }),
             relays: self.relay_latencies(),
             probes,
-            nat: self.lifetime.status(),
             peers,
         }
     }

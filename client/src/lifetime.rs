@@ -449,6 +449,29 @@ mod tests {
     }
 
     #[test]
+    fn config_key_parses_and_bad_values_name_the_line() {
+        use crate::config::Config;
+        let c = Config::parse("x.conf", "[Interface]\nBindingLifetimeProbe = off\n").unwrap();
+        assert_eq!(c.binding_lifetime_probe, Some(None));
+        let c = Config::parse("x.conf", "[Interface]\nbindinglifetimeprobe = 4, 8\n").unwrap();
+        assert_eq!(
+            c.binding_lifetime_probe,
+            Some(Some(vec![Duration::from_secs(4), Duration::from_secs(8)]))
+        );
+        assert_eq!(
+            Config::parse("x.conf", "").unwrap().binding_lifetime_probe,
+            None
+        );
+        let e =
+            Config::parse("x.conf", "[Interface]\n\nBindingLifetimeProbe = soon\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(
+            e.msg.contains("BindingLifetimeProbe: expected off or"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn cache_round_trip_and_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("d.sock");
