@@ -143,11 +143,11 @@ pub struct Status {
     pub public_key: String,
     /// Local address of the data socket.
     pub data_addr: SocketAddr,
-    /// Our address as STUN servers see the data socket.
-    pub public_addr: Option<SocketAddr>,
     /// NAT binding lifetime and keepalive interval.
     #[serde(default)]
     pub nat: NatStatus,
+    /// Our address as STUN servers see the data socket.
+    pub public_addr: Option<SocketAddr>,
     /// Rendezvous connection.
     pub rendezvous: RendezvousStatus,
     /// Home relay.

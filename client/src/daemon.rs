@@ -411,8 +411,8 @@ pub async fn start_with(
             v
         },
         hosts: Vec::new(),
-        srflx: None,
         lifetime: crate::lifetime::LifetimeState::new(lifetime),
+        srflx: None,
         stun_servers: Vec::new(),
         stun_pending: HashMap::new(),
         regions: Vec::new(),
@@ -551,9 +551,9 @@ struct Engine {
     host_candidates: bool,
     exclude_ifaces: Vec<String>,
     hosts: Vec<IpAddr>,
-    srflx: Option<SocketAddr>,
     /// Binding lifetime and keepalive interval (config, cache or background measurement).
     lifetime: crate::lifetime::LifetimeState,
+    srflx: Option<SocketAddr>,
     stun_servers: Vec<SocketAddr>,
     stun_pending: HashMap<[u8; 12], (StunPurpose, Instant)>,
     regions: Vec<RelayRegion>,
@@ -1583,9 +1583,9 @@ impl Engine {
             .collect();
         Status {
             public_key: format_key(&self.id.public),
+            nat: self.lifetime.status(),
             data_addr: self.data_addr,
             public_addr: self.srflx,
-            nat: self.lifetime.status(),
             rendezvous: self.rdv.clone(),
             home_relay: self.turn.as_ref().map(|t| RelayStatus {
                 region: t.region.clone(),

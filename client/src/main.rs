@@ -395,18 +395,6 @@ fn print_status(st: &control::Status) {
             .map(|e| format!(" ({e})"))
             .unwrap_or_default()
     );
-    println!(
-        "nat keepalive {:.0} s ({}{}), binding lifetime {}",
-        st.nat.keepalive_interval_s,
-        st.nat.source,
-        if st.nat.measuring { ", measuring" } else { "" },
-        match (st.nat.binding_lifetime_s, st.nat.binding_lifetime_max_s) {
-            (Some(a), Some(b)) if a != b => format!("{a}-{b} s"),
-            (_, Some(b)) => format!("{b} s"),
-            (Some(a), None) => format!("> {a} s"),
-            (None, None) => "unknown".into(),
-        }
-    );
     if let Some(r) = &st.home_relay {
         println!(
             "home relay {} {} {} {}{}",
@@ -436,4 +424,16 @@ fn print_status(st: &control::Status) {
             p.reason
         );
     }
+    println!(
+        "nat keepalive {:.0} s ({}{}), binding lifetime {}",
+        st.nat.keepalive_interval_s,
+        st.nat.source,
+        if st.nat.measuring { ", measuring" } else { "" },
+        match (st.nat.binding_lifetime_s, st.nat.binding_lifetime_max_s) {
+            (Some(a), Some(b)) if a != b => format!("{a}-{b} s"),
+            (_, Some(b)) => format!("{b} s"),
+            (Some(a), None) => format!("> {a} s"),
+            (None, None) => "unknown".into(),
+        }
+    );
 }
