@@ -9,6 +9,8 @@
 //! ControlSocket = /run/meshpunch.sock
 //! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)
 //! HostCandidates = true              # offer interface addresses to peers
+//! BindingLifetimeProbe = 15,30,60,120  # idle periods of the daemon's own lifetime measurement
+//!                                    # (off = never; not used when BindingLifetime is set)
 //! BindingLifetime = 30               # seconds, from `netcheck --long`: keepalive = half of it
 //! BirthdaySockets = 256              # birthday probing, behind a symmetric NAT: extra sockets (0 = off)
 //! BirthdayProbes = 2048              # birthday probing, towards a symmetric NAT: spray pings per session (0 = off)
@@ -57,6 +59,10 @@ pub struct Config {
     pub wireguard_endpoint: Option<SocketAddr>,
     /// Whether to offer interface addresses as candidates.
     pub host_candidates: bool,
+    /// `BindingLifetimeProbe`: idle periods the daemon's own lifetime measurement tests
+    /// (`None` = not set: the default schedule; `Some(None)` = `off`). `BindingLifetime`
+    /// wins over the measurement.
+    pub binding_lifetime_probe: Option<Option<Vec<std::time::Duration>>>,
     /// NAT binding lifetime in seconds (as `netcheck --long` measured it).
     pub binding_lifetime: Option<u64>,
     /// Birthday probing: pool sockets when we are behind a symmetric NAT (None = default).
@@ -233,6 +239,11 @@ impl Config {
                             err(n, format!("WireGuardEndpoint: expected IP:PORT, found {v:?}"))
                         })?)
                     }
+                    "bindinglifetimeprobe" => {
+                        cfg.binding_lifetime_probe = Some(crate::lifetime::parse_steps(v).ok_or_else(|| {
+                            err(n, format!("BindingLifetimeProbe: expected off or idle periods in seconds like 15,30,60,120 (1-3600 s, at most 8), found {v:?}"))
+                        })?)
+                    }
                     "bindinglifetime" => {
                         cfg.binding_lifetime = Some(v.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
                             err(n, format!("BindingLifetime: expected seconds (a positive integer), found {v:?}"))
@@ -255,7 +266,7 @@ impl Config {
                     }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates, BindingLifetime, BirthdaySockets or BirthdayProbes",
+                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets or BirthdayProbes",
                             k.trim()
                         )))
                     }

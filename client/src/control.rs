@@ -96,6 +96,26 @@ pub struct RelayStatus {
     pub error: Option<String>,
 }
 
+/// The NAT keepalive as status shows it (`nat` in `meshpunch status --json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NatStatus {
+    /// NAT binding lifetime in seconds: the configured value, or the longest idle period a
+    /// mapping was seen to survive (`null` = unknown).
+    pub binding_lifetime_s: Option<u64>,
+    /// The shortest idle period a mapping was seen to expire in (`null` = none expired).
+    pub binding_lifetime_max_s: Option<u64>,
+    /// Idle keepalive interval of every peer's paths, seconds.
+    pub keepalive_interval_s: f64,
+    /// Where the interval comes from: `measured`, `config`, `cached` or `default`.
+    pub source: String,
+    /// A measurement runs in the background.
+    pub measuring: bool,
+    /// Public IP the value belongs to.
+    pub public_ip: Option<std::net::IpAddr>,
+    /// Why the last measurement gave no result.
+    pub error: Option<String>,
+}
+
 /// One peer in `meshpunch status --json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerStatus {
@@ -165,6 +185,9 @@ pub struct Status {
     pub public_key: String,
     /// Local address of the data socket.
     pub data_addr: SocketAddr,
+    /// NAT binding lifetime and keepalive interval.
+    #[serde(default)]
+    pub nat: NatStatus,
     /// Our address as STUN servers see the data socket.
     pub public_addr: Option<SocketAddr>,
     /// Where `public_addr` comes from: `stun` (a STUN Binding from the data socket) or

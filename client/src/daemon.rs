@@ -138,6 +138,19 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Candidate addresses as the data socket can use them: IPv4-mapped IPv6 spellings become
+/// IPv4 (datagrams arrive from the canonical form, and pairs are matched by address), and
+/// IPv6 addresses are dropped when the data socket is IPv4 only (they could never be sent to).
+pub fn usable_candidates(v6_socket: bool, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| canonical(*a))
+        .filter(|a| v6_socket || a.is_ipv4())
+        .collect();
+    out.dedup();
+    out
+}
+
 /// Every usable interface address (no loopback, no link-local, no unspecified).
 pub fn interface_addrs() -> Vec<IpAddr> {
     interface_addrs_excluding(&[])
@@ -230,8 +243,17 @@ fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSocket, bool)>
 }
 
 /// Starts the daemon: binds the data socket, the proxy ports and the control socket, starts
-/// the rendezvous task and the engine.
+/// the rendezvous task and the engine. The keepalive interval is measured in the background
+/// with the default schedule and no cache ([`start_with`] chooses).
 pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
+    start_with(opts, crate::lifetime::LifetimeOptions::default()).await
+}
+
+/// [`start`] with the NAT binding-lifetime options (config key, measurement schedule, cache).
+pub async fn start_with(
+    opts: Options,
+    lifetime: crate::lifetime::LifetimeOptions,
+) -> anyhow::Result<Daemon> {
     let (std_sock, v6) = match bind_data(opts.listen) {
         Ok(x) => x,
         Err(e) if opts.listen.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
@@ -349,7 +371,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
             rx_packets: 0,
             dropped: 0,
             last_rx: None,
-            static_candidates: pc.candidates.clone(),
+            static_candidates: usable_candidates(v6, &pc.candidates),
             next_offer_at: None,
             last_offer: None,
             note: None,
@@ -409,6 +431,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
             v
         },
         hosts: Vec::new(),
+        lifetime: crate::lifetime::LifetimeState::new(lifetime),
         srflx: None,
         srflx_from_stun: false,
         quic,
@@ -437,6 +460,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Daemon> {
         pool: Pool::new(opts.path.birthday_sockets),
         stun_mappings: StunMappings::default(),
     };
+    if engine.lifetime.is_configured() {
+        // `BindingLifetime` given: every path uses its keepalive from the start.
+        engine.apply_keepalive(now);
+    }
     engine.scan_hosts(now);
     engine.start_static_sessions(now);
     engine.update_local(now);
@@ -531,6 +558,11 @@ enum Internal {
         idx: usize,
         addr: Option<SocketAddr>,
     },
+    /// The background binding-lifetime measurement for this public IP ended.
+    Lifetime {
+        public_ip: IpAddr,
+        outcome: meshpunch_proto::lifetime::Outcome,
+    },
 }
 
 struct Engine {
@@ -544,6 +576,8 @@ struct Engine {
     host_candidates: bool,
     exclude_ifaces: Vec<String>,
     hosts: Vec<IpAddr>,
+    /// Binding lifetime and keepalive interval (config, cache or background measurement).
+    lifetime: crate::lifetime::LifetimeState,
     srflx: Option<SocketAddr>,
     /// `srflx` came from STUN (else from the rendezvous' observed address).
     srflx_from_stun: bool,
@@ -701,7 +735,9 @@ impl Engine {
         self.stun_pending
             .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < STUN_TIMEOUT);
         if self.next_stun <= now {
-            self.next_stun = now + STUN_INTERVAL;
+            // Never slower than the keepalive: the data socket's own mapping (our server-
+            // reflexive candidate) must outlive a NAT that forgets idle mappings quickly.
+            self.next_stun = now + STUN_INTERVAL.min(self.lifetime.keepalive());
             for s in self.stun_servers.clone() {
                 self.stun_send(now, s, StunPurpose::Srflx);
             }
@@ -1220,6 +1256,7 @@ impl Engine {
                         self.srflx = Some(m);
                         self.update_local(now);
                     }
+                    self.check_lifetime(now, m);
                 }
             }
             StunPurpose::RelayLatency(i) => {
@@ -1367,6 +1404,44 @@ impl Engine {
                     self.next_relay_measure = Some(now);
                 }
             }
+            Internal::Lifetime { public_ip, outcome } => {
+                if self.lifetime.on_result(now, public_ip, outcome) {
+                    self.apply_keepalive(now);
+                }
+            }
+        }
+    }
+
+    /// The data socket's public address is known (a STUN answer): use a cached binding
+    /// lifetime for it or measure it in the background (see [`crate::lifetime`]).
+    fn check_lifetime(&mut self, now: Instant, public: SocketAddr) {
+        let (changed, job) = self
+            .lifetime
+            .on_public_addr(now, public, &self.stun_servers);
+        if changed {
+            self.apply_keepalive(now);
+        }
+        if let Some(job) = job {
+            let tx = self.int_tx.clone();
+            let task = tokio::spawn(async move {
+                let outcome = crate::lifetime::measure(job.server, &job.steps).await;
+                let _ = tx
+                    .send(Internal::Lifetime {
+                        public_ip: job.public_ip,
+                        outcome,
+                    })
+                    .await;
+            });
+            self.lifetime.set_task(task);
+        }
+    }
+
+    /// Gives every peer's path the current keepalive interval.
+    fn apply_keepalive(&mut self, now: Instant) {
+        let k = self.lifetime.keepalive();
+        tracing::info!(keepalive_s = k.as_secs_f64(), "keepalive interval");
+        for p in &mut self.peers {
+            p.path.set_keepalive_interval(now, k);
         }
     }
 
@@ -1495,8 +1570,13 @@ impl Engine {
                 let Some(i) = self.peers.iter().position(|p| p.key == peer) else {
                     return;
                 };
+                let v6 = self.v6;
                 let p = &mut self.peers[i];
                 let mut cands = candidates;
+                for c in &mut cands {
+                    c.addr = canonical(c.addr);
+                }
+                cands.retain(|c| v6 || c.addr.is_ipv4());
                 for a in &p.static_candidates {
                     if !cands.iter().any(|c| c.addr == *a) {
                         cands.push(Candidate {
@@ -1703,6 +1783,7 @@ impl Engine {
             .collect();
         Status {
             public_key: format_key(&self.id.public),
+            nat: self.lifetime.status(),
             data_addr: self.data_addr,
             public_addr: self.srflx,
             public_addr_source: self.srflx.map(|_| {
@@ -1764,5 +1845,20 @@ mod tests {
     fn mapped_addresses_become_ipv4() {
         let a: SocketAddr = "[::ffff:127.0.0.1]:5".parse().unwrap();
         assert_eq!(canonical(a), "127.0.0.1:5".parse().unwrap());
+    }
+
+    #[test]
+    fn candidates_are_canonical_and_fit_the_socket() {
+        let c: Vec<SocketAddr> = ["[::ffff:192.0.2.7]:5", "[2001:db8::7]:5", "192.0.2.8:5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let v4: Vec<SocketAddr> = ["192.0.2.7:5", "192.0.2.8:5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(usable_candidates(false, &c), v4);
+        assert_eq!(usable_candidates(true, &c).len(), 3);
+        assert_eq!(usable_candidates(true, &c)[0], v4[0]);
     }
 }

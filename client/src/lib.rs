@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod keys;
+pub mod lifetime;
 pub mod netcheck;
 mod pool;
 pub mod rdvinfo;

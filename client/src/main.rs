@@ -283,7 +283,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..PathConfig::default()
                 },
             };
-            let mut d = daemon::start(opts).await?;
+            let lifetime = meshpunch::lifetime::LifetimeOptions {
+                configured: cfg.binding_lifetime,
+                steps: cfg
+                    .binding_lifetime_probe
+                    .clone()
+                    .unwrap_or_else(|| Some(meshpunch::lifetime::default_steps())),
+                cache: Some(meshpunch::lifetime::cache_path_for(&control_socket)),
+            };
+            let mut d = daemon::start_with(opts, lifetime).await?;
             if let (Some(iface), Some(dump)) = (&wg_interface, &wg_dump) {
                 for (k, addr) in &d.proxies {
                     if let Some(wp) = dump.peers.iter().find(|p| p.public_key == *k) {
@@ -444,4 +452,16 @@ fn print_status(st: &control::Status) {
             p.reason
         );
     }
+    println!(
+        "nat keepalive {:.0} s ({}{}), binding lifetime {}",
+        st.nat.keepalive_interval_s,
+        st.nat.source,
+        if st.nat.measuring { ", measuring" } else { "" },
+        match (st.nat.binding_lifetime_s, st.nat.binding_lifetime_max_s) {
+            (Some(a), Some(b)) if a != b => format!("{a}-{b} s"),
+            (_, Some(b)) => format!("{b} s"),
+            (Some(a), None) => format!("> {a} s"),
+            (None, None) => "unknown".into(),
+        }
+    );
 }

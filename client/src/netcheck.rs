@@ -7,7 +7,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use meshpunch_proto::nat::{LifetimeSearch, MappingObservation, NetcheckReport, RelayLatency};
+use meshpunch_proto::lifetime::Outcome;
+use meshpunch_proto::nat::{
+    LifetimeSearch, MappingObservation, NetcheckReport, RelayLatency, LIFETIME_STEPS_S,
+};
 use tokio::net::UdpSocket;
 
 use crate::binding;
@@ -259,7 +262,21 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
     };
     let mut lifetime = None;
     if opts.long {
-        if let Some((server, mapped)) = primary {
+        if let Some((server, _)) = primary {
+            // RFC 5780 §4.6 (RESPONSE-PORT from a second socket) sees expiries that re-asking
+            // from the mapped socket cannot: a port-preserving NAT re-creates the same mapping.
+            let steps: Vec<Duration> = LIFETIME_STEPS_S
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .filter(|s| *s <= opts.long_max)
+                .collect();
+            if rfc5780_done {
+                if let Outcome::Measured(l) = crate::lifetime::measure(server, &steps).await {
+                    lifetime = Some(l);
+                }
+            }
+        }
+        if let (None, Some((server, mapped))) = (lifetime, primary) {
             let mut search = LifetimeSearch::new(opts.long_max);
             while let Some(idle) = search.next_idle() {
                 tokio::time::sleep(idle).await;
@@ -276,7 +293,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
             lifetime = Some(search.result());
         }
     }
-    Ok(NetcheckReport::from_results(
+    let mut report = NetcheckReport::from_results(
         &local,
         local_port,
         &obs,
@@ -285,5 +302,10 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         hair,
         relays,
         lifetime,
-    ))
+    );
+    report.ipv6_host_addrs = crate::daemon::interface_addrs()
+        .into_iter()
+        .filter(|ip| ip.is_ipv6() && !meshpunch_proto::nat::is_lan_ip(*ip))
+        .collect();
+    Ok(report)
 }

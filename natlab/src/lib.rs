@@ -5,6 +5,7 @@
 //! - [`lab`]: namespaces, links, processes in namespaces, teardown on drop / panic / death.
 //! - [`topo`]: an internet router, a server host with two public addresses plus a relay
 //!   address, and sites behind NATs of every behaviour ([`topo::Nat`]).
+//! - [`ipv6`]: global IPv6 without NAT on a built topology, stateful firewalls on the routers.
 //! - [`shaper`]: delay and loss through a TUN device (this kernel has no netem).
 //! - [`mesh`]: meshpunch (rendezvous, relay, daemons) running inside a topology.
 //! - [`probe`]: a UDP reflector proving NAT mapping/filtering without meshpunch.
@@ -15,6 +16,7 @@
 //!   needs root or a system package runs or skips.
 
 pub mod bins;
+pub mod ipv6;
 pub mod lab;
 pub mod mesh;
 pub mod probe;

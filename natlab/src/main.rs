@@ -39,6 +39,12 @@ enum Cmd {
         /// With --services: run coturn's turnserver as the relay instead of meshpunch-relay.
         #[arg(long)]
         coturn: bool,
+        /// Give servers, routers and hosts global IPv6 (no NAT) behind stateful firewalls.
+        #[arg(long)]
+        ipv6: bool,
+        /// Seconds every NAT router keeps an idle UDP mapping (conntrack UDP timeouts).
+        #[arg(long)]
+        udp_timeout: Option<u64>,
     },
     /// Build a named topology for as long as this command runs (Ctrl-C or end of input removes it).
     Hold {
@@ -77,7 +83,9 @@ fn main() -> anyhow::Result<()> {
             loss,
             services,
             coturn,
-        } => up(&name, delay, loss, services, coturn),
+            ipv6,
+            udp_timeout,
+        } => up(&name, delay, loss, services, coturn, ipv6, udp_timeout),
         Cmd::Hold { name } => hold(&name),
         Cmd::Down { name } => {
             let gone = Lab::down(&name);
@@ -147,6 +155,8 @@ fn up(
     loss: Option<f64>,
     services: bool,
     coturn: bool,
+    ipv6: bool,
+    udp_timeout: Option<u64>,
 ) -> anyhow::Result<()> {
     if !natlab::testenv::is_root() {
         bail!("natlab up needs root (network namespaces, nftables)");
@@ -175,6 +185,27 @@ fn up(
         }
     };
     print!("{}", topo.describe());
+    if ipv6 {
+        match topo.enable_ipv6(true) {
+            Ok(v6) => {
+                for (h, a) in v6 {
+                    println!("  {h:<8} IPv6 {a}");
+                }
+                println!("  server   IPv6 {}", natlab::ipv6::SERVER_V6);
+            }
+            Err(e) => {
+                Lab::down(name);
+                return Err(e.into());
+            }
+        }
+    }
+    if let Some(t) = udp_timeout {
+        if let Err(e) = topo.set_nat_udp_timeout(t) {
+            Lab::down(name);
+            return Err(e.into());
+        }
+        println!("NAT routers forget idle UDP mappings after {t} s");
+    }
     if services {
         let relay = if coturn {
             RelayImpl::Coturn

@@ -137,6 +137,8 @@ pub struct UpOptions {
     /// Keys to use (`(private, public)`), e.g. the WireGuard interface's own. Peers' configs
     /// written before this take the old key: use [`Mesh::set_keys`] first for every host.
     pub keys: Option<(String, String)>,
+    /// Extra `[Interface]` lines, e.g. `BindingLifetimeProbe = 3,6,9,12`.
+    pub interface_extra: Vec<String>,
 }
 
 /// What `meshpunch status --json` says about one peer.
@@ -393,6 +395,10 @@ impl Mesh {
         }
         if let Some(h) = opts.host_candidates {
             conf.push_str(&format!("HostCandidates = {h}\n"));
+        }
+        for line in &opts.interface_extra {
+            conf.push_str(line);
+            conf.push('\n');
         }
         if opts.wg_interface.is_none() {
             for p in &opts.peers {

@@ -331,6 +331,47 @@ impl Topology {
         r1.and(r2)
     }
 
+    /// Sets how long every NAT router (carrier NATs included) keeps an idle UDP mapping:
+    /// `nf_conntrack_udp_timeout` and `nf_conntrack_udp_timeout_stream` in its namespace
+    /// (per-namespace sysctls; Linux defaults are 30 s and 120 s). Returns an error if the
+    /// kernel does not take them per namespace.
+    pub fn set_nat_udp_timeout(&self, secs: u64) -> Result<(), Error> {
+        let mut routers = Vec::new();
+        for site in &self.sites {
+            match site.nat {
+                Nat::Open => {}
+                Nat::DoubleNat => {
+                    routers.push(site.name.clone());
+                    routers.push(format!("{}cg", site.name));
+                }
+                _ => routers.push(site.name.clone()),
+            }
+        }
+        for r in routers {
+            self.lab.exec(
+                &r,
+                "sysctl",
+                &[
+                    "-qw",
+                    &format!("net.netfilter.nf_conntrack_udp_timeout={secs}"),
+                    &format!("net.netfilter.nf_conntrack_udp_timeout_stream={secs}"),
+                ],
+            )?;
+            let got = self.lab.exec(
+                &r,
+                "sysctl",
+                &["-n", "net.netfilter.nf_conntrack_udp_timeout_stream"],
+            )?;
+            if got.trim() != secs.to_string() {
+                return Err(Error::Setup(format!(
+                    "{r}: nf_conntrack_udp_timeout_stream is {} after setting {secs}",
+                    got.trim()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Human instructions: how to get a shell in every node.
     pub fn describe(&self) -> String {
         let mut s = String::new();

@@ -10,6 +10,7 @@ pub mod addr;
 pub mod channeldata;
 pub mod connect;
 pub mod creds;
+pub mod lifetime;
 pub mod nat;
 pub mod path;
 pub mod probe;

@@ -239,12 +239,22 @@ impl LifetimeSearch {
 /// `PersistentKeepalive` and Tailscale use).
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(25);
 
-/// Keepalive interval for a measured binding lifetime: half the shortest lifetime seen,
-/// between 2 s and [`DEFAULT_KEEPALIVE`].
+/// Keepalive interval for a measured binding lifetime: half the shortest lifetime seen (and
+/// never more than the longest idle period the mapping is known to survive), between 2 s and
+/// [`DEFAULT_KEEPALIVE`]. Half, so that one lost keepalive does not cost the mapping.
 pub fn keepalive_interval(lifetime: Option<BindingLifetime>) -> Duration {
-    match lifetime.and_then(|l| l.at_most_s) {
-        Some(s) => Duration::from_secs(s / 2).clamp(Duration::from_secs(2), DEFAULT_KEEPALIVE),
-        None => DEFAULT_KEEPALIVE,
+    match lifetime {
+        Some(BindingLifetime {
+            at_least_s,
+            at_most_s: Some(s),
+        }) => {
+            let mut k = s / 2;
+            if at_least_s > 0 {
+                k = k.min(at_least_s);
+            }
+            Duration::from_secs(k).clamp(Duration::from_secs(2), DEFAULT_KEEPALIVE)
+        }
+        _ => DEFAULT_KEEPALIVE,
     }
 }
 
@@ -261,6 +271,11 @@ pub struct NetcheckReport {
     pub public_addr: Option<SocketAddr>,
     /// Our IPv6 address as a STUN server saw it.
     pub public_addr_v6: Option<SocketAddr>,
+    /// Global IPv6 addresses of this host's interfaces (not unique-local, not link-local):
+    /// offered to peers as direct host candidates, reachable without NAT where the path and
+    /// the firewalls allow (a stateful firewall is opened by simultaneous probing).
+    #[serde(default)]
+    pub ipv6_host_addrs: Vec<IpAddr>,
     /// The local address of the socket the tests ran from.
     pub local_addr: Option<SocketAddr>,
     /// Mapping behaviour.
@@ -325,6 +340,7 @@ impl NetcheckReport {
             ipv6: !v6.is_empty(),
             public_addr: main.first().map(|o| o.mapped),
             public_addr_v6: v6.first().map(|o| o.mapped),
+            ipv6_host_addrs: Vec::new(),
             local_addr: local.first().copied(),
             mapping: classify_mapping(local, main),
             filtering: if udp {
@@ -358,6 +374,10 @@ impl NetcheckReport {
         }
         if let Some(a) = self.public_addr_v6 {
             let _ = writeln!(s, "\t* Public IPv6 address: {a}");
+        }
+        if !self.ipv6_host_addrs.is_empty() {
+            let list: Vec<String> = self.ipv6_host_addrs.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(s, "\t* Global IPv6 host addresses: {}", list.join(", "));
         }
         let _ = writeln!(s, "\t* Mapping: {}", mapping_str(self.mapping));
         let _ = writeln!(s, "\t* Filtering: {}", filtering_str(self.filtering));

@@ -1266,6 +1266,26 @@ impl PeerPath {
         self.counters
     }
 
+    /// Changes the idle keepalive interval (the daemon measured the NAT binding lifetime).
+    /// A valid pair whose next ping is further away than the new interval is pinged one new
+    /// interval after its last pong — at once if that is past: its binding may be about to
+    /// expire (or have expired, which is then found now rather than when data needs the path).
+    pub fn set_keepalive_interval(&mut self, now: Instant, interval: Duration) {
+        self.cfg.keepalive_interval = interval;
+        for p in &mut self.pairs {
+            if p.state == PairState::Valid && p.next_ping > now + interval {
+                let due = p.last_pong.map_or(now, |l| l + interval).max(now);
+                p.next_ping = due.min(now + interval);
+                p.interval = interval;
+            }
+        }
+    }
+
+    /// The idle keepalive interval in use.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.cfg.keepalive_interval
+    }
+
     /// Sends a ping on the selected pair now (`meshpunch ping`); returns its transaction id.
     pub fn ping_now(&mut self, now: Instant) -> Option<(TxId, PathAddr)> {
         let sel = self.selected?;

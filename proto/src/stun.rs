@@ -262,6 +262,16 @@ pub fn binding_request(tx: [u8; 12], change_ip: bool, change_port: bool) -> Vec<
     encode(&b.with_attribute(Fingerprint::default()).build()).unwrap_or_default()
 }
 
+/// Encodes a Binding request asking the server to answer to our IP on `port` instead of the
+/// request's source port (RESPONSE-PORT, RFC 5780 §7.5), with a FINGERPRINT. Used by the
+/// binding-lifetime test ([`crate::lifetime`]).
+pub fn binding_request_with_response_port(tx: [u8; 12], port: u16) -> Vec<u8> {
+    let b = StunMessageBuilder::new(BINDING, MessageClass::Request)
+        .with_transaction_id(TransactionId::from(tx))
+        .with_attribute(stun_rs::attributes::discovery::ResponsePort::new(port));
+    encode(&b.with_attribute(Fingerprint::default()).build()).unwrap_or_default()
+}
+
 /// The useful content of a Binding response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindingResponse {
