@@ -7,22 +7,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use meshpunch::config::PeerConfig;
 use meshpunch::control::{self, Request};
-use meshpunch::daemon::{self, Options};
+use meshpunch::daemon;
 use meshpunch::keys::{generate_private, Identity};
-use meshpunch_proto::path::PathConfig;
 use support::{start_relay, start_rendezvous, status, wait_path, FakeWg};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_then_forced_relay_then_back_to_direct() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay();
     let rdv = start_rendezvous(&dir.path().join("rdv"), relay.listen_addr()).await;
@@ -32,21 +24,8 @@ async fn direct_then_forced_relay_then_back_to_direct() {
     let b = Identity::from_private(generate_private());
     let wga = FakeWg::new().await;
     let wgb = FakeWg::new().await;
-    let mk = |me: &Identity, other: &Identity, wg, name: &str| Options {
-        identity: me.clone(),
-        rendezvous: Some(connect.clone()),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        control_socket: dir.path().join(format!("{name}.sock")),
-        wireguard_endpoint: Some(wg),
-        host_candidates: false,
-        peers: vec![PeerConfig {
-            public_key: other.public,
-            name: Some("other".into()),
-            proxy_port: 0,
-            candidates: vec![],
-        }],
-        path: PathConfig::default(),
-        exclude_interfaces: Vec::new(),
+    let mk = |me: &Identity, other: &Identity, wg, name: &str| {
+        support::rendezvous_peer_options(me, other, &connect, dir.path(), wg, name)
     };
     let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
     let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();

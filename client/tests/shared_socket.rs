@@ -15,24 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshpunch::config::PeerConfig;
-use meshpunch::daemon::{self, canonical, Options};
+use meshpunch::daemon::{self, canonical};
 use meshpunch::keys::{format_key, generate_private, Identity};
 use meshpunch::rendezvous::{endpoint_on, Client, ClientConfig, Event, Events, Registration};
 use meshpunch::shared_socket::SharedSocket;
-use meshpunch_proto::path::PathConfig;
 use support::{start_relay, start_rendezvous, status, wait_path, FakeWg};
 use tokio::net::UdpSocket;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 /// Polls `sock`'s status until the rendezvous is connected and STUN answered the data socket.
 async fn wait_stun_and_rendezvous(sock: &std::path::Path) -> meshpunch::control::Status {
@@ -53,7 +41,7 @@ async fn wait_stun_and_rendezvous(sock: &std::path::Path) -> meshpunch::control:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendezvous_observes_the_data_socket_and_punching_still_works() {
-    init_tracing();
+    support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay();
     let rdv = start_rendezvous(&dir.path().join("rdv"), relay.listen_addr()).await;
@@ -63,21 +51,8 @@ async fn rendezvous_observes_the_data_socket_and_punching_still_works() {
     let b = Identity::from_private(generate_private());
     let wga = FakeWg::new().await;
     let wgb = FakeWg::new().await;
-    let mk = |me: &Identity, other: &Identity, wg, name: &str| Options {
-        identity: me.clone(),
-        rendezvous: Some(connect.clone()),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        control_socket: dir.path().join(format!("{name}.sock")),
-        wireguard_endpoint: Some(wg),
-        host_candidates: false,
-        peers: vec![PeerConfig {
-            public_key: other.public,
-            name: Some("other".into()),
-            proxy_port: 0,
-            candidates: vec![],
-        }],
-        path: PathConfig::default(),
-        exclude_interfaces: Vec::new(),
+    let mk = |me: &Identity, other: &Identity, wg, name: &str| {
+        support::rendezvous_peer_options(me, other, &connect, dir.path(), wg, name)
     };
     let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
     let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();
@@ -135,7 +110,7 @@ async fn rendezvous_observes_the_data_socket_and_punching_still_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_stun_the_observed_address_is_the_srflx_candidate_and_punching_works() {
-    init_tracing();
+    support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay();
     // A rendezvous without a STUN server: the only source of the data socket's mapping is
@@ -155,21 +130,8 @@ async fn without_stun_the_observed_address_is_the_srflx_candidate_and_punching_w
     let wga = FakeWg::new().await;
     let wgb = FakeWg::new().await;
     // No host candidates either: the peers can only meet at their server-reflexive addresses.
-    let mk = |me: &Identity, other: &Identity, wg, name: &str| Options {
-        identity: me.clone(),
-        rendezvous: Some(connect.clone()),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        control_socket: dir.path().join(format!("{name}.sock")),
-        wireguard_endpoint: Some(wg),
-        host_candidates: false,
-        peers: vec![PeerConfig {
-            public_key: other.public,
-            name: Some("other".into()),
-            proxy_port: 0,
-            candidates: vec![],
-        }],
-        path: PathConfig::default(),
-        exclude_interfaces: Vec::new(),
+    let mk = |me: &Identity, other: &Identity, wg, name: &str| {
+        support::rendezvous_peer_options(me, other, &connect, dir.path(), wg, name)
     };
     let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
     let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();
@@ -260,7 +222,7 @@ impl Drop for Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshpunch_up_has_one_udp_socket_besides_its_proxy_ports() {
-    init_tracing();
+    support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay();
     let rdv = start_rendezvous(&dir.path().join("rdv"), relay.listen_addr()).await;
@@ -346,7 +308,7 @@ async fn next_registration(ev: &mut Events, after_loss: bool) -> Registration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_on_a_shared_socket_moves_between_nodes_on_that_socket() {
-    init_tracing();
+    support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay();
     // Two nodes with one certificate and token secret (one data directory).

@@ -133,3 +133,43 @@ pub(crate) async fn start_rendezvous(
     }];
     meshpunch_rendezvous::Server::start(cfg).await.unwrap()
 }
+
+/// Test logging to the test's captured output (`RUST_LOG`, default `warn`).
+pub(crate) fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Daemon options for a loopback test: one peer named `other` without static candidates, no
+/// host candidates, data socket on 127.0.0.1:0, control socket `DIR/NAME.sock`, our fake
+/// WireGuard at `wg`, the rendezvous `connect`.
+pub(crate) fn rendezvous_peer_options(
+    me: &meshpunch::keys::Identity,
+    other: &meshpunch::keys::Identity,
+    connect: &str,
+    dir: &Path,
+    wg: SocketAddr,
+    name: &str,
+) -> meshpunch::daemon::Options {
+    meshpunch::daemon::Options {
+        identity: me.clone(),
+        rendezvous: Some(connect.to_string()),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        control_socket: dir.join(format!("{name}.sock")),
+        wireguard_endpoint: Some(wg),
+        host_candidates: false,
+        peers: vec![meshpunch::config::PeerConfig {
+            public_key: other.public,
+            name: Some("other".into()),
+            proxy_port: 0,
+            candidates: vec![],
+        }],
+        path: meshpunch_proto::path::PathConfig::default(),
+        exclude_interfaces: Vec::new(),
+    }
+}
