@@ -19,10 +19,12 @@ pub const SECRET: &str = "interop-secret";
 pub const T: Duration = Duration::from_secs(10);
 
 /// A relayed port range unlikely to collide with parallel tests (ports that fail to bind
-/// are skipped by the pool anyway).
+/// are skipped by the pool anyway). 50 ports: coturn's uclient asks for even ports, the pool
+/// is split between the workers and uclient does not always release its allocations, so 20
+/// ports ran out (508) in the second uclient run now and then.
 pub fn port_range(slot: u16) -> String {
-    let base = 20_000 + (std::process::id() % 100) as u16 * 200 + (slot % 10) * 20;
-    format!("{}-{}", base, base + 19)
+    let base = 20_000 + (std::process::id() % 80) as u16 * 500 + (slot % 10) * 50;
+    format!("{}-{}", base, base + 49)
 }
 
 pub fn relay_config(allow_loopback: bool, slot: u16) -> RelayConfig {
