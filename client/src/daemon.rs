@@ -138,14 +138,32 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The inverse of [`canonical`] for sending: on a dual-stack (`[::]`) socket an IPv4
+/// destination is written IPv4-mapped; otherwise the address is used as it is.
+pub fn for_socket(dual_stack: bool, a: SocketAddr) -> SocketAddr {
+    match (dual_stack, a) {
+        (true, SocketAddr::V4(v4)) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => a,
+    }
+}
+
+/// A candidate address as the data socket can use it: IPv4-mapped spellings become IPv4
+/// (datagrams arrive from the canonical form, and pairs are matched by address); IPv6 is
+/// `None` when the data socket is IPv4 only (it could never be sent to).
+fn usable_candidate(v6_socket: bool, a: SocketAddr) -> Option<SocketAddr> {
+    let a = canonical(a);
+    (v6_socket || a.is_ipv4()).then_some(a)
+}
+
 /// Candidate addresses as the data socket can use them: IPv4-mapped IPv6 spellings become
 /// IPv4 (datagrams arrive from the canonical form, and pairs are matched by address), and
 /// IPv6 addresses are dropped when the data socket is IPv4 only (they could never be sent to).
 pub fn usable_candidates(v6_socket: bool, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = addrs
         .iter()
-        .map(|a| canonical(*a))
-        .filter(|a| v6_socket || a.is_ipv4())
+        .filter_map(|a| usable_candidate(v6_socket, *a))
         .collect();
     out.dedup();
     out
@@ -685,12 +703,7 @@ impl Engine {
     }
 
     fn send_to(&self, dest: SocketAddr, bytes: &[u8]) {
-        let dest = match (self.v6, dest) {
-            (true, SocketAddr::V4(v4)) => {
-                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-            }
-            _ => dest,
-        };
+        let dest = for_socket(self.v6, dest);
         if let Err(e) = self.sock.try_send_to(bytes, dest) {
             tracing::trace!(error = %e, %dest, "data socket send failed");
         }
@@ -1178,15 +1191,7 @@ impl Engine {
             if r != p.fast_route {
                 p.fast_route = r;
                 let route = r.and_then(|d| match d.local {
-                    DATA_SOCKET => Some((
-                        match (self.v6, d.addr) {
-                            (true, SocketAddr::V4(v4)) => {
-                                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-                            }
-                            (_, a) => a,
-                        },
-                        None,
-                    )),
+                    DATA_SOCKET => Some((for_socket(self.v6, d.addr), None)),
                     // Pool sockets are IPv4: the address goes as it is.
                     l => self.pool.socket(l).map(|s| (d.addr, Some(s.clone()))),
                 });
@@ -1572,11 +1577,12 @@ impl Engine {
                 };
                 let v6 = self.v6;
                 let p = &mut self.peers[i];
-                let mut cands = candidates;
-                for c in &mut cands {
-                    c.addr = canonical(c.addr);
-                }
-                cands.retain(|c| v6 || c.addr.is_ipv4());
+                let mut cands: Vec<Candidate> = candidates
+                    .into_iter()
+                    .filter_map(|c| {
+                        usable_candidate(v6, c.addr).map(|addr| Candidate { addr, ..c })
+                    })
+                    .collect();
                 for a in &p.static_candidates {
                     if !cands.iter().any(|c| c.addr == *a) {
                         cands.push(Candidate {

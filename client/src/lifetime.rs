@@ -282,6 +282,9 @@ impl LifetimeState {
             false
         };
         let Some(server) = stun.iter().find(|s| s.is_ipv4() == ip.is_ipv4()).copied() else {
+            // Look again (cache file included) only after the retry time, not on every STUN
+            // answer of the data socket.
+            self.retry_at = Some(now + RETRY_AFTER);
             return (changed, None);
         };
         self.measuring = true;

@@ -88,12 +88,8 @@ async fn transact(
 }
 
 fn to_family(sock: &UdpSocket, a: SocketAddr) -> SocketAddr {
-    match (sock.local_addr().map(|l| l.is_ipv6()).unwrap_or(false), a) {
-        (true, SocketAddr::V4(v4)) => {
-            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-        }
-        _ => a,
-    }
+    let dual_stack = sock.local_addr().map(|l| l.is_ipv6()).unwrap_or(false);
+    crate::daemon::for_socket(dual_stack, a)
 }
 
 /// Outcome of a CHANGE-REQUEST test: an answer = passes the filter, none = filtered, error 420

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use meshpunch_proto::nat::{classify_mapping, Mapping, MappingObservation};
 use meshpunch_proto::path::{LocalSocket, MappingBehaviour};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -64,6 +65,8 @@ impl Drop for PoolSocket {
 pub(crate) struct Pool {
     cap: u16,
     socks: Vec<Option<PoolSocket>>,
+    /// `Some` entries of `socks` (asked on every turn of the engine's loop).
+    open: usize,
     /// Size announced to the path managers (0 = closed for new pairs).
     announced: u16,
     tx: mpsc::Sender<PoolDatagram>,
@@ -81,6 +84,7 @@ impl Pool {
         Pool {
             cap,
             socks: Vec::new(),
+            open: 0,
             announced: 0,
             tx,
             rx: Some(rx),
@@ -102,7 +106,7 @@ impl Pool {
 
     /// Sockets open now.
     pub(crate) fn open_count(&self) -> usize {
-        self.socks.iter().filter(|s| s.is_some()).count()
+        self.open
     }
 
     /// Opens every missing socket up to the cap; returns the announced size (fewer if the
@@ -125,6 +129,7 @@ impl Pool {
                 match self.bind(i) {
                     Ok(s) => {
                         self.socks[idx] = Some(s);
+                        self.open += 1;
                         self.opened_total += 1;
                     }
                     Err(e) => {
@@ -175,10 +180,14 @@ impl Pool {
         Ok(PoolSocket { sock, send, reader })
     }
 
+    fn slot(&self, local: LocalSocket) -> Option<&PoolSocket> {
+        let idx = usize::from(local.checked_sub(1)?);
+        self.socks.get(idx)?.as_ref()
+    }
+
     /// The socket with index `local`, if open.
     pub(crate) fn socket(&self, local: LocalSocket) -> Option<&Arc<UdpSocket>> {
-        let idx = usize::from(local.checked_sub(1)?);
-        self.socks.get(idx)?.as_ref().map(|s| &s.sock)
+        self.slot(local).map(|s| &s.sock)
     }
 
     /// Local port of pool socket `local`.
@@ -188,19 +197,15 @@ impl Pool {
 
     /// Sends from pool socket `local` (dropped if it is closed).
     pub(crate) fn send(&self, local: LocalSocket, dest: SocketAddr, bytes: &[u8]) -> bool {
-        let s = local
-            .checked_sub(1)
-            .and_then(|i| self.socks.get(usize::from(i)))
-            .and_then(|s| s.as_ref());
-        match s {
-            Some(s) => match s.send.send_to(bytes, dest) {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::trace!(error = %e, %dest, local, "pool socket send failed");
-                    false
-                }
-            },
-            None => false,
+        let Some(s) = self.slot(local) else {
+            return false;
+        };
+        match s.send.send_to(bytes, dest) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::trace!(error = %e, %dest, local, "pool socket send failed");
+                false
+            }
         }
     }
 
@@ -229,6 +234,7 @@ impl Pool {
                 closed += 1;
             }
         }
+        self.open -= closed;
         if closed > 0 {
             tracing::info!(
                 closed,
@@ -269,19 +275,23 @@ impl StunMappings {
         primary == Some(&server) || primary.is_none_or(|p| !self.seen.contains_key(p))
     }
 
-    /// What the answers so far say.
+    /// What the answers so far say (RFC 4787 classification by [`classify_mapping`], reduced
+    /// to what birthday probing needs: does the port depend on the destination).
     pub(crate) fn behaviour(&self) -> MappingBehaviour {
-        let mut it = self.seen.values();
-        let Some(first) = it.next() else {
-            return MappingBehaviour::Unknown;
-        };
         if self.seen.len() < 2 {
             return MappingBehaviour::Unknown;
         }
-        if self.seen.values().all(|m| m == first) {
-            MappingBehaviour::EndpointIndependent
-        } else {
-            MappingBehaviour::EndpointDependent
+        let obs: Vec<MappingObservation> = self
+            .seen
+            .iter()
+            .map(|(&server, &mapped)| MappingObservation { server, mapped })
+            .collect();
+        // No local addresses given: "no NAT" is endpoint-independent here.
+        match classify_mapping(&[], &obs) {
+            Mapping::None | Mapping::EndpointIndependent => MappingBehaviour::EndpointIndependent,
+            Mapping::AddressDependent | Mapping::AddressAndPortDependent => {
+                MappingBehaviour::EndpointDependent
+            }
         }
     }
 }

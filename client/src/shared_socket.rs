@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::net::UdpSocket;
+
+use crate::daemon::{canonical, for_socket};
 
 /// Datagrams waiting for quinn; more are dropped (and counted). The rendezvous connection
 /// carries a few signalling messages and keep-alives, so this only fills if quinn's task
@@ -86,17 +88,6 @@ pub struct SharedSocket {
     rx_dropped: AtomicU64,
     tx: AtomicU64,
     tx_errors: AtomicU64,
-}
-
-/// Maps IPv4-mapped IPv6 addresses back to IPv4 (the form the engine uses).
-fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => a,
-        },
-        SocketAddr::V4(_) => a,
-    }
 }
 
 impl SharedSocket {
@@ -172,12 +163,10 @@ impl SharedSocket {
     /// An address in the form quinn uses for this socket (IPv4-mapped when dual-stack, which
     /// is what quinn's `connect` turns an IPv4 address into on an IPv6 socket).
     fn for_quinn(&self, a: SocketAddr) -> SocketAddr {
-        match (self.dual_stack, a) {
-            (true, SocketAddr::V4(v4)) => {
-                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-            }
-            (false, a) => canonical(a),
-            (true, a) => a,
+        if self.dual_stack {
+            for_socket(true, a)
+        } else {
+            canonical(a)
         }
     }
 
@@ -313,6 +302,7 @@ impl UdpPoller for Writable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     fn meta() -> [RecvMeta; 2] {
         [RecvMeta::default(), RecvMeta::default()]

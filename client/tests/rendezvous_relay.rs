@@ -8,8 +8,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use meshpunch::control::{self, Request};
-use meshpunch::daemon;
-use meshpunch::keys::{generate_private, Identity};
 use support::{start_relay, start_rendezvous, status, wait_path, FakeWg};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,15 +18,7 @@ async fn direct_then_forced_relay_then_back_to_direct() {
     let rdv = start_rendezvous(&dir.path().join("rdv"), relay.listen_addr()).await;
     let connect = rdv.dev_connect().unwrap().to_string();
 
-    let a = Identity::from_private(generate_private());
-    let b = Identity::from_private(generate_private());
-    let wga = FakeWg::new().await;
-    let wgb = FakeWg::new().await;
-    let mk = |me: &Identity, other: &Identity, wg, name: &str| {
-        support::rendezvous_peer_options(me, other, &connect, dir.path(), wg, name)
-    };
-    let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
-    let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();
+    let (da, db, wga, wgb) = support::start_rendezvous_pair(&connect, dir.path()).await;
     let (ca, cb) = (da.control_socket.clone(), db.control_socket.clone());
     let (to_b, to_a) = (da.proxies[0].1, db.proxies[0].1);
 

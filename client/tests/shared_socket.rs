@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshpunch::daemon::{self, canonical};
+use meshpunch::daemon::canonical;
 use meshpunch::keys::{format_key, generate_private, Identity};
 use meshpunch::rendezvous::{endpoint_on, Client, ClientConfig, Event, Events, Registration};
 use meshpunch::shared_socket::SharedSocket;
-use support::{start_relay, start_rendezvous, status, wait_path, FakeWg};
+use support::{start_relay, start_rendezvous, status, wait_path};
 use tokio::net::UdpSocket;
 
 /// Polls `sock`'s status until the rendezvous is connected and STUN answered the data socket.
@@ -47,15 +47,7 @@ async fn rendezvous_observes_the_data_socket_and_punching_still_works() {
     let rdv = start_rendezvous(&dir.path().join("rdv"), relay.listen_addr()).await;
     let connect = rdv.dev_connect().unwrap().to_string();
 
-    let a = Identity::from_private(generate_private());
-    let b = Identity::from_private(generate_private());
-    let wga = FakeWg::new().await;
-    let wgb = FakeWg::new().await;
-    let mk = |me: &Identity, other: &Identity, wg, name: &str| {
-        support::rendezvous_peer_options(me, other, &connect, dir.path(), wg, name)
-    };
-    let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
-    let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();
+    let (da, db, wga, wgb) = support::start_rendezvous_pair(&connect, dir.path()).await;
 
     for d in [&da, &db] {
         let st = wait_stun_and_rendezvous(&d.control_socket).await;
@@ -125,16 +117,8 @@ async fn without_stun_the_observed_address_is_the_srflx_candidate_and_punching_w
     let rdv = meshpunch_rendezvous::Server::start(cfg).await.unwrap();
     let connect = rdv.dev_connect().unwrap().to_string();
 
-    let a = Identity::from_private(generate_private());
-    let b = Identity::from_private(generate_private());
-    let wga = FakeWg::new().await;
-    let wgb = FakeWg::new().await;
     // No host candidates either: the peers can only meet at their server-reflexive addresses.
-    let mk = |me: &Identity, other: &Identity, wg, name: &str| {
-        support::rendezvous_peer_options(me, other, &connect, dir.path(), wg, name)
-    };
-    let da = daemon::start(mk(&a, &b, wga.addr(), "a")).await.unwrap();
-    let db = daemon::start(mk(&b, &a, wgb.addr(), "b")).await.unwrap();
+    let (da, db, wga, wgb) = support::start_rendezvous_pair(&connect, dir.path()).await;
     for d in [&da, &db] {
         let deadline = Instant::now() + Duration::from_secs(30);
         let st = loop {

@@ -71,6 +71,12 @@ fn addr(topo: &Topology, node: &str, a: Ipv6Addr, dev: &str) -> Result<(), Error
     Ok(())
 }
 
+fn route(topo: &Topology, node: &str, dest: &str, via: Ipv6Addr) -> Result<(), Error> {
+    topo.lab
+        .ip(node, &["-6", "route", "add", dest, "via", &via.to_string()])?;
+    Ok(())
+}
+
 fn net(prefix: [u16; 4], host: u16) -> Ipv6Addr {
     Ipv6Addr::new(prefix[0], prefix[1], prefix[2], prefix[3], 0, 0, 0, host)
 }
@@ -105,17 +111,7 @@ impl Topology {
         enable(self, &srv, false, &["eth0"])?;
         addr(self, &inet, SERVER_V6_GATEWAY, "d-srv")?;
         addr(self, &srv, SERVER_V6, "eth0")?;
-        self.lab.ip(
-            &srv,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &SERVER_V6_GATEWAY.to_string(),
-            ],
-        )?;
+        route(self, &srv, "default", SERVER_V6_GATEWAY)?;
         for (k, site) in self.sites.iter().enumerate() {
             let k = u16::try_from(k + 1).map_err(|_| Error::Setup("too many sites".into()))?;
             let hosts: Vec<_> = self.hosts().filter(|h| h.site == site.name).collect();
@@ -126,17 +122,7 @@ impl Topology {
                     enable(self, &h.name, false, &["eth0"])?;
                     addr(self, &inet, net(p, 1), &format!("d-{}", h.name))?;
                     addr(self, &h.name, net(p, 2), "eth0")?;
-                    self.lab.ip(
-                        &h.name,
-                        &[
-                            "-6",
-                            "route",
-                            "add",
-                            "default",
-                            "via",
-                            &net(p, 1).to_string(),
-                        ],
-                    )?;
+                    route(self, &h.name, "default", net(p, 1))?;
                     out.insert(h.name.clone(), net(p, 2));
                 }
                 continue;
@@ -151,45 +137,15 @@ impl Topology {
             addr(self, &inet, net(wan, 1), &format!("d-{router}"))?;
             addr(self, &router, net(wan, 2), "wan")?;
             addr(self, &router, net(lan, 1), "lan")?;
-            self.lab.ip(
-                &router,
-                &[
-                    "-6",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &net(wan, 1).to_string(),
-                ],
-            )?;
-            self.lab.ip(
-                &inet,
-                &[
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("{}/64", net(lan, 0)),
-                    "via",
-                    &net(wan, 2).to_string(),
-                ],
-            )?;
+            route(self, &router, "default", net(wan, 1))?;
+            route(self, &inet, &format!("{}/64", net(lan, 0)), net(wan, 2))?;
             for h in hosts {
                 // Same host number as its IPv4 LAN address (192.168.k.<9+i>).
                 let host_no = u16::from(h.ip.octets()[3]);
                 enable(self, &h.name, false, &["eth0"])?;
                 let a = net(lan, host_no);
                 addr(self, &h.name, a, "eth0")?;
-                self.lab.ip(
-                    &h.name,
-                    &[
-                        "-6",
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        &net(lan, 1).to_string(),
-                    ],
-                )?;
+                route(self, &h.name, "default", net(lan, 1))?;
                 out.insert(h.name.clone(), a);
             }
             if firewall {

@@ -582,6 +582,31 @@ fn daemon_proc(host: &str) -> String {
     format!("meshpunch-{host}")
 }
 
+/// A [`FakeWg`] echoing on its own thread ([`FakeWg::spawn_echo`]); dropping it stops and
+/// joins the thread.
+#[derive(Debug)]
+pub struct Echo {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    /// The echo's address (the daemon's `WireGuardEndpoint`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A UDP endpoint in a host standing in for WireGuard: it sends datagrams to the daemon's
 /// proxy port and receives what the daemon delivers, or echoes what it receives.
 #[derive(Debug)]
@@ -601,6 +626,19 @@ impl FakeWg {
     /// Its address (the daemon's `WireGuardEndpoint`).
     pub fn addr(&self) -> Result<SocketAddr, Error> {
         Ok(self.sock.local_addr()?)
+    }
+
+    /// Echoes on a thread of its own until the returned [`Echo`] is dropped.
+    pub fn spawn_echo(self) -> Result<Echo, Error> {
+        let addr = self.addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || self.echo_until(s));
+        Ok(Echo {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Echoes every datagram back to its sender until `stop` is set (run on a thread).

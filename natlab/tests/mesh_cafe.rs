@@ -8,8 +8,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 use natlab::mesh::{FakeWg, Mesh, UpOptions};
@@ -35,11 +33,11 @@ fn cafe_hosts_talk_over_the_lan_not_hairpin_not_relay() {
 
     // cafe1: a fake WireGuard that measures round trips; cafe2: a fake WireGuard that echoes.
     let pinger = FakeWg::bind(&mesh.topo, "cafe1", 0).unwrap();
-    let echo = FakeWg::bind(&mesh.topo, "cafe2", 0).unwrap();
-    let echo_addr = echo.addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let echo_thread = std::thread::spawn(move || echo.echo_until(s2));
+    let echo = FakeWg::bind(&mesh.topo, "cafe2", 0)
+        .unwrap()
+        .spawn_echo()
+        .unwrap();
+    let echo_addr = echo.addr();
 
     let ports = BTreeMap::from([("cafe2".to_string(), PROXY_PORT)]);
     let o1 = UpOptions {
@@ -128,8 +126,7 @@ fn cafe_hosts_talk_over_the_lan_not_hairpin_not_relay() {
         support::secs(btook)
     );
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    echo_thread.join().unwrap();
+    drop(echo);
     assert!(lan.received >= count - 1, "{lan}");
     assert!(relay.received >= count - 2, "{relay}");
     // Through the relay a round trip crosses the 50 ms link four times.

@@ -12,8 +12,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use natlab::ipv6::SERVER_V6;
@@ -67,11 +65,11 @@ fn symmetric_nat_pair_goes_direct_over_ipv6_through_stateful_firewalls() {
         .unwrap();
 
     let pinger = FakeWg::bind(&mesh.topo, "s1", 0).unwrap();
-    let echo = FakeWg::bind(&mesh.topo, "t1", 0).unwrap();
-    let echo_addr = echo.addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let echo_thread = std::thread::spawn(move || echo.echo_until(s2));
+    let echo = FakeWg::bind(&mesh.topo, "t1", 0)
+        .unwrap()
+        .spawn_echo()
+        .unwrap();
+    let echo_addr = echo.addr();
     let o1 = UpOptions {
         peers: vec!["t1".into()],
         wireguard_endpoint: Some(pinger.addr().unwrap()),
@@ -161,8 +159,7 @@ fn symmetric_nat_pair_goes_direct_over_ipv6_through_stateful_firewalls() {
         assert_eq!(nc["mapping"], "address-and-port-dependent", "{nc}");
         Ok::<(), natlab::Error>(())
     })();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = echo_thread.join();
+    drop(echo);
     if let Err(e) = result {
         mesh.topo.lab.dump_logs(40);
         panic!("{e}");

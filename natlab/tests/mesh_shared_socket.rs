@@ -13,8 +13,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use natlab::mesh::{FakeWg, Mesh, UpOptions, DATA_PORT};
@@ -71,11 +69,11 @@ fn rendezvous_observes_the_data_sockets_stun_mapping_behind_cone_nats() {
     let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
 
     let pinger = FakeWg::bind(&mesh.topo, "a1", 0).unwrap();
-    let echo = FakeWg::bind(&mesh.topo, "b1", 0).unwrap();
-    let echo_addr = echo.addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    let echo_thread = std::thread::spawn(move || echo.echo_until(s2));
+    let echo = FakeWg::bind(&mesh.topo, "b1", 0)
+        .unwrap()
+        .spawn_echo()
+        .unwrap();
+    let echo_addr = echo.addr();
     // The binding-lifetime measurement runs on short-lived sockets of its own (by design never
     // the data socket); off here so the socket count below is about the data path alone.
     let no_lifetime_probe = vec!["BindingLifetimeProbe = off".to_string()];
@@ -175,7 +173,6 @@ fn rendezvous_observes_the_data_sockets_stun_mapping_behind_cone_nats() {
         assert_eq!(st["rendezvous"]["state"], "connected");
         assert_eq!(st["rendezvous"]["quic_rx_dropped"], 0);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    echo_thread.join().unwrap();
+    drop(echo);
     assert!(rtt.received >= 19, "{rtt}");
 }

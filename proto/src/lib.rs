@@ -14,6 +14,7 @@ pub mod lifetime;
 pub mod nat;
 pub mod path;
 pub mod probe;
+mod rng;
 pub mod stun;
 pub mod token;
 pub mod turn;

@@ -168,16 +168,9 @@ impl LifetimeProbe {
     }
 
     fn new_tx(&mut self) -> [u8; 12] {
-        // xorshift64*: transaction ids need uniqueness, not secrecy (an attacker who could
-        // forge answers could as well drop them).
         let mut t = [0u8; 12];
         for chunk in t.chunks_mut(4) {
-            let mut x = self.rng;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.rng = x;
-            let v = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32;
+            let v = (crate::rng::xorshift64star(&mut self.rng) >> 32) as u32;
             chunk.copy_from_slice(&v.to_be_bytes());
         }
         t

@@ -854,13 +854,8 @@ impl PeerPath {
     }
 
     fn next_rand(&mut self) -> u64 {
-        // xorshift64*: transaction ids need uniqueness, not secrecy (probes are authenticated).
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        // Transaction ids need uniqueness, not secrecy (probes are authenticated).
+        crate::rng::xorshift64star(&mut self.rng)
     }
 
     /// Feeds a probe (classified as [`crate::probe::PacketKind::Probe`]) that arrived from

@@ -728,14 +728,8 @@ impl<A: RelayAllocator> TurnServer<A> {
     }
 
     fn next_rand(&mut self) -> u64 {
-        // xorshift64*: transaction ids of Data indications only need to be unpredictable enough
-        // not to collide; nothing security-relevant depends on them.
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        // Transaction ids of Data indications only need not to collide.
+        crate::rng::xorshift64star(&mut self.rng)
     }
 
     /// When [`TurnServer::handle_timeout`] wants to run next.

@@ -173,3 +173,43 @@ pub(crate) fn rendezvous_peer_options(
         exclude_interfaces: Vec::new(),
     }
 }
+
+/// Two daemons `a` and `b` (fresh keys, each the other's only peer) on the rendezvous
+/// `connect`, each with a fake WireGuard; control sockets `DIR/a.sock` and `DIR/b.sock`.
+/// Returns `(daemon a, daemon b, a's WireGuard, b's WireGuard)`.
+pub(crate) async fn start_rendezvous_pair(
+    connect: &str,
+    dir: &Path,
+) -> (
+    meshpunch::daemon::Daemon,
+    meshpunch::daemon::Daemon,
+    FakeWg,
+    FakeWg,
+) {
+    use meshpunch::keys::{generate_private, Identity};
+    let a = Identity::from_private(generate_private());
+    let b = Identity::from_private(generate_private());
+    let wga = FakeWg::new().await;
+    let wgb = FakeWg::new().await;
+    let da = meshpunch::daemon::start(rendezvous_peer_options(
+        &a,
+        &b,
+        connect,
+        dir,
+        wga.addr(),
+        "a",
+    ))
+    .await
+    .unwrap();
+    let db = meshpunch::daemon::start(rendezvous_peer_options(
+        &b,
+        &a,
+        connect,
+        dir,
+        wgb.addr(),
+        "b",
+    ))
+    .await
+    .unwrap();
+    (da, db, wga, wgb)
+}
