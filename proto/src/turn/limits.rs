@@ -231,7 +231,7 @@ impl RateTable {
         for _ in 0..EVICTION_SAMPLE {
             let i = (crate::rng::xorshift64star(&mut shard.rng) % n as u64) as usize;
             let last = shard.entries[i].1.last;
-            if oldest.map_or(true, |o| last < o) {
+            if oldest.is_none_or(|o| last < o) {
                 oldest = Some(last);
                 victim = i;
             }
