@@ -444,16 +444,30 @@ mod tests {
             strict_channel_range = true
             relay_to_self = false
             external_ips = { "127.0.0.1" = "203.0.113.9" }
+            network_quota = 50
+            network_bandwidth_limit = 5000000
+            network_bandwidth_burst = 600000
+            denied_peers = ["10.0.0.0/8", "2001:db8::/32"]
             "#,
         )
         .unwrap();
         let o = Overrides {
             realm: Some("flag".into()),
             allow_loopback_peers: true,
+            denied_peers: vec!["169.254.169.254".into()],
             ..Default::default()
         };
         let c = RelayConfig::resolve(file, o, None).unwrap();
         assert_eq!(c.server.realm, "flag");
+        assert_eq!(c.network_quota, 50);
+        assert_eq!(
+            c.network_bandwidth,
+            Rate {
+                per_sec: 5_000_000,
+                burst: 600_000
+            }
+        );
+        assert_eq!(c.server.policy.denied.len(), 3);
         assert_eq!(c.ports, (40000, 40100));
         assert_eq!(c.also_listen, vec!["[::1]:3478".parse().unwrap()]);
         assert!(c.server.policy.allow_loopback && c.server.policy.allow_private);
@@ -472,6 +486,37 @@ mod tests {
             .own_addrs
             .contains(&"203.0.113.9".parse().unwrap()));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn limits_are_finite_by_default() {
+        let c = RelayConfig::resolve(
+            FileConfig::default(),
+            Overrides {
+                listen: Some("127.0.0.1:3478".parse().unwrap()),
+                auth_secret: Some("s".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.user_quota, DEFAULT_USER_QUOTA);
+        assert_eq!(c.network_quota, DEFAULT_NETWORK_QUOTA);
+        assert_eq!(c.server.bandwidth, DEFAULT_ALLOCATION_BANDWIDTH);
+        assert_eq!(c.network_bandwidth, DEFAULT_NETWORK_BANDWIDTH);
+        // 0 still switches a limit off, as documented.
+        let c = RelayConfig::resolve(
+            toml::from_str("bandwidth_limit = 0\nnetwork_bandwidth_limit = 0").unwrap(),
+            Overrides {
+                listen: Some("127.0.0.1:3478".parse().unwrap()),
+                auth_secret: Some("s".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.server.bandwidth.per_sec, 0);
+        assert_eq!(c.network_bandwidth.per_sec, 0);
     }
 
     #[test]
