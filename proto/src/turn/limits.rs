@@ -132,7 +132,7 @@ struct Shard {
 pub struct RateTable {
     rate: Rate,
     shard_cap: usize,
-    hasher: RandomState,
+    seed: u64,
     shards: Box<[Mutex<Shard>]>,
     /// Entries examined by inserts into full shards (the eviction's cost, for tests/benches).
     probes: AtomicU64,
@@ -156,7 +156,7 @@ impl RateTable {
         RateTable {
             rate,
             shard_cap,
-            hasher: RandomState::new(),
+            seed: RandomState::new().hash_one(0x6d65_7368_u64),
             shards,
             probes: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -197,13 +197,25 @@ impl RateTable {
         self.evictions.load(Ordering::Relaxed)
     }
 
+    /// Shard of `key`: keyed (seeded per table), so a flood cannot be aimed at one shard
+    /// offline; SipHash inside the shard's map guards the buckets themselves.
+    #[inline]
+    fn shard_of(&self, key: SourceKey) -> usize {
+        let x = match key {
+            SourceKey::V4(v) => u64::from(v),
+            SourceKey::V6(v) => v ^ 0x5555_5555_0000_0000,
+        };
+        let h = (x ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> (64 - RATE_SHARDS.trailing_zeros())) as usize & (RATE_SHARDS - 1)
+    }
+
     /// Takes one token for the source `ip`; false when it is over its rate.
     pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
         if self.rate.per_sec == 0 {
             return true;
         }
         let key = SourceKey::of(ip);
-        let shard_ix = (self.hasher.hash_one(key) as usize) & (RATE_SHARDS - 1);
+        let shard_ix = self.shard_of(key);
         let Some(m) = self.shards.get(shard_ix) else {
             return true;
         };
