@@ -57,7 +57,7 @@ pub struct FileConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads (0 = one per CPU).
     pub workers: Option<usize>,
-    /// Allocations per user at once (0 = unlimited).
+    /// Allocations per username at once (0 = unlimited; default 10).
     pub user_quota: Option<u32>,
     /// Permissions per allocation.
     pub max_permissions: Option<usize>,

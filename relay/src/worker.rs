@@ -4,8 +4,10 @@
 //!
 //! The kernel spreads clients over the listening sockets by a hash of the 4-tuple, so a client
 //! always reaches the same worker, and that worker owns its allocation: lookups on the hot path
-//! are in per-worker maps, with no lock and no atomic. The only shared state is the relayed port
-//! pool with the per-user quota (a mutex taken on Allocate and on release, never per packet)
+//! are in per-worker maps, with no lock. Shared by all workers: the relayed port pool with the
+//! tenant quotas (a mutex taken on Allocate and on release, and per datagram only for traffic
+//! to one of the relay's own addresses), each network's bandwidth bucket (one atomic per
+//! relayed datagram), the sharded per-source rate tables (requests only, never relayed data)
 //! and the drain/stop flags.
 //!
 //! Per wake-up a worker drains readable sockets with `recvmmsg` (GRO-coalesced where the kernel

@@ -16,9 +16,11 @@
 //!   permissions, channels and rate-limit entries.
 //!
 //! Relayed transport addresses come from a [`RelayAllocator`] the driver supplies: it binds the
-//! socket, enforces the per-user quota (486) and reports exhaustion (508). The server calls
-//! [`RelayAllocator::release`] whenever an allocation ends (Refresh 0, expiry), so sockets and
-//! quota are returned without the driver having to track lifetimes.
+//! socket, enforces the tenant quotas per username and per network (486) and reports
+//! exhaustion (508). The server calls [`RelayAllocator::release`] whenever an allocation ends
+//! (Refresh 0, expiry), so sockets and quota are returned without the driver having to track
+//! lifetimes. Every peer address a client names goes through one peer-policy decision
+//! (`TurnServer::peer_policy`, see docs/relay.md).
 //!
 //! Nothing on the relaying paths (ChannelData, Send, peer data) allocates; control requests
 //! (Allocate, Refresh, CreatePermission, ChannelBind) go through `stun-rs`.
