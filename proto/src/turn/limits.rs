@@ -6,8 +6,8 @@
 //! The rate tables are shared by all workers of one process (`SO_REUSEPORT` spreads a flood
 //! over workers, so a per-worker table would multiply the limit by the worker count). They are
 //! sharded (a short mutex per shard, never a global lock) and bounded: when a shard is full a
-//! new source replaces the least recently seen of [`EVICTION_SAMPLE`] randomly sampled entries
-//! (sampled LRU, as Redis does), so inserting costs O(1) however full the table is and a flood
+//! new source replaces the least recently seen of [`EVICTION_SAMPLE`] sampled entries (a
+//! window at a random offset: sampled LRU, as Redis evicts), so inserting costs O(1) however full the table is and a flood
 //! of spoofed sources never locks new sources out. IPv6 sources are keyed per /64 (one
 //! subscriber's prefix), IPv4 sources per address.
 
@@ -236,12 +236,16 @@ impl RateTable {
             shard.entries.push((key, b));
             return ok;
         }
-        // Full: replace the least recently used of a few random entries (O(1)).
+        // Full: replace the least recently used of a few sampled entries (O(1)). The sample
+        // is a window of consecutive slots at a random offset: slots are reused in eviction
+        // order, so neighbours are unrelated in age, and one window costs a couple of cache
+        // lines instead of one miss per probe.
         let n = shard.entries.len();
-        let mut victim = 0;
+        let start = (crate::rng::xorshift64star(&mut shard.rng) % n as u64) as usize;
+        let mut victim = start;
         let mut oldest: Option<Instant> = None;
-        for _ in 0..EVICTION_SAMPLE {
-            let i = (crate::rng::xorshift64star(&mut shard.rng) % n as u64) as usize;
+        for k in 0..EVICTION_SAMPLE {
+            let i = (start + k) % n;
             let last = shard.entries[i].1.last;
             if oldest.is_none_or(|o| last < o) {
                 oldest = Some(last);
