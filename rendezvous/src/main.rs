@@ -200,9 +200,16 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let (data_dir, dev_network) = (cfg.data_dir.clone(), cfg.dev_network.clone());
     let server = Server::start(cfg).await?;
     if let Some(cs) = server.dev_connect() {
         println!("connect: {cs}");
+        eprintln!(
+            "the connect string holds a secret (a token for network {:?}): give it only to \
+             machines that may join; a copy is in {} (mode 0600)",
+            dev_network,
+            data_dir.join("connect").display()
+        );
     }
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
