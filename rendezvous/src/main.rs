@@ -1,5 +1,7 @@
 //! `meshpunch-rendezvous`: parses the command line and config, then runs the server.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
