@@ -16,7 +16,7 @@ use stun_rs::{Algorithm, AlgorithmId, HMACKey, StunAttribute, StunMessage};
 use super::codec::RawAttrs;
 use super::ports::RelayAllocator;
 use super::server::{ClientAction, Refuse, TurnServer};
-use crate::creds;
+use crate::creds::{self, Tenant};
 
 /// How the server authenticates requests.
 #[derive(Debug, Clone, Default)]
@@ -38,7 +38,7 @@ pub(crate) enum Integrity {
 pub(super) enum AuthOutcome {
     Ok {
         username: String,
-        user: String,
+        user: Tenant,
         key: HMACKey,
         integrity: Integrity,
     },
@@ -128,7 +128,7 @@ impl<A: RelayAllocator> TurnServer<A> {
                 continue;
             };
             if verify_hmac(integrity, key.as_bytes(), &input, &received) {
-                let user = quota_user(&username, !self.cfg.auth.users.contains_key(&username));
+                let user = Tenant::of(&username, !self.cfg.auth.users.contains_key(&username));
                 return AuthOutcome::Ok {
                     username,
                     user,
@@ -181,16 +181,6 @@ impl<A: RelayAllocator> TurnServer<A> {
         let unix_now = self.unix_now(now);
         unix_now >= issued && unix_now - issued < self.cfg.nonce_lifetime.as_secs()
     }
-}
-
-/// Quota key: the user id part of a REST-API username (`expiry:user`), else the username.
-pub(super) fn quota_user(username: &str, rest: bool) -> String {
-    if rest {
-        if let Some((_, user)) = username.split_once(creds::REST_USERNAME_SEPARATOR) {
-            return user.to_owned();
-        }
-    }
-    username.to_owned()
 }
 
 pub(super) fn nonce_mac(key: &[u8; 32], issued: u64, ip: IpAddr) -> String {

@@ -46,8 +46,12 @@ pub(crate) use auth::{verify_hmac, Integrity};
 pub(crate) use codec::msgtype as msg_type;
 pub(crate) use codec::{attr, decode_xor_addr, encode_peer_data_message, parse_header, RawAttrs};
 pub use codec::{encode_data_indication, MAGIC_COOKIE, MAX_DATAGRAM, STUN_HEADER_LEN};
-pub use limits::Rate;
-pub use ports::{AllocateError, PortPool, RelayAllocator};
+pub use limits::{
+    Rate, RateTable, SharedLimits, SharedRate, SourceKey, DEFAULT_ALLOCATION_BANDWIDTH,
+    DEFAULT_NETWORK_BANDWIDTH, DEFAULT_NETWORK_QUOTA, DEFAULT_USER_QUOTA, EVICTION_SAMPLE,
+    RATE_SHARDS,
+};
+pub use ports::{AllocateError, PortPool, RelayAllocator, Reservation};
 pub use server::{
     ClientAction, Gauges, PeerAction, ServerConfig, Stats, TurnServer, CHANNEL_COOLDOWN,
     CHANNEL_LIFETIME, DEFAULT_ALLOCATION_LIFETIME, DEFAULT_NONCE_LIFETIME, DENY_LABELS,

@@ -25,11 +25,15 @@ use super::codec::{
     attr, decode_xor_addr, encode_data_indication, msgtype, parse_header, unknown_required, Header,
     RawAttrs,
 };
-use super::limits::{Bucket, Rate, RateLimiter};
+use super::limits::{
+    Bucket, Rate, RateTable, SharedLimits, SharedRate, DEFAULT_ALLOCATION_BANDWIDTH,
+};
 use super::ports::{AllocateError, RelayAllocator};
 use super::{Auth, Family};
 use crate::addr::{DenyReason, PeerPolicy};
 use crate::channeldata;
+use crate::creds::Tenant;
+use std::sync::Arc;
 
 /// Default allocation lifetime (RFC 8656 §2.2, 10 minutes).
 pub const DEFAULT_ALLOCATION_LIFETIME: Duration = Duration::from_secs(600);
@@ -66,13 +70,16 @@ pub struct ServerConfig {
     pub max_permissions: usize,
     /// Channels per allocation.
     pub max_channels: usize,
-    /// Per-allocation bandwidth limit in bytes per second, both directions together.
+    /// Per-allocation bandwidth limit in bytes per second, both directions together
+    /// (default [`DEFAULT_ALLOCATION_BANDWIDTH`]; the per-network limit lives in the port pool,
+    /// which every worker shares).
     pub bandwidth: Rate,
     /// Requests per second per source IP (all STUN requests and indications).
     pub request_rate: Rate,
     /// Unauthenticated answers (401, Binding responses, pre-auth errors) per source IP.
     pub unauth_rate: Rate,
-    /// Entries per rate-limit table (oldest idle entries are evicted first).
+    /// Sources per rate-limit table, shared by all workers (when full, a new source replaces the
+    /// least recently seen of a few sampled entries).
     pub max_rate_entries: usize,
     /// Key for stateless nonces. Set it randomly (all workers of one relay share it).
     pub nonce_key: [u8; 32],
@@ -87,8 +94,10 @@ pub struct ServerConfig {
     pub external_ips: Vec<(IpAddr, IpAddr)>,
     /// Relayed port range (inclusive) on which the relay's own addresses are allowed as peers:
     /// two clients of one relay reaching each other allocation to allocation (TURN to TURN on
-    /// one server, as coturn allows). Every other port of an own address stays refused (the
-    /// listening port, services on the host). `None` refuses own addresses entirely.
+    /// one server, as coturn allows). Only ports that are the relayed address of a live
+    /// allocation pass ([`RelayAllocator::is_live_relayed`]); every other port of an own
+    /// address stays refused (free relayed ports, the listening port, services on the host).
+    /// `None` refuses own addresses entirely.
     pub self_relay_ports: Option<(u16, u16)>,
 }
 
@@ -104,7 +113,7 @@ impl ServerConfig {
             nonce_lifetime: DEFAULT_NONCE_LIFETIME,
             max_permissions: 64,
             max_channels: 64,
-            bandwidth: Rate::UNLIMITED,
+            bandwidth: DEFAULT_ALLOCATION_BANDWIDTH,
             request_rate: Rate {
                 per_sec: 1000,
                 burst: 2000,
@@ -124,7 +133,7 @@ impl ServerConfig {
 }
 
 /// Fixed labels of [`Stats::denied`] (peer-address denials by reason).
-pub const DENY_LABELS: [&str; 11] = [
+pub const DENY_LABELS: [&str; 12] = [
     "loopback",
     "unspecified",
     "link_local",
@@ -135,6 +144,7 @@ pub const DENY_LABELS: [&str; 11] = [
     "unique_local",
     "reserved",
     "relay_self",
+    "denied",
     "public",
 ];
 
@@ -168,15 +178,17 @@ pub struct Stats {
     /// Payload bytes peer → client.
     pub bytes_to_client: u64,
     /// Peer addresses refused (403), by [`DENY_LABELS`] index.
-    pub denied: [u64; 11],
+    pub denied: [u64; 12],
     /// Requests refused for bad credentials (401 after an integrity check, 441).
     pub auth_failures: u64,
     /// Challenges sent (401 without credentials).
     pub challenges: u64,
     /// 438 answers.
     pub stale_nonces: u64,
-    /// 486 answers.
+    /// 486 answers: the username's allocation quota.
     pub quota_hits: u64,
+    /// 486 answers: the network's allocation quota.
+    pub network_quota_hits: u64,
     /// 508 answers.
     pub capacity_hits: u64,
     /// Datagrams dropped by the per-source rate limits.
@@ -189,6 +201,8 @@ pub struct Stats {
     pub unbound_channel: u64,
     /// Data dropped by the per-allocation bandwidth limit.
     pub bandwidth_dropped: u64,
+    /// Data dropped by the per-network bandwidth limit.
+    pub network_bandwidth_dropped: u64,
     /// Other error responses (400, 420, 437, 440, 442, 443).
     pub errors: u64,
     /// Binding requests answered.
@@ -250,6 +264,9 @@ pub enum PeerAction {
 pub(super) struct Channel {
     number: u16,
     peer: SocketAddr,
+    /// The peer is an own address of the relay (allocation to allocation): re-checked by the
+    /// peer policy on every datagram, since the target allocation may end.
+    own: bool,
     /// Binding valid until.
     expires: Instant,
 }
@@ -258,8 +275,10 @@ pub(super) struct Channel {
 pub(super) struct Allocation {
     client: SocketAddr,
     relayed: SocketAddr,
-    /// Quota key (REST-API user id, or the static username).
-    user: String,
+    /// Quota keys (username and network).
+    tenant: Tenant,
+    /// The network's shared bandwidth bucket.
+    network_rate: Option<Arc<SharedRate>>,
     username: String,
     expires: Instant,
     created_by: TransactionId,
@@ -301,8 +320,9 @@ pub struct TurnServer<A: RelayAllocator> {
     pub(super) free_slots: Vec<usize>,
     pub(super) by_client: HashMap<SocketAddr, usize>,
     pub(super) by_relay: HashMap<SocketAddr, usize>,
-    pub(super) request_limit: RateLimiter,
-    pub(super) unauth_limit: RateLimiter,
+    pub(super) request_limit: Arc<RateTable>,
+    pub(super) unauth_limit: Arc<RateTable>,
+    pub(super) sweep_turn: usize,
     pub(super) stats: Stats,
     pub(super) next_sweep: Instant,
     pub(super) rng: u64,
@@ -310,13 +330,30 @@ pub struct TurnServer<A: RelayAllocator> {
     pub(super) encoder: MessageEncoder,
 }
 
+/// Reason phrase of a 486 caused by the network quota (counted apart from the username quota).
+const NETWORK_QUOTA_REASON: &str = "Allocation Quota Reached (network)";
+
 /// An error response to send: code + reason.
 pub(super) struct Refuse(pub(super) u16, pub(super) &'static str);
 
 impl<A: RelayAllocator> TurnServer<A> {
     /// A server with `cfg` and `allocator`; `now`/`unix_now` anchor the clock (REST-API
-    /// usernames carry Unix expiry times).
+    /// usernames carry Unix expiry times). Its per-source rate tables are its own: a driver
+    /// running several cores in one process shares them with [`TurnServer::with_limits`].
     pub fn new(cfg: ServerConfig, allocator: A, now: Instant, unix_now: u64) -> Self {
+        let limits = SharedLimits::new(&cfg);
+        Self::with_limits(cfg, allocator, limits, now, unix_now)
+    }
+
+    /// A server sharing the per-source rate tables `limits` with the other cores (workers) of
+    /// the process, so that a source's limits are per process, not per worker.
+    pub fn with_limits(
+        cfg: ServerConfig,
+        allocator: A,
+        limits: SharedLimits,
+        now: Instant,
+        unix_now: u64,
+    ) -> Self {
         let seed = u64::from_le_bytes([
             cfg.nonce_key[0],
             cfg.nonce_key[1],
@@ -328,8 +365,9 @@ impl<A: RelayAllocator> TurnServer<A> {
             cfg.nonce_key[7],
         ]) ^ unix_now;
         TurnServer {
-            request_limit: RateLimiter::new(cfg.request_rate, cfg.max_rate_entries),
-            unauth_limit: RateLimiter::new(cfg.unauth_rate, cfg.max_rate_entries),
+            request_limit: limits.requests,
+            unauth_limit: limits.unauth,
+            sweep_turn: (seed as usize) % super::limits::RATE_SHARDS,
             cfg,
             allocator,
             epoch: now,
@@ -425,8 +463,10 @@ impl<A: RelayAllocator> TurnServer<A> {
             self.free_slot(i);
             self.stats.allocations_expired += 1;
         }
-        self.request_limit.sweep(now);
-        self.unauth_limit.sweep(now);
+        // Incremental: one shard of each shared table per sweep (other workers sweep others).
+        self.sweep_turn = self.sweep_turn.wrapping_add(1);
+        self.request_limit.sweep_shard(self.sweep_turn, now);
+        self.unauth_limit.sweep_shard(self.sweep_turn, now);
     }
 
     /// Ends every allocation now (graceful shutdown after the drain period).
@@ -442,7 +482,7 @@ impl<A: RelayAllocator> TurnServer<A> {
         if let Some(a) = self.slots.get_mut(i).and_then(Option::take) {
             self.by_client.remove(&a.client);
             self.by_relay.remove(&a.relayed);
-            self.allocator.release(a.relayed, &a.user);
+            self.allocator.release(a.relayed, &a.tenant);
             self.free_slots.push(i);
         }
     }
@@ -519,8 +559,7 @@ impl<A: RelayAllocator> TurnServer<A> {
             self.stats.unbound_channel += 1;
             return ClientAction::None;
         };
-        let bw = self.cfg.bandwidth;
-        let Some(Some(a)) = self.slots.get_mut(i) else {
+        let Some(Some(a)) = self.slots.get(i) else {
             return ClientAction::None;
         };
         let Some(ch) = a.channel_by_number(cd.channel, now) else {
@@ -528,19 +567,23 @@ impl<A: RelayAllocator> TurnServer<A> {
             return ClientAction::None;
         };
         let peer = ch.peer;
+        let own = ch.own;
         if !a.permitted(crate::addr::canonical_ip(peer.ip()), now) {
             self.stats.no_permission += 1;
             return ClientAction::None;
         }
+        let relayed = a.relayed;
+        if own && self.peer_policy(relayed, peer, false).is_err() {
+            return ClientAction::None;
+        }
         let len = cd.data.len();
-        if !a.bucket.take(bw, len as u64, now) {
-            self.stats.bandwidth_dropped += 1;
+        if !self.take_bandwidth(i, len as u64, now) {
             return ClientAction::None;
         }
         self.stats.packets_to_peer += 1;
         self.stats.bytes_to_peer += len as u64;
         ClientAction::Relay {
-            relayed: a.relayed,
+            relayed,
             peer,
             range: channeldata::HEADER_LEN..channeldata::HEADER_LEN + len,
         }
@@ -572,8 +615,7 @@ impl<A: RelayAllocator> TurnServer<A> {
             self.stats.unbound_channel += 1;
             return ClientAction::None;
         };
-        let bw = self.cfg.bandwidth;
-        let Some(Some(a)) = self.slots.get_mut(i) else {
+        let Some(Some(a)) = self.slots.get(i) else {
             return ClientAction::None;
         };
         let canon = crate::addr::canonical_ip(peer.ip());
@@ -581,33 +623,25 @@ impl<A: RelayAllocator> TurnServer<A> {
             self.stats.no_permission += 1;
             return ClientAction::None;
         }
-        let peer = SocketAddr::new(canon, peer.port());
-        if Family::of(peer.ip()) != Family::of(a.relayed.ip()) {
+        let relayed = a.relayed;
+        if Family::of(canon) != Family::of(relayed.ip()) {
             self.stats.malformed += 1;
             return ClientAction::None;
         }
-        let relayed = a.relayed;
-        // A permission for an own address (TURN to TURN on this relay) covers only the relayed
-        // port range: the port of a Send indication is the real destination.
-        if self.cfg.policy.check(canon) == Err(DenyReason::RelaySelf)
-            && !self.self_peer_ok(peer.port(), true)
-        {
-            self.stats.denied[deny_index(DenyReason::RelaySelf)] += 1;
-            return ClientAction::None;
-        }
-        let Some(Some(a)) = self.slots.get_mut(i) else {
-            return ClientAction::None;
+        // The port of a Send indication is the real destination: the peer policy decides on it
+        // (an own address only on the relayed port of a live allocation, deny list, classes).
+        let peer = match self.peer_policy(relayed, peer, false) {
+            Ok((peer, _)) => peer,
+            Err(_) => return ClientAction::None,
         };
-        debug_assert_eq!(a.relayed, relayed);
         let len = range.len() as u64;
-        if !a.bucket.take(bw, len, now) {
-            self.stats.bandwidth_dropped += 1;
+        if !self.take_bandwidth(i, len, now) {
             return ClientAction::None;
         }
         self.stats.packets_to_peer += 1;
         self.stats.bytes_to_peer += len;
         ClientAction::Relay {
-            relayed: a.relayed,
+            relayed,
             peer,
             range,
         }
@@ -626,8 +660,7 @@ impl<A: RelayAllocator> TurnServer<A> {
         let Some(&i) = self.by_relay.get(&relayed) else {
             return PeerAction::Drop;
         };
-        let bw = self.cfg.bandwidth;
-        let Some(Some(a)) = self.slots.get_mut(i) else {
+        let Some(Some(a)) = self.slots.get(i) else {
             return PeerAction::Drop;
         };
         if a.expires <= now {
@@ -639,10 +672,12 @@ impl<A: RelayAllocator> TurnServer<A> {
             return PeerAction::Drop;
         }
         let len = payload.len() as u64;
-        if !a.bucket.take(bw, len, now) {
-            self.stats.bandwidth_dropped += 1;
+        if !self.take_bandwidth(i, len, now) {
             return PeerAction::Drop;
         }
+        let Some(Some(a)) = self.slots.get(i) else {
+            return PeerAction::Drop;
+        };
         let client = a.client;
         let peer = SocketAddr::new(canon, from.port());
         if let Some(ch) = a.channel_by_peer(peer, now) {
@@ -762,6 +797,7 @@ impl<A: RelayAllocator> TurnServer<A> {
             }
             Err(refuse) => {
                 match refuse.0 {
+                    486 if refuse.1 == NETWORK_QUOTA_REASON => self.stats.network_quota_hits += 1,
                     486 => self.stats.quota_hits += 1,
                     508 => self.stats.capacity_hits += 1,
                     403 => {}
@@ -900,7 +936,7 @@ impl<A: RelayAllocator> TurnServer<A> {
         msg: &StunMessage,
         existing: Option<usize>,
         username: String,
-        user: String,
+        tenant: Tenant,
     ) -> Result<Vec<StunAttribute>, Refuse> {
         if let Some(i) = existing {
             let Some(Some(a)) = self.slots.get(i) else {
@@ -947,16 +983,22 @@ impl<A: RelayAllocator> TurnServer<A> {
                 _ => {}
             }
         }
-        let relayed = match self.allocator.allocate(from, &user, family, even_port) {
+        let reservation = match self
+            .allocator
+            .allocate(from, &tenant, family, even_port, now)
+        {
             Ok(r) => r,
             Err(AllocateError::Quota) => return Err(Refuse(486, "Allocation Quota Reached")),
+            Err(AllocateError::NetworkQuota) => return Err(Refuse(486, NETWORK_QUOTA_REASON)),
             Err(AllocateError::Capacity) => return Err(Refuse(508, "Insufficient Capacity")),
             Err(AllocateError::Family) => return Err(Refuse(440, "Address Family not Supported")),
         };
+        let relayed = reservation.relayed;
         let alloc = Allocation {
             client: from,
             relayed,
-            user,
+            tenant,
+            network_rate: reservation.network_rate,
             username,
             expires: now + Duration::from_secs(u64::from(lifetime)),
             created_by: *msg.transaction_id(),
@@ -1047,20 +1089,41 @@ impl<A: RelayAllocator> TurnServer<A> {
         Ok(vec![LifeTime::new(lifetime).into()])
     }
 
-    /// Policy first (a denied address is 403 in any spelling), then the family (443).
+    /// The peer policy: the one decision every path that names a peer goes through —
+    /// CreatePermission, ChannelBind, Send indications and ChannelData to an own address —
+    /// whatever transport the request arrived on (UDP today, TCP/TLS later call the same core).
     ///
-    /// `port_matters`: the port is the real destination (ChannelBind) rather than ignored
-    /// (CreatePermission), which decides whether an own relay address is acceptable.
-    fn check_peer(
+    /// In order: the operator deny list and the address classes on the canonical address
+    /// ([`PeerPolicy::check`], so a denied address is 403 in every spelling); an own address of
+    /// the relay only when `relay_to_self` is on and the port is the relayed address of a live
+    /// allocation; then the family (443). Every refusal is counted by reason. Returns the
+    /// canonical peer and whether it is an own address.
+    ///
+    /// `permission_only`: the address only installs a permission (CreatePermission), whose
+    /// port RFC 8656 §9 ignores. There an own address with port 0 ("the IP, any port", what
+    /// clients that know only the peer's IP send) is accepted when relaying to self is on:
+    /// the permission lets nothing out by itself, every datagram sent under it comes back
+    /// here with its real port. A non-zero port must be a live allocation's.
+    pub(super) fn peer_policy(
         &mut self,
         relayed: SocketAddr,
         peer: SocketAddr,
-        port_matters: bool,
-    ) -> Result<IpAddr, Refuse> {
-        let ip = match self.cfg.policy.check(peer.ip()) {
-            Ok(ip) => ip,
-            Err(DenyReason::RelaySelf) if self.self_peer_ok(peer.port(), port_matters) => {
-                crate::addr::canonical_ip(peer.ip())
+        permission_only: bool,
+    ) -> Result<(SocketAddr, bool), Refuse> {
+        let (ip, own) = match self.cfg.policy.check(peer.ip()) {
+            Ok(ip) => (ip, false),
+            Err(DenyReason::RelaySelf) => {
+                let ip = crate::addr::canonical_ip(peer.ip());
+                let ok = if permission_only && peer.port() == 0 {
+                    self.cfg.self_relay_ports.is_some()
+                } else {
+                    self.own_peer_live(SocketAddr::new(ip, peer.port()))
+                };
+                if !ok {
+                    self.stats.denied[deny_index(DenyReason::RelaySelf)] += 1;
+                    return Err(Refuse(403, "Forbidden"));
+                }
+                (ip, true)
             }
             Err(reason) => {
                 self.stats.denied[deny_index(reason)] += 1;
@@ -1070,15 +1133,46 @@ impl<A: RelayAllocator> TurnServer<A> {
         if Family::of(ip) != Family::of(relayed.ip()) {
             return Err(Refuse(443, "Peer Address Family Mismatch"));
         }
-        Ok(ip)
+        Ok((SocketAddr::new(ip, peer.port()), own))
     }
 
-    /// Whether an own relay address is an acceptable peer on `port`.
-    fn self_peer_ok(&self, port: u16, port_matters: bool) -> bool {
-        match self.cfg.self_relay_ports {
-            Some((lo, hi)) => !port_matters || (lo..=hi).contains(&port),
-            None => false,
+    /// Whether an own address `peer` (canonical) is the relayed address of a live allocation,
+    /// with relaying to self enabled. An advertised external IP maps back to its bound IP.
+    fn own_peer_live(&self, peer: SocketAddr) -> bool {
+        let Some((lo, hi)) = self.cfg.self_relay_ports else {
+            return false;
+        };
+        if !(lo..=hi).contains(&peer.port()) {
+            return false;
         }
+        let bound = self
+            .cfg
+            .external_ips
+            .iter()
+            .find(|(_, public)| *public == peer.ip())
+            .map_or(peer.ip(), |(bound, _)| *bound);
+        self.allocator
+            .is_live_relayed(SocketAddr::new(bound, peer.port()))
+    }
+
+    /// Takes `len` bytes from allocation `i`'s bucket and its network's; counts a drop.
+    #[inline]
+    fn take_bandwidth(&mut self, i: usize, len: u64, now: Instant) -> bool {
+        let bw = self.cfg.bandwidth;
+        let Some(Some(a)) = self.slots.get_mut(i) else {
+            return false;
+        };
+        if !a.bucket.take(bw, len, now) {
+            self.stats.bandwidth_dropped += 1;
+            return false;
+        }
+        if let Some(net) = &a.network_rate {
+            if !net.take(len, now) {
+                self.stats.network_bandwidth_dropped += 1;
+                return false;
+            }
+        }
+        true
     }
 
     fn create_permission(
@@ -1105,7 +1199,7 @@ impl<A: RelayAllocator> TurnServer<A> {
         // All or nothing (RFC 8656 §9.2): check every address before installing any.
         let mut ips = Vec::with_capacity(peers.len());
         for p in peers {
-            ips.push(self.check_peer(relayed, p, false)?);
+            ips.push(self.peer_policy(relayed, p, true)?.0.ip());
         }
         let max = self.cfg.max_permissions;
         let Some(Some(a)) = self.slots.get_mut(i) else {
@@ -1148,8 +1242,8 @@ impl<A: RelayAllocator> TurnServer<A> {
             Some(Some(a)) => a.relayed,
             _ => return Err(Refuse(437, "Allocation Mismatch")),
         };
-        let ip = self.check_peer(relayed, peer, true)?;
-        let peer = SocketAddr::new(ip, peer.port());
+        let (peer, own) = self.peer_policy(relayed, peer, false)?;
+        let ip = peer.ip();
         let max_ch = self.cfg.max_channels;
         let max_perm = self.cfg.max_permissions;
         let Some(Some(a)) = self.slots.get_mut(i) else {
@@ -1175,6 +1269,7 @@ impl<A: RelayAllocator> TurnServer<A> {
                 a.channels.push(Channel {
                     number,
                     peer,
+                    own,
                     expires: now + CHANNEL_LIFETIME,
                 });
                 self.stats.channels_bound += 1;

@@ -3,7 +3,7 @@
 use super::*;
 use crate::creds;
 use crate::turn::codec::{encode_xor_addr, MAX_DATAGRAM};
-use crate::turn::PortPool;
+use crate::turn::{PortPool, EVICTION_SAMPLE};
 use crate::turn_client::{Input, TurnClient, TurnCredentials, TurnEvent, TurnOp};
 use hmac::{Hmac, Mac};
 use proptest::prelude::*;
@@ -496,6 +496,7 @@ fn allowed_classes_open_when_configured() {
         allow_loopback: true,
         allow_private: true,
         own_addrs: vec![],
+        denied: vec![],
     };
     let mut net = Net::with(
         config(policy),
@@ -1414,4 +1415,363 @@ proptest! {
         let n = encode_xor_addr(addr, &txid, &mut buf).unwrap();
         prop_assert_eq!(decode_xor_addr(&buf[..n], &txid), Some(addr));
     }
+}
+
+// ---- tenant limits and peer policy (issue 11), unauthenticated flood (issue 12) -------------
+
+/// A client of `network` with key number `key` (a meshpunch REST user id `network.<16 hex>`).
+fn member(net: &Net, network: &str, key: u32) -> TurnClient {
+    net.client(&format!("{network}.{key:016x}"))
+}
+
+fn allocate_result(net: &mut Net, c: &mut TurnClient, from: SocketAddr) -> Result<(), Option<u16>> {
+    c.allocate(net.now);
+    match net.drive(c, from).as_slice() {
+        [TurnEvent::Allocated { .. }] => Ok(()),
+        [TurnEvent::Failed { code, .. }] => Err(*code),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Attack: one network token, 11 throw-away keys (11 usernames), 10 allocations each. The
+/// quota is per network: allocations beyond it get 486, whatever the key.
+#[test]
+fn eleven_keys_of_one_network_hit_the_network_quota() {
+    let pool = PortPool::new(
+        vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
+        50000,
+        50999,
+        10,
+    )
+    .with_network_limits(100, Rate::UNLIMITED);
+    let mut net = Net::with(config(PeerPolicy::default()), pool);
+    let (mut ok, mut refused) = (0, 0);
+    for key in 0..11u32 {
+        for k in 0..10u16 {
+            let from = SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(198, 51, 100, key as u8 + 1)),
+                40000 + k,
+            );
+            let mut c = member(&net, "evil", key);
+            match allocate_result(&mut net, &mut c, from) {
+                Ok(()) => ok += 1,
+                Err(Some(486)) => refused += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+    }
+    assert_eq!((ok, refused), (100, 10));
+    assert_eq!(net.server.stats().network_quota_hits, 10);
+    assert_eq!(net.server.stats().quota_hits, 0);
+    // The 11th username of the network is refused; a member of another network is not.
+    let mut other = member(&net, "office", 1);
+    assert_eq!(
+        allocate_result(&mut net, &mut other, sa("192.0.2.9:1")),
+        Ok(())
+    );
+    // The username quota still holds inside a network: key 0 of "office" gets 10, not 11.
+    for k in 0..10u16 {
+        let mut c = member(&net, "office", 0);
+        let r = allocate_result(
+            &mut net,
+            &mut c,
+            SocketAddr::new(sa("192.0.2.10:1").ip(), 1 + k),
+        );
+        assert_eq!(r, Ok(()));
+    }
+    let mut c = member(&net, "office", 0);
+    assert_eq!(
+        allocate_result(&mut net, &mut c, sa("192.0.2.10:99")),
+        Err(Some(486))
+    );
+    assert_eq!(net.server.stats().quota_hits, 1);
+}
+
+/// The relay's defaults are finite: a config built with `ServerConfig::new` limits an
+/// allocation's bandwidth (it used to be unlimited).
+#[test]
+fn bandwidth_is_limited_by_default() {
+    let cfg = config(PeerPolicy::default());
+    assert_eq!(cfg.bandwidth, crate::turn::DEFAULT_ALLOCATION_BANDWIDTH);
+    assert!(cfg.bandwidth.per_sec > 0);
+}
+
+/// Attack: traffic above the per-allocation limit (the default one) is dropped and counted;
+/// two allocations of one network together above the network limit likewise.
+#[test]
+fn traffic_above_the_allocation_and_network_limits_is_dropped_and_counted() {
+    let pool = PortPool::new(
+        vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
+        50000,
+        50009,
+        10,
+    )
+    .with_network_limits(
+        100,
+        Rate {
+            per_sec: 1_000_000,
+            burst: 3_000_000,
+        },
+    );
+    let mut net = Net::with(config(PeerPolicy::default()), pool);
+    let peer = sa("192.0.2.70:1");
+    let (ma, mb) = (sa("198.51.100.7:1"), sa("198.51.100.8:1"));
+    let mut a = net.client(&format!("acme.{:016x}", 1));
+    allocate_result(&mut net, &mut a, ma).unwrap();
+    let mut b = net.client(&format!("acme.{:016x}", 2));
+    allocate_result(&mut net, &mut b, mb).unwrap();
+    let cha = a.bind_channel(peer, net.now).unwrap();
+    net.drive(&mut a, ma);
+    let chb = b.bind_channel(peer, net.now).unwrap();
+    net.drive(&mut b, mb);
+    let mut cd = vec![0u8; 1300];
+    let send = |net: &mut Net, from: SocketAddr, ch: u16, cd: &mut Vec<u8>, count: usize| {
+        let n = channeldata::encode(ch, &[0u8; 1200], cd).unwrap();
+        (0..count)
+            .filter(|_| {
+                matches!(
+                    net.server
+                        .handle_client(net.now, from, &cd[..n], &mut net.out),
+                    ClientAction::Relay { .. }
+                )
+            })
+            .count()
+    };
+    // Per allocation (default burst 2.5 MB): 2,500 datagrams of 1,200 B pass at one instant
+    // of the 2,500,000 / 1200 = 2083 that fit; the rest is dropped and counted.
+    let passed_a = send(&mut net, ma, cha, &mut cd, 2_500);
+    assert_eq!(passed_a, 2_500_000 / 1200);
+    assert_eq!(
+        net.server.stats().bandwidth_dropped,
+        (2_500 - passed_a) as u64
+    );
+    // B's own bucket is full, but the network's 3 MB burst is nearly spent by A.
+    let passed_b = send(&mut net, mb, chb, &mut cd, 1_000);
+    assert_eq!(passed_a + passed_b, 3_000_000 / 1200);
+    assert_eq!(
+        net.server.stats().network_bandwidth_dropped,
+        (1_000 - passed_b) as u64
+    );
+    // Peer → client traffic draws from the same buckets.
+    let ra = a.relayed_addr().unwrap();
+    assert_eq!(
+        net.server
+            .handle_peer(net.now, ra, peer, &[0u8; 1200], &mut net.out),
+        PeerAction::Drop
+    );
+}
+
+fn peer_attr(addr: SocketAddr) -> StunAttribute {
+    XorPeerAddress::from(addr).into()
+}
+
+/// Attack: a permission to the relay's own IP on a port that is no live allocation's relayed
+/// address is refused (403) and counted; the live allocation's port is fine.
+#[test]
+fn permission_to_own_ip_without_a_live_allocation_is_refused_and_counted() {
+    let own = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
+    let mut cfg = config(PeerPolicy {
+        own_addrs: vec![own],
+        ..Default::default()
+    });
+    cfg.self_relay_ports = Some((50000, 50009));
+    let mut net = Net::with(cfg, PortPool::new(vec![own], 50000, 50009, 0));
+    let (ma, mb) = (sa("198.51.100.7:1"), sa("198.51.100.8:1"));
+    let mut a = net.allocated("a", ma);
+    let _b = net.allocated("b", mb);
+    let ra = a.relayed_addr().unwrap();
+    let relay_self = DENY_LABELS.iter().position(|l| *l == "relay_self").unwrap();
+    let free = (50000..=50009)
+        .map(|p| SocketAddr::new(own, p))
+        .find(|p| *p != ra && net.server.relayed_addr(mb, net.now) != Some(*p))
+        .unwrap();
+    for target in [free, SocketAddr::new(own, 3478), SocketAddr::new(own, 22)] {
+        let before = net.server.stats().denied[relay_self];
+        let req = signed_request(
+            &mut net,
+            mb,
+            CREATE_PERMMISSION,
+            vec![peer_attr(target)],
+            "b",
+        );
+        let reply = net.raw(mb, &req).unwrap();
+        assert_eq!(error_code(&reply), Some(403), "{target}");
+        assert_eq!(
+            net.server.stats().denied[relay_self],
+            before + 1,
+            "{target}"
+        );
+        let req = signed_request(
+            &mut net,
+            mb,
+            CHANNEL_BIND,
+            vec![peer_attr(target), ChannelNumber::new(0x4001).into()],
+            "b",
+        );
+        assert_eq!(
+            error_code(&net.raw(mb, &req).unwrap()),
+            Some(403),
+            "{target}"
+        );
+    }
+    // A's live relayed address is a fine peer.
+    let req = signed_request(&mut net, mb, CREATE_PERMMISSION, vec![peer_attr(ra)], "b");
+    assert_eq!(error_code(&net.raw(mb, &req).unwrap()), None);
+    // Once A's allocation ends, its port is refused again.
+    a.release(net.now);
+    net.drive(&mut a, ma);
+    let req = signed_request(&mut net, mb, CREATE_PERMMISSION, vec![peer_attr(ra)], "b");
+    assert_eq!(error_code(&net.raw(mb, &req).unwrap()), Some(403));
+}
+
+/// Attack: a `denied_peers` CIDR reached through every IPv6 spelling of an address inside it,
+/// in CreatePermission, ChannelBind and Send: refused and counted as `denied`.
+#[test]
+fn denied_peers_are_refused_in_every_spelling() {
+    let cfg = config(PeerPolicy {
+        denied: vec!["192.0.2.0/24".parse().unwrap()],
+        ..Default::default()
+    });
+    let mut net = Net::with(
+        cfg,
+        PortPool::new(
+            vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
+            50000,
+            50009,
+            0,
+        ),
+    );
+    let me = sa("198.51.100.7:1");
+    let mut c = net.allocated("eve", me);
+    let denied = DENY_LABELS.iter().position(|l| *l == "denied").unwrap();
+    // 192.0.2.80 = c000:0250; Teredo stores it inverted: 3fff:fdaf.
+    let spellings = [
+        "192.0.2.80",
+        "::ffff:192.0.2.80",
+        "::ffff:0:192.0.2.80",
+        "::192.0.2.80",
+        "2002:c000:250::1",
+        "64:ff9b::192.0.2.80",
+        "64:ff9b:1::192.0.2.80",
+        "2001:0:4136:e378:8000:63bf:3fff:fdaf",
+    ];
+    for (k, s) in spellings.iter().enumerate() {
+        let ip: IpAddr = s.parse().unwrap();
+        let target = SocketAddr::new(ip, 9);
+        let before = net.server.stats().denied[denied];
+        let req = signed_request(
+            &mut net,
+            me,
+            CREATE_PERMMISSION,
+            vec![peer_attr(target)],
+            "eve",
+        );
+        assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(403), "{s}");
+        let req = signed_request(
+            &mut net,
+            me,
+            CHANNEL_BIND,
+            vec![
+                peer_attr(target),
+                ChannelNumber::new(0x4000 + k as u16).into(),
+            ],
+            "eve",
+        );
+        assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(403), "{s}");
+        assert_eq!(net.server.stats().denied[denied], before + 2, "{s}");
+    }
+    // A public neighbour outside the CIDR is fine, and nothing was installed for the denied one.
+    c.create_permission("192.0.3.80".parse().unwrap(), net.now)
+        .unwrap();
+    assert!(matches!(
+        net.drive(&mut c, me).as_slice(),
+        [TurnEvent::PermissionCreated { .. }]
+    ));
+    let mut buf = [0u8; 128];
+    let n = c.encode_send(sa("192.0.2.80:9"), b"x", &mut buf).unwrap();
+    assert_eq!(
+        net.server
+            .handle_client(net.now, me, &buf[..n], &mut net.out),
+        ClientAction::None
+    );
+}
+
+/// Attack: 100,000 unauthenticated requests from 100,000 distinct (spoofed) sources fill the
+/// per-source table; then a real client from a new address still gets its 401 and allocates,
+/// and every insert into the full table examined at most EVICTION_SAMPLE entries.
+#[test]
+fn flood_from_100k_spoofed_sources_does_not_lock_out_a_real_client() {
+    let mut net = Net::new();
+    let mut probe = net.client("probe");
+    probe.allocate(net.now);
+    let unauth = probe.poll_transmit().unwrap().payload;
+    let mut answered = 0;
+    for i in 0..100_000u32 {
+        let from = SocketAddr::new(IpAddr::from((0x0b00_0000u32 + i).to_be_bytes()), 5000);
+        if net.raw(from, &unauth).is_some() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 100_000, "every new source gets its challenge");
+    let table = net.server.unauth_limit.clone();
+    assert!(table.len() <= table.capacity());
+    let inserts_into_full = table.evictions();
+    assert!(inserts_into_full > 0);
+    assert_eq!(table.probes(), inserts_into_full * EVICTION_SAMPLE as u64);
+    // The real client, same instant.
+    let me = sa("198.51.100.200:4000");
+    let mut c = net.client("alice");
+    c.allocate(net.now);
+    let t = c.poll_transmit().unwrap();
+    let reply = net.raw(me, &t.payload).expect("401 for the real client");
+    assert_eq!(error_code(&reply), Some(401));
+    assert_eq!(
+        c.handle_input(net.now, net.server_addr, &reply),
+        Input::Consumed
+    );
+    let ev = net.drive(&mut c, me);
+    assert!(
+        matches!(ev.as_slice(), [TurnEvent::Allocated { .. }]),
+        "{ev:?}"
+    );
+}
+
+/// The per-source tables are per process: two cores built with the same `SharedLimits` (two
+/// workers) share one source's budget.
+#[test]
+fn rate_limits_are_shared_between_workers() {
+    let mut cfg = config(PeerPolicy::default());
+    cfg.unauth_rate = Rate {
+        per_sec: 1,
+        burst: 4,
+    };
+    let limits = crate::turn::SharedLimits::new(&cfg);
+    let now = Instant::now();
+    let pool = || {
+        PortPool::new(
+            vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
+            50000,
+            50009,
+            0,
+        )
+    };
+    let mut w1 = TurnServer::with_limits(cfg.clone(), pool(), limits.clone(), now, UNIX0);
+    let mut w2 = TurnServer::with_limits(cfg, pool(), limits, now, UNIX0);
+    let net = Net::new();
+    let mut probe = net.client("probe");
+    probe.allocate(now);
+    let unauth = probe.poll_transmit().unwrap().payload;
+    let from = sa("198.51.100.1:1");
+    let mut out = vec![0u8; 1500];
+    let mut answers = 0;
+    for k in 0..10 {
+        let w = if k % 2 == 0 { &mut w1 } else { &mut w2 };
+        if matches!(
+            w.handle_client(now, from, &unauth, &mut out),
+            ClientAction::Reply(_)
+        ) {
+            answers += 1;
+        }
+    }
+    assert_eq!(answers, 4, "one burst for the process, not one per worker");
 }
