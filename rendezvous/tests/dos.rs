@@ -244,6 +244,87 @@ async fn watch_flood_is_rate_limited() {
     raw.send(&Message::Watch(vec![])).await;
 }
 
+/// quinn follows a client to a new address (NAT rebinding); its per-source slot follows it:
+/// moving to a free source keeps the connection and frees the old source, moving to a full
+/// source closes it with RateLimited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrated_connections_count_against_their_new_source() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::loopback(dir.path());
+    cfg.limits.max_connections_per_ip = 1;
+    let server = Server::start(cfg).await.unwrap();
+    let cs = server.dev_connect().unwrap().clone();
+    let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 0);
+
+    let mut a = Raw::connect_from(&cs, at("127.0.0.2")).await;
+    let (ska, _) = key();
+    assert!(matches!(
+        a.register(&cs.token, &ska).await,
+        Message::Registered(_)
+    ));
+    let mut b = Raw::connect_from(&cs, at("127.0.0.1")).await;
+    let (skb, _) = key();
+    assert!(matches!(
+        b.register(&cs.token, &skb).await,
+        Message::Registered(_)
+    ));
+
+    // a moves to a free source: still served, told its new address.
+    let fresh = UdpSocket::bind(at("127.0.0.3")).unwrap();
+    let moved_to = fresh.local_addr().unwrap();
+    a.endpoint().rebind(fresh).unwrap();
+    a.send(&Message::Watch(vec![])).await;
+    loop {
+        match a.recv().await {
+            Some(Message::ObservedAddr(addr)) => {
+                assert_eq!(addr, moved_to);
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("migrated connection closed"),
+        }
+    }
+    // Its old source has a free slot again.
+    let again = tokio::time::timeout(SOON, async {
+        loop {
+            let ep = quinn::Endpoint::client(at("127.0.0.2")).unwrap();
+            let cfg = client::quic_client_config(cs.pin).unwrap();
+            if let Ok(c) = ep
+                .connect_with(cfg, server.quic_addr(), "meshpunch")
+                .unwrap()
+                .await
+            {
+                return (ep, c);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        again.is_ok(),
+        "old source still counted after the migration"
+    );
+
+    // a moves onto b's source, which is full: closed with RateLimited.
+    let full = UdpSocket::bind(at("127.0.0.1")).unwrap();
+    a.endpoint().rebind(full).unwrap();
+    a.send(&Message::Watch(vec![])).await;
+    let reason = tokio::time::timeout(SOON, a.conn.closed()).await.unwrap();
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from(u16::from(ErrorCode::RateLimited))
+            );
+        }
+        other => panic!("unexpected close: {other:?}"),
+    }
+    // b is untouched.
+    b.send(&Message::Watch(vec![])).await;
+    assert!(b.conn.close_reason().is_none());
+}
+
 /// Runs in a fresh network namespace (loopback with addresses from two IPv6 /64s): clients
 /// from three addresses of one /64 share one per-source limit, a fourth from another /64 has
 /// its own.
