@@ -318,6 +318,30 @@ impl Revocations {
     }
 }
 
+/// Formats unix seconds as a readable UTC date, `2026-12-02 05:31:07 UTC` (for logs and
+/// status: when a token expired).
+pub fn format_unix_utc(unix: u64) -> String {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm), on u64/i64 without
+    // overflow for any u64 input.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 /// Parses a duration like `30d`, `12h`, `90m`, `45s`, `2w` or a bare number of seconds.
 pub fn parse_ttl(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -447,6 +471,14 @@ mod tests {
         assert_eq!(mint(b"s", "", 1), Err(TokenError::BadNetwork));
         assert_eq!(mint(b"s", &"x".repeat(65), 1), Err(TokenError::BadNetwork));
         assert!(mint(b"s", &"x".repeat(64), 1).is_ok());
+    }
+
+    #[test]
+    fn unix_times_read_as_utc_dates() {
+        assert_eq!(format_unix_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix_utc(1_796_189_467), "2026-12-02 05:31:07 UTC");
+        assert_eq!(format_unix_utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        let _ = format_unix_utc(u64::MAX);
     }
 
     #[test]

@@ -31,7 +31,7 @@ const TTL: Duration = Duration::from_secs(3);
 /// Generous bound for anything that should happen soon on a loaded machine.
 const SOON: Duration = Duration::from_secs(30);
 /// Token secret shared by the nodes: a token minted by one is valid on all.
-const TOKEN_SECRET: &str = "redis-nodes-test-secret";
+const TOKEN_SECRET: &str = "redis-nodes-test-secret-of-32-bytes-or-more";
 
 /// One rendezvous node process.
 struct Node {
