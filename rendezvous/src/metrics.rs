@@ -15,8 +15,12 @@ pub const CONNECTIONS_OPEN: &str = "meshpunch_rendezvous_connections_open";
 pub const PEERS_REGISTERED: &str = "meshpunch_rendezvous_peers_registered";
 /// Counter: successful registrations.
 pub const REGISTRATIONS_TOTAL: &str = "meshpunch_rendezvous_registrations_total";
-/// Counter: refused registrations, label `reason` = bad_token | expired | revoked | key_proof.
+/// Counter: refused registrations and sessions ended for authentication reasons, label
+/// `reason` = expired | revoked | bad_token | bad_proof | key_not_allowed | reauth_timeout.
 pub const AUTH_FAILURES_TOTAL: &str = "meshpunch_rendezvous_auth_failures_total";
+/// Counter: re-authentications of live connections, label `result` = ok | reauth_timeout |
+/// bad_proof.
+pub const REAUTH_TOTAL: &str = "meshpunch_rendezvous_reauth_total";
 /// Counter: typed errors sent to clients, label `code`.
 pub const ERRORS_SENT_TOTAL: &str = "meshpunch_rendezvous_errors_sent_total";
 /// Counter: offers, label `result` = forwarded | not_found | self_offer | timeout | failed.
