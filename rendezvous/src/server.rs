@@ -394,8 +394,8 @@ impl Server {
             }
         };
         let cs = self.connect_string(&tok);
-        std::fs::write(dir.join("connect"), format!("{cs}\n"))
-            .map_err(io_err(format!("writing {}", dir.join("connect").display())))?;
+        // The connect string carries the dev token: a secret, so the file is 0600.
+        tls::write_private(&dir.join("connect"), format!("{cs}\n").as_bytes())?;
         Ok(cs)
     }
 
