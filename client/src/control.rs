@@ -69,10 +69,18 @@ fn default_interval() -> u64 {
 /// The rendezvous connection as status shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RendezvousStatus {
-    /// `disabled`, `connecting`, `connected` or `disconnected`.
+    /// `disabled`, `connecting`, `connected`, `disconnected` or `unauthorized` (the token was
+    /// refused: expired, revoked, …; the daemon retries every 5 min or on SIGHUP).
     pub state: String,
     /// Last error.
     pub error: Option<String>,
+    /// Why the token was refused (`expired`, `revoked`, `bad_token`, `key_not_allowed`,
+    /// `bad_proof`, `reauth_timeout`, `unauthorized`), while state is `unauthorized`.
+    #[serde(default)]
+    pub auth_reason: Option<String>,
+    /// Expiry of the token in use (unix seconds), when known from a refusal.
+    #[serde(default)]
+    pub token_expires_unix: Option<u64>,
     /// Address the rendezvous saw our QUIC connection from.
     pub observed_addr: Option<SocketAddr>,
     /// The QUIC connection to the rendezvous runs on the data socket (demultiplexed by

@@ -17,6 +17,7 @@ pub mod nat;
 pub mod path;
 pub mod probe;
 mod rng;
+pub mod session;
 pub mod stun;
 pub mod token;
 pub mod turn;

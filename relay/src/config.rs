@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use meshpunch_proto::addr::PeerPolicy;
-use meshpunch_proto::turn::{Auth, Rate, ServerConfig};
+use meshpunch_proto::addr::{Cidr, PeerPolicy};
+use meshpunch_proto::turn::{
+    Auth, Rate, ServerConfig, DEFAULT_ALLOCATION_BANDWIDTH, DEFAULT_NETWORK_BANDWIDTH,
+    DEFAULT_NETWORK_QUOTA, DEFAULT_USER_QUOTA,
+};
 use serde::Deserialize;
 
 /// Default TURN/STUN port (RFC 8489 §18.5).
@@ -93,6 +96,16 @@ pub struct FileConfig {
     /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF (default: also RFC 5766's
     /// 0x5000-0x7FFF, as coturn does).
     pub strict_channel_range: Option<bool>,
+    /// Allocations one network may hold over all its usernames (0 = unlimited; default 1024).
+    pub network_quota: Option<u32>,
+    /// Bandwidth of one network over all its allocations, bytes/s (0 = unlimited; default
+    /// 125,000,000 = 1 Gbit/s).
+    pub network_bandwidth_limit: Option<u64>,
+    /// Burst of the per-network limit in bytes (default: 100 ms worth).
+    pub network_bandwidth_burst: Option<u64>,
+    /// Peer addresses never relayed to, as CIDRs (coturn's `denied-peer-ip`), checked after
+    /// IPv6 spellings of IPv4 are reduced: `["10.0.0.0/8", "2001:db8::/32"]`.
+    pub denied_peers: Option<Vec<String>>,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -116,6 +129,8 @@ pub struct Overrides {
     pub allow_private_peers: bool,
     /// `--admin-listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// `--denied-peer` (repeatable; added to the file's `denied_peers`).
+    pub denied_peers: Vec<String>,
 }
 
 /// The resolved configuration the relay runs with.
@@ -133,8 +148,12 @@ pub struct RelayConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads.
     pub workers: usize,
-    /// Allocations per user.
+    /// Allocations per username.
     pub user_quota: u32,
+    /// Allocations per network.
+    pub network_quota: u32,
+    /// Bandwidth per network.
+    pub network_bandwidth: Rate,
     /// Drain period.
     pub drain: Duration,
     /// Socket buffer size.
@@ -345,10 +364,23 @@ impl RelayConfig {
         }
         let nonce_key: [u8; 32] = rand::random();
         let mut server = ServerConfig::new(realm, Auth { secrets, users }, nonce_key);
+        let mut denied = Vec::new();
+        for text in file
+            .denied_peers
+            .iter()
+            .flatten()
+            .chain(o.denied_peers.iter())
+        {
+            let cidr: Cidr = text
+                .parse()
+                .with_context(|| format!("denied_peers / --denied-peer entry {text:?}"))?;
+            denied.push(cidr);
+        }
         server.policy = PeerPolicy {
             allow_loopback,
             allow_private,
             own_addrs,
+            denied,
         };
         if let Some(v) = file.max_permissions {
             server.max_permissions = v;
@@ -363,11 +395,24 @@ impl RelayConfig {
         if let Some(v) = file.max_channels {
             server.max_channels = v;
         }
-        let bw = file.bandwidth_limit.unwrap_or(0);
+        // Finite by default (sized in docs/relay.md from BENCHMARKS.md); 0 = unlimited.
+        let bw = file
+            .bandwidth_limit
+            .unwrap_or(DEFAULT_ALLOCATION_BANDWIDTH.per_sec);
         // The burst must hold the largest datagram, or big packets could never pass.
         server.bandwidth = Rate {
             per_sec: bw,
-            burst: file.bandwidth_burst.unwrap_or(bw).max(65_536),
+            burst: file.bandwidth_burst.unwrap_or(bw / 10).max(65_536),
+        };
+        let net_bw = file
+            .network_bandwidth_limit
+            .unwrap_or(DEFAULT_NETWORK_BANDWIDTH.per_sec);
+        let network_bandwidth = Rate {
+            per_sec: net_bw,
+            burst: file
+                .network_bandwidth_burst
+                .unwrap_or(net_bw / 10)
+                .max(65_536),
         };
         if let Some(r) = file.request_rate {
             server.request_rate = Rate {
@@ -401,7 +446,15 @@ impl RelayConfig {
             ports,
             admin_listen: o.admin_listen.or(file.admin_listen),
             workers,
-            user_quota: file.user_quota.unwrap_or(if dev { 0 } else { 10 }),
+            user_quota: file
+                .user_quota
+                .unwrap_or(if dev { 0 } else { DEFAULT_USER_QUOTA }),
+            network_quota: file.network_quota.unwrap_or(if dev {
+                0
+            } else {
+                DEFAULT_NETWORK_QUOTA
+            }),
+            network_bandwidth,
             drain: file
                 .drain_seconds
                 .map_or(DEFAULT_DRAIN, Duration::from_secs),
@@ -465,16 +518,30 @@ mod tests {
             strict_channel_range = true
             relay_to_self = false
             external_ips = { "127.0.0.1" = "203.0.113.9" }
+            network_quota = 50
+            network_bandwidth_limit = 5000000
+            network_bandwidth_burst = 600000
+            denied_peers = ["10.0.0.0/8", "2001:db8::/32"]
             "#,
         )
         .unwrap();
         let o = Overrides {
             realm: Some("flag".into()),
             allow_loopback_peers: true,
+            denied_peers: vec!["169.254.169.254".into()],
             ..Default::default()
         };
         let c = RelayConfig::resolve(file, o, None).unwrap();
         assert_eq!(c.server.realm, "flag");
+        assert_eq!(c.network_quota, 50);
+        assert_eq!(
+            c.network_bandwidth,
+            Rate {
+                per_sec: 5_000_000,
+                burst: 600_000
+            }
+        );
+        assert_eq!(c.server.policy.denied.len(), 3);
         assert_eq!(c.ports, (40000, 40100));
         assert_eq!(c.also_listen, vec!["[::1]:3478".parse().unwrap()]);
         assert!(c.server.policy.allow_loopback && c.server.policy.allow_private);
@@ -493,6 +560,37 @@ mod tests {
             .own_addrs
             .contains(&"203.0.113.9".parse().unwrap()));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn limits_are_finite_by_default() {
+        let c = RelayConfig::resolve(
+            FileConfig::default(),
+            Overrides {
+                listen: Some("127.0.0.1:3478".parse().unwrap()),
+                auth_secret: Some("s".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.user_quota, DEFAULT_USER_QUOTA);
+        assert_eq!(c.network_quota, DEFAULT_NETWORK_QUOTA);
+        assert_eq!(c.server.bandwidth, DEFAULT_ALLOCATION_BANDWIDTH);
+        assert_eq!(c.network_bandwidth, DEFAULT_NETWORK_BANDWIDTH);
+        // 0 still switches a limit off, as documented.
+        let c = RelayConfig::resolve(
+            toml::from_str("bandwidth_limit = 0\nnetwork_bandwidth_limit = 0").unwrap(),
+            Overrides {
+                listen: Some("127.0.0.1:3478".parse().unwrap()),
+                auth_secret: Some("s".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.server.bandwidth.per_sec, 0);
+        assert_eq!(c.network_bandwidth.per_sec, 0);
     }
 
     #[test]
