@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use meshpunch_proto::addr::{for_socket, unmap};
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::nat::{choose_relay, RelayLatency};
 use meshpunch_proto::path::{
@@ -127,33 +128,11 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Maps IPv4-mapped IPv6 addresses back to IPv4 (dual-stack data socket).
-pub fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => a,
-        },
-        _ => a,
-    }
-}
-
-/// The inverse of [`canonical`] for sending: on a dual-stack (`[::]`) socket an IPv4
-/// destination is written IPv4-mapped; otherwise the address is used as it is.
-pub fn for_socket(dual_stack: bool, a: SocketAddr) -> SocketAddr {
-    match (dual_stack, a) {
-        (true, SocketAddr::V4(v4)) => {
-            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-        }
-        _ => a,
-    }
-}
-
 /// A candidate address as the data socket can use it: IPv4-mapped spellings become IPv4
 /// (datagrams arrive from the canonical form, and pairs are matched by address); IPv6 is
 /// `None` when the data socket is IPv4 only (it could never be sent to).
 fn usable_candidate(v6_socket: bool, a: SocketAddr) -> Option<SocketAddr> {
-    let a = canonical(a);
+    let a = unmap(a);
     (v6_socket || a.is_ipv4()).then_some(a)
 }
 
@@ -291,6 +270,12 @@ pub async fn start_with(
     let sock = Arc::new(UdpSocket::from_std(std_sock)?);
     let data_addr = sock.local_addr()?;
 
+    // On a loopback-only data socket loopback is the only network: peers' loopback
+    // candidates are allowed there (tests, single-host setups) and nowhere else.
+    let path_cfg = PathConfig {
+        loopback_candidates: data_addr.ip().is_loopback(),
+        ..opts.path.clone()
+    };
     let (proxy_tx, proxy_rx) = mpsc::channel::<FromProxy>(1024);
     let now = Instant::now();
     let mut peers = Vec::new();
@@ -364,7 +349,7 @@ pub async fn start_with(
             }
         });
         let path = PeerPath::new(
-            opts.path.clone(),
+            path_cfg.clone(),
             opts.identity.public,
             pc.public_key,
             now,
@@ -390,6 +375,7 @@ pub async fn start_with(
             dropped: 0,
             last_rx: None,
             static_candidates: usable_candidates(v6, &pc.candidates),
+            refused_seen: 0,
             next_offer_at: None,
             last_offer: None,
             note: None,
@@ -538,6 +524,8 @@ struct Peer {
     /// path is selected yet (the peer found its path before we did).
     last_rx: Option<(PathAddr, Instant)>,
     static_candidates: Vec<SocketAddr>,
+    /// Refused candidates already logged.
+    refused_seen: u64,
     next_offer_at: Option<Instant>,
     last_offer: Option<Instant>,
     note: Option<String>,
@@ -680,7 +668,7 @@ impl Engine {
                     match r {
                         Ok((n, from)) => {
                             let now = Instant::now();
-                            self.on_datagram(now, canonical(from), &buf[..n]);
+                            self.on_datagram(now, unmap(from), &buf[..n]);
                         }
                         Err(e) => tracing::debug!(error = %e, "data socket recv error"),
                     }
@@ -1222,7 +1210,7 @@ impl Engine {
                 match turn.client.handle_input(now, from, pkt) {
                     Input::Data { peer, range } => {
                         if let Some(inner) = pkt.get(range) {
-                            self.on_peer_packet(now, PathAddr::relay(canonical(peer)), inner);
+                            self.on_peer_packet(now, PathAddr::relay(unmap(peer)), inner);
                         }
                         return;
                     }
@@ -1249,7 +1237,7 @@ impl Engine {
         match purpose {
             StunPurpose::Srflx => {
                 if let Some(m) = r.mapped {
-                    let m = canonical(m);
+                    let m = unmap(m);
                     if !self.note_mapping(now, from, m) {
                         return;
                     }
@@ -1403,7 +1391,7 @@ impl Engine {
         match ev {
             Internal::Resolved { idx, addr } => {
                 if let Some(p) = self.relay_probes.get_mut(idx) {
-                    p.server = addr.map(canonical);
+                    p.server = addr.map(unmap);
                 }
                 if self.next_relay_measure.is_none_or(|t| t > now) {
                     self.next_relay_measure = Some(now);
@@ -1507,7 +1495,7 @@ impl Engine {
                 self.rdv.shares_data_socket = shared_socket;
                 self.rdv.quic_local_addr = local;
                 self.observed_as_srflx(now, before, observed);
-                let stun: Vec<SocketAddr> = stun.into_iter().map(canonical).collect();
+                let stun: Vec<SocketAddr> = stun.into_iter().map(unmap).collect();
                 self.stun_mappings.set_servers(&stun);
                 if stun != self.stun_servers {
                     self.stun_servers = stun;
@@ -1571,6 +1559,7 @@ impl Engine {
                 secret,
                 start_at,
                 local_version,
+                peer_observed,
             } => {
                 let Some(i) = self.peers.iter().position(|p| p.key == peer) else {
                     return;
@@ -1594,7 +1583,15 @@ impl Engine {
                 tracing::info!(peer = %p.b64, candidates = cands.len(), "punching");
                 p.note = None;
                 p.next_offer_at = None;
+                // Before the candidates: birthday targets are checked against it.
+                p.path
+                    .set_peer_observed(peer_observed.map(|a| unmap(a).ip()));
                 p.path.start_session(now, &secret, start_at, cands);
+                let refused = p.path.counters().refused_candidates;
+                if refused > p.refused_seen {
+                    tracing::warn!(peer = %p.b64, refused = refused - p.refused_seen, "peer candidates refused (loopback, multicast, unspecified, broadcast, or a private address that is not a host candidate)");
+                    p.refused_seen = refused;
+                }
                 self.rebuild_maps();
                 self.bind_relay_channels(now);
                 self.peers[i].sent_version = local_version;
@@ -1634,8 +1631,8 @@ impl Engine {
         if !self.rdv.shares_data_socket {
             return;
         }
-        let observed = canonical(observed);
-        let agreed = before.map(canonical).is_some_and(|b| self.srflx == Some(b));
+        let observed = unmap(observed);
+        let agreed = before.map(unmap).is_some_and(|b| self.srflx == Some(b));
         if self.srflx_from_stun && !agreed {
             return;
         }
@@ -1707,7 +1704,7 @@ impl Engine {
     fn on_pool_datagram(&mut self, now: Instant, d: PoolDatagram) {
         match classify(&d.bytes) {
             PacketKind::Probe | PacketKind::WireGuard => {
-                let from = PathAddr::direct_on(d.local, canonical(d.from));
+                let from = PathAddr::direct_on(d.local, unmap(d.from));
                 self.on_peer_packet(now, from, &d.bytes);
             }
             _ => {
@@ -1721,7 +1718,7 @@ impl Engine {
     /// server-reflexive address (see [`StunMappings::record`]).
     fn note_mapping(&mut self, now: Instant, server: SocketAddr, mapped: SocketAddr) -> bool {
         let before = self.stun_mappings.behaviour();
-        let use_it = self.stun_mappings.record(canonical(server), mapped);
+        let use_it = self.stun_mappings.record(unmap(server), mapped);
         let after = self.stun_mappings.behaviour();
         if after != before {
             tracing::info!(mapping = ?after, "data socket mapping behaviour");
@@ -1850,7 +1847,7 @@ mod tests {
     #[test]
     fn mapped_addresses_become_ipv4() {
         let a: SocketAddr = "[::ffff:127.0.0.1]:5".parse().unwrap();
-        assert_eq!(canonical(a), "127.0.0.1:5".parse().unwrap());
+        assert_eq!(unmap(a), "127.0.0.1:5".parse().unwrap());
     }
 
     #[test]

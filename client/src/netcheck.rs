@@ -89,7 +89,7 @@ async fn transact(
 
 fn to_family(sock: &UdpSocket, a: SocketAddr) -> SocketAddr {
     let dual_stack = sock.local_addr().map(|l| l.is_ipv6()).unwrap_or(false);
-    crate::daemon::for_socket(dual_stack, a)
+    meshpunch_proto::addr::for_socket(dual_stack, a)
 }
 
 /// Outcome of a CHANGE-REQUEST test: an answer = passes the filter, none = filtered, error 420
@@ -172,7 +172,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         let Some((r, _)) = transact(&sock, *server, None, opts.timeout).await else {
             continue;
         };
-        let Some(mapped) = r.mapped.map(crate::daemon::canonical) else {
+        let Some(mapped) = r.mapped.map(meshpunch_proto::addr::unmap) else {
             continue;
         };
         obs.push(MappingObservation {
@@ -184,7 +184,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         }
         if let (Some(other), false) = (r.other, rfc5780_done) {
             rfc5780_done = true;
-            let other = crate::daemon::canonical(other);
+            let other = meshpunch_proto::addr::unmap(other);
             // RFC 5780 §4.3 tests II and III.
             let alt_ip_same_port = SocketAddr::new(other.ip(), server.port());
             for dest in [alt_ip_same_port, other] {
@@ -192,7 +192,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                     if let Some(m) = r2.mapped {
                         obs.push(MappingObservation {
                             server: dest,
-                            mapped: crate::daemon::canonical(m),
+                            mapped: meshpunch_proto::addr::unmap(m),
                         });
                     }
                 }
@@ -224,7 +224,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                 if let Some(m) = r.mapped {
                     obs.push(MappingObservation {
                         server: a,
-                        mapped: crate::daemon::canonical(m),
+                        mapped: meshpunch_proto::addr::unmap(m),
                     });
                 }
             }
@@ -278,7 +278,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                 tokio::time::sleep(idle).await;
                 match transact(&sock, server, None, opts.timeout).await {
                     Some((r, _)) => {
-                        search.record(r.mapped.map(crate::daemon::canonical) == Some(mapped))
+                        search.record(r.mapped.map(meshpunch_proto::addr::unmap) == Some(mapped))
                     }
                     None => search.record(false),
                 }

@@ -203,6 +203,8 @@ pub struct Punch {
     pub start_at: Instant,
     /// True on the offering side.
     pub initiator: bool,
+    /// Where the rendezvous sees the other peer from (`None` from an older server).
+    pub peer_observed: Option<SocketAddr>,
 }
 
 /// An offer from another peer; answer it with [`IncomingOffer::answer`].
@@ -1020,6 +1022,7 @@ impl Driver {
                     session_secret,
                     start_in_ms,
                     initiator,
+                    peer_observed,
                 } = p;
                 let punch = Punch {
                     peer,
@@ -1027,6 +1030,7 @@ impl Driver {
                     session_secret,
                     start_at: Instant::now() + Duration::from_millis(u64::from(start_in_ms)),
                     initiator,
+                    peer_observed,
                 };
                 let waiter = if initiator {
                     self.offers.remove(&id)

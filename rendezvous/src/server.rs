@@ -630,6 +630,8 @@ struct PendingIncoming {
     request_id: u64,
     initiator_rtt_ms: u32,
     candidates: Vec<Candidate>,
+    /// Where this server's node saw the offerer's connection from.
+    observed: Option<SocketAddr>,
     deadline: Instant,
 }
 
@@ -1028,6 +1030,7 @@ impl Session {
             request_id: id,
             candidates,
             initiator_rtt_ms: self.rtt_ms(),
+            observed: Some(self.observed),
         };
         match self.shared.registry.deliver(&to, delivery).await {
             Ok(()) => {
@@ -1076,6 +1079,7 @@ impl Session {
             candidates: candidates.clone(),
             session_secret,
             start_at_unix_ms: start_at,
+            observed: Some(self.observed),
         };
         match self.shared.registry.deliver(&to, delivery).await {
             Ok(()) => {}
@@ -1100,6 +1104,7 @@ impl Session {
             session_secret,
             start_in_ms: start_in.min(u64::from(u32::MAX)) as u32,
             initiator: false,
+            peer_observed: pending.observed,
         }))
         .await
     }
@@ -1130,6 +1135,7 @@ impl Session {
                 request_id,
                 candidates,
                 initiator_rtt_ms,
+                observed,
             } => {
                 let now = Instant::now();
                 self.incoming.retain(|_, p| p.deadline > now);
@@ -1156,6 +1162,7 @@ impl Session {
                         request_id,
                         initiator_rtt_ms,
                         candidates: candidates.clone(),
+                        observed,
                         deadline: now + self.shared.cfg.limits.offer_timeout,
                     },
                 );
@@ -1172,6 +1179,7 @@ impl Session {
                 candidates,
                 session_secret,
                 start_at_unix_ms,
+                observed,
             } => {
                 if self.outgoing.remove(&request_id).is_none() {
                     // Timed out meanwhile: the client already got Timeout.
@@ -1187,6 +1195,7 @@ impl Session {
                     session_secret,
                     start_in_ms: start_in.min(u64::from(u32::MAX)) as u32,
                     initiator: true,
+                    peer_observed: observed,
                 }))
                 .await
             }
