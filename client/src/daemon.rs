@@ -301,9 +301,14 @@ pub async fn start_with(
         let fast = Arc::new(FastPath::default());
         let fast_r = fast.clone();
         let data = sock.clone();
+        let configured_wg = opts.wireguard_endpoint;
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
-            let mut last_src: Option<SocketAddr> = None;
+            // The one local address allowed to use this proxy port: the configured
+            // `WireGuardEndpoint`, or the first address that sent here, until the daemon
+            // restarts. Another local process can neither inject into the peer's path nor,
+            // by sending here, redirect the peer's packets to itself.
+            let mut allowed: Option<SocketAddr> = configured_wg;
             let mut last_notify: Option<Instant> = None;
             loop {
                 let (n, src) = match reader.recv_from(&mut buf).await {
@@ -314,13 +319,28 @@ pub async fn start_with(
                         continue;
                     }
                 };
+                // The first packet goes to the engine, which learns the address from it.
+                let first = allowed.is_none();
+                match allowed {
+                    Some(a) if a != src => {
+                        if fast_r.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(%src, wireguard = %a, proxy = %proxy_addr, "packet on a proxy port from another local address than WireGuard's refused (set WireGuardEndpoint, or restart the daemon after moving WireGuard)");
+                        }
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::info!(%src, proxy = %proxy_addr, "WireGuard's address for this proxy port learned (fixed until restart)");
+                        allowed = Some(src);
+                    }
+                }
                 let pkt = &buf[..n];
-                // Fast path: the selected path is direct and WireGuard's address is known:
-                // send from here, no copy, no engine round trip.
-                let direct = if last_src == Some(src) {
-                    fast_r.route.read().ok().and_then(|r| r.clone())
-                } else {
+                // Fast path: the selected path is direct: send from here, no copy, no engine
+                // round trip.
+                let direct = if first {
                     None
+                } else {
+                    fast_r.route.read().ok().and_then(|r| r.clone())
                 };
                 match direct {
                     Some((dest, pool_sock)) => {
@@ -336,7 +356,6 @@ pub async fn start_with(
                         }
                     }
                     None => {
-                        last_src = Some(src);
                         if tx
                             .send(FromProxy::Packet(i, pkt.to_vec(), src))
                             .await
@@ -366,7 +385,6 @@ pub async fn start_with(
             proxy,
             proxy_addr,
             wg_addr: opts.wireguard_endpoint,
-            wg_fixed: opts.wireguard_endpoint.is_some(),
             path,
             tx_bytes: 0,
             rx_bytes: 0,
@@ -500,6 +518,8 @@ struct FastPath {
     route: std::sync::RwLock<Option<(SocketAddr, Option<Arc<UdpSocket>>)>>,
     tx_bytes: AtomicU64,
     tx_packets: AtomicU64,
+    /// Packets refused because they came from another local address than WireGuard's.
+    refused: AtomicU64,
 }
 
 struct Peer {
@@ -513,7 +533,6 @@ struct Peer {
     proxy: Arc<UdpSocket>,
     proxy_addr: SocketAddr,
     wg_addr: Option<SocketAddr>,
-    wg_fixed: bool,
     path: PeerPath,
     tx_bytes: u64,
     rx_bytes: u64,
@@ -1305,8 +1324,9 @@ impl Engine {
         let Some(p) = self.peers.get_mut(i) else {
             return;
         };
-        if !p.wg_fixed {
-            // Learn (and follow) where WireGuard sends from.
+        // The proxy reader passes only packets from WireGuard's one address (configured, or
+        // the first that used the port): learn it once.
+        if p.wg_addr.is_none() {
             p.wg_addr = Some(src);
         }
         p.path.on_data_sent(now);
@@ -1772,6 +1792,7 @@ impl Engine {
                     tx_bytes: p.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
                     rx_bytes: p.rx_bytes,
                     tx_packets: p.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
+                    proxy_refused: p.fast.refused.load(Ordering::Relaxed),
                     rx_packets: p.rx_packets,
                     dropped_no_path: p.dropped,
                     reason,
