@@ -25,7 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshpunch_proto::addr::{for_socket, unmap};
 use meshpunch_proto::connect::ConnectString;
@@ -35,13 +35,13 @@ use meshpunch_proto::path::{
     PeerPath, ProbeCounters, Via, DATA_SOCKET,
 };
 use meshpunch_proto::probe::{classify, peek_key_id, PacketKind, TxId};
+use meshpunch_proto::stun;
 use meshpunch_proto::turn_client::{Input, TurnClient, TurnCredentials, TurnEvent, TurnOp};
 use meshpunch_proto::wire::RelayRegion;
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::binding;
 use crate::config::PeerConfig;
 use crate::control::{
     self, BirthdayTotals, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status,
@@ -122,10 +122,7 @@ impl Drop for Daemon {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    meshpunch_proto::clock::unix_ms(SystemTime::now())
 }
 
 /// A candidate address as the data socket can use it: IPv4-mapped spellings become IPv4
@@ -803,9 +800,9 @@ impl Engine {
     }
 
     fn stun_send(&mut self, now: Instant, server: SocketAddr, purpose: StunPurpose) {
-        let tx = binding::new_tx();
+        let tx: [u8; 12] = rand::random();
         self.stun_pending.insert(tx, (purpose, now));
-        let req = binding::request(tx, None);
+        let req = stun::binding_request(tx, false, false);
         self.send_to(server, &req);
     }
 
@@ -1217,7 +1214,7 @@ impl Engine {
         }
         let kind = classify(pkt);
         if kind == PacketKind::Stun {
-            if let Some(tx) = binding::any_tx(pkt) {
+            if let Some(tx) = stun::peek_transaction_id(pkt) {
                 if self.stun_pending.contains_key(&tx) {
                     self.on_stun(now, from, pkt);
                     return;
@@ -1247,10 +1244,10 @@ impl Engine {
     }
 
     fn on_stun(&mut self, now: Instant, from: SocketAddr, pkt: &[u8]) {
-        let Some(r) = binding::parse_response(pkt) else {
+        let Ok(r) = stun::parse_binding_response(pkt) else {
             return;
         };
-        let Some((purpose, sent)) = self.stun_pending.remove(&r.tx) else {
+        let Some((purpose, sent)) = self.stun_pending.remove(&r.transaction_id) else {
             return;
         };
         match purpose {

@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod channeldata;
+pub mod clock;
 pub mod connect;
 pub mod creds;
 pub mod lifetime;
