@@ -15,6 +15,11 @@
 //! ([`meshpunch_proto::probe::classify`]): STUN responses to our own Binding requests, probes
 //! (looked up by key id), WireGuard (looked up by source).
 //!
+//! Files: this one is the engine (the driver loop and the decisions not yet moved into
+//! `proto`); `proxy.rs` the proxy readers and the fast path; `net.rs` socket and interface
+//! helpers; `status.rs` the `meshpunch status` snapshot. A peer's route lives in its
+//! [`PeerPath`]; the proxy reader only sees the copy the engine publishes.
+//!
 //! Birthday probing ([`crate::pool`]): while a peer's path manager searches as the "hard"
 //! side, a pool of extra sockets is open; their datagrams reach the engine through one
 //! channel and are handled like the data socket's, with the pool socket's index in the
@@ -23,7 +28,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,7 +36,7 @@ use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::nat::{choose_relay, RelayLatency};
 use meshpunch_proto::path::{
     Candidate, CandidateKind, MappingBehaviour, PathAddr, PathConfig, PathEvent, PathKind,
-    PeerPath, ProbeCounters, Via, DATA_SOCKET,
+    PeerPath, Via, DATA_SOCKET,
 };
 use meshpunch_proto::probe::{classify, peek_key_id, PacketKind, TxId};
 use meshpunch_proto::stun;
@@ -42,10 +46,19 @@ use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::PeerConfig;
-use crate::control::{
-    self, BirthdayTotals, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status,
+mod net;
+mod proxy;
+mod status;
+
+use net::{bind_data, usable_candidate};
+pub use net::{
+    interface_addrs, interface_addrs_excluding, turn_uri_authority, usable_candidates,
+    wireguard_interfaces,
 };
+use proxy::{FastPath, FastRoute, FromProxy};
+
+use crate::config::PeerConfig;
+use crate::control::{self, CtlCmd, PingResult, RendezvousStatus};
 use crate::keys::{format_key, Identity};
 use crate::pool::{Pool, PoolDatagram, StunMappings};
 use crate::shared_socket::SharedSocket;
@@ -125,117 +138,6 @@ fn unix_ms() -> u64 {
     meshpunch_proto::clock::unix_ms(SystemTime::now())
 }
 
-/// A candidate address as the data socket can use it: IPv4-mapped spellings become IPv4
-/// (datagrams arrive from the canonical form, and pairs are matched by address); IPv6 is
-/// `None` when the data socket is IPv4 only (it could never be sent to).
-fn usable_candidate(v6_socket: bool, a: SocketAddr) -> Option<SocketAddr> {
-    let a = unmap(a);
-    (v6_socket || a.is_ipv4()).then_some(a)
-}
-
-/// Candidate addresses as the data socket can use them: IPv4-mapped IPv6 spellings become
-/// IPv4 (datagrams arrive from the canonical form, and pairs are matched by address), and
-/// IPv6 addresses are dropped when the data socket is IPv4 only (they could never be sent to).
-pub fn usable_candidates(v6_socket: bool, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = addrs
-        .iter()
-        .filter_map(|a| usable_candidate(v6_socket, *a))
-        .collect();
-    out.dedup();
-    out
-}
-
-/// Every usable interface address (no loopback, no link-local, no unspecified).
-pub fn interface_addrs() -> Vec<IpAddr> {
-    interface_addrs_excluding(&[])
-}
-
-/// Names of the WireGuard interfaces on this host (`wg show interfaces`; empty if `wg` is not
-/// installed or not allowed).
-pub fn wireguard_interfaces() -> Vec<String> {
-    std::process::Command::new("wg")
-        .args(["show", "interfaces"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Usable interface addresses except those of the interfaces named in `exclude` (the
-/// WireGuard interfaces: a probe to a tunnel address would loop into the tunnel meshpunch
-/// itself carries).
-pub fn interface_addrs_excluding(exclude: &[String]) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `ifap` with a list we free with freeifaddrs below; we only read
-    // entries while the list is alive and check every pointer for null.
-    unsafe {
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return out;
-        }
-        let mut cur = ifap;
-        while !cur.is_null() {
-            let ifa = &*cur;
-            let excluded = !ifa.ifa_name.is_null() && {
-                let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
-                exclude.iter().any(|e| *e == name)
-            };
-            if !excluded && !ifa.ifa_addr.is_null() && ifa.ifa_flags & (libc::IFF_UP as u32) != 0 {
-                let fam = i32::from((*ifa.ifa_addr).sa_family);
-                if fam == libc::AF_INET {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                        sin.sin_addr.s_addr,
-                    ))));
-                } else if fam == libc::AF_INET6 {
-                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-                }
-            }
-            cur = ifa.ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    out.retain(|ip| {
-        !ip.is_loopback()
-            && !ip.is_unspecified()
-            && !ip.is_multicast()
-            && match ip {
-                IpAddr::V4(v4) => !v4.is_link_local(),
-                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
-            }
-    });
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Binds the data socket: dual-stack when `listen` is `[::]`, else as given.
-fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSocket, bool)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if listen.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if listen.is_ipv6() {
-        s.set_only_v6(false)?;
-    }
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
-    s.bind(&listen.into())?;
-    s.set_nonblocking(true)?;
-    Ok((s.into(), listen.is_ipv6()))
-}
-
 /// Starts the daemon: binds the data socket, the proxy ports and the control socket, starts
 /// the rendezvous task and the engine. The keepalive interval is measured in the background
 /// with the default schedule and no cache ([`start_with`] chooses).
@@ -293,77 +195,16 @@ pub async fn start_with(
         let proxy = Arc::new(proxy);
         let proxy_addr = proxy.local_addr()?;
         proxies.push((pc.public_key, proxy_addr));
-        let reader = proxy.clone();
-        let tx = proxy_tx.clone();
         let fast = Arc::new(FastPath::default());
-        let fast_r = fast.clone();
-        let data = sock.clone();
-        let configured_wg = opts.wireguard_endpoint;
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            // The one local address allowed to use this proxy port: the configured
-            // `WireGuardEndpoint`, or the first address that sent here, until the daemon
-            // restarts. Another local process can neither inject into the peer's path nor,
-            // by sending here, redirect the peer's packets to itself.
-            let mut allowed: Option<SocketAddr> = configured_wg;
-            let mut last_notify: Option<Instant> = None;
-            loop {
-                let (n, src) = match reader.recv_from(&mut buf).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // ICMP port unreachable from WireGuard not listening yet, etc.
-                        tracing::debug!(error = %e, "proxy recv error");
-                        continue;
-                    }
-                };
-                // The first packet goes to the engine, which learns the address from it.
-                let first = allowed.is_none();
-                match allowed {
-                    Some(a) if a != src => {
-                        if fast_r.refused.fetch_add(1, Ordering::Relaxed) == 0 {
-                            tracing::warn!(%src, wireguard = %a, proxy = %proxy_addr, "packet on a proxy port from another local address than WireGuard's refused (set WireGuardEndpoint, or restart the daemon after moving WireGuard)");
-                        }
-                        continue;
-                    }
-                    Some(_) => {}
-                    None => {
-                        tracing::info!(%src, proxy = %proxy_addr, "WireGuard's address for this proxy port learned (fixed until restart)");
-                        allowed = Some(src);
-                    }
-                }
-                let pkt = &buf[..n];
-                // Fast path: the selected path is direct: send from here, no copy, no engine
-                // round trip.
-                let direct = if first {
-                    None
-                } else {
-                    fast_r.route.read().ok().and_then(|r| r.clone())
-                };
-                match direct {
-                    Some((dest, pool_sock)) => {
-                        // A birthday-found path leaves from its pool socket.
-                        let _ = pool_sock.as_ref().unwrap_or(&data).try_send_to(pkt, dest);
-                        fast_r.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        fast_r.tx_packets.fetch_add(1, Ordering::Relaxed);
-                        // Tell the engine now and then that data flows (active probing).
-                        let now = Instant::now();
-                        if last_notify.is_none_or(|t| now.duration_since(t) >= FAST_NOTIFY) {
-                            last_notify = Some(now);
-                            let _ = tx.try_send(FromProxy::Active(i));
-                        }
-                    }
-                    None => {
-                        if tx
-                            .send(FromProxy::Packet(i, pkt.to_vec(), src))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        proxy::spawn_reader(
+            i,
+            proxy.clone(),
+            proxy_addr,
+            opts.wireguard_endpoint,
+            sock.clone(),
+            fast.clone(),
+            proxy_tx.clone(),
+        );
         let path = PeerPath::new(
             path_cfg.clone(),
             opts.identity.public,
@@ -374,7 +215,6 @@ pub async fn start_with(
         );
         peers.push(Peer {
             fast,
-            fast_route: None,
             sent_version: 0,
             key: pc.public_key,
             b64: format_key(&pc.public_key),
@@ -496,32 +336,8 @@ pub async fn start_with(
     })
 }
 
-/// What a proxy reader hands the engine.
-enum FromProxy {
-    /// A packet from WireGuard that the fast path could not send.
-    Packet(usize, Vec<u8>, SocketAddr),
-    /// The fast path sent packets for this peer (data is flowing).
-    Active(usize),
-}
-
-/// How often a proxy reader on the fast path tells the engine that data flows.
-const FAST_NOTIFY: Duration = Duration::from_millis(500);
-
-/// State shared between a peer's proxy reader and the engine: the direct destination of the
-/// selected path and the pool socket it leaves from when birthday probing found it (set by
-/// the engine), and the fast path's counters.
-#[derive(Default)]
-struct FastPath {
-    route: std::sync::RwLock<Option<(SocketAddr, Option<Arc<UdpSocket>>)>>,
-    tx_bytes: AtomicU64,
-    tx_packets: AtomicU64,
-    /// Packets refused because they came from another local address than WireGuard's.
-    refused: AtomicU64,
-}
-
 struct Peer {
     fast: Arc<FastPath>,
-    fast_route: Option<PathAddr>,
     /// Version of our candidates the peer got with the latest punch.
     sent_version: u64,
     key: [u8; 32],
@@ -629,34 +445,6 @@ struct Engine {
     out: Vec<u8>,
     pool: Pool,
     stun_mappings: StunMappings,
-}
-
-/// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
-pub fn turn_uri_authority(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("turn:")
-        .or_else(|| url.strip_prefix("turns:"))
-        .unwrap_or(url);
-    let rest = rest.split('?').next()?;
-    if rest.is_empty() {
-        return None;
-    }
-    // Default TURN port (RFC 8656 §18) when none is given.
-    if rest.parse::<SocketAddr>().is_ok() {
-        return Some(rest.to_string());
-    }
-    if rest.starts_with('[') {
-        return Some(if rest.contains("]:") {
-            rest.to_string()
-        } else {
-            format!("{rest}:3478")
-        });
-    }
-    match rest.matches(':').count() {
-        0 => Some(format!("{rest}:3478")),
-        1 => Some(rest.to_string()),
-        _ => Some(format!("[{rest}]:3478")),
-    }
 }
 
 impl Engine {
@@ -1189,20 +977,28 @@ impl Engine {
     }
 
     /// Publishes each peer's direct destination to its proxy reader (the fast path).
+    /// Publishes each peer's selected direct pair (the path manager's route, the one source
+    /// of truth) to its proxy reader when it changed.
     fn publish_fast_routes(&mut self) {
         for p in &mut self.peers {
             let r = p.path.route().filter(|d| d.via == Via::Direct);
-            if r != p.fast_route {
-                p.fast_route = r;
-                let route = r.and_then(|d| match d.local {
-                    DATA_SOCKET => Some((for_socket(self.v6, d.addr), None)),
-                    // Pool sockets are IPv4: the address goes as it is.
-                    l => self.pool.socket(l).map(|s| (d.addr, Some(s.clone()))),
-                });
-                if let Ok(mut w) = p.fast.route.write() {
-                    *w = route;
-                }
+            if r == p.fast.published() {
+                continue;
             }
+            let route = r.and_then(|d| match d.local {
+                DATA_SOCKET => Some(FastRoute {
+                    path: d,
+                    dest: for_socket(self.v6, d.addr),
+                    pool_sock: None,
+                }),
+                // Pool sockets are IPv4: the address goes as it is.
+                l => self.pool.socket(l).map(|s| FastRoute {
+                    path: d,
+                    dest: d.addr,
+                    pool_sock: Some(s.clone()),
+                }),
+            });
+            p.fast.publish(route);
         }
     }
 
@@ -1745,141 +1541,5 @@ impl Engine {
             self.update_local(now);
         }
         use_it
-    }
-
-    fn status(&self) -> Status {
-        let mut probes = ProbeCounters {
-            unauthenticated: self.unknown_probes,
-            ..ProbeCounters::default()
-        };
-        let mut birthday = BirthdayTotals {
-            mapping: self.stun_mappings.behaviour(),
-            pool_open: self.pool.open_count(),
-            pool_opened_total: self.pool.opened_total,
-            ..BirthdayTotals::default()
-        };
-        let peers = self
-            .peers
-            .iter()
-            .map(|p| {
-                let st = p.path.status();
-                let c = p.path.counters();
-                probes.accepted += c.accepted;
-                probes.unauthenticated += c.unauthenticated;
-                probes.replayed += c.replayed;
-                let reason = match (&p.note, st.kind) {
-                    (Some(n), PathKind::None) => n.clone(),
-                    _ => st.reason.clone(),
-                };
-                birthday.spray_sent += st.birthday.spray_sent;
-                birthday.spray_hits += st.birthday.spray_hits;
-                birthday.found += st.birthday.found;
-                let local_socket = st.remote.map_or(DATA_SOCKET, |r| r.local);
-                let local_port = match local_socket {
-                    DATA_SOCKET => Some(self.data_addr.port()),
-                    l => self.pool.local_port(l),
-                };
-                PeerStatus {
-                    public_key: p.b64.clone(),
-                    name: p.name.clone(),
-                    proxy: p.proxy_addr,
-                    path: st.kind,
-                    remote: st.remote_label.clone(),
-                    rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                    tx_bytes: p.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
-                    rx_bytes: p.rx_bytes,
-                    tx_packets: p.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
-                    proxy_refused: p.fast.refused.load(Ordering::Relaxed),
-                    rx_packets: p.rx_packets,
-                    dropped_no_path: p.dropped,
-                    reason,
-                    session: p.path.has_session(),
-                    direct_blocked: p.path.direct_blocked(),
-                    local_socket,
-                    local_port,
-                    birthday: st.birthday,
-                    pairs: st.pairs,
-                }
-            })
-            .collect();
-        Status {
-            public_key: format_key(&self.id.public),
-            nat: self.lifetime.status(),
-            data_addr: self.data_addr,
-            public_addr: self.srflx,
-            public_addr_source: self.srflx.map(|_| {
-                if self.srflx_from_stun {
-                    "stun".to_string()
-                } else {
-                    "rendezvous".to_string()
-                }
-            }),
-            rendezvous: {
-                let mut r = self.rdv.clone();
-                if let Some(q) = &self.quic {
-                    let st = q.stats();
-                    r.quic_rx = st.rx;
-                    r.quic_rx_dropped = st.rx_dropped;
-                }
-                r
-            },
-            home_relay: self.turn.as_ref().map(|t| RelayStatus {
-                region: t.region.clone(),
-                server: t.server,
-                relayed: t.client.relayed_addr(),
-                state: t.state.clone(),
-                error: t.error.clone(),
-            }),
-            relays: self.relay_latencies(),
-            probes,
-            birthday,
-            peers,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn turn_uris_are_parsed() {
-        assert_eq!(
-            turn_uri_authority("turn:127.0.0.1:3478?transport=udp").as_deref(),
-            Some("127.0.0.1:3478")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:relay.example.com").as_deref(),
-            Some("relay.example.com:3478")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:relay.example.com:5349").as_deref(),
-            Some("relay.example.com:5349")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:[2001:db8::1]:3478").as_deref(),
-            Some("[2001:db8::1]:3478")
-        );
-    }
-
-    #[test]
-    fn mapped_addresses_become_ipv4() {
-        let a: SocketAddr = "[::ffff:127.0.0.1]:5".parse().unwrap();
-        assert_eq!(unmap(a), "127.0.0.1:5".parse().unwrap());
-    }
-
-    #[test]
-    fn candidates_are_canonical_and_fit_the_socket() {
-        let c: Vec<SocketAddr> = ["[::ffff:192.0.2.7]:5", "[2001:db8::7]:5", "192.0.2.8:5"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let v4: Vec<SocketAddr> = ["192.0.2.7:5", "192.0.2.8:5"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(usable_candidates(false, &c), v4);
-        assert_eq!(usable_candidates(true, &c).len(), 3);
-        assert_eq!(usable_candidates(true, &c)[0], v4[0]);
     }
 }
