@@ -13,6 +13,7 @@ pub mod connect;
 pub mod creds;
 pub mod lifetime;
 pub mod nat;
+pub mod node;
 pub mod path;
 pub mod probe;
 mod rng;

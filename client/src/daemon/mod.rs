@@ -34,9 +34,10 @@ use std::time::{Duration, Instant, SystemTime};
 use meshpunch_proto::addr::{for_socket, unmap};
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::nat::{choose_relay, RelayLatency};
+use meshpunch_proto::node::candidates::{LocalCandidates, Source as CandSource};
+use meshpunch_proto::node::offers::OfferTimer;
 use meshpunch_proto::path::{
-    Candidate, CandidateKind, MappingBehaviour, PathAddr, PathConfig, PathEvent, PathKind,
-    PeerPath, Via, DATA_SOCKET,
+    Candidate, CandidateKind, PathAddr, PathConfig, PathEvent, PathKind, PeerPath, Via, DATA_SOCKET,
 };
 use meshpunch_proto::probe::{classify, peek_key_id, PacketKind, TxId};
 use meshpunch_proto::stun;
@@ -72,12 +73,7 @@ pub const STUN_TIMEOUT: Duration = Duration::from_secs(2);
 pub const RELAY_MEASURE_INTERVAL: Duration = Duration::from_secs(120);
 /// How often interface addresses are re-read.
 pub const HOST_SCAN_INTERVAL: Duration = Duration::from_secs(10);
-/// Retry interval of offers to a peer that has no path.
-pub const OFFER_RETRY: Duration = Duration::from_secs(20);
-/// Delay before the peer with the higher key offers (the lower key offers at once).
-pub const OFFER_DEFER: Duration = Duration::from_secs(1);
-/// Shortest time between two offers to one peer.
-pub const OFFER_MIN_GAP: Duration = Duration::from_secs(2);
+pub use meshpunch_proto::node::offers::{OFFER_DEFER, OFFER_MIN_GAP, OFFER_RETRY};
 /// Retry interval after the TURN allocation failed.
 pub const TURN_RETRY: Duration = Duration::from_secs(15);
 /// How long the source of a peer's last WireGuard packet stays usable as the way back while
@@ -231,8 +227,7 @@ pub async fn start_with(
             last_rx: None,
             static_candidates: usable_candidates(v6, &pc.candidates),
             refused_seen: 0,
-            next_offer_at: None,
-            last_offer: None,
+            offer: OfferTimer::default(),
             note: None,
         });
     }
@@ -306,8 +301,7 @@ pub async fn start_with(
         rdv,
         sig,
         local_tx,
-        local_version: 0,
-        local: Vec::new(),
+        cands: LocalCandidates::new(data_addr.port()),
         next_stun: now,
         next_relay_measure: None,
         relay_eval_at: None,
@@ -358,8 +352,7 @@ struct Peer {
     static_candidates: Vec<SocketAddr>,
     /// Refused candidates already logged.
     refused_seen: u64,
-    next_offer_at: Option<Instant>,
-    last_offer: Option<Instant>,
+    offer: OfferTimer,
     note: Option<String>,
 }
 
@@ -433,8 +426,8 @@ struct Engine {
     rdv: RendezvousStatus,
     sig: Option<mpsc::Sender<SignalCmd>>,
     local_tx: watch::Sender<(u64, Vec<Candidate>)>,
-    local_version: u64,
-    local: Vec<Candidate>,
+    /// Our candidates from every candidate source, with their version.
+    cands: LocalCandidates,
     next_stun: Instant,
     next_relay_measure: Option<Instant>,
     relay_eval_at: Option<Instant>,
@@ -510,7 +503,7 @@ impl Engine {
         };
         for p in &self.peers {
             take(p.path.poll_timeout());
-            take(p.next_offer_at);
+            take(p.offer.next());
         }
         if let Some(turn) = &self.turn {
             take(turn.client.poll_timeout());
@@ -569,13 +562,12 @@ impl Engine {
         }
         self.schedule_birthday_retries(now);
         for i in 0..self.peers.len() {
-            if self.peers[i].next_offer_at.is_some_and(|t| t <= now) {
-                self.peers[i].next_offer_at = None;
+            if self.peers[i].offer.take_due(now) {
                 let p = &self.peers[i];
                 // A working path whose peer has our latest candidates needs no new session,
                 // unless a birthday search could still turn a relay path into a direct one.
                 let up_to_date = p.path.route().is_some()
-                    && p.sent_version >= self.local_version
+                    && p.sent_version >= self.cands.version()
                     && p.path.birthday_retry_at().is_none_or(|t| t > now);
                 if !up_to_date {
                     self.send_offer(now, i);
@@ -611,44 +603,21 @@ impl Engine {
 
     /// Recomputes our candidates; on a change, re-checks every pair and re-offers.
     fn update_local(&mut self, now: Instant) {
-        let port = self.data_addr.port();
-        let mut c: Vec<Candidate> = self
-            .hosts
-            .iter()
-            .map(|ip| Candidate {
-                kind: CandidateKind::Host,
-                addr: SocketAddr::new(*ip, port),
-            })
-            .collect();
-        if let Some(s) = self.srflx {
-            if !c.iter().any(|x| x.addr == s) {
-                c.push(Candidate {
-                    kind: CandidateKind::Srflx,
-                    addr: s,
-                });
-            }
-            // Marks us as the hard side of birthday probing (old peers ignore the kind).
-            if self.stun_mappings.behaviour() == MappingBehaviour::EndpointDependent {
-                c.push(Candidate {
-                    kind: CandidateKind::SrflxDependent,
-                    addr: s,
-                });
-            }
-        }
-        if let Some(r) = self.turn.as_ref().and_then(|t| t.client.relayed_addr()) {
-            c.push(Candidate {
-                kind: CandidateKind::Relayed,
-                addr: r,
-            });
-        }
-        if c == self.local {
+        let first = self.cands.list().is_empty();
+        let mut changed = self.cands.set(CandSource::Hosts(self.hosts.clone()));
+        changed |= self.cands.set(CandSource::ServerReflexive(
+            self.srflx,
+            self.stun_mappings.behaviour(),
+        ));
+        changed |= self.cands.set(CandSource::Relayed(
+            self.turn.as_ref().and_then(|t| t.client.relayed_addr()),
+        ));
+        if !changed {
             return;
         }
-        let first = self.local.is_empty();
+        let c = self.cands.list().to_vec();
         tracing::info!(candidates = ?c.iter().map(|c| format!("{:?} {}", c.kind, c.addr)).collect::<Vec<_>>(), "local candidates");
-        self.local = c.clone();
-        self.local_version += 1;
-        let _ = self.local_tx.send((self.local_version, c));
+        let _ = self.local_tx.send((self.cands.version(), c));
         if first {
             return;
         }
@@ -700,20 +669,15 @@ impl Engine {
         if self.sig.is_none() {
             return;
         }
-        let p = &mut self.peers[i];
-        let mut at = now + delay;
-        if let Some(last) = p.last_offer {
-            at = at.max(last + OFFER_MIN_GAP);
-        }
-        p.next_offer_at = Some(p.next_offer_at.map_or(at, |t| t.min(at)));
+        self.peers[i].offer.schedule(now, delay);
     }
 
     fn send_offer(&mut self, now: Instant, i: usize) {
         let Some(sig) = &self.sig else { return };
         let p = &mut self.peers[i];
-        p.last_offer = Some(now);
+        p.offer.sent(now);
         if sig.try_send(SignalCmd::Offer(p.key)).is_err() {
-            p.next_offer_at = Some(now + OFFER_MIN_GAP);
+            p.offer.send_failed(now);
         }
     }
 
@@ -1395,7 +1359,7 @@ impl Engine {
                 }
                 tracing::info!(peer = %p.b64, candidates = cands.len(), "punching");
                 p.note = None;
-                p.next_offer_at = None;
+                p.offer.cancel();
                 // Before the candidates: birthday targets are checked against it.
                 p.path
                     .set_peer_observed(peer_observed.map(|a| unmap(a).ip()));
@@ -1408,7 +1372,7 @@ impl Engine {
                 self.rebuild_maps();
                 self.bind_relay_channels(now);
                 self.peers[i].sent_version = local_version;
-                if local_version < self.local_version {
+                if local_version < self.cands.version() {
                     // Our candidates changed while this offer/answer was in flight (typically the
                     // relay allocation became ready): send the new set at once.
                     self.schedule_offer(now, i, Duration::ZERO);
@@ -1464,7 +1428,7 @@ impl Engine {
     fn schedule_birthday_retries(&mut self, now: Instant) {
         for i in 0..self.peers.len() {
             let p = &self.peers[i];
-            if p.next_offer_at.is_some() {
+            if p.offer.next().is_some() {
                 continue;
             }
             let Some(at) = p.path.birthday_retry_at() else {
