@@ -29,6 +29,7 @@ impl Engine {
                 probes.accepted += c.accepted;
                 probes.unauthenticated += c.unauthenticated;
                 probes.replayed += c.replayed;
+                probes.refused_candidates += c.refused_candidates;
                 let reason = match (&p.note, st.kind) {
                     (Some(n), PathKind::None) => n.clone(),
                     _ => st.reason.clone(),
