@@ -36,6 +36,7 @@ use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::nat::{choose_relay, RelayLatency};
 use meshpunch_proto::node::candidates::{LocalCandidates, Source as CandSource};
 use meshpunch_proto::node::offers::OfferTimer;
+use meshpunch_proto::node::srflx::ServerReflexive;
 use meshpunch_proto::path::{
     Candidate, CandidateKind, PathAddr, PathConfig, PathEvent, PathKind, PeerPath, Via, DATA_SOCKET,
 };
@@ -303,8 +304,7 @@ pub async fn start_with(
         },
         hosts: Vec::new(),
         lifetime: crate::lifetime::LifetimeState::new(lifetime),
-        srflx: None,
-        srflx_from_stun: false,
+        srflx: ServerReflexive::default(),
         quic,
         stun_servers: Vec::new(),
         stun_pending: HashMap::new(),
@@ -427,9 +427,8 @@ struct Engine {
     hosts: Vec<IpAddr>,
     /// Binding lifetime and keepalive interval (config, cache or background measurement).
     lifetime: crate::lifetime::LifetimeState,
-    srflx: Option<SocketAddr>,
-    /// `srflx` came from STUN (else from the rendezvous' observed address).
-    srflx_from_stun: bool,
+    /// Our server-reflexive address and where it came from (STUN or the rendezvous).
+    srflx: ServerReflexive,
     /// The data socket as the rendezvous client's QUIC endpoint sees it.
     quic: Option<Arc<SharedSocket>>,
     stun_servers: Vec<SocketAddr>,
@@ -624,7 +623,7 @@ impl Engine {
         let first = self.cands.list().is_empty();
         let mut changed = self.cands.set(CandSource::Hosts(self.hosts.clone()));
         changed |= self.cands.set(CandSource::ServerReflexive(
-            self.srflx,
+            self.srflx.addr(),
             self.stun_mappings.behaviour(),
         ));
         changed |= self.cands.set(CandSource::Relayed(
@@ -1035,12 +1034,11 @@ impl Engine {
                     if !self.note_mapping(now, from, m) {
                         return;
                     }
-                    self.srflx_from_stun = true;
-                    if self.srflx != Some(m) {
-                        if self.srflx.is_some() {
-                            tracing::info!(old = ?self.srflx, new = %m, "observed address changed");
+                    let old = self.srflx.addr();
+                    if self.srflx.on_stun(m) {
+                        if old.is_some() {
+                            tracing::info!(?old, new = %m, "observed address changed");
                         }
-                        self.srflx = Some(m);
                         self.update_local(now);
                     }
                     self.check_lifetime(now, m);
@@ -1434,18 +1432,11 @@ impl Engine {
         before: Option<SocketAddr>,
         observed: SocketAddr,
     ) {
-        if !self.rdv.shares_data_socket {
-            return;
-        }
-        let observed = unmap(observed);
-        let agreed = before.map(unmap).is_some_and(|b| self.srflx == Some(b));
-        if self.srflx_from_stun && !agreed {
-            return;
-        }
-        if self.srflx != Some(observed) {
+        if self
+            .srflx
+            .on_observed(self.rdv.shares_data_socket, before, observed)
+        {
             tracing::info!(%observed, "server-reflexive candidate from the rendezvous' observed address");
-            self.srflx = Some(observed);
-            self.srflx_from_stun = false;
             self.update_local(now);
         }
     }

@@ -69,14 +69,8 @@ impl Engine {
             public_key: format_key(&self.id.public),
             nat: self.lifetime.status(),
             data_addr: self.data_addr,
-            public_addr: self.srflx,
-            public_addr_source: self.srflx.map(|_| {
-                if self.srflx_from_stun {
-                    "stun".to_string()
-                } else {
-                    "rendezvous".to_string()
-                }
-            }),
+            public_addr: self.srflx.addr(),
+            public_addr_source: self.srflx.source().map(|s| s.as_str().to_string()),
             rendezvous: {
                 let mut r = self.rdv.clone();
                 if let Some(q) = &self.quic {

@@ -11,8 +11,11 @@
 //!   (interfaces, STUN / the rendezvous' observed address, the TURN allocation — and the
 //!   place where a port mapper joins), with a version number the signalling side echoes.
 //! * [`offers`]: when to (re-)offer to each peer — who goes first, minimum gap, retries.
+//! * [`srflx`]: which server-reflexive address we have — STUN's, or the rendezvous'
+//!   observed address of a connection that rides the data socket.
 //!
 //! See `docs/design/client-node.md` for the whole shape and what is still in the daemon.
 
 pub mod candidates;
 pub mod offers;
+pub mod srflx;
