@@ -158,6 +158,10 @@ pub struct PeerStatus {
     pub rx_packets: u64,
     /// Packets from WireGuard dropped because no path existed.
     pub dropped_no_path: u64,
+    /// Packets on the proxy port refused because they came from another local address than
+    /// WireGuard's (the configured `WireGuardEndpoint`, or the first address that used it).
+    #[serde(default)]
+    pub proxy_refused: u64,
     /// Why this path (or why none).
     pub reason: String,
     /// A punching session exists.

@@ -281,6 +281,8 @@ pub struct Punch {
     pub start_at: Instant,
     /// True on the offering side.
     pub initiator: bool,
+    /// Where the rendezvous sees the other peer from (`None` from an older server).
+    pub peer_observed: Option<SocketAddr>,
 }
 
 /// An offer from another peer; answer it with [`IncomingOffer::answer`].
@@ -1216,6 +1218,7 @@ impl Driver {
                     session_secret,
                     start_in_ms,
                     initiator,
+                    peer_observed,
                 } = p;
                 let punch = Punch {
                     peer,
@@ -1223,6 +1226,7 @@ impl Driver {
                     session_secret,
                     start_at: Instant::now() + Duration::from_millis(u64::from(start_in_ms)),
                     initiator,
+                    peer_observed,
                 };
                 let waiter = if initiator {
                     self.offers.remove(&id)

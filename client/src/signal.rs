@@ -65,6 +65,8 @@ pub enum SignalEvent {
         start_at: Instant,
         /// Version of our candidates that the peer received.
         local_version: u64,
+        /// The peer's address as the rendezvous observed it (the only birthday target IP).
+        peer_observed: Option<SocketAddr>,
     },
     /// The rendezvous refused our token (expired, revoked, …): no fast retries until a new
     /// token arrives (SIGHUP) or the slow retry ([`AUTH_RETRY`]) runs.
@@ -169,6 +171,7 @@ fn punch_event(p: Punch, local_version: u64) -> SignalEvent {
         candidates: p.peer_candidates.iter().filter_map(from_wire).collect(),
         secret: p.session_secret,
         start_at: p.start_at.into_std(),
+        peer_observed: p.peer_observed,
     }
 }
 

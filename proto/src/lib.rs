@@ -10,10 +10,12 @@
 
 pub mod addr;
 pub mod channeldata;
+pub mod clock;
 pub mod connect;
 pub mod creds;
 pub mod lifetime;
 pub mod nat;
+pub mod node;
 pub mod path;
 pub mod probe;
 mod rng;

@@ -402,6 +402,38 @@ pub struct PunchStart {
     pub start_in_ms: u32,
     /// True on the side that sent the offer.
     pub initiator: bool,
+    /// The UDP address the rendezvous itself sees the other peer's connection from. The only
+    /// IP a client's birthday search may target, whatever candidates the peer claims. Appended
+    /// in a later version: `None` from an older server (see [`decode_punch_start`]).
+    pub peer_observed: Option<SocketAddr>,
+}
+
+/// [`PunchStart`] as servers before `peer_observed` send it.
+#[derive(Deserialize)]
+struct PunchStartV1 {
+    id: u64,
+    peer: PeerKey,
+    peer_candidates: Vec<Candidate>,
+    session_secret: [u8; 32],
+    start_in_ms: u32,
+    initiator: bool,
+}
+
+/// Decodes a [`PunchStart`] body with or without the appended `peer_observed`.
+fn decode_punch_start(k: u8, body: &[u8]) -> Result<PunchStart, WireError> {
+    if let Ok(p) = de::<PunchStart>(k, body) {
+        return Ok(p);
+    }
+    let v1: PunchStartV1 = de(k, body)?;
+    Ok(PunchStart {
+        id: v1.id,
+        peer: v1.peer,
+        peer_candidates: v1.peer_candidates,
+        session_secret: v1.session_secret,
+        start_in_ms: v1.start_in_ms,
+        initiator: v1.initiator,
+        peer_observed: None,
+    })
 }
 
 /// Why an [`ErrorCode::Unauthorized`] was sent, so a client can tell "fix your token" from
@@ -788,7 +820,7 @@ impl Message {
             kind::OFFER => Message::Offer(de(k, body)?),
             kind::INCOMING_OFFER => Message::IncomingOffer(de(k, body)?),
             kind::ANSWER => Message::Answer(de(k, body)?),
-            kind::PUNCH_START => Message::PunchStart(de(k, body)?),
+            kind::PUNCH_START => Message::PunchStart(decode_punch_start(k, body)?),
             kind::ERROR => {
                 let (b, rest) = postcard::take_from_bytes::<ErrorBody>(body)
                     .map_err(|_| WireError::Malformed { kind: k })?;
@@ -1037,10 +1069,19 @@ mod tests {
                 cands(),
                 any::<[u8; 32]>(),
                 any::<u32>(),
-                any::<bool>()
+                any::<bool>(),
+                proptest::option::of(arb_addr())
             )
                 .prop_map(
-                    |(id, peer, peer_candidates, session_secret, start_in_ms, initiator)| {
+                    |(
+                        id,
+                        peer,
+                        peer_candidates,
+                        session_secret,
+                        start_in_ms,
+                        initiator,
+                        peer_observed,
+                    )| {
                         Message::PunchStart(PunchStart {
                             id,
                             peer,
@@ -1048,6 +1089,7 @@ mod tests {
                             session_secret,
                             start_in_ms,
                             initiator,
+                            peer_observed,
                         })
                     }
                 ),
@@ -1068,6 +1110,35 @@ mod tests {
                 message
             }),
         ]
+    }
+
+    #[test]
+    fn punch_start_from_an_older_server_decodes_without_peer_observed() {
+        #[derive(Serialize)]
+        struct V1 {
+            id: u64,
+            peer: PeerKey,
+            peer_candidates: Vec<Candidate>,
+            session_secret: [u8; 32],
+            start_in_ms: u32,
+            initiator: bool,
+        }
+        let body = ser(&V1 {
+            id: 7,
+            peer: PeerKey([3; 32]),
+            peer_candidates: vec![],
+            session_secret: [4; 32],
+            start_in_ms: 100,
+            initiator: true,
+        });
+        let mut payload = vec![PROTOCOL_VERSION, kind::PUNCH_START];
+        payload.extend_from_slice(&body);
+        match Message::decode_payload(&payload) {
+            Ok(Message::PunchStart(p)) => {
+                assert_eq!((p.id, p.start_in_ms, p.peer_observed), (7, 100, None))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     proptest! {

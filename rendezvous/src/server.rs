@@ -838,6 +838,8 @@ struct PendingIncoming {
     request_id: u64,
     initiator_rtt_ms: u32,
     candidates: Vec<Candidate>,
+    /// Where this server's node saw the offerer's connection from.
+    observed: Option<SocketAddr>,
     deadline: Instant,
 }
 
@@ -1249,6 +1251,7 @@ impl Session {
             request_id: id,
             candidates,
             initiator_rtt_ms: self.rtt_ms(),
+            observed: Some(self.observed),
         };
         match self.shared.registry.deliver(&to, delivery).await {
             Ok(()) => {
@@ -1297,6 +1300,7 @@ impl Session {
             candidates: candidates.clone(),
             session_secret,
             start_at_unix_ms: start_at,
+            observed: Some(self.observed),
         };
         match self.shared.registry.deliver(&to, delivery).await {
             Ok(()) => {}
@@ -1321,6 +1325,7 @@ impl Session {
             session_secret,
             start_in_ms: start_in.min(u64::from(u32::MAX)) as u32,
             initiator: false,
+            peer_observed: pending.observed,
         }))
         .await
     }
@@ -1351,6 +1356,7 @@ impl Session {
                 request_id,
                 candidates,
                 initiator_rtt_ms,
+                observed,
             } => {
                 let now = Instant::now();
                 self.incoming.retain(|_, p| p.deadline > now);
@@ -1377,6 +1383,7 @@ impl Session {
                         request_id,
                         initiator_rtt_ms,
                         candidates: candidates.clone(),
+                        observed,
                         deadline: now + self.shared.cfg.limits.offer_timeout,
                     },
                 );
@@ -1393,6 +1400,7 @@ impl Session {
                 candidates,
                 session_secret,
                 start_at_unix_ms,
+                observed,
             } => {
                 if self.outgoing.remove(&request_id).is_none() {
                     // Timed out meanwhile: the client already got Timeout.
@@ -1408,6 +1416,7 @@ impl Session {
                     session_secret,
                     start_in_ms: start_in.min(u64::from(u32::MAX)) as u32,
                     initiator: true,
+                    peer_observed: observed,
                 }))
                 .await
             }

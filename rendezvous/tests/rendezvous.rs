@@ -70,6 +70,11 @@ async fn two_clients_watch_and_exchange_offers_with_one_session_secret() {
     assert_eq!(b_punch.peer_candidates, cand(1111));
     assert_eq!(a_punch.session_secret, b_punch.session_secret);
     assert!(a_punch.initiator && !b_punch.initiator);
+    // Each side learns where the rendezvous itself sees the other (the only IP a birthday
+    // search may target, whatever candidates the peer claims).
+    assert_eq!(a_punch.peer_observed, b.observed_addr());
+    assert_eq!(b_punch.peer_observed, a.observed_addr());
+    assert!(a_punch.peer_observed.is_some() && b_punch.peer_observed.is_some());
     let skew = if a_punch.start_at > b_punch.start_at {
         a_punch.start_at - b_punch.start_at
     } else {

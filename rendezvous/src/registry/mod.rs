@@ -64,6 +64,10 @@ pub enum Delivery {
         candidates: Vec<Candidate>,
         /// Smoothed RTT of the offerer's connection, for the common start time.
         initiator_rtt_ms: u32,
+        /// Where the offerer's node sees its connection from (the target's client may
+        /// aim a birthday search only at this IP). Absent from older nodes.
+        #[serde(default)]
+        observed: Option<std::net::SocketAddr>,
     },
     /// The target answered: the offerer gets its candidates and the session.
     Answer {
@@ -77,6 +81,9 @@ pub enum Delivery {
         session_secret: [u8; 32],
         /// Common start time, unix milliseconds (server clocks).
         start_at_unix_ms: u64,
+        /// Where the answerer's node sees its connection from. Absent from older nodes.
+        #[serde(default)]
+        observed: Option<std::net::SocketAddr>,
     },
     /// The offer could not be completed (target refused, went away, timed out).
     OfferFailed {
