@@ -2,7 +2,6 @@
 //! the per-peer path manager driver and the WireGuard integration behind the `meshpunch`
 //! binary.
 
-pub mod binding;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshpunch_proto::lifetime::{LifetimeProbe, Outcome, DEFAULT_STEPS_S};
 use meshpunch_proto::nat::{keepalive_interval, BindingLifetime};
@@ -102,10 +102,7 @@ struct CacheFile {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    meshpunch_proto::clock::unix_secs(SystemTime::now())
 }
 
 fn read_cache(path: &Path) -> Vec<CacheEntry> {

@@ -11,9 +11,8 @@ use meshpunch_proto::lifetime::Outcome;
 use meshpunch_proto::nat::{
     LifetimeSearch, MappingObservation, NetcheckReport, RelayLatency, LIFETIME_STEPS_S,
 };
+use meshpunch_proto::stun;
 use tokio::net::UdpSocket;
-
-use crate::binding;
 
 /// What to test against.
 #[derive(Debug, Clone, Default)]
@@ -52,9 +51,10 @@ async fn transact(
     server: SocketAddr,
     change: Option<(bool, bool)>,
     timeout: Duration,
-) -> Option<(binding::Response, Duration)> {
-    let tx = binding::new_tx();
-    let req = binding::request(tx, change);
+) -> Option<(stun::BindingResponse, Duration)> {
+    let tx: [u8; 12] = rand::random();
+    let (ip, port) = change.unwrap_or((false, false));
+    let req = stun::binding_request(tx, ip, port);
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 2048];
     let mut sent = Instant::now();
@@ -69,8 +69,8 @@ async fn transact(
         let wait = next_rtx.min(deadline).saturating_duration_since(now);
         match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
             Ok(Ok((n, _from))) => {
-                if let Some(r) = binding::parse_response(&buf[..n]) {
-                    if r.tx == tx {
+                if let Ok(r) = stun::parse_binding_response(&buf[..n]) {
+                    if r.transaction_id == tx {
                         return Some((r, sent.elapsed()));
                     }
                 }
@@ -89,23 +89,23 @@ async fn transact(
 
 fn to_family(sock: &UdpSocket, a: SocketAddr) -> SocketAddr {
     let dual_stack = sock.local_addr().map(|l| l.is_ipv6()).unwrap_or(false);
-    crate::daemon::for_socket(dual_stack, a)
+    meshpunch_proto::addr::for_socket(dual_stack, a)
 }
 
 /// Outcome of a CHANGE-REQUEST test: an answer = passes the filter, none = filtered, error 420
 /// = the server cannot do it (unknown).
-fn change_result(r: Option<(binding::Response, Duration)>) -> Option<bool> {
+fn change_result(r: Option<(stun::BindingResponse, Duration)>) -> Option<bool> {
     match r {
-        Some((r, _)) if r.error == Some(420) => None,
-        Some((r, _)) => Some(r.error.is_none()),
+        Some((r, _)) if r.error_code == Some(420) => None,
+        Some((r, _)) => Some(r.error_code.is_none()),
         None => Some(false),
     }
 }
 
 /// Whether a Binding request sent to our own public address comes back to us.
 async fn hairpin(sock: &UdpSocket, public: SocketAddr, timeout: Duration) -> bool {
-    let tx = binding::new_tx();
-    let req = binding::request(tx, None);
+    let tx: [u8; 12] = rand::random();
+    let req = stun::binding_request(tx, false, false);
     let _ = sock.send_to(&req, to_family(sock, public)).await;
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 2048];
@@ -116,7 +116,7 @@ async fn hairpin(sock: &UdpSocket, public: SocketAddr, timeout: Duration) -> boo
         }
         match tokio::time::timeout(left, sock.recv_from(&mut buf)).await {
             Ok(Ok((n, _))) => {
-                if binding::request_tx(&buf[..n]) == Some(tx) {
+                if stun::peek_binding_request_tx(&buf[..n]) == Some(tx) {
                     return true;
                 }
             }
@@ -172,7 +172,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         let Some((r, _)) = transact(&sock, *server, None, opts.timeout).await else {
             continue;
         };
-        let Some(mapped) = r.mapped.map(crate::daemon::canonical) else {
+        let Some(mapped) = r.mapped.map(meshpunch_proto::addr::unmap) else {
             continue;
         };
         obs.push(MappingObservation {
@@ -182,9 +182,9 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         if primary.is_none() {
             primary = Some((*server, mapped));
         }
-        if let (Some(other), false) = (r.other, rfc5780_done) {
+        if let (Some(other), false) = (r.other_address, rfc5780_done) {
             rfc5780_done = true;
-            let other = crate::daemon::canonical(other);
+            let other = meshpunch_proto::addr::unmap(other);
             // RFC 5780 §4.3 tests II and III.
             let alt_ip_same_port = SocketAddr::new(other.ip(), server.port());
             for dest in [alt_ip_same_port, other] {
@@ -192,7 +192,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                     if let Some(m) = r2.mapped {
                         obs.push(MappingObservation {
                             server: dest,
-                            mapped: crate::daemon::canonical(m),
+                            mapped: meshpunch_proto::addr::unmap(m),
                         });
                     }
                 }
@@ -224,7 +224,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                 if let Some(m) = r.mapped {
                     obs.push(MappingObservation {
                         server: a,
-                        mapped: crate::daemon::canonical(m),
+                        mapped: meshpunch_proto::addr::unmap(m),
                     });
                 }
             }
@@ -278,7 +278,7 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                 tokio::time::sleep(idle).await;
                 match transact(&sock, server, None, opts.timeout).await {
                     Some((r, _)) => {
-                        search.record(r.mapped.map(crate::daemon::canonical) == Some(mapped))
+                        search.record(r.mapped.map(meshpunch_proto::addr::unmap) == Some(mapped))
                     }
                     None => search.record(false),
                 }

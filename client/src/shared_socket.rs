@@ -39,7 +39,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::net::UdpSocket;
 
-use crate::daemon::{canonical, for_socket};
+use meshpunch_proto::addr::{for_socket, unmap};
 
 /// Datagrams waiting for quinn; more are dropped (and counted). The rendezvous connection
 /// carries a few signalling messages and keep-alives, so this only fills if quinn's task
@@ -166,7 +166,7 @@ impl SharedSocket {
         if self.dual_stack {
             for_socket(true, a)
         } else {
-            canonical(a)
+            unmap(a)
         }
     }
 
@@ -217,7 +217,7 @@ impl AsyncUdpSocket for SharedSocket {
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        self.note_peer(canonical(transmit.destination));
+        self.note_peer(unmap(transmit.destination));
         let dest = self.for_quinn(transmit.destination);
         // max_transmit_segments is 1, so quinn never batches; split if it ever does.
         let seg = transmit

@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshpunch::daemon::canonical;
 use meshpunch::keys::{format_key, generate_private, Identity};
 use meshpunch::rendezvous::{endpoint_on, Client, ClientConfig, Event, Events, Registration};
 use meshpunch::shared_socket::SharedSocket;
+use meshpunch_proto::addr::unmap as canonical;
 use support::{start_relay, start_rendezvous, status, wait_path};
 use tokio::net::UdpSocket;
 

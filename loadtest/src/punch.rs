@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use hdrhistogram::Histogram;
 use meshpunch::rendezvous::{Client, ClientConfig, Event, Punch};
@@ -108,10 +108,7 @@ struct Timings {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+    meshpunch_proto::clock::unix_ms(SystemTime::now())
 }
 
 fn host_candidate(sock: &UdpSocket) -> Result<Candidate, String> {

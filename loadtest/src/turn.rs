@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshpunch_proto::creds::rest_credentials;
 use meshpunch_proto::turn_client::{TurnClient, TurnCredentials, TurnEvent};
@@ -80,11 +80,8 @@ fn allocate_one(
     user: &str,
 ) -> Result<(Flow, Allocation), String> {
     let sock = udp::bind(SocketAddr::new(client_ip, 0)).map_err(|e| e.to_string())?;
-    let expires = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-        + CREDENTIAL_LIFETIME.as_secs();
+    let expires =
+        meshpunch_proto::clock::unix_secs(SystemTime::now()) + CREDENTIAL_LIFETIME.as_secs();
     let creds = rest_credentials(secret.as_bytes(), expires, user);
     let now = Instant::now();
     let mut client = TurnClient::new(

@@ -8,7 +8,7 @@
 //! first reduced to its canonical form ([`canonical_ip`]) and only then classified
 //! ([`classify`]) and checked against the policy ([`PeerPolicy::check`]).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// What kind of address an IP is, after canonicalisation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,6 +92,32 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
             Some(v4) => IpAddr::V4(v4),
             None => ip,
         },
+    }
+}
+
+/// The address a datagram really came from or goes to: an IPv4-mapped IPv6 spelling
+/// (`[::ffff:a.b.c.d]:p`, what a dual-stack socket reports for IPv4 traffic) becomes the IPv4
+/// address; everything else is left as it is. This is the one socket-level canonicalisation
+/// (pairs, candidates and peers are matched by it). Unlike [`canonical_ip`] it never rewrites
+/// 6to4, NAT64 or Teredo addresses: those are real IPv6 destinations to send to.
+pub fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        SocketAddr::V4(_) => a,
+    }
+}
+
+/// The inverse of [`unmap`] for sending: on a dual-stack (`[::]`) socket an IPv4 destination
+/// is written IPv4-mapped; otherwise the address is used as it is.
+pub fn for_socket(dual_stack: bool, a: SocketAddr) -> SocketAddr {
+    match (dual_stack, a) {
+        (true, SocketAddr::V4(v4)) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => a,
     }
 }
 

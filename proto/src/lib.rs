@@ -6,15 +6,20 @@
 //! `meshpunch-loadtest`) are thin drivers around these modules, so everything here is
 //! unit-, property- and fuzz-testable without a network.
 
+#![forbid(unsafe_code)]
+
 pub mod addr;
 pub mod channeldata;
+pub mod clock;
 pub mod connect;
 pub mod creds;
 pub mod lifetime;
 pub mod nat;
+pub mod node;
 pub mod path;
 pub mod probe;
 mod rng;
+pub mod session;
 pub mod stun;
 pub mod token;
 pub mod turn;

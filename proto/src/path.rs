@@ -178,6 +178,34 @@ impl Candidate {
     }
 }
 
+/// Whether a candidate the peer signalled may be probed at all. A peer (or whoever holds its
+/// key) must not be able to make us send to an arbitrary address, so:
+/// * never to loopback (unless `loopback_ok`: our data socket is itself on loopback),
+///   unspecified, multicast, broadcast or reserved addresses, nor to port 0;
+/// * private, link-local, unique-local and CGNAT addresses only as host candidates (a peer's
+///   interface on a LAN we may share), never as server-reflexive, predicted or relayed ones.
+///
+/// The address is classified after canonicalisation ([`crate::addr::classify`]), so
+/// `::ffff:127.0.0.1` is as loopback as `127.0.0.1`.
+pub fn candidate_allowed(c: &Candidate, loopback_ok: bool) -> bool {
+    use crate::addr::AddrClass;
+    if c.addr.port() == 0 {
+        return false;
+    }
+    match crate::addr::classify(c.addr.ip()) {
+        AddrClass::Public => true,
+        AddrClass::Loopback => loopback_ok,
+        AddrClass::Private
+        | AddrClass::LinkLocal
+        | AddrClass::UniqueLocal
+        | AddrClass::SharedCgnat => c.kind == CandidateKind::Host,
+        AddrClass::Unspecified
+        | AddrClass::Multicast
+        | AddrClass::Broadcast
+        | AddrClass::Reserved => false,
+    }
+}
+
 /// The kind of path carrying a peer's traffic (`meshpunch status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -263,6 +291,10 @@ pub struct PathConfig {
     pub predicted_for: Duration,
     /// Cap on pairs per peer (peer-reflexive ones included).
     pub max_pairs: usize,
+    /// Accept loopback candidates from the peer. Only for a daemon whose data socket is bound
+    /// to a loopback address (tests, single-host setups), where loopback is the only network
+    /// there is; otherwise a peer could make us send to services on our own host.
+    pub loopback_candidates: bool,
 }
 
 impl Default for PathConfig {
@@ -290,6 +322,7 @@ impl Default for PathConfig {
             birthday_ping_interval: Duration::from_secs(3),
             predicted_for: Duration::from_secs(5),
             max_pairs: 64,
+            loopback_candidates: false,
         }
     }
 }
@@ -408,6 +441,9 @@ pub const SPRAY_MIN_PORT: u16 = 1024;
 pub const BIRTHDAY_RETRY: Duration = Duration::from_secs(30);
 /// Longest wait between two birthday searches towards one peer.
 pub const BIRTHDAY_RETRY_MAX: Duration = Duration::from_secs(600);
+/// One spray budget ([`PathConfig::birthday_probes`] pings) per peer per this window, however
+/// many sessions the peer starts: a peer cannot turn re-offers into a sustained port scan.
+pub const SPRAY_BUDGET_WINDOW: Duration = Duration::from_secs(600);
 
 /// Our own NAT's mapping behaviour as the driver measured it (two STUN servers from the data
 /// socket, RFC 5780 §4.3).
@@ -503,6 +539,10 @@ pub struct ProbeCounters {
     pub unauthenticated: u64,
     /// Refused: replayed or stale.
     pub replayed: u64,
+    /// Candidates from the peer refused by [`candidate_allowed`] (loopback, multicast, a
+    /// private address that is not a host candidate, ...).
+    #[serde(default)]
+    pub refused_candidates: u64,
 }
 
 struct Session {
@@ -539,6 +579,12 @@ pub struct PeerPath {
     birthday_failures: u32,
     /// When the last birthday search of a session ended.
     birthday_ended: Option<Instant>,
+    /// The peer's IP as the rendezvous itself observed it (carried in the punch start): the
+    /// only IP birthday probing sends to, whatever candidates the peer claims.
+    peer_observed: Option<std::net::IpAddr>,
+    /// Spray budget across sessions: when the current window started and how many spray
+    /// pings it has used ([`PathConfig::birthday_probes`] per [`SPRAY_BUDGET_WINDOW`]).
+    spray_window: Option<(Instant, u64)>,
 }
 
 impl std::fmt::Debug for PeerPath {
@@ -586,6 +632,8 @@ impl PeerPath {
             birthday: Birthday::new(),
             birthday_failures: 0,
             birthday_ended: None,
+            peer_observed: None,
+            spray_window: None,
         }
     }
 
@@ -666,9 +714,24 @@ impl PeerPath {
     }
 
     /// Replaces the peer's candidates (a new offer/answer, or the peer re-gathered).
-    /// Pairs for vanished candidates are dropped unless valid or selected.
+    /// Pairs for vanished candidates are dropped unless valid or selected. Candidates
+    /// [`candidate_allowed`] refuses, and srflx-dependent ones off the IP the rendezvous
+    /// observed ([`PeerPath::set_peer_observed`], set it first), are dropped and counted.
     pub fn set_remote_candidates(&mut self, now: Instant, remote: Vec<Candidate>) {
         let start = self.session.as_ref().map(|s| s.start_at).unwrap_or(now);
+        let before = remote.len();
+        let loopback_ok = self.cfg.loopback_candidates;
+        let remote: Vec<Candidate> = remote
+            .into_iter()
+            .map(|c| Candidate {
+                addr: crate::addr::unmap(c.addr),
+                ..c
+            })
+            .filter(|c| candidate_allowed(c, loopback_ok))
+            // A "hard" marker is a birthday target: only on the IP the rendezvous observed.
+            .filter(|c| c.kind != CandidateKind::SrflxDependent || self.observed_ip(&c.addr))
+            .collect();
+        self.counters.refused_candidates += (before - remote.len()) as u64;
         let mut wanted: Vec<(PathAddr, CandidateKind)> =
             remote.iter().map(|c| (c.path_addr(), c.kind)).collect();
         for c in &remote {
@@ -1099,11 +1162,15 @@ impl PeerPath {
         let Some(start) = self.session.as_ref().map(|s| s.start_at) else {
             return;
         };
+        // Before `relay_after` a fresh session gives direct pairs their chance first — but
+        // the pair that carries traffic now stays usable whatever its class: a new session
+        // (a re-offer, a birthday retry) never drops a working relay path.
         let relay_ok = now >= start + self.cfg.relay_after || self.direct_blocked;
+        let selected = self.selected;
         let usable = |p: &Pair| {
             p.state == PairState::Valid
                 && !self.blocked(&p.dest)
-                && (pair_kind(p) != PathKind::Relay || relay_ok)
+                && (pair_kind(p) != PathKind::Relay || relay_ok || Some(p.dest) == selected)
         };
         // A working direct (or LAN) pair always beats the relay: RTT only ranks pairs of the
         // same tier, so a slow first sample on a loaded host never hands traffic to the relay.
@@ -1327,6 +1394,34 @@ impl PeerPath {
         }
     }
 
+    /// The peer's IP as the rendezvous observed it (from the punch start; `None` for static
+    /// sessions or an older rendezvous). Birthday probing — the spray and the pool pings —
+    /// only ever targets this IP: a server-reflexive candidate naming another IP is not used
+    /// for it.
+    pub fn set_peer_observed(&mut self, ip: Option<std::net::IpAddr>) {
+        self.peer_observed = ip.map(crate::addr::canonical_ip);
+    }
+
+    /// Spray pings still allowed in the current budget window.
+    fn spray_budget_left(&self, now: Instant) -> u64 {
+        let limit = u64::from(self.cfg.birthday_probes);
+        match self.spray_window {
+            Some((start, used)) if now.saturating_duration_since(start) < SPRAY_BUDGET_WINDOW => {
+                limit.saturating_sub(used)
+            }
+            _ => limit,
+        }
+    }
+
+    fn spray_budget_use(&mut self, now: Instant) {
+        match &mut self.spray_window {
+            Some((start, used)) if now.saturating_duration_since(*start) < SPRAY_BUDGET_WINDOW => {
+                *used += 1
+            }
+            w => *w = Some((now, 1)),
+        }
+    }
+
     /// Whether a birthday search needs the driver's socket pool open (hard side, searching).
     pub fn wants_pool(&self) -> bool {
         self.birthday.role == BirthdayRole::Hard
@@ -1404,15 +1499,29 @@ impl PeerPath {
         };
         self.remote_candidates
             .iter()
-            .find(|c| c.kind == CandidateKind::Srflx && c.addr.is_ipv4() && !dependent(&c.addr))
+            .find(|c| {
+                c.kind == CandidateKind::Srflx
+                    && c.addr.is_ipv4()
+                    && !dependent(&c.addr)
+                    && self.observed_ip(&c.addr)
+            })
             .map(|c| c.addr)
     }
 
     fn peer_hard_srflx(&self) -> Option<SocketAddr> {
         self.remote_candidates
             .iter()
-            .find(|c| c.kind == CandidateKind::SrflxDependent && c.addr.is_ipv4())
+            .find(|c| {
+                c.kind == CandidateKind::SrflxDependent
+                    && c.addr.is_ipv4()
+                    && self.observed_ip(&c.addr)
+            })
             .map(|c| c.addr)
+    }
+
+    /// Whether `a` is on the IP the rendezvous observed for the peer.
+    fn observed_ip(&self, a: &SocketAddr) -> bool {
+        self.peer_observed == Some(a.ip())
     }
 
     fn decide_role(&self) -> BirthdayRole {
@@ -1510,10 +1619,15 @@ impl PeerPath {
         let limit = usize::from(self.cfg.birthday_probes);
         let per_tick = (u128::from(self.cfg.birthday_rate) * SPRAY_TICK.as_millis() / 1000)
             .clamp(1, 10_000) as usize;
+        if self.spray_budget_left(now) == 0 {
+            // This window's budget went to earlier sessions: no spray until it ends.
+            self.birthday.next_spray = None;
+            return;
+        }
         let unix = self.unix_ms(now);
         let span = u64::from(u16::MAX - SPRAY_MIN_PORT) + 1;
         for _ in 0..per_tick {
-            if self.birthday.sprayed.len() >= limit {
+            if self.birthday.sprayed.len() >= limit || self.spray_budget_left(now) == 0 {
                 break;
             }
             // Distinct ports, never the one the plain pairs already ping.
@@ -1536,16 +1650,18 @@ impl PeerPath {
             s.sender.seal(unix, &ProbeBody::Ping { tx }, &mut self.buf);
             self.birthday.sprayed.insert(port, (tx, now));
             self.birthday.status.spray_sent += 1;
+            self.spray_budget_use(now);
             self.transmits.push_back(Transmit {
                 dest: PathAddr::direct(SocketAddr::new(target.ip(), port)),
                 payload: self.buf.clone(),
             });
         }
-        self.birthday.next_spray = if self.birthday.sprayed.len() < limit {
-            Some(now + SPRAY_TICK)
-        } else {
-            None
-        };
+        self.birthday.next_spray =
+            if self.birthday.sprayed.len() < limit && self.spray_budget_left(now) > 0 {
+                Some(now + SPRAY_TICK)
+            } else {
+                None
+            };
     }
 
     /// The spray entry for `from` (a port we sprayed on the hard peer's IP, from the data

@@ -47,7 +47,6 @@ pub const REPLAY_WINDOW: u64 = 128;
 /// Default largest accepted difference between the sender's and our clock (milliseconds).
 pub const DEFAULT_MAX_SKEW_MS: u64 = 120_000;
 /// STUN magic cookie (RFC 8489 §5).
-const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 /// Domain separation label of the probe key derivation.
 const KDF_LABEL: &[u8] = b"meshpunch probe key v1";
 
@@ -73,7 +72,10 @@ pub fn classify(bytes: &[u8]) -> PacketKind {
     let Some(&first) = bytes.first() else {
         return PacketKind::Unknown;
     };
-    if bytes.len() >= 20 && first & 0xC0 == 0 && bytes.get(4..8) == Some(&STUN_MAGIC_COOKIE[..]) {
+    if bytes.len() >= 20
+        && first & 0xC0 == 0
+        && bytes.get(4..8) == Some(&crate::stun::MAGIC_COOKIE.to_be_bytes()[..])
+    {
         return PacketKind::Stun;
     }
     if (1..=4).contains(&first) && bytes.len() >= 4 && bytes[1..4] == [0, 0, 0] {

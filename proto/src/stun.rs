@@ -65,6 +65,23 @@ pub fn looks_like_stun(packet: &[u8]) -> bool {
         && packet[4..8] == MAGIC_COOKIE.to_be_bytes()
 }
 
+/// The transaction id of any STUN message (to match it against pending transactions).
+pub fn peek_transaction_id(packet: &[u8]) -> Option<[u8; 12]> {
+    if !looks_like_stun(packet) {
+        return None;
+    }
+    packet.get(8..HEADER_LEN)?.try_into().ok()
+}
+
+/// The transaction id of a Binding *request* (the hairpin test receives its own request back).
+pub fn peek_binding_request_tx(packet: &[u8]) -> Option<[u8; 12]> {
+    // Message type 0x0001: method Binding, class request (RFC 8489 §5).
+    if packet.get(..2)? != [0x00, 0x01] {
+        return None;
+    }
+    peek_transaction_id(packet)
+}
+
 /// Sans-IO STUN Binding server.
 #[derive(Debug, Clone)]
 pub struct BindingServer {

@@ -22,6 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
 use stun_rs::attributes::stun::{
     ErrorCode, MessageIntegrity, MessageIntegritySha256, Nonce, Realm, UserName, XorMappedAddress,
 };
@@ -241,12 +242,35 @@ pub struct TurnClient {
     events: VecDeque<TurnEvent>,
     decoder: MessageDecoder,
     encoder: MessageEncoder,
+    /// Transaction ids of requests (RFC 8489 §6: uniformly random; ChaCha from a seed the
+    /// driver gives, so a simulation replays exactly).
+    rng: rand::rngs::StdRng,
+    /// Transaction ids of Send indications (no answer ever matches them: only spread, so a
+    /// counter stepped through xorshift from the seeded generator, usable from `&self`).
+    indication_rng: std::cell::Cell<u64>,
 }
 
 impl TurnClient {
-    /// A client for the TURN server at `server`.
-    pub fn new(server: SocketAddr, creds: TurnCredentials, _now: Instant) -> Self {
+    /// A client for the TURN server at `server`, its transaction ids drawn from OS entropy.
+    pub fn new(server: SocketAddr, creds: TurnCredentials, now: Instant) -> Self {
+        Self::with_rng(server, creds, now, rand::rngs::StdRng::from_entropy())
+    }
+
+    /// A client whose transaction ids come from `seed` (deterministic simulations).
+    pub fn with_seed(server: SocketAddr, creds: TurnCredentials, now: Instant, seed: u64) -> Self {
+        Self::with_rng(server, creds, now, rand::rngs::StdRng::seed_from_u64(seed))
+    }
+
+    fn with_rng(
+        server: SocketAddr,
+        creds: TurnCredentials,
+        _now: Instant,
+        mut rng: rand::rngs::StdRng,
+    ) -> Self {
+        let indication_rng = std::cell::Cell::new(rng.gen::<u64>() | 1);
         TurnClient {
+            rng,
+            indication_rng,
             server,
             creds,
             sha256: false,
@@ -409,7 +433,13 @@ impl TurnClient {
         if let Some(ch) = self.channel_for(peer) {
             return channeldata::encode(ch, data, out).map_err(|_| TurnClientError::BufferTooSmall);
         }
-        let txid: [u8; 12] = rand::random();
+        let mut state = self.indication_rng.get();
+        let hi = crate::rng::xorshift64star(&mut state);
+        let lo = crate::rng::xorshift64star(&mut state);
+        self.indication_rng.set(state);
+        let mut txid = [0u8; 12];
+        txid[..8].copy_from_slice(&hi.to_be_bytes());
+        txid[8..].copy_from_slice(&lo.to_be_bytes()[..4]);
         turn::encode_peer_data_message(turn::msg_type::SEND_INDICATION, &txid, peer, data, out)
             .ok_or(TurnClientError::BufferTooSmall)
     }
@@ -755,7 +785,7 @@ impl TurnClient {
     }
 
     fn send_op(&mut self, op: Op, now: Instant, auth_retries: u32) {
-        let txid: [u8; 12] = rand::random();
+        let txid: [u8; 12] = self.rng.gen();
         let Some(packet) = self.build(&op, &txid) else {
             self.fail(op, None, "could not encode request".into());
             return;
@@ -830,4 +860,42 @@ impl TurnClient {
 fn refresh_delay(lifetime: u32) -> Duration {
     let l = u64::from(lifetime.max(2));
     Duration::from_secs(if l > 120 { l - 60 } else { l / 2 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> TurnCredentials {
+        TurnCredentials {
+            username: "1700000000:alice".into(),
+            password: "secret".into(),
+        }
+    }
+
+    #[test]
+    fn a_seeded_client_replays_its_transaction_ids() {
+        let server: SocketAddr = "203.0.113.20:3478"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let peer: SocketAddr = "198.51.100.2:4000"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let now = Instant::now();
+        let run = |seed| {
+            let mut c = TurnClient::with_seed(server, creds(), now, seed);
+            c.allocate(now);
+            let mut out = Vec::new();
+            while let Some(t) = c.poll_transmit() {
+                out.push(t.payload);
+            }
+            out
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        // Send indications too (they need an allocation; same seed, same refusal path).
+        let c = TurnClient::with_seed(server, creds(), now, 7);
+        let mut buf = [0u8; 256];
+        assert!(c.encode_send(peer, b"x", &mut buf).is_err());
+    }
 }

@@ -177,34 +177,108 @@ pub fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
     Ok((lo, hi))
 }
 
-/// Where `--dev` keeps its generated secret.
+/// Where `--dev` keeps its generated secret: `$XDG_STATE_HOME/meshpunch/relay-dev-secret`,
+/// else `$HOME/.local/state/meshpunch/...`, else `/var/lib/meshpunch/...` as root or
+/// `/run/user/UID/meshpunch/...`. Never a shared directory such as `/tmp`, where another user
+/// could plant a secret of their choosing.
 pub fn dev_secret_path() -> PathBuf {
+    let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
     let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir);
+        .and_then(abs)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(abs)
+                .map(|h| h.join(".local/state"))
+        })
+        .unwrap_or_else(|| {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            match unsafe { libc::geteuid() } {
+                0 => PathBuf::from("/var/lib"),
+                uid => PathBuf::from(format!("/run/user/{uid}")),
+            }
+        });
     base.join("meshpunch").join("relay-dev-secret")
 }
 
 /// Reads the `--dev` secret, generating and persisting one on first use.
+///
+/// The directory is created 0700; an existing one must belong to this user or root and must
+/// not be writable by group or others. An existing secret is read only if it is a regular file
+/// (not a symlink: `O_NOFOLLOW`) owned by this user with no group/other permission bits. A new
+/// one is created 0600 from the first byte (`O_CREAT|O_EXCL`, no chmod afterwards) under a
+/// temporary name and renamed into place.
 pub fn dev_secret(path: &Path) -> anyhow::Result<String> {
-    if let Ok(s) = std::fs::read_to_string(path) {
-        let s = s.trim().to_owned();
-        if !s.is_empty() {
-            return Ok(s);
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let dm = std::fs::metadata(&dir).with_context(|| format!("examining {}", dir.display()))?;
+    if (dm.uid() != uid && dm.uid() != 0) || dm.mode() & 0o022 != 0 {
+        bail!(
+            "refusing to keep the dev secret in {}: the directory must belong to you (uid {uid}) \
+             or root and be writable only by its owner (it is uid {}, mode {:04o})",
+            dir.display(),
+            dm.uid(),
+            dm.mode() & 0o7777
+        );
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(mut f) => {
+            let m = f
+                .metadata()
+                .with_context(|| format!("examining {}", path.display()))?;
+            if !m.is_file() || m.uid() != uid || m.mode() & 0o077 != 0 {
+                bail!(
+                    "refusing the dev secret in {}: it must be a regular file owned by you (uid \
+                     {uid}) with mode 0600 (it is uid {}, mode {:04o}); remove it to generate a \
+                     new one",
+                    path.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                );
+            }
+            let mut s = String::new();
+            f.read_to_string(&mut s)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let s = s.trim().to_owned();
+            if !s.is_empty() {
+                return Ok(s);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening {} (a symlink is refused)", path.display()))
         }
     }
     let bytes: [u8; 24] = rand::random();
     let secret = hex_encode(&bytes);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, format!("{secret}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    let tmp = dir.join(format!(".relay-dev-secret.{:08x}", rand::random::<u32>()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(format!("{secret}\n").as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
     }
     Ok(secret)
 }
@@ -551,5 +625,69 @@ mod tests {
         let p = dir.path().join("x/secret");
         let s1 = dev_secret(&p).unwrap();
         assert_eq!(dev_secret(&p).unwrap(), s1, "persisted");
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn chmod(p: &Path, m: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    #[test]
+    fn dev_secret_is_private_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state/meshpunch/relay-dev-secret");
+        dev_secret(&p).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(
+            mode(p.parent().unwrap()),
+            0o700,
+            "directory created private"
+        );
+        assert_eq!(
+            std::fs::read_dir(p.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp left"
+        );
+    }
+
+    #[test]
+    fn dev_secret_planted_in_a_shared_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("tmp");
+        std::fs::create_dir(&shared).unwrap();
+        chmod(&shared, 0o1777);
+        let p = shared.join("relay-dev-secret");
+        std::fs::write(&p, "attacker-chosen\n").unwrap();
+        chmod(&p, 0o600);
+        let e = dev_secret(&p).unwrap_err().to_string();
+        assert!(e.contains("writable only by its owner"), "{e}");
+    }
+
+    #[test]
+    fn dev_secret_symlink_or_readable_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "attacker-chosen\n").unwrap();
+        chmod(&target, 0o600);
+        let d = dir.path().join("state");
+        std::fs::create_dir(&d).unwrap();
+        let link = d.join("relay-dev-secret");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(dev_secret(&link).is_err(), "a symlink is not followed");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, "old\n").unwrap();
+        chmod(&link, 0o644);
+        let e = dev_secret(&link).unwrap_err().to_string();
+        assert!(e.contains("mode 0600"), "{e}");
+    }
+
+    #[test]
+    fn dev_secret_path_is_never_in_tmp() {
+        assert!(!dev_secret_path().starts_with(std::env::temp_dir()));
     }
 }

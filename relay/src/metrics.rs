@@ -48,6 +48,11 @@ pub const BINDINGS: &str = "meshpunch_relay_bindings_total";
 pub const SEND_SYSCALLS: &str = "meshpunch_relay_send_syscalls_total";
 /// 1 while draining after SIGTERM.
 pub const DRAINING: &str = "meshpunch_relay_draining";
+/// Admin HTTP connections closed early, label `reason` = `too_many_connections` (closed on
+/// accept) | `header_timeout` (request head not received in time).
+pub const ADMIN_REFUSED: &str = "meshpunch_relay_admin_refused_total";
+/// Admin HTTP connections open (gauge).
+pub const ADMIN_CONNECTIONS_OPEN: &str = "meshpunch_relay_admin_connections_open";
 /// Relayed ports in use over all relay IPs (gauge).
 pub const PORTS_IN_USE: &str = "meshpunch_relay_ports_in_use";
 /// Relayed ports available in total (gauge): the capacity limit.

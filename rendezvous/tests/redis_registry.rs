@@ -101,6 +101,7 @@ async fn redis_peers_on_different_nodes_see_presence_and_exchange_offers() {
         request_id: 1,
         candidates: vec![],
         initiator_rtt_ms: 12,
+        observed: Some("198.51.100.7:4000".parse().unwrap()),
     };
     n1.deliver(&b, offer.clone()).await.expect("offer a -> b");
     let e = next(&mut in2, "offer on n2").await;
@@ -111,6 +112,7 @@ async fn redis_peers_on_different_nodes_see_presence_and_exchange_offers() {
         candidates: vec![],
         session_secret: [9; 32],
         start_at_unix_ms: 1234,
+        observed: None,
     };
     n2.deliver(&a, answer.clone()).await.expect("answer b -> a");
     let e = next(&mut in1, "answer on n1").await;
@@ -189,6 +191,7 @@ async fn redis_newest_connection_wins_across_nodes() {
         request_id: 2,
         candidates: vec![],
         initiator_rtt_ms: 1,
+        observed: Some("198.51.100.7:4000".parse().unwrap()),
     };
     n1.deliver(&b, offer.clone())
         .await
@@ -299,6 +302,7 @@ async fn redis_outage_keeps_local_service_and_republishes() {
         request_id: 5,
         candidates: vec![],
         initiator_rtt_ms: 3,
+        observed: Some("198.51.100.7:4000".parse().unwrap()),
     };
     n1.deliver(&b, offer.clone())
         .await
@@ -446,6 +450,7 @@ async fn redis_frozen_server_times_out_to_degraded_and_recovers() {
         request_id: 1,
         candidates: vec![],
         initiator_rtt_ms: 1,
+        observed: Some("198.51.100.7:4000".parse().unwrap()),
     };
     tokio::time::timeout(WAIT, n1.deliver(&b, offer.clone()))
         .await

@@ -9,8 +9,8 @@ use std::ops::Range;
 pub const MAX_DATAGRAM: usize = 65_535;
 /// Size of the STUN header.
 pub const STUN_HEADER_LEN: usize = 20;
-/// The STUN magic cookie (RFC 8489 §5).
-pub const MAGIC_COOKIE: u32 = 0x2112_A442;
+/// The STUN magic cookie (RFC 8489 §5), defined once in [`crate::stun`].
+pub use crate::stun::MAGIC_COOKIE;
 
 /// STUN attribute types used by the raw (zero-copy) paths.
 pub(crate) mod attr {

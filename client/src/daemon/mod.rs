@@ -15,6 +15,11 @@
 //! ([`meshpunch_proto::probe::classify`]): STUN responses to our own Binding requests, probes
 //! (looked up by key id), WireGuard (looked up by source).
 //!
+//! Files: this one is the engine (the driver loop and the decisions not yet moved into
+//! `proto`); `proxy.rs` the proxy readers and the fast path; `net.rs` socket and interface
+//! helpers; `status.rs` the `meshpunch status` snapshot. A peer's route lives in its
+//! [`PeerPath`]; the proxy reader only sees the copy the engine publishes.
+//!
 //! Birthday probing ([`crate::pool`]): while a peer's path manager searches as the "hard"
 //! side, a pool of extra sockets is open; their datagrams reach the engine through one
 //! channel and are handled like the data socket's, with the pool socket's index in the
@@ -23,28 +28,39 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
+use meshpunch_proto::addr::{for_socket, unmap};
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::nat::{choose_relay, RelayLatency};
+use meshpunch_proto::node::candidates::{LocalCandidates, Source as CandSource};
+use meshpunch_proto::node::offers::OfferTimer;
+use meshpunch_proto::node::srflx::ServerReflexive;
 use meshpunch_proto::path::{
-    Candidate, CandidateKind, MappingBehaviour, PathAddr, PathConfig, PathEvent, PathKind,
-    PeerPath, ProbeCounters, Via, DATA_SOCKET,
+    Candidate, CandidateKind, PathAddr, PathConfig, PathEvent, PathKind, PeerPath, Via, DATA_SOCKET,
 };
 use meshpunch_proto::probe::{classify, peek_key_id, PacketKind, TxId};
+use meshpunch_proto::stun;
 use meshpunch_proto::turn_client::{Input, TurnClient, TurnCredentials, TurnEvent, TurnOp};
 use meshpunch_proto::wire::RelayRegion;
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::binding;
-use crate::config::PeerConfig;
-use crate::control::{
-    self, BirthdayTotals, CtlCmd, PeerStatus, PingResult, RelayStatus, RendezvousStatus, Status,
+mod net;
+mod proxy;
+mod status;
+
+use net::{bind_data, usable_candidate};
+pub use net::{
+    interface_addrs, interface_addrs_excluding, turn_uri_authority, usable_candidates,
+    wireguard_interfaces,
 };
+use proxy::{FastPath, FastRoute, FromProxy};
+
+use crate::config::PeerConfig;
+use crate::control::{self, CtlCmd, PingResult, RendezvousStatus};
 use crate::keys::{format_key, Identity};
 use crate::pool::{Pool, PoolDatagram, StunMappings};
 use crate::shared_socket::SharedSocket;
@@ -58,12 +74,7 @@ pub const STUN_TIMEOUT: Duration = Duration::from_secs(2);
 pub const RELAY_MEASURE_INTERVAL: Duration = Duration::from_secs(120);
 /// How often interface addresses are re-read.
 pub const HOST_SCAN_INTERVAL: Duration = Duration::from_secs(10);
-/// Retry interval of offers to a peer that has no path.
-pub const OFFER_RETRY: Duration = Duration::from_secs(20);
-/// Delay before the peer with the higher key offers (the lower key offers at once).
-pub const OFFER_DEFER: Duration = Duration::from_secs(1);
-/// Shortest time between two offers to one peer.
-pub const OFFER_MIN_GAP: Duration = Duration::from_secs(2);
+pub use meshpunch_proto::node::offers::{OFFER_DEFER, OFFER_MIN_GAP, OFFER_RETRY};
 /// Retry interval after the TURN allocation failed.
 pub const TURN_RETRY: Duration = Duration::from_secs(15);
 /// How long the source of a peer's last WireGuard packet stays usable as the way back while
@@ -104,12 +115,28 @@ pub struct Daemon {
     /// Proxy address of each peer, in config order.
     pub proxies: Vec<([u8; 32], SocketAddr)>,
     task: tokio::task::JoinHandle<()>,
+    /// Commands to the rendezvous task (for [`Daemon::reload_rendezvous`]).
+    sig: Option<mpsc::Sender<SignalCmd>>,
 }
 
 impl Daemon {
     /// Waits until the engine stops (it runs until aborted).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
+    }
+
+    /// Uses a new rendezvous connect string (SIGHUP: a rotated token) without a restart: the
+    /// rendezvous client reconnects with it if it changed or the old token was refused.
+    pub async fn reload_rendezvous(&self, connect: &str) -> anyhow::Result<()> {
+        let cs: ConnectString = connect
+            .parse()
+            .map_err(|e| anyhow::anyhow!("rendezvous connect string: {e}"))?;
+        let Some(sig) = &self.sig else {
+            anyhow::bail!("the daemon was started without a rendezvous; restart it to add one");
+        };
+        sig.send(SignalCmd::Reload(Box::new(cs)))
+            .await
+            .map_err(|_| anyhow::anyhow!("the rendezvous task has stopped"))
     }
 }
 
@@ -121,143 +148,7 @@ impl Drop for Daemon {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Maps IPv4-mapped IPv6 addresses back to IPv4 (dual-stack data socket).
-pub fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => a,
-        },
-        _ => a,
-    }
-}
-
-/// The inverse of [`canonical`] for sending: on a dual-stack (`[::]`) socket an IPv4
-/// destination is written IPv4-mapped; otherwise the address is used as it is.
-pub fn for_socket(dual_stack: bool, a: SocketAddr) -> SocketAddr {
-    match (dual_stack, a) {
-        (true, SocketAddr::V4(v4)) => {
-            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-        }
-        _ => a,
-    }
-}
-
-/// A candidate address as the data socket can use it: IPv4-mapped spellings become IPv4
-/// (datagrams arrive from the canonical form, and pairs are matched by address); IPv6 is
-/// `None` when the data socket is IPv4 only (it could never be sent to).
-fn usable_candidate(v6_socket: bool, a: SocketAddr) -> Option<SocketAddr> {
-    let a = canonical(a);
-    (v6_socket || a.is_ipv4()).then_some(a)
-}
-
-/// Candidate addresses as the data socket can use them: IPv4-mapped IPv6 spellings become
-/// IPv4 (datagrams arrive from the canonical form, and pairs are matched by address), and
-/// IPv6 addresses are dropped when the data socket is IPv4 only (they could never be sent to).
-pub fn usable_candidates(v6_socket: bool, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = addrs
-        .iter()
-        .filter_map(|a| usable_candidate(v6_socket, *a))
-        .collect();
-    out.dedup();
-    out
-}
-
-/// Every usable interface address (no loopback, no link-local, no unspecified).
-pub fn interface_addrs() -> Vec<IpAddr> {
-    interface_addrs_excluding(&[])
-}
-
-/// Names of the WireGuard interfaces on this host (`wg show interfaces`; empty if `wg` is not
-/// installed or not allowed).
-pub fn wireguard_interfaces() -> Vec<String> {
-    std::process::Command::new("wg")
-        .args(["show", "interfaces"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Usable interface addresses except those of the interfaces named in `exclude` (the
-/// WireGuard interfaces: a probe to a tunnel address would loop into the tunnel meshpunch
-/// itself carries).
-pub fn interface_addrs_excluding(exclude: &[String]) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `ifap` with a list we free with freeifaddrs below; we only read
-    // entries while the list is alive and check every pointer for null.
-    unsafe {
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return out;
-        }
-        let mut cur = ifap;
-        while !cur.is_null() {
-            let ifa = &*cur;
-            let excluded = !ifa.ifa_name.is_null() && {
-                let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
-                exclude.iter().any(|e| *e == name)
-            };
-            if !excluded && !ifa.ifa_addr.is_null() && ifa.ifa_flags & (libc::IFF_UP as u32) != 0 {
-                let fam = i32::from((*ifa.ifa_addr).sa_family);
-                if fam == libc::AF_INET {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                        sin.sin_addr.s_addr,
-                    ))));
-                } else if fam == libc::AF_INET6 {
-                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-                }
-            }
-            cur = ifa.ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    out.retain(|ip| {
-        !ip.is_loopback()
-            && !ip.is_unspecified()
-            && !ip.is_multicast()
-            && match ip {
-                IpAddr::V4(v4) => !v4.is_link_local(),
-                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
-            }
-    });
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Binds the data socket: dual-stack when `listen` is `[::]`, else as given.
-fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSocket, bool)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if listen.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if listen.is_ipv6() {
-        s.set_only_v6(false)?;
-    }
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
-    s.bind(&listen.into())?;
-    s.set_nonblocking(true)?;
-    Ok((s.into(), listen.is_ipv6()))
+    meshpunch_proto::clock::unix_ms(SystemTime::now())
 }
 
 /// Starts the daemon: binds the data socket, the proxy ports and the control socket, starts
@@ -291,6 +182,12 @@ pub async fn start_with(
     let sock = Arc::new(UdpSocket::from_std(std_sock)?);
     let data_addr = sock.local_addr()?;
 
+    // On a loopback-only data socket loopback is the only network: peers' loopback
+    // candidates are allowed there (tests, single-host setups) and nowhere else.
+    let path_cfg = PathConfig {
+        loopback_candidates: data_addr.ip().is_loopback(),
+        ..opts.path.clone()
+    };
     let (proxy_tx, proxy_rx) = mpsc::channel::<FromProxy>(1024);
     let now = Instant::now();
     let mut peers = Vec::new();
@@ -311,60 +208,18 @@ pub async fn start_with(
         let proxy = Arc::new(proxy);
         let proxy_addr = proxy.local_addr()?;
         proxies.push((pc.public_key, proxy_addr));
-        let reader = proxy.clone();
-        let tx = proxy_tx.clone();
         let fast = Arc::new(FastPath::default());
-        let fast_r = fast.clone();
-        let data = sock.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            let mut last_src: Option<SocketAddr> = None;
-            let mut last_notify: Option<Instant> = None;
-            loop {
-                let (n, src) = match reader.recv_from(&mut buf).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // ICMP port unreachable from WireGuard not listening yet, etc.
-                        tracing::debug!(error = %e, "proxy recv error");
-                        continue;
-                    }
-                };
-                let pkt = &buf[..n];
-                // Fast path: the selected path is direct and WireGuard's address is known:
-                // send from here, no copy, no engine round trip.
-                let direct = if last_src == Some(src) {
-                    fast_r.route.read().ok().and_then(|r| r.clone())
-                } else {
-                    None
-                };
-                match direct {
-                    Some((dest, pool_sock)) => {
-                        // A birthday-found path leaves from its pool socket.
-                        let _ = pool_sock.as_ref().unwrap_or(&data).try_send_to(pkt, dest);
-                        fast_r.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        fast_r.tx_packets.fetch_add(1, Ordering::Relaxed);
-                        // Tell the engine now and then that data flows (active probing).
-                        let now = Instant::now();
-                        if last_notify.is_none_or(|t| now.duration_since(t) >= FAST_NOTIFY) {
-                            last_notify = Some(now);
-                            let _ = tx.try_send(FromProxy::Active(i));
-                        }
-                    }
-                    None => {
-                        last_src = Some(src);
-                        if tx
-                            .send(FromProxy::Packet(i, pkt.to_vec(), src))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        proxy::spawn_reader(
+            i,
+            proxy.clone(),
+            proxy_addr,
+            opts.wireguard_endpoint,
+            sock.clone(),
+            fast.clone(),
+            proxy_tx.clone(),
+        );
         let path = PeerPath::new(
-            opts.path.clone(),
+            path_cfg.clone(),
             opts.identity.public,
             pc.public_key,
             now,
@@ -373,7 +228,6 @@ pub async fn start_with(
         );
         peers.push(Peer {
             fast,
-            fast_route: None,
             sent_version: 0,
             key: pc.public_key,
             b64: format_key(&pc.public_key),
@@ -381,7 +235,6 @@ pub async fn start_with(
             proxy,
             proxy_addr,
             wg_addr: opts.wireguard_endpoint,
-            wg_fixed: opts.wireguard_endpoint.is_some(),
             path,
             tx_bytes: 0,
             rx_bytes: 0,
@@ -390,8 +243,8 @@ pub async fn start_with(
             dropped: 0,
             last_rx: None,
             static_candidates: usable_candidates(v6, &pc.candidates),
-            next_offer_at: None,
-            last_offer: None,
+            refused_seen: 0,
+            offer: OfferTimer::default(),
             note: None,
         });
     }
@@ -432,6 +285,7 @@ pub async fn start_with(
         None => None,
     };
 
+    let sig_handle = sig.clone();
     let mut engine = Engine {
         id: opts.identity.clone(),
         sock,
@@ -450,8 +304,7 @@ pub async fn start_with(
         },
         hosts: Vec::new(),
         lifetime: crate::lifetime::LifetimeState::new(lifetime),
-        srflx: None,
-        srflx_from_stun: false,
+        srflx: ServerReflexive::default(),
         quic,
         stun_servers: Vec::new(),
         stun_pending: HashMap::new(),
@@ -465,8 +318,7 @@ pub async fn start_with(
         rdv,
         sig,
         local_tx,
-        local_version: 0,
-        local: Vec::new(),
+        cands: LocalCandidates::new(data_addr.port()),
         next_stun: now,
         next_relay_measure: None,
         relay_eval_at: None,
@@ -492,33 +344,12 @@ pub async fn start_with(
         control_socket,
         proxies,
         task,
+        sig: sig_handle,
     })
-}
-
-/// What a proxy reader hands the engine.
-enum FromProxy {
-    /// A packet from WireGuard that the fast path could not send.
-    Packet(usize, Vec<u8>, SocketAddr),
-    /// The fast path sent packets for this peer (data is flowing).
-    Active(usize),
-}
-
-/// How often a proxy reader on the fast path tells the engine that data flows.
-const FAST_NOTIFY: Duration = Duration::from_millis(500);
-
-/// State shared between a peer's proxy reader and the engine: the direct destination of the
-/// selected path and the pool socket it leaves from when birthday probing found it (set by
-/// the engine), and the fast path's counters.
-#[derive(Default)]
-struct FastPath {
-    route: std::sync::RwLock<Option<(SocketAddr, Option<Arc<UdpSocket>>)>>,
-    tx_bytes: AtomicU64,
-    tx_packets: AtomicU64,
 }
 
 struct Peer {
     fast: Arc<FastPath>,
-    fast_route: Option<PathAddr>,
     /// Version of our candidates the peer got with the latest punch.
     sent_version: u64,
     key: [u8; 32],
@@ -527,7 +358,6 @@ struct Peer {
     proxy: Arc<UdpSocket>,
     proxy_addr: SocketAddr,
     wg_addr: Option<SocketAddr>,
-    wg_fixed: bool,
     path: PeerPath,
     tx_bytes: u64,
     rx_bytes: u64,
@@ -538,8 +368,9 @@ struct Peer {
     /// path is selected yet (the peer found its path before we did).
     last_rx: Option<(PathAddr, Instant)>,
     static_candidates: Vec<SocketAddr>,
-    next_offer_at: Option<Instant>,
-    last_offer: Option<Instant>,
+    /// Refused candidates already logged.
+    refused_seen: u64,
+    offer: OfferTimer,
     note: Option<String>,
 }
 
@@ -596,9 +427,8 @@ struct Engine {
     hosts: Vec<IpAddr>,
     /// Binding lifetime and keepalive interval (config, cache or background measurement).
     lifetime: crate::lifetime::LifetimeState,
-    srflx: Option<SocketAddr>,
-    /// `srflx` came from STUN (else from the rendezvous' observed address).
-    srflx_from_stun: bool,
+    /// Our server-reflexive address and where it came from (STUN or the rendezvous).
+    srflx: ServerReflexive,
     /// The data socket as the rendezvous client's QUIC endpoint sees it.
     quic: Option<Arc<SharedSocket>>,
     stun_servers: Vec<SocketAddr>,
@@ -613,8 +443,8 @@ struct Engine {
     rdv: RendezvousStatus,
     sig: Option<mpsc::Sender<SignalCmd>>,
     local_tx: watch::Sender<(u64, Vec<Candidate>)>,
-    local_version: u64,
-    local: Vec<Candidate>,
+    /// Our candidates from every candidate source, with their version.
+    cands: LocalCandidates,
     next_stun: Instant,
     next_relay_measure: Option<Instant>,
     relay_eval_at: Option<Instant>,
@@ -625,34 +455,6 @@ struct Engine {
     out: Vec<u8>,
     pool: Pool,
     stun_mappings: StunMappings,
-}
-
-/// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
-pub fn turn_uri_authority(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("turn:")
-        .or_else(|| url.strip_prefix("turns:"))
-        .unwrap_or(url);
-    let rest = rest.split('?').next()?;
-    if rest.is_empty() {
-        return None;
-    }
-    // Default TURN port (RFC 8656 §18) when none is given.
-    if rest.parse::<SocketAddr>().is_ok() {
-        return Some(rest.to_string());
-    }
-    if rest.starts_with('[') {
-        return Some(if rest.contains("]:") {
-            rest.to_string()
-        } else {
-            format!("{rest}:3478")
-        });
-    }
-    match rest.matches(':').count() {
-        0 => Some(format!("{rest}:3478")),
-        1 => Some(rest.to_string()),
-        _ => Some(format!("[{rest}]:3478")),
-    }
 }
 
 impl Engine {
@@ -680,7 +482,7 @@ impl Engine {
                     match r {
                         Ok((n, from)) => {
                             let now = Instant::now();
-                            self.on_datagram(now, canonical(from), &buf[..n]);
+                            self.on_datagram(now, unmap(from), &buf[..n]);
                         }
                         Err(e) => tracing::debug!(error = %e, "data socket recv error"),
                     }
@@ -718,7 +520,7 @@ impl Engine {
         };
         for p in &self.peers {
             take(p.path.poll_timeout());
-            take(p.next_offer_at);
+            take(p.offer.next());
         }
         if let Some(turn) = &self.turn {
             take(turn.client.poll_timeout());
@@ -777,13 +579,12 @@ impl Engine {
         }
         self.schedule_birthday_retries(now);
         for i in 0..self.peers.len() {
-            if self.peers[i].next_offer_at.is_some_and(|t| t <= now) {
-                self.peers[i].next_offer_at = None;
+            if self.peers[i].offer.take_due(now) {
                 let p = &self.peers[i];
                 // A working path whose peer has our latest candidates needs no new session,
                 // unless a birthday search could still turn a relay path into a direct one.
                 let up_to_date = p.path.route().is_some()
-                    && p.sent_version >= self.local_version
+                    && p.sent_version >= self.cands.version()
                     && p.path.birthday_retry_at().is_none_or(|t| t > now);
                 if !up_to_date {
                     self.send_offer(now, i);
@@ -796,9 +597,9 @@ impl Engine {
     }
 
     fn stun_send(&mut self, now: Instant, server: SocketAddr, purpose: StunPurpose) {
-        let tx = binding::new_tx();
+        let tx: [u8; 12] = rand::random();
         self.stun_pending.insert(tx, (purpose, now));
-        let req = binding::request(tx, None);
+        let req = stun::binding_request(tx, false, false);
         self.send_to(server, &req);
     }
 
@@ -819,44 +620,21 @@ impl Engine {
 
     /// Recomputes our candidates; on a change, re-checks every pair and re-offers.
     fn update_local(&mut self, now: Instant) {
-        let port = self.data_addr.port();
-        let mut c: Vec<Candidate> = self
-            .hosts
-            .iter()
-            .map(|ip| Candidate {
-                kind: CandidateKind::Host,
-                addr: SocketAddr::new(*ip, port),
-            })
-            .collect();
-        if let Some(s) = self.srflx {
-            if !c.iter().any(|x| x.addr == s) {
-                c.push(Candidate {
-                    kind: CandidateKind::Srflx,
-                    addr: s,
-                });
-            }
-            // Marks us as the hard side of birthday probing (old peers ignore the kind).
-            if self.stun_mappings.behaviour() == MappingBehaviour::EndpointDependent {
-                c.push(Candidate {
-                    kind: CandidateKind::SrflxDependent,
-                    addr: s,
-                });
-            }
-        }
-        if let Some(r) = self.turn.as_ref().and_then(|t| t.client.relayed_addr()) {
-            c.push(Candidate {
-                kind: CandidateKind::Relayed,
-                addr: r,
-            });
-        }
-        if c == self.local {
+        let first = self.cands.list().is_empty();
+        let mut changed = self.cands.set(CandSource::Hosts(self.hosts.clone()));
+        changed |= self.cands.set(CandSource::ServerReflexive(
+            self.srflx.addr(),
+            self.stun_mappings.behaviour(),
+        ));
+        changed |= self.cands.set(CandSource::Relayed(
+            self.turn.as_ref().and_then(|t| t.client.relayed_addr()),
+        ));
+        if !changed {
             return;
         }
-        let first = self.local.is_empty();
+        let c = self.cands.list().to_vec();
         tracing::info!(candidates = ?c.iter().map(|c| format!("{:?} {}", c.kind, c.addr)).collect::<Vec<_>>(), "local candidates");
-        self.local = c.clone();
-        self.local_version += 1;
-        let _ = self.local_tx.send((self.local_version, c));
+        let _ = self.local_tx.send((self.cands.version(), c));
         if first {
             return;
         }
@@ -908,20 +686,15 @@ impl Engine {
         if self.sig.is_none() {
             return;
         }
-        let p = &mut self.peers[i];
-        let mut at = now + delay;
-        if let Some(last) = p.last_offer {
-            at = at.max(last + OFFER_MIN_GAP);
-        }
-        p.next_offer_at = Some(p.next_offer_at.map_or(at, |t| t.min(at)));
+        self.peers[i].offer.schedule(now, delay);
     }
 
     fn send_offer(&mut self, now: Instant, i: usize) {
         let Some(sig) = &self.sig else { return };
         let p = &mut self.peers[i];
-        p.last_offer = Some(now);
+        p.offer.sent(now);
         if sig.try_send(SignalCmd::Offer(p.key)).is_err() {
-            p.next_offer_at = Some(now + OFFER_MIN_GAP);
+            p.offer.send_failed(now);
         }
     }
 
@@ -1185,20 +958,28 @@ impl Engine {
     }
 
     /// Publishes each peer's direct destination to its proxy reader (the fast path).
+    /// Publishes each peer's selected direct pair (the path manager's route, the one source
+    /// of truth) to its proxy reader when it changed.
     fn publish_fast_routes(&mut self) {
         for p in &mut self.peers {
             let r = p.path.route().filter(|d| d.via == Via::Direct);
-            if r != p.fast_route {
-                p.fast_route = r;
-                let route = r.and_then(|d| match d.local {
-                    DATA_SOCKET => Some((for_socket(self.v6, d.addr), None)),
-                    // Pool sockets are IPv4: the address goes as it is.
-                    l => self.pool.socket(l).map(|s| (d.addr, Some(s.clone()))),
-                });
-                if let Ok(mut w) = p.fast.route.write() {
-                    *w = route;
-                }
+            if r == p.fast.published() {
+                continue;
             }
+            let route = r.and_then(|d| match d.local {
+                DATA_SOCKET => Some(FastRoute {
+                    path: d,
+                    dest: for_socket(self.v6, d.addr),
+                    pool_sock: None,
+                }),
+                // Pool sockets are IPv4: the address goes as it is.
+                l => self.pool.socket(l).map(|s| FastRoute {
+                    path: d,
+                    dest: d.addr,
+                    pool_sock: Some(s.clone()),
+                }),
+            });
+            p.fast.publish(route);
         }
     }
 
@@ -1210,7 +991,7 @@ impl Engine {
         }
         let kind = classify(pkt);
         if kind == PacketKind::Stun {
-            if let Some(tx) = binding::any_tx(pkt) {
+            if let Some(tx) = stun::peek_transaction_id(pkt) {
                 if self.stun_pending.contains_key(&tx) {
                     self.on_stun(now, from, pkt);
                     return;
@@ -1222,7 +1003,7 @@ impl Engine {
                 match turn.client.handle_input(now, from, pkt) {
                     Input::Data { peer, range } => {
                         if let Some(inner) = pkt.get(range) {
-                            self.on_peer_packet(now, PathAddr::relay(canonical(peer)), inner);
+                            self.on_peer_packet(now, PathAddr::relay(unmap(peer)), inner);
                         }
                         return;
                     }
@@ -1240,25 +1021,24 @@ impl Engine {
     }
 
     fn on_stun(&mut self, now: Instant, from: SocketAddr, pkt: &[u8]) {
-        let Some(r) = binding::parse_response(pkt) else {
+        let Ok(r) = stun::parse_binding_response(pkt) else {
             return;
         };
-        let Some((purpose, sent)) = self.stun_pending.remove(&r.tx) else {
+        let Some((purpose, sent)) = self.stun_pending.remove(&r.transaction_id) else {
             return;
         };
         match purpose {
             StunPurpose::Srflx => {
                 if let Some(m) = r.mapped {
-                    let m = canonical(m);
+                    let m = unmap(m);
                     if !self.note_mapping(now, from, m) {
                         return;
                     }
-                    self.srflx_from_stun = true;
-                    if self.srflx != Some(m) {
-                        if self.srflx.is_some() {
-                            tracing::info!(old = ?self.srflx, new = %m, "observed address changed");
+                    let old = self.srflx.addr();
+                    if self.srflx.on_stun(m) {
+                        if old.is_some() {
+                            tracing::info!(?old, new = %m, "observed address changed");
                         }
-                        self.srflx = Some(m);
                         self.update_local(now);
                     }
                     self.check_lifetime(now, m);
@@ -1317,8 +1097,9 @@ impl Engine {
         let Some(p) = self.peers.get_mut(i) else {
             return;
         };
-        if !p.wg_fixed {
-            // Learn (and follow) where WireGuard sends from.
+        // The proxy reader passes only packets from WireGuard's one address (configured, or
+        // the first that used the port): learn it once.
+        if p.wg_addr.is_none() {
             p.wg_addr = Some(src);
         }
         p.path.on_data_sent(now);
@@ -1403,7 +1184,7 @@ impl Engine {
         match ev {
             Internal::Resolved { idx, addr } => {
                 if let Some(p) = self.relay_probes.get_mut(idx) {
-                    p.server = addr.map(canonical);
+                    p.server = addr.map(unmap);
                 }
                 if self.next_relay_measure.is_none_or(|t| t > now) {
                     self.next_relay_measure = Some(now);
@@ -1503,11 +1284,12 @@ impl Engine {
                 tracing::info!(%observed, shared_socket, "registered with the rendezvous");
                 self.rdv.state = "connected".into();
                 self.rdv.error = None;
+                self.rdv.auth_reason = None;
                 let before = self.rdv.observed_addr.replace(observed);
                 self.rdv.shares_data_socket = shared_socket;
                 self.rdv.quic_local_addr = local;
                 self.observed_as_srflx(now, before, observed);
-                let stun: Vec<SocketAddr> = stun.into_iter().map(canonical).collect();
+                let stun: Vec<SocketAddr> = stun.into_iter().map(unmap).collect();
                 self.stun_mappings.set_servers(&stun);
                 if stun != self.stun_servers {
                     self.stun_servers = stun;
@@ -1531,8 +1313,18 @@ impl Engine {
                 self.rdv.error = Some(reason);
             }
             SignalEvent::Disconnected { reason } => {
-                self.rdv.state = "disconnected".into();
-                self.rdv.error = Some(reason);
+                // A token refusal stays visible until the next registration.
+                if self.rdv.auth_reason.is_none() {
+                    self.rdv.state = "disconnected".into();
+                    self.rdv.error = Some(reason);
+                }
+            }
+            SignalEvent::Unauthorized(f) => {
+                self.rdv.state = "unauthorized".into();
+                self.rdv.error = Some(f.describe());
+                self.rdv.auth_reason =
+                    Some(f.reason.map_or("unauthorized", |r| r.as_str()).to_string());
+                self.rdv.token_expires_unix = f.token_expires_unix;
             }
             SignalEvent::Relays(r) => self.set_regions(now, r),
             SignalEvent::ObservedChanged(a) => {
@@ -1571,6 +1363,7 @@ impl Engine {
                 secret,
                 start_at,
                 local_version,
+                peer_observed,
             } => {
                 let Some(i) = self.peers.iter().position(|p| p.key == peer) else {
                     return;
@@ -1593,12 +1386,20 @@ impl Engine {
                 }
                 tracing::info!(peer = %p.b64, candidates = cands.len(), "punching");
                 p.note = None;
-                p.next_offer_at = None;
+                p.offer.cancel();
+                // Before the candidates: birthday targets are checked against it.
+                p.path
+                    .set_peer_observed(peer_observed.map(|a| unmap(a).ip()));
                 p.path.start_session(now, &secret, start_at, cands);
+                let refused = p.path.counters().refused_candidates;
+                if refused > p.refused_seen {
+                    tracing::warn!(peer = %p.b64, refused = refused - p.refused_seen, "peer candidates refused (loopback, multicast, unspecified, broadcast, or a private address that is not a host candidate)");
+                    p.refused_seen = refused;
+                }
                 self.rebuild_maps();
                 self.bind_relay_channels(now);
                 self.peers[i].sent_version = local_version;
-                if local_version < self.local_version {
+                if local_version < self.cands.version() {
                     // Our candidates changed while this offer/answer was in flight (typically the
                     // relay allocation became ready): send the new set at once.
                     self.schedule_offer(now, i, Duration::ZERO);
@@ -1631,18 +1432,11 @@ impl Engine {
         before: Option<SocketAddr>,
         observed: SocketAddr,
     ) {
-        if !self.rdv.shares_data_socket {
-            return;
-        }
-        let observed = canonical(observed);
-        let agreed = before.map(canonical).is_some_and(|b| self.srflx == Some(b));
-        if self.srflx_from_stun && !agreed {
-            return;
-        }
-        if self.srflx != Some(observed) {
+        if self
+            .srflx
+            .on_observed(self.rdv.shares_data_socket, before, observed)
+        {
             tracing::info!(%observed, "server-reflexive candidate from the rendezvous' observed address");
-            self.srflx = Some(observed);
-            self.srflx_from_stun = false;
             self.update_local(now);
         }
     }
@@ -1654,7 +1448,7 @@ impl Engine {
     fn schedule_birthday_retries(&mut self, now: Instant) {
         for i in 0..self.peers.len() {
             let p = &self.peers[i];
-            if p.next_offer_at.is_some() {
+            if p.offer.next().is_some() {
                 continue;
             }
             let Some(at) = p.path.birthday_retry_at() else {
@@ -1707,7 +1501,7 @@ impl Engine {
     fn on_pool_datagram(&mut self, now: Instant, d: PoolDatagram) {
         match classify(&d.bytes) {
             PacketKind::Probe | PacketKind::WireGuard => {
-                let from = PathAddr::direct_on(d.local, canonical(d.from));
+                let from = PathAddr::direct_on(d.local, unmap(d.from));
                 self.on_peer_packet(now, from, &d.bytes);
             }
             _ => {
@@ -1721,7 +1515,7 @@ impl Engine {
     /// server-reflexive address (see [`StunMappings::record`]).
     fn note_mapping(&mut self, now: Instant, server: SocketAddr, mapped: SocketAddr) -> bool {
         let before = self.stun_mappings.behaviour();
-        let use_it = self.stun_mappings.record(canonical(server), mapped);
+        let use_it = self.stun_mappings.record(unmap(server), mapped);
         let after = self.stun_mappings.behaviour();
         if after != before {
             tracing::info!(mapping = ?after, "data socket mapping behaviour");
@@ -1731,140 +1525,5 @@ impl Engine {
             self.update_local(now);
         }
         use_it
-    }
-
-    fn status(&self) -> Status {
-        let mut probes = ProbeCounters {
-            unauthenticated: self.unknown_probes,
-            ..ProbeCounters::default()
-        };
-        let mut birthday = BirthdayTotals {
-            mapping: self.stun_mappings.behaviour(),
-            pool_open: self.pool.open_count(),
-            pool_opened_total: self.pool.opened_total,
-            ..BirthdayTotals::default()
-        };
-        let peers = self
-            .peers
-            .iter()
-            .map(|p| {
-                let st = p.path.status();
-                let c = p.path.counters();
-                probes.accepted += c.accepted;
-                probes.unauthenticated += c.unauthenticated;
-                probes.replayed += c.replayed;
-                let reason = match (&p.note, st.kind) {
-                    (Some(n), PathKind::None) => n.clone(),
-                    _ => st.reason.clone(),
-                };
-                birthday.spray_sent += st.birthday.spray_sent;
-                birthday.spray_hits += st.birthday.spray_hits;
-                birthday.found += st.birthday.found;
-                let local_socket = st.remote.map_or(DATA_SOCKET, |r| r.local);
-                let local_port = match local_socket {
-                    DATA_SOCKET => Some(self.data_addr.port()),
-                    l => self.pool.local_port(l),
-                };
-                PeerStatus {
-                    public_key: p.b64.clone(),
-                    name: p.name.clone(),
-                    proxy: p.proxy_addr,
-                    path: st.kind,
-                    remote: st.remote_label.clone(),
-                    rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                    tx_bytes: p.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
-                    rx_bytes: p.rx_bytes,
-                    tx_packets: p.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
-                    rx_packets: p.rx_packets,
-                    dropped_no_path: p.dropped,
-                    reason,
-                    session: p.path.has_session(),
-                    direct_blocked: p.path.direct_blocked(),
-                    local_socket,
-                    local_port,
-                    birthday: st.birthday,
-                    pairs: st.pairs,
-                }
-            })
-            .collect();
-        Status {
-            public_key: format_key(&self.id.public),
-            nat: self.lifetime.status(),
-            data_addr: self.data_addr,
-            public_addr: self.srflx,
-            public_addr_source: self.srflx.map(|_| {
-                if self.srflx_from_stun {
-                    "stun".to_string()
-                } else {
-                    "rendezvous".to_string()
-                }
-            }),
-            rendezvous: {
-                let mut r = self.rdv.clone();
-                if let Some(q) = &self.quic {
-                    let st = q.stats();
-                    r.quic_rx = st.rx;
-                    r.quic_rx_dropped = st.rx_dropped;
-                }
-                r
-            },
-            home_relay: self.turn.as_ref().map(|t| RelayStatus {
-                region: t.region.clone(),
-                server: t.server,
-                relayed: t.client.relayed_addr(),
-                state: t.state.clone(),
-                error: t.error.clone(),
-            }),
-            relays: self.relay_latencies(),
-            probes,
-            birthday,
-            peers,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn turn_uris_are_parsed() {
-        assert_eq!(
-            turn_uri_authority("turn:127.0.0.1:3478?transport=udp").as_deref(),
-            Some("127.0.0.1:3478")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:relay.example.com").as_deref(),
-            Some("relay.example.com:3478")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:relay.example.com:5349").as_deref(),
-            Some("relay.example.com:5349")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:[2001:db8::1]:3478").as_deref(),
-            Some("[2001:db8::1]:3478")
-        );
-    }
-
-    #[test]
-    fn mapped_addresses_become_ipv4() {
-        let a: SocketAddr = "[::ffff:127.0.0.1]:5".parse().unwrap();
-        assert_eq!(canonical(a), "127.0.0.1:5".parse().unwrap());
-    }
-
-    #[test]
-    fn candidates_are_canonical_and_fit_the_socket() {
-        let c: Vec<SocketAddr> = ["[::ffff:192.0.2.7]:5", "[2001:db8::7]:5", "192.0.2.8:5"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let v4: Vec<SocketAddr> = ["192.0.2.7:5", "192.0.2.8:5"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(usable_candidates(false, &c), v4);
-        assert_eq!(usable_candidates(true, &c).len(), 3);
-        assert_eq!(usable_candidates(true, &c)[0], v4[0]);
     }
 }

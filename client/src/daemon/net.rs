@@ -1,0 +1,186 @@
+//! Socket and interface helpers of the daemon: binding the data socket, interface
+//! addresses (host candidates), WireGuard interfaces to leave out, candidate addresses as the
+//! data socket can use them, TURN URIs.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use meshpunch_proto::addr::unmap;
+
+/// A candidate address as the data socket can use it: IPv4-mapped spellings become IPv4
+/// (datagrams arrive from the canonical form, and pairs are matched by address); IPv6 is
+/// `None` when the data socket is IPv4 only (it could never be sent to).
+pub(super) fn usable_candidate(v6_socket: bool, a: SocketAddr) -> Option<SocketAddr> {
+    let a = unmap(a);
+    (v6_socket || a.is_ipv4()).then_some(a)
+}
+
+/// Candidate addresses as the data socket can use them: IPv4-mapped IPv6 spellings become
+/// IPv4 (datagrams arrive from the canonical form, and pairs are matched by address), and
+/// IPv6 addresses are dropped when the data socket is IPv4 only (they could never be sent to).
+pub fn usable_candidates(v6_socket: bool, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = addrs
+        .iter()
+        .filter_map(|a| usable_candidate(v6_socket, *a))
+        .collect();
+    out.dedup();
+    out
+}
+
+/// Every usable interface address (no loopback, no link-local, no unspecified).
+pub fn interface_addrs() -> Vec<IpAddr> {
+    interface_addrs_excluding(&[])
+}
+
+/// Names of the WireGuard interfaces on this host (`wg show interfaces`; empty if `wg` is not
+/// installed or not allowed).
+pub fn wireguard_interfaces() -> Vec<String> {
+    std::process::Command::new("wg")
+        .args(["show", "interfaces"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Usable interface addresses except those of the interfaces named in `exclude` (the
+/// WireGuard interfaces: a probe to a tunnel address would loop into the tunnel meshpunch
+/// itself carries).
+pub fn interface_addrs_excluding(exclude: &[String]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free with freeifaddrs below; we only read
+    // entries while the list is alive and check every pointer for null.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            let excluded = !ifa.ifa_name.is_null() && {
+                let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
+                exclude.iter().any(|e| *e == name)
+            };
+            if !excluded && !ifa.ifa_addr.is_null() && ifa.ifa_flags & (libc::IFF_UP as u32) != 0 {
+                let fam = i32::from((*ifa.ifa_addr).sa_family);
+                if fam == libc::AF_INET {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))));
+                } else if fam == libc::AF_INET6 {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out.retain(|ip| {
+        !ip.is_loopback()
+            && !ip.is_unspecified()
+            && !ip.is_multicast()
+            && match ip {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            }
+    });
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Binds the data socket: dual-stack when `listen` is `[::]`, else as given.
+pub(super) fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSocket, bool)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if listen.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if listen.is_ipv6() {
+        s.set_only_v6(false)?;
+    }
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&listen.into())?;
+    s.set_nonblocking(true)?;
+    Ok((s.into(), listen.is_ipv6()))
+}
+
+/// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
+pub fn turn_uri_authority(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("turn:")
+        .or_else(|| url.strip_prefix("turns:"))
+        .unwrap_or(url);
+    let rest = rest.split('?').next()?;
+    if rest.is_empty() {
+        return None;
+    }
+    // Default TURN port (RFC 8656 §18) when none is given.
+    if rest.parse::<SocketAddr>().is_ok() {
+        return Some(rest.to_string());
+    }
+    if rest.starts_with('[') {
+        return Some(if rest.contains("]:") {
+            rest.to_string()
+        } else {
+            format!("{rest}:3478")
+        });
+    }
+    match rest.matches(':').count() {
+        0 => Some(format!("{rest}:3478")),
+        1 => Some(rest.to_string()),
+        _ => Some(format!("[{rest}]:3478")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turn_uris_are_parsed() {
+        assert_eq!(
+            turn_uri_authority("turn:127.0.0.1:3478?transport=udp").as_deref(),
+            Some("127.0.0.1:3478")
+        );
+        assert_eq!(
+            turn_uri_authority("turn:relay.example.com").as_deref(),
+            Some("relay.example.com:3478")
+        );
+        assert_eq!(
+            turn_uri_authority("turn:relay.example.com:5349").as_deref(),
+            Some("relay.example.com:5349")
+        );
+        assert_eq!(
+            turn_uri_authority("turn:[2001:db8::1]:3478").as_deref(),
+            Some("[2001:db8::1]:3478")
+        );
+    }
+
+    #[test]
+    fn candidates_are_canonical_and_fit_the_socket() {
+        let c: Vec<SocketAddr> = ["[::ffff:192.0.2.7]:5", "[2001:db8::7]:5", "192.0.2.8:5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let v4: Vec<SocketAddr> = ["192.0.2.7:5", "192.0.2.8:5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(usable_candidates(false, &c), v4);
+        assert_eq!(usable_candidates(true, &c).len(), 3);
+        assert_eq!(usable_candidates(true, &c)[0], v4[0]);
+    }
+}
