@@ -78,7 +78,7 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(cs: &ConnectString) -> Raw {
-        let cfg = client::quic_client_config(cs.pin).unwrap();
+        let cfg = client::quic_client_config(&cs.pins, &[]).unwrap();
         let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = format!("{}:{}", cs.host, cs.port).parse().unwrap();
         let conn = ep
