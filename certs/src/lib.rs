@@ -263,6 +263,7 @@ pub struct CertManager {
     component: &'static str,
     acme: Option<acme::Acme>,
     seen: Mutex<Vec<Option<SystemTime>>>,
+    watch: bool,
 }
 
 impl CertManager {
@@ -284,6 +285,7 @@ impl CertManager {
             component,
             acme,
             seen: Mutex::new(Vec::new()),
+            watch: true,
             source,
         };
         mgr.note(&ck);
@@ -292,6 +294,13 @@ impl CertManager {
             *g = seen;
         }
         Ok(mgr)
+    }
+
+    /// Whether [`CertManager::spawn`] polls the certificate files (default: yes). Without,
+    /// only [`CertManager::reload`] (SIGHUP) re-reads them.
+    pub fn watching(mut self, watch: bool) -> Self {
+        self.watch = watch;
+        self
     }
 
     /// The rustls resolver serving the current certificate.
@@ -334,7 +343,7 @@ impl CertManager {
             Ok(ck.spki_pin())
         });
         let label = if result.is_ok() { "ok" } else { "error" };
-        metrics::counter!(format!("meshpunch_{}_cert_reloads_total", self.component), "result" => label)
+        metrics::counter!(format!("meshpunch_{}_tls_reloads_total", self.component), "result" => label)
             .increment(1);
         result
     }
@@ -390,7 +399,7 @@ impl CertManager {
 
     fn poll_files(&self) {
         let paths = self.watched();
-        if paths.is_empty() {
+        if paths.is_empty() || !self.watch {
             return;
         }
         let now = mtimes(&paths);

@@ -144,6 +144,9 @@ pub struct Config {
     pub cert: Option<PathBuf>,
     /// Private key (PEM) matching `cert`.
     pub key: Option<PathBuf>,
+    /// Re-read `cert`/`key` and this file's revocation list when they change (polled every
+    /// 2 s), besides on SIGHUP. `false`: only on SIGHUP (`--no-watch`).
+    pub watch_files: bool,
     /// Obtain and renew the certificate with ACME (instead of `cert`/`key`).
     pub acme: Option<AcmeSettings>,
     /// Token HMAC secret (hex or any string). Default: read/generate `data_dir/token-secret`.
@@ -192,6 +195,7 @@ impl Default for Config {
             cert: None,
             key: None,
             acme: None,
+            watch_files: true,
             public_port: None,
             token_secret: None,
             token_secret_file: None,

@@ -72,13 +72,12 @@ struct Opts {
     public_port: Option<u16>,
     /// Obtain and renew the certificate for this DNS name from an ACME CA (Let's Encrypt
     /// unless --acme-directory); clients then need no pin.
-    #[arg(long, global = true, env = "MESHPUNCH_ACME_DOMAIN", value_name = "NAME",
+    #[arg(long, env = "MESHPUNCH_ACME_DOMAIN", value_name = "NAME",
           requires = "acme_contact", conflicts_with_all = ["cert", "key"])]
     acme_domain: Option<String>,
     /// Contact e-mail of the ACME account.
     #[arg(
         long,
-        global = true,
         env = "MESHPUNCH_ACME_CONTACT",
         value_name = "EMAIL",
         requires = "acme_domain"
@@ -87,7 +86,6 @@ struct Opts {
     /// ACME directory URL [default: Let's Encrypt production].
     #[arg(
         long,
-        global = true,
         env = "MESHPUNCH_ACME_DIRECTORY",
         value_name = "URL",
         requires = "acme_domain"
@@ -96,7 +94,6 @@ struct Opts {
     /// CA (PEM) to trust for the ACME server's own HTTPS (a test CA such as Pebble's).
     #[arg(
         long,
-        global = true,
         env = "MESHPUNCH_ACME_CA_FILE",
         value_name = "FILE",
         requires = "acme_domain"
@@ -105,12 +102,15 @@ struct Opts {
     /// TCP address of the http-01 challenge listener [default: [::]:80].
     #[arg(
         long,
-        global = true,
         env = "MESHPUNCH_ACME_HTTP_LISTEN",
         value_name = "ADDR",
         requires = "acme_domain"
     )]
     acme_http_listen: Option<SocketAddr>,
+    /// Re-read certificate, key and the config's revocation list only on SIGHUP, not when the
+    /// files change.
+    #[arg(long, env = "MESHPUNCH_NO_WATCH")]
+    no_watch: bool,
     /// Redis URL: use the shared Redis registry (several nodes).
     #[arg(long, env = "MESHPUNCH_REDIS_URL", value_name = "URL")]
     redis: Option<String>,
@@ -179,6 +179,9 @@ fn load_config(o: &Opts) -> anyhow::Result<Config> {
     }
     if let Some(h) = &o.public_host {
         cfg.public_host = Some(h.clone());
+    }
+    if o.no_watch {
+        cfg.watch_files = false;
     }
     if let Some(p) = o.public_port {
         cfg.public_port = Some(p);
@@ -296,6 +299,7 @@ fn mtime(path: &std::path::Path) -> Option<std::time::SystemTime> {
 }
 
 async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let watch_files = cfg.watch_files;
     let server = Server::start(cfg).await?;
     if let Some(cs) = server.dev_connect() {
         println!("connect: {cs}");
@@ -319,7 +323,7 @@ async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> 
                 }
             }
             _ = watch.tick() => {
-                if let Some(path) = &config_file {
+                if let Some(path) = config_file.as_ref().filter(|_| watch_files) {
                     let now = mtime(path);
                     if now != config_mtime {
                         config_mtime = now;

@@ -231,7 +231,11 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(io_err(format!("creating {}", cfg.data_dir.display())))?;
         let token_secret = load_token_secret(&cfg)?;
-        let certs = Arc::new(CertManager::start(tls::source(&cfg), "rendezvous").await?);
+        let certs = Arc::new(
+            CertManager::start(tls::source(&cfg), "rendezvous")
+                .await?
+                .watching(cfg.watch_files),
+        );
         let resolver = certs.resolver();
         let (registry, inbox) = registry::build(&cfg.registry).await?;
 
@@ -439,10 +443,8 @@ impl Server {
     /// certificate; open connections are not touched.
     /// Returns the SPKI pin of the certificate now served.
     pub fn reload_tls(&self) -> Result<[u8; 32], tls::TlsError> {
-        let result = self.certs.reload();
-        let label = if result.is_ok() { "ok" } else { "error" };
-        metrics::counter!(m::TLS_RELOADS_TOTAL, "result" => label).increment(1);
-        result
+        // Counted by meshpunch-certs as m::TLS_RELOADS_TOTAL (file-watch reloads too).
+        self.certs.reload()
     }
 
     /// Drains: stops accepting, tells every client `GoAway{Draining}`, waits up to `grace`
