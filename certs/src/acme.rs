@@ -65,6 +65,9 @@ impl Acme {
     /// Binds the http-01 listener.
     pub(crate) async fn start(cfg: AcmeConfig, component: &'static str) -> Result<Acme, CertError> {
         std::fs::create_dir_all(&cfg.state_dir).map_err(crate::io(&cfg.state_dir))?;
+        // The ACME HTTP client (hyper-rustls) uses the process default provider: make it ring
+        // even when another crate compiled aws-lc-rs into rustls too.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let tokens: Tokens = Arc::default();
         let listener = tokio::net::TcpListener::bind(cfg.http_listen)
             .await
@@ -275,8 +278,15 @@ impl Acme {
                         .validity()
                         .map(|(_, na)| na.saturating_sub(unix_now()).max(0) as u64)
                         .unwrap_or(0);
-                    let sleep = backoff.min(Duration::from_secs((left / 10).max(1)));
-                    tracing::error!(error = %err, domain = %self.cfg.domain, retry_in = ?sleep,
+                    // Retry sooner as the certificate nears its end, but never hammer the CA:
+                    // at least RETRY_MIN apart, and plain backoff once it has expired.
+                    let sleep = if left > 0 {
+                        backoff.min(Duration::from_secs(left / 10).max(RETRY_MIN))
+                    } else {
+                        backoff
+                    };
+                    tracing::error!(error = %err, domain = %self.cfg.domain,
+                        directory = %self.cfg.directory, retry_in = ?sleep,
                         "ACME renewal failed; still serving the current certificate");
                     tokio::time::sleep(sleep).await;
                     backoff = (backoff * 2).min(RETRY_MAX);
