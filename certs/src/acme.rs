@@ -29,6 +29,8 @@ pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// First retry after a failed renewal.
 const RETRY_MIN: Duration = Duration::from_secs(5);
+/// Longest wait between retries while there is no certificate at all.
+const RETRY_FIRST_MAX: Duration = Duration::from_secs(300);
 /// Longest wait between retries.
 const RETRY_MAX: Duration = Duration::from_secs(3600);
 
@@ -126,8 +128,8 @@ impl Acme {
         load_pem(&self.cert_path(), &self.key_path())
     }
 
-    /// The stored certificate if it is still valid, else a new one (errors if that fails:
-    /// nothing to serve).
+    /// The stored certificate if it is still valid, else a new one (retried with backoff
+    /// until the CA issues one).
     pub(crate) async fn initial(&self) -> Result<CertAndKey, CertError> {
         if let Ok(ck) = self.stored() {
             if let Some((_, na)) = ck.validity() {
@@ -137,7 +139,21 @@ impl Acme {
                 }
             }
         }
-        self.issue_counted().await
+        // Nothing to serve yet: retry until the CA answers (a restart loop under systemd would
+        // hit the CA's rate limits faster).
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self.issue_counted().await {
+                Ok(ck) => return Ok(ck),
+                Err(err) => {
+                    tracing::error!(error = %err, domain = %self.cfg.domain,
+                        directory = %self.cfg.directory, retry_in = ?backoff,
+                        "ACME: no certificate yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_FIRST_MAX);
+                }
+            }
+        }
     }
 
     async fn issue_counted(&self) -> Result<CertAndKey, CertError> {
