@@ -140,21 +140,28 @@ pub fn load_or_generate(dir: &Path, names: &[String]) -> Result<CertAndKey, Cert
     load_pem(&cert, &key)
 }
 
-/// Writes a file readable only by the owner, atomically (temporary file + rename), so a
-/// watcher never reads half a file.
+/// Writes a file readable only by the owner: created 0600 from the first byte under a fresh
+/// name (`O_EXCL`, so never through a planted symlink) and renamed over `path` (so a watcher
+/// never reads half a file, and a file that existed with a wider mode is replaced, not reused).
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), CertError> {
     use std::io::Write as _;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{:08x}.tmp", rand::random::<u32>()));
+    let tmp = path.with_file_name(name);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(&tmp).map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    let written = opts
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io(path))
 }
 
 #[derive(Debug)]

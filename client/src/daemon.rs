@@ -106,12 +106,28 @@ pub struct Daemon {
     /// Proxy address of each peer, in config order.
     pub proxies: Vec<([u8; 32], SocketAddr)>,
     task: tokio::task::JoinHandle<()>,
+    /// Commands to the rendezvous task (for [`Daemon::reload_rendezvous`]).
+    sig: Option<mpsc::Sender<SignalCmd>>,
 }
 
 impl Daemon {
     /// Waits until the engine stops (it runs until aborted).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
+    }
+
+    /// Uses a new rendezvous connect string (SIGHUP: a rotated token) without a restart: the
+    /// rendezvous client reconnects with it if it changed or the old token was refused.
+    pub async fn reload_rendezvous(&self, connect: &str) -> anyhow::Result<()> {
+        let cs: ConnectString = connect
+            .parse()
+            .map_err(|e| anyhow::anyhow!("rendezvous connect string: {e}"))?;
+        let Some(sig) = &self.sig else {
+            anyhow::bail!("the daemon was started without a rendezvous; restart it to add one");
+        };
+        sig.send(SignalCmd::Reload(Box::new(cs)))
+            .await
+            .map_err(|_| anyhow::anyhow!("the rendezvous task has stopped"))
     }
 }
 
@@ -435,6 +451,7 @@ pub async fn start_with(
         None => None,
     };
 
+    let sig_handle = sig.clone();
     let mut engine = Engine {
         id: opts.identity.clone(),
         sock,
@@ -495,6 +512,7 @@ pub async fn start_with(
         control_socket,
         proxies,
         task,
+        sig: sig_handle,
     })
 }
 
@@ -1506,6 +1524,7 @@ impl Engine {
                 tracing::info!(%observed, shared_socket, "registered with the rendezvous");
                 self.rdv.state = "connected".into();
                 self.rdv.error = None;
+                self.rdv.auth_reason = None;
                 let before = self.rdv.observed_addr.replace(observed);
                 self.rdv.shares_data_socket = shared_socket;
                 self.rdv.quic_local_addr = local;
@@ -1534,8 +1553,18 @@ impl Engine {
                 self.rdv.error = Some(reason);
             }
             SignalEvent::Disconnected { reason } => {
-                self.rdv.state = "disconnected".into();
-                self.rdv.error = Some(reason);
+                // A token refusal stays visible until the next registration.
+                if self.rdv.auth_reason.is_none() {
+                    self.rdv.state = "disconnected".into();
+                    self.rdv.error = Some(reason);
+                }
+            }
+            SignalEvent::Unauthorized(f) => {
+                self.rdv.state = "unauthorized".into();
+                self.rdv.error = Some(f.describe());
+                self.rdv.auth_reason =
+                    Some(f.reason.map_or("unauthorized", |r| r.as_str()).to_string());
+                self.rdv.token_expires_unix = f.token_expires_unix;
             }
             SignalEvent::Relays(r) => self.set_regions(now, r),
             SignalEvent::ObservedChanged(a) => {

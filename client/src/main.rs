@@ -22,7 +22,7 @@ use meshpunch_proto::path::PathConfig;
 )]
 struct Cli {
     /// Control socket of the daemon (default: $XDG_RUNTIME_DIR/meshpunch.sock,
-    /// /run/meshpunch/meshpunch.sock as root, else /tmp/meshpunch-UID.sock).
+    /// /run/meshpunch/meshpunch.sock as root, else ~/.local/state/meshpunch/meshpunch.sock).
     #[arg(long, global = true, env = "MESHPUNCH_CONTROL_SOCKET")]
     control_socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -220,7 +220,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ready_file,
         } => {
             let mut cfg = match &config {
-                Some(p) => Config::load(p)?,
+                Some(p) => {
+                    let cfg = Config::load(p)?;
+                    if cfg.private_key.is_some() {
+                        if let Some(w) = meshpunch::keys::key_file_warning(p) {
+                            eprintln!("{w}");
+                        }
+                    }
+                    cfg
+                }
                 None => Config {
                     host_candidates: true,
                     ..Config::default()
@@ -257,6 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if cfg.peers.is_empty() {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
             }
+            let cli_connect = connect.clone();
             let rendezvous = connect.or(cfg.rendezvous.clone());
             if rendezvous.is_none() && cfg.peers.iter().all(|p| p.candidates.is_empty()) {
                 anyhow::bail!("no rendezvous: set Rendezvous in [Interface] or pass --connect");
@@ -327,10 +336,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             println!("{ready}");
             tracing::info!(data = %d.data_addr, control = %control_socket.display(), "meshpunch up");
-            tokio::select! {
-                _ = d.wait() => {}
-                _ = tokio::signal::ctrl_c() => {}
-                _ = sigterm() => {}
+            // SIGHUP re-reads the config (a rotated token in `Rendezvous =`) without a restart.
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            loop {
+                tokio::select! {
+                    _ = d.wait() => break,
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = sigterm() => break,
+                    _ = hup.recv() => {
+                        let fresh = match &config {
+                            Some(p) => match Config::load(p) {
+                                Ok(c) => c.rendezvous,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "SIGHUP: config not reloaded");
+                                    continue;
+                                }
+                            },
+                            None => None,
+                        };
+                        match cli_connect.clone().or(fresh) {
+                            Some(cs) => match d.reload_rendezvous(&cs).await {
+                                Ok(()) => tracing::info!("SIGHUP: rendezvous connect string reloaded"),
+                                Err(e) => tracing::error!(error = %e, "SIGHUP: rendezvous not reloaded"),
+                            },
+                            None => tracing::warn!("SIGHUP: no rendezvous in the config"),
+                        }
+                    }
+                }
             }
         }
         Cmd::Status { json } => {

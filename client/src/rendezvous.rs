@@ -26,6 +26,13 @@
 //! keeps the client connected: when the connection drops it reconnects with jittered
 //! exponential backoff, trying every address the host resolves to, proves the key again,
 //! re-registers and re-sends the watch set. [`Event::Registered`] marks each registration.
+//! The handshake and the periodic re-authentication the server asks for on the live connection
+//! are [`meshpunch_proto::session::ClientSession`]'s; this module moves its bytes.
+//!
+//! When the server refuses the token (expired, revoked, not for this key) retrying every few
+//! seconds cannot help: the client reports [`Event::Unauthorized`] once, then retries only
+//! every [`ClientConfig::auth_retry`] (5 min) or at once when given a new connect string with
+//! [`Client::reload`] (the daemon does that on SIGHUP).
 //!
 //! Sockets: by default the QUIC connection uses a UDP socket of its own per address family
 //! ([`ClientConfig::socket`] may supply one, e.g. bound to a specific interface; quinn then
@@ -43,9 +50,10 @@ use std::time::Duration;
 
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::connect::Pin;
+use meshpunch_proto::session::{ClientEvent, ClientSession};
 use meshpunch_proto::wire::{
-    self, Answer, Candidate, ErrorCode, FrameDecoder, GoAwayReason, Hello, KeyProof, Message,
-    Offer, PeerKey, PunchStart, Registered, RelayRegion,
+    self, Answer, Candidate, ErrorCode, ErrorReason, FrameDecoder, GoAwayReason, Message, Offer,
+    PeerKey, PunchStart, Registered, RelayRegion,
 };
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -66,6 +74,8 @@ const STAGGER: Duration = Duration::from_millis(250);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Event queue length; events beyond it are dropped (with a warning).
 const EVENT_QUEUE: usize = 1024;
+/// Default retry interval after the server refused the token (see [`ClientConfig::auth_retry`]).
+pub const AUTH_RETRY: Duration = Duration::from_secs(300);
 
 /// Client configuration.
 pub struct ClientConfig {
@@ -92,6 +102,9 @@ pub struct ClientConfig {
     pub endpoint: Option<quinn::Endpoint>,
     /// Extra trusted CA certificates (`--ca-file`) for a connect string without `pin=`.
     pub ca_roots: Vec<CertificateDer<'static>>,
+    /// After the server refused the token (expired, revoked, bad), retry this rarely until
+    /// [`Client::reload`] brings a new connect string.
+    pub auth_retry: Duration,
 }
 
 impl ClientConfig {
@@ -107,6 +120,7 @@ impl ClientConfig {
             endpoint: None,
             ca_roots: Vec::new(),
             connect,
+            auth_retry: AUTH_RETRY,
         }
     }
 }
@@ -154,6 +168,8 @@ pub enum ClientError {
         code: ErrorCode,
         /// Detail.
         message: String,
+        /// Typed reason of an `Unauthorized` (None from older servers).
+        reason: Option<ErrorReason>,
     },
     /// No answer in time.
     #[error("timed out")]
@@ -190,6 +206,68 @@ pub struct Registration {
     /// The connection runs on [`ClientConfig::endpoint`] (for the daemon: its data socket,
     /// so [`Registration::observed`] is the data socket's mapping).
     pub shared_socket: bool,
+}
+
+/// The server refused our token or ended the session for an authentication reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    /// Typed reason (expired, revoked, bad token, key not allowed, …); `None` from an older
+    /// server that sent only a message.
+    pub reason: Option<ErrorReason>,
+    /// The server's message.
+    pub message: String,
+    /// Network named in our token.
+    pub network: Option<String>,
+    /// Expiry of our token (unix seconds).
+    pub token_expires_unix: Option<u64>,
+}
+
+impl AuthFailure {
+    /// The failure for a refusal of `token` with this reason and message.
+    pub fn from_refusal(reason: Option<ErrorReason>, message: String, token: &str) -> AuthFailure {
+        let parsed = meshpunch_proto::token::parse(token).ok();
+        AuthFailure {
+            reason,
+            message,
+            network: parsed.as_ref().map(|t| t.network.clone()),
+            token_expires_unix: parsed.map(|t| t.expires_unix),
+        }
+    }
+
+    /// Whether retrying with the same token can succeed (false for expired, revoked, bad
+    /// token, key not allowed; also false for an untyped `Unauthorized` of an older server).
+    pub fn is_permanent(&self) -> bool {
+        self.reason.is_none_or(|r| r.is_permanent())
+    }
+
+    /// One line for logs and `status`: what happened, to which network, and when the token
+    /// expired, as a readable UTC date.
+    pub fn describe(&self) -> String {
+        let network = self.network.as_deref().unwrap_or("?");
+        let expiry = self
+            .token_expires_unix
+            .map(meshpunch_proto::token::format_unix_utc)
+            .unwrap_or_else(|| "?".into());
+        match self.reason {
+            Some(ErrorReason::TokenExpired) => {
+                format!("the token of network {network} expired at {expiry}")
+            }
+            Some(ErrorReason::TokenRevoked) => {
+                format!("the token of network {network} was revoked (it would expire at {expiry})")
+            }
+            Some(ErrorReason::KeyNotAllowed) => format!(
+                "the token of network {network} is a member token for another WireGuard key"
+            ),
+            Some(ErrorReason::BadToken) => format!(
+                "the rendezvous does not accept the token of network {network} ({})",
+                self.message
+            ),
+            _ => format!(
+                "the rendezvous refused network {network}: {} (token expires {expiry})",
+                self.message
+            ),
+        }
+    }
 }
 
 /// Both sides have what they need to punch.
@@ -260,6 +338,10 @@ pub enum Event {
     IncomingOffer(IncomingOffer),
     /// Another connection registered our key; this client stopped.
     Superseded,
+    /// The server refused our token or ended the session for an authentication reason. The
+    /// client now retries only every [`ClientConfig::auth_retry`], or when
+    /// [`Client::reload`] brings a new connect string. Sent once per distinct failure.
+    Unauthorized(AuthFailure),
 }
 
 /// Receiver of [`Event`]s.
@@ -285,12 +367,15 @@ enum Command {
         candidates: Vec<Candidate>,
         reply: oneshot::Sender<Result<Punch, ClientError>>,
     },
+    /// Use this connect string (new token) from now on.
+    Reload(Box<ConnectString>),
 }
 
 #[derive(Default)]
 struct State {
     registration: Option<Registration>,
     connected: bool,
+    auth_failure: Option<AuthFailure>,
 }
 
 struct Inner {
@@ -395,6 +480,22 @@ impl Client {
         self.await_reply(rx).await
     }
 
+    /// The last authentication failure, until the next successful registration.
+    pub fn auth_failure(&self) -> Option<AuthFailure> {
+        self.inner
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.auth_failure.clone())
+    }
+
+    /// Uses `connect` (typically: a rotated token) from now on. If it differs from the current
+    /// one, or the token was refused, the client reconnects at once with it; the watch set is
+    /// kept.
+    pub async fn reload(&self, connect: ConnectString) -> Result<(), ClientError> {
+        self.command(Command::Reload(Box::new(connect))).await
+    }
+
     /// Stops the client and closes the connection.
     pub fn close(&self) {
         let _ = self.inner.close.send(true);
@@ -460,6 +561,8 @@ struct Conn {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
+    /// The session protocol (answers re-authentication challenges).
+    core: ClientSession,
     registered: Registered,
     /// Local address of the endpoint and whether it is [`ClientConfig::endpoint`].
     local: Option<SocketAddr>,
@@ -472,6 +575,11 @@ enum End {
     Draining,
     Superseded,
     Closed,
+    /// The server ended the session with this error (token expired or revoked, failed
+    /// re-authentication).
+    Refused(wire::ErrorMsg),
+    /// A new connect string was given: reconnect with it now.
+    Reload,
 }
 
 struct Driver {
@@ -582,6 +690,8 @@ impl Driver {
                 r = self.connect_any() => r,
                 _ = close.changed() => break,
             };
+            // Set when the server refused the token: wait long, or for a reload.
+            let mut auth_wait = false;
             match attempt {
                 Ok(conn) => {
                     backoff = INITIAL_BACKOFF;
@@ -606,6 +716,21 @@ impl Driver {
                             });
                             backoff = INITIAL_BACKOFF;
                         }
+                        End::Reload => {
+                            self.emit(Event::Disconnected {
+                                reason: "reconnecting with the new connect string".into(),
+                            });
+                            continue;
+                        }
+                        End::Refused(e) => {
+                            self.emit(Event::Disconnected {
+                                reason: format!("rendezvous ended the session: {}", e.message),
+                            });
+                            if e.code == ErrorCode::Unauthorized {
+                                auth_wait =
+                                    self.auth_failed(e.reason, e.message, &mut last_refusal);
+                            }
+                        }
                         End::Lost(reason) => {
                             info!(%reason, "rendezvous connection lost; reconnecting");
                             self.emit(Event::Disconnected { reason });
@@ -618,9 +743,16 @@ impl Driver {
                         return;
                     }
                     debug!(error = %e, "reconnect failed");
-                    // A refusal by the server (revoked or expired token, rate limit) is worth
-                    // surfacing; report each distinct one once.
-                    if let ClientError::Server { .. } = &e {
+                    if let ClientError::Server {
+                        code: ErrorCode::Unauthorized,
+                        message,
+                        reason,
+                    } = &e
+                    {
+                        auth_wait = self.auth_failed(*reason, message.clone(), &mut last_refusal);
+                    } else if let ClientError::Server { .. } = &e {
+                        // A refusal by the server (rate limit, …) is worth surfacing; report
+                        // each distinct one once.
                         let reason = e.to_string();
                         if last_refusal.as_deref() != Some(reason.as_str()) {
                             warn!(%reason, "rendezvous refused the registration; retrying");
@@ -632,21 +764,78 @@ impl Driver {
                     }
                 }
             }
-            // Jittered exponential backoff; commands arriving meanwhile fail fast.
-            let sleep = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-            backoff = (backoff * 2).min(self.cfg.max_backoff);
+            // Jittered exponential backoff (after a token refusal: the slow auth retry);
+            // commands arriving meanwhile fail fast, a reload ends the wait.
+            let sleep = if auth_wait {
+                self.cfg.auth_retry
+            } else {
+                let s = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                backoff = (backoff * 2).min(self.cfg.max_backoff);
+                s
+            };
             let deadline = Instant::now() + sleep;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = close.changed() => return,
                     c = cmds.recv() => match c {
+                        Some(Command::Reload(cs)) => {
+                            if self.reload(*cs) || auth_wait {
+                                backoff = INITIAL_BACKOFF;
+                                break;
+                            }
+                        }
                         Some(c) => self.command_offline(c),
                         None => return,
                     },
                 }
             }
         }
+    }
+
+    /// Records a token refusal; reports it once per distinct failure. Returns whether to wait
+    /// for a reload (slow retry).
+    fn auth_failed(
+        &mut self,
+        reason: Option<ErrorReason>,
+        message: String,
+        last_refusal: &mut Option<String>,
+    ) -> bool {
+        let failure = AuthFailure::from_refusal(reason, message, &self.cfg.connect.token);
+        let permanent = failure.is_permanent();
+        let key = format!("{:?} {}", failure.reason, self.cfg.connect.token);
+        self.client
+            .set_state(|s| s.auth_failure = Some(failure.clone()));
+        if last_refusal.as_deref() != Some(key.as_str()) {
+            *last_refusal = Some(key);
+            self.emit(Event::Unauthorized(failure));
+        }
+        permanent
+    }
+
+    /// Switches to `cs`; returns whether it differs from the current connect string.
+    fn reload(&mut self, cs: ConnectString) -> bool {
+        if cs == self.cfg.connect {
+            return false;
+        }
+        match quic_client_config_with(&cs.pins, &self.cfg.ca_roots) {
+            Ok((q, failures)) => {
+                self.quic = q;
+                self.tls_failures = failures;
+            }
+            Err(e) => {
+                warn!(error = %e, "new connect string not usable; keeping the old one");
+                return false;
+            }
+        }
+        info!(server = %cs.authority(), "rendezvous connect string reloaded");
+        // Addresses that came from the old string's addr= follow the new string.
+        if self.cfg.addresses == self.cfg.connect.addrs {
+            self.cfg.addresses = cs.addrs.clone();
+        }
+        self.cfg.connect = cs;
+        self.client.set_state(|s| s.auth_failure = None);
+        true
     }
 
     fn command_offline(&mut self, c: Command) {
@@ -657,6 +846,9 @@ impl Driver {
             }
             Command::Offer { reply, .. } | Command::Answer { reply, .. } => {
                 let _ = reply.send(Err(ClientError::NotConnected));
+            }
+            Command::Reload(cs) => {
+                self.reload(*cs);
             }
         }
     }
@@ -741,50 +933,29 @@ impl Driver {
             .await
             .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
         let mut decoder = FrameDecoder::new(wire::MAX_FRAME_LEN);
-        let key = self.client.inner.key;
-        write(
-            &mut send,
-            &Message::Hello(Hello {
-                token: self.cfg.connect.token.clone(),
-                key,
-                software: self.cfg.software.clone(),
-            }),
-        )
-        .await?;
-        let challenge = match read(&mut recv, &mut decoder).await? {
-            Message::Challenge(c) => c,
-            Message::Error(e) => return Err(server_error(e)),
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected challenge, got {}",
-                    other.name()
-                )))
-            }
-        };
         let mut exporter = [0u8; wire::EXPORTER_LEN];
         conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
             .map_err(|_| ClientError::Protocol("TLS exporter unavailable".into()))?;
-        let dh = self
-            .cfg
-            .secret
-            .diffie_hellman(&PublicKey::from(challenge.server_ephemeral))
-            .to_bytes();
-        let mac = wire::key_proof(
-            &dh,
-            &exporter,
-            &challenge.nonce,
-            &key,
-            &challenge.server_ephemeral,
+        let mut core = ClientSession::new(
+            self.cfg.connect.token.clone(),
+            self.cfg.secret.clone(),
+            self.cfg.software.clone(),
+            exporter,
         );
-        write(&mut send, &Message::KeyProof(KeyProof { mac })).await?;
-        let registered = match read(&mut recv, &mut decoder).await? {
-            Message::Registered(r) => r,
-            Message::Error(e) => return Err(server_error(e)),
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected registered, got {}",
-                    other.name()
-                )))
+        let registered = loop {
+            while let Some(m) = core.poll_transmit() {
+                write(&mut send, &m).await?;
+            }
+            match core.poll_event() {
+                Some(ClientEvent::Registered(r)) => break r,
+                Some(ClientEvent::Refused(e)) => return Err(server_error(e)),
+                Some(ClientEvent::Protocol(p)) => return Err(ClientError::Protocol(p)),
+                Some(_) => continue,
+                None => {}
+            }
+            let msg = read(&mut recv, &mut decoder).await?;
+            if let Some(other) = core.handle_message(msg) {
+                debug!(kind = other.name(), "ignoring message before registration");
             }
         };
         Ok(Conn {
@@ -792,6 +963,7 @@ impl Driver {
             send,
             recv,
             decoder,
+            core,
             registered,
             local,
             shared,
@@ -837,6 +1009,7 @@ impl Driver {
         self.client.set_state(|s| {
             s.registration = Some(reg.clone());
             s.connected = true;
+            s.auth_failure = None;
         });
         self.emit(Event::Registered(reg));
         if !self.watch_set.is_empty()
@@ -873,6 +1046,13 @@ impl Driver {
                     Err(e) => return End::Lost(e.to_string()),
                 },
                 cmd = cmds.recv() => match cmd {
+                    Some(Command::Reload(cs)) => {
+                        if self.reload(*cs) {
+                            let _ = c.send.finish();
+                            c.conn.close(0u8.into(), b"reload");
+                            return End::Reload;
+                        }
+                    }
                     Some(cmd) => {
                         if let Err(e) = self.on_command(&mut c, cmd).await {
                             return End::Lost(e.to_string());
@@ -894,6 +1074,10 @@ impl Driver {
 
     async fn on_command(&mut self, c: &mut Conn, cmd: Command) -> Result<(), ClientError> {
         match cmd {
+            Command::Reload(cs) => {
+                self.reload(*cs);
+                Ok(())
+            }
             Command::Watch(keys, reply) => {
                 self.watch_set = keys.clone();
                 let r = write(&mut c.send, &Message::Watch(keys)).await;
@@ -937,6 +1121,25 @@ impl Driver {
     }
 
     async fn on_message(&mut self, c: &mut Conn, msg: Message) -> Option<End> {
+        // Session messages (re-authentication, a session-ending Unauthorized) go to the core.
+        let rest = c.core.handle_message(msg);
+        while let Some(m) = c.core.poll_transmit() {
+            if let Err(e) = write(&mut c.send, &m).await {
+                return Some(End::Lost(e.to_string()));
+            }
+        }
+        while let Some(ev) = c.core.poll_event() {
+            match ev {
+                ClientEvent::ReauthAnswered => debug!("answered a re-authentication challenge"),
+                ClientEvent::Refused(e) => {
+                    c.conn.close(0u8.into(), b"refused");
+                    return Some(End::Refused(e));
+                }
+                ClientEvent::Protocol(p) => return Some(End::Lost(p)),
+                _ => {}
+            }
+        }
+        let msg = rest?;
         match msg {
             Message::ObservedAddr(addr) => {
                 self.client.set_state(|s| {
@@ -1016,6 +1219,7 @@ fn server_error(e: wire::ErrorMsg) -> ClientError {
     ClientError::Server {
         code: e.code,
         message: e.message,
+        reason: e.reason,
     }
 }
 

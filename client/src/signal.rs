@@ -13,7 +13,7 @@ use meshpunch_proto::path::{Candidate, CandidateKind};
 use meshpunch_proto::wire::{self, ErrorCode, PeerKey, RelayRegion};
 use tokio::sync::{mpsc, watch};
 
-use crate::rendezvous::{Client, ClientConfig, ClientError, Event, Punch};
+use crate::rendezvous::{AuthFailure, Client, ClientConfig, ClientError, Event, Punch, AUTH_RETRY};
 
 /// What the rendezvous side tells the engine.
 #[derive(Debug)]
@@ -66,6 +66,9 @@ pub enum SignalEvent {
         /// Version of our candidates that the peer received.
         local_version: u64,
     },
+    /// The rendezvous refused our token (expired, revoked, …): no fast retries until a new
+    /// token arrives (SIGHUP) or the slow retry ([`AUTH_RETRY`]) runs.
+    Unauthorized(AuthFailure),
     /// Our offer failed.
     OfferFailed {
         /// Peer key.
@@ -80,6 +83,29 @@ pub enum SignalEvent {
 pub enum SignalCmd {
     /// Offer our current candidates to this peer.
     Offer([u8; 32]),
+    /// Use this connect string from now on (SIGHUP re-read the config: a rotated token).
+    Reload(Box<ConnectString>),
+}
+
+/// Logs a token refusal at ERROR once per distinct (reason, token); repeats go to debug.
+fn log_auth_failure(f: &AuthFailure, token: &str, last: &mut Option<String>) {
+    let key = format!(
+        "{:?} {}",
+        f.reason,
+        meshpunch_proto::token::token_hash(token)
+    );
+    if last.as_deref() == Some(key.as_str()) {
+        tracing::debug!(reason = ?f.reason, "rendezvous still refuses the token");
+        return;
+    }
+    *last = Some(key);
+    tracing::error!(
+        network = f.network.as_deref().unwrap_or("?"),
+        reason = f.reason.map_or("unauthorized", |r| r.as_str()),
+        "{}; put a new token in the config and send SIGHUP (retrying every {} min meanwhile)",
+        f.describe(),
+        AUTH_RETRY.as_secs() / 60
+    );
 }
 
 /// Converts a candidate from the wire.
@@ -123,6 +149,7 @@ fn offer_error(e: &ClientError) -> String {
         ClientError::Server {
             code: ErrorCode::Unauthorized,
             message,
+            ..
         } => format!("rendezvous refused: {message}"),
         ClientError::Timeout => "the peer did not answer the offer in time".into(),
         e => e.to_string(),
@@ -171,7 +198,9 @@ pub fn spawn_with(
 ) -> mpsc::Sender<SignalCmd> {
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SignalCmd>(256);
     tokio::spawn(async move {
+        let mut connect = connect;
         let mut backoff = Duration::from_millis(250);
+        let mut last_auth_log: Option<String> = None;
         loop {
             let mut cfg = ClientConfig::new(
                 connect.clone(),
@@ -183,27 +212,69 @@ pub fn spawn_with(
             let (client, mut evs) = match Client::connect(cfg).await {
                 Ok(x) => x,
                 Err(e) => {
-                    if events
-                        .send(SignalEvent::ConnectFailed {
-                            reason: e.to_string(),
-                        })
-                        .await
-                        .is_err()
-                    {
+                    let auth = match &e {
+                        ClientError::Server {
+                            code: ErrorCode::Unauthorized,
+                            message,
+                            reason,
+                        } => Some(AuthFailure::from_refusal(
+                            *reason,
+                            message.clone(),
+                            &connect.token,
+                        )),
+                        _ => None,
+                    };
+                    let sent = match &auth {
+                        Some(f) => {
+                            log_auth_failure(f, &connect.token, &mut last_auth_log);
+                            events.send(SignalEvent::Unauthorized(f.clone())).await
+                        }
+                        None => {
+                            events
+                                .send(SignalEvent::ConnectFailed {
+                                    reason: e.to_string(),
+                                })
+                                .await
+                        }
+                    };
+                    if sent.is_err() {
                         return;
                     }
-                    // Drain offers asked for while down: they fail at once.
-                    while let Ok(SignalCmd::Offer(peer)) = cmd_rx.try_recv() {
-                        let _ = events
-                            .send(SignalEvent::OfferFailed {
-                                peer,
-                                reason: format!("rendezvous unreachable: {e}"),
-                            })
-                            .await;
+                    // A refused token is not retried every few seconds: wait for a reload.
+                    let wait = match &auth {
+                        Some(f) if f.is_permanent() => AUTH_RETRY,
+                        _ => {
+                            let jitter =
+                                rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
+                            let w = backoff + Duration::from_millis(jitter);
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            w
+                        }
+                    };
+                    let deadline = tokio::time::Instant::now() + wait;
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(deadline) => break,
+                            cmd = cmd_rx.recv() => match cmd {
+                                // Offers asked for while down fail at once.
+                                Some(SignalCmd::Offer(peer)) => {
+                                    let _ = events
+                                        .send(SignalEvent::OfferFailed {
+                                            peer,
+                                            reason: format!("rendezvous unreachable: {e}"),
+                                        })
+                                        .await;
+                                }
+                                Some(SignalCmd::Reload(cs)) => {
+                                    tracing::info!("rendezvous connect string reloaded; reconnecting");
+                                    connect = *cs;
+                                    backoff = Duration::from_millis(250);
+                                    break;
+                                }
+                                None => return,
+                            },
+                        }
                     }
-                    let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1);
-                    tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
                 }
             };
@@ -247,6 +318,10 @@ pub fn spawn_with(
                                     None
                                 }
                             }
+                            Event::Unauthorized(f) => {
+                                log_auth_failure(&f, &connect.token, &mut last_auth_log);
+                                Some(SignalEvent::Unauthorized(f))
+                            }
                             Event::Superseded => {
                                 let _ = events.send(SignalEvent::Disconnected {
                                     reason: "another daemon registered the same key; this one stopped using the rendezvous".into(),
@@ -262,9 +337,19 @@ pub fn spawn_with(
                         }
                     }
                     cmd = cmd_rx.recv() => {
-                        let Some(SignalCmd::Offer(peer)) = cmd else {
-                            client.close();
-                            return;
+                        let peer = match cmd {
+                            Some(SignalCmd::Offer(peer)) => peer,
+                            Some(SignalCmd::Reload(cs)) => {
+                                connect = (*cs).clone();
+                                if client.reload(*cs).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            None => {
+                                client.close();
+                                return;
+                            }
                         };
                         let (version, cands) = snapshot(&local);
                         let client = client.clone();

@@ -5,9 +5,10 @@
 //! that is what lets one process hold tens of thousands of registered clients. Each client:
 //!
 //! 1. connects (TLS 1.3, server certificate checked against the connect string's pin),
-//! 2. opens the control stream, sends `Hello`, answers the `Challenge` with the key proof
-//!    (X25519 with its own static key, bound to the TLS exporter) and waits for `Registered`
-//!    — the registration latency;
+//! 2. opens the control stream and runs the handshake of
+//!    [`meshpunch_proto::session::ClientSession`] (`Hello`, the key proof for the `Challenge`
+//!    bound to the TLS exporter, `Registered`) — the registration latency; later
+//!    re-authentication challenges are answered by the same session;
 //! 3. watches its partner (clients are paired 0↔1, 2↔3, …);
 //! 4. offers to its partner when told to; the partner answers every `IncomingOffer` at once;
 //!    the offer round trip is the time from sending `Offer` to receiving `PunchStart`.
@@ -28,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use meshpunch_proto::connect::ConnectString;
+use meshpunch_proto::session::{ClientEvent, ClientSession};
 use meshpunch_proto::wire::{
-    self, Answer, Candidate, CandidateKind, FrameDecoder, Hello, KeyProof, Message, Offer, PeerKey,
+    self, Answer, Candidate, CandidateKind, FrameDecoder, Message, Offer, PeerKey,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -234,6 +236,27 @@ struct Registered {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     dec: FrameDecoder,
+    core: ClientSession,
+}
+
+/// Sends what the session queued; `Err` when the server ended the session.
+async fn flush(core: &mut ClientSession, send_s: &mut quinn::SendStream) -> Result<(), String> {
+    while let Some(m) = core.poll_transmit() {
+        send(send_s, &m).await?;
+    }
+    while let Some(ev) = core.poll_event() {
+        match ev {
+            ClientEvent::Refused(e) => {
+                return Err(format!(
+                    "refused: {:?} {:?} {}",
+                    e.code, e.reason, e.message
+                ))
+            }
+            ClientEvent::Protocol(p) => return Err(format!("protocol: {p}")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 async fn register(
@@ -248,47 +271,29 @@ async fn register(
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let (mut send_s, mut recv_s) = conn.open_bi().await.map_err(|e| format!("stream: {e}"))?;
-    let key = PeerKey::from(PublicKey::from(secret));
-    send(
-        &mut send_s,
-        &Message::Hello(Hello {
-            token: cs.token.clone(),
-            key,
-            software: format!("meshpunch-loadtest/{}", env!("CARGO_PKG_VERSION")),
-        }),
-    )
-    .await?;
-    let mut dec = FrameDecoder::new(wire::MAX_FRAME_LEN);
-    let mut buf = vec![0u8; 4096];
-    let challenge = match next_message(&mut recv_s, &mut dec, &mut buf).await? {
-        Message::Challenge(c) => c,
-        Message::Error(e) => return Err(format!("refused: {:?} {}", e.code, e.message)),
-        other => return Err(format!("expected Challenge, got {other:?}")),
-    };
-    let dh = secret.diffie_hellman(&PublicKey::from(challenge.server_ephemeral));
     let mut exporter = [0u8; wire::EXPORTER_LEN];
     conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
         .map_err(|_| "TLS exporter unavailable".to_string())?;
-    let mac = wire::key_proof(
-        dh.as_bytes(),
-        &exporter,
-        &challenge.nonce,
-        &key,
-        &challenge.server_ephemeral,
+    let mut core = ClientSession::new(
+        cs.token.clone(),
+        secret.clone(),
+        format!("meshpunch-loadtest/{}", env!("CARGO_PKG_VERSION")),
+        exporter,
     );
-    send(&mut send_s, &Message::KeyProof(KeyProof { mac })).await?;
-    loop {
-        match next_message(&mut recv_s, &mut dec, &mut buf).await? {
-            Message::Registered(_) => break,
-            Message::Error(e) => return Err(format!("refused: {:?} {}", e.code, e.message)),
-            _ => {}
-        }
+    let mut dec = FrameDecoder::new(wire::MAX_FRAME_LEN);
+    let mut buf = vec![0u8; 4096];
+    flush(&mut core, &mut send_s).await?;
+    while !core.is_registered() {
+        let m = next_message(&mut recv_s, &mut dec, &mut buf).await?;
+        let _ = core.handle_message(m);
+        flush(&mut core, &mut send_s).await?;
     }
     Ok(Registered {
         conn,
         send: send_s,
         recv: recv_s,
         dec,
+        core,
     })
 }
 
@@ -321,29 +326,36 @@ async fn session(mut r: Registered, mut cmds: mpsc::Receiver<Command>, shared: A
                 }
                 None => break,
             },
-            m = next_message(&mut r.recv, &mut r.dec, &mut buf) => match m {
-                Ok(Message::IncomingOffer(o)) => {
+            m = next_message(&mut r.recv, &mut r.dec, &mut buf) => match m.map(|m| r.core.handle_message(m)) {
+                // Re-authentication challenges and session-ending errors: the session's.
+                Ok(None) => {
+                    if let Err(e) = flush(&mut r.core, &mut r.send).await {
+                        shared.fail(format!("session: {e}"));
+                        break;
+                    }
+                }
+                Ok(Some(Message::IncomingOffer(o))) => {
                     let a = Message::Answer(Answer { offer_id: o.offer_id, candidates: vec![candidate] });
                     let _ = send(&mut r.send, &a).await;
                 }
-                Ok(Message::PunchStart(p)) if p.initiator => {
+                Ok(Some(Message::PunchStart(p))) if p.initiator => {
                     if let Some(i) = pending.iter().position(|(id, _)| *id == p.id) {
                         let (_, at) = pending.swap_remove(i);
                         Shared::record(&shared.offer_hist, at.elapsed().as_micros() as u64);
                         shared.offers_ok.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(Message::Error(e)) => {
+                Ok(Some(Message::Error(e))) => {
                     if let Some(i) = pending.iter().position(|(id, _)| *id == e.id) {
                         pending.swap_remove(i);
                         shared.offers_failed.fetch_add(1, Ordering::Relaxed);
                         shared.fail(format!("offer refused: {:?} {}", e.code, e.message));
                     }
                 }
-                Ok(Message::Presence { .. }) => {
+                Ok(Some(Message::Presence { .. })) => {
                     shared.presence.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {}
                 Err(e) => {
                     shared.fail(format!("session: {e}"));
                     break;

@@ -6,6 +6,8 @@
 //! `meshpunch-loadtest`) are thin drivers around these modules, so everything here is
 //! unit-, property- and fuzz-testable without a network.
 
+#![forbid(unsafe_code)]
+
 pub mod addr;
 pub mod channeldata;
 pub mod connect;
@@ -15,6 +17,7 @@ pub mod nat;
 pub mod path;
 pub mod probe;
 mod rng;
+pub mod session;
 pub mod stun;
 pub mod token;
 pub mod turn;

@@ -32,6 +32,9 @@
 //!                                ◄──  PunchStart (both sides, same session secret)
 //!                                ◄──  ObservedAddr{addr}      (whenever it changes)
 //!                                ◄──  GoAway{reason}          (drain / superseded)
+//!                                ◄──  Challenge{fresh ephemeral, fresh nonce}  (re-authentication,
+//!   KeyProof{mac}                ──►        every reauth_interval; see crate::session)
+//!                                ◄──  Error{Unauthorized, reason}  (token expired / revoked; closes)
 //! ```
 
 use std::fmt;
@@ -401,8 +404,91 @@ pub struct PunchStart {
     pub initiator: bool,
 }
 
+/// Why an [`ErrorCode::Unauthorized`] was sent, so a client can tell "fix your token" from
+/// "fix your key" without parsing text. Carried after the [`ErrorMsg`] body: older peers skip
+/// it (trailing bytes are tolerated) and messages from older peers decode with `reason: None`.
+/// Unknown reasons from newer servers decode to [`ErrorReason::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u8", into = "u8")]
+pub enum ErrorReason {
+    /// The token's expiry time passed (at registration or on the live connection).
+    TokenExpired,
+    /// The token is on the revocation list.
+    TokenRevoked,
+    /// The token is malformed or its signature does not verify.
+    BadToken,
+    /// The key proof did not verify (wrong private key, or a proof of another session).
+    BadProof,
+    /// A member-scoped token was presented with another WireGuard key.
+    KeyNotAllowed,
+    /// The client did not answer a re-authentication challenge in time.
+    ReauthTimeout,
+    /// A reason this version does not know.
+    Other(u8),
+}
+
+impl From<u8> for ErrorReason {
+    fn from(v: u8) -> Self {
+        match v {
+            1 => ErrorReason::TokenExpired,
+            2 => ErrorReason::TokenRevoked,
+            3 => ErrorReason::BadToken,
+            4 => ErrorReason::BadProof,
+            5 => ErrorReason::KeyNotAllowed,
+            6 => ErrorReason::ReauthTimeout,
+            x => ErrorReason::Other(x),
+        }
+    }
+}
+
+impl From<ErrorReason> for u8 {
+    fn from(r: ErrorReason) -> u8 {
+        match r {
+            ErrorReason::TokenExpired => 1,
+            ErrorReason::TokenRevoked => 2,
+            ErrorReason::BadToken => 3,
+            ErrorReason::BadProof => 4,
+            ErrorReason::KeyNotAllowed => 5,
+            ErrorReason::ReauthTimeout => 6,
+            ErrorReason::Other(x) => x,
+        }
+    }
+}
+
+impl ErrorReason {
+    /// Short lowercase name (metric label, `status --json`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorReason::TokenExpired => "expired",
+            ErrorReason::TokenRevoked => "revoked",
+            ErrorReason::BadToken => "bad_token",
+            ErrorReason::BadProof => "bad_proof",
+            ErrorReason::KeyNotAllowed => "key_not_allowed",
+            ErrorReason::ReauthTimeout => "reauth_timeout",
+            ErrorReason::Other(_) => "other",
+        }
+    }
+
+    /// Whether retrying with the same token can succeed (false: the operator must act).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ErrorReason::TokenExpired
+                | ErrorReason::TokenRevoked
+                | ErrorReason::BadToken
+                | ErrorReason::KeyNotAllowed
+        )
+    }
+}
+
+impl fmt::Display for ErrorReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A typed refusal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorMsg {
     /// What went wrong.
     pub code: ErrorCode,
@@ -410,6 +496,16 @@ pub struct ErrorMsg {
     pub id: u64,
     /// Human-readable detail.
     pub message: String,
+    /// Typed reason (with [`ErrorCode::Unauthorized`]); `None` from older servers.
+    pub reason: Option<ErrorReason>,
+}
+
+/// The [`ErrorMsg`] body as protocol version 1 first defined it; the reason byte follows.
+#[derive(Serialize, Deserialize)]
+struct ErrorBody {
+    code: ErrorCode,
+    id: u64,
+    message: String,
 }
 
 /// Every rendezvous message. The discriminant on the wire is [`Message::kind`].
@@ -606,6 +702,17 @@ impl Message {
             code,
             id,
             message: message.into(),
+            reason: None,
+        })
+    }
+
+    /// An [`ErrorCode::Unauthorized`] with its typed reason.
+    pub fn unauthorized(reason: ErrorReason, message: impl Into<String>) -> Message {
+        Message::Error(ErrorMsg {
+            code: ErrorCode::Unauthorized,
+            id: 0,
+            message: message.into(),
+            reason: Some(reason),
         })
     }
 
@@ -626,7 +733,17 @@ impl Message {
             Message::IncomingOffer(m) => ser(m),
             Message::Answer(m) => ser(m),
             Message::PunchStart(m) => ser(m),
-            Message::Error(m) => ser(m),
+            Message::Error(m) => {
+                let mut b = ser(&ErrorBody {
+                    code: m.code,
+                    id: m.id,
+                    message: m.message.clone(),
+                });
+                if let Some(r) = m.reason {
+                    b.push(u8::from(r));
+                }
+                b
+            }
             Message::GoAway { reason, message } => ser(&GoAwayBody {
                 reason: *reason,
                 message: message.clone(),
@@ -672,7 +789,16 @@ impl Message {
             kind::INCOMING_OFFER => Message::IncomingOffer(de(k, body)?),
             kind::ANSWER => Message::Answer(de(k, body)?),
             kind::PUNCH_START => Message::PunchStart(de(k, body)?),
-            kind::ERROR => Message::Error(de(k, body)?),
+            kind::ERROR => {
+                let (b, rest) = postcard::take_from_bytes::<ErrorBody>(body)
+                    .map_err(|_| WireError::Malformed { kind: k })?;
+                Message::Error(ErrorMsg {
+                    code: b.code,
+                    id: b.id,
+                    message: b.message,
+                    reason: rest.first().map(|&r| ErrorReason::from(r)),
+                })
+            }
             kind::GO_AWAY => {
                 let b: GoAwayBody = de(k, body)?;
                 Message::GoAway {
@@ -925,11 +1051,18 @@ mod tests {
                         })
                     }
                 ),
-            (any::<u16>(), any::<u64>(), ".{0,20}").prop_map(|(c, id, m)| Message::error(
-                ErrorCode::from(c),
-                id,
-                m
-            )),
+            (
+                any::<u16>(),
+                any::<u64>(),
+                ".{0,20}",
+                prop::option::of(any::<u8>())
+            )
+                .prop_map(|(c, id, message, r)| Message::Error(ErrorMsg {
+                    code: ErrorCode::from(c),
+                    id,
+                    message,
+                    reason: r.map(ErrorReason::from),
+                })),
             (any::<u8>(), ".{0,20}").prop_map(|(r, message)| Message::GoAway {
                 reason: GoAwayReason::from(r),
                 message
@@ -1004,6 +1137,27 @@ mod tests {
             ErrorCode::from(u16::from(ErrorCode::SelfOffer)),
             ErrorCode::SelfOffer
         );
+    }
+
+    #[test]
+    fn error_reason_is_invisible_to_old_peers_and_optional_from_them() {
+        let new = Message::unauthorized(ErrorReason::TokenExpired, "token expired");
+        let frame = new.encode();
+        // An old peer decodes the version-1 body and ignores the trailing reason byte.
+        let (old, rest): (ErrorBody, &[u8]) =
+            postcard::take_from_bytes(&frame[LEN_PREFIX + HEADER_LEN..]).unwrap();
+        assert_eq!(old.code, ErrorCode::Unauthorized);
+        assert_eq!(old.message, "token expired");
+        assert_eq!(rest, &[1u8]);
+        // A frame from an old peer (no reason byte) decodes with `reason: None`.
+        let old_frame = Message::error(ErrorCode::Unauthorized, 0, "x").encode();
+        match Message::decode_payload(&old_frame[LEN_PREFIX..]) {
+            Ok(Message::Error(e)) => assert_eq!(e.reason, None),
+            other => panic!("{other:?}"),
+        }
+        for r in 0..=255u8 {
+            assert_eq!(u8::from(ErrorReason::from(r)), r);
+        }
     }
 
     #[test]

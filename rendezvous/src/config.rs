@@ -17,6 +17,8 @@ pub const DEFAULT_STUN_LISTEN: &str = "0.0.0.0:3478";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9478";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "meshpunch-data";
+/// Default longest lifetime of TURN credentials (`credential_ttl`).
+pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -43,9 +45,20 @@ pub struct RelayConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Concurrent QUIC connections per source IP.
+    /// Concurrent QUIC connections per source (an IPv4 address or an IPv6 /64), counted
+    /// from the moment the source address is validated (stateless Retry) and moved to the new
+    /// source when a connection migrates.
     pub max_connections_per_ip: u32,
-    /// Sustained registrations (Hello) per second per source IP.
+    /// QUIC handshakes (from a validated source) in progress at once on this node; Initials
+    /// beyond it are dropped without an answer (the client retransmits) and counted as
+    /// `limit="handshakes_in_flight"`.
+    pub max_handshakes_in_flight: usize,
+    /// Sustained Watch requests per second per connection (each can cost up to 1,024
+    /// registry reads and presence writes).
+    pub watches_per_sec: f64,
+    /// Burst of Watch requests per connection.
+    pub watch_burst: u32,
+    /// Sustained registrations (Hello) per second per source (IPv4 address or IPv6 /64).
     pub registrations_per_sec_per_ip: f64,
     /// Burst of registrations per source IP.
     pub registrations_burst: u32,
@@ -57,6 +70,9 @@ pub struct Limits {
     /// Time allowed from connection start to a completed registration.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub handshake_timeout: Duration,
+    /// Time a client has to answer a re-authentication challenge before it is closed.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub reauth_timeout: Duration,
     /// Sustained offers per second per connection.
     pub offers_per_sec: f64,
     /// Offers a connection may have outstanding (sent or received, unanswered).
@@ -76,11 +92,15 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections_per_ip: 256,
+            max_handshakes_in_flight: 1024,
+            watches_per_sec: 1.0,
+            watch_burst: 10,
             registrations_per_sec_per_ip: 10.0,
             registrations_burst: 40,
             max_frame_bytes: meshpunch_proto::wire::MAX_FRAME_LEN,
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            reauth_timeout: meshpunch_proto::session::REAUTH_TIMEOUT,
             offers_per_sec: 20.0,
             max_pending_offers: 64,
             offer_timeout: Duration::from_secs(15),
@@ -153,11 +173,21 @@ pub struct Config {
     pub token_secret: Option<String>,
     /// File holding the token secret (takes precedence over `data_dir/token-secret`).
     pub token_secret_file: Option<PathBuf>,
-    /// Revoked tokens: whole tokens or `sha256:<hex>` of them.
+    /// Revoked tokens: whole tokens or `sha256:<hex>` of them. Merged with the revocations
+    /// shared through the registry (`meshpunch-rendezvous token revoke`).
     pub revoked_tokens: Vec<String>,
-    /// Lifetime of the TURN credentials handed out (re-sent at half-life).
-    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    /// Longest lifetime of the TURN credentials handed out (re-sent at half-life); never past
+    /// the token's expiry. Also spelled `credential_ttl`.
+    #[serde(
+        alias = "credential_ttl",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
     pub turn_credential_ttl: Duration,
+    /// Interval between re-authentication challenges on a live connection (the client proves
+    /// its key again, bound to the TLS session and a fresh nonce; the token is re-checked).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub reauth_interval: Duration,
     /// SOFTWARE attribute of STUN answers.
     pub software: String,
     /// Development mode: print and write a connect string with a long-lived `dev` token.
@@ -200,7 +230,8 @@ impl Default for Config {
             token_secret: None,
             token_secret_file: None,
             revoked_tokens: Vec::new(),
-            turn_credential_ttl: Duration::from_secs(12 * 3600),
+            turn_credential_ttl: DEFAULT_CREDENTIAL_TTL,
+            reauth_interval: meshpunch_proto::session::DEFAULT_REAUTH_INTERVAL,
             software: format!("meshpunch-rendezvous/{}", env!("CARGO_PKG_VERSION")),
             dev: false,
             dev_network: "dev".to_string(),
@@ -314,10 +345,28 @@ impl Config {
                 "limits.max_frame_bytes must be at least 256".into(),
             ));
         }
+        if self.limits.max_handshakes_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_handshakes_in_flight must be at least 1".into(),
+            ));
+        }
         if self.turn_credential_ttl < Duration::from_secs(60) {
             return Err(ConfigError::Invalid(
                 "turn_credential_ttl must be at least 60s".into(),
             ));
+        }
+        if self.reauth_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "reauth_interval must be at least 1s".into(),
+            ));
+        }
+        if let Err(e) = meshpunch_proto::token::Revocations::parse(
+            self.revoked_tokens.iter().map(String::as_str),
+        ) {
+            return Err(ConfigError::Invalid(format!("revoked_tokens: {e}")));
+        }
+        if let Some(s) = &self.token_secret {
+            check_token_secret(s.trim().as_bytes(), "token_secret")?;
         }
         for r in &self.relays {
             if r.urls.is_empty() {
@@ -344,6 +393,19 @@ impl Config {
     }
 }
 
+/// Refuses a token secret shorter than [`meshpunch_proto::token::MIN_SECRET_LEN`] bytes.
+pub fn check_token_secret(secret: &[u8], origin: &str) -> Result<(), ConfigError> {
+    let min = meshpunch_proto::token::MIN_SECRET_LEN;
+    if secret.len() < min {
+        return Err(ConfigError::Invalid(format!(
+            "{origin} is {} bytes; the token secret must be at least {min} bytes \
+             (generate one with: openssl rand -hex 32)",
+            secret.len()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,11 +420,15 @@ mod tests {
             admin_listen = "127.0.0.1:9478"
             public_host = "rdv.example.com"
             data_dir = "/var/lib/meshpunch"
-            revoked_tokens = ["sha256:00"]
+            revoked_tokens = ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]
             turn_credential_ttl = "6h"
+            reauth_interval = "5m"
             [limits]
             idle_timeout = "45s"
             max_connections_per_ip = 8
+            max_handshakes_in_flight = 64
+            watches_per_sec = 0.5
+            watch_burst = 4
             [[relay]]
             region = "eu"
             urls = ["turn:relay.example.com:3478"]
@@ -374,10 +440,37 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(45));
         assert_eq!(cfg.limits.max_connections_per_ip, 8);
+        assert_eq!(cfg.limits.max_handshakes_in_flight, 64);
+        assert_eq!(cfg.limits.watch_burst, 4);
+        assert!(Config::from_toml("[limits]\nmax_handshakes_in_flight = 0").is_err());
         assert_eq!(cfg.relays.len(), 1);
         assert_eq!(cfg.turn_credential_ttl, Duration::from_secs(6 * 3600));
+        assert_eq!(cfg.reauth_interval, Duration::from_secs(300));
+        assert_eq!(
+            Config::from_toml("credential_ttl = \"2h\"")
+                .unwrap()
+                .turn_credential_ttl,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            Config::default().turn_credential_ttl,
+            DEFAULT_CREDENTIAL_TTL
+        );
         assert!(Config::from_toml("").is_ok());
         assert!(Config::from_toml("bogus = 1").is_err());
         assert!(Config::from_toml("stun_alt = \"192.0.2.2:3479\"").is_err());
+    }
+
+    #[test]
+    fn malformed_revocation_entry_and_short_secret_are_config_errors() {
+        let e = Config::from_toml("revoked_tokens = [\"sha256:00\"]").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("revoked_tokens") && msg.contains("entry 1"),
+            "{msg}"
+        );
+        let e = Config::from_toml("token_secret = \"short\"").unwrap_err();
+        assert!(e.to_string().contains("at least 32 bytes"), "{e}");
+        assert!(Config::from_toml(&format!("token_secret = \"{}\"", "x".repeat(32))).is_ok());
     }
 }

@@ -1,5 +1,7 @@
 //! `meshpunch-rendezvous`: parses the command line and config, then runs the server.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -117,6 +119,13 @@ struct Opts {
     /// Node id (default: random).
     #[arg(long, env = "MESHPUNCH_NODE_ID", value_name = "ID")]
     node_id: Option<String>,
+    /// Interval between re-authentication challenges on live connections [default: 10m].
+    #[arg(long, env = "MESHPUNCH_REAUTH_INTERVAL", value_name = "DURATION")]
+    reauth_interval: Option<String>,
+    /// Longest lifetime of the TURN credentials handed out (never past the token's expiry)
+    /// [default: 1h].
+    #[arg(long, env = "MESHPUNCH_CREDENTIAL_TTL", value_name = "DURATION")]
+    credential_ttl: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,11 +137,16 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
-    /// Mints a token for a network (stateless; revoke it via `revoked_tokens` in the config).
+    /// Mints a token for a network (stateless; revoke it with `token revoke` or
+    /// `revoked_tokens` in the config).
     Create {
         /// Network name ([A-Za-z0-9_-], up to 64 characters).
         #[arg(long)]
         network: String,
+        /// Member token: admit only this WireGuard public key (as `wg pubkey` prints it), so
+        /// one member can be revoked without re-keying the network.
+        #[arg(long, value_name = "PUBKEY")]
+        key: Option<String>,
         /// Validity: `30d`, `12h`, `90m`, `2w` or seconds.
         #[arg(long, default_value = "30d")]
         ttl: String,
@@ -145,6 +159,12 @@ enum TokenCmd {
     /// Prints the `sha256:` form of a token, for the revocation list.
     Hash {
         /// The token.
+        token: String,
+    },
+    /// Revokes a token on every node sharing the Redis registry (live connections close
+    /// within a few seconds). With the memory registry, prints the `revoked_tokens` entry.
+    Revoke {
+        /// The token, or its `sha256:` hash (`token hash`).
         token: String,
     },
 }
@@ -216,6 +236,14 @@ fn load_config(o: &Opts) -> anyhow::Result<Config> {
     if let Some(n) = &o.node_id {
         cfg.registry.node_id = Some(n.clone());
     }
+    if let Some(d) = &o.reauth_interval {
+        cfg.reauth_interval = humantime::parse_duration(d)
+            .with_context(|| format!("invalid --reauth-interval {d:?} (examples: 10m, 90s)"))?;
+    }
+    if let Some(d) = &o.credential_ttl {
+        cfg.turn_credential_ttl = humantime::parse_duration(d)
+            .with_context(|| format!("invalid --credential-ttl {d:?} (examples: 1h, 30m)"))?;
+    }
     if let Ok(s) = std::env::var("MESHPUNCH_TOKEN_SECRET") {
         cfg.token_secret = Some(s);
     }
@@ -227,15 +255,27 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
         TokenCmd::Create {
             network,
+            key,
             ttl,
             connect,
         } => {
             let Some(secs) = meshpunch_proto::token::parse_ttl(&ttl) else {
                 bail!("invalid --ttl {ttl:?} (examples: 30d, 12h, 3600)");
             };
+            let key = key
+                .map(|k| {
+                    k.parse::<meshpunch_proto::wire::PeerKey>()
+                        .map(|k| k.0)
+                        .with_context(|| format!("--key {k:?}"))
+                })
+                .transpose()?;
             let secret = load_token_secret(&cfg)?;
-            let token =
-                meshpunch_proto::token::mint(&secret, &network, unix_now().saturating_add(secs))?;
+            let token = meshpunch_proto::token::mint_for(
+                &secret,
+                &network,
+                unix_now().saturating_add(secs),
+                key,
+            )?;
             if connect {
                 let pins = match meshpunch_rendezvous::tls::stored_cert(&cfg)
                     .context("no certificate yet: start the server once or pass --cert/--key")?
@@ -275,19 +315,51 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
             println!("sha256:{}", meshpunch_proto::token::token_hash(&token));
             Ok(())
         }
+        TokenCmd::Revoke { token } => {
+            let Some(hash) = meshpunch_proto::token::revocation_hash(&token) else {
+                bail!("{token:?} is neither a token (mpt1./mpt2.…) nor a token hash (sha256:<64 hex>)");
+            };
+            if meshpunch_rendezvous::registry::backend_name(&cfg.registry) == "memory" {
+                bail!(
+                    "the memory registry lives inside one server process: add \"sha256:{hash}\" \
+                     to revoked_tokens in its config and send it SIGHUP (systemctl reload), or \
+                     run the nodes with the redis registry (--redis URL) to revoke from here"
+                );
+            }
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let (registry, _inbox) =
+                    meshpunch_rendezvous::registry::build(&cfg.registry).await?;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    match registry.revoke(&hash).await {
+                        Ok(()) => break,
+                        Err(e) if tokio::time::Instant::now() >= deadline => {
+                            bail!("revoking through the registry: {e}")
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+                println!(
+                    "revoked sha256:{hash}; every node closes its connections within a few seconds"
+                );
+                Ok(())
+            })
+        }
     }
 }
 
 /// Re-reads the revocation list from the config file (SIGHUP, or the file changed).
 fn reload_revocations(server: &Server, path: &std::path::Path) {
     match Config::from_file(path) {
-        Ok(fresh) => {
-            server.set_revoked_tokens(&fresh.revoked_tokens);
-            tracing::info!(
+        Ok(fresh) => match server.set_revoked_tokens(&fresh.revoked_tokens) {
+            Ok(()) => tracing::info!(
                 entries = fresh.revoked_tokens.len(),
                 "revocation list reloaded"
-            );
-        }
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "revoked_tokens not reloaded; keeping the old list")
+            }
+        },
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; keeping the old revocation list")
         }
@@ -299,10 +371,17 @@ fn mtime(path: &std::path::Path) -> Option<std::time::SystemTime> {
 }
 
 async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let (data_dir, dev_network) = (cfg.data_dir.clone(), cfg.dev_network.clone());
     let watch_files = cfg.watch_files;
     let server = Server::start(cfg).await?;
     if let Some(cs) = server.dev_connect() {
         println!("connect: {cs}");
+        eprintln!(
+            "the connect string holds a secret (a token for network {:?}): give it only to \
+             machines that may join; a copy is in {} (mode 0600)",
+            dev_network,
+            data_dir.join("connect").display()
+        );
     }
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -15,8 +15,12 @@ pub const CONNECTIONS_OPEN: &str = "meshpunch_rendezvous_connections_open";
 pub const PEERS_REGISTERED: &str = "meshpunch_rendezvous_peers_registered";
 /// Counter: successful registrations.
 pub const REGISTRATIONS_TOTAL: &str = "meshpunch_rendezvous_registrations_total";
-/// Counter: refused registrations, label `reason` = bad_token | expired | revoked | key_proof.
+/// Counter: refused registrations and sessions ended for authentication reasons, label
+/// `reason` = expired | revoked | bad_token | bad_proof | key_not_allowed | reauth_timeout.
 pub const AUTH_FAILURES_TOTAL: &str = "meshpunch_rendezvous_auth_failures_total";
+/// Counter: re-authentications of live connections, label `result` = ok | reauth_timeout |
+/// bad_proof.
+pub const REAUTH_TOTAL: &str = "meshpunch_rendezvous_reauth_total";
 /// Counter: typed errors sent to clients, label `code`.
 pub const ERRORS_SENT_TOTAL: &str = "meshpunch_rendezvous_errors_sent_total";
 /// Counter: offers, label `result` = forwarded | not_found | self_offer | timeout | failed.
@@ -27,8 +31,10 @@ pub const PUNCH_STARTS_TOTAL: &str = "meshpunch_rendezvous_punch_starts_total";
 pub const PRESENCE_EVENTS_TOTAL: &str = "meshpunch_rendezvous_presence_events_total";
 /// Counter: observed-address changes seen on live connections.
 pub const OBSERVED_ADDR_CHANGES_TOTAL: &str = "meshpunch_rendezvous_observed_addr_changes_total";
-/// Counter: limits hit, label `limit` = connections_per_ip | registrations_per_ip |
-/// frame_size | idle_timeout | handshake_timeout | offers_rate | pending_offers | stun_rate.
+/// Counter: limits hit, label `limit` = connections_per_ip | migrated_connections_per_ip |
+/// handshakes_in_flight | unvalidated_retry_token | registrations_per_ip | frame_size |
+/// idle_timeout | handshake_timeout | offers_rate | pending_offers | watch_rate | stun_rate |
+/// admin_connections | admin_header_timeout.
 pub const LIMIT_HITS_TOTAL: &str = "meshpunch_rendezvous_limit_hits_total";
 /// Counter: inbox deliveries dropped (recipient gone or its queue full).
 pub const DELIVERIES_DROPPED_TOTAL: &str = "meshpunch_rendezvous_deliveries_dropped_total";
@@ -38,6 +44,14 @@ pub const STUN_REQUESTS_TOTAL: &str = "meshpunch_rendezvous_stun_requests_total"
 pub const TLS_RELOADS_TOTAL: &str = "meshpunch_rendezvous_tls_reloads_total";
 /// Counter: GoAway messages sent, label `reason` = draining | superseded.
 pub const GOAWAY_TOTAL: &str = "meshpunch_rendezvous_goaway_total";
+/// Counter: stateless Retry packets sent to unvalidated sources (every first Initial of a
+/// client without an address-validation token gets one; a spoofed flood shows up here only).
+pub const RETRIES_TOTAL: &str = "meshpunch_rendezvous_retries_total";
+/// Gauge: QUIC handshakes from validated sources in progress (capped by
+/// `limits.max_handshakes_in_flight`).
+pub const HANDSHAKES_IN_FLIGHT: &str = "meshpunch_rendezvous_handshakes_in_flight";
+/// Gauge: admin HTTP connections open (at most 64, see `docs/rendezvous-limits.md`).
+pub const ADMIN_CONNECTIONS_OPEN: &str = "meshpunch_rendezvous_admin_connections_open";
 /// Gauge: 1 when ready, 0 when degraded or draining.
 pub const READY: &str = "meshpunch_rendezvous_ready";
 

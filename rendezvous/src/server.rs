@@ -5,24 +5,24 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use meshpunch_proto::connect::{join_host_port, ConnectString};
-use meshpunch_proto::token::{self, Revocations, TokenError};
+use meshpunch_proto::session::{ServerEvent, ServerSession, ServerSessionConfig, TokenCheck};
+use meshpunch_proto::token::{self, Revocations, Token, TokenError};
 use meshpunch_proto::wire::{
-    self, Answer, Candidate, Challenge, ErrorCode, FrameDecoder, GoAwayReason, Hello,
-    IncomingOffer, KeyProof, Message, Offer, PeerKey, PunchStart, Registered, RelayRegion,
+    self, Answer, Candidate, ErrorCode, FrameDecoder, GoAwayReason, IncomingOffer, Message, Offer,
+    PeerKey, PunchStart, Registered, RelayRegion,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
-use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::config::Config;
-use crate::limits::{ConnCounter, ConnSlot, RateLimiter};
+use crate::limits::{ConnCounter, ConnSlot, RateLimiter, TokenBucket};
 use crate::metrics as m;
 use crate::registry::{self, ConnId, Delivery, Inbox, PeerId, Registry, RegistryError};
 use crate::tls::{self, CertManager, ReloadableCert};
@@ -106,8 +106,20 @@ fn unix_now_ms() -> u64 {
 }
 
 /// Reads the token secret: `token_secret`, else `token_secret_file`, else
-/// `data_dir/token-secret` (generated on first use).
+/// `data_dir/token-secret` (generated on first use). A secret shorter than
+/// [`token::MIN_SECRET_LEN`] bytes is refused with a message saying how to make one.
 pub fn load_token_secret(cfg: &Config) -> Result<Vec<u8>, StartError> {
+    let secret = read_token_secret(cfg)?;
+    let origin = match (&cfg.token_secret, &cfg.token_secret_file) {
+        (Some(_), _) => "token_secret (or MESHPUNCH_TOKEN_SECRET)".to_string(),
+        (None, Some(f)) => format!("token_secret_file {}", f.display()),
+        (None, None) => format!("{}", cfg.data_dir.join("token-secret").display()),
+    };
+    crate::config::check_token_secret(&secret, &origin)?;
+    Ok(secret)
+}
+
+fn read_token_secret(cfg: &Config) -> Result<Vec<u8>, StartError> {
     if let Some(s) = &cfg.token_secret {
         return Ok(s.trim().as_bytes().to_vec());
     }
@@ -143,12 +155,32 @@ enum ConnEvent {
     Superseded,
 }
 
+/// The revocation list: the config's entries merged with the registry's shared list.
+#[derive(Default)]
+struct RevocationState {
+    config: Revocations,
+    shared: Vec<String>,
+    /// Version of the registry list last read.
+    shared_version: u64,
+    merged: Revocations,
+    /// Bumped on every change; connections re-check their token when it moves.
+    generation: u64,
+}
+
+impl RevocationState {
+    fn remerge(&mut self) {
+        let mut merged = self.config.clone();
+        merged.extend_hashes(self.shared.iter().cloned());
+        self.merged = merged;
+        self.generation += 1;
+    }
+}
+
 /// State shared by all tasks of one server.
 pub(crate) struct Shared {
     pub(crate) cfg: Config,
     token_secret: Vec<u8>,
-    /// Revoked tokens and a generation counter bumped on every change.
-    revocations: RwLock<(Revocations, u64)>,
+    revocations: RwLock<RevocationState>,
     pub(crate) registry: Arc<dyn Registry>,
     conns: DashMap<ConnId, mpsc::Sender<ConnEvent>>,
     peers: DashMap<PeerId, ConnId>,
@@ -160,9 +192,19 @@ pub(crate) struct Shared {
     stun_addrs: Vec<SocketAddr>,
 }
 
+impl TokenCheck for Shared {
+    fn check(&self, token: &str, now_unix: u64) -> Result<Token, TokenError> {
+        token::verify(&self.token_secret, token, now_unix, |t| self.is_revoked(t))
+    }
+}
+
 impl Shared {
-    fn relay_map(&self, peer: &PeerId) -> Vec<RelayRegion> {
-        let expires = unix_now() + self.cfg.turn_credential_ttl.as_secs();
+    /// TURN credentials for `peer`, expiring at `credential_ttl` from now but never after the
+    /// token (`token_expires_unix`): a credential must not outlive the right it came from.
+    fn relay_map(&self, peer: &PeerId, token_expires_unix: u64) -> Vec<RelayRegion> {
+        let expires = unix_now()
+            .saturating_add(self.cfg.turn_credential_ttl.as_secs())
+            .min(token_expires_unix);
         let user = format!(
             "{}.{}",
             peer.network,
@@ -188,12 +230,20 @@ impl Shared {
     fn is_revoked(&self, token: &str) -> bool {
         self.revocations
             .read()
-            .map(|g| g.0.contains(token))
+            .map(|g| g.merged.contains(token))
             .unwrap_or(false)
     }
 
     fn revocation_generation(&self) -> u64 {
-        self.revocations.read().map(|g| g.1).unwrap_or(0)
+        self.revocations.read().map(|g| g.generation).unwrap_or(0)
+    }
+
+    fn session_config(&self) -> ServerSessionConfig {
+        ServerSessionConfig {
+            handshake_timeout: self.cfg.limits.handshake_timeout,
+            reauth_interval: self.cfg.reauth_interval,
+            reauth_timeout: self.cfg.limits.reauth_timeout,
+        }
     }
 
     pub(crate) fn draining(&self) -> bool {
@@ -267,10 +317,17 @@ impl Server {
 
         let (drain_tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
-            revocations: RwLock::new((
-                Revocations::new(cfg.revoked_tokens.iter().map(String::as_str)),
-                0,
-            )),
+            revocations: RwLock::new({
+                let mut r = RevocationState {
+                    config: Revocations::parse(cfg.revoked_tokens.iter().map(String::as_str))
+                        .map_err(|e| {
+                            crate::config::ConfigError::Invalid(format!("revoked_tokens: {e}"))
+                        })?,
+                    ..RevocationState::default()
+                };
+                r.remerge();
+                r
+            }),
             reg_limiter: RateLimiter::new(
                 cfg.limits.registrations_per_sec_per_ip,
                 cfg.limits.registrations_burst,
@@ -289,6 +346,7 @@ impl Server {
         });
 
         tasks.push(tokio::spawn(dispatch(shared.clone(), inbox)));
+        tasks.push(tokio::spawn(poll_revocations(shared.clone())));
         tasks.push(tokio::spawn(accept_loop(shared.clone(), endpoint.clone())));
         let admin_addr = match shared.cfg.admin_listen {
             Some(addr) => {
@@ -357,8 +415,8 @@ impl Server {
             }
         };
         let cs = self.connect_string(&tok);
-        std::fs::write(dir.join("connect"), format!("{cs}\n"))
-            .map_err(io_err(format!("writing {}", dir.join("connect").display())))?;
+        // The connect string carries the dev token: a secret, so the file is 0600.
+        tls::write_private(&dir.join("connect"), format!("{cs}\n").as_bytes())?;
         Ok(cs)
     }
 
@@ -429,14 +487,27 @@ impl Server {
         }
     }
 
-    /// Replaces the revocation list (SIGHUP re-reads it from the config file). Connections
-    /// registered with a token now revoked get `Error{Unauthorized}` and are closed within a
-    /// second.
-    pub fn set_revoked_tokens(&self, entries: &[String]) {
+    /// Replaces the config part of the revocation list (SIGHUP re-reads it from the config
+    /// file; the registry's shared list stays). Connections registered with a token now
+    /// revoked get `Error{Unauthorized, revoked}` and are closed within a second. A malformed
+    /// entry refuses the whole new list (the old one stays).
+    pub fn set_revoked_tokens(&self, entries: &[String]) -> Result<(), token::BadRevocation> {
+        let parsed = Revocations::parse(entries.iter().map(String::as_str))?;
         if let Ok(mut g) = self.shared.revocations.write() {
-            g.0 = Revocations::new(entries.iter().map(String::as_str));
-            g.1 += 1;
+            g.config = parsed;
+            g.remerge();
         }
+        Ok(())
+    }
+
+    /// Revokes a token (or token hash) on every node sharing this server's registry.
+    pub async fn revoke(&self, token_or_hash: &str) -> Result<(), RegistryError> {
+        let hash = token::revocation_hash(token_or_hash).ok_or_else(|| {
+            RegistryError::Unavailable("neither a token nor a sha256: token hash".into())
+        })?;
+        self.shared.registry.revoke(&hash).await?;
+        refresh_revocations(&self.shared).await;
+        Ok(())
     }
 
     /// Reloads the certificate and key files (SIGHUP). New handshakes use the new
@@ -511,6 +582,14 @@ pub fn connect_pins(cfg: &Config, cert: &ReloadableCert) -> Vec<meshpunch_proto:
     }
 }
 
+/// Sleeps until `at`, or for ever when there is no deadline.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Paths of the generated dev state inside `data_dir`.
 pub fn dev_paths(data_dir: &std::path::Path) -> [PathBuf; 3] {
     [
@@ -539,28 +618,144 @@ async fn dispatch(shared: Arc<Shared>, mut inbox: Inbox) {
     }
 }
 
+/// How often a warning is logged while the handshake cap refuses Initials (the counter
+/// counts every one).
+const HANDSHAKE_CAP_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// One QUIC handshake in progress; decrements the in-flight count when dropped.
+struct HandshakeGuard(Arc<AtomicUsize>);
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::HANDSHAKES_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// Admission of new QUIC connections, in this order:
+///
+/// 1. **Address validation, always.** An Initial without a valid address-validation token
+///    gets a stateless Retry (RFC 9000 §8.1.2): no connection state, no per-IP slot, no TLS
+///    work, and a reply no larger than the Initial (no amplification). Only a client that
+///    receives the Retry at the address it claims can come back, so spoofed Initials cost the
+///    server one stateless packet each and cannot hold a victim's slots. quinn's NEW_TOKEN
+///    tokens let a reconnecting client skip the extra round trip. Always rather than above a
+///    load threshold: clients connect once and keep the connection for hours, so one more
+///    round trip at connect time is cheap, and per-IP accounting is then truthful at every load
+///    (below a threshold, spoofed Initials would again take slots).
+/// 2. **Global cap on handshakes in flight** (`limits.max_handshakes_in_flight`): beyond it an
+///    Initial is dropped without an answer; the client retransmits it after its probe timeout.
+/// 3. **Per-source slot** (`limits.max_connections_per_ip`, IPv4 address or IPv6 /64), taken
+///    only now that the address is validated.
+struct Admission {
+    in_flight: Arc<AtomicUsize>,
+    last_cap_warn: Option<Instant>,
+}
+
+impl Admission {
+    fn admit(
+        &mut self,
+        shared: &Shared,
+        incoming: quinn::Incoming,
+    ) -> Option<(quinn::Incoming, ConnSlot, HandshakeGuard)> {
+        if shared.draining() {
+            incoming.refuse();
+            return None;
+        }
+        if !incoming.remote_address_validated() {
+            // quinn guarantees `may_retry()` for every unvalidated Incoming.
+            metrics::counter!(m::RETRIES_TOTAL).increment(1);
+            if let Err(e) = incoming.retry() {
+                metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "unvalidated_retry_token")
+                    .increment(1);
+                e.into_incoming().ignore();
+            }
+            return None;
+        }
+        let cap = shared.cfg.limits.max_handshakes_in_flight;
+        if self.in_flight.load(Ordering::Acquire) >= cap {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshakes_in_flight").increment(1);
+            let now = Instant::now();
+            let due = match self.last_cap_warn {
+                None => true,
+                Some(t) => now.saturating_duration_since(t) >= HANDSHAKE_CAP_WARN_EVERY,
+            };
+            if due {
+                self.last_cap_warn = Some(now);
+                warn!(
+                    cap,
+                    remote = %incoming.remote_address(),
+                    "handshake cap reached: dropping new Initials until handshakes finish \
+                     (limits.max_handshakes_in_flight)"
+                );
+            }
+            incoming.ignore();
+            return None;
+        }
+        let ip = incoming.remote_address().ip();
+        let Some(slot) = shared
+            .conn_counter
+            .acquire(ip, shared.cfg.limits.max_connections_per_ip)
+        else {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "connections_per_ip").increment(1);
+            warn!(%ip, "connection refused: too many connections from this source");
+            incoming.refuse();
+            return None;
+        };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(m::HANDSHAKES_IN_FLIGHT).increment(1.0);
+        Some((incoming, slot, HandshakeGuard(self.in_flight.clone())))
+    }
+}
+
+/// Reads the registry's shared revocation list when its version moves.
+async fn refresh_revocations(shared: &Shared) {
+    let known = shared
+        .revocations
+        .read()
+        .map(|g| g.shared_version)
+        .unwrap_or(0);
+    match shared.registry.revocations(known).await {
+        Ok(Some((version, hashes))) => {
+            if let Ok(mut g) = shared.revocations.write() {
+                info!(
+                    entries = hashes.len(),
+                    version, "shared revocation list updated"
+                );
+                g.shared = hashes;
+                g.shared_version = version;
+                g.remerge();
+            }
+        }
+        Ok(None) => {}
+        Err(e) => debug!(error = %e, "reading the shared revocation list failed"),
+    }
+}
+
+/// Polls the shared revocation list every [`registry::REVOCATION_POLL`].
+async fn poll_revocations(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(registry::REVOCATION_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        refresh_revocations(&shared).await;
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let mut conns = tokio::task::JoinSet::new();
+    let mut admission = Admission {
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        last_cap_warn: None,
+    };
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                if shared.draining() {
-                    incoming.refuse();
-                    continue;
+                if let Some((incoming, slot, guard)) = admission.admit(&shared, incoming) {
+                    metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+                    conns.spawn(handle_incoming(shared.clone(), incoming, slot, guard));
                 }
-                let ip = incoming.remote_address().ip();
-                let Some(slot) = shared
-                    .conn_counter
-                    .acquire(ip, shared.cfg.limits.max_connections_per_ip)
-                else {
-                    metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "connections_per_ip").increment(1);
-                    warn!(%ip, "connection refused: too many connections from this IP");
-                    incoming.refuse();
-                    continue;
-                };
-                metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
-                conns.spawn(handle_incoming(shared.clone(), incoming, slot));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
@@ -568,7 +763,46 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     conns.shutdown().await;
 }
 
-async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: ConnSlot) {
+/// Keeps a connection's per-source slot on the source it is using now. quinn follows a
+/// client to a new address (NAT rebinding: the client's data socket also carries QUIC, and
+/// its mapping can change under it) after validating the new path; the slot then moves to the
+/// new source, and when that source is already full the connection is closed with
+/// `RateLimited` (the client reconnects and is refused like any other connection over the
+/// limit). Migration stays on so a rebinding client keeps its registration.
+async fn follow_migrations(shared: Arc<Shared>, conn: quinn::Connection, mut slot: ConnSlot) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ip = conn.remote_address().ip();
+        if crate::limits::source_key(ip) == slot.key() {
+            continue;
+        }
+        match shared
+            .conn_counter
+            .acquire(ip, shared.cfg.limits.max_connections_per_ip)
+        {
+            Some(new_slot) => slot = new_slot,
+            None => {
+                metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "migrated_connections_per_ip")
+                    .increment(1);
+                warn!(%ip, "migrated connection closed: too many connections from its new source");
+                conn.close(
+                    quinn::VarInt::from(u16::from(ErrorCode::RateLimited)),
+                    b"too many connections from this source",
+                );
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_incoming(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    slot: ConnSlot,
+    handshake: HandshakeGuard,
+) {
     let remote = incoming.remote_address();
     let timeout = shared.cfg.limits.handshake_timeout;
     let conn = match tokio::time::timeout(timeout, async { incoming.accept()?.await }).await {
@@ -582,6 +816,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: C
             return;
         }
     };
+    drop(handshake);
     let streams = tokio::time::timeout(timeout, conn.accept_bi()).await;
     let (send, recv) = match streams {
         Ok(Ok(s)) => s,
@@ -596,42 +831,15 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: C
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
     shared.conns.insert(conn_id, tx);
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
-    let mut session = Session {
-        decoder: FrameDecoder::new(shared.cfg.limits.max_frame_bytes),
-        shared: shared.clone(),
-        observed: conn.remote_address(),
-        conn,
-        send,
-        conn_id,
-        state: State::AwaitHello,
-        peer: None,
-        outgoing: HashMap::new(),
-        incoming: HashMap::new(),
-        offer_tokens: 4.0,
-        offer_last: Instant::now(),
-        started: Instant::now(),
-        next_refresh: Instant::now() + registry::REFRESH_INTERVAL,
-        next_relay_update: Instant::now() + shared.cfg.turn_credential_ttl / 2,
-        token: None,
-        revocation_gen: shared.revocation_generation(),
-    };
-    Box::pin(session.run(recv, rx)).await;
+    let mut session = Session::new(shared.clone(), conn, send, conn_id);
+    let migrations = follow_migrations(shared.clone(), session.conn.clone(), slot);
+    tokio::select! {
+        () = Box::pin(session.run(recv, rx)) => {}
+        () = migrations => {}
+    }
     Box::pin(session.cleanup()).await;
     shared.conns.remove(&conn_id);
     metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
-    drop(slot);
-}
-
-enum State {
-    AwaitHello,
-    AwaitProof {
-        hello: Hello,
-        network: String,
-        eph: StaticSecret,
-        eph_pub: [u8; 32],
-        nonce: [u8; 32],
-    },
-    Registered,
 }
 
 struct PendingIncoming {
@@ -654,7 +862,8 @@ struct Session {
     send: quinn::SendStream,
     decoder: FrameDecoder,
     conn_id: ConnId,
-    state: State,
+    /// The session protocol (handshake, re-authentication, token expiry and revocation).
+    core: ServerSession,
     peer: Option<PeerId>,
     observed: SocketAddr,
     /// request id → deadline of offers this client sent.
@@ -663,15 +872,48 @@ struct Session {
     incoming: HashMap<u64, PendingIncoming>,
     offer_tokens: f64,
     offer_last: Instant,
-    started: Instant,
     next_refresh: Instant,
     next_relay_update: Instant,
-    /// Token this connection registered with, and the revocation generation last checked.
-    token: Option<String>,
+    /// Expiry of the token this connection registered with (caps TURN credentials).
+    token_expires_unix: u64,
+    /// The revocation generation last checked.
     revocation_gen: u64,
+    /// Watch requests (`limits.watches_per_sec`, `limits.watch_burst`).
+    watch_bucket: TokenBucket,
 }
 
 impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        conn_id: ConnId,
+    ) -> Session {
+        let now = Instant::now();
+        // All zeros if the exporter is unavailable: then no key proof verifies.
+        let mut exporter = [0u8; wire::EXPORTER_LEN];
+        let _ = conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"");
+        Session {
+            decoder: FrameDecoder::new(shared.cfg.limits.max_frame_bytes),
+            core: ServerSession::new(now, unix_now(), exporter, shared.session_config()),
+            observed: conn.remote_address(),
+            conn,
+            send,
+            conn_id,
+            peer: None,
+            outgoing: HashMap::new(),
+            incoming: HashMap::new(),
+            offer_tokens: 4.0,
+            offer_last: now,
+            next_refresh: now + registry::REFRESH_INTERVAL,
+            next_relay_update: now + shared.cfg.turn_credential_ttl / 2,
+            token_expires_unix: 0,
+            revocation_gen: shared.revocation_generation(),
+            watch_bucket: TokenBucket::full(shared.cfg.limits.watch_burst, now),
+            shared,
+        }
+    }
+
     async fn run(&mut self, mut recv: quinn::RecvStream, mut rx: mpsc::Receiver<ConnEvent>) {
         let mut drain = self.shared.drain_tx.subscribe();
         let mut tick = tokio::time::interval(TICK);
@@ -697,6 +939,10 @@ impl Session {
                     None => Flow::Close,
                 },
                 _ = tick.tick() => Box::pin(self.on_tick()).await,
+                _ = sleep_until_opt(self.core.poll_timeout()) => {
+                    self.core.handle_timeout(Instant::now(), &*self.shared, &mut rand::rngs::OsRng);
+                    Box::pin(self.flush_core()).await
+                }
                 _ = drain.changed() => {
                     Box::pin(self.go_away(GoAwayReason::Draining, "server draining")).await;
                     Flow::Close
@@ -776,114 +1022,89 @@ impl Session {
     }
 
     async fn on_message(&mut self, msg: Message) -> Flow {
-        match (std::mem::replace(&mut self.state, State::Registered), msg) {
-            (State::AwaitHello, Message::Hello(hello)) => self.on_hello(hello).await,
-            (
-                State::AwaitProof {
-                    hello,
-                    network,
-                    eph,
-                    eph_pub,
-                    nonce,
-                },
-                Message::KeyProof(proof),
-            ) => {
-                self.on_proof(hello, network, eph, eph_pub, nonce, proof)
-                    .await
-            }
-            (State::Registered, msg) if self.peer.is_some() => {
-                self.on_registered_message(msg).await
-            }
-            (state, msg) => {
-                let name = msg.name();
-                self.state = state;
-                self.error(
-                    ErrorCode::BadRequest,
-                    0,
-                    format!("unexpected {name} in this state"),
-                )
-                .await
-            }
-        }
-    }
-
-    async fn on_hello(&mut self, hello: Hello) -> Flow {
-        let ip = self.conn.remote_address().ip();
-        if !self.shared.reg_limiter.allow(ip, Instant::now()) {
-            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "registrations_per_ip").increment(1);
-            self.state = State::AwaitHello;
-            let _ = self
-                .error(ErrorCode::RateLimited, 0, "too many registrations")
-                .await;
-            self.finish().await;
-            return Flow::Close;
-        }
-        let verified = token::verify(&self.shared.token_secret, &hello.token, unix_now(), |t| {
-            self.shared.is_revoked(t)
-        });
-        let network = match verified {
-            Ok(t) => t.network,
-            Err(e) => {
-                let reason = match e {
-                    TokenError::Expired(_) => "expired",
-                    TokenError::Revoked => "revoked",
-                    _ => "bad_token",
-                };
-                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
-                info!(remote = %self.conn.remote_address(), %reason, "registration refused");
-                let _ = self.error(ErrorCode::Unauthorized, 0, e.to_string()).await;
+        if matches!(msg, Message::Hello(_)) && !self.core.is_registered() {
+            let ip = self.conn.remote_address().ip();
+            if !self.shared.reg_limiter.allow(ip, Instant::now()) {
+                metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "registrations_per_ip")
+                    .increment(1);
+                let _ = self
+                    .error(ErrorCode::RateLimited, 0, "too many registrations")
+                    .await;
                 self.finish().await;
                 return Flow::Close;
             }
-        };
-        let eph = StaticSecret::random_from_rng(rand::rngs::OsRng);
-        let eph_pub = PublicKey::from(&eph).to_bytes();
-        let nonce: [u8; 32] = rand::random();
-        self.state = State::AwaitProof {
-            hello,
-            network,
-            eph,
-            eph_pub,
-            nonce,
-        };
-        self.write(&Message::Challenge(Challenge {
-            server_ephemeral: eph_pub,
-            nonce,
-        }))
-        .await
-    }
-
-    async fn on_proof(
-        &mut self,
-        hello: Hello,
-        network: String,
-        eph: StaticSecret,
-        eph_pub: [u8; 32],
-        nonce: [u8; 32],
-        proof: KeyProof,
-    ) -> Flow {
-        let mut exporter = [0u8; wire::EXPORTER_LEN];
-        let exported = self
-            .conn
-            .export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
-            .is_ok();
-        let dh = eph
-            .diffie_hellman(&PublicKey::from(*hello.key.as_bytes()))
-            .to_bytes();
-        if !exported
-            || !wire::verify_key_proof(&dh, &exporter, &nonce, &hello.key, &eph_pub, &proof.mac)
-        {
-            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "key_proof").increment(1);
-            info!(remote = %self.conn.remote_address(), key = %hello.key, "key proof failed");
-            let _ = self
-                .error(ErrorCode::Unauthorized, 0, "key proof failed")
-                .await;
-            self.finish().await;
+        }
+        let rest =
+            self.core
+                .handle_message(Instant::now(), msg, &*self.shared, &mut rand::rngs::OsRng);
+        if let Flow::Close = self.flush_core().await {
             return Flow::Close;
         }
+        match rest {
+            Some(msg) => self.on_registered_message(msg).await,
+            None => Flow::Continue,
+        }
+    }
+
+    /// Sends what the session core queued and acts on its events.
+    async fn flush_core(&mut self) -> Flow {
+        while let Some(msg) = self.core.poll_transmit() {
+            if let Message::Error(e) = &msg {
+                metrics::counter!(m::ERRORS_SENT_TOTAL, "code" => e.code.as_str()).increment(1);
+            }
+            if let Flow::Close = self.write(&msg).await {
+                return Flow::Close;
+            }
+        }
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                ServerEvent::Registered {
+                    network,
+                    key,
+                    token: _,
+                    expires_unix,
+                } => {
+                    if let Flow::Close = self.on_registered(network, key, expires_unix).await {
+                        return Flow::Close;
+                    }
+                }
+                ServerEvent::Reauthenticated => {
+                    metrics::counter!(m::REAUTH_TOTAL, "result" => "ok").increment(1);
+                    debug!(peer = ?self.peer, "re-authenticated");
+                }
+                ServerEvent::Closed { code, reason } => {
+                    match reason {
+                        Some(r) => {
+                            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => r.as_str())
+                                .increment(1);
+                            if r == wire::ErrorReason::ReauthTimeout
+                                || (r == wire::ErrorReason::BadProof && self.peer.is_some())
+                            {
+                                metrics::counter!(m::REAUTH_TOTAL, "result" => r.as_str())
+                                    .increment(1);
+                            }
+                            info!(peer = ?self.peer, remote = %self.conn.remote_address(),
+                                  reason = r.as_str(), "session refused or ended");
+                        }
+                        None if code == ErrorCode::Timeout => {
+                            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshake_timeout")
+                                .increment(1);
+                        }
+                        None => {}
+                    }
+                    self.finish().await;
+                    return Flow::Close;
+                }
+                _ => {}
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn on_registered(&mut self, network: String, key: PeerKey, expires_unix: u64) -> Flow {
         let peer = PeerId {
             network: network.clone(),
-            key: hello.key,
+            key,
         };
         self.shared.peers.insert(peer.clone(), self.conn_id);
         if let Err(e) = self.shared.registry.register(&peer, self.conn_id).await {
@@ -899,18 +1120,10 @@ impl Session {
         }
         metrics::counter!(m::REGISTRATIONS_TOTAL).increment(1);
         metrics::gauge!(m::PEERS_REGISTERED).increment(1.0);
-        // Peer-chosen text: bounded before it reaches the log.
-        let software: String = hello
-            .software
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(64)
-            .collect();
-        info!(%peer, remote = %self.observed, %software, "registered");
-        let relays = self.shared.relay_map(&peer);
+        info!(%peer, remote = %self.observed, token_expires_unix = expires_unix, "registered");
+        let relays = self.shared.relay_map(&peer, expires_unix);
         self.peer = Some(peer);
-        self.token = Some(hello.token.clone());
-        self.state = State::Registered;
+        self.token_expires_unix = expires_unix;
         self.write(&Message::Registered(Registered {
             observed: self.observed,
             network,
@@ -957,6 +1170,14 @@ impl Session {
                 if keys.len() > wire::MAX_WATCH_KEYS {
                     return self
                         .error(ErrorCode::BadRequest, 0, "too many keys in watch")
+                        .await;
+                }
+                let limits = &self.shared.cfg.limits;
+                let (rate, burst) = (limits.watches_per_sec, limits.watch_burst);
+                if !self.watch_bucket.take(rate, burst, Instant::now()) {
+                    metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "watch_rate").increment(1);
+                    return self
+                        .error(ErrorCode::RateLimited, 0, "too many watch requests")
                         .await;
                 }
                 match self.shared.registry.watch(&me, &keys).await {
@@ -1222,32 +1443,13 @@ impl Session {
     async fn on_tick(&mut self) -> Flow {
         let now = Instant::now();
         if self.peer.is_none() {
-            if now.saturating_duration_since(self.started)
-                > self.shared.cfg.limits.handshake_timeout
-            {
-                metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshake_timeout").increment(1);
-                let _ = self
-                    .error(ErrorCode::Timeout, 0, "registration not completed in time")
-                    .await;
-                self.finish().await;
-                return Flow::Close;
-            }
             return Flow::Continue;
         }
         let generation = self.shared.revocation_generation();
         if generation != self.revocation_gen {
             self.revocation_gen = generation;
-            if self
-                .token
-                .as_deref()
-                .is_some_and(|t| self.shared.is_revoked(t))
-            {
-                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "revoked").increment(1);
-                info!(peer = ?self.peer, "token revoked; closing connection");
-                let _ = self
-                    .error(ErrorCode::Unauthorized, 0, "token revoked")
-                    .await;
-                self.finish().await;
+            self.core.recheck(now, &*self.shared);
+            if let Flow::Close = self.flush_core().await {
                 return Flow::Close;
             }
         }
@@ -1289,7 +1491,12 @@ impl Session {
             self.next_relay_update = now + self.shared.cfg.turn_credential_ttl / 2;
             if let Some(peer) = self.peer.clone() {
                 if !self.shared.cfg.relays.is_empty() {
-                    let relays = self.shared.relay_map(&peer);
+                    // No credential for a token that expired or was revoked meanwhile.
+                    self.core.recheck(now, &*self.shared);
+                    if let Flow::Close = self.flush_core().await {
+                        return Flow::Close;
+                    }
+                    let relays = self.shared.relay_map(&peer, self.token_expires_unix);
                     return self.write(&Message::RelayUpdate(relays)).await;
                 }
             }

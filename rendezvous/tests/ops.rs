@@ -339,20 +339,29 @@ async fn revoking_a_token_closes_its_connections() {
     let cs_b = server.dev_connect().unwrap().clone();
     let (a, mut a_ev, _, _) = connect(&cs_a).await;
     let (b, _b_ev, _, _) = connect(&cs_b).await;
-    server.set_revoked_tokens(&[cs_a.token.clone()]);
+    server.set_revoked_tokens(&[cs_a.token.clone()]).unwrap();
     wait_for(&mut a_ev, |e| {
         matches!(e, Event::Disconnected { .. }).then_some(())
     })
     .await;
     assert!(!a.is_connected());
-    // Reconnecting with the revoked token keeps failing, and says why; the other token is
-    // unaffected.
-    let reason = wait_for(&mut a_ev, |e| match e {
-        Event::Disconnected { reason } if reason.contains("revoked") => Some(reason),
+    // The client is told why, with the typed reason, and stops retrying every few seconds
+    // (it waits for a new token); the other token is unaffected.
+    let failure = wait_for(&mut a_ev, |e| match e {
+        Event::Unauthorized(f) => Some(f),
         _ => None,
     })
     .await;
-    assert!(reason.contains("Unauthorized"), "{reason}");
+    assert_eq!(
+        failure.reason,
+        Some(meshpunch_proto::wire::ErrorReason::TokenRevoked)
+    );
+    assert!(
+        failure.describe().contains("revoked"),
+        "{}",
+        failure.describe()
+    );
+    assert_eq!(a.auth_failure(), Some(failure));
     assert!(!a.is_connected());
     assert!(b.is_connected());
     a.close();

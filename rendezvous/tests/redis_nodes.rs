@@ -28,7 +28,7 @@ const TTL: Duration = Duration::from_secs(3);
 /// Generous bound for anything that should happen soon on a loaded machine.
 const SOON: Duration = Duration::from_secs(30);
 /// Token secret shared by the nodes: a token minted by one is valid on all.
-const TOKEN_SECRET: &str = "redis-nodes-test-secret";
+const TOKEN_SECRET: &str = "redis-nodes-test-secret-of-32-bytes-or-more";
 
 /// One rendezvous node process.
 struct Node {
@@ -46,6 +46,11 @@ impl Node {
     /// `data`: a data dir shared with another node (same certificate, so one pin fits both,
     /// as in production where all nodes behind one name serve the same certificate).
     fn start_with_data(redis: &RedisServer, id: &str, data: Option<&std::path::Path>) -> Node {
+        Node::start_at(&redis.url(), id, data)
+    }
+
+    /// A node on the Redis at `url` (which may carry `user:password@`).
+    fn start_at(redis_url: &str, id: &str, data: Option<&std::path::Path>) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let data = data.map_or_else(|| dir.path().join("data"), |d| d.to_path_buf());
         let cfg = dir.path().join("rendezvous.toml");
@@ -71,7 +76,7 @@ impl Node {
                 "127.0.0.1:0",
             ])
             .args(["--admin-listen", &admin.to_string()])
-            .args(["--redis", &redis.url(), "--node-id", id])
+            .args(["--redis", redis_url, "--node-id", id])
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -467,4 +472,141 @@ async fn redis_nodes_client_moves_to_another_node_by_itself_when_its_node_dies()
         "client moved to the surviving node and took offers {:?} after its node died",
         killed.elapsed()
     );
+}
+
+/// Redis run the way the deploy manifests run it: the default user off, one ACL user for the
+/// rendezvous limited to its key prefix and channels.
+fn acl_redis() -> (RedisServer, String) {
+    let redis = RedisServer::start_args(&[
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "meshpunch",
+        "on",
+        ">acl-test-password",
+        "~meshpunch:*",
+        "&meshpunch:*",
+        "+@all",
+        "-@dangerous",
+    ]);
+    let url = format!(
+        "redis://meshpunch:acl-test-password@127.0.0.1:{}/",
+        redis.port()
+    );
+    (redis, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_nodes_revoking_a_member_token_on_node_1_closes_it_on_node_2_within_5s() {
+    if skip("redis_nodes_revoking_a_member_token_on_node_1_closes_it_on_node_2_within_5s") {
+        return;
+    }
+    let (redis, url) = acl_redis();
+    let n1 = Node::start_at(&url, "n1", None);
+    let n2 = Node::start_at(&url, "n2", None);
+    for n in [&n1, &n2] {
+        let body = wait_ready(n, true).await;
+        assert!(body.contains("redis ok"), "{body}");
+    }
+    let expires = unix_now() + 3600;
+    let (member_sk, member_key) = new_key();
+    let member = meshpunch_proto::token::mint_for(
+        TOKEN_SECRET.as_bytes(),
+        "dev",
+        expires,
+        Some(member_key.0),
+    )
+    .unwrap();
+    let (other_sk, other_key) = new_key();
+    let other = meshpunch_proto::token::mint_for(
+        TOKEN_SECRET.as_bytes(),
+        "dev",
+        expires,
+        Some(other_key.0),
+    )
+    .unwrap();
+    // The member is connected to node 2, another member to node 1.
+    let mut cs2 = n2.connect.clone();
+    cs2.token = member.clone();
+    let (m, mut m_ev) =
+        tokio::time::timeout(SOON, Client::connect(ClientConfig::new(cs2, member_sk)))
+            .await
+            .unwrap()
+            .unwrap();
+    let mut cs1 = n1.connect.clone();
+    cs1.token = other;
+    let (o, mut o_ev) =
+        tokio::time::timeout(SOON, Client::connect(ClientConfig::new(cs1, other_sk)))
+            .await
+            .unwrap()
+            .unwrap();
+    o.watch(vec![member_key]).await.unwrap();
+    presence(
+        &mut o_ev,
+        member_key,
+        true,
+        "the other member (n1) sees the member (n2)",
+    )
+    .await;
+
+    // Revoked with the CLI against node 1's config (its Redis): no SIGHUP anywhere.
+    let out = Command::new(env!("CARGO_BIN_EXE_meshpunch-rendezvous"))
+        .args(["--redis", &url, "token", "revoke", &member])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run token revoke");
+    assert!(
+        out.status.success(),
+        "token revoke failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked_at = Instant::now();
+    let failure = wait_for(
+        &mut m_ev,
+        "the member is told its token was revoked",
+        |e| match e {
+            Event::Unauthorized(f) => Some(f),
+            _ => None,
+        },
+    )
+    .await;
+    let took = revoked_at.elapsed();
+    assert_eq!(
+        failure.reason,
+        Some(meshpunch_proto::wire::ErrorReason::TokenRevoked)
+    );
+    assert!(
+        took <= Duration::from_secs(5),
+        "closed {took:?} after the revocation"
+    );
+    assert!(!m.is_connected());
+    presence(
+        &mut o_ev,
+        member_key,
+        false,
+        "the member is gone for the others",
+    )
+    .await;
+    // Only that member: the other one stays.
+    assert!(o.is_connected());
+    // Redis really enforces the ACL: without the credentials nothing is readable.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", redis.port()))
+        .await
+        .unwrap();
+    s.write_all(b"PING\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        answer.contains("NOAUTH") || answer.contains("AUTH"),
+        "{answer}"
+    );
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

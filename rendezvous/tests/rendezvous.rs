@@ -143,10 +143,12 @@ async fn a_network_cannot_see_peers_of_another() {
             ClientError::Server {
                 code: c1,
                 message: m1,
+                ..
             },
             ClientError::Server {
                 code: c2,
                 message: m2,
+                ..
             },
         ) => {
             assert_eq!((c1, m1), (c2, m2), "indistinguishable answers");
@@ -448,7 +450,11 @@ async fn unanswered_offer_times_out_and_relay_credentials_are_handed_out() {
     let now = meshpunch_rendezvous::server::unix_now();
     let expiry = meshpunch_proto::creds::check_rest_username(&r.username, now).unwrap();
     assert_eq!(expiry, r.expires_unix);
-    assert!(expiry > now + 3600);
+    // credential_ttl defaults to 1 h (the dev token lives a year, so it does not cap it).
+    assert!(
+        expiry + 60 >= now + 3600 && expiry <= now + 3600,
+        "{expiry} vs {now}"
+    );
 
     // b sees the offer but never answers.
     let offer = a.offer(b_key, cand(1));

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::{
     tell_local_watchers, BoxFuture, ConnId, Delivery, Envelope, Health, Inbox, PeerId, Registry,
-    RegistryError, INBOX_CAPACITY,
+    RegistryError, RevocationList, INBOX_CAPACITY,
 };
 
 /// Single-node registry.
@@ -21,6 +21,8 @@ pub struct MemoryRegistry {
     /// watcher → keys it watches (to undo on re-watch / unregister).
     watching: DashMap<PeerId, Vec<PeerKey>>,
     inbox: mpsc::Sender<Envelope>,
+    /// Shared revocation list (one node: shared with itself) and its version.
+    revoked: std::sync::Mutex<(u64, HashSet<String>)>,
 }
 
 impl MemoryRegistry {
@@ -34,6 +36,7 @@ impl MemoryRegistry {
                 watchers: DashMap::new(),
                 watching: DashMap::new(),
                 inbox: tx,
+                revoked: std::sync::Mutex::new((0, HashSet::new())),
             },
             rx,
         )
@@ -179,6 +182,31 @@ impl Registry for MemoryRegistry {
                 ready: true,
                 detail: "memory".to_string(),
             }
+        })
+    }
+
+    fn revoke<'a>(&'a self, hash: &'a str) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(async move {
+            if !super::is_revocation_hash(hash) {
+                return Err(RegistryError::Unavailable(format!(
+                    "not a token hash: {hash:?}"
+                )));
+            }
+            let mut g = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            if g.1.insert(hash.to_string()) {
+                g.0 += 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn revocations(
+        &self,
+        known: u64,
+    ) -> BoxFuture<'_, Result<Option<RevocationList>, RegistryError>> {
+        Box::pin(async move {
+            let g = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            Ok((g.0 != known).then(|| (g.0, g.1.iter().cloned().collect())))
         })
     }
 }

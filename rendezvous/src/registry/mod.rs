@@ -187,6 +187,36 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Backend readiness for `/readyz`.
     fn health(&self) -> BoxFuture<'_, Health>;
+
+    /// Adds a token hash ([`meshpunch_proto::token::revocation_hash`] form: 64 lowercase hex)
+    /// to the revocation list shared by every node of the registry.
+    fn revoke<'a>(&'a self, hash: &'a str) -> BoxFuture<'a, Result<(), RegistryError>>;
+
+    /// The shared revocation list when its version differs from `known` (`None`: unchanged).
+    /// Every node polls this every [`REVOCATION_POLL`], so a revocation reaches all of them
+    /// within about a second. Entries that are not 64-hex hashes are dropped (and counted).
+    fn revocations(
+        &self,
+        known: u64,
+    ) -> BoxFuture<'_, Result<Option<RevocationList>, RegistryError>>;
+}
+
+/// A version of the shared revocation list and its entries (64-hex token hashes).
+pub type RevocationList = (u64, Vec<String>);
+
+/// How often each node reads the shared revocation list's version.
+pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Counter of malformed entries found in the shared revocation list (someone wrote to the
+/// registry by hand): they are ignored.
+pub const REVOCATIONS_MALFORMED_TOTAL: &str =
+    "meshpunch_rendezvous_registry_revocations_malformed_total";
+
+/// Whether `h` is a revocation hash as stored in the registry.
+pub fn is_revocation_hash(h: &str) -> bool {
+    h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// How often a connection calls [`Registry::refresh`].
@@ -213,21 +243,24 @@ pub struct RegistryConfig {
     pub key_prefix: Option<String>,
 }
 
+/// The backend `cfg` selects: `backend`, else `redis` when a URL is set, else `memory`.
+pub fn backend_name(cfg: &RegistryConfig) -> &str {
+    cfg.backend
+        .as_deref()
+        .unwrap_or(if cfg.redis_url.is_some() {
+            "redis"
+        } else {
+            "memory"
+        })
+}
+
 /// Builds the configured registry and this node's inbox. The one place backends are chosen.
 pub async fn build(cfg: &RegistryConfig) -> Result<(Arc<dyn Registry>, Inbox), RegistryError> {
     let node_id = cfg
         .node_id
         .clone()
         .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
-    let backend = cfg
-        .backend
-        .as_deref()
-        .unwrap_or(if cfg.redis_url.is_some() {
-            "redis"
-        } else {
-            "memory"
-        });
-    match backend {
+    match backend_name(cfg) {
         "memory" => {
             let (reg, inbox) = memory::MemoryRegistry::new(node_id);
             Ok((Arc::new(reg), inbox))

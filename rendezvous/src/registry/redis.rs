@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{
     tell_local_watchers, BoxFuture, ConnId, Delivery, Envelope, Health, Inbox, PeerId, Registry,
-    RegistryConfig, RegistryError, INBOX_CAPACITY,
+    RegistryConfig, RegistryError, RevocationList, INBOX_CAPACITY,
 };
 
 // Metric names (one home each; listed in README).
@@ -684,6 +684,35 @@ impl RedisBus {
         Ok(n > 0 || matches!(c, Conn::Cluster(_)))
     }
 
+    /// Adds `hash` to the shared revocation set and bumps its version (set first, so a node
+    /// that sees the new version reads a set holding the hash).
+    pub async fn revoke(&self, hash: &str) -> Result<(), RedisBusError> {
+        let mut c = self.shared.conn()?;
+        let (set, version) = self.shared.revocation_keys();
+        let _: i64 = c.sadd(set, hash).await.map_err(|e| self.shared.failed(e))?;
+        let _: i64 = c
+            .incr(version, 1)
+            .await
+            .map_err(|e| self.shared.failed(e))?;
+        Ok(())
+    }
+
+    /// The revocation set when its version differs from `known`.
+    pub async fn revocations(
+        &self,
+        known: u64,
+    ) -> Result<Option<(u64, Vec<String>)>, RedisBusError> {
+        let mut c = self.shared.conn()?;
+        let (set, version) = self.shared.revocation_keys();
+        let v: Option<u64> = c.get(&version).await.map_err(|e| self.shared.failed(e))?;
+        let v = v.unwrap_or(0);
+        if v == known {
+            return Ok(None);
+        }
+        let members: Vec<String> = c.smembers(set).await.map_err(|e| self.shared.failed(e))?;
+        Ok(Some((v, members)))
+    }
+
     /// Publishes a presence change on `network`'s channel.
     pub async fn publish_presence(
         &self,
@@ -771,6 +800,15 @@ impl Shared {
             self.cfg.key_prefix,
             net_tag(network),
             key
+        )
+    }
+
+    /// The revocation set and its version counter. One hash tag: both live on one Cluster slot.
+    fn revocation_keys(&self) -> (String, String) {
+        let p = &self.cfg.key_prefix;
+        (
+            format!("{p}:{{revoked}}:set"),
+            format!("{p}:{{revoked}}:version"),
         )
     }
 
@@ -1564,6 +1602,39 @@ impl Registry for RedisRegistry {
                     ),
                 }
             }
+        })
+    }
+
+    fn revoke<'a>(&'a self, hash: &'a str) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(async move {
+            if !super::is_revocation_hash(hash) {
+                return Err(RegistryError::Unavailable(format!(
+                    "not a token hash: {hash:?}"
+                )));
+            }
+            self.bus.revoke(hash).await.map_err(bus_err)
+        })
+    }
+
+    fn revocations(
+        &self,
+        known: u64,
+    ) -> BoxFuture<'_, Result<Option<RevocationList>, RegistryError>> {
+        Box::pin(async move {
+            let Some((v, entries)) = self.bus.revocations(known).await.map_err(bus_err)? else {
+                return Ok(None);
+            };
+            let (good, bad): (Vec<String>, Vec<String>) = entries
+                .into_iter()
+                .partition(|h| super::is_revocation_hash(h));
+            if !bad.is_empty() {
+                metrics::counter!(super::REVOCATIONS_MALFORMED_TOTAL).increment(bad.len() as u64);
+                tracing::warn!(
+                    count = bad.len(),
+                    "ignoring malformed entries in the shared revocation set"
+                );
+            }
+            Ok(Some((v, good)))
         })
     }
 }
