@@ -134,7 +134,7 @@ pub fn load_or_generate(dir: &Path, names: &[String]) -> Result<CertAndKey, Cert
         sans.dedup();
         let generated = rcgen::generate_simple_self_signed(sans)
             .map_err(|e| CertError::Invalid(format!("generating certificate: {e}")))?;
-        write_private(&key, generated.key_pair.serialize_pem().as_bytes())?;
+        write_private(&key, generated.signing_key.serialize_pem().as_bytes())?;
         std::fs::write(&cert, generated.cert.pem()).map_err(io(&cert))?;
     }
     load_pem(&cert, &key)
@@ -473,7 +473,7 @@ mod tests {
         let g = rcgen::generate_simple_self_signed(vec!["b.test".into()]).unwrap();
         write_private(
             &dir.path().join("key.pem"),
-            g.key_pair.serialize_pem().as_bytes(),
+            g.signing_key.serialize_pem().as_bytes(),
         )
         .unwrap();
         std::fs::write(dir.path().join("cert.pem"), g.cert.pem()).unwrap();

@@ -67,7 +67,7 @@ impl Pebble {
         let key = rcgen::KeyPair::generate().unwrap();
         let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
             .unwrap()
-            .signed_by(&key, &ca, &ca_key)
+            .signed_by(&key, &rcgen::Issuer::from_params(&p, &ca_key))
             .unwrap();
         let ca_file = dir.join("pebble-listener-ca.pem");
         std::fs::write(&ca_file, ca.pem()).unwrap();

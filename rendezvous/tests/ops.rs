@@ -222,7 +222,7 @@ async fn dev_binary_prints_connect_reloads_cert_on_sighup_and_drains_on_sigterm(
     std::fs::write(dir.path().join("cert.pem"), generated.cert.pem()).unwrap();
     std::fs::write(
         dir.path().join("key.pem"),
-        generated.key_pair.serialize_pem(),
+        generated.signing_key.serialize_pem(),
     )
     .unwrap();
     let new_pin = meshpunch_proto::connect::Pin::Spki(

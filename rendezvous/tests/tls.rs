@@ -30,6 +30,7 @@ fn days(d: i64) -> SystemTime {
 
 struct Ca {
     cert: rcgen::Certificate,
+    params: rcgen::CertificateParams,
     key: rcgen::KeyPair,
 }
 
@@ -41,7 +42,11 @@ impl Ca {
         p.distinguished_name
             .push(rcgen::DnType::CommonName, cn.to_string());
         let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
+        Ca {
+            cert,
+            params: p,
+            key,
+        }
     }
 
     fn der(&self) -> CertificateDer<'static> {
@@ -55,7 +60,9 @@ impl Ca {
                 .unwrap();
         p.not_before = days(from).into();
         p.not_after = days(to).into();
-        p.signed_by(key, &self.cert, &self.key).unwrap().pem()
+        p.signed_by(key, &rcgen::Issuer::from_params(&self.params, &self.key))
+            .unwrap()
+            .pem()
     }
 }
 
