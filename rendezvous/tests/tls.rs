@@ -439,3 +439,44 @@ async fn systemctl_reload_applies_a_new_revocation_list_and_a_new_certificate() 
     try_connect(&with_new, &[]).await.unwrap();
     let _ = child.kill().await;
 }
+
+/// The daemon's rendezvous task (what `meshpunch up --ca-file` / `CaFile` feeds): with the CA
+/// it registers over WebPKI, without it the failure it reports names the host and the reason.
+#[tokio::test]
+async fn daemon_rendezvous_task_uses_the_ca_file() {
+    use meshpunch::signal::{spawn_with, SignalEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("meshpunch daemon test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (c, k) = write_pair(dir.path(), &ca.leaf(&[NAME], &key, -1, 30), &key);
+    let server = server_with(dir.path(), c, k).await;
+    let cs = cs_for(&server, NAME, vec![]);
+    for (roots, ok) in [(vec![ca.der()], true), (vec![], false)] {
+        let (_local_tx, local_rx) = tokio::sync::watch::channel((0u64, Vec::new()));
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel(16);
+        let sk = meshpunch::keys::generate_private();
+        let _cmds = spawn_with(cs.clone(), sk, vec![], local_rx, ev_tx, None, roots);
+        let ev = tokio::time::timeout(SOON, async {
+            loop {
+                match ev_rx.recv().await.expect("events") {
+                    e @ (SignalEvent::Registered { .. } | SignalEvent::ConnectFailed { .. }) => {
+                        return e
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap();
+        match (ev, ok) {
+            (SignalEvent::Registered { .. }, true) => {}
+            (SignalEvent::ConnectFailed { reason }, false) => assert!(
+                reason.contains(&format!(
+                    "the rendezvous certificate for {NAME} is not trusted"
+                )),
+                "{reason}"
+            ),
+            (e, _) => panic!("unexpected {e:?} (ca file given: {ok})"),
+        }
+    }
+}
