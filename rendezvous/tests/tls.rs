@@ -458,11 +458,10 @@ async fn daemon_rendezvous_task_uses_the_ca_file() {
         let _cmds = spawn_with(cs.clone(), sk, vec![], local_rx, ev_tx, None, roots);
         let ev = tokio::time::timeout(SOON, async {
             loop {
-                match ev_rx.recv().await.expect("events") {
-                    e @ (SignalEvent::Registered { .. } | SignalEvent::ConnectFailed { .. }) => {
-                        return e
-                    }
-                    _ => {}
+                if let e @ (SignalEvent::Registered { .. } | SignalEvent::ConnectFailed { .. }) =
+                    ev_rx.recv().await.expect("events")
+                {
+                    return e;
                 }
             }
         })
