@@ -258,6 +258,13 @@ async fn acme_certificate_from_pebble_renews_under_connected_clients() {
     );
     let (code, _) = http_get(admin, "/readyz").await;
     assert_eq!(code, 200);
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    for name in [
+        meshpunch_rendezvous::metrics::CERT_EXPIRY_TIMESTAMP_SECONDS,
+        meshpunch_rendezvous::metrics::ACME_RENEWALS_TOTAL,
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
 
     // ACME unreachable: renewals fail (metric with the reason's result), the current
     // certificate keeps being served and /readyz stays ready until it expires.
