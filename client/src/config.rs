@@ -4,7 +4,8 @@
 //! ```ini
 //! [Interface]
 //! PrivateKey = <base64>              # required (or taken from --wg-interface)
-//! Rendezvous = meshpunch://TOKEN@rdv.example.com:4433?pin=...
+//! Rendezvous = meshpunch://TOKEN@rdv.example.com   # port 443; pin=spki:... optional
+//! CaFile = /etc/meshpunch/ca.pem     # extra CA for the rendezvous certificate (no pin)
 //! ListenPort = 41641                 # data socket port; 0 or absent = any free port
 //! ControlSocket = /run/meshpunch.sock
 //! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)
@@ -51,6 +52,9 @@ pub struct Config {
     pub private_key: Option<[u8; 32]>,
     /// Rendezvous connect string.
     pub rendezvous: Option<String>,
+    /// Extra CA (PEM) trusted for the rendezvous certificate when the connect string has no
+    /// pin (a self-hosted private CA).
+    pub ca_file: Option<PathBuf>,
     /// Data socket port (0 = any).
     pub listen_port: u16,
     /// Control socket path.
@@ -223,10 +227,16 @@ impl Config {
                         if !v.starts_with("meshpunch://") {
                             return Err(err(
                                 n,
-                                "Rendezvous: expected a connect string meshpunch://TOKEN@HOST:PORT?pin=SHA256HEX".into(),
+                                "Rendezvous: expected a connect string meshpunch://TOKEN@HOST[:PORT][?pin=spki:HEX]".into(),
                             ));
                         }
                         cfg.rendezvous = Some(v.to_string())
+                    }
+                    "cafile" => {
+                        if v.is_empty() {
+                            return Err(err(n, "CaFile: expected the path of a PEM CA certificate".into()));
+                        }
+                        cfg.ca_file = Some(PathBuf::from(v))
                     }
                     "listenport" => {
                         cfg.listen_port = v.parse().map_err(|_| {
@@ -266,7 +276,7 @@ impl Config {
                     }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets or BirthdayProbes",
+                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, CaFile, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets or BirthdayProbes",
                             k.trim()
                         )))
                     }
@@ -414,6 +424,18 @@ mod tests {
         assert_eq!(c.peers[0].proxy_port, 51999);
         assert_eq!(c.peers[0].candidates.len(), 2);
         assert_eq!((c.birthday_sockets, c.birthday_probes), (None, None));
+    }
+
+    #[test]
+    fn ca_file_key() {
+        let c = Config::parse(
+            "c.conf",
+            "[Interface]\nRendezvous = meshpunch://t@rdv.example.com\nCaFile = /etc/meshpunch/ca.pem\n",
+        )
+        .unwrap();
+        assert_eq!(c.ca_file, Some(PathBuf::from("/etc/meshpunch/ca.pem")));
+        let e = Config::parse("c.conf", "[Interface]\nCaFile =\n").unwrap_err();
+        assert!(e.msg.contains("CaFile: expected"), "{e}");
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod rdvinfo;
 pub mod rendezvous;
 pub mod shared_socket;
 pub mod signal;
+pub mod tls;
 pub mod wg;

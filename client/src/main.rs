@@ -40,6 +40,9 @@ enum Cmd {
         /// Rendezvous connect string (gives the STUN servers and the relay map).
         #[arg(long, env = "MESHPUNCH_CONNECT")]
         connect: Option<String>,
+        /// Extra CA (PEM) trusted for the rendezvous certificate (connect string without pin).
+        #[arg(long, env = "MESHPUNCH_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         /// Extra STUN server HOST:PORT (repeatable).
         #[arg(long)]
         stun: Vec<String>,
@@ -65,6 +68,9 @@ enum Cmd {
         /// Rendezvous connect string (overrides the config's Rendezvous).
         #[arg(long, env = "MESHPUNCH_CONNECT")]
         connect: Option<String>,
+        /// Extra CA (PEM) trusted for the rendezvous certificate (overrides CaFile).
+        #[arg(long, env = "MESHPUNCH_CA_FILE", value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         /// Data socket port (overrides ListenPort).
         #[arg(long)]
         listen_port: Option<u16>,
@@ -160,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Netcheck {
             connect,
+            ca_file,
             stun,
             relay,
             json,
@@ -167,7 +174,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut targets = netcheck::Targets::default();
             if let Some(c) = connect {
-                let (s, r) = meshpunch::rdvinfo::fetch(&c).await?;
+                let ca_roots = match &ca_file {
+                    Some(p) => meshpunch::tls::load_ca_file(p).map_err(anyhow::Error::msg)?,
+                    None => Vec::new(),
+                };
+                let (s, r) = meshpunch::rdvinfo::fetch(&c, ca_roots).await?;
                 targets.stun.extend(s);
                 targets.relays.extend(r);
             }
@@ -202,6 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             wg_interface,
             connect,
+            ca_file,
             listen_port,
             listen_ip,
             no_host_candidates,
@@ -258,6 +270,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if rendezvous.is_none() && cfg.peers.iter().all(|p| p.candidates.is_empty()) {
                 anyhow::bail!("no rendezvous: set Rendezvous in [Interface] or pass --connect");
             }
+            let ca_roots = match ca_file.or(cfg.ca_file.clone()) {
+                Some(p) => meshpunch::tls::load_ca_file(&p).map_err(anyhow::Error::msg)?,
+                None => Vec::new(),
+            };
             let control_socket = cli
                 .control_socket
                 .clone()
@@ -276,6 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 host_candidates: cfg.host_candidates && !no_host_candidates,
                 peers: cfg.peers.clone(),
                 exclude_interfaces: wg_interface.iter().cloned().collect(),
+                ca_roots,
                 path: PathConfig {
                     keepalive_interval: keepalive_interval(cfg.binding_lifetime.map(|s| {
                         BindingLifetime {

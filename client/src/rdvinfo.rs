@@ -13,8 +13,14 @@ use crate::rendezvous::{Client, ClientConfig, Event};
 /// Relay regions as netcheck tests them: (region, TURN URI, resolved address).
 pub type RelayTargets = Vec<(String, String, Option<SocketAddr>)>;
 
-/// Connects, registers with an ephemeral key and returns (STUN servers, relays).
-pub async fn fetch(connect: &str) -> anyhow::Result<(Vec<SocketAddr>, RelayTargets)> {
+/// Connects, registers with an ephemeral key and returns (STUN servers, relays). When the
+/// rendezvous cannot be reached (down, certificate refused) but the connect string names a
+/// `stun=` server, that one is returned with a warning so netcheck still runs; `ca_roots`
+/// are extra CAs for a connect string without pin.
+pub async fn fetch(
+    connect: &str,
+    ca_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> anyhow::Result<(Vec<SocketAddr>, RelayTargets)> {
     let cs: ConnectString = connect
         .parse()
         .map_err(|e| anyhow::anyhow!("connect string: {e}"))?;
@@ -27,11 +33,20 @@ pub async fn fetch(connect: &str) -> anyhow::Result<(Vec<SocketAddr>, RelayTarge
         }
     }
     let secret = x25519_dalek::StaticSecret::from(crate::keys::generate_private());
-    let cfg = ClientConfig::new(cs, secret);
-    let (client, mut events) = tokio::time::timeout(Duration::from_secs(10), Client::connect(cfg))
+    let mut cfg = ClientConfig::new(cs, secret);
+    cfg.ca_roots = ca_roots;
+    let connected = tokio::time::timeout(Duration::from_secs(10), Client::connect(cfg))
         .await
-        .map_err(|_| anyhow::anyhow!("rendezvous did not answer within 10 s"))?
-        .map_err(|e| anyhow::anyhow!("rendezvous: {e}"))?;
+        .map_err(|_| anyhow::anyhow!("rendezvous did not answer within 10 s"))
+        .and_then(|r| r.map_err(|e| anyhow::anyhow!("rendezvous: {e}")));
+    let (client, mut events) = match connected {
+        Ok(x) => x,
+        Err(e) if !stun.is_empty() => {
+            tracing::warn!(error = %e, "rendezvous unreachable; testing with the connect string's stun= server only (no relay map)");
+            return Ok((stun, Vec::new()));
+        }
+        Err(e) => return Err(e),
+    };
     let reg = match client.registration() {
         Some(r) => r,
         // The registration may reach the event stream just after connect() returns.

@@ -49,14 +49,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshpunch_proto::connect::ConnectString;
+use meshpunch_proto::connect::Pin;
 use meshpunch_proto::session::{ClientEvent, ClientSession};
 use meshpunch_proto::wire::{
     self, Answer, Candidate, ErrorCode, ErrorReason, FrameDecoder, GoAwayReason, Message, Offer,
     PeerKey, PunchStart, Registered, RelayRegion,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -101,6 +100,8 @@ pub struct ClientConfig {
     /// it at once (happy eyeballs); it is reused across reconnects and by later clients given
     /// the same endpoint. Addresses of a family it cannot reach use a socket of their own.
     pub endpoint: Option<quinn::Endpoint>,
+    /// Extra trusted CA certificates (`--ca-file`) for a connect string without `pin=`.
+    pub ca_roots: Vec<CertificateDer<'static>>,
     /// After the server refused the token (expired, revoked, bad), retry this rarely until
     /// [`Client::reload`] brings a new connect string.
     pub auth_retry: Duration,
@@ -110,14 +111,15 @@ impl ClientConfig {
     /// Defaults for everything but the connect string and key.
     pub fn new(connect: ConnectString, secret: StaticSecret) -> Self {
         ClientConfig {
-            connect,
             secret,
             software: format!("meshpunch/{}", env!("CARGO_PKG_VERSION")),
             socket: None,
             offer_timeout: Duration::from_secs(15),
             max_backoff: Duration::from_secs(10),
-            addresses: Vec::new(),
+            addresses: connect.addrs.clone(),
             endpoint: None,
+            ca_roots: Vec::new(),
+            connect,
             auth_retry: AUTH_RETRY,
         }
     }
@@ -527,79 +529,22 @@ impl Client {
     }
 }
 
-/// Certificate verifier that accepts exactly the pinned certificate (SHA-256 of its DER)
-/// and checks the handshake signatures with it.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if meshpunch_proto::connect::cert_pin(end_entity.as_ref()) == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// The QUIC client config of the rendezvous connection: TLS 1.3, ALPN `meshpunch/1`, the
-/// server certificate pinned by SHA-256, keep-alives. Public for tools (loadtest) that speak
-/// the protocol themselves.
-pub fn quic_client_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Connect(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+/// server certificate checked as [`crate::tls`] describes (pins, or the trust store plus
+/// `ca_roots`), keep-alives. Public for tools (loadtest) that speak the protocol themselves.
+pub fn quic_client_config(
+    pins: &[Pin],
+    ca_roots: &[CertificateDer<'static>],
+) -> Result<quinn::ClientConfig, ClientError> {
+    quic_client_config_with(pins, ca_roots).map(|(c, _)| c)
+}
+
+fn quic_client_config_with(
+    pins: &[Pin],
+    ca_roots: &[CertificateDer<'static>],
+) -> Result<(quinn::ClientConfig, crate::tls::Failures), ClientError> {
+    let (tls, failures) =
+        crate::tls::client_crypto(pins, ca_roots).map_err(ClientError::Connect)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -609,7 +554,7 @@ pub fn quic_client_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, ClientEr
         .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok())
         .max_concurrent_uni_streams(0u8.into());
     cfg.transport_config(Arc::new(transport));
-    Ok(cfg)
+    Ok((cfg, failures))
 }
 
 /// One live, registered connection.
@@ -644,6 +589,7 @@ struct Driver {
     client: Client,
     events: mpsc::Sender<Event>,
     quic: quinn::ClientConfig,
+    tls_failures: crate::tls::Failures,
     endpoint_v4: Option<quinn::Endpoint>,
     endpoint_v6: Option<quinn::Endpoint>,
     watch_set: Vec<PeerKey>,
@@ -658,9 +604,10 @@ impl Driver {
         client: Client,
         events: mpsc::Sender<Event>,
     ) -> Result<Driver, ClientError> {
-        let quic = quic_client_config(cfg.connect.pin)?;
+        let (quic, tls_failures) = quic_client_config_with(&cfg.connect.pins, &cfg.ca_roots)?;
         let mut d = Driver {
             quic,
+            tls_failures,
             client,
             events,
             endpoint_v4: None,
@@ -679,6 +626,7 @@ impl Driver {
         d.cfg.max_backoff = cfg.max_backoff;
         d.cfg.addresses = std::mem::take(&mut cfg.addresses);
         d.cfg.endpoint = cfg.endpoint.take();
+        d.cfg.ca_roots = std::mem::take(&mut cfg.ca_roots);
         if let Some(sock) = cfg.socket.take() {
             let v6 = sock.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
             let runtime = quinn::default_runtime()
@@ -872,14 +820,21 @@ impl Driver {
         if cs == self.cfg.connect {
             return false;
         }
-        match quic_client_config(cs.pin) {
-            Ok(q) => self.quic = q,
+        match quic_client_config_with(&cs.pins, &self.cfg.ca_roots) {
+            Ok((q, failures)) => {
+                self.quic = q;
+                self.tls_failures = failures;
+            }
             Err(e) => {
                 warn!(error = %e, "new connect string not usable; keeping the old one");
                 return false;
             }
         }
         info!(server = %cs.authority(), "rendezvous connect string reloaded");
+        // Addresses that came from the old string's addr= follow the new string.
+        if self.cfg.addresses == self.cfg.connect.addrs {
+            self.cfg.addresses = cs.addrs.clone();
+        }
         self.cfg.connect = cs;
         self.client.set_state(|s| s.auth_failure = None);
         true
@@ -919,16 +874,15 @@ impl Driver {
         // Happy-eyeballs style (RFC 8305 §5): start a QUIC handshake to each address in turn,
         // STAGGER apart, and keep the first that completes. Only the winner registers, so two
         // registrations can never race each other.
-        let server_name = if self.cfg.connect.host.parse::<std::net::IpAddr>().is_ok() {
-            "meshpunch".to_string()
-        } else {
-            self.cfg.connect.host.clone()
-        };
+        // The certificate is verified for the connect string's host (a DNS name or an IP
+        // address SAN; pinned mode ignores the name).
+        let server_name = self.cfg.connect.host.clone();
         let mut attempts = futures::stream::FuturesUnordered::new();
         for (i, addr) in addrs.iter().copied().enumerate() {
             let (ep, shared) = self.endpoint(addr.is_ipv6())?;
             let quic = self.quic.clone();
             let name = server_name.clone();
+            let failures = self.tls_failures.clone();
             let delay = STAGGER * i.min(16) as u32;
             attempts.push(async move {
                 tokio::time::sleep(delay).await;
@@ -937,7 +891,9 @@ impl Driver {
                         .connect_with(quic, addr, &name)
                         .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
                         .await
-                        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+                        .map_err(|e| {
+                            ClientError::Connect(format!("{addr}: {}", failures.explain(&e)))
+                        })?;
                     Ok((conn, ep.local_addr().ok(), shared))
                 };
                 match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {

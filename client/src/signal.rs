@@ -184,11 +184,12 @@ pub fn spawn(
     local: watch::Receiver<(u64, Vec<Candidate>)>,
     events: mpsc::Sender<SignalEvent>,
 ) -> mpsc::Sender<SignalCmd> {
-    spawn_with(connect, private_key, peers, local, events, None)
+    spawn_with(connect, private_key, peers, local, events, None, Vec::new())
 }
 
 /// [`spawn`], with every QUIC connection on `endpoint` (the daemon's one endpoint over its
 /// shared data socket, see [`crate::shared_socket`]); `None`: sockets of the client's own.
+/// `ca_roots`: extra CAs trusted for the rendezvous certificate (`--ca-file`).
 pub fn spawn_with(
     connect: ConnectString,
     private_key: [u8; 32],
@@ -196,6 +197,7 @@ pub fn spawn_with(
     local: watch::Receiver<(u64, Vec<Candidate>)>,
     events: mpsc::Sender<SignalEvent>,
     endpoint: Option<quinn::Endpoint>,
+    ca_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 ) -> mpsc::Sender<SignalCmd> {
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SignalCmd>(256);
     tokio::spawn(async move {
@@ -209,6 +211,7 @@ pub fn spawn_with(
             );
             // The same endpoint for every client this task makes (one endpoint per socket).
             cfg.endpoint = endpoint.clone();
+            cfg.ca_roots = ca_roots.clone();
             let (client, mut evs) = match Client::connect(cfg).await {
                 Ok(x) => x,
                 Err(e) => {

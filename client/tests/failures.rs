@@ -41,6 +41,7 @@ fn opts(
         }],
         path: PathConfig::default(),
         exclude_interfaces: Vec::new(),
+        ca_roots: Vec::new(),
     }
 }
 

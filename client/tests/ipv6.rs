@@ -52,6 +52,7 @@ async fn ipv6_candidates_give_a_direct_ipv6_path() {
         }],
         path: PathConfig::default(),
         exclude_interfaces: Vec::new(),
+        ca_roots: Vec::new(),
     };
     let a6: SocketAddr = format!("[::1]:{pa}").parse().unwrap();
     let b6: SocketAddr = format!("[::1]:{pb}").parse().unwrap();
@@ -118,6 +119,7 @@ async fn ipv4_mapped_candidate_on_a_dual_stack_socket_is_ipv4() {
             }],
             path: PathConfig::default(),
             exclude_interfaces: Vec::new(),
+            ca_roots: Vec::new(),
         };
     let da = daemon::start(opts(
         &a,

@@ -64,6 +64,7 @@ async fn daemon_measures_caches_and_config_wins() {
         }],
         path: PathConfig::default(),
         exclude_interfaces: Vec::new(),
+        ca_roots: Vec::new(),
     };
     let cache = cache_path_for(&control);
     let lifetime = |configured| LifetimeOptions {

@@ -62,3 +62,44 @@ async fn netcheck_json_on_loopback_has_the_documented_keys() {
     assert_eq!(v["preferred_relay"], "loopback");
     relay.control().stop();
 }
+
+/// The rendezvous is down (nothing on its port) or refuses (pin mismatch): netcheck still
+/// tests NAT behaviour against the connect string's `stun=` server and says why in a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netcheck_uses_the_connect_strings_stun_server_when_the_rendezvous_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let rdv =
+        meshpunch_rendezvous::Server::start(meshpunch_rendezvous::Config::loopback(dir.path()))
+            .await
+            .unwrap();
+    let stun = rdv.stun_addrs()[0];
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let down_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let down = format!(
+        "meshpunch://mpt1.x@127.0.0.1:{down_port}?pin=spki:{}&stun={stun}",
+        "00".repeat(32)
+    );
+    let wrong_pin = format!(
+        "meshpunch://mpt1.x@{}?pin=spki:{}&stun={stun}",
+        rdv.quic_addr(),
+        "00".repeat(32)
+    );
+    for connect in [down, wrong_pin] {
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_meshpunch"))
+                .args(["netcheck", "--connect", &connect, "--json"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stderr.contains("rendezvous unreachable"), "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["udp"], true);
+        assert!(v["public_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+}

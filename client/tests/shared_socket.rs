@@ -300,7 +300,7 @@ async fn client_on_a_shared_socket_moves_between_nodes_on_that_socket() {
     let n1 = start_rendezvous(&rdv_dir, relay.listen_addr()).await;
     let n2 = start_rendezvous(&rdv_dir, relay.listen_addr()).await;
     let cs = n1.dev_connect().unwrap().clone();
-    assert_eq!(cs.pin, n2.dev_connect().unwrap().pin);
+    assert_eq!(cs.pins, n2.dev_connect().unwrap().pins);
 
     // A stand-in for the daemon's engine: owns the receive side of the data socket, hands
     // QUIC to the shared socket by source and keeps everything else.

@@ -36,6 +36,7 @@ async fn static_peers_carry_wireguard_packets_directly() {
             }],
             path: PathConfig::default(),
             exclude_interfaces: Vec::new(),
+            ca_roots: Vec::new(),
         };
     let da = daemon::start(mk(&a, &b, pa, pb, wga.addr(), "a"))
         .await
@@ -150,6 +151,7 @@ async fn measure_forwarding_rate_and_latency() {
             }],
             path: PathConfig::default(),
             exclude_interfaces: Vec::new(),
+            ca_roots: Vec::new(),
         };
     let da = daemon::start(mk(&a, &b, pa, pb, wga.addr(), "a"))
         .await

@@ -153,8 +153,10 @@ pub enum RendezvousError {
 }
 
 /// The same QUIC/TLS client config as real clients (TLS 1.3, ALPN, certificate pin).
-fn client_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, RendezvousError> {
-    meshpunch::rendezvous::quic_client_config(pin)
+fn client_config(
+    pins: &[meshpunch_proto::connect::Pin],
+) -> Result<quinn::ClientConfig, RendezvousError> {
+    meshpunch::rendezvous::quic_client_config(pins, &[])
         .map_err(|e| RendezvousError::Setup(e.to_string()))
 }
 
@@ -403,7 +405,7 @@ async fn run_async(opts: &RendezvousOptions) -> Result<RendezvousReport, Rendezv
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| RendezvousError::Resolve(cs.host.clone()))?;
-    let cfg = client_config(cs.pin)?;
+    let cfg = client_config(&cs.pins)?;
     let cs = Arc::new(cs);
     let n = opts.clients.max(2);
     let per = opts.clients_per_endpoint.max(1);

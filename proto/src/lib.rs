@@ -25,3 +25,4 @@ pub mod token;
 pub mod turn;
 pub mod turn_client;
 pub mod wire;
+pub mod x509;

@@ -111,6 +111,34 @@ impl Default for Limits {
     }
 }
 
+/// `[acme]`: certificate from an ACME CA (see docs/tls.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSettings {
+    /// DNS name to certify; also the connect strings' host unless `public_host` is set.
+    pub domain: String,
+    /// Contact e-mail of the ACME account.
+    pub contact: String,
+    /// ACME directory URL (default: Let's Encrypt production).
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+    /// Extra CA (PEM) trusted for the ACME server's HTTPS (test CAs such as Pebble).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// http-01 challenge listener (TCP; ACME validators connect to port 80 of `domain`).
+    #[serde(default = "default_acme_http_listen")]
+    pub http_listen: SocketAddr,
+}
+
+fn default_acme_directory() -> String {
+    meshpunch_certs::acme::LETS_ENCRYPT.to_string()
+}
+
+/// Default http-01 listener: every address, port 80.
+pub fn default_acme_http_listen() -> SocketAddr {
+    SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 80))
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -126,6 +154,9 @@ pub struct Config {
     /// Host name or IP clients use to reach this server (connect strings). Default: the
     /// listen IP, or 127.0.0.1 when listening on the unspecified address.
     pub public_host: Option<String>,
+    /// UDP port clients use to reach this server (connect strings), when it differs from the
+    /// listen port (a load balancer or port forward in front). Default: the listen port.
+    pub public_port: Option<u16>,
     /// Directory for generated state (dev certificate, token secret, dev token, connect file).
     pub data_dir: PathBuf,
     /// Certificate chain (PEM). Without cert+key a self-signed certificate is generated in
@@ -133,6 +164,11 @@ pub struct Config {
     pub cert: Option<PathBuf>,
     /// Private key (PEM) matching `cert`.
     pub key: Option<PathBuf>,
+    /// Re-read `cert`/`key` and this file's revocation list when they change (polled every
+    /// 2 s), besides on SIGHUP. `false`: only on SIGHUP (`--no-watch`).
+    pub watch_files: bool,
+    /// Obtain and renew the certificate with ACME (instead of `cert`/`key`).
+    pub acme: Option<AcmeSettings>,
     /// Token HMAC secret (hex or any string). Default: read/generate `data_dir/token-secret`.
     pub token_secret: Option<String>,
     /// File holding the token secret (takes precedence over `data_dir/token-secret`).
@@ -188,6 +224,9 @@ impl Default for Config {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             cert: None,
             key: None,
+            acme: None,
+            watch_files: true,
+            public_port: None,
             token_secret: None,
             token_secret_file: None,
             revoked_tokens: Vec::new(),
@@ -273,6 +312,28 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "cert and key must be given together".into(),
             ));
+        }
+        if let Some(a) = &self.acme {
+            if self.cert.is_some() {
+                return Err(ConfigError::Invalid(
+                    "acme and cert/key exclude each other: pick one certificate source".into(),
+                ));
+            }
+            if a.domain.parse::<std::net::IpAddr>().is_ok()
+                || meshpunch_proto::connect::split_host_port(&format!("{}:1", a.domain)).is_none()
+                || !a.domain.contains('.') && a.domain != "localhost"
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "acme domain {:?} is not a DNS name",
+                    a.domain
+                )));
+            }
+            if !a.contact.contains('@') {
+                return Err(ConfigError::Invalid(format!(
+                    "acme contact {:?} is not an e-mail address",
+                    a.contact
+                )));
+            }
         }
         if !meshpunch_proto::token::valid_network_name(&self.dev_network) {
             return Err(ConfigError::Invalid(

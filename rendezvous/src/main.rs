@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use meshpunch_rendezvous::config::Config;
+use meshpunch_rendezvous::config::{default_acme_http_listen, AcmeSettings, Config};
 use meshpunch_rendezvous::server::{load_token_secret, unix_now, Server};
 
 /// meshpunch rendezvous: QUIC signalling, STUN, relay map and TURN credentials.
@@ -64,6 +64,55 @@ struct Opts {
     /// Private key (PEM); reloaded on SIGHUP.
     #[arg(long, env = "MESHPUNCH_KEY", value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// UDP port clients use (connect strings) when it differs from the listen port.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHPUNCH_PUBLIC_PORT",
+        value_name = "PORT"
+    )]
+    public_port: Option<u16>,
+    /// Obtain and renew the certificate for this DNS name from an ACME CA (Let's Encrypt
+    /// unless --acme-directory); clients then need no pin.
+    #[arg(long, env = "MESHPUNCH_ACME_DOMAIN", value_name = "NAME",
+          requires = "acme_contact", conflicts_with_all = ["cert", "key"])]
+    acme_domain: Option<String>,
+    /// Contact e-mail of the ACME account.
+    #[arg(
+        long,
+        env = "MESHPUNCH_ACME_CONTACT",
+        value_name = "EMAIL",
+        requires = "acme_domain"
+    )]
+    acme_contact: Option<String>,
+    /// ACME directory URL [default: Let's Encrypt production].
+    #[arg(
+        long,
+        env = "MESHPUNCH_ACME_DIRECTORY",
+        value_name = "URL",
+        requires = "acme_domain"
+    )]
+    acme_directory: Option<String>,
+    /// CA (PEM) to trust for the ACME server's own HTTPS (a test CA such as Pebble's).
+    #[arg(
+        long,
+        env = "MESHPUNCH_ACME_CA_FILE",
+        value_name = "FILE",
+        requires = "acme_domain"
+    )]
+    acme_ca_file: Option<PathBuf>,
+    /// TCP address of the http-01 challenge listener [default: [::]:80].
+    #[arg(
+        long,
+        env = "MESHPUNCH_ACME_HTTP_LISTEN",
+        value_name = "ADDR",
+        requires = "acme_domain"
+    )]
+    acme_http_listen: Option<SocketAddr>,
+    /// Re-read certificate, key and the config's revocation list only on SIGHUP, not when the
+    /// files change.
+    #[arg(long, env = "MESHPUNCH_NO_WATCH")]
+    no_watch: bool,
     /// Redis URL: use the shared Redis registry (several nodes).
     #[arg(long, env = "MESHPUNCH_REDIS_URL", value_name = "URL")]
     redis: Option<String>,
@@ -101,8 +150,9 @@ enum TokenCmd {
         /// Validity: `30d`, `12h`, `90m`, `2w` or seconds.
         #[arg(long, default_value = "30d")]
         ttl: String,
-        /// Print a full connect string (needs the server's certificate in the data dir or
-        /// config, and --public-host or the config's listen address) instead of the token.
+        /// Print a full connect string instead of the token: host from --public-host (or the
+        /// ACME domain, else the listen address), port from --public-port (else the listen
+        /// port), SPKI pin of the server's certificate (none with ACME).
         #[arg(long)]
         connect: bool,
     },
@@ -149,6 +199,32 @@ fn load_config(o: &Opts) -> anyhow::Result<Config> {
     }
     if let Some(h) = &o.public_host {
         cfg.public_host = Some(h.clone());
+    }
+    if o.no_watch {
+        cfg.watch_files = false;
+    }
+    if let Some(p) = o.public_port {
+        cfg.public_port = Some(p);
+    }
+    if let (Some(domain), Some(contact)) = (&o.acme_domain, &o.acme_contact) {
+        let base = cfg.acme.take();
+        cfg.acme = Some(AcmeSettings {
+            domain: domain.clone(),
+            contact: contact.clone(),
+            directory: o
+                .acme_directory
+                .clone()
+                .or(base.as_ref().map(|b| b.directory.clone()))
+                .unwrap_or_else(|| meshpunch_certs::acme::LETS_ENCRYPT.to_string()),
+            ca_file: o
+                .acme_ca_file
+                .clone()
+                .or(base.as_ref().and_then(|b| b.ca_file.clone())),
+            http_listen: o
+                .acme_http_listen
+                .or(base.as_ref().map(|b| b.http_listen))
+                .unwrap_or_else(default_acme_http_listen),
+        });
     }
     if let (Some(c), Some(k)) = (&o.cert, &o.key) {
         cfg.cert = Some(c.clone());
@@ -201,30 +277,33 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
                 key,
             )?;
             if connect {
-                let ck = match (&cfg.cert, &cfg.key) {
-                    (Some(c), Some(k)) => meshpunch_rendezvous::tls::load_pem(c, k)?,
-                    _ => meshpunch_rendezvous::tls::load_pem(
-                        &cfg.data_dir.join("cert.pem"),
-                        &cfg.data_dir.join("key.pem"),
-                    )
-                    .context("no certificate yet: start the server once or pass --cert/--key")?,
+                let pins = match meshpunch_rendezvous::tls::stored_cert(&cfg)
+                    .context("no certificate yet: start the server once or pass --cert/--key")?
+                {
+                    Some(ck) => vec![meshpunch_proto::connect::Pin::Spki(ck.spki_pin())],
+                    None => Vec::new(),
                 };
-                let host = cfg.public_host.clone().unwrap_or_else(|| {
-                    if cfg.listen.ip().is_unspecified() {
-                        "127.0.0.1".to_string()
-                    } else {
-                        cfg.listen.ip().to_string()
-                    }
-                });
+                let host = cfg
+                    .public_host
+                    .clone()
+                    .or(cfg.acme.as_ref().map(|a| a.domain.clone()))
+                    .unwrap_or_else(|| {
+                        if cfg.listen.ip().is_unspecified() {
+                            "127.0.0.1".to_string()
+                        } else {
+                            cfg.listen.ip().to_string()
+                        }
+                    });
                 let stun = cfg
                     .stun_listen
                     .map(|s| meshpunch_proto::connect::join_host_port(&host, s.port()));
                 let cs = meshpunch_proto::connect::ConnectString {
                     token,
                     host,
-                    port: cfg.listen.port(),
-                    pin: ck.pin(),
+                    port: cfg.public_port.unwrap_or(cfg.listen.port()),
+                    pins,
                     stun,
+                    addrs: Vec::new(),
                 };
                 println!("{cs}");
             } else {
@@ -269,8 +348,31 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
     }
 }
 
+/// Re-reads the revocation list from the config file (SIGHUP, or the file changed).
+fn reload_revocations(server: &Server, path: &std::path::Path) {
+    match Config::from_file(path) {
+        Ok(fresh) => match server.set_revoked_tokens(&fresh.revoked_tokens) {
+            Ok(()) => tracing::info!(
+                entries = fresh.revoked_tokens.len(),
+                "revocation list reloaded"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "revoked_tokens not reloaded; keeping the old list")
+            }
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; keeping the old revocation list")
+        }
+    }
+}
+
+fn mtime(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let (data_dir, dev_network) = (cfg.data_dir.clone(), cfg.dev_network.clone());
+    let watch_files = cfg.watch_files;
     let server = Server::start(cfg).await?;
     if let Some(cs) = server.dev_connect() {
         println!("connect: {cs}");
@@ -283,20 +385,29 @@ async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> 
     }
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The config file is watched like the certificate files (meshpunch-certs polls those):
+    // a new revocation list applies within a few seconds even without SIGHUP.
+    let mut watch = tokio::time::interval(meshpunch_certs::WATCH_INTERVAL);
+    let mut config_mtime = config_file.as_deref().and_then(mtime);
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 match server.reload_tls() {
-                    Ok(pin) => tracing::info!(pin = %hex::encode(pin), "certificate reloaded"),
+                    Ok(pin) => tracing::info!(spki = %meshpunch_proto::connect::Pin::Spki(pin), "certificate reloaded"),
                     Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
                 }
                 if let Some(path) = &config_file {
-                    match Config::from_file(path) {
-                        Ok(fresh) => match server.set_revoked_tokens(&fresh.revoked_tokens) {
-                            Ok(()) => tracing::info!(entries = fresh.revoked_tokens.len(), "revocation list reloaded"),
-                            Err(e) => tracing::error!(error = %e, "revoked_tokens not reloaded; keeping the old list"),
-                        },
-                        Err(e) => tracing::error!(error = %e, "config reload failed; keeping the old revocation list"),
+                    config_mtime = mtime(path);
+                    reload_revocations(&server, path);
+                }
+            }
+            _ = watch.tick() => {
+                if let Some(path) = config_file.as_ref().filter(|_| watch_files) {
+                    let now = mtime(path);
+                    if now != config_mtime {
+                        config_mtime = now;
+                        tracing::info!(path = %path.display(), "config file changed");
+                        reload_revocations(&server, path);
                     }
                 }
             }

@@ -42,6 +42,13 @@ pub const DELIVERIES_DROPPED_TOTAL: &str = "meshpunch_rendezvous_deliveries_drop
 pub const STUN_REQUESTS_TOTAL: &str = "meshpunch_rendezvous_stun_requests_total";
 /// Counter: certificate reloads, label `result` = ok | error.
 pub const TLS_RELOADS_TOTAL: &str = "meshpunch_rendezvous_tls_reloads_total";
+/// Gauge: notAfter of the served certificate, Unix seconds (set by `meshpunch-certs` with
+/// component `rendezvous`, on start, reload and renewal).
+pub const CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "meshpunch_rendezvous_cert_expiry_timestamp_seconds";
+/// Counter: ACME orders (first issuance and renewals), label `result` = ok | error (set by
+/// `meshpunch-certs`; the log line says why an order failed).
+pub const ACME_RENEWALS_TOTAL: &str = "meshpunch_rendezvous_acme_renewals_total";
 /// Counter: GoAway messages sent, label `reason` = draining | superseded.
 pub const GOAWAY_TOTAL: &str = "meshpunch_rendezvous_goaway_total";
 /// Counter: stateless Retry packets sent to unvalidated sources (every first Initial of a

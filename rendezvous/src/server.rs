@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::limits::{ConnCounter, ConnSlot, RateLimiter, TokenBucket};
 use crate::metrics as m;
 use crate::registry::{self, ConnId, Delivery, Inbox, PeerId, Registry, RegistryError};
-use crate::tls::{self, CertAndKey, ReloadableCert};
+use crate::tls::{self, CertManager, ReloadableCert};
 
 /// Extra delay added to the common punch start so both PunchStart messages arrive first.
 const START_MARGIN_MS: u64 = 150;
@@ -258,6 +258,7 @@ pub struct Server {
     quic_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     dev_connect: Option<ConnectString>,
+    certs: Arc<CertManager>,
     tasks: Vec<JoinHandle<()>>,
     stopped: AtomicBool,
 }
@@ -280,8 +281,12 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(io_err(format!("creating {}", cfg.data_dir.display())))?;
         let token_secret = load_token_secret(&cfg)?;
-        let cert = load_cert(&cfg)?;
-        let resolver = Arc::new(ReloadableCert::new(&cert)?);
+        let certs = Arc::new(
+            CertManager::start(tls::source(&cfg), "rendezvous")
+                .await?
+                .watching(cfg.watch_files),
+        );
+        let resolver = certs.resolver();
         let (registry, inbox) = registry::build(&cfg.registry).await?;
 
         let mut server_config =
@@ -354,8 +359,24 @@ impl Server {
             None => None,
         };
         metrics::gauge!(m::READY).set(1.0);
+        // Readiness follows the certificate: an expired one (ACME failing for too long,
+        // files not renewed) makes /readyz say so.
+        let weak = Arc::downgrade(&shared);
+        tasks.push(certs.spawn(move |reason| {
+            if let Some(shared) = weak.upgrade() {
+                if let Ok(mut g) = shared.degraded.write() {
+                    let ours = g
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with("TLS certificate"));
+                    if reason.is_some() || ours {
+                        *g = reason;
+                    }
+                }
+            }
+        }));
 
         let mut server = Server {
+            certs,
             shared,
             endpoint,
             quic_addr,
@@ -422,9 +443,10 @@ impl Server {
         ConnectString {
             token: token.to_string(),
             host,
-            port: self.quic_addr.port(),
-            pin: self.shared.cert.pin(),
+            port: self.shared.cfg.public_port.unwrap_or(self.quic_addr.port()),
+            pins: connect_pins(&self.shared.cfg, &self.shared.cert),
             stun,
+            addrs: Vec::new(),
         }
     }
 
@@ -490,14 +512,10 @@ impl Server {
 
     /// Reloads the certificate and key files (SIGHUP). New handshakes use the new
     /// certificate; open connections are not touched.
+    /// Returns the SPKI pin of the certificate now served.
     pub fn reload_tls(&self) -> Result<[u8; 32], tls::TlsError> {
-        let result = load_cert_files(&self.shared.cfg).and_then(|ck| {
-            self.shared.cert.set(&ck)?;
-            Ok(ck.pin())
-        });
-        let label = if result.is_ok() { "ok" } else { "error" };
-        metrics::counter!(m::TLS_RELOADS_TOTAL, "result" => label).increment(1);
-        result
+        // Counted by meshpunch-certs as m::TLS_RELOADS_TOTAL (file-watch reloads too).
+        self.certs.reload()
     }
 
     /// Drains: stops accepting, tells every client `GoAway{Draining}`, waits up to `grace`
@@ -544,6 +562,9 @@ fn public_host(cfg: &Config, bound: IpAddr) -> String {
     if let Some(h) = &cfg.public_host {
         return h.clone();
     }
+    if let Some(a) = &cfg.acme {
+        return a.domain.clone();
+    }
     if bound.is_unspecified() {
         "127.0.0.1".to_string()
     } else {
@@ -551,26 +572,14 @@ fn public_host(cfg: &Config, bound: IpAddr) -> String {
     }
 }
 
-fn load_cert_files(cfg: &Config) -> Result<CertAndKey, tls::TlsError> {
-    match (&cfg.cert, &cfg.key) {
-        (Some(c), Some(k)) => tls::load_pem(c, k),
-        _ => tls::load_or_generate(&cfg.data_dir, &cert_names(cfg)),
+/// Pins for connect strings: none with ACME (clients verify the public-CA certificate and
+/// the name), else the SPKI pin of the served certificate.
+pub fn connect_pins(cfg: &Config, cert: &ReloadableCert) -> Vec<meshpunch_proto::connect::Pin> {
+    if cfg.acme.is_some() {
+        Vec::new()
+    } else {
+        vec![meshpunch_proto::connect::Pin::Spki(cert.spki_pin())]
     }
-}
-
-fn cert_names(cfg: &Config) -> Vec<String> {
-    let mut names = vec!["127.0.0.1".to_string()];
-    if let Some(h) = &cfg.public_host {
-        names.push(h.clone());
-    }
-    if !cfg.listen.ip().is_unspecified() {
-        names.push(cfg.listen.ip().to_string());
-    }
-    names
-}
-
-fn load_cert(cfg: &Config) -> Result<CertAndKey, StartError> {
-    Ok(load_cert_files(cfg)?)
 }
 
 /// Sleeps until `at`, or for ever when there is no deadline.

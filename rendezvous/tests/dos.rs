@@ -34,7 +34,7 @@ impl HalfOpen {
                 false,
                 None,
             ),
-            cfg: client::quic_client_config(cs.pin).unwrap(),
+            cfg: client::quic_client_config(&cs.pins, &[]).unwrap(),
         }
     }
 
@@ -289,7 +289,7 @@ async fn migrated_connections_count_against_their_new_source() {
     let again = tokio::time::timeout(SOON, async {
         loop {
             let ep = quinn::Endpoint::client(at("127.0.0.2")).unwrap();
-            let cfg = client::quic_client_config(cs.pin).unwrap();
+            let cfg = client::quic_client_config(&cs.pins, &[]).unwrap();
             if let Ok(c) = ep
                 .connect_with(cfg, server.quic_addr(), "meshpunch")
                 .unwrap()
@@ -377,7 +377,7 @@ fn ipv6_addresses_of_one_64_share_one_connection_limit() {
             let server = Server::start(cfg).await.unwrap();
             let cs = server.dev_connect().unwrap().clone();
             let to = server.quic_addr();
-            let cfg = client::quic_client_config(cs.pin).unwrap();
+            let cfg = client::quic_client_config(&cs.pins, &[]).unwrap();
             let connect = |from: &str| {
                 let cfg = cfg.clone();
                 let from: IpAddr = from.parse().unwrap();

@@ -222,17 +222,19 @@ async fn dev_binary_prints_connect_reloads_cert_on_sighup_and_drains_on_sigterm(
     std::fs::write(dir.path().join("cert.pem"), generated.cert.pem()).unwrap();
     std::fs::write(
         dir.path().join("key.pem"),
-        generated.key_pair.serialize_pem(),
+        generated.signing_key.serialize_pem(),
     )
     .unwrap();
-    let new_pin = meshpunch_proto::connect::cert_pin(generated.cert.der());
+    let new_pin = meshpunch_proto::connect::Pin::Spki(
+        meshpunch_proto::x509::spki_pin(generated.cert.der()).unwrap(),
+    );
     let status = std::process::Command::new("kill")
         .args(["-HUP", &pid])
         .status()
         .unwrap();
     assert!(status.success());
     let mut new_cs = cs.clone();
-    new_cs.pin = new_pin;
+    new_cs.pins = vec![new_pin];
     let (sk, _) = key();
     tokio::time::timeout(SOON, async {
         loop {

@@ -9,10 +9,7 @@
 
 mod redis_support;
 
-// The client library, compiled from its source like the other rendezvous tests do.
-#[allow(dead_code, unreachable_pub, missing_docs, clippy::all)]
-#[path = "../../client/src/rendezvous.rs"]
-mod client;
+use meshpunch::rendezvous as client;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -424,7 +421,7 @@ async fn redis_nodes_client_moves_to_another_node_by_itself_when_its_node_dies()
     wait_ready(&n1, true).await;
     wait_ready(&n2, true).await;
     assert_eq!(
-        n1.connect.pin, n2.connect.pin,
+        n1.connect.pins, n2.connect.pins,
         "one certificate for both nodes"
     );
 

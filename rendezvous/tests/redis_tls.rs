@@ -28,7 +28,7 @@ async fn redis_tls_url_verifies_the_server_certificate() {
     let key = KeyPair::generate().expect("key");
     let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
         .expect("params")
-        .signed_by(&key, &ca, &ca_key)
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
         .expect("cert");
     let (ca_path, cert_path, key_path) = (
         dir.path().join("ca.pem"),

@@ -382,7 +382,7 @@ async fn clients_rejoin_a_restarted_server() {
             }
         }
     };
-    assert_eq!(server2.dev_connect().unwrap().pin, cs.pin);
+    assert_eq!(server2.dev_connect().unwrap().pins, cs.pins);
     wait_for(&mut a_ev, |e| {
         matches!(e, Event::Registered(_)).then_some(())
     })

@@ -103,6 +103,8 @@ pub struct Options {
     /// Interfaces whose addresses are never offered (besides every WireGuard interface found
     /// with `wg show interfaces` at start).
     pub exclude_interfaces: Vec<String>,
+    /// Extra CA certificates trusted for the rendezvous (`--ca-file`, `CaFile`).
+    pub ca_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// A running daemon (the engine task aborts when this is dropped).
@@ -280,6 +282,7 @@ pub async fn start_with(
                 local_rx,
                 sig_ev_tx,
                 Some(endpoint),
+                opts.ca_roots.clone(),
             ))
         }
         None => None,

@@ -171,6 +171,7 @@ pub(crate) fn rendezvous_peer_options(
         }],
         path: meshpunch_proto::path::PathConfig::default(),
         exclude_interfaces: Vec::new(),
+        ca_roots: Vec::new(),
     }
 }
 

@@ -83,7 +83,7 @@ impl Raw {
 
     /// Like [`Raw::connect`], from the local address `local`.
     pub async fn connect_from(cs: &ConnectString, local: std::net::SocketAddr) -> Raw {
-        let cfg = client::quic_client_config(cs.pin).unwrap();
+        let cfg = client::quic_client_config(&cs.pins, &[]).unwrap();
         let ep = quinn::Endpoint::client(local).unwrap();
         let addr = format!("{}:{}", cs.host, cs.port).parse().unwrap();
         let conn = ep
