@@ -39,6 +39,7 @@ async fn pair(
             }],
             path: PathConfig::default(),
             exclude_interfaces: Vec::new(),
+            ca_roots: Vec::new(),
         };
     let da = daemon::start(mk(&a, &b, pa, pb, wg_a, "a")).await.unwrap();
     let db = daemon::start(mk(&b, &a, pb, pa, Some(wg_b), "b"))
