@@ -8,9 +8,18 @@
 //!   `{"done":true,...}`.
 //! * `{"cmd":"debug","peer":KEY,"knob":"block-direct"|"force-relay"|"block-relay","on":BOOL}`
 //!   → `{"ok":true}` or `{"error":"..."}`.
+//!
+//! Who may talk to it: the socket is mode 0600 (whatever the umask) in a directory only its
+//! owner (or root) can write, and every connection's peer credentials (`SO_PEERCRED`) are
+//! checked: only the daemon's uid and root are served; anyone else gets one
+//! `{"error":...,"refused":true}` line and is closed. Request lines are capped at
+//! [`MAX_REQUEST_LINE`] bytes and connections at [`MAX_CONNECTIONS`]; every refusal is logged
+//! and counted (`control_socket` in `meshpunch status --json`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use meshpunch_proto::nat::RelayLatency;
@@ -18,9 +27,9 @@ use meshpunch_proto::path::{
     BirthdayStatus, LocalSocket, MappingBehaviour, PairStatus, PathKind, ProbeCounters,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,36 +281,266 @@ pub enum CtlCmd {
 /// Time a single ping waits for its pong.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Longest request line the daemon reads, newline excluded (a request is a few hundred bytes).
+/// A longer line closes that connection; the daemon keeps serving the others.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// Control connections served at once; one more is answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Refusals on the control socket since the daemon started (`control_socket` in
+/// `meshpunch status --json`).
+#[derive(Debug, Default)]
+pub struct ControlCounters {
+    /// Connections from a uid that is neither the daemon's nor root.
+    pub refused_uid: AtomicU64,
+    /// Connections closed for a request line longer than [`MAX_REQUEST_LINE`].
+    pub oversized_lines: AtomicU64,
+    /// Connections refused because [`MAX_CONNECTIONS`] were open.
+    pub over_capacity: AtomicU64,
+}
+
+impl ControlCounters {
+    /// The counters as JSON (`refused_uid_total`, `oversized_line_total`,
+    /// `over_capacity_total`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "refused_uid_total": self.refused_uid.load(Ordering::Relaxed),
+            "oversized_line_total": self.oversized_lines.load(Ordering::Relaxed),
+            "over_capacity_total": self.over_capacity.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A bound control socket, not yet serving.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    counters: Arc<ControlCounters>,
+    uid: u32,
+}
+
 /// Serves the control socket at `path` (replacing a stale socket file) until the engine goes.
 pub async fn serve(path: PathBuf, engine: mpsc::Sender<CtlCmd>) -> std::io::Result<()> {
-    if path.exists() {
+    bind(&path).await?.spawn(engine);
+    Ok(())
+}
+
+/// Binds the control socket at `path`, mode 0600 from the first moment it is reachable
+/// whatever the umask: the socket is bound inside a fresh 0700 directory next to `path`,
+/// chmod-ed, then renamed into place. The directory holding `path` is created 0700 if missing;
+/// an existing one must belong to this user or root and must not be writable by others
+/// (unless sticky, like `/tmp`). A stale socket (no daemon answers) is replaced; any other
+/// file at `path` is left alone and is an error.
+pub async fn bind(path: &Path) -> std::io::Result<ControlServer> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create the control socket directory {}: {e}",
+                        dir.display()
+                    ),
+                )
+            })?;
+    }
+    let meta = std::fs::metadata(&dir)?;
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "control socket directory {} belongs to uid {}, not to this user ({uid}) or root: \
+                 choose a directory only you can write (--control-socket or ControlSocket)",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "control socket directory {} is world-writable: choose a directory only you can \
+                 write (--control-socket or ControlSocket)",
+                dir.display()
+            ),
+        ));
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
+            ));
+        }
         // A live daemon on the same path would answer; a dead one left a stale file.
-        if UnixStream::connect(&path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::new(
+                ErrorKind::AddrInUse,
                 format!("another daemon serves {}", path.display()),
             ));
         }
-        let _ = std::fs::remove_file(&path);
+        std::fs::remove_file(path)?;
     }
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            let _ = std::fs::create_dir_all(dir);
+    // Bind in a private directory so the socket is never reachable with the umask's mode.
+    let private = loop {
+        let d = dir.join(format!(".mp{:08x}", rand::random::<u32>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => break d,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
         }
+    };
+    let tmp = private.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok::<_, Error>(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    let listener = bound.map_err(|e| {
+        Error::new(
+            e.kind(),
+            format!("cannot bind the control socket {}: {e}", path.display()),
+        )
+    })?;
+    Ok(ControlServer {
+        listener,
+        counters: Arc::new(ControlCounters::default()),
+        uid,
+    })
+}
+
+impl ControlServer {
+    /// The refusal counters of this socket.
+    pub fn counters(&self) -> Arc<ControlCounters> {
+        self.counters.clone()
     }
-    let listener = UnixListener::bind(&path)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let _ = handle_conn(stream, engine).await;
-            });
-        }
-    });
-    Ok(())
+
+    /// Accepts connections on a task until the runtime ends. A connection from another uid
+    /// than the daemon's (or root) gets one error line and is closed, as is one beyond
+    /// [`MAX_CONNECTIONS`].
+    pub fn spawn(self, engine: mpsc::Sender<CtlCmd>) {
+        let ControlServer {
+            listener,
+            counters,
+            uid,
+        } = self;
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of file descriptors and the like: do not spin.
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let peer_uid = stream.peer_cred().map(|c| c.uid());
+                match peer_uid {
+                    Ok(p) if p == uid || p == 0 => {}
+                    other => {
+                        counters.refused_uid.fetch_add(1, Ordering::Relaxed);
+                        let who = match other {
+                            Ok(p) => format!("uid {p}"),
+                            Err(e) => format!("a peer without credentials ({e})"),
+                        };
+                        tracing::warn!(peer = %who, daemon_uid = uid, "control connection refused");
+                        refuse(
+                            &stream,
+                            &format!(
+                                "permission denied: this daemon (uid {uid}) takes control \
+                                 requests only from uid {uid} or root, not from {who}; run the \
+                                 command as that user or with sudo"
+                            ),
+                        );
+                        continue;
+                    }
+                }
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    counters.over_capacity.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        max = MAX_CONNECTIONS,
+                        "control connection refused: too many open"
+                    );
+                    refuse(
+                        &stream,
+                        &format!(
+                            "too many control connections (at most {MAX_CONNECTIONS}); try again"
+                        ),
+                    );
+                    continue;
+                };
+                let engine = engine.clone();
+                let counters = counters.clone();
+                tokio::spawn(async move {
+                    let _ = handle_conn(stream, engine, &counters).await;
+                    drop(slot);
+                });
+            }
+        });
+    }
+}
+
+/// Writes one refusal line without waiting (a fresh socket's buffer takes it) and lets the
+/// caller drop the stream.
+fn refuse(stream: &UnixStream, msg: &str) {
+    let mut line = serde_json::json!({"error": msg, "refused": true}).to_string();
+    line.push('\n');
+    let _ = stream.try_write(line.as_bytes());
+}
+
+/// One request line read by [`read_request_line`].
+#[derive(Debug, PartialEq)]
+enum RequestLine {
+    /// A line, newline removed.
+    Line(Vec<u8>),
+    /// The peer closed the connection.
+    Eof,
+    /// More than [`MAX_REQUEST_LINE`] bytes without a newline.
+    TooLong,
+}
+
+/// Reads one line of at most `cap` bytes (newline excluded), never buffering more than
+/// `cap + 1` bytes of it.
+async fn read_request_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    cap: usize,
+) -> std::io::Result<RequestLine> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(cap as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(RequestLine::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > cap {
+        return Ok(RequestLine::TooLong);
+    }
+    Ok(RequestLine::Line(buf))
 }
 
 async fn write_json<T: Serialize>(
@@ -313,11 +552,29 @@ async fn write_json<T: Serialize>(
     w.write_all(s.as_bytes()).await
 }
 
-async fn handle_conn(stream: UnixStream, engine: mpsc::Sender<CtlCmd>) -> std::io::Result<()> {
+async fn handle_conn(
+    stream: UnixStream,
+    engine: mpsc::Sender<CtlCmd>,
+    counters: &ControlCounters,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Some(line) = lines.next_line().await? {
-        let req: Request = match serde_json::from_str(&line) {
+    let mut reader = BufReader::new(r);
+    loop {
+        let line = match read_request_line(&mut reader, MAX_REQUEST_LINE).await? {
+            RequestLine::Line(l) => l,
+            RequestLine::Eof => return Ok(()),
+            RequestLine::TooLong => {
+                counters.oversized_lines.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    max = MAX_REQUEST_LINE,
+                    "control request line too long; closing"
+                );
+                let msg = format!("request line longer than {MAX_REQUEST_LINE} bytes; closing");
+                write_json(&mut w, &serde_json::json!({"error": msg})).await?;
+                return Ok(());
+            }
+        };
+        let req: Request = match serde_json::from_slice(&line) {
             Ok(r) => r,
             Err(e) => {
                 write_json(
@@ -334,10 +591,14 @@ async fn handle_conn(stream: UnixStream, engine: mpsc::Sender<CtlCmd>) -> std::i
                 if engine.send(CtlCmd::Status(tx)).await.is_err() {
                     return Ok(());
                 }
-                match rx.await {
-                    Ok(s) => write_json(&mut w, &s).await?,
-                    Err(_) => return Ok(()),
+                let Ok(s) = rx.await else {
+                    return Ok(());
+                };
+                let mut v = serde_json::to_value(&s).map_err(std::io::Error::other)?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("control_socket".into(), counters.to_json());
                 }
+                write_json(&mut w, &v).await?;
             }
             Request::Ping {
                 peer,
@@ -422,7 +683,6 @@ async fn handle_conn(stream: UnixStream, engine: mpsc::Sender<CtlCmd>) -> std::i
             }
         }
     }
-    Ok(())
 }
 
 /// Client side: sends `req` and returns the first response line.
@@ -455,9 +715,16 @@ pub async fn request_lines(
         )
     })?;
     let (r, mut w) = stream.into_split();
-    write_json(&mut w, req).await?;
     let mut lines = BufReader::new(r).lines();
+    if let Err(e) = write_json(&mut w, req).await {
+        // A daemon that refused us may close before reading; its reason is already queued.
+        if let Ok(Some(line)) = lines.next_line().await {
+            refused(path, &line)?;
+        }
+        return Err(e);
+    }
     while let Some(line) = lines.next_line().await? {
+        refused(path, &line)?;
         let v: serde_json::Value = serde_json::from_str(&line).map_err(std::io::Error::other)?;
         if !each(v) {
             break;
@@ -466,17 +733,37 @@ pub async fn request_lines(
     Ok(())
 }
 
-/// Default control socket path: `$XDG_RUNTIME_DIR/meshpunch.sock` (or
-/// `/run/meshpunch/meshpunch.sock` as root, `/tmp/meshpunch-$UID.sock` otherwise).
+/// An error when `line` is the daemon refusing the connection itself (another uid, too many
+/// connections).
+fn refused(path: &Path, line: &str) -> std::io::Result<()> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return Ok(());
+    };
+    if v.get("refused").and_then(|r| r.as_bool()) != Some(true) {
+        return Ok(());
+    }
+    let msg = v.get("error").and_then(|e| e.as_str()).unwrap_or("refused");
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!("{}: {msg}", path.display()),
+    ))
+}
+
+/// Default control socket path: `$XDG_RUNTIME_DIR/meshpunch.sock`; as root
+/// `/run/meshpunch/meshpunch.sock`; otherwise `$HOME/.local/state/meshpunch/meshpunch.sock`
+/// (the directory is created 0700), or `/run/user/UID/meshpunch.sock` without `$HOME`. Never a
+/// predictable name in a world-writable directory such as `/tmp`.
 pub fn default_socket_path() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| Path::new(d).is_absolute()) {
         return PathBuf::from(d).join("meshpunch.sock");
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
     if uid == 0 {
-        PathBuf::from("/run/meshpunch/meshpunch.sock")
-    } else {
-        PathBuf::from(format!("/tmp/meshpunch-{uid}.sock"))
+        return PathBuf::from("/run/meshpunch/meshpunch.sock");
+    }
+    match std::env::var_os("HOME").filter(|h| Path::new(h).is_absolute()) {
+        Some(h) => PathBuf::from(h).join(".local/state/meshpunch/meshpunch.sock"),
+        None => PathBuf::from(format!("/run/user/{uid}/meshpunch.sock")),
     }
 }

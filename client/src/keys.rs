@@ -51,6 +51,27 @@ pub fn public_of(private: &[u8; 32]) -> [u8; 32] {
     PublicKey::from(&StaticSecret::from(*private)).to_bytes()
 }
 
+/// `wg`'s warning for a file holding a private key that others can read: `Warning: `FILE' is
+/// world accessible` (or `group accessible`), with the command that fixes it. `None` when the
+/// file is private (no group/other bits) or cannot be examined.
+pub fn key_file_warning(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    let who = if mode & 0o007 != 0 {
+        "world"
+    } else if mode & 0o070 != 0 {
+        "group"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "Warning: `{}' is {who} accessible (mode {mode:04o}) and holds a private key; \
+         fix it with: chmod 600 {}",
+        path.display(),
+        path.display()
+    ))
+}
+
 /// A WireGuard identity: private key and its public key.
 #[derive(Clone)]
 pub struct Identity {
@@ -116,6 +137,29 @@ mod tests {
     fn bad_keys_are_refused() {
         assert!(parse_key("abc").is_err());
         assert!(parse_key("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!=").is_err());
+    }
+
+    #[test]
+    fn key_file_readable_by_others_gets_wgs_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("wg0.conf");
+        std::fs::write(&f, "[Interface]\n").unwrap();
+        let set = |m| std::fs::set_permissions(&f, std::fs::Permissions::from_mode(m)).unwrap();
+        set(0o644);
+        let w = key_file_warning(&f).unwrap();
+        assert!(
+            w.starts_with(&format!("Warning: `{}' is world accessible", f.display())),
+            "{w}"
+        );
+        set(0o640);
+        assert!(key_file_warning(&f)
+            .unwrap()
+            .contains("is group accessible"));
+        set(0o600);
+        assert_eq!(key_file_warning(&f), None);
+        set(0o400);
+        assert_eq!(key_file_warning(&f), None);
     }
 
     #[test]

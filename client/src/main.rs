@@ -22,7 +22,7 @@ use meshpunch_proto::path::PathConfig;
 )]
 struct Cli {
     /// Control socket of the daemon (default: $XDG_RUNTIME_DIR/meshpunch.sock,
-    /// /run/meshpunch/meshpunch.sock as root, else /tmp/meshpunch-UID.sock).
+    /// /run/meshpunch/meshpunch.sock as root, else ~/.local/state/meshpunch/meshpunch.sock).
     #[arg(long, global = true, env = "MESHPUNCH_CONTROL_SOCKET")]
     control_socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -208,7 +208,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ready_file,
         } => {
             let mut cfg = match &config {
-                Some(p) => Config::load(p)?,
+                Some(p) => {
+                    let cfg = Config::load(p)?;
+                    if cfg.private_key.is_some() {
+                        if let Some(w) = meshpunch::keys::key_file_warning(p) {
+                            eprintln!("{w}");
+                        }
+                    }
+                    cfg
+                }
                 None => Config {
                     host_candidates: true,
                     ..Config::default()

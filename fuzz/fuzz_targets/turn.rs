@@ -25,14 +25,15 @@ fuzz_target!(|data: &[u8]| {
         vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))],
         50000,
         50003,
-        0,
-    );
+        2,
+    )
+    .with_network_limits(3, meshpunch_proto::turn::DEFAULT_NETWORK_BANDWIDTH);
     let mut server = TurnServer::new(cfg, pool, now, 1_800_000_000);
     let server_addr: SocketAddr = "203.0.113.1:3478".parse().unwrap();
     let mut client = TurnClient::new(
         server_addr,
         TurnCredentials {
-            username: "1900000000:fuzz".into(),
+            username: "1900000000:fuzz.0123456789abcdef".into(),
             password: "pw".into(),
         },
         now,

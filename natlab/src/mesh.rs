@@ -65,8 +65,8 @@ impl MeshBins {
     }
 
     /// What the binaries cannot do yet that the scenarios need (from their `--help`), or
-    /// `None` when they are complete enough. Lets the scenarios skip with a reason while the
-    /// components are still being built instead of failing on a missing flag.
+    /// `None` when they are complete enough. The scenarios pass it to
+    /// [`crate::testenv::require_features`]: a skip with a reason outside CI, a failure in CI.
     pub fn missing_features(&self) -> Option<String> {
         let help = |bin: &PathBuf, args: &[&str]| -> String {
             std::process::Command::new(bin)

@@ -27,7 +27,11 @@ pub fn which(cmd: &str) -> Option<PathBuf> {
 }
 
 fn unmet(test: &str, why: &str) -> bool {
-    if in_ci() {
+    unmet_in(in_ci(), test, why)
+}
+
+fn unmet_in(ci: bool, test: &str, why: &str) -> bool {
+    if ci {
         panic!("{test}: requirement not met in CI: {why}");
     }
     eprintln!("SKIP {test}: {why}");
@@ -55,4 +59,49 @@ pub fn require_commands(test: &str, cmds: &[&str]) -> bool {
                 missing.join(", ")
             ),
         )
+}
+
+/// Returns true when the workspace binaries have every flag and command the lab needs
+/// (`missing` is what they lack, from `MeshBins::missing_features`); otherwise skips, or fails
+/// in CI: CI builds the binaries from the same tree, so a missing flag there is a regression
+/// (a renamed or removed option), never "not built yet".
+pub fn require_features(test: &str, missing: Option<String>) -> bool {
+    features_in(in_ci(), test, missing)
+}
+
+fn features_in(ci: bool, test: &str, missing: Option<String>) -> bool {
+    match missing {
+        None => true,
+        Some(m) => unmet_in(ci, test, &format!("the meshpunch binaries lack {m}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_binaries_run_in_and_outside_ci() {
+        assert!(features_in(true, "t", None));
+        assert!(features_in(false, "t", None));
+    }
+
+    #[test]
+    fn a_missing_flag_skips_outside_ci() {
+        assert!(!features_in(
+            false,
+            "t",
+            Some("meshpunch-relay --listen".into())
+        ));
+    }
+
+    #[test]
+    fn a_missing_flag_fails_in_ci() {
+        let outcome = std::panic::catch_unwind(|| {
+            features_in(true, "t", Some("meshpunch-relay --listen".into()))
+        });
+        let msg = outcome.expect_err("a missing flag must fail under CI");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("lack meshpunch-relay --listen"), "{msg}");
+    }
 }

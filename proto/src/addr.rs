@@ -62,6 +62,9 @@ pub enum DenyReason {
     /// The address is one of the relay's own addresses.
     #[error("peer address is the relay itself")]
     RelaySelf,
+    /// The address is in the operator's `denied_peers` list.
+    #[error("peer address is in denied_peers")]
+    Denied,
 }
 
 impl DenyReason {
@@ -70,6 +73,7 @@ impl DenyReason {
         match self {
             DenyReason::Class(c) => c.as_str(),
             DenyReason::RelaySelf => "relay_self",
+            DenyReason::Denied => "denied",
         }
     }
 }
@@ -78,7 +82,9 @@ impl DenyReason {
 ///
 /// Handled: IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`, IPv4-compatible
 /// `::a.b.c.d` (but `::` and `::1` stay IPv6), 6to4 `2002:AABB:CCDD::/48`, well-known NAT64
-/// `64:ff9b::/96` (RFC 6052) and Teredo `2001:0::/32` (the client's obfuscated address).
+/// `64:ff9b::/96` (RFC 6052), local-use NAT64 `64:ff9b:1::/48` (RFC 8215) in its /96 layout
+/// `64:ff9b:1::a.b.c.d` (other layouts stay IPv6 and classify as private), and Teredo
+/// `2001:0::/32` (the client's obfuscated address).
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
@@ -104,6 +110,8 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
         [0x2002, _, _, _, _, _, _, _] => Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])),
         // NAT64 well-known prefix 64:ff9b::/96
         [0x0064, 0xff9b, 0, 0, 0, 0, _, _] => Some(tail),
+        // Local-use NAT64 64:ff9b:1::/48 (RFC 8215), as a /96 translator prefix.
+        [0x0064, 0xff9b, 1, 0, 0, 0, _, _] => Some(tail),
         // Teredo 2001:0000::/32: client address is the last 32 bits inverted.
         [0x2001, 0, _, _, _, _, _, _] => Some(Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15])),
         _ => None,
@@ -172,12 +180,22 @@ pub struct PeerPolicy {
     pub allow_private: bool,
     /// The relay's own addresses (listening and relayed IPs): denied unless their class is allowed.
     pub own_addrs: Vec<IpAddr>,
+    /// Operator deny list (`denied_peers`, like coturn's `denied-peer-ip`): refused whatever the
+    /// class, matched against the canonical address and against the address as spelled.
+    pub denied: Vec<Cidr>,
 }
 
 impl PeerPolicy {
     /// Checks `ip` and returns its canonical form if the relay may forward to it.
     pub fn check(&self, ip: IpAddr) -> Result<IpAddr, DenyReason> {
         let canon = canonical_ip(ip);
+        if self
+            .denied
+            .iter()
+            .any(|c| c.contains(canon) || c.contains(ip))
+        {
+            return Err(DenyReason::Denied);
+        }
         let class = classify(canon);
         let class_allowed = match class {
             AddrClass::Public => true,
@@ -207,6 +225,99 @@ impl PeerPolicy {
             return Err(DenyReason::RelaySelf);
         }
         Ok(canon)
+    }
+}
+
+/// An IP prefix (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Why a CIDR string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CidrError {
+    /// Not `ADDRESS` or `ADDRESS/PREFIX`.
+    #[error("{0:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, 2001:db8::/32)")]
+    Syntax(String),
+    /// The prefix length exceeds the address width.
+    #[error("prefix /{prefix} is longer than the address ({max} bits) in {text:?}")]
+    Prefix {
+        /// The text.
+        text: String,
+        /// Prefix given.
+        prefix: u32,
+        /// Width of the address.
+        max: u32,
+    },
+}
+
+impl Cidr {
+    /// A prefix; host bits of `addr` are ignored. IPv6 spellings of IPv4 are *not* reduced
+    /// here (a deny list entry means what it says; [`PeerPolicy::check`] matches both forms).
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<Cidr, CidrError> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if u32::from(prefix) > max {
+            return Err(CidrError::Prefix {
+                text: format!("{addr}/{prefix}"),
+                prefix: u32::from(prefix),
+                max,
+            });
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` lies inside the prefix (families must match).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
+        let t = s.trim();
+        let syntax = || CidrError::Syntax(s.to_owned());
+        let (a, p) = match t.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (t, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| syntax())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u32 = match p {
+            Some(p) => p.parse().map_err(|_| syntax())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(CidrError::Prefix {
+                text: s.to_owned(),
+                prefix,
+                max,
+            });
+        }
+        Cidr::new(addr, prefix as u8)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -387,5 +498,76 @@ mod tests {
         );
         assert_eq!(DenyReason::RelaySelf.as_str(), "relay_self");
         assert_eq!(DenyReason::Class(AddrClass::Loopback).as_str(), "loopback");
+    }
+
+    #[test]
+    fn local_use_nat64_96_layout_is_canonicalised() {
+        assert_eq!(canonical_ip(ip("64:ff9b:1::7f00:1")), ip("127.0.0.1"));
+        assert_eq!(canonical_ip(ip("64:ff9b:1::10.1.2.3")), ip("10.1.2.3"));
+        // Other layouts inside the /48 stay IPv6 and count as private.
+        let other = ip("64:ff9b:1:a01:2:300::");
+        assert_eq!(canonical_ip(other), other);
+        assert_eq!(classify(other), AddrClass::Private);
+    }
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains(ip("10.1.255.1")));
+        assert!(!c.contains(ip("10.2.0.1")));
+        assert!(
+            !c.contains(ip("::ffff:10.1.0.1")),
+            "no implicit canonicalisation"
+        );
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("8.8.8.8")));
+        let host: Cidr = "2001:db8::1".parse().unwrap();
+        assert!(host.contains(ip("2001:db8::1")) && !host.contains(ip("2001:db8::2")));
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")));
+        assert_eq!(v6.to_string(), "2001:db8::/32");
+        for bad in ["10.0.0.0/33", "::/129", "10.0.0/8", "x", "10.0.0.0/", "/8"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    /// Attack: a `denied_peers` CIDR reached through every IPv6 spelling of an IPv4 inside it.
+    #[test]
+    fn denied_cidr_is_refused_in_every_ipv6_spelling() {
+        let policy = PeerPolicy {
+            denied: vec!["198.51.100.0/24".parse().unwrap()],
+            ..PeerPolicy::default()
+        };
+        // 198.51.100.7 = c633:6407; Teredo stores it inverted: 39cc:9bf8.
+        for spelling in [
+            "198.51.100.7",
+            "::ffff:198.51.100.7",
+            "::ffff:c633:6407",
+            "::ffff:0:198.51.100.7",
+            "::198.51.100.7",
+            "2002:c633:6407::1",
+            "64:ff9b::198.51.100.7",
+            "64:ff9b:1::198.51.100.7",
+            "2001:0:4136:e378:8000:63bf:39cc:9bf8",
+        ] {
+            assert_eq!(
+                policy.check(ip(spelling)),
+                Err(DenyReason::Denied),
+                "{spelling}"
+            );
+        }
+        // Neighbours outside the prefix are public and pass.
+        assert_eq!(policy.check(ip("198.51.101.7")), Ok(ip("198.51.101.7")));
+        assert_eq!(
+            policy.check(ip("64:ff9b::198.51.101.7")),
+            Ok(ip("198.51.101.7"))
+        );
+        // An IPv6 entry matches as spelled.
+        let v6 = PeerPolicy {
+            denied: vec!["2001:db8:aa::/48".parse().unwrap()],
+            ..PeerPolicy::default()
+        };
+        assert_eq!(v6.check(ip("2001:db8:aa::5")), Err(DenyReason::Denied));
+        assert!(v6.check(ip("2001:db8:ab::5")).is_ok());
     }
 }

@@ -74,6 +74,60 @@ pub fn check_rest_username(username: &str, now_unix: u64) -> Result<u64, RestUse
     Ok(expiry)
 }
 
+/// Length of the key part of a meshpunch REST-API user id (`<network>.<16 hex of key>`).
+pub const KEY_HEX_LEN: usize = 16;
+
+/// The tenant a REST-API username belongs to, as the relay's quotas see it.
+///
+/// The rendezvous mints usernames `<expiry>:<network>.<first 16 hex of the node key>`; the
+/// relay keys its quotas by the network (many keys of one network share one bucket) and by
+/// the user id without the expiry (a refreshed credential is the same user). A username
+/// without a network part (a bare `<expiry>`, `<expiry>:<id>` from another minting service,
+/// or a static user) is its own tenant: a per-username bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tenant {
+    /// Per-username quota key: the user id (`network.keyhex`), or the whole username.
+    pub user: String,
+    /// Per-network quota key: `net:<network>`, or `user:<user>` when the username names no
+    /// network (the two spellings cannot collide).
+    pub network: String,
+}
+
+impl Tenant {
+    /// Tenant of `username`; `rest` says whether it is a REST-API username (`expiry:id`)
+    /// rather than a static user.
+    pub fn of(username: &str, rest: bool) -> Tenant {
+        let user = if rest {
+            username
+                .split_once(REST_USERNAME_SEPARATOR)
+                .map_or(username, |(_, id)| id)
+        } else {
+            username
+        };
+        let network = match rest.then(|| rest_network(user)).flatten() {
+            Some(n) => format!("net:{n}"),
+            None => format!("user:{user}"),
+        };
+        Tenant {
+            user: user.to_owned(),
+            network,
+        }
+    }
+
+    /// The network name, if the username carried one.
+    pub fn network_name(&self) -> Option<&str> {
+        self.network.strip_prefix("net:")
+    }
+}
+
+/// The network part of a meshpunch REST-API user id `<network>.<16 hex>`: `None` when the id
+/// does not have that shape (no dot, an empty network, or a suffix that is not 16 hex digits).
+pub fn rest_network(user_id: &str) -> Option<&str> {
+    let (network, key) = user_id.rsplit_once('.')?;
+    (!network.is_empty() && key.len() == KEY_HEX_LEN && key.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(network)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +152,47 @@ mod tests {
         assert_eq!(
             check_rest_username("bob:100", 1),
             Err(RestUsernameError::Malformed)
+        );
+    }
+
+    #[test]
+    fn tenant_is_the_network_of_a_meshpunch_username() {
+        let t = Tenant::of("1800000000:office.0123456789abcdef", true);
+        assert_eq!(t.user, "office.0123456789abcdef");
+        assert_eq!(t.network, "net:office");
+        assert_eq!(t.network_name(), Some("office"));
+        // A network name may contain dots: the key is the last part.
+        let t = Tenant::of("1800000000:a.b.0123456789ABCDEF", true);
+        assert_eq!(t.network_name(), Some("a.b"));
+        // Same network, other key: same network bucket, other user bucket.
+        let u = Tenant::of("1800000099:a.b.fedcba9876543210", true);
+        assert_eq!(u.network, t.network);
+        assert_ne!(u.user, t.user);
+    }
+
+    #[test]
+    fn usernames_without_a_network_are_their_own_bucket() {
+        for (name, rest, user) in [
+            ("1800000000", true, "1800000000"),
+            ("1800000000:alice", true, "alice"),
+            ("1800000000:.0123456789abcdef", true, ".0123456789abcdef"),
+            (
+                "1800000000:net.0123456789abcdeg",
+                true,
+                "net.0123456789abcdeg",
+            ),
+            ("1800000000:net.0123", true, "net.0123"),
+            ("static.0123456789abcdef", false, "static.0123456789abcdef"),
+        ] {
+            let t = Tenant::of(name, rest);
+            assert_eq!(t.user, user, "{name}");
+            assert_eq!(t.network, format!("user:{user}"), "{name}");
+            assert_eq!(t.network_name(), None);
+        }
+        // A user id spelled like a bucket key cannot join a network's bucket.
+        assert_ne!(
+            Tenant::of("1:net:x", true).network,
+            Tenant::of("1:x.0123456789abcdef", true).network
         );
     }
 }

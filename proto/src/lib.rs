@@ -6,6 +6,8 @@
 //! `meshpunch-loadtest`) are thin drivers around these modules, so everything here is
 //! unit-, property- and fuzz-testable without a network.
 
+#![forbid(unsafe_code)]
+
 pub mod addr;
 pub mod channeldata;
 pub mod connect;

@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use meshpunch_proto::addr::PeerPolicy;
-use meshpunch_proto::turn::{Auth, Rate, ServerConfig};
+use meshpunch_proto::addr::{Cidr, PeerPolicy};
+use meshpunch_proto::turn::{
+    Auth, Rate, ServerConfig, DEFAULT_ALLOCATION_BANDWIDTH, DEFAULT_NETWORK_BANDWIDTH,
+    DEFAULT_NETWORK_QUOTA, DEFAULT_USER_QUOTA,
+};
 use serde::Deserialize;
 
 /// Default TURN/STUN port (RFC 8489 §18.5).
@@ -93,6 +96,16 @@ pub struct FileConfig {
     /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF (default: also RFC 5766's
     /// 0x5000-0x7FFF, as coturn does).
     pub strict_channel_range: Option<bool>,
+    /// Allocations one network may hold over all its usernames (0 = unlimited; default 1024).
+    pub network_quota: Option<u32>,
+    /// Bandwidth of one network over all its allocations, bytes/s (0 = unlimited; default
+    /// 125,000,000 = 1 Gbit/s).
+    pub network_bandwidth_limit: Option<u64>,
+    /// Burst of the per-network limit in bytes (default: 100 ms worth).
+    pub network_bandwidth_burst: Option<u64>,
+    /// Peer addresses never relayed to, as CIDRs (coturn's `denied-peer-ip`), checked after
+    /// IPv6 spellings of IPv4 are reduced: `["10.0.0.0/8", "2001:db8::/32"]`.
+    pub denied_peers: Option<Vec<String>>,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -116,6 +129,8 @@ pub struct Overrides {
     pub allow_private_peers: bool,
     /// `--admin-listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// `--denied-peer` (repeatable; added to the file's `denied_peers`).
+    pub denied_peers: Vec<String>,
 }
 
 /// The resolved configuration the relay runs with.
@@ -133,8 +148,12 @@ pub struct RelayConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads.
     pub workers: usize,
-    /// Allocations per user.
+    /// Allocations per username.
     pub user_quota: u32,
+    /// Allocations per network.
+    pub network_quota: u32,
+    /// Bandwidth per network.
+    pub network_bandwidth: Rate,
     /// Drain period.
     pub drain: Duration,
     /// Socket buffer size.
@@ -158,34 +177,108 @@ pub fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
     Ok((lo, hi))
 }
 
-/// Where `--dev` keeps its generated secret.
+/// Where `--dev` keeps its generated secret: `$XDG_STATE_HOME/meshpunch/relay-dev-secret`,
+/// else `$HOME/.local/state/meshpunch/...`, else `/var/lib/meshpunch/...` as root or
+/// `/run/user/UID/meshpunch/...`. Never a shared directory such as `/tmp`, where another user
+/// could plant a secret of their choosing.
 pub fn dev_secret_path() -> PathBuf {
+    let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
     let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir);
+        .and_then(abs)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(abs)
+                .map(|h| h.join(".local/state"))
+        })
+        .unwrap_or_else(|| {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            match unsafe { libc::geteuid() } {
+                0 => PathBuf::from("/var/lib"),
+                uid => PathBuf::from(format!("/run/user/{uid}")),
+            }
+        });
     base.join("meshpunch").join("relay-dev-secret")
 }
 
 /// Reads the `--dev` secret, generating and persisting one on first use.
+///
+/// The directory is created 0700; an existing one must belong to this user or root and must
+/// not be writable by group or others. An existing secret is read only if it is a regular file
+/// (not a symlink: `O_NOFOLLOW`) owned by this user with no group/other permission bits. A new
+/// one is created 0600 from the first byte (`O_CREAT|O_EXCL`, no chmod afterwards) under a
+/// temporary name and renamed into place.
 pub fn dev_secret(path: &Path) -> anyhow::Result<String> {
-    if let Ok(s) = std::fs::read_to_string(path) {
-        let s = s.trim().to_owned();
-        if !s.is_empty() {
-            return Ok(s);
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let dm = std::fs::metadata(&dir).with_context(|| format!("examining {}", dir.display()))?;
+    if (dm.uid() != uid && dm.uid() != 0) || dm.mode() & 0o022 != 0 {
+        bail!(
+            "refusing to keep the dev secret in {}: the directory must belong to you (uid {uid}) \
+             or root and be writable only by its owner (it is uid {}, mode {:04o})",
+            dir.display(),
+            dm.uid(),
+            dm.mode() & 0o7777
+        );
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(mut f) => {
+            let m = f
+                .metadata()
+                .with_context(|| format!("examining {}", path.display()))?;
+            if !m.is_file() || m.uid() != uid || m.mode() & 0o077 != 0 {
+                bail!(
+                    "refusing the dev secret in {}: it must be a regular file owned by you (uid \
+                     {uid}) with mode 0600 (it is uid {}, mode {:04o}); remove it to generate a \
+                     new one",
+                    path.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                );
+            }
+            let mut s = String::new();
+            f.read_to_string(&mut s)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let s = s.trim().to_owned();
+            if !s.is_empty() {
+                return Ok(s);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening {} (a symlink is refused)", path.display()))
         }
     }
     let bytes: [u8; 24] = rand::random();
     let secret = hex_encode(&bytes);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, format!("{secret}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    let tmp = dir.join(format!(".relay-dev-secret.{:08x}", rand::random::<u32>()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(format!("{secret}\n").as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
     }
     Ok(secret)
 }
@@ -271,10 +364,23 @@ impl RelayConfig {
         }
         let nonce_key: [u8; 32] = rand::random();
         let mut server = ServerConfig::new(realm, Auth { secrets, users }, nonce_key);
+        let mut denied = Vec::new();
+        for text in file
+            .denied_peers
+            .iter()
+            .flatten()
+            .chain(o.denied_peers.iter())
+        {
+            let cidr: Cidr = text
+                .parse()
+                .with_context(|| format!("denied_peers / --denied-peer entry {text:?}"))?;
+            denied.push(cidr);
+        }
         server.policy = PeerPolicy {
             allow_loopback,
             allow_private,
             own_addrs,
+            denied,
         };
         if let Some(v) = file.max_permissions {
             server.max_permissions = v;
@@ -289,11 +395,24 @@ impl RelayConfig {
         if let Some(v) = file.max_channels {
             server.max_channels = v;
         }
-        let bw = file.bandwidth_limit.unwrap_or(0);
+        // Finite by default (sized in docs/relay.md from BENCHMARKS.md); 0 = unlimited.
+        let bw = file
+            .bandwidth_limit
+            .unwrap_or(DEFAULT_ALLOCATION_BANDWIDTH.per_sec);
         // The burst must hold the largest datagram, or big packets could never pass.
         server.bandwidth = Rate {
             per_sec: bw,
-            burst: file.bandwidth_burst.unwrap_or(bw).max(65_536),
+            burst: file.bandwidth_burst.unwrap_or(bw / 10).max(65_536),
+        };
+        let net_bw = file
+            .network_bandwidth_limit
+            .unwrap_or(DEFAULT_NETWORK_BANDWIDTH.per_sec);
+        let network_bandwidth = Rate {
+            per_sec: net_bw,
+            burst: file
+                .network_bandwidth_burst
+                .unwrap_or(net_bw / 10)
+                .max(65_536),
         };
         if let Some(r) = file.request_rate {
             server.request_rate = Rate {
@@ -327,7 +446,15 @@ impl RelayConfig {
             ports,
             admin_listen: o.admin_listen.or(file.admin_listen),
             workers,
-            user_quota: file.user_quota.unwrap_or(if dev { 0 } else { 10 }),
+            user_quota: file
+                .user_quota
+                .unwrap_or(if dev { 0 } else { DEFAULT_USER_QUOTA }),
+            network_quota: file.network_quota.unwrap_or(if dev {
+                0
+            } else {
+                DEFAULT_NETWORK_QUOTA
+            }),
+            network_bandwidth,
             drain: file
                 .drain_seconds
                 .map_or(DEFAULT_DRAIN, Duration::from_secs),
@@ -391,16 +518,30 @@ mod tests {
             strict_channel_range = true
             relay_to_self = false
             external_ips = { "127.0.0.1" = "203.0.113.9" }
+            network_quota = 50
+            network_bandwidth_limit = 5000000
+            network_bandwidth_burst = 600000
+            denied_peers = ["10.0.0.0/8", "2001:db8::/32"]
             "#,
         )
         .unwrap();
         let o = Overrides {
             realm: Some("flag".into()),
             allow_loopback_peers: true,
+            denied_peers: vec!["169.254.169.254".into()],
             ..Default::default()
         };
         let c = RelayConfig::resolve(file, o, None).unwrap();
         assert_eq!(c.server.realm, "flag");
+        assert_eq!(c.network_quota, 50);
+        assert_eq!(
+            c.network_bandwidth,
+            Rate {
+                per_sec: 5_000_000,
+                burst: 600_000
+            }
+        );
+        assert_eq!(c.server.policy.denied.len(), 3);
         assert_eq!(c.ports, (40000, 40100));
         assert_eq!(c.also_listen, vec!["[::1]:3478".parse().unwrap()]);
         assert!(c.server.policy.allow_loopback && c.server.policy.allow_private);
@@ -419,6 +560,37 @@ mod tests {
             .own_addrs
             .contains(&"203.0.113.9".parse().unwrap()));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn limits_are_finite_by_default() {
+        let c = RelayConfig::resolve(
+            FileConfig::default(),
+            Overrides {
+                listen: Some("127.0.0.1:3478".parse().unwrap()),
+                auth_secret: Some("s".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.user_quota, DEFAULT_USER_QUOTA);
+        assert_eq!(c.network_quota, DEFAULT_NETWORK_QUOTA);
+        assert_eq!(c.server.bandwidth, DEFAULT_ALLOCATION_BANDWIDTH);
+        assert_eq!(c.network_bandwidth, DEFAULT_NETWORK_BANDWIDTH);
+        // 0 still switches a limit off, as documented.
+        let c = RelayConfig::resolve(
+            toml::from_str("bandwidth_limit = 0\nnetwork_bandwidth_limit = 0").unwrap(),
+            Overrides {
+                listen: Some("127.0.0.1:3478".parse().unwrap()),
+                auth_secret: Some("s".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.server.bandwidth.per_sec, 0);
+        assert_eq!(c.network_bandwidth.per_sec, 0);
     }
 
     #[test]
@@ -453,5 +625,69 @@ mod tests {
         let p = dir.path().join("x/secret");
         let s1 = dev_secret(&p).unwrap();
         assert_eq!(dev_secret(&p).unwrap(), s1, "persisted");
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn chmod(p: &Path, m: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    #[test]
+    fn dev_secret_is_private_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state/meshpunch/relay-dev-secret");
+        dev_secret(&p).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(
+            mode(p.parent().unwrap()),
+            0o700,
+            "directory created private"
+        );
+        assert_eq!(
+            std::fs::read_dir(p.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp left"
+        );
+    }
+
+    #[test]
+    fn dev_secret_planted_in_a_shared_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("tmp");
+        std::fs::create_dir(&shared).unwrap();
+        chmod(&shared, 0o1777);
+        let p = shared.join("relay-dev-secret");
+        std::fs::write(&p, "attacker-chosen\n").unwrap();
+        chmod(&p, 0o600);
+        let e = dev_secret(&p).unwrap_err().to_string();
+        assert!(e.contains("writable only by its owner"), "{e}");
+    }
+
+    #[test]
+    fn dev_secret_symlink_or_readable_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "attacker-chosen\n").unwrap();
+        chmod(&target, 0o600);
+        let d = dir.path().join("state");
+        std::fs::create_dir(&d).unwrap();
+        let link = d.join("relay-dev-secret");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(dev_secret(&link).is_err(), "a symlink is not followed");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, "old\n").unwrap();
+        chmod(&link, 0o644);
+        let e = dev_secret(&link).unwrap_err().to_string();
+        assert!(e.contains("mode 0600"), "{e}");
+    }
+
+    #[test]
+    fn dev_secret_path_is_never_in_tmp() {
+        assert!(!dev_secret_path().starts_with(std::env::temp_dir()));
     }
 }

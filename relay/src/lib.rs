@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
-use meshpunch_proto::turn::PortPool;
+use meshpunch_proto::turn::{PortPool, SharedLimits};
 
 pub use config::RelayConfig;
 use worker::Shared;
@@ -65,11 +65,13 @@ impl Relay {
             cfg.ports.0,
             cfg.ports.1,
             cfg.user_quota,
-        );
+        )
+        .with_network_limits(cfg.network_quota, cfg.network_bandwidth);
         let capacity = pool.capacity();
         ::metrics::gauge!(metrics::PORTS_CAPACITY).set(capacity as f64);
         let shared = Arc::new(Shared {
             pool: Mutex::new(pool),
+            limits: SharedLimits::new(&cfg.server),
             draining: Default::default(),
             stop: Default::default(),
             socket_buffer: cfg.socket_buffer,

@@ -46,6 +46,14 @@ struct Cli {
     /// Admin HTTP address for /metrics and /healthz.
     #[arg(long, env = "MESHPUNCH_RELAY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Never relay to this CIDR (repeat or comma-separate; added to `denied_peers`), like
+    /// coturn's --denied-peer-ip. Matched in every IPv6 spelling of an IPv4 address.
+    #[arg(
+        long = "denied-peer",
+        env = "MESHPUNCH_RELAY_DENIED_PEERS",
+        value_delimiter = ','
+    )]
+    denied_peer: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         allow_loopback_peers: cli.allow_loopback_peers,
         allow_private_peers: cli.allow_private_peers,
         admin_listen: cli.admin_listen,
+        denied_peers: cli.denied_peer,
     };
     let cfg = RelayConfig::resolve(file, overrides, dev_secret)?;
     let handle = admin::install_recorder();

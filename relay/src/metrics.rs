@@ -26,7 +26,7 @@ pub const CHANNELS_BOUND: &str = "meshpunch_relay_channels_bound_total";
 pub const PACKETS: &str = "meshpunch_relay_packets_total";
 /// Relayed payload bytes, label `direction`.
 pub const BYTES: &str = "meshpunch_relay_bytes_total";
-/// Peer addresses refused (403), label `reason` (address class or `relay_self`).
+/// Peer addresses refused (403), label `reason` (address class, `relay_self` or `denied`).
 pub const DENIED: &str = "meshpunch_relay_peer_denied_total";
 /// Requests with bad credentials (401 after an integrity check, 441).
 pub const AUTH_FAILURES: &str = "meshpunch_relay_auth_failures_total";
@@ -34,10 +34,11 @@ pub const AUTH_FAILURES: &str = "meshpunch_relay_auth_failures_total";
 pub const CHALLENGES: &str = "meshpunch_relay_challenges_total";
 /// 438 Stale Nonce answers.
 pub const STALE_NONCES: &str = "meshpunch_relay_stale_nonces_total";
-/// Quota hits, label `kind` = `user` (486) | `capacity` (508).
+/// Quota hits, label `kind` = `user` (486, the username's) | `network` (486, the network's) |
+/// `capacity` (508).
 pub const QUOTA_HITS: &str = "meshpunch_relay_quota_hits_total";
 /// Datagrams dropped, label `reason` = `rate_limited` | `malformed` | `no_permission` |
-/// `unbound_channel` | `bandwidth` | `send_failed`.
+/// `unbound_channel` | `bandwidth` (per allocation) | `network_bandwidth` | `send_failed`.
 pub const DROPPED: &str = "meshpunch_relay_dropped_total";
 /// Other error responses (400, 420, 437, 440, 442, 443).
 pub const ERRORS: &str = "meshpunch_relay_error_responses_total";
@@ -47,6 +48,11 @@ pub const BINDINGS: &str = "meshpunch_relay_bindings_total";
 pub const SEND_SYSCALLS: &str = "meshpunch_relay_send_syscalls_total";
 /// 1 while draining after SIGTERM.
 pub const DRAINING: &str = "meshpunch_relay_draining";
+/// Admin HTTP connections closed early, label `reason` = `too_many_connections` (closed on
+/// accept) | `header_timeout` (request head not received in time).
+pub const ADMIN_REFUSED: &str = "meshpunch_relay_admin_refused_total";
+/// Admin HTTP connections open (gauge).
+pub const ADMIN_CONNECTIONS_OPEN: &str = "meshpunch_relay_admin_connections_open";
 /// Relayed ports in use over all relay IPs (gauge).
 pub const PORTS_IN_USE: &str = "meshpunch_relay_ports_in_use";
 /// Relayed ports available in total (gauge): the capacity limit.
@@ -92,6 +98,8 @@ impl Exported {
         counter!(CHALLENGES).increment(d(s.challenges, o.challenges));
         counter!(STALE_NONCES).increment(d(s.stale_nonces, o.stale_nonces));
         counter!(QUOTA_HITS, "kind" => "user").increment(d(s.quota_hits, o.quota_hits));
+        counter!(QUOTA_HITS, "kind" => "network")
+            .increment(d(s.network_quota_hits, o.network_quota_hits));
         counter!(QUOTA_HITS, "kind" => "capacity").increment(d(s.capacity_hits, o.capacity_hits));
         for (label, new, old) in [
             ("rate_limited", s.rate_limited, o.rate_limited),
@@ -99,6 +107,11 @@ impl Exported {
             ("no_permission", s.no_permission, o.no_permission),
             ("unbound_channel", s.unbound_channel, o.unbound_channel),
             ("bandwidth", s.bandwidth_dropped, o.bandwidth_dropped),
+            (
+                "network_bandwidth",
+                s.network_bandwidth_dropped,
+                o.network_bandwidth_dropped,
+            ),
             ("send_failed", send.dropped, self.send.dropped),
         ] {
             counter!(DROPPED, "reason" => label).increment(d(new, old));

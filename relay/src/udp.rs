@@ -35,6 +35,45 @@ fn cmsg_space(len: usize) -> usize {
     unsafe { libc::CMSG_SPACE(len as u32) as usize }
 }
 
+/// One aligned unit of control-message storage. `CMSG_FIRSTHDR`/`CMSG_NXTHDR` cast the buffer
+/// to `*mut cmsghdr` and the kernel writes `cmsghdr`s into it, so the buffer must start on a
+/// `cmsghdr` boundary (a plain `Vec<u8>` only promises alignment 1).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct CmsgUnit([u8; 8]);
+
+const _: () = assert!(std::mem::align_of::<CmsgUnit>() >= std::mem::align_of::<libc::cmsghdr>());
+
+/// Control-message buffers for a batch: `slots` slots of `slot_len` bytes each, every slot
+/// aligned for `cmsghdr` (`slot_len` is a `CMSG_SPACE`, a multiple of that alignment).
+struct CmsgBuf {
+    units: Vec<CmsgUnit>,
+    slot_len: usize,
+}
+
+impl CmsgBuf {
+    fn new(slots: usize, slot_len: usize) -> CmsgBuf {
+        debug_assert_eq!(slot_len % std::mem::align_of::<libc::cmsghdr>(), 0);
+        let units = (slots * slot_len).div_ceil(size_of::<CmsgUnit>());
+        CmsgBuf {
+            units: vec![CmsgUnit([0; 8]); units],
+            slot_len,
+        }
+    }
+
+    /// Start of slot `i` (aligned for `cmsghdr`); `None` past the end.
+    fn slot(&mut self, i: usize) -> Option<*mut libc::c_void> {
+        let off = i.checked_mul(self.slot_len)?;
+        if off + self.slot_len > self.units.len() * size_of::<CmsgUnit>() {
+            return None;
+        }
+        // SAFETY: `off + slot_len` lies within the allocation (checked above), so the offset
+        // pointer stays in bounds; the base is aligned to 8 and `off` is a multiple of the
+        // cmsghdr alignment, so the result is aligned for cmsghdr.
+        Some(unsafe { self.units.as_mut_ptr().cast::<u8>().add(off) }.cast())
+    }
+}
+
 /// Enables `UDP_GRO` on `fd`; returns whether the kernel accepted it.
 pub fn enable_gro(fd: RawFd) -> bool {
     let one: libc::c_int = 1;
@@ -70,7 +109,7 @@ pub struct RecvBatch {
     bufs: Vec<u8>,
     names: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
-    cmsgs: Vec<u8>,
+    cmsgs: CmsgBuf,
     hdrs: Vec<libc::mmsghdr>,
     cmsg_len: usize,
     n: usize,
@@ -94,7 +133,7 @@ impl RecvBatch {
             // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs valid when zeroed.
             names: vec![unsafe { zeroed() }; RECV_BATCH],
             iovs: vec![unsafe { zeroed() }; RECV_BATCH],
-            cmsgs: vec![0u8; RECV_BATCH * cmsg_len],
+            cmsgs: CmsgBuf::new(RECV_BATCH, cmsg_len),
             hdrs: vec![unsafe { zeroed() }; RECV_BATCH],
             cmsg_len,
             n: 0,
@@ -113,8 +152,16 @@ impl RecvBatch {
             h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = self.cmsgs[i * self.cmsg_len..].as_mut_ptr().cast();
-            h.msg_controllen = self.cmsg_len as _;
+            match self.cmsgs.slot(i) {
+                Some(c) => {
+                    h.msg_control = c;
+                    h.msg_controllen = self.cmsg_len as _;
+                }
+                None => {
+                    h.msg_control = std::ptr::null_mut();
+                    h.msg_controllen = 0;
+                }
+            }
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -200,7 +247,7 @@ pub struct SendQueue {
     gso: bool,
     names: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
-    cmsgs: Vec<u8>,
+    cmsgs: CmsgBuf,
     hdrs: Vec<libc::mmsghdr>,
     cmsg_len: usize,
     seq: u32,
@@ -223,7 +270,7 @@ impl SendQueue {
             // SAFETY: plain C structs, valid zeroed.
             names: vec![unsafe { zeroed() }; SEND_BATCH],
             iovs: vec![unsafe { zeroed() }; SEND_BATCH],
-            cmsgs: vec![0u8; SEND_BATCH * cmsg_len],
+            cmsgs: CmsgBuf::new(SEND_BATCH, cmsg_len),
             hdrs: vec![unsafe { zeroed() }; SEND_BATCH],
             cmsg_len,
             seq: 0,
@@ -332,11 +379,12 @@ impl SendQueue {
             h.msg_iov = &mut self.iovs[k];
             h.msg_iovlen = 1;
             h.msg_flags = 0;
-            if e.segs > 1 {
-                let c = &mut self.cmsgs[k * self.cmsg_len..(k + 1) * self.cmsg_len];
-                h.msg_control = c.as_mut_ptr().cast();
+            let slot = if e.segs > 1 { self.cmsgs.slot(k) } else { None };
+            if let Some(c) = slot {
+                h.msg_control = c;
                 h.msg_controllen = self.cmsg_len as _;
-                // SAFETY: the control buffer has room for one cmsg carrying a u16.
+                // SAFETY: the control buffer (aligned for cmsghdr, see CmsgBuf) has room for
+                // one cmsg carrying a u16, so CMSG_FIRSTHDR is non-null and in bounds.
                 unsafe {
                     let cm = libc::CMSG_FIRSTHDR(h);
                     (*cm).cmsg_level = SOL_UDP;

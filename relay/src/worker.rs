@@ -21,9 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshpunch_proto::channeldata;
+use meshpunch_proto::creds::Tenant;
 use meshpunch_proto::turn::{
-    AllocateError, ClientAction, Family, PeerAction, PortPool, RelayAllocator, ServerConfig,
-    TurnServer,
+    AllocateError, ClientAction, Family, PeerAction, PortPool, RelayAllocator, Reservation,
+    ServerConfig, SharedLimits, TurnServer,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -42,8 +43,11 @@ const EXPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// State shared by all workers.
 #[derive(Debug)]
 pub struct Shared {
-    /// Relayed port pool and per-user quota.
+    /// Relayed port pool and the tenant quotas (per username, per network, the networks'
+    /// bandwidth buckets): one for the process, so quotas hold across workers.
     pub pool: Mutex<PortPool>,
+    /// Per-source rate tables, shared by every worker's core.
+    pub limits: SharedLimits,
     /// Set on SIGTERM: new allocations are refused (508), existing ones run until they end or
     /// the drain period is over.
     pub draining: AtomicBool,
@@ -141,17 +145,18 @@ impl RelayAllocator for WorkerAllocator {
     fn allocate(
         &mut self,
         _client: SocketAddr,
-        user: &str,
+        tenant: &Tenant,
         family: Family,
         even_port: bool,
-    ) -> Result<SocketAddr, AllocateError> {
+        now: Instant,
+    ) -> Result<Reservation, AllocateError> {
         if self.shared.draining.load(Ordering::Relaxed) {
             return Err(AllocateError::Capacity);
         }
         let mut bound = None;
         let buffer = self.shared.socket_buffer;
         let result = match self.shared.pool.lock() {
-            Ok(mut pool) => pool.reserve(user, family, even_port, |addr| {
+            Ok(mut pool) => pool.reserve(tenant, family, even_port, now, |addr| {
                 match udp_socket(addr, false, buffer) {
                     Ok(s) => {
                         bound = Some(s);
@@ -162,8 +167,10 @@ impl RelayAllocator for WorkerAllocator {
             }),
             Err(_) => Err(AllocateError::Capacity),
         };
-        let addr =
-            result.inspect_err(|e| tracing::info!(user, error = %e, "allocation refused"))?;
+        let reservation = result.inspect_err(|e| {
+            tracing::info!(user = %tenant.user, network = %tenant.network, error = %e, "allocation refused")
+        })?;
+        let addr = reservation.relayed;
         let Some(sock) = bound else {
             return Err(AllocateError::Capacity);
         };
@@ -178,7 +185,7 @@ impl RelayAllocator for WorkerAllocator {
         // SAFETY: valid epoll and socket descriptors.
         if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
             if let Ok(mut pool) = self.shared.pool.lock() {
-                pool.release(addr, user);
+                pool.release(addr, tenant);
             }
             return Err(AllocateError::Capacity);
         }
@@ -188,12 +195,17 @@ impl RelayAllocator for WorkerAllocator {
         }
         self.by_fd[i] = Some(addr);
         self.sockets.insert(addr, sock);
-        tracing::debug!(%addr, user, "allocation created");
-        Ok(addr)
+        tracing::debug!(%addr, user = %tenant.user, network = %tenant.network, "allocation created");
+        Ok(reservation)
     }
 
-    fn release(&mut self, relayed: SocketAddr, user: &str) {
-        tracing::debug!(addr = %relayed, user, "allocation ended");
+    fn is_live_relayed(&self, addr: SocketAddr) -> bool {
+        // Own sockets first (no lock), then the process-wide pool (other workers' allocations).
+        self.sockets.contains_key(&addr) || self.shared.pool.lock().is_ok_and(|p| p.is_in_use(addr))
+    }
+
+    fn release(&mut self, relayed: SocketAddr, tenant: &Tenant) {
+        tracing::debug!(addr = %relayed, user = %tenant.user, "allocation ended");
         if let Some(sock) = self.sockets.remove(&relayed) {
             let fd = sock.as_raw_fd();
             // SAFETY: valid descriptors; removing a registered fd.
@@ -206,7 +218,7 @@ impl RelayAllocator for WorkerAllocator {
             self.graveyard.push(sock);
         }
         if let Ok(mut pool) = self.shared.pool.lock() {
-            pool.release(relayed, user);
+            pool.release(relayed, tenant);
         }
     }
 }
@@ -296,7 +308,8 @@ pub fn run(
         graveyard: Vec::new(),
     };
     let start = Instant::now();
-    let mut server = TurnServer::new(cfg, alloc, start, unix_now());
+    let limits = shared.limits.clone();
+    let mut server = TurnServer::with_limits(cfg, alloc, limits, start, unix_now());
     let mut rb = RecvBatch::new();
     let mut q = SendQueue::new(gso && udp::gso_supported(first_lfd));
     // Room for a Data indication around the largest UDP payload.

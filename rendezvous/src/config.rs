@@ -45,9 +45,20 @@ pub struct RelayConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Concurrent QUIC connections per source IP.
+    /// Concurrent QUIC connections per source (an IPv4 address or an IPv6 /64), counted
+    /// from the moment the source address is validated (stateless Retry) and moved to the new
+    /// source when a connection migrates.
     pub max_connections_per_ip: u32,
-    /// Sustained registrations (Hello) per second per source IP.
+    /// QUIC handshakes (from a validated source) in progress at once on this node; Initials
+    /// beyond it are dropped without an answer (the client retransmits) and counted as
+    /// `limit="handshakes_in_flight"`.
+    pub max_handshakes_in_flight: usize,
+    /// Sustained Watch requests per second per connection (each can cost up to 1,024
+    /// registry reads and presence writes).
+    pub watches_per_sec: f64,
+    /// Burst of Watch requests per connection.
+    pub watch_burst: u32,
+    /// Sustained registrations (Hello) per second per source (IPv4 address or IPv6 /64).
     pub registrations_per_sec_per_ip: f64,
     /// Burst of registrations per source IP.
     pub registrations_burst: u32,
@@ -81,6 +92,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections_per_ip: 256,
+            max_handshakes_in_flight: 1024,
+            watches_per_sec: 1.0,
+            watch_burst: 10,
             registrations_per_sec_per_ip: 10.0,
             registrations_burst: 40,
             max_frame_bytes: meshpunch_proto::wire::MAX_FRAME_LEN,
@@ -270,6 +284,11 @@ impl Config {
                 "limits.max_frame_bytes must be at least 256".into(),
             ));
         }
+        if self.limits.max_handshakes_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_handshakes_in_flight must be at least 1".into(),
+            ));
+        }
         if self.turn_credential_ttl < Duration::from_secs(60) {
             return Err(ConfigError::Invalid(
                 "turn_credential_ttl must be at least 60s".into(),
@@ -346,6 +365,9 @@ mod tests {
             [limits]
             idle_timeout = "45s"
             max_connections_per_ip = 8
+            max_handshakes_in_flight = 64
+            watches_per_sec = 0.5
+            watch_burst = 4
             [[relay]]
             region = "eu"
             urls = ["turn:relay.example.com:3478"]
@@ -357,6 +379,9 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(45));
         assert_eq!(cfg.limits.max_connections_per_ip, 8);
+        assert_eq!(cfg.limits.max_handshakes_in_flight, 64);
+        assert_eq!(cfg.limits.watch_burst, 4);
+        assert!(Config::from_toml("[limits]\nmax_handshakes_in_flight = 0").is_err());
         assert_eq!(cfg.relays.len(), 1);
         assert_eq!(cfg.turn_credential_ttl, Duration::from_secs(6 * 3600));
         assert_eq!(cfg.reauth_interval, Duration::from_secs(300));

@@ -4,6 +4,8 @@
 //! `main.rs` only parses the command line; everything else lives here so integration tests
 //! can run several servers in one process.
 
+#![forbid(unsafe_code)]
+
 mod admin;
 pub mod config;
 pub mod limits;

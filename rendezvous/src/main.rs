@@ -1,5 +1,7 @@
 //! `meshpunch-rendezvous`: parses the command line and config, then runs the server.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -268,9 +270,16 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let (data_dir, dev_network) = (cfg.data_dir.clone(), cfg.dev_network.clone());
     let server = Server::start(cfg).await?;
     if let Some(cs) = server.dev_connect() {
         println!("connect: {cs}");
+        eprintln!(
+            "the connect string holds a secret (a token for network {:?}): give it only to \
+             machines that may join; a copy is in {} (mode 0600)",
+            dev_network,
+            data_dir.join("connect").display()
+        );
     }
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -31,8 +31,10 @@ pub const PUNCH_STARTS_TOTAL: &str = "meshpunch_rendezvous_punch_starts_total";
 pub const PRESENCE_EVENTS_TOTAL: &str = "meshpunch_rendezvous_presence_events_total";
 /// Counter: observed-address changes seen on live connections.
 pub const OBSERVED_ADDR_CHANGES_TOTAL: &str = "meshpunch_rendezvous_observed_addr_changes_total";
-/// Counter: limits hit, label `limit` = connections_per_ip | registrations_per_ip |
-/// frame_size | idle_timeout | handshake_timeout | offers_rate | pending_offers | stun_rate.
+/// Counter: limits hit, label `limit` = connections_per_ip | migrated_connections_per_ip |
+/// handshakes_in_flight | unvalidated_retry_token | registrations_per_ip | frame_size |
+/// idle_timeout | handshake_timeout | offers_rate | pending_offers | watch_rate | stun_rate |
+/// admin_connections | admin_header_timeout.
 pub const LIMIT_HITS_TOTAL: &str = "meshpunch_rendezvous_limit_hits_total";
 /// Counter: inbox deliveries dropped (recipient gone or its queue full).
 pub const DELIVERIES_DROPPED_TOTAL: &str = "meshpunch_rendezvous_deliveries_dropped_total";
@@ -42,6 +44,14 @@ pub const STUN_REQUESTS_TOTAL: &str = "meshpunch_rendezvous_stun_requests_total"
 pub const TLS_RELOADS_TOTAL: &str = "meshpunch_rendezvous_tls_reloads_total";
 /// Counter: GoAway messages sent, label `reason` = draining | superseded.
 pub const GOAWAY_TOTAL: &str = "meshpunch_rendezvous_goaway_total";
+/// Counter: stateless Retry packets sent to unvalidated sources (every first Initial of a
+/// client without an address-validation token gets one; a spoofed flood shows up here only).
+pub const RETRIES_TOTAL: &str = "meshpunch_rendezvous_retries_total";
+/// Gauge: QUIC handshakes from validated sources in progress (capped by
+/// `limits.max_handshakes_in_flight`).
+pub const HANDSHAKES_IN_FLIGHT: &str = "meshpunch_rendezvous_handshakes_in_flight";
+/// Gauge: admin HTTP connections open (at most 64, see `docs/rendezvous-limits.md`).
+pub const ADMIN_CONNECTIONS_OPEN: &str = "meshpunch_rendezvous_admin_connections_open";
 /// Gauge: 1 when ready, 0 when degraded or draining.
 pub const READY: &str = "meshpunch_rendezvous_ready";
 

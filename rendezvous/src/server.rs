@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::limits::{ConnCounter, ConnSlot, RateLimiter};
+use crate::limits::{ConnCounter, ConnSlot, RateLimiter, TokenBucket};
 use crate::metrics as m;
 use crate::registry::{self, ConnId, Delivery, Inbox, PeerId, Registry, RegistryError};
 use crate::tls::{self, CertAndKey, ReloadableCert};
@@ -394,8 +394,8 @@ impl Server {
             }
         };
         let cs = self.connect_string(&tok);
-        std::fs::write(dir.join("connect"), format!("{cs}\n"))
-            .map_err(io_err(format!("writing {}", dir.join("connect").display())))?;
+        // The connect string carries the dev token: a secret, so the file is 0600.
+        tls::write_private(&dir.join("connect"), format!("{cs}\n").as_bytes())?;
         Ok(cs)
     }
 
@@ -609,6 +609,96 @@ async fn dispatch(shared: Arc<Shared>, mut inbox: Inbox) {
     }
 }
 
+/// How often a warning is logged while the handshake cap refuses Initials (the counter
+/// counts every one).
+const HANDSHAKE_CAP_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// One QUIC handshake in progress; decrements the in-flight count when dropped.
+struct HandshakeGuard(Arc<AtomicUsize>);
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::HANDSHAKES_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// Admission of new QUIC connections, in this order:
+///
+/// 1. **Address validation, always.** An Initial without a valid address-validation token
+///    gets a stateless Retry (RFC 9000 §8.1.2): no connection state, no per-IP slot, no TLS
+///    work, and a reply no larger than the Initial (no amplification). Only a client that
+///    receives the Retry at the address it claims can come back, so spoofed Initials cost the
+///    server one stateless packet each and cannot hold a victim's slots. quinn's NEW_TOKEN
+///    tokens let a reconnecting client skip the extra round trip. Always rather than above a
+///    load threshold: clients connect once and keep the connection for hours, so one more
+///    round trip at connect time is cheap, and per-IP accounting is then truthful at every load
+///    (below a threshold, spoofed Initials would again take slots).
+/// 2. **Global cap on handshakes in flight** (`limits.max_handshakes_in_flight`): beyond it an
+///    Initial is dropped without an answer; the client retransmits it after its probe timeout.
+/// 3. **Per-source slot** (`limits.max_connections_per_ip`, IPv4 address or IPv6 /64), taken
+///    only now that the address is validated.
+struct Admission {
+    in_flight: Arc<AtomicUsize>,
+    last_cap_warn: Option<Instant>,
+}
+
+impl Admission {
+    fn admit(
+        &mut self,
+        shared: &Shared,
+        incoming: quinn::Incoming,
+    ) -> Option<(quinn::Incoming, ConnSlot, HandshakeGuard)> {
+        if shared.draining() {
+            incoming.refuse();
+            return None;
+        }
+        if !incoming.remote_address_validated() {
+            // quinn guarantees `may_retry()` for every unvalidated Incoming.
+            metrics::counter!(m::RETRIES_TOTAL).increment(1);
+            if let Err(e) = incoming.retry() {
+                metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "unvalidated_retry_token")
+                    .increment(1);
+                e.into_incoming().ignore();
+            }
+            return None;
+        }
+        let cap = shared.cfg.limits.max_handshakes_in_flight;
+        if self.in_flight.load(Ordering::Acquire) >= cap {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshakes_in_flight").increment(1);
+            let now = Instant::now();
+            let due = match self.last_cap_warn {
+                None => true,
+                Some(t) => now.saturating_duration_since(t) >= HANDSHAKE_CAP_WARN_EVERY,
+            };
+            if due {
+                self.last_cap_warn = Some(now);
+                warn!(
+                    cap,
+                    remote = %incoming.remote_address(),
+                    "handshake cap reached: dropping new Initials until handshakes finish \
+                     (limits.max_handshakes_in_flight)"
+                );
+            }
+            incoming.ignore();
+            return None;
+        }
+        let ip = incoming.remote_address().ip();
+        let Some(slot) = shared
+            .conn_counter
+            .acquire(ip, shared.cfg.limits.max_connections_per_ip)
+        else {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "connections_per_ip").increment(1);
+            warn!(%ip, "connection refused: too many connections from this source");
+            incoming.refuse();
+            return None;
+        };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(m::HANDSHAKES_IN_FLIGHT).increment(1.0);
+        Some((incoming, slot, HandshakeGuard(self.in_flight.clone())))
+    }
+}
+
 /// Reads the registry's shared revocation list when its version moves.
 async fn refresh_revocations(shared: &Shared) {
     let known = shared
@@ -645,26 +735,18 @@ async fn poll_revocations(shared: Arc<Shared>) {
 
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let mut conns = tokio::task::JoinSet::new();
+    let mut admission = Admission {
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        last_cap_warn: None,
+    };
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                if shared.draining() {
-                    incoming.refuse();
-                    continue;
+                if let Some((incoming, slot, guard)) = admission.admit(&shared, incoming) {
+                    metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+                    conns.spawn(handle_incoming(shared.clone(), incoming, slot, guard));
                 }
-                let ip = incoming.remote_address().ip();
-                let Some(slot) = shared
-                    .conn_counter
-                    .acquire(ip, shared.cfg.limits.max_connections_per_ip)
-                else {
-                    metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "connections_per_ip").increment(1);
-                    warn!(%ip, "connection refused: too many connections from this IP");
-                    incoming.refuse();
-                    continue;
-                };
-                metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
-                conns.spawn(handle_incoming(shared.clone(), incoming, slot));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
@@ -672,7 +754,46 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     conns.shutdown().await;
 }
 
-async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: ConnSlot) {
+/// Keeps a connection's per-source slot on the source it is using now. quinn follows a
+/// client to a new address (NAT rebinding: the client's data socket also carries QUIC, and
+/// its mapping can change under it) after validating the new path; the slot then moves to the
+/// new source, and when that source is already full the connection is closed with
+/// `RateLimited` (the client reconnects and is refused like any other connection over the
+/// limit). Migration stays on so a rebinding client keeps its registration.
+async fn follow_migrations(shared: Arc<Shared>, conn: quinn::Connection, mut slot: ConnSlot) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ip = conn.remote_address().ip();
+        if crate::limits::source_key(ip) == slot.key() {
+            continue;
+        }
+        match shared
+            .conn_counter
+            .acquire(ip, shared.cfg.limits.max_connections_per_ip)
+        {
+            Some(new_slot) => slot = new_slot,
+            None => {
+                metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "migrated_connections_per_ip")
+                    .increment(1);
+                warn!(%ip, "migrated connection closed: too many connections from its new source");
+                conn.close(
+                    quinn::VarInt::from(u16::from(ErrorCode::RateLimited)),
+                    b"too many connections from this source",
+                );
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_incoming(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    slot: ConnSlot,
+    handshake: HandshakeGuard,
+) {
     let remote = incoming.remote_address();
     let timeout = shared.cfg.limits.handshake_timeout;
     let conn = match tokio::time::timeout(timeout, async { incoming.accept()?.await }).await {
@@ -686,6 +807,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: C
             return;
         }
     };
+    drop(handshake);
     let streams = tokio::time::timeout(timeout, conn.accept_bi()).await;
     let (send, recv) = match streams {
         Ok(Ok(s)) => s,
@@ -701,11 +823,14 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming, slot: C
     shared.conns.insert(conn_id, tx);
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let mut session = Session::new(shared.clone(), conn, send, conn_id);
-    Box::pin(session.run(recv, rx)).await;
+    let migrations = follow_migrations(shared.clone(), session.conn.clone(), slot);
+    tokio::select! {
+        () = Box::pin(session.run(recv, rx)) => {}
+        () = migrations => {}
+    }
     Box::pin(session.cleanup()).await;
     shared.conns.remove(&conn_id);
     metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
-    drop(slot);
 }
 
 struct PendingIncoming {
@@ -744,6 +869,8 @@ struct Session {
     token_expires_unix: u64,
     /// The revocation generation last checked.
     revocation_gen: u64,
+    /// Watch requests (`limits.watches_per_sec`, `limits.watch_burst`).
+    watch_bucket: TokenBucket,
 }
 
 impl Session {
@@ -773,6 +900,7 @@ impl Session {
             next_relay_update: now + shared.cfg.turn_credential_ttl / 2,
             token_expires_unix: 0,
             revocation_gen: shared.revocation_generation(),
+            watch_bucket: TokenBucket::full(shared.cfg.limits.watch_burst, now),
             shared,
         }
     }
@@ -1033,6 +1161,14 @@ impl Session {
                 if keys.len() > wire::MAX_WATCH_KEYS {
                     return self
                         .error(ErrorCode::BadRequest, 0, "too many keys in watch")
+                        .await;
+                }
+                let limits = &self.shared.cfg.limits;
+                let (rate, burst) = (limits.watches_per_sec, limits.watch_burst);
+                if !self.watch_bucket.take(rate, burst, Instant::now()) {
+                    metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "watch_rate").increment(1);
+                    return self
+                        .error(ErrorCode::RateLimited, 0, "too many watch requests")
                         .await;
                 }
                 match self.shared.registry.watch(&me, &keys).await {

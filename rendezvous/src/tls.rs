@@ -98,17 +98,28 @@ pub fn load_or_generate(dir: &Path, names: &[String]) -> Result<CertAndKey, TlsE
     load_pem(&cert, &key)
 }
 
-/// Writes a file readable only by the owner.
+/// Writes a file readable only by the owner: created 0600 from the first byte under a fresh
+/// name (`O_EXCL`, so never through a planted symlink) and renamed over `path`, so a file that
+/// existed with a wider mode is replaced, not reused.
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     use std::io::Write as _;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt as _;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{:08x}.tmp", rand::random::<u32>()));
+    let tmp = path.with_file_name(name);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(path).map_err(io(path))?;
-    f.write_all(data).map_err(io(path))
+    let written = opts
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io(path))
 }
 
 /// Server certificate resolver with a swappable certificate.

@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use meshpunch_proto::creds::rest_credentials;
-use meshpunch_proto::turn::{Auth, ClientAction, PortPool, ServerConfig, TurnServer};
+use meshpunch_proto::turn::{
+    Auth, ClientAction, PortPool, ServerConfig, TurnServer, DEFAULT_NETWORK_BANDWIDTH,
+    DEFAULT_NETWORK_QUOTA,
+};
 use meshpunch_proto::turn_client::{TurnClient, TurnCredentials, TurnEvent};
 
 /// Server, addresses and the channel the client bound.
@@ -34,12 +37,15 @@ pub fn turn_pair() -> TurnPair {
         [7; 32],
     );
     cfg.policy.allow_loopback = true;
-    let pool = PortPool::new(vec!["127.0.0.1".parse().unwrap()], 50_000, 50_100, 0);
+    // Production limits: the default per-allocation bucket (from ServerConfig::new) and a
+    // per-network bucket shared like across workers, so the hot path measured is the real one.
+    let pool = PortPool::new(vec!["127.0.0.1".parse().unwrap()], 50_000, 50_100, 0)
+        .with_network_limits(DEFAULT_NETWORK_QUOTA, DEFAULT_NETWORK_BANDWIDTH);
     let mut server = TurnServer::new(cfg, pool, now, unix);
     let server_addr: SocketAddr = "127.0.0.1:3478".parse().unwrap();
     let client_addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     let peer: SocketAddr = "127.0.0.1:9999".parse().unwrap();
-    let creds = rest_credentials(b"bench-secret", unix + 3600, "bench");
+    let creds = rest_credentials(b"bench-secret", unix + 3600, "bench.0011223344556677");
     let mut client = TurnClient::new(
         server_addr,
         TurnCredentials {

@@ -78,8 +78,13 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(cs: &ConnectString) -> Raw {
+        Raw::connect_from(cs, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Like [`Raw::connect`], from the local address `local`.
+    pub async fn connect_from(cs: &ConnectString, local: std::net::SocketAddr) -> Raw {
         let cfg = client::quic_client_config(cs.pin).unwrap();
-        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let ep = quinn::Endpoint::client(local).unwrap();
         let addr = format!("{}:{}", cs.host, cs.port).parse().unwrap();
         let conn = ep
             .connect_with(cfg, addr, "meshpunch")
