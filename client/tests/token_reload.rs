@@ -59,6 +59,7 @@ async fn an_expired_token_shows_in_status_and_a_reloaded_one_reconnects_without_
         }],
         path: PathConfig::default(),
         exclude_interfaces: Vec::new(),
+        ca_roots: Vec::new(),
     })
     .await
     .unwrap();

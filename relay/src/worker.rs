@@ -20,7 +20,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshpunch_proto::channeldata;
 use meshpunch_proto::creds::Tenant;
@@ -226,9 +226,7 @@ impl RelayAllocator for WorkerAllocator {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    meshpunch_proto::clock::unix_secs(SystemTime::now())
 }
 
 /// Runs one worker until stopped (or drained). `listeners` are this worker's sockets of the

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
 use meshpunch_proto::connect::{join_host_port, ConnectString};
@@ -92,17 +92,11 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError 
 
 /// Unix time now in seconds.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    meshpunch_proto::clock::unix_secs(SystemTime::now())
 }
 
 fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    meshpunch_proto::clock::unix_ms(SystemTime::now())
 }
 
 /// Reads the token secret: `token_secret`, else `token_secret_file`, else
@@ -292,6 +286,13 @@ impl Server {
         let mut server_config =
             quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(resolver.clone())?));
         server_config.transport_config(Arc::new(transport_config(&cfg.limits)));
+        // Every new connection goes through a Retry (see `Admission`). When the handshake cap
+        // drops a validated Initial, the client retransmits it with the same Retry token after
+        // its probe timeout, doubling each time: quinn's default 15 s token lifetime then
+        // refused clients that had queued behind a burst of reconnects (seen with 10,000
+        // clients registering at once). A token stays bound to the client's address, so a
+        // longer lifetime gives a spoofer nothing.
+        server_config.retry_token_lifetime(RETRY_TOKEN_LIFETIME);
         let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
             .map_err(io_err(format!("binding QUIC {}", cfg.listen)))?;
         let quic_addr = endpoint
@@ -617,6 +618,9 @@ async fn dispatch(shared: Arc<Shared>, mut inbox: Inbox) {
         }
     }
 }
+
+/// How long a Retry token stays valid (quinn's default is 15 s).
+const RETRY_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 /// How often a warning is logged while the handshake cap refuses Initials (the counter
 /// counts every one).
