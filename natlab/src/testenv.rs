@@ -4,6 +4,7 @@
 //! In CI (`CI` set in the environment, as `.ci/run` is started) a missing requirement is a
 //! failure: CI installs everything, so a skip there would hide a broken install step.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 /// True when running under CI (`CI` is set to anything but `0`/`false`).
@@ -27,14 +28,16 @@ pub fn which(cmd: &str) -> Option<PathBuf> {
 }
 
 fn unmet(test: &str, why: &str) -> bool {
-    unmet_in(in_ci(), test, why)
+    unmet_in(in_ci(), test, why, &mut std::io::stderr())
 }
 
-fn unmet_in(ci: bool, test: &str, why: &str) -> bool {
+/// `out` receives the skip line; tests of this module pass a buffer so that a run of the
+/// suite prints `SKIP` only for tests that really skipped.
+fn unmet_in(ci: bool, test: &str, why: &str, out: &mut dyn Write) -> bool {
     if ci {
         panic!("{test}: requirement not met in CI: {why}");
     }
-    eprintln!("SKIP {test}: {why}");
+    let _ = writeln!(out, "SKIP {test}: {why}");
     false
 }
 
@@ -66,13 +69,13 @@ pub fn require_commands(test: &str, cmds: &[&str]) -> bool {
 /// in CI: CI builds the binaries from the same tree, so a missing flag there is a regression
 /// (a renamed or removed option), never "not built yet".
 pub fn require_features(test: &str, missing: Option<String>) -> bool {
-    features_in(in_ci(), test, missing)
+    features_in(in_ci(), test, missing, &mut std::io::stderr())
 }
 
-fn features_in(ci: bool, test: &str, missing: Option<String>) -> bool {
+fn features_in(ci: bool, test: &str, missing: Option<String>, out: &mut dyn Write) -> bool {
     match missing {
         None => true,
-        Some(m) => unmet_in(ci, test, &format!("the meshpunch binaries lack {m}")),
+        Some(m) => unmet_in(ci, test, &format!("the meshpunch binaries lack {m}"), out),
     }
 }
 
@@ -82,23 +85,35 @@ mod tests {
 
     #[test]
     fn complete_binaries_run_in_and_outside_ci() {
-        assert!(features_in(true, "t", None));
-        assert!(features_in(false, "t", None));
+        assert!(features_in(true, "t", None, &mut Vec::new()));
+        assert!(features_in(false, "t", None, &mut Vec::new()));
     }
 
     #[test]
     fn a_missing_flag_skips_outside_ci() {
+        let mut out = Vec::new();
         assert!(!features_in(
             false,
             "t",
-            Some("meshpunch-relay --listen".into())
+            Some("meshpunch-relay --listen".into()),
+            &mut out
         ));
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(
+            out,
+            "SKIP t: the meshpunch binaries lack meshpunch-relay --listen\n"
+        );
     }
 
     #[test]
     fn a_missing_flag_fails_in_ci() {
         let outcome = std::panic::catch_unwind(|| {
-            features_in(true, "t", Some("meshpunch-relay --listen".into()))
+            features_in(
+                true,
+                "t",
+                Some("meshpunch-relay --listen".into()),
+                &mut Vec::new(),
+            )
         });
         let msg = outcome.expect_err("a missing flag must fail under CI");
         let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
