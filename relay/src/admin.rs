@@ -1,36 +1,22 @@
 //! Admin HTTP: `/metrics` (Prometheus text) and `/healthz` (200 `ok`, 503 `draining`).
 //!
-//! Hardened like a public server (axum routes on hyper's HTTP/1 connection, our own accept
-//! loop because `axum::serve` has none of this): a request head must arrive within
-//! [`HEADER_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections are served at once (more
-//! are closed on accept), and no connection lives longer than [`MAX_CONNECTION_AGE`]. The
-//! rendezvous admin server is built the same way.
+//! Served by [`meshpunch_admin::serve`], the hardened accept loop both servers share
+//! (header-read timeout, connection cap, connection age limit).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::metrics as m;
 use crate::Control;
 
-/// Time allowed for a request's line and headers, counted from the moment the server starts
-/// waiting for them (also between keep-alive requests).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Admin connections served at once; a connection beyond it is closed when accepted.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Longest life of one admin connection, however busy.
-pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+pub use meshpunch_admin::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTION_AGE};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -83,54 +69,21 @@ pub async fn serve(
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
         .with_state(AppState { handle, control });
-    tokio::spawn(serve_limited(listener, app));
+    tokio::spawn(meshpunch_admin::serve(
+        listener,
+        app,
+        meshpunch_admin::Metrics {
+            connections_open: m::ADMIN_CONNECTIONS_OPEN,
+            refused: count_refusal,
+        },
+    ));
     Ok(bound)
 }
 
-async fn serve_limited(listener: TcpListener, app: Router) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, remote) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of descriptors and the like: wait instead of spinning.
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    metrics::counter!(m::ADMIN_REFUSED, "reason" => "too_many_connections")
-                        .increment(1);
-                    tracing::debug!(%remote, "admin connection refused: too many open");
-                    continue;
-                };
-                let service = TowerToHyperService::new(app.clone());
-                conns.spawn(async move {
-                    let _permit = permit;
-                    metrics::gauge!(m::ADMIN_CONNECTIONS_OPEN).increment(1.0);
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT);
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    match tokio::time::timeout(MAX_CONNECTION_AGE, conn).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) if e.is_timeout() => {
-                            metrics::counter!(m::ADMIN_REFUSED, "reason" => "header_timeout")
-                                .increment(1);
-                            tracing::debug!(%remote, "admin connection closed: request head too slow");
-                        }
-                        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "admin connection failed"),
-                        Err(_) => tracing::debug!(%remote, "admin connection closed: too old"),
-                    }
-                    metrics::gauge!(m::ADMIN_CONNECTIONS_OPEN).decrement(1.0);
-                });
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+fn count_refusal(r: meshpunch_admin::Refusal) {
+    let reason = match r {
+        meshpunch_admin::Refusal::TooManyConnections => "too_many_connections",
+        meshpunch_admin::Refusal::HeaderTimeout => "header_timeout",
+    };
+    metrics::counter!(m::ADMIN_REFUSED, "reason" => reason).increment(1);
 }
