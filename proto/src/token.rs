@@ -321,25 +321,7 @@ impl Revocations {
 /// Formats unix seconds as a readable UTC date, `2026-12-02 05:31:07 UTC` (for logs and
 /// status: when a token expired).
 pub fn format_unix_utc(unix: u64) -> String {
-    let days = unix / 86_400;
-    let secs = unix % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm), on u64/i64 without
-    // overflow for any u64 input.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    crate::clock::format_utc(i64::try_from(unix).unwrap_or(i64::MAX))
 }
 
 /// Parses a duration like `30d`, `12h`, `90m`, `45s`, `2w` or a bare number of seconds.
