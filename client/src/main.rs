@@ -55,6 +55,9 @@ enum Cmd {
         /// Also estimate the NAT binding lifetime (takes a few minutes).
         #[arg(long)]
         long: bool,
+        /// Do not ask the gateway for a port mapping (no PCP / NAT-PMP / UPnP packet is sent).
+        #[arg(long)]
+        no_port_mapping: bool,
     },
     /// Run the daemon.
     Up {
@@ -171,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             relay,
             json,
             long,
+            no_port_mapping,
         } => {
             let mut targets = netcheck::Targets::default();
             if let Some(c) = connect {
@@ -200,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let opts = netcheck::Options {
                 long,
+                port_mapping: !no_port_mapping,
                 ..Default::default()
             };
             let report = netcheck::run(&targets, &opts).await?;

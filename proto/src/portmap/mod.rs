@@ -99,6 +99,44 @@ pub struct Support {
     pub upnp: bool,
 }
 
+/// What netcheck and status report about port mapping.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// A UPnP IGD on the gateway answered.
+    pub upnp: bool,
+    /// NAT-PMP answered.
+    pub pmp: bool,
+    /// PCP answered.
+    pub pcp: bool,
+    /// Our mapped public address (`ip:port`), if a mapping is held.
+    pub mapped: Option<SocketAddr>,
+}
+
+impl Report {
+    /// One line: which protocols answered and the mapped address.
+    pub fn to_line(&self) -> String {
+        let mut p: Vec<&str> = Vec::new();
+        if self.pcp {
+            p.push("PCP");
+        }
+        if self.pmp {
+            p.push("NAT-PMP");
+        }
+        if self.upnp {
+            p.push("UPnP");
+        }
+        let offered = if p.is_empty() {
+            "none offered".to_string()
+        } else {
+            p.join(", ")
+        };
+        match self.mapped {
+            Some(a) => format!("{offered}; mapped {a}"),
+            None => format!("{offered}; no mapping"),
+        }
+    }
+}
+
 /// Why an answer was ignored (label values of `meshpunch_client_portmap_ignored_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IgnoreReason {
@@ -309,6 +347,8 @@ pub struct Mapper {
     support: Support,
     /// Probe answers still expected (PCP, NAT-PMP, UPnP).
     probe_pending: [bool; 3],
+    /// When the PCP and NAT-PMP probe answers stop being waited for.
+    probe_deadline: Option<Instant>,
     failed: Vec<Protocol>,
     pmp_external: Option<IpAddr>,
     upnp_external: Option<IpAddr>,
@@ -331,6 +371,7 @@ impl Mapper {
             phase: Phase::NotStarted,
             support: Support::default(),
             probe_pending: [false; 3],
+            probe_deadline: None,
             failed: Vec::new(),
             pmp_external: None,
             upnp_external: None,
@@ -359,6 +400,7 @@ impl Mapper {
         self.outstanding
             .retain(|o| !matches!(o.asked, Asked::PcpAnnounce | Asked::PmpExternal));
         self.probe_pending = [true, true, self.cfg.upnp];
+        self.probe_deadline = Some(now + PROBE_TIMEOUT);
         let client = self.cfg.client_ip;
         self.ask(
             now,
@@ -403,6 +445,7 @@ impl Mapper {
             None => {}
         }
         self.phase = Phase::Stopped;
+        self.probe_deadline = None;
         self.set_mapped(None);
     }
 
@@ -413,8 +456,7 @@ impl Mapper {
 
     /// Whether the probe is over: every protocol answered or its time ran out.
     pub fn probe_done(&self) -> bool {
-        !matches!(self.phase, Phase::Probing { .. } | Phase::NotStarted)
-            || self.probe_pending == [false; 3]
+        self.phase != Phase::NotStarted && self.probe_pending == [false; 3]
     }
 
     /// Our current mapped address.
@@ -462,7 +504,12 @@ impl Mapper {
             } => Some(renew_at.min(expires_at)),
             Phase::Waiting { recheck_at } => Some(recheck_at),
         };
-        let rtx = self.outstanding.iter().map(|o| o.next).min();
+        let rtx = self
+            .outstanding
+            .iter()
+            .map(|o| o.next)
+            .chain(self.probe_deadline)
+            .min();
         match (phase, rtx) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -482,12 +529,15 @@ impl Mapper {
                 o.next = now + o.interval;
             }
         }
+        if self.probe_deadline.is_some_and(|d| now >= d) {
+            self.probe_deadline = None;
+            self.outstanding
+                .retain(|o| !matches!(o.asked, Asked::PcpAnnounce | Asked::PmpExternal));
+            self.probe_pending[0] = false;
+            self.probe_pending[1] = false;
+        }
         match self.phase {
             Phase::Probing { deadline } if now >= deadline => {
-                self.outstanding
-                    .retain(|o| !matches!(o.asked, Asked::PcpAnnounce | Asked::PmpExternal));
-                self.probe_pending[0] = false;
-                self.probe_pending[1] = false;
                 self.choose(now);
             }
             Phase::Mapping { proto, deadline } if now >= deadline => {
