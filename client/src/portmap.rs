@@ -72,9 +72,13 @@ pub struct Snapshot {
     pub gateway_restarts: u64,
 }
 
-/// The default IPv4 gateway from `/proc/net/route`.
+/// The default IPv4 gateway from `/proc/net/route` (of the calling thread's network
+/// namespace: `/proc/thread-self`, so a thread that entered another namespace reads its own).
 pub fn default_gateway_v4() -> Option<Ipv4Addr> {
-    parse_proc_net_route(&std::fs::read_to_string("/proc/net/route").ok()?)
+    let text = std::fs::read_to_string("/proc/thread-self/net/route")
+        .or_else(|_| std::fs::read_to_string("/proc/net/route"))
+        .ok()?;
+    parse_proc_net_route(&text)
 }
 
 /// The gateway of the default route (destination 0.0.0.0/0 with the RTF_GATEWAY flag) with the
