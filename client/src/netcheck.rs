@@ -140,7 +140,15 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
     let local_port = sock.local_addr()?.port();
     // Port mapping runs beside the STUN tests; its probe is short, its mapping is deleted below.
-    let mapper = if opts.port_mapping {
+    // Only when something beyond this host is tested: with every server on loopback no
+    // gateway is involved (and nothing is sent to the real one).
+    let beyond_host = targets
+        .stun
+        .iter()
+        .copied()
+        .chain(targets.relays.iter().filter_map(|r| r.2))
+        .any(|a| !meshpunch_proto::addr::unmap(a).ip().is_loopback());
+    let mapper = if opts.port_mapping && beyond_host {
         match crate::portmap::PortMapper::start_default(local_port, Default::default()) {
             Ok(m) => m,
             Err(e) => {
