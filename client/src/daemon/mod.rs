@@ -51,13 +51,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod net;
 mod proxy;
 mod status;
+mod wg;
 
 use net::{bind_data, usable_candidate};
 pub use net::{
     interface_addrs, interface_addrs_excluding, turn_uri_authority, usable_candidates,
     wireguard_interfaces,
 };
-use proxy::{FastPath, FastRoute, FromProxy};
+use proxy::{FastPath, FastRoute};
+use wg::{FromWg, ProxyPort, WgSide};
 
 use crate::config::PeerConfig;
 use crate::control::{self, CtlCmd, PingResult, RendezvousStatus};
@@ -190,7 +192,7 @@ pub async fn start_with(
         loopback_candidates: data_addr.ip().is_loopback(),
         ..opts.path.clone()
     };
-    let (proxy_tx, proxy_rx) = mpsc::channel::<FromProxy>(1024);
+    let (proxy_tx, proxy_rx) = mpsc::channel::<FromWg>(1024);
     let now = Instant::now();
     let mut peers = Vec::new();
     let mut proxies = Vec::new();
@@ -234,9 +236,11 @@ pub async fn start_with(
             key: pc.public_key,
             b64: format_key(&pc.public_key),
             name: pc.name.clone(),
-            proxy,
-            proxy_addr,
-            wg_addr: opts.wireguard_endpoint,
+            wg: WgSide::Proxy(ProxyPort {
+                sock: proxy,
+                addr: proxy_addr,
+                wg: opts.wireguard_endpoint,
+            }),
             path,
             tx_bytes: 0,
             rx_bytes: 0,
@@ -358,9 +362,8 @@ struct Peer {
     key: [u8; 32],
     b64: String,
     name: Option<String>,
-    proxy: Arc<UdpSocket>,
-    proxy_addr: SocketAddr,
-    wg_addr: Option<SocketAddr>,
+    /// Where this peer's WireGuard packets come from and go to.
+    wg: WgSide,
     path: PeerPath,
     tx_bytes: u64,
     rx_bytes: u64,
@@ -463,7 +466,7 @@ struct Engine {
 impl Engine {
     async fn run(
         mut self,
-        mut proxy_rx: mpsc::Receiver<FromProxy>,
+        mut wg_rx: mpsc::Receiver<FromWg>,
         mut ctl_rx: mpsc::Receiver<CtlCmd>,
         mut sig_rx: mpsc::Receiver<SignalEvent>,
         mut int_rx: mpsc::Receiver<Internal>,
@@ -490,9 +493,9 @@ impl Engine {
                         Err(e) => tracing::debug!(error = %e, "data socket recv error"),
                     }
                 }
-                Some(m) = proxy_rx.recv() => match m {
-                    FromProxy::Packet(i, pkt, src) => self.on_wireguard(Instant::now(), i, &pkt, src),
-                    FromProxy::Active(i) => {
+                Some(m) = wg_rx.recv() => match m {
+                    FromWg::Packet(i, pkt, src) => self.on_wireguard(Instant::now(), i, &pkt, src),
+                    FromWg::Active(i) => {
                         if let Some(p) = self.peers.get_mut(i) {
                             p.path.on_data_sent(Instant::now());
                         }
@@ -1088,23 +1091,19 @@ impl Engine {
                 p.rx_packets += 1;
                 p.last_rx = Some((from, now));
                 p.path.on_data_received(now, &from);
-                if let Some(wg) = p.wg_addr {
-                    let _ = p.proxy.try_send_to(pkt, wg);
-                }
+                p.wg.deliver(pkt);
             }
             _ => {}
         }
     }
 
-    fn on_wireguard(&mut self, now: Instant, i: usize, pkt: &[u8], src: SocketAddr) {
+    fn on_wireguard(&mut self, now: Instant, i: usize, pkt: &[u8], src: Option<SocketAddr>) {
         let Some(p) = self.peers.get_mut(i) else {
             return;
         };
         // The proxy reader passes only packets from WireGuard's one address (configured, or
         // the first that used the port): learn it once.
-        if p.wg_addr.is_none() {
-            p.wg_addr = Some(src);
-        }
+        p.wg.learn_source(src);
         p.path.on_data_sent(now);
         // No path selected yet, but the peer's packets arrive from a known remote: answer
         // there instead of dropping (a lost handshake response costs WireGuard a 5 s retry).

@@ -45,7 +45,7 @@ impl Engine {
                 PeerStatus {
                     public_key: p.b64.clone(),
                     name: p.name.clone(),
-                    proxy: p.proxy_addr,
+                    proxy: p.wg.status_addr(),
                     path: st.kind,
                     remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
