@@ -756,6 +756,17 @@ impl Node {
         self.drive(now);
     }
 
+    /// A candidate source the driver runs (a port mapper, say) reports what it knows now: its
+    /// candidates join ours ([`LocalCandidates::set`]), and a changed list is published and
+    /// re-offered like any other change.
+    pub fn set_candidate_source(&mut self, now: Instant, source: Source) {
+        let first = self.cands.list().is_empty();
+        if self.cands.set(source) {
+            self.local_changed(now, first);
+        }
+        self.drive(now);
+    }
+
     /// The driver resolved relay probe `index` (see [`Event::Resolve`]).
     pub fn relay_resolved(&mut self, now: Instant, index: usize, addr: Option<SocketAddr>) {
         self.home.resolved(now, index, addr);
@@ -873,7 +884,6 @@ impl Node {
             self.next_host_scan = now + HOST_SCAN_INTERVAL;
             self.events.push_back(Event::ScanHosts);
         }
-        self.schedule_birthday_retries(now);
         for i in 0..self.peers.len() {
             if self.peers[i].offer.take_due(now) {
                 let p = &self.peers[i];
@@ -1033,9 +1043,14 @@ impl Node {
         changed |= self.cands.set(Source::Relayed(
             self.link.as_ref().and_then(|l| l.relayed_addr()),
         ));
-        if !changed {
-            return;
+        if changed {
+            self.local_changed(now, first);
         }
+    }
+
+    /// Our candidate list changed: publish it, re-check every pair and re-offer (not for the
+    /// very first list).
+    fn local_changed(&mut self, now: Instant, first: bool) {
         self.events.push_back(Event::LocalCandidates {
             version: self.cands.version(),
             candidates: self.cands.list().to_vec(),
@@ -1258,13 +1273,14 @@ impl Node {
         remap
     }
 
-    /// Runs what follows every input: the pool, every path manager's output, the relay
-    /// link's events.
+    /// Runs what follows every input: the pool, every path manager's output, birthday
+    /// retries, the relay link's events.
     fn drive(&mut self, now: Instant) {
         self.sync_pool(now);
         for i in 0..self.peers.len() {
             self.flush_peer(now, i);
         }
+        self.schedule_birthday_retries(now);
         let Some(link) = &mut self.link else { return };
         let region = link.region().to_string();
         let mut allocated = false;
