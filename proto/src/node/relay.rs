@@ -496,6 +496,79 @@ pub fn turn_uri_authority(url: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn region(name: &str, url: &str) -> RelayRegion {
+        RelayRegion {
+            region: name.into(),
+            urls: vec![url.into()],
+            username: "u".into(),
+            password: "p".into(),
+            expires_unix: 0,
+        }
+    }
+
+    #[test]
+    fn the_home_region_is_the_fastest_and_changes_only_with_a_clear_gain() {
+        let t0 = Instant::now();
+        let mut h = HomeRelay::default();
+        let c = h.set_regions(
+            t0,
+            vec![
+                region("eu", "turn:203.0.113.9:3478"),
+                region("us", "turn:[::ffff:203.0.113.10]:3478"),
+                region("ap", "turn:relay.example.net"),
+            ],
+        );
+        assert!(!c.same_layout);
+        assert_eq!(c.resolve, vec![(2, "relay.example.net:3478".to_string())]);
+        // The IPv4-mapped spelling is canonical from the start.
+        let due = h.measure_due(t0);
+        assert_eq!(
+            due.iter()
+                .map(|(i, a)| (*i, a.to_string()))
+                .collect::<Vec<_>>(),
+            [
+                (0, "203.0.113.9:3478".into()),
+                (1, "203.0.113.10:3478".into())
+            ]
+        );
+        assert!(h.measure_due(t0).is_empty());
+        h.on_latency(t0, 0, Duration::from_millis(80));
+        assert_eq!(h.evaluate_due(t0), None, "waits for the others");
+        h.on_latency(t0, 1, Duration::from_millis(30));
+        // The unresolved one does not hold the choice up for longer than the wait.
+        let at = t0 + RELAY_EVAL_WAIT;
+        assert_eq!(h.evaluate_due(at), Some(("us".to_string(), true)));
+        assert_eq!(h.allocation_for("us").map(|(a, _)| a.port()), Some(3478));
+        // Fresh credentials in the same layout change nothing but the credentials.
+        let c = h.set_regions(
+            at,
+            vec![
+                region("eu", "turn:203.0.113.9:3478"),
+                region("us", "turn:[::ffff:203.0.113.10]:3478"),
+                region("ap", "turn:relay.example.net"),
+            ],
+        );
+        assert!(c.same_layout && c.resolve.is_empty());
+        // Re-measured: eu is only a little faster now, so home stays (hysteresis) ...
+        let t1 = at + RELAY_MEASURE_INTERVAL;
+        assert_eq!(h.measure_due(t1).len(), 2);
+        h.on_latency(t1, 0, Duration::from_millis(28));
+        h.on_latency(t1, 1, Duration::from_millis(30));
+        assert_eq!(
+            h.evaluate_due(t1 + RELAY_EVAL_WAIT),
+            Some(("us".to_string(), false))
+        );
+        // ... and moves with a clear gain.
+        let t2 = t1 + RELAY_MEASURE_INTERVAL;
+        assert_eq!(h.measure_due(t2).len(), 2);
+        h.on_latency(t2, 0, Duration::from_millis(5));
+        h.on_latency(t2, 1, Duration::from_millis(60));
+        assert_eq!(
+            h.evaluate_due(t2 + RELAY_EVAL_WAIT),
+            Some(("eu".to_string(), true))
+        );
+    }
+
     #[test]
     fn turn_uris_are_parsed() {
         assert_eq!(

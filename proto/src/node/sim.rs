@@ -151,6 +151,8 @@ struct Sim {
     inflight: Vec<Packet>,
     rng: u64,
     rdv_up: bool,
+    /// The rendezvous hands out relay credentials the relay refuses.
+    bad_credentials: bool,
     /// Rendezvous messages in flight: (when, host, signal).
     signals: Vec<(Instant, usize, Signal)>,
     sessions: u8,
@@ -163,6 +165,10 @@ struct Sim {
 
 impl Sim {
     fn new(a: Option<NatKind>, b: Option<NatKind>, path: PathConfig) -> Self {
+        Self::with(a, b, path, false)
+    }
+
+    fn with(a: Option<NatKind>, b: Option<NatKind>, path: PathConfig, bad_creds: bool) -> Self {
         let t0 = Instant::now();
         let keys = [[0xA1u8; 32], [0xB2u8; 32]];
         let mk = |i: usize, nat: Option<NatKind>| {
@@ -230,6 +236,7 @@ impl Sim {
             inflight: Vec::new(),
             rng: 0x1234_5678_9abc_def1,
             rdv_up: true,
+            bad_credentials: bad_creds,
             signals: Vec::new(),
             sessions: 0,
             direct_dead: false,
@@ -259,7 +266,11 @@ impl Sim {
             region: "sim".into(),
             urls: vec![format!("turn:{TURN}?transport=udp")],
             username: c.username,
-            password: c.password,
+            password: if self.bad_credentials {
+                "wrong".into()
+            } else {
+                c.password
+            },
             expires_unix: c.expires_unix,
         }]
     }
@@ -906,4 +917,44 @@ fn the_simulation_is_deterministic() {
         )
     };
     assert_eq!(run(), run());
+}
+
+#[test]
+fn a_refused_allocation_retries_with_fresh_credentials() {
+    let cfg = PathConfig {
+        birthday_sockets: 0,
+        birthday_probes: 0,
+        ..PathConfig::default()
+    };
+    let mut s = Sim::with(
+        Some(NatKind::Symmetric),
+        Some(NatKind::Symmetric),
+        cfg,
+        true,
+    );
+    s.run_for(Duration::from_secs(3));
+    for h in &s.hosts {
+        let link = h.node.relay_link().unwrap_or_else(|| unreachable!());
+        assert_eq!(link.state(), LinkState::Failed);
+        assert!(
+            link.error().is_some_and(|e| e.contains("401")),
+            "{:?}",
+            link.error()
+        );
+        assert!(!h.cands.1.iter().any(|c| c.kind == CandidateKind::Relayed));
+    }
+    assert_eq!((s.kind(0), s.kind(1)), (PathKind::None, PathKind::None));
+    // The rendezvous pushes fresh credentials (same regions): the failed allocation is
+    // retried at once, the relayed candidate is offered, the relay carries the pair.
+    s.bad_credentials = false;
+    for i in 0..2 {
+        let r = s.relays(i);
+        let at = s.now;
+        s.signals.push((at, i, Signal::Relays(r)));
+    }
+    let took = s.until_both(PathKind::Relay, Duration::from_secs(10));
+    assert!(took < Duration::from_secs(5), "relay after {took:?}");
+    for h in &s.hosts {
+        assert_eq!(h.allocations, 2);
+    }
 }
