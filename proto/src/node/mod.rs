@@ -1376,3 +1376,99 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(signalling: bool, statics: Vec<SocketAddr>) -> (Node, Instant) {
+        let t0 = Instant::now();
+        let n = Node::new(
+            NodeConfig {
+                me: [1; 32],
+                data_port: 41641,
+                v6: false,
+                path: PathConfig::default(),
+                signalling,
+                seed: 3,
+                unix_ms: 1_800_000_000_000,
+            },
+            vec![PeerSpec {
+                key: [2; 32],
+                static_candidates: statics,
+                static_secret: Some([7; 32]),
+            }],
+            t0,
+        );
+        (n, t0)
+    }
+
+    #[test]
+    fn control_requests_say_what_is_wrong() {
+        let (mut n, t0) = node(true, Vec::new());
+        assert_eq!(n.ping(t0, 5), Err("unknown peer".to_string()));
+        assert!(n.ping(t0, 0).is_err_and(|e| e.starts_with("no path")));
+        assert!(n
+            .set_debug(t0, 0, "block-everything", true)
+            .is_err_and(|e| e.contains("expected block-direct")));
+        assert_eq!(n.set_debug(t0, 0, "force-relay", true), Ok(()));
+        assert!(n.peers()[0].path().direct_blocked());
+    }
+
+    #[test]
+    fn static_candidates_start_a_session_at_once_and_ipv6_ones_need_a_dual_stack_socket() {
+        let statics = vec![
+            "[::ffff:198.51.100.2]:41641"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+            "[2001:db8::2]:41641"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        ];
+        let (mut n, t0) = node(false, statics);
+        assert!(n.peers()[0].path().has_session());
+        n.handle_timeout(t0);
+        let dsts: Vec<(Socket, SocketAddr)> = std::iter::from_fn(|| n.poll_transmit())
+            .map(|t| (t.socket, t.dst))
+            .collect();
+        // The IPv4-mapped spelling is pinged as IPv4; the IPv6 one is dropped (IPv4 socket).
+        assert!(dsts.contains(&(
+            Socket::Data,
+            "198.51.100.2:41641"
+                .parse()
+                .unwrap_or_else(|_| unreachable!())
+        )));
+        assert!(dsts.iter().all(|(_, d)| d.is_ipv4()), "{dsts:?}");
+        // Without a rendezvous nothing is ever offered.
+        n.handle_signal(
+            t0,
+            Signal::Presence {
+                key: [2; 32],
+                online: true,
+            },
+        );
+        n.handle_timeout(t0 + Duration::from_secs(30));
+        assert!(std::iter::from_fn(|| n.poll_event()).all(|e| !matches!(e, Event::Offer { .. })));
+    }
+
+    #[test]
+    fn a_pool_no_search_needs_is_closed_to_the_sockets_in_use_once_per_interval() {
+        let (mut n, t0) = node(true, Vec::new());
+        // No peer searches: nothing to open, nothing to close.
+        n.handle_timeout(t0);
+        assert!(std::iter::from_fn(|| n.poll_event())
+            .all(|e| !matches!(e, Event::OpenPool | Event::ClosePool { .. })));
+        // A pool reported open while no search needs it is closed down to what pairs use.
+        n.pool_report(t0, 4, 4);
+        let closes: Vec<Event> = std::iter::from_fn(|| n.poll_event())
+            .filter(|e| matches!(e, Event::ClosePool { .. }))
+            .collect();
+        assert_eq!(closes, [Event::ClosePool { keep: Vec::new() }]);
+        // ... and not again before POOL_GC_INTERVAL.
+        n.pool_report(t0, 0, 1);
+        assert!(
+            std::iter::from_fn(|| n.poll_event()).all(|e| !matches!(e, Event::ClosePool { .. }))
+        );
+        assert!(n.poll_timeout() <= t0 + POOL_GC_INTERVAL);
+    }
+}
