@@ -42,6 +42,8 @@ mod codec;
 mod limits;
 mod ports;
 mod server;
+pub mod stream;
+pub mod uri;
 
 pub use auth::Auth;
 pub(crate) use auth::{verify_hmac, Integrity};
@@ -53,7 +55,10 @@ pub use limits::{
     DEFAULT_NETWORK_BANDWIDTH, DEFAULT_NETWORK_QUOTA, DEFAULT_USER_QUOTA, EVICTION_SAMPLE,
     RATE_SHARDS,
 };
-pub use ports::{AllocateError, PortPool, RelayAllocator, Reservation};
+pub use ports::{
+    AllocateError, PortPool, PortRequest, RelayAllocator, Reservation, BUSY_RETRY,
+    RESERVATION_LIFETIME, RESERVATION_TOKEN_LEN,
+};
 pub use server::{
     ClientAction, Gauges, PeerAction, ServerConfig, Stats, TurnServer, CHANNEL_COOLDOWN,
     CHANNEL_LIFETIME, DEFAULT_ALLOCATION_LIFETIME, DEFAULT_NONCE_LIFETIME, DENY_LABELS,
