@@ -409,10 +409,12 @@ async fn peer_reader(
             Err(_) => continue,
         };
         let Some(core) = core.upgrade() else { return };
-        core.borrow_mut().on_peer_datagram(t, relayed, from, &buf[..n]);
+        core.borrow_mut()
+            .on_peer_datagram(t, relayed, from, &buf[..n]);
         // Everything else already readable, without going back to the reactor.
         while let Ok((n, from)) = socket.try_recv_from(&mut buf) {
-            core.borrow_mut().on_peer_datagram(t, relayed, from, &buf[..n]);
+            core.borrow_mut()
+                .on_peer_datagram(t, relayed, from, &buf[..n]);
         }
     }
 }
