@@ -635,18 +635,44 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(cfg.write_queue.max(1));
     core.borrow_mut().conns[t].insert(client, tx);
+    // Over TLS every message goes into a record of its own (one write each, one flush per
+    // burst): coturn's uclient reads one TURN message per TLS record and loses the rest of a
+    // record holding several. Over TCP a burst is gathered into one write.
+    let gather = t == TCP;
     let writer = async move {
         let mut batch = Vec::new();
         while let Some(first) = rx.recv().await {
-            batch.clear();
-            batch.extend_from_slice(&first);
-            while batch.len() < WRITE_GATHER {
-                match rx.try_recv() {
-                    Ok(m) => batch.extend_from_slice(&m),
-                    Err(_) => break,
+            if gather {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                while batch.len() < WRITE_GATHER {
+                    match rx.try_recv() {
+                        Ok(m) => batch.extend_from_slice(&m),
+                        Err(_) => break,
+                    }
+                }
+                if wr.write_all(&batch).await.is_err() {
+                    break;
+                }
+            } else {
+                if wr.write_all(&first).await.is_err() {
+                    break;
+                }
+                let mut burst = first.len();
+                let mut failed = false;
+                while burst < WRITE_GATHER {
+                    let Ok(m) = rx.try_recv() else { break };
+                    burst += m.len();
+                    if wr.write_all(&m).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                if failed {
+                    break;
                 }
             }
-            if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+            if wr.flush().await.is_err() {
                 break;
             }
         }
