@@ -1,10 +1,12 @@
-//! `meshpunch-relay`: a TURN server (RFC 8656 over UDP) built for throughput and safe by
-//! default.
+//! `meshpunch-relay`: a TURN server (RFC 8656 over UDP, TCP and TLS; relayed transport UDP)
+//! built for throughput and safe by default.
 //!
 //! The protocol lives in [`meshpunch_proto::turn`] (sans-IO); this crate is the driver:
 //! [`config`] resolves TOML + flags + `--dev`, [`worker`] runs one data-plane thread per CPU
 //! (`SO_REUSEPORT`, epoll, `recvmmsg`/`sendmmsg` with GRO/GSO from [`udp`]), [`admin`] serves
-//! `/metrics` and `/healthz`, and [`Relay`] ties them together with graceful drain.
+//! `/metrics` and `/healthz`, [`stream`] serves TURN over TCP/TLS with the same core,
+//! [`relayed`] binds relayed sockets out of the one port pool for every transport, and
+//! [`Relay`] ties them together with graceful drain.
 //!
 //! Capacity: every allocation holds one relayed UDP port, so one relay IP carries at most as
 //! many allocations as its port range has ports (16 384 for the default 49152–65535). Add

@@ -1125,7 +1125,7 @@ impl<A: RelayAllocator> TurnServer<A> {
 
     /// The peer policy: the one decision every path that names a peer goes through —
     /// CreatePermission, ChannelBind, Send indications and ChannelData to an own address —
-    /// whatever transport the request arrived on (UDP today, TCP/TLS later call the same core).
+    /// whatever transport the request arrived on (UDP, TCP and TLS drivers call the same core).
     ///
     /// In order: the operator deny list and the address classes on the canonical address
     /// ([`PeerPolicy::check`], so a denied address is 403 in every spelling); an own address of
