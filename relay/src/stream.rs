@@ -66,6 +66,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
 /// Default per-connection write queue, in messages.
 pub const DEFAULT_WRITE_QUEUE: usize = 512;
+/// Accept queue length asked of the kernel.
+const LISTEN_BACKLOG: i32 = 4096;
 /// Most bytes gathered into one write (one TLS record burst).
 const WRITE_GATHER: usize = 64 * 1024;
 
@@ -155,9 +157,19 @@ pub fn start(
     drain: Duration,
 ) -> anyhow::Result<Streams> {
     let bind = |addr: SocketAddr| -> anyhow::Result<StdTcpListener> {
-        let l = StdTcpListener::bind(addr).with_context(|| format!("binding TCP {addr}"))?;
-        l.set_nonblocking(true)?;
-        Ok(l)
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&addr.into())
+            .with_context(|| format!("binding TCP {addr}"))?;
+        // A deep accept queue: a burst of connections waits in the kernel instead of SYN
+        // retries (the kernel caps it at net.core.somaxconn).
+        s.listen(LISTEN_BACKLOG)?;
+        s.set_nonblocking(true)?;
+        Ok(s.into())
     };
     let tcp = cfg.tcp_listen.map(bind).transpose()?;
     let tls = cfg.tls_listen.map(bind).transpose()?;
