@@ -533,3 +533,60 @@ fn ten_thousand_idle_connections_do_not_lock_out_a_client() {
     let mut c = StreamTurn::new(tcp(server), server, &format!("real.{:016x}", 5));
     c.allocate();
 }
+
+/// A client that stops reading while its peer floods: the relay queues at most
+/// `stream_write_queue` messages for it and drops the rest (never unbounded memory); once the
+/// client reads again the connection still works.
+#[test]
+fn a_client_that_does_not_read_gets_drops_not_unbounded_queues() {
+    let relay = Relay::start(config(
+        5,
+        true,
+        None,
+        FileConfig {
+            stream_write_queue: Some(8),
+            bandwidth_limit: Some(0),
+            network_bandwidth_limit: Some(0),
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    let server = relay.tcp_addr().unwrap();
+    let mut c = StreamTurn::new(tcp(server), server, &format!("slow.{:016x}", 6));
+    let relayed = c.allocate();
+    let peer = peer_socket();
+    let peer_addr = peer.local_addr().unwrap();
+    c.bind(peer_addr).unwrap();
+    let sent = 20_000usize;
+    let payload = [0x5Au8; 1000];
+    for _ in 0..sent {
+        let _ = peer.send_to(&payload, relayed);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut got = 0usize;
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        match c.backlog.pop_front() {
+            Some((from, data)) => {
+                assert_eq!((from, data.len()), (peer_addr, 1000));
+                got += 1;
+            }
+            None => {
+                assert!(c.pump(), "connection must stay open");
+            }
+        }
+    }
+    assert!(
+        got > 0 && got < sent,
+        "received {got} of {sent}: the queue must drop, not grow"
+    );
+    // Still usable afterwards.
+    peer.send_to(b"after the flood", relayed).unwrap();
+    loop {
+        let (from, data) = c.recv();
+        if data == b"after the flood" {
+            assert_eq!(from, peer_addr);
+            break;
+        }
+    }
+}
