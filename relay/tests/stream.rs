@@ -590,3 +590,46 @@ fn a_client_that_does_not_read_gets_drops_not_unbounded_queues() {
         }
     }
 }
+
+/// TLS handshakes are bounded in count: with `tls_max_handshakes = 2` and two handshakes
+/// pending, a third connection is closed at once; once the slow ones time out, a real TLS
+/// client gets in.
+#[test]
+fn tls_handshakes_beyond_the_limit_are_closed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = self_signed(dir.path());
+    let relay = Relay::start(config(
+        6,
+        true,
+        Some((&cert, &key)),
+        FileConfig {
+            tls_max_handshakes: Some(2),
+            tls_handshake_timeout: Some(2),
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    let server = relay.tls_addr().unwrap();
+    let mut slow: Vec<TcpStream> = (0..2).map(|_| tcp(server)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = tcp(server);
+    assert!(
+        read_closed(&mut third, Duration::from_secs(1)),
+        "third handshake refused at once"
+    );
+    for s in slow.iter_mut() {
+        assert!(!closed_now(s), "pending handshakes are not cut short");
+    }
+    for s in slow.iter_mut() {
+        assert!(
+            read_closed(s, Duration::from_secs(4)),
+            "slow handshakes time out"
+        );
+    }
+    let mut c = StreamTurn::new(
+        tls_client(server, &der, &rustls::version::TLS13),
+        server,
+        &format!("late.{:016x}", 7),
+    );
+    c.allocate();
+}
