@@ -343,7 +343,14 @@ impl HomeRelay {
         }
         self.probes.clear();
         for (idx, r) in self.regions.iter().enumerate() {
-            let url = r.urls.first().cloned().unwrap_or_default();
+            // The first URI this link can use (UDP today); a region may list TCP/TLS URIs first.
+            let url = r
+                .urls
+                .iter()
+                .find(|u| turn_uri_authority(u).is_some())
+                .or(r.urls.first())
+                .cloned()
+                .unwrap_or_default();
             let auth = turn_uri_authority(&url);
             let direct = auth
                 .as_deref()
@@ -464,32 +471,14 @@ impl HomeRelay {
     }
 }
 
-/// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
+/// `host:port` of a TURN URI the client can use over UDP (`turn:host[:port][?transport=udp]`,
+/// RFC 7065, parsed by [`crate::turn::uri::TurnUri`]); `None` for a malformed URI and for
+/// TCP/TLS URIs (`?transport=tcp`, `turns:`), which are never quietly used as UDP.
 pub fn turn_uri_authority(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("turn:")
-        .or_else(|| url.strip_prefix("turns:"))
-        .unwrap_or(url);
-    let rest = rest.split('?').next()?;
-    if rest.is_empty() {
-        return None;
-    }
-    // Default TURN port (RFC 8656 §18) when none is given.
-    if rest.parse::<SocketAddr>().is_ok() {
-        return Some(rest.to_string());
-    }
-    if rest.starts_with('[') {
-        return Some(if rest.contains("]:") {
-            rest.to_string()
-        } else {
-            format!("{rest}:3478")
-        });
-    }
-    match rest.matches(':').count() {
-        0 => Some(format!("{rest}:3478")),
-        1 => Some(rest.to_string()),
-        _ => Some(format!("[{rest}]:3478")),
-    }
+    crate::turn::uri::TurnUri::parse(url)
+        .ok()
+        .filter(|u| u.transport == crate::turn::uri::TurnTransport::Udp)
+        .map(|u| u.authority())
 }
 
 #[cfg(test)]
@@ -586,6 +575,16 @@ mod tests {
         assert_eq!(
             turn_uri_authority("turn:[2001:db8::1]:3478").as_deref(),
             Some("[2001:db8::1]:3478")
+        );
+        // Stream transports are not UDP relays.
+        assert_eq!(turn_uri_authority("turns:relay.example.com"), None);
+        assert_eq!(
+            turn_uri_authority("turn:relay.example.com?transport=tcp"),
+            None
+        );
+        assert_eq!(
+            turn_uri_authority("turn:relay.example.com?transport=sctp"),
+            None
         );
     }
 }
