@@ -227,6 +227,10 @@ pub struct Status {
     /// Birthday probing (all peers).
     #[serde(default)]
     pub birthday: BirthdayTotals,
+    /// Port mapping (`null` when `PortMapping = off` or not started: no default gateway, a
+    /// data socket on loopback).
+    #[serde(default)]
+    pub portmap: Option<crate::portmap::PortmapStatus>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
 }

@@ -83,6 +83,9 @@ enum Cmd {
         /// Do not offer interface addresses as candidates.
         #[arg(long)]
         no_host_candidates: bool,
+        /// Do not ask the gateway for a port mapping (like `PortMapping = off`).
+        #[arg(long)]
+        no_port_mapping: bool,
         /// Write the data socket and proxy addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -222,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen_port,
             listen_ip,
             no_host_candidates,
+            no_port_mapping,
             ready_file,
         } => {
             let mut cfg = match &config {
@@ -323,6 +327,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cache: Some(meshpunch::lifetime::cache_path_for(&control_socket)),
             };
             let mut d = daemon::start_with(opts, lifetime).await?;
+            if cfg.port_mapping.is_on() && !no_port_mapping {
+                d.start_port_mapping(Default::default())?;
+            }
             if let (Some(iface), Some(dump)) = (&wg_interface, &wg_dump) {
                 for (k, addr) in &d.proxies {
                     if let Some(wp) = dump.peers.iter().find(|p| p.public_key == *k) {
@@ -369,6 +376,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            // Clean exit: the gateway's port mapping is deleted before we go.
+            d.shutdown().await;
         }
         Cmd::Status { json } => {
             let v = control::request(&sock, &Request::Status).await?;
@@ -475,6 +484,22 @@ fn print_status(st: &control::Status) {
             r.error
                 .as_deref()
                 .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(pm) = &st.portmap {
+        println!(
+            "port mapping: {}{}",
+            meshpunch_proto::portmap::Report {
+                upnp: pm.upnp,
+                pmp: pm.pmp,
+                pcp: pm.pcp,
+                mapped: pm.mapped,
+            }
+            .to_line(),
+            pm.protocol
+                .as_deref()
+                .map(|p| format!(" ({p})"))
                 .unwrap_or_default()
         );
     }

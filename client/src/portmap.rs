@@ -72,6 +72,50 @@ pub struct Snapshot {
     pub gateway_restarts: u64,
 }
 
+/// `portmap` in `meshpunch status --json`: what the gateway offers, our mapping, ignored
+/// answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortmapStatus {
+    /// The default gateway asked.
+    pub gateway: Option<IpAddr>,
+    /// A UPnP IGD on the gateway answered.
+    pub upnp: bool,
+    /// NAT-PMP answered.
+    pub pmp: bool,
+    /// PCP answered.
+    pub pcp: bool,
+    /// Our mapped public address (the `portmap` candidate).
+    pub mapped: Option<SocketAddr>,
+    /// Protocol of the mapping: `pcp`, `pmp` or `upnp`.
+    pub protocol: Option<String>,
+    /// Answers ignored per reason (`meshpunch_client_portmap_ignored_total{reason}`).
+    #[serde(default)]
+    pub ignored_total: BTreeMap<String, u64>,
+    /// Gateway restarts noticed (the mapping was re-created).
+    #[serde(default)]
+    pub gateway_restarts: u64,
+}
+
+impl Snapshot {
+    /// The status view.
+    pub fn status(&self) -> PortmapStatus {
+        PortmapStatus {
+            gateway: self.gateway,
+            upnp: self.report.upnp,
+            pmp: self.report.pmp,
+            pcp: self.report.pcp,
+            mapped: self.report.mapped,
+            protocol: self.protocol.map(str::to_string),
+            ignored_total: self
+                .ignored
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            gateway_restarts: self.gateway_restarts,
+        }
+    }
+}
+
 /// The default IPv4 gateway from `/proc/net/route` (of the calling thread's network
 /// namespace: `/proc/thread-self`, so a thread that entered another namespace reads its own).
 pub fn default_gateway_v4() -> Option<Ipv4Addr> {

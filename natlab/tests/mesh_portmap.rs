@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use natlab::mesh::Mesh;
+use natlab::mesh::{Mesh, UpOptions};
 use natlab::{Nat, TopologySpec};
 
 /// Site `pm`: symmetric NAT with miniupnpd; site `sy`: the same NAT without it.
@@ -139,4 +139,109 @@ fn netcheck_with_port_mapping_off_sends_nothing_to_5351_or_1900() {
     let n = portmap_packets(&mesh);
     println!("default netcheck: {n} packets to 5351/1900");
     assert!(n > 0);
+}
+
+/// Starts pm1 and sy1 as each other's peers; `pm1_extra` goes into pm1's `[Interface]`.
+fn up_pair(mesh: &mut Mesh, pm1_extra: &[&str]) {
+    let pm = UpOptions {
+        peers: vec!["sy1".into()],
+        interface_extra: pm1_extra.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let sy = UpOptions {
+        peers: vec!["pm1".into()],
+        ..Default::default()
+    };
+    mesh.up("pm1", &pm).unwrap();
+    mesh.up("sy1", &sy).unwrap();
+}
+
+/// How long the pair gets to go direct (and, with port mapping off, must not).
+const PAIR_WAIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn symmetric_with_port_mapping_against_symmetric_ends_direct() {
+    let test = "symmetric_with_port_mapping_against_symmetric_ends_direct";
+    if support::mesh_ready(test, &["miniupnpd", "conntrack"]).is_none() {
+        return;
+    }
+    let mut mesh = Mesh::start_with(spec().build().unwrap(), support::relay_impl()).unwrap();
+    let wan = mesh.topo.host("pm1").unwrap().public_ip;
+    up_pair(&mut mesh, &[]);
+    let r = mesh.wait_path("sy1", "pm1", &["direct"], PAIR_WAIT);
+    if r.is_err() {
+        mesh.topo.lab.dump_logs(60);
+    }
+    let (v, took) = r.unwrap();
+    println!(
+        "sy1 -> pm1 direct after {} via {:?}",
+        support::secs(took),
+        v.remote
+    );
+    assert!(
+        v.remote
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(&format!("{wan}:")),
+        "{v:?}"
+    );
+    let (v, took) = mesh
+        .wait_path("pm1", "sy1", &["direct"], PAIR_WAIT)
+        .unwrap();
+    println!(
+        "pm1 -> sy1 direct after {} via {:?}",
+        support::secs(took),
+        v.remote
+    );
+    // status shows the mapping.
+    let st = mesh.status("pm1").unwrap();
+    println!("pm1 status portmap: {}", st["portmap"]);
+    assert_eq!(st["portmap"]["pcp"], true, "{}", st["portmap"]);
+    let mapped = st["portmap"]["mapped"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(mapped.starts_with(&format!("{wan}:")), "{mapped}");
+    // The daemon's clean exit deletes the mapping on the router.
+    let host_ip = mesh.topo.host("pm1").unwrap().ip;
+    mesh.down("pm1");
+    let rules = mesh.topo.port_mappings("pm").unwrap();
+    assert!(
+        !rules.contains(&host_ip.to_string()),
+        "mapping left behind: {rules}"
+    );
+}
+
+#[test]
+fn symmetric_pair_with_port_mapping_off_stays_on_the_relay_and_sends_nothing_to_5351_or_1900() {
+    let test =
+        "symmetric_pair_with_port_mapping_off_stays_on_the_relay_and_sends_nothing_to_5351_or_1900";
+    if support::mesh_ready(test, &["miniupnpd", "conntrack"]).is_none() {
+        return;
+    }
+    let mut mesh = Mesh::start_with(spec().build().unwrap(), support::relay_impl()).unwrap();
+    mesh.topo
+        .lab
+        .nft(
+            "pm",
+            "table inet pmcount {\n counter pm { }\n \
+             chain pre { type filter hook prerouting priority raw; policy accept;\n  \
+             iifname \"lan\" udp dport { 5351, 1900 } counter name \"pm\"\n }\n}\n",
+        )
+        .unwrap();
+    up_pair(&mut mesh, &["PortMapping = off"]);
+    mesh.wait_path("sy1", "pm1", &["relay"], PAIR_WAIT).unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < PAIR_WAIT {
+        let v = mesh.peer("sy1", "pm1").unwrap();
+        assert_ne!(v.path, "direct", "direct without port mapping: {v:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let st = mesh.status("pm1").unwrap();
+    assert_eq!(st["portmap"], serde_json::Value::Null, "{}", st["portmap"]);
+    assert_eq!(
+        portmap_packets(&mesh),
+        0,
+        "PortMapping = off sent to 5351/1900"
+    );
 }

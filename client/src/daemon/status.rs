@@ -97,6 +97,7 @@ impl Engine {
             relays: node.relay_latencies(),
             probes,
             birthday,
+            portmap: self.portmap.as_ref().map(|p| p.status()),
             peers,
         }
     }
