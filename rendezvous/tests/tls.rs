@@ -119,6 +119,7 @@ fn cs_for(server: &Server, host: &str, pins: Vec<Pin>) -> ConnectString {
         pins,
         stun: None,
         addrs: vec![server.quic_addr()],
+        tcp_port: server.tcp_addr().map(|a| a.port()),
     }
 }
 

@@ -1283,6 +1283,7 @@ impl Engine {
                 relays,
                 shared_socket,
                 local,
+                transport: _,
             } => {
                 tracing::info!(%observed, shared_socket, "registered with the rendezvous");
                 self.rdv.state = "connected".into();
