@@ -197,11 +197,16 @@ async fn client_moves_back_to_quic_when_udp_works_again() {
     let (sk, _) = key();
     let mut cfg = ClientConfig::new(cs, sk);
     cfg.quic_retry = Duration::from_millis(500);
+    // As the daemon does: QUIC on a given endpoint (its data socket). Over TCP the
+    // registration must still say the observed address is not that socket's mapping.
+    cfg.endpoint = Some(quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap());
     let (c, mut ev) = tokio::time::timeout(SOON, Client::connect(cfg))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(c.registration().unwrap().transport, Transport::Tcp);
+    let reg = c.registration().unwrap();
+    assert_eq!(reg.transport, Transport::Tcp);
+    assert!(!reg.shared_socket, "observed over TCP is no UDP mapping");
     // A watched peer, online.
     let (peer, _peer_ev, _, peer_pk) = connect(server.dev_connect().unwrap()).await;
     c.watch(vec![peer_pk]).await.unwrap();
@@ -219,6 +224,7 @@ async fn client_moves_back_to_quic_when_udp_works_again() {
     .await;
     assert_eq!(reg.transport, Transport::Quic);
     assert_eq!(reg.server, gate.addr);
+    assert!(reg.shared_socket, "back on QUIC over the given endpoint");
     assert!(c.is_connected());
     // The watch set moved along: the peer leaving is reported on the QUIC connection.
     peer.close();
