@@ -1221,13 +1221,23 @@ impl Driver {
         let fallback = tokio::time::sleep(TCP_FALLBACK_DELAY);
         tokio::pin!(fallback);
         let mut last = ClientError::Connect(format!("no address of {authority} answered"));
+        let mut informative = false;
+        // The error reported when every attempt failed: the first that says why (a refused
+        // certificate, a refused connection) rather than a bare timeout of the other transport.
+        let mut note = |e: ClientError, last: &mut ClientError| {
+            let timeout = matches!(&e, ClientError::Connect(m) if m.ends_with("timed out"));
+            if !informative || !timeout {
+                informative |= !timeout;
+                *last = e;
+            }
+        };
         let (handshake, quic_addr) = loop {
             let start_tcp = tokio::select! {
                 Some(r) = futures::StreamExt::next(&mut quic), if !quic.is_empty() => match r {
                     Ok(h) => break h,
                     Err(e) => {
                         tracing::debug!(error = %e, "QUIC handshake failed");
-                        last = e;
+                        note(e, &mut last);
                         quic.is_empty()
                     }
                 },
@@ -1235,7 +1245,7 @@ impl Driver {
                     Ok(h) => break h,
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS-over-TCP handshake failed");
-                        last = e;
+                        note(e, &mut last);
                         false
                     }
                 },
