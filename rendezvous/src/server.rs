@@ -880,19 +880,18 @@ async fn handle_incoming(
     let _ = conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"");
     let migrations = follow_migrations(shared.clone(), conn.clone(), slot);
     let link = Link::Quic { conn, send };
-    tokio::select! {
-        () = run_session(shared, link, Recv::Quic(recv), exporter) => {}
-        () = migrations => {}
-    }
+    run_session(shared, link, Recv::Quic(recv), exporter, migrations).await;
 }
 
-/// Runs one session over `link` until it ends, then unregisters it. The caller holds the
-/// connection's per-source slot for as long as this runs.
+/// Runs one session over `link` until it ends (or `until` completes: the QUIC migration
+/// watcher closing the connection), then unregisters it. The caller holds the connection's
+/// per-source slot for as long as this runs.
 pub(crate) async fn run_session(
     shared: Arc<Shared>,
     link: Link,
     recv: Recv,
     exporter: [u8; wire::EXPORTER_LEN],
+    until: impl std::future::Future<Output = ()>,
 ) {
     let conn_id: ConnId = rand::random();
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
@@ -910,7 +909,10 @@ pub(crate) async fn run_session(
     }
     let _open = Open(shared.clone(), conn_id, transport);
     let mut session = Session::new(shared, link, conn_id, exporter);
-    Box::pin(session.run(recv, rx)).await;
+    tokio::select! {
+        () = Box::pin(session.run(recv, rx)) => {}
+        () = until => {}
+    }
     Box::pin(session.cleanup()).await;
 }
 

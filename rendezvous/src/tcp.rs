@@ -189,7 +189,7 @@ async fn handle(
         read,
         buf: vec![0u8; READ_BUF].into_boxed_slice(),
     });
-    run_session(shared, link, recv, exporter).await;
+    run_session(shared, link, recv, exporter, std::future::pending()).await;
 }
 
 /// The writing side of a TLS-over-TCP session.
