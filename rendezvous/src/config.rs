@@ -496,6 +496,25 @@ mod tests {
     }
 
     #[test]
+    fn tcp_fallback_keys_and_connect_string_port() {
+        let c = Config::from_toml("listen = \"0.0.0.0:443\"").unwrap();
+        assert!(c.tcp && c.tcp_listen.is_none());
+        // Same port as QUIC: no tcp= in connect strings.
+        assert_eq!(c.connect_tcp_port(443, Some(443)), None);
+        assert_eq!(c.connect_tcp_port(443, None), None);
+        let c =
+            Config::from_toml("listen = \"0.0.0.0:443\"\ntcp_listen = \"0.0.0.0:8443\"").unwrap();
+        assert_eq!(c.connect_tcp_port(443, None), Some(8443));
+        assert_eq!(c.connect_tcp_port(443, Some(8443)), Some(8443));
+        // Behind a port forward (public_port) without its own tcp_listen: forwarded alike.
+        let c = Config::from_toml("listen = \"0.0.0.0:4433\"\npublic_port = 443").unwrap();
+        assert_eq!(c.connect_tcp_port(4433, Some(4433)), None);
+        let c = Config::from_toml("tcp = false").unwrap();
+        assert_eq!(c.connect_tcp_port(443, Some(8443)), None);
+        assert!(Config::from_toml("[limits]\nframe_timeout = \"3s\"").is_ok());
+    }
+
+    #[test]
     fn malformed_revocation_entry_and_short_secret_are_config_errors() {
         let e = Config::from_toml("revoked_tokens = [\"sha256:00\"]").unwrap_err();
         let msg = e.to_string();
