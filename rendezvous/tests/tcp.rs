@@ -507,3 +507,33 @@ async fn drain_sends_goaway_over_tcp() {
     ));
     drain.await.unwrap();
 }
+
+/// QUIC and TCP connections of one source share `limits.max_connections_per_ip`: with a limit
+/// of 2, one QUIC and one TCP client fill it and a further TCP connection is closed at accept.
+#[tokio::test]
+async fn quic_and_tcp_share_the_per_source_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), |c| c.limits.max_connections_per_ip = 2).await;
+    let (quic, _qev, _, _) = connect(server.dev_connect().unwrap()).await;
+    assert_eq!(quic.registration().unwrap().transport, Transport::Quic);
+    let mut tcp = RawTcp::connect(&server).await;
+    tcp.register(&server).await;
+    let before = limit("connections_per_ip");
+    match RawTcp::try_connect(&server, true).await {
+        Err(_) => {}
+        Ok(mut third) => assert!(third.closed_within(SOON).await, "third connection kept"),
+    }
+    assert!(limit("connections_per_ip") > before);
+    // Closing the TCP one frees its slot for a new connection.
+    drop(tcp);
+    let deadline = Instant::now() + SOON;
+    loop {
+        if let Ok(mut again) = RawTcp::try_connect(&server, true).await {
+            again.register(&server).await;
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(quic.is_connected());
+}
