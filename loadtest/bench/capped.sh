@@ -62,29 +62,37 @@ mkdir -p "$OUT"
 TMP=$(mktemp -d)
 SERVER_PID=
 CG=
+GEN_CG=
 declare -A SAVED=()
 
 cleanup() {
   if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
   for k in "${!SAVED[@]}"; do sysctl -q -w "$k=${SAVED[$k]}" >/dev/null || true; done
-  if [ -n "$CG" ] && [ -d "$CG" ]; then rmdir "$CG" 2>/dev/null || true; fi
+  for g in "$CG" "$GEN_CG"; do if [ -n "$g" ] && [ -d "$g" ]; then rmdir "$g" 2>/dev/null || true; fi; done
   rm -rf "$TMP"
 }
 trap cleanup EXIT
 
-# --- the cgroup with the CPU quota (v2 cpu.max, else v1 cpu.cfs_*) ---
+# --- the cgroups: the server's with the CPU quota (v2 cpu.max, else v1 cpu.cfs_*), the
+# generator's without; both with the highest CPU weight, so that on a shared machine other work
+# (compilers in other login sessions: the kernel's autogroups give every session equal weight
+# whatever its nice level) does not take the CPU the server is allowed to use ---
 if [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
   grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control || echo +cpu >/sys/fs/cgroup/cgroup.subtree_control
   CG=/sys/fs/cgroup/meshpunch-bench-$$
-  mkdir -p "$CG"
+  GEN_CG=/sys/fs/cgroup/meshpunch-bench-gen-$$
+  mkdir -p "$CG" "$GEN_CG"
   echo "$QUOTA_US $PERIOD_US" >"$CG/cpu.max"
-  CG_KIND="v2 cpu.max=$(cat "$CG/cpu.max")"
+  echo 10000 >"$CG/cpu.weight"; echo 10000 >"$GEN_CG/cpu.weight"
+  CG_KIND="v2 cpu.max=$(cat "$CG/cpu.max") cpu.weight=10000"
 elif [ -d /sys/fs/cgroup/cpu ]; then
   CG=/sys/fs/cgroup/cpu/meshpunch-bench-$$
-  mkdir -p "$CG"
+  GEN_CG=/sys/fs/cgroup/cpu/meshpunch-bench-gen-$$
+  mkdir -p "$CG" "$GEN_CG"
   echo "$PERIOD_US" >"$CG/cpu.cfs_period_us"
   echo "$QUOTA_US" >"$CG/cpu.cfs_quota_us"
-  CG_KIND="v1 cfs_quota_us=$(cat "$CG/cpu.cfs_quota_us") cfs_period_us=$(cat "$CG/cpu.cfs_period_us")"
+  echo 262144 >"$CG/cpu.shares"; echo 262144 >"$GEN_CG/cpu.shares"
+  CG_KIND="v1 cfs_quota_us=$(cat "$CG/cpu.cfs_quota_us") cfs_period_us=$(cat "$CG/cpu.cfs_period_us") shares=262144"
 else
   echo "no cgroup CPU controller (neither /sys/fs/cgroup/cgroup.controllers with cpu nor /sys/fs/cgroup/cpu)" >&2
   exit 1
@@ -102,12 +110,24 @@ wait_line() { # file pattern
 }
 
 # Runs "$@" inside the capped cgroup, pinned, at $NICE.
+# (exec: the background job's PID is the server's own, for --server-pid and kill)
 in_cgroup() {
-  sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" nice -n "$NICE" taskset -c "$SERVER_CPU" "$@"
+  exec sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" nice -n "$NICE" taskset -c "$SERVER_CPU" "$@"
+}
+
+# Runs the generator in its own (uncapped) cgroup, pinned, at $NICE.
+generator() {
+  sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$GEN_CG" nice -n "$NICE" taskset -c "$GEN_CPU" "$GEN" "$@"
+}
+
+port_free() {
+  ! ss -Huln "sport = :$PORT" | grep -q .
 }
 
 start_server() { # side -> SERVER_PID MODE AUTH
   local side=$1 binvar
+  for _ in $(seq 1 50); do port_free && break; sleep 0.1; done
+  if ! port_free; then echo "UDP port $PORT is taken (another server still running?)" >&2; exit 1; fi
   case "$side" in
     coturn)
       in_cgroup turnserver -n --listening-ip 127.0.0.1 --relay-ip 127.0.0.1 -p "$PORT" \
@@ -176,7 +196,7 @@ for round in $(seq 1 "$ROUNDS"); do
       ss -uampn 2>/dev/null | grep -A1 "pid=$SERVER_PID," >"$OUT/sockets-$side.txt" || true
       t0=$(throttled)
       echo "== round $round, $side, $pattern $size: max rate at $QUOTA_US/$PERIOD_US µs CPU" >&2
-      nice -n "$NICE" taskset -c "$GEN_CPU" "$GEN" "$MODE" --server "127.0.0.1:$PORT" "${AUTH[@]}" \
+      generator "$MODE" --server "127.0.0.1:$PORT" "${AUTH[@]}" \
         --pattern "$pattern" --size "$size" --rate "$START_RATE" --duration "$TRIAL" \
         --find-max --max-loss "$MAX_LOSS" --server-pid "$SERVER_PID" --json \
         >"$OUT/r$round-$side-$pattern-$size.json"
