@@ -169,7 +169,7 @@ def failover_timeline(results, out, fmt):
     ax.set_title(f"Failover: {data['interval_ms']} ms flow a1 → b1; gap at the cut "
                  f"{data['gap_failover_s']:.2f} s, moving back {data['gap_back_s']:.2f} s, "
                  f"{data['lost']} of {data['sent']} lost")
-    handles = [Patch(color=PATH_COLORS[p], alpha=0.25, label=f"path: {p}") for p in ("direct", "relay")]
+    handles = [Patch(color=PATH_COLORS[p], alpha=0.25, label=f"path: {p}") for p in ("direct", "none", "relay")]
     ax.legend(handles=handles + ax.get_legend_handles_labels()[0], loc="upper center",
               bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     save(fig, out, "failover-timeline", fmt)

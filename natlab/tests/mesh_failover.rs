@@ -150,7 +150,8 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
                 {"t_s": rel_s(restore_at) + to_direct.as_secs_f64(), "what": "status: direct"},
             ],
             "paths": [
-                {"from_s": rel_s(flow_start), "to_s": to_relay.as_secs_f64(), "path": "direct"},
+                {"from_s": rel_s(flow_start), "to_s": 0.0, "path": "direct"},
+                {"from_s": 0.0, "to_s": to_relay.as_secs_f64(), "path": "none"},
                 {"from_s": to_relay.as_secs_f64(), "to_s": rel_s(restore_at) + to_direct.as_secs_f64(), "path": "relay"},
                 {"from_s": rel_s(restore_at) + to_direct.as_secs_f64(), "to_s": null, "path": "direct"},
             ],
