@@ -6,11 +6,13 @@
 # 75 ms at a time and the test would measure socket buffer size instead of CPU), pinned to
 # CPU $SERVER_CPU; the load generator runs uncapped on CPU $GEN_CPU, so the server — not the
 # generator — is the limit (each JSON says whether the generator was: `generator_limited`).
-# Both servers get the same socket buffers: meshpunch-relay through `socket_buffer = $BUF` in
-# its config; coturn has no such option and sizes its sockets itself, capped by
-# net.core.rmem_max / wmem_max, so for the run every net.core.{r,w}mem_{max,default} is set to
-# $BUF (restored on exit) and the buffer sizes each server really got are recorded from `ss`
-# (sockets-*.txt).
+# Both servers get the same socket buffers on their listening socket, where client load
+# queues: coturn 4.6 has no option for it and asks SO_RCVBUF/SO_SNDBUF = 2 MiB (strace), so
+# meshpunch-relay gets `socket_buffer = $BUF` with BUF = 2 MiB by default, and
+# net.core.{r,w}mem_max is raised to $BUF for the run if lower (restored on exit) so neither
+# request is cut.
+# The buffer sizes each server really got, listening and relayed sockets, are recorded from `ss`
+# a few seconds into the run (sockets-*.txt, skmem rb/tb: the kernel doubles every request).
 #
 # Every round runs every case for both sides, alternating which side goes first (A B, then
 # B A, ...), each on a freshly started server; each run is a --find-max search (a rate passes
@@ -25,7 +27,7 @@
 #   A=before A_BIN=/tmp/before/meshpunch-relay B=after loadtest/bench/capped.sh
 #
 # Knobs [defaults]: A [meshpunch] B [coturn] ROUNDS [3] QUOTA_US [2500] PERIOD_US [10000]
-#   SERVER_CPU [1] GEN_CPU [0] BUF [4194304] TRIAL [2s] START_RATE [20000] MAX_LOSS [1]
+#   SERVER_CPU [1] GEN_CPU [0] BUF [2097152] TRIAL [2s] START_RATE [20000] MAX_LOSS [1]
 #   CASES ["realistic:wg-mix realistic:100 realistic:1200 bulk:100 bulk:1200"] (pattern:size)
 #   RELAY_EXTRA [""] (TOML lines appended to meshpunch-relay's config, e.g. "gso = false")
 #   NICE [-19] OUT [bench/results/capped-<UTC time>] BUILD [1]
@@ -40,7 +42,7 @@ QUOTA_US=${QUOTA_US:-2500}
 PERIOD_US=${PERIOD_US:-10000}
 SERVER_CPU=${SERVER_CPU:-1}
 GEN_CPU=${GEN_CPU:-0}
-BUF=${BUF:-4194304}
+BUF=${BUF:-2097152}
 TRIAL=${TRIAL:-2s}
 START_RATE=${START_RATE:-20000}
 MAX_LOSS=${MAX_LOSS:-1}
@@ -99,9 +101,13 @@ else
 fi
 
 # --- equal socket buffers for both servers ---
-for k in net.core.rmem_max net.core.wmem_max net.core.rmem_default net.core.wmem_default; do
+# Both ask for BUF (meshpunch-relay: socket_buffer; coturn 4.6 asks 2 MiB for its listening
+# socket, compiled in), the kernel caps the request at *_max and doubles it (`ss` shows rb/tb =
+# 2 × BUF for both).
+# Only ever raised (other work on the machine may rely on a higher cap).
+for k in net.core.rmem_max net.core.wmem_max; do
   SAVED[$k]=$(sysctl -n "$k")
-  sysctl -q -w "$k=$BUF" >/dev/null
+  if [ "${SAVED[$k]}" -lt "$BUF" ]; then sysctl -q -w "$k=$BUF" >/dev/null; fi
 done
 
 wait_line() { # file pattern
@@ -193,7 +199,7 @@ for round in $(seq 1 "$ROUNDS"); do
     pattern=${case%%:*}; size=${case#*:}
     for side in $order; do
       start_server "$side"
-      ss -uampn 2>/dev/null | grep -A1 "pid=$SERVER_PID," >"$OUT/sockets-$side.txt" || true
+      (sleep 3; ss -uampn 2>/dev/null | grep -A1 "pid=$SERVER_PID," >"$OUT/sockets-$side.txt" || true) &
       t0=$(throttled)
       echo "== round $round, $side, $pattern $size: max rate at $QUOTA_US/$PERIOD_US µs CPU" >&2
       generator "$MODE" --server "127.0.0.1:$PORT" "${AUTH[@]}" \
