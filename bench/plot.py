@@ -8,7 +8,8 @@ Inputs (all under --results; a missing input skips its figure with a message):
                               (target/natlab-results/, copy it here to commit it)
   natlab/mesh_failover.json   written by `cargo test -p natlab --test mesh_failover`
   capped-*/summary.json       written by loadtest/bench/capped.sh (the newest meshpunch-vs-coturn
-                              run is plotted; A/B runs of two relay builds are skipped)
+                              run without LOAD_EXTRA is plotted; A/B runs of two relay builds
+                              and variants are skipped)
   rendezvous-rss/*.json       `meshpunch-loadtest rendezvous --server-pid … --json` outputs at
                               several client counts (loadtest/bench/rendezvous_rss.sh)
 
@@ -91,7 +92,8 @@ def newest_capped(results):
         if not s:
             continue
         sides = {s["meta"]["a"], s["meta"]["b"]}
-        if "coturn" not in sides:
+        # The standard shape only: runs with extra generator options (LOAD_EXTRA) are variants.
+        if "coturn" not in sides or s["meta"].get("load_extra"):
             continue
         if best is None or s["meta"].get("started", "") >= best[1]["meta"].get("started", ""):
             best = (path, s)

@@ -30,6 +30,7 @@
 #   SERVER_CPU [1] GEN_CPU [0] BUF [2097152] TRIAL [2s] START_RATE [20000] MAX_LOSS [1]
 #   CASES ["realistic:wg-mix realistic:100 realistic:1200 bulk:100 bulk:1200"] (pattern:size)
 #   RELAY_EXTRA [""] (TOML lines appended to meshpunch-relay's config, e.g. "gso = false")
+#   LOAD_EXTRA [""] (more generator options, e.g. "--clients 1024 --peers-per-client 1")
 #   NICE [-19] OUT [bench/results/capped-<UTC time>] BUILD [1]
 # Needs root (cgroup, sysctl, nice) and coturn's turnserver on PATH for the coturn side.
 set -euo pipefail
@@ -48,6 +49,7 @@ START_RATE=${START_RATE:-20000}
 MAX_LOSS=${MAX_LOSS:-1}
 CASES=${CASES:-realistic:wg-mix realistic:100 realistic:1200 bulk:100 bulk:1200}
 RELAY_EXTRA=${RELAY_EXTRA:-}
+LOAD_EXTRA=${LOAD_EXTRA:-}
 NICE=${NICE:--19}
 OUT=${OUT:-bench/results/capped-$(date -u +%Y%m%dT%H%M%SZ)}
 BUILD=${BUILD:-1}
@@ -186,7 +188,7 @@ throttled() { # prints the cgroup's throttling counters
   echo "  \"cgroup\": \"$CG_KIND\", \"quota_us\": $QUOTA_US, \"period_us\": $PERIOD_US,"
   echo "  \"server_cpu\": \"$SERVER_CPU\", \"generator_cpu\": \"$GEN_CPU\", \"socket_buffer\": $BUF,"
   echo "  \"trial\": \"$TRIAL\", \"start_rate\": $START_RATE, \"max_loss_percent\": $MAX_LOSS,"
-  echo "  \"relay_extra\": \"$RELAY_EXTRA\","
+  echo "  \"relay_extra\": \"$RELAY_EXTRA\", \"load_extra\": \"$LOAD_EXTRA\","
   echo "  \"kernel\": \"$(uname -r)\", \"cpu\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\","
   echo "  \"load_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\","
   echo "  \"git\": \"$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo -dirty)\""
@@ -204,7 +206,7 @@ for round in $(seq 1 "$ROUNDS"); do
       echo "== round $round, $side, $pattern $size: max rate at $QUOTA_US/$PERIOD_US µs CPU" >&2
       generator "$MODE" --server "127.0.0.1:$PORT" "${AUTH[@]}" \
         --pattern "$pattern" --size "$size" --rate "$START_RATE" --duration "$TRIAL" \
-        --find-max --max-loss "$MAX_LOSS" --server-pid "$SERVER_PID" --json \
+        --find-max --max-loss "$MAX_LOSS" --server-pid "$SERVER_PID" --json $LOAD_EXTRA \
         >"$OUT/r$round-$side-$pattern-$size.json"
       echo "{\"before\": \"$t0\", \"after\": \"$(throttled)\"}" >"$OUT/r$round-$side-$pattern-$size.cgroup.json"
       stop_server
