@@ -38,7 +38,7 @@
 //! ≥ 90 % of the CPUs it may run on, the sender falling behind the offered rate, the kernel
 //! refusing sends, or its own peer sockets dropping datagrams (`SO_RXQ_OVFL`).
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -104,6 +104,21 @@ pub struct Flow {
     pub framing: Framing,
     /// Index of the [`Peer`] this flow's datagrams must reach.
     pub peer: usize,
+    /// The way back (peer → client), for bidirectional trials.
+    pub back: Option<Back>,
+}
+
+/// The reverse direction of a [`Flow`]: its peer sends raw datagrams to `to` (the client's
+/// relayed address, or the client itself for a direct run) and they must come out at receiving
+/// socket `rx` (the client's socket, in the trial's receive list).
+#[derive(Debug)]
+pub struct Back {
+    /// A handle on the peer's socket to send from.
+    pub via: UdpSocket,
+    /// Where the peer sends.
+    pub to: SocketAddr,
+    /// Index of the receiving socket (the client's) in the trial's receive list.
+    pub rx: usize,
 }
 
 /// A receiving socket, with the kernel's drop counter as last seen.
@@ -111,15 +126,27 @@ pub struct Flow {
 pub struct Peer {
     /// The socket.
     pub sock: UdpSocket,
+    /// Framing bytes before the stamp of what arrives here (4 for ChannelData at a TURN
+    /// client, 0 at a peer).
+    pub strip: usize,
     rxq_ovfl: u32,
 }
 
 impl Peer {
     /// Wraps a bound socket: non-blocking, with `SO_RXQ_OVFL` on.
     pub fn new(sock: UdpSocket) -> std::io::Result<Peer> {
+        Self::with_prefix(sock, 0)
+    }
+
+    /// Like [`Self::new`] for a socket whose datagrams carry `strip` framing bytes first.
+    pub fn with_prefix(sock: UdpSocket, strip: usize) -> std::io::Result<Peer> {
         sock.set_nonblocking(true)?;
         udp::enable_rxq_ovfl(&sock);
-        Ok(Peer { sock, rxq_ovfl: 0 })
+        Ok(Peer {
+            sock,
+            strip,
+            rxq_ovfl: 0,
+        })
     }
 }
 
@@ -227,6 +254,8 @@ pub struct TrialSpec {
     pub drain: Duration,
     /// Seed of the flow order and the size draws.
     pub seed: u64,
+    /// Every other flow visit sends peer → client instead (flows need [`Flow::back`]).
+    pub bidirectional: bool,
 }
 
 /// Measured outcome of one trial.
@@ -246,6 +275,10 @@ pub struct TrialResult {
     pub received: u64,
     /// Datagrams sent and never delivered (`sent − received`).
     pub lost: u64,
+    /// Of `sent`, those sent peer → client (bidirectional trials).
+    pub reverse_sent: u64,
+    /// Of `received`, those delivered peer → client.
+    pub reverse_received: u64,
     /// Extra copies of datagrams already delivered.
     pub duplicates: u64,
     /// Datagrams delivered after a higher sequence number of their flow.
@@ -397,6 +430,7 @@ impl SeqTracker {
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     delivered: u64,
+    reverse: u64,
     bytes: u64,
     duplicates: u64,
     reordered: u64,
@@ -408,6 +442,7 @@ struct Counts {
 impl Counts {
     fn add(&mut self, o: &Counts) {
         self.delivered += o.delivered;
+        self.reverse += o.reverse;
         self.bytes += o.bytes;
         self.duplicates += o.duplicates;
         self.reordered += o.reordered;
@@ -423,7 +458,8 @@ struct RecvOutcome {
     cpu: Duration,
 }
 
-/// Maps a flow id to the index of the peer it must reach.
+/// Maps a flow id to the index of the receiving socket it must reach (reverse flows: id
+/// `flows + f`).
 type Routes = Arc<Vec<usize>>;
 
 struct ReceiverCtx {
@@ -432,6 +468,7 @@ struct ReceiverCtx {
     stop: Arc<AtomicBool>,
     progress: Arc<Progress>,
     routes: Routes,
+    forward_flows: usize,
 }
 
 /// Receives on `peers` (each with its index in the trial's peer list) until stopped.
@@ -479,6 +516,9 @@ fn receiver(mut peers: Vec<(usize, Peer)>, ctx: ReceiverCtx) -> (Vec<(usize, Pee
                         peer.rxq_ovfl = o;
                     }
                     let d = batch.get(i);
+                    let Some(d) = d.get(peer.strip..) else {
+                        continue;
+                    };
                     if d.len() < STAMP_LEN || d[0..4] != tag {
                         continue;
                     }
@@ -495,6 +535,9 @@ fn receiver(mut peers: Vec<(usize, Peer)>, ctx: ReceiverCtx) -> (Vec<(usize, Pee
                     match flows[flow].arrive(seq) {
                         a @ (Arrival::InOrder | Arrival::Reordered) => {
                             counts.delivered += 1;
+                            if flow >= ctx.forward_flows {
+                                counts.reverse += 1;
+                            }
                             counts.bytes += d.len() as u64;
                             if a == Arrival::Reordered {
                                 counts.reordered += 1;
@@ -528,6 +571,7 @@ fn receiver(mut peers: Vec<(usize, Peer)>, ctx: ReceiverCtx) -> (Vec<(usize, Pee
 
 struct SendOutcome {
     sent: u64,
+    reverse_sent: u64,
     errors: u64,
     seconds: f64,
     cpu: Duration,
@@ -571,11 +615,15 @@ fn sender(
     let mut sent = 0u64;
     let mut errors = 0u64;
     let mut size_sum = 0u64;
-    let mut seqs = vec![0u64; flows.len()];
+    let n = flows.len();
+    let mut seqs = vec![0u64; 2 * n];
+    let mut reverse_sent = 0u64;
+    let mut backwards = false;
     let mut cur = 0usize;
     if flows.is_empty() {
         return SendOutcome {
             sent,
+            reverse_sent,
             errors,
             seconds: 0.0,
             cpu: Duration::ZERO,
@@ -607,21 +655,39 @@ fn sender(
             let k = due.min(run) as usize;
             let f = order[cur];
             let flow = &flows[f];
+            // Bidirectional: every other visit goes back from the flow's peer to its client.
+            let back = if spec.bidirectional {
+                backwards = !backwards;
+                flow.back.as_ref().filter(|_| backwards)
+            } else {
+                None
+            };
+            let (id, framing) = match back {
+                Some(_) => (n + f, Framing::Raw),
+                None => (f, flow.framing),
+            };
             let now_ns = epoch.elapsed().as_nanos() as u64;
             for i in 0..k {
                 let size = spec.sizes.draw(rng.next()).clamp(STAMP_LEN, MAX_SIZE);
                 let slot = batch.slot(i);
-                let off = flow.framing.write_prefix(slot, size);
+                let off = framing.write_prefix(slot, size);
                 let s = &mut slot[off..];
                 s[0..4].copy_from_slice(&tag.to_be_bytes());
-                s[4..8].copy_from_slice(&(f as u32).to_be_bytes());
-                s[8..16].copy_from_slice(&seqs[f].to_be_bytes());
+                s[4..8].copy_from_slice(&(id as u32).to_be_bytes());
+                s[8..16].copy_from_slice(&seqs[id].to_be_bytes());
                 s[16..24].copy_from_slice(&now_ns.to_be_bytes());
-                seqs[f] += 1;
+                seqs[id] += 1;
                 size_sum += size as u64;
-                batch.push_slot(off + size, None);
+                batch.push_slot(off + size, back.map(|b| b.to));
             }
-            let ok = batch.send(&flow.sock) as u64;
+            let ok = match back {
+                Some(b) => {
+                    let ok = batch.send(&b.via) as u64;
+                    reverse_sent += ok;
+                    ok
+                }
+                None => batch.send(&flow.sock) as u64,
+            };
             sent += ok;
             errors += k as u64 - ok;
             attempted += k as u64;
@@ -632,6 +698,7 @@ fn sender(
     }
     SendOutcome {
         sent,
+        reverse_sent,
         errors,
         seconds: start.elapsed().as_secs_f64(),
         cpu: sys::thread_cpu_time().saturating_sub(cpu0),
@@ -664,7 +731,16 @@ pub fn run_trial(
     let tag: u32 = rand::random::<u32>() | 1;
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let routes: Routes = Arc::new(flows.iter().map(|f| f.peer).collect());
+    let mut routes: Vec<usize> = flows.iter().map(|f| f.peer).collect();
+    // Reverse flows: id flows + f, to the client's receiving socket (never matched when the
+    // flow has no way back).
+    routes.extend(
+        flows
+            .iter()
+            .map(|f| f.back.as_ref().map_or(usize::MAX, |b| b.rx)),
+    );
+    let routes: Routes = Arc::new(routes);
+    let forward_flows = flows.len();
     progress.sent.store(0, Ordering::Relaxed);
     progress.received.store(0, Ordering::Relaxed);
     let n_peers = peers.len();
@@ -685,6 +761,7 @@ pub fn run_trial(
                 stop: stop.clone(),
                 progress: progress.clone(),
                 routes: routes.clone(),
+                forward_flows,
             };
             thread::spawn(move || receiver(group, ctx))
         })
@@ -788,6 +865,8 @@ pub fn run_trial(
         sent: out.sent,
         received,
         lost,
+        reverse_sent: out.reverse_sent,
+        reverse_received: counts.reverse,
         duplicates: counts.duplicates,
         reordered: counts.reordered,
         late: counts.late,

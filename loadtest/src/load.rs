@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::engine::{
-    self, Flow, Framing, Pattern, Peer, Progress, SearchSpec, Sizes, TrialResult, TrialSpec,
+    self, Back, Flow, Framing, Pattern, Peer, Progress, SearchSpec, Sizes, TrialResult, TrialSpec,
 };
 use crate::forwarder;
 use crate::progress::Bar;
@@ -94,6 +94,8 @@ pub struct LoadOptions {
     pub server_pid: Option<u32>,
     /// Seed of the flow order and size draws.
     pub seed: u64,
+    /// Every other flow visit goes peer → client (relay and direct targets).
+    pub bidirectional: bool,
 }
 
 impl LoadOptions {
@@ -114,6 +116,7 @@ impl LoadOptions {
             client_ip: IpAddr::from([127, 0, 0, 1]),
             server_pid: None,
             seed: 1,
+            bidirectional: false,
         }
     }
 
@@ -205,6 +208,12 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
             engine::MAX_SIZE
         )));
     }
+    if opts.bidirectional && matches!(target, Target::Bare(_)) {
+        return Err(LoadError::Options(
+            "--bidirectional needs a TURN server or direct mode (the bare forwarder is one-way)"
+                .into(),
+        ));
+    }
     let started = Instant::now();
     let n_peers = opts.peer_count();
     let ppc = opts.peers_per_client;
@@ -227,10 +236,21 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
                     let peer = peer_of(i, j);
                     let sock = udp::bind(SocketAddr::new(opts.client_ip, 0))?;
                     sock.connect(peer_addrs[peer])?;
+                    let back = if opts.bidirectional {
+                        peers.push(Peer::new(sock.try_clone()?)?);
+                        Some(Back {
+                            via: peers[peer].sock.try_clone()?,
+                            to: sock.local_addr()?,
+                            rx: peers.len() - 1,
+                        })
+                    } else {
+                        None
+                    };
                     flows.push(Flow {
                         sock,
                         framing: Framing::Raw,
                         peer,
+                        back,
                     });
                 }
             }
@@ -248,6 +268,7 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
                         sock: sock.try_clone()?,
                         framing: Framing::ChannelData(channel),
                         peer,
+                        back: None,
                     });
                 }
             }
@@ -265,6 +286,24 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
                 .collect();
             let (f, a) = turn::allocate_all(*server, secret, opts.client_ip, &peer_for)?;
             flows = f;
+            if opts.bidirectional {
+                // Flows come client by client, `ppc` each; a client's reverse datagrams arrive
+                // as ChannelData on its socket (4-byte header before the stamp).
+                for (i, alloc) in a.iter().enumerate() {
+                    let Some(first) = flows.get(i * ppc) else {
+                        break;
+                    };
+                    peers.push(Peer::with_prefix(first.sock.try_clone()?, 4)?);
+                    let rx = peers.len() - 1;
+                    for f in flows.iter_mut().skip(i * ppc).take(ppc) {
+                        f.back = Some(Back {
+                            via: peers[f.peer].sock.try_clone()?,
+                            to: alloc.relayed(),
+                            rx,
+                        });
+                    }
+                }
+            }
             allocations = a;
         }
     }
@@ -314,6 +353,8 @@ pub struct Report {
     pub peers: usize,
     /// Realistic pattern: longest run per flow visit.
     pub burst: usize,
+    /// Whether every other flow visit went peer → client.
+    pub bidirectional: bool,
     /// Seconds spent in setup.
     pub setup_seconds: f64,
     /// The reported trial (with `--find-max`: the weaker of the best passing rate's two).
@@ -370,6 +411,7 @@ fn report_from(
         flows: opts.flows(),
         peers: opts.peer_count(),
         burst: opts.burst,
+        bidirectional: opts.bidirectional,
         setup_seconds,
         trial: r.clone(),
         server_cpu_percent: cpu.server_percent,
@@ -391,6 +433,7 @@ fn spec_of(opts: &LoadOptions) -> TrialSpec {
         duration: opts.duration,
         drain: drain_for(opts.duration),
         seed: opts.seed,
+        bidirectional: opts.bidirectional,
     }
 }
 

@@ -137,6 +137,10 @@ struct LoadArgs {
     /// Realistic pattern: send runs of 1..=N datagrams per flow visit (1: no bursts).
     #[arg(long, default_value_t = 1)]
     burst: usize,
+    /// Every other flow visit sends peer → client through the server instead (relay and
+    /// direct modes): both directions of a WireGuard session.
+    #[arg(long)]
+    bidirectional: bool,
     /// Receiver threads over the peer sockets (0: one per 128 peers, at most 4).
     #[arg(long, default_value_t = 0)]
     receivers: usize,
@@ -185,6 +189,7 @@ fn run_load(target: Target, a: LoadArgs) -> anyhow::Result<()> {
         burst: a.burst,
         receivers: a.receivers,
         seed: a.seed,
+        bidirectional: a.bidirectional,
         rate: a.rate,
         duration: a.duration,
         peer_ip: a.peer_ip,

@@ -29,6 +29,14 @@ const SETUP_THREADS: usize = 8;
 pub struct Allocation {
     client: TurnClient,
     sock: UdpSocket,
+    relayed: SocketAddr,
+}
+
+impl Allocation {
+    /// The relayed transport address peers send to.
+    pub fn relayed(&self) -> SocketAddr {
+        self.relayed
+    }
 }
 
 fn drive(
@@ -98,6 +106,9 @@ fn allocate_one(
         TurnEvent::Allocated { .. } => Some(Ok(())),
         _ => None,
     })?;
+    let relayed = client
+        .relayed_addr()
+        .ok_or_else(|| "no relayed address after Allocate".to_string())?;
     let data = sock.try_clone().map_err(|e| e.to_string())?;
     data.connect(server).map_err(|e| e.to_string())?;
     let mut flows = Vec::with_capacity(peers.len());
@@ -116,9 +127,17 @@ fn allocate_one(
             sock: data.try_clone().map_err(|e| e.to_string())?,
             framing: Framing::ChannelData(channel),
             peer: index,
+            back: None,
         });
     }
-    Ok((flows, Allocation { client, sock }))
+    Ok((
+        flows,
+        Allocation {
+            client,
+            sock,
+            relayed,
+        },
+    ))
 }
 
 /// Allocates one relay per entry of `peers` (one client each) on `server` and binds a channel

@@ -149,6 +149,47 @@ fn relay_mode_pushes_channel_data_through_meshpunch_relay() {
     relay.control().stop();
 }
 
+/// Both directions through the relay: peers send to the clients' relayed addresses, the
+/// clients get ChannelData on their own sockets, each datagram at the socket it is meant for.
+#[test]
+fn bidirectional_load_through_meshpunch_relay() {
+    let relay = start_meshpunch_relay();
+    let target = Target::Turn {
+        server: relay.listen_addr(),
+        secret: SECRET.into(),
+    };
+    let opts = LoadOptions {
+        bidirectional: true,
+        ..short()
+    };
+    let r = common::retry(Duration::from_secs(15), || load::run_once(&target, &opts));
+    let t = &r.trial;
+    assert!(t.reverse_sent > 0 && t.reverse_received > 0, "{r:?}");
+    assert!(t.received > t.reverse_received, "{r:?}");
+    assert_eq!((t.misrouted, t.duplicates), (0, 0), "{r:?}");
+    relay.control().stop();
+}
+
+#[test]
+fn bidirectional_load_through_coturn() {
+    if !natlab::testenv::require_commands("bidirectional_load_through_coturn", &["turnserver"]) {
+        return;
+    }
+    let coturn = common::start_coturn(SECRET, 1);
+    let target = Target::Turn {
+        server: coturn.addr,
+        secret: SECRET.into(),
+    };
+    let opts = LoadOptions {
+        bidirectional: true,
+        ..short()
+    };
+    let r = common::retry(Duration::from_secs(15), || load::run_once(&target, &opts));
+    let t = &r.trial;
+    assert!(t.reverse_received > 0, "{r:?}");
+    assert_eq!(t.misrouted, 0, "{r:?}");
+}
+
 #[test]
 fn find_max_against_meshpunch_relay_reports_a_passing_rate() {
     let relay = start_meshpunch_relay();

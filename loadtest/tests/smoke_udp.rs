@@ -43,6 +43,34 @@ fn direct_mode_delivers_stamped_packets() {
     assert!(t.generator_cpus >= 1);
 }
 
+/// Both directions: every other visit the peer answers its client; each direction's datagrams
+/// reach exactly the socket they are meant for.
+#[test]
+fn direct_mode_carries_both_directions() {
+    let opts = LoadOptions {
+        bidirectional: true,
+        ..short()
+    };
+    let r = load::run_once(&Target::Direct, &opts).expect("direct run");
+    let t = &r.trial;
+    assert!(r.bidirectional);
+    assert!(t.reverse_sent > 0 && t.reverse_sent < t.sent, "{r:?}");
+    assert!(t.reverse_received > 0, "{r:?}");
+    assert!(t.received > t.reverse_received, "{r:?}");
+    assert_eq!((t.misrouted, t.duplicates), (0, 0), "{r:?}");
+}
+
+#[test]
+fn bare_forwarder_refuses_bidirectional_load() {
+    let fwd = Forwarder::start("127.0.0.1:0".parse().unwrap(), 1).expect("forwarder");
+    let opts = LoadOptions {
+        bidirectional: true,
+        ..short()
+    };
+    let err = load::run_once(&Target::Bare(fwd.local_addr()), &opts).expect_err("one-way");
+    assert!(err.to_string().contains("--bidirectional"), "{err}");
+}
+
 #[test]
 fn bare_forwarder_relays_channel_data_to_bound_peers() {
     let fwd = Forwarder::start("127.0.0.1:0".parse().unwrap(), 2).expect("forwarder");
