@@ -23,6 +23,12 @@ pub struct Targets {
     pub stun: Vec<SocketAddr>,
     /// Relay regions: (region, display address, resolved address).
     pub relays: Vec<(String, String, Option<SocketAddr>)>,
+    /// The rendezvous (and extra CAs) to test QUIC against the TLS-over-TCP fallback
+    /// (`tcp_fallback` in the report).
+    pub rendezvous: Option<(
+        meshpunch_proto::connect::ConnectString,
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+    )>,
 }
 
 /// Options.
@@ -137,6 +143,10 @@ async fn hairpin(sock: &UdpSocket, public: SocketAddr, timeout: Duration) -> boo
 
 /// Runs every test and builds the report.
 pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckReport> {
+    // QUIC vs TLS/TCP to the rendezvous, while the STUN tests run.
+    let fallback = targets.rendezvous.clone().map(|(cs, ca)| {
+        tokio::spawn(async move { crate::rendezvous::probe_transports(&cs, &ca).await })
+    });
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
     let local_port = sock.local_addr()?.port();
     // Port mapping runs beside the STUN tests; its probe is short, its mapping is deleted below.
@@ -336,5 +346,8 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         .into_iter()
         .filter(|ip| ip.is_ipv6() && !meshpunch_proto::nat::is_lan_ip(*ip))
         .collect();
+    if let Some(h) = fallback {
+        report.tcp_fallback = h.await.ok();
+    }
     Ok(report)
 }
