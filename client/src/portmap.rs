@@ -406,7 +406,8 @@ async fn run(
             s.settled = stopping || (m.probe_done() && !m.mapping_pending());
             *s != before
         });
-        if stopping {
+        // After stop: only until the gateway confirmed the deletion (or it timed out).
+        if stopping && !m.deleting() {
             return;
         }
         let wake = m.poll_timeout();
@@ -435,7 +436,7 @@ async fn run(
                 }
             }
             () = sleep => m.handle_timeout(Instant::now()),
-            _ = &mut stop => {
+            _ = &mut stop, if !stopping => {
                 m.stop(Instant::now());
                 stopping = true;
             }

@@ -55,6 +55,9 @@ pub const RETRANSMIT_MAX: Duration = Duration::from_secs(16);
 /// How long a PCP or NAT-PMP mapping request may go unanswered before the next protocol is
 /// tried.
 pub const MAP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a deletion ([`Mapper::stop`]) is retransmitted while the gateway has not
+/// confirmed it.
+pub const DELETE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a UPnP AddPortMapping may take (SOAP over HTTP on the LAN) before it counts as
 /// failed.
 pub const UPNP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -274,6 +277,7 @@ enum Asked {
     PmpExternal,
     PcpMap,
     PmpMap,
+    Delete,
 }
 
 #[derive(Debug, Clone)]
@@ -349,6 +353,8 @@ pub struct Mapper {
     probe_pending: [bool; 3],
     /// When the PCP and NAT-PMP probe answers stop being waited for.
     probe_deadline: Option<Instant>,
+    /// While a deletion is unconfirmed: when we stop retransmitting it.
+    delete_deadline: Option<Instant>,
     failed: Vec<Protocol>,
     pmp_external: Option<IpAddr>,
     upnp_external: Option<IpAddr>,
@@ -372,6 +378,7 @@ impl Mapper {
             support: Support::default(),
             probe_pending: [false; 3],
             probe_deadline: None,
+            delete_deadline: None,
             failed: Vec::new(),
             pmp_external: None,
             upnp_external: None,
@@ -423,8 +430,10 @@ impl Mapper {
         }
     }
 
-    /// Clean exit: deletes the mapping (lifetime 0 / DeletePortMapping) and stops.
-    pub fn stop(&mut self, _now: Instant) {
+    /// Clean exit: deletes the mapping (lifetime 0 / DeletePortMapping) and stops. A PCP or
+    /// NAT-PMP deletion is retransmitted until the gateway confirms it, for at most
+    /// [`DELETE_TIMEOUT`] ([`Mapper::deleting`]).
+    pub fn stop(&mut self, now: Instant) {
         let proto = match self.phase {
             Phase::Mapped { proto, .. } | Phase::Mapping { proto, .. } => Some(proto),
             _ => None,
@@ -432,10 +441,19 @@ impl Mapper {
         self.outstanding.clear();
         let port = self.cfg.internal_port;
         match proto {
-            Some(Protocol::Pcp) => self.transmit(
-                pcp::map_request(self.cfg.client_ip, self.cfg.nonce, port, 0, 0).to_vec(),
-            ),
-            Some(Protocol::Pmp) => self.transmit(pmp::map_udp_request(port, 0, 0).to_vec()),
+            Some(Protocol::Pcp) => {
+                let b = pcp::map_request(self.cfg.client_ip, self.cfg.nonce, port, 0, 0);
+                self.ask(now, Asked::Delete, b.to_vec());
+                self.delete_deadline = Some(now + DELETE_TIMEOUT);
+            }
+            Some(Protocol::Pmp) => {
+                self.ask(
+                    now,
+                    Asked::Delete,
+                    pmp::map_udp_request(port, 0, 0).to_vec(),
+                );
+                self.delete_deadline = Some(now + DELETE_TIMEOUT);
+            }
             Some(Protocol::Upnp) => {
                 if let Some(external_port) = self.last_external_port {
                     self.upnp_out
@@ -447,6 +465,11 @@ impl Mapper {
         self.phase = Phase::Stopped;
         self.probe_deadline = None;
         self.set_mapped(None);
+    }
+
+    /// Whether a deletion after [`Mapper::stop`] still waits for the gateway's confirmation.
+    pub fn deleting(&self) -> bool {
+        self.delete_deadline.is_some()
     }
 
     /// What the gateway answered to the probe so far.
@@ -509,6 +532,7 @@ impl Mapper {
             .iter()
             .map(|o| o.next)
             .chain(self.probe_deadline)
+            .chain(self.delete_deadline)
             .min();
         match (phase, rtx) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -528,6 +552,10 @@ impl Mapper {
                 o.interval = (o.interval * 2).min(RETRANSMIT_MAX);
                 o.next = now + o.interval;
             }
+        }
+        if self.delete_deadline.is_some_and(|d| now >= d) {
+            self.delete_deadline = None;
+            self.outstanding.clear();
         }
         if self.probe_deadline.is_some_and(|d| now >= d) {
             self.probe_deadline = None;
@@ -575,8 +603,8 @@ impl Mapper {
     /// A datagram arrived on the port-mapping socket from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         match self.phase {
-            // Answers to our deletions: nothing more to do.
-            Phase::Stopped => return,
+            // Only the confirmation of our deletion still matters.
+            Phase::Stopped => return self.on_delete_answer(from, bytes),
             Phase::NotStarted => return self.ignore(IgnoreReason::Unsolicited),
             _ => {}
         }
@@ -665,6 +693,30 @@ impl Mapper {
                     self.fail(now, Protocol::Upnp);
                 }
             }
+        }
+    }
+
+    /// After [`Mapper::stop`]: the gateway's answer to our deletion ends the retransmissions.
+    fn on_delete_answer(&mut self, from: SocketAddr, bytes: &[u8]) {
+        if self.delete_deadline.is_none() || crate::addr::unmap(from) != self.server() {
+            return;
+        }
+        let confirmed = match bytes.first() {
+            Some(&pcp::VERSION) => pcp::parse_response(bytes).is_ok_and(|r| {
+                r.opcode == pcp::OP_MAP
+                    && r.map.is_some_and(|m| {
+                        m.nonce == self.cfg.nonce && m.internal_port == self.cfg.internal_port
+                    })
+            }),
+            Some(&pmp::VERSION) => matches!(
+                pmp::parse_response(bytes),
+                Ok(pmp::Response::MapUdp { internal_port, .. }) if internal_port == self.cfg.internal_port
+            ),
+            _ => false,
+        };
+        if confirmed {
+            self.delete_deadline = None;
+            self.outstanding.clear();
         }
     }
 

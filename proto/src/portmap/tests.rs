@@ -447,9 +447,11 @@ fn stop_deletes_a_pcp_and_a_nat_pmp_mapping_with_lifetime_zero() {
         );
         assert_eq!(gw.maps.len(), 1);
         m.stop(now);
+        assert!(m.deleting());
         let ev = exchange(&mut m, &mut gw, now, &mut no_upnp);
         assert_eq!(ev, vec![Event::Mapped(None)]);
         assert!(gw.maps.is_empty(), "the gateway's mapping is gone");
+        assert!(!m.deleting(), "the gateway confirmed the deletion");
         let last = gw.requests.last().cloned().unwrap_or_default();
         assert_eq!(last.len(), len);
         if pcp_on {
@@ -468,6 +470,35 @@ fn stop_deletes_a_pcp_and_a_nat_pmp_mapping_with_lifetime_zero() {
         );
         assert_eq!(m.poll_transmit(), None);
     }
+}
+
+#[test]
+fn an_unconfirmed_deletion_is_retransmitted_for_at_most_a_second() {
+    let mut now = Instant::now();
+    let mut gw = Gateway::new(true, false, now);
+    let mut m = Mapper::new(cfg(false));
+    m.start(now);
+    run_for(
+        &mut m,
+        &mut gw,
+        &mut now,
+        Duration::from_secs(1),
+        &mut no_upnp,
+    );
+    gw.silent = true;
+    let n = gw.requests.len();
+    m.stop(now);
+    run_for(
+        &mut m,
+        &mut gw,
+        &mut now,
+        Duration::from_secs(5),
+        &mut no_upnp,
+    );
+    let deletes = gw.requests.len() - n;
+    assert!((2..=4).contains(&deletes), "{deletes} deletions sent");
+    assert!(!m.deleting());
+    assert_eq!(m.poll_timeout(), None);
 }
 
 #[test]
