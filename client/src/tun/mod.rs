@@ -104,6 +104,18 @@ impl TunIface {
     /// adds every address and a route for every peer's `AllowedIPs`. Refuses (before creating
     /// anything) an `Address` or a prefix that collides with an existing route.
     pub fn create(s: &TunSettings) -> Result<TunIface, TunError> {
+        // The name first: a second daemon with the same config must hear "exists", not that
+        // its Address collides with the first daemon's route.
+        if !sys::valid_name(&s.name) {
+            return Err(TunError::BadName {
+                name: s.name.clone(),
+            });
+        }
+        if sys::if_index(&s.name).is_some() {
+            return Err(TunError::Exists {
+                name: s.name.clone(),
+            });
+        }
         let mut nl = sys::Netlink::open()?;
         let routes = nl.routes().map_err(|e| TunError::Sys {
             what: "reading the routing table".into(),
