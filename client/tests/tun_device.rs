@@ -72,17 +72,44 @@ struct Pair {
     b: Arc<Device>,
 }
 
-/// Two namespaces, a TUN device in each (10.9.0.1 and 10.9.0.2), driven over loopback.
+/// Two namespaces, a TUN device in each (10.9.0.1 and 10.9.0.2, plus `v6` addresses
+/// fd00:9::1/64 and fd00:9::2/64 with IPv6 enabled), driven over loopback.
 async fn pair(test: &str, a_allowed_for_b: &[&str]) -> Option<Pair> {
+    pair_with(test, a_allowed_for_b, false).await
+}
+
+async fn pair_with(test: &str, a_allowed_for_b: &[&str], v6: bool) -> Option<Pair> {
     if !testenv::require_root(test) {
         return None;
     }
     let mut lab = Lab::new().unwrap();
     lab.add_node("a", false).unwrap();
     lab.add_node("b", false).unwrap();
+    let mut b_allowed_for_a = vec!["10.9.0.1/32"];
+    if v6 {
+        for n in ["a", "b"] {
+            lab.exec(
+                n,
+                "sysctl",
+                &["-q", "-w", "net.ipv6.conf.all.disable_ipv6=0"],
+            )
+            .unwrap();
+            lab.exec(
+                n,
+                "sysctl",
+                &["-q", "-w", "net.ipv6.conf.default.disable_ipv6=0"],
+            )
+            .unwrap();
+        }
+        b_allowed_for_a.push("fd00:9::1/128");
+    }
     let (ka, kb) = (generate_private(), generate_private());
-    let sa = settings("mptun-a", "10.9.0.1/24", public_of(&kb), a_allowed_for_b);
-    let sb = settings("mptun-b", "10.9.0.2/24", public_of(&ka), &["10.9.0.1/32"]);
+    let mut sa = settings("mptun-a", "10.9.0.1/24", public_of(&kb), a_allowed_for_b);
+    let mut sb = settings("mptun-b", "10.9.0.2/24", public_of(&ka), &b_allowed_for_a);
+    if v6 {
+        sa.addresses.push("fd00:9::1/64".parse().unwrap());
+        sb.addresses.push("fd00:9::2/64".parse().unwrap());
+    }
     let ia = lab
         .in_ns("a", move || TunIface::create(&sa))
         .unwrap()
@@ -92,7 +119,7 @@ async fn pair(test: &str, a_allowed_for_b: &[&str]) -> Option<Pair> {
         .unwrap()
         .unwrap();
     let a = Arc::new(Device::new(ia, ka, &[tunpeer(public_of(&kb), a_allowed_for_b)]).unwrap());
-    let b = Arc::new(Device::new(ib, kb, &[tunpeer(public_of(&ka), &["10.9.0.1/32"])]).unwrap());
+    let b = Arc::new(Device::new(ib, kb, &[tunpeer(public_of(&ka), &b_allowed_for_a)]).unwrap());
     let ua = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let ub = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     drive(a.clone(), ua.clone(), ub.local_addr().unwrap());
@@ -250,6 +277,23 @@ async fn packet_from_outside_allowed_ips_is_dropped_and_counted() {
     assert!(ok, "ping b -> a after the spoofed packets: {out}");
 }
 
+/// IPv6 `Address` and `AllowedIPs` next to IPv4 ones on the same device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_and_ipv4_through_one_device() {
+    let test = "ipv6_and_ipv4_through_one_device";
+    if !testenv::require_commands(test, &["ip", "ping", "sysctl"]) {
+        return;
+    }
+    let Some(p) = pair_with(test, &["10.9.0.2/32", "fd00:9::2/128"], true).await else {
+        return;
+    };
+    let (ok, out) = ping(&p.lab, "a", "10.9.0.2", 3).await;
+    assert!(ok, "IPv4 ping: {out}");
+    let (ok, out) = ping(&p.lab, "a", "fd00:9::2", 3).await;
+    assert!(ok, "IPv6 ping through the tunnel: {out}");
+    assert_eq!(p.a.stats.bad_source.load(Ordering::Relaxed), 0);
+}
+
 #[test]
 fn tun_setup_refusals_say_what_to_fix() {
     let test = "tun_setup_refusals_say_what_to_fix";
@@ -305,6 +349,16 @@ fn tun_setup_refusals_say_what_to_fix() {
             .contains("AllowedIPs 10.77.0.0/24 of peer peer collides"),
         "{e}"
     );
+
+    // IPv6 is disabled in this namespace: said so, not mistaken for a permission problem.
+    let mut s = settings("mptun-c", "10.9.0.1/24", k, &["10.9.0.2/32"]);
+    s.addresses.push("fd00:9::1/64".parse().unwrap());
+    let e = lab
+        .in_ns("a", move || TunIface::create(&s))
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("is IPv6 disabled here?"), "{e}");
+    assert!(!lab.ip("a", &["link", "show"]).unwrap().contains("mptun-c"));
 
     // No CAP_NET_ADMIN (dropped on the creating thread only).
     let s = settings("mptun-c", "10.9.0.1/24", k, &["10.9.0.2/32"]);

@@ -148,17 +148,23 @@ impl TunIface {
             index,
             name: s.name.clone(),
         };
-        let perm = |what: String, e: io::Error| match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) => TunError::NoPermission {
+        // Netlink says EPERM without CAP_NET_ADMIN; EACCES is what IPv6 answers when it is
+        // disabled on the host, which is no permission problem.
+        let perm = |what: String, v6: bool, e: io::Error| match e.raw_os_error() {
+            Some(libc::EPERM) => TunError::NoPermission {
                 name: s.name.clone(),
+            },
+            Some(libc::EACCES) if v6 => TunError::Sys {
+                what: format!("{what} (is IPv6 disabled here? net.ipv6.conf.all.disable_ipv6)"),
+                err: e,
             },
             _ => TunError::Sys { what, err: e },
         };
         nl.set_mtu_up(index, s.mtu)
-            .map_err(|e| perm(format!("setting MTU {} on {}", s.mtu, s.name), e))?;
+            .map_err(|e| perm(format!("setting MTU {} on {}", s.mtu, s.name), false, e))?;
         for a in &s.addresses {
             nl.add_address(index, *a)
-                .map_err(|e| perm(format!("adding Address {a} to {}", s.name), e))?;
+                .map_err(|e| perm(format!("adding Address {a} to {}", s.name), a.is_ipv6(), e))?;
         }
         for p in &s.peers {
             for n in &p.allowed_ips {
@@ -174,6 +180,7 @@ impl TunIface {
                                 s.name,
                                 p.label
                             ),
+                            n.is_ipv6(),
                             e,
                         ))
                     }
