@@ -298,10 +298,7 @@ impl Device {
         private_key: [u8; 32],
         peers: &[TunPeer],
     ) -> Result<Device, TunError> {
-        let table = routing_table(peers).map_err(|e| TunError::Sys {
-            what: "AllowedIPs".into(),
-            err: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
-        })?;
+        let table = routing_table(peers)?;
         let secret = x25519_dalek::StaticSecret::from(private_key);
         let tunnels = peers
             .iter()
@@ -430,7 +427,7 @@ impl Device {
                 }
                 TunnResult::Err(e) => {
                     let n = self.stats.decrypt_failed.fetch_add(1, Ordering::Relaxed);
-                    if n.is_power_of_two() || n == 0 {
+                    if (n + 1).is_power_of_two() {
                         tracing::warn!(peer = %self.labels[peer], error = ?e, count = n + 1, "WireGuard datagram dropped (meshpunch_client_tun_decrypt_failed_total)");
                     }
                 }
@@ -447,7 +444,7 @@ impl Device {
         // Cryptokey routing: the inner source must route back to the same peer.
         if self.table.lookup(src) != Some(peer) {
             let n = self.stats.bad_source.fetch_add(1, Ordering::Relaxed);
-            if n.is_power_of_two() || n == 0 {
+            if (n + 1).is_power_of_two() {
                 tracing::warn!(peer = %self.labels[peer], %src, count = n + 1, "packet from a source outside the peer's AllowedIPs dropped (meshpunch_client_tun_bad_source_total)");
             }
             return;

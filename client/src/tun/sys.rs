@@ -65,6 +65,9 @@ pub enum TunError {
         /// Interface of the existing route.
         dev: String,
     },
+    /// Two peers claim the same `AllowedIPs` prefix.
+    #[error(transparent)]
+    Overlap(#[from] super::OverlapError),
     /// Any other failure of a system call, with what was being done.
     #[error("{what}: {err}")]
     Sys {
