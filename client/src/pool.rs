@@ -1,6 +1,7 @@
 //! Birthday probing support for the daemon: the pool of extra UDP sockets the "hard" side
-//! (behind an endpoint-dependent mapping) pings an easy peer from, and the classification of
-//! our own mapping from two STUN servers.
+//! (behind an endpoint-dependent mapping) pings an easy peer from. When to open and close it
+//! is the node's decision ([`meshpunch_proto::node::Event::OpenPool`] / `ClosePool`); the
+//! classification of our own mapping is [`meshpunch_proto::node::discovery::StunMappings`].
 //!
 //! The pool is shared by every peer and opened only while some peer's
 //! [`meshpunch_proto::path::PeerPath::wants_pool`] is true; afterwards every socket that no
@@ -9,14 +10,13 @@
 //! task that hands its datagrams to the engine through one channel, so the engine stays the
 //! only owner of all state.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use meshpunch_proto::nat::{classify_mapping, Mapping, MappingObservation};
-use meshpunch_proto::path::{LocalSocket, MappingBehaviour};
+use meshpunch_proto::path::LocalSocket;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -29,8 +29,6 @@ const POOL_RECV_BUF: usize = 9216;
 const POOL_RECV_CHUNK: usize = 64 * 1024;
 /// Datagrams queued from all pool readers to the engine.
 const POOL_QUEUE: usize = 1024;
-/// How often unused pool sockets are looked for once no search needs the pool.
-const POOL_GC_INTERVAL: Duration = Duration::from_secs(1);
 /// After the system refused a pool socket (file descriptor limit), opening is not tried again
 /// for this long (the engine asks on every turn of its loop).
 const POOL_OPEN_RETRY: Duration = Duration::from_secs(10);
@@ -71,7 +69,6 @@ pub(crate) struct Pool {
     announced: u16,
     tx: mpsc::Sender<PoolDatagram>,
     rx: Option<mpsc::Receiver<PoolDatagram>>,
-    gc_at: Option<Instant>,
     open_failed_at: Option<Instant>,
     /// Sockets opened since start (status).
     pub(crate) opened_total: u64,
@@ -88,7 +85,6 @@ impl Pool {
             announced: 0,
             tx,
             rx: Some(rx),
-            gc_at: None,
             open_failed_at: None,
             opened_total: 0,
         }
@@ -118,7 +114,6 @@ impl Pool {
         {
             return self.announced;
         }
-        self.gc_at = None;
         let mut n = 0u16;
         for i in 1..=self.cap {
             let idx = usize::from(i - 1);
@@ -209,20 +204,6 @@ impl Pool {
         }
     }
 
-    /// Whether it is time to look for unused sockets (no search needs the pool).
-    pub(crate) fn gc_due(&mut self, now: Instant) -> bool {
-        if self.open_count() == 0 {
-            return false;
-        }
-        match self.gc_at {
-            Some(t) if t > now => false,
-            _ => {
-                self.gc_at = Some(now + POOL_GC_INTERVAL);
-                true
-            }
-        }
-    }
-
     /// Closes every socket not in `used`; no new pairs may use the pool afterwards.
     pub(crate) fn close_unused(&mut self, used: &HashSet<LocalSocket>) {
         self.announced = 0;
@@ -245,85 +226,9 @@ impl Pool {
     }
 }
 
-/// Our mapping behaviour from the data socket's STUN answers: two servers (the rendezvous
-/// announces its primary and its RFC 5780 other-IP address) that see different mapped
-/// addresses mean an endpoint-dependent mapping.
-#[derive(Debug, Default)]
-pub(crate) struct StunMappings {
-    servers: Vec<SocketAddr>,
-    seen: HashMap<SocketAddr, SocketAddr>,
-}
-
-impl StunMappings {
-    /// The STUN servers in use (the first is the primary); forgets answers of others.
-    pub(crate) fn set_servers(&mut self, servers: &[SocketAddr]) {
-        if self.servers != servers {
-            self.servers = servers.to_vec();
-            self.seen.retain(|s, _| servers.contains(s));
-        }
-    }
-
-    /// Records that `server` saw us as `mapped`. Returns whether this answer is the one our
-    /// server-reflexive candidate comes from (the primary's, or any while the primary has not
-    /// answered): with a symmetric NAT every server sees another port.
-    pub(crate) fn record(&mut self, server: SocketAddr, mapped: SocketAddr) -> bool {
-        if !self.servers.contains(&server) {
-            return true;
-        }
-        self.seen.insert(server, mapped);
-        let primary = self.servers.first();
-        primary == Some(&server) || primary.is_none_or(|p| !self.seen.contains_key(p))
-    }
-
-    /// What the answers so far say (RFC 4787 classification by [`classify_mapping`], reduced
-    /// to what birthday probing needs: does the port depend on the destination).
-    pub(crate) fn behaviour(&self) -> MappingBehaviour {
-        if self.seen.len() < 2 {
-            return MappingBehaviour::Unknown;
-        }
-        let obs: Vec<MappingObservation> = self
-            .seen
-            .iter()
-            .map(|(&server, &mapped)| MappingObservation { server, mapped })
-            .collect();
-        // No local addresses given: "no NAT" is endpoint-independent here.
-        match classify_mapping(&[], &obs) {
-            Mapping::None | Mapping::EndpointIndependent => MappingBehaviour::EndpointIndependent,
-            Mapping::AddressDependent | Mapping::AddressAndPortDependent => {
-                MappingBehaviour::EndpointDependent
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn two_servers_seeing_different_ports_mean_endpoint_dependent() {
-        let a: SocketAddr = "203.0.113.10:3478".parse().unwrap();
-        let b: SocketAddr = "203.0.113.11:3479".parse().unwrap();
-        let mut m = StunMappings::default();
-        m.set_servers(&[a, b]);
-        assert_eq!(m.behaviour(), MappingBehaviour::Unknown);
-        // The other server answered first: used until the primary answers.
-        assert!(m.record(b, "198.51.100.1:2000".parse().unwrap()));
-        assert_eq!(m.behaviour(), MappingBehaviour::Unknown);
-        assert!(m.record(a, "198.51.100.1:1000".parse().unwrap()));
-        assert_eq!(m.behaviour(), MappingBehaviour::EndpointDependent);
-        // From now on only the primary's answer is our srflx.
-        assert!(!m.record(b, "198.51.100.1:2000".parse().unwrap()));
-        assert!(m.record(a, "198.51.100.1:1000".parse().unwrap()));
-        m.record(b, "198.51.100.1:1000".parse().unwrap());
-        assert_eq!(m.behaviour(), MappingBehaviour::EndpointIndependent);
-        // An answer from an unknown server changes nothing.
-        assert!(m.record(
-            "192.0.2.1:1".parse().unwrap(),
-            "198.51.100.1:5".parse().unwrap()
-        ));
-        assert_eq!(m.behaviour(), MappingBehaviour::EndpointIndependent);
-    }
 
     #[tokio::test]
     async fn pool_opens_sends_receives_and_closes_unused_sockets() {

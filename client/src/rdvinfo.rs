@@ -70,7 +70,13 @@ pub async fn fetch(
     }
     let mut relays = Vec::new();
     for r in reg.relays {
-        let url = r.urls.first().cloned().unwrap_or_default();
+        let url = r
+            .urls
+            .iter()
+            .find(|u| turn_uri_authority(u).is_some())
+            .or(r.urls.first())
+            .cloned()
+            .unwrap_or_default();
         let addr = match turn_uri_authority(&url) {
             Some(a) => tokio::net::lookup_host(a)
                 .await

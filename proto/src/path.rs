@@ -756,7 +756,14 @@ impl PeerPath {
                 || wanted.iter().any(|w| w.0 == p.dest)
         });
         for (dest, kind) in wanted {
-            if self.pairs.iter().any(|p| p.dest == dest) {
+            if let Some(p) = self.pairs.iter_mut().find(|p| p.dest == dest) {
+                // A peer-reflexive pair learned before the candidate arrived (the peer's
+                // probes sent through its relay, from its relayed address, reached us first):
+                // the candidate says what it is, so a relayed address is never ranked, shown
+                // or blocked as a direct one.
+                if p.kind == CandidateKind::Prflx && kind == CandidateKind::Relayed {
+                    p.kind = kind;
+                }
                 continue;
             }
             let cap = self.cfg.max_pairs

@@ -14,6 +14,8 @@ use meshpunch_proto::turn::{
 };
 use serde::Deserialize;
 
+pub use crate::stream::StreamConfig;
+
 /// Default TURN/STUN port (RFC 8489 §18.5).
 pub const DEFAULT_PORT: u16 = 3478;
 /// `--dev` port: one above the default so a dev relay runs beside `meshpunch-rendezvous --dev`,
@@ -106,6 +108,26 @@ pub struct FileConfig {
     /// Peer addresses never relayed to, as CIDRs (coturn's `denied-peer-ip`), checked after
     /// IPv6 spellings of IPv4 are reduced: `["10.0.0.0/8", "2001:db8::/32"]`.
     pub denied_peers: Option<Vec<String>>,
+    /// TURN over TCP listening address (RFC 8656 §3.1; relayed transport stays UDP).
+    pub tcp_listen: Option<SocketAddr>,
+    /// TURN over TLS listening address (`turns:`; 443 gets through most firewalls).
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for `tls_listen` (re-read on SIGHUP and when it changes).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_listen`.
+    pub tls_key: Option<PathBuf>,
+    /// Open TCP + TLS connections at most (default 10,000).
+    pub stream_max_connections: Option<usize>,
+    /// Seconds a new TCP/TLS connection has to send its first whole message (default 10).
+    pub stream_first_message_timeout: Option<u64>,
+    /// Seconds a message may take from first to last byte (default 10).
+    pub stream_stall_timeout: Option<u64>,
+    /// Seconds a TLS handshake may take (default 10).
+    pub tls_handshake_timeout: Option<u64>,
+    /// TLS handshakes in progress at once (default 256).
+    pub tls_max_handshakes: Option<usize>,
+    /// Messages queued towards one TCP/TLS client before drops (default 512).
+    pub stream_write_queue: Option<usize>,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -131,6 +153,14 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     /// `--denied-peer` (repeatable; added to the file's `denied_peers`).
     pub denied_peers: Vec<String>,
+    /// `--tcp-listen`.
+    pub tcp_listen: Option<SocketAddr>,
+    /// `--tls-listen`.
+    pub tls_listen: Option<SocketAddr>,
+    /// `--cert`.
+    pub cert: Option<PathBuf>,
+    /// `--key`.
+    pub key: Option<PathBuf>,
 }
 
 /// The resolved configuration the relay runs with.
@@ -162,6 +192,8 @@ pub struct RelayConfig {
     pub gso: bool,
     /// The sans-IO server configuration (realm, auth, policy, limits).
     pub server: ServerConfig,
+    /// TURN over TCP/TLS.
+    pub stream: StreamConfig,
 }
 
 /// Parses `"LO-HI"`.
@@ -362,6 +394,44 @@ impl RelayConfig {
         if !listen.ip().is_unspecified() {
             own_addrs.push(listen.ip());
         }
+        let tcp_listen = o.tcp_listen.or(file.tcp_listen);
+        let tls_listen = o.tls_listen.or(file.tls_listen);
+        for l in tcp_listen.iter().chain(tls_listen.iter()) {
+            if !l.ip().is_unspecified() && !own_addrs.contains(&l.ip()) {
+                own_addrs.push(l.ip());
+            }
+        }
+        let cert = o.cert.or(file.tls_cert);
+        let key = o.key.or(file.tls_key);
+        if tls_listen.is_some() && (cert.is_none() || key.is_none()) {
+            bail!("tls_listen / --tls-listen needs a certificate: --cert FILE --key FILE (tls_cert, tls_key)");
+        }
+        let defaults = StreamConfig::default();
+        let stream = StreamConfig {
+            tcp_listen,
+            tls_listen,
+            cert,
+            key,
+            max_connections: file
+                .stream_max_connections
+                .unwrap_or(defaults.max_connections),
+            first_message_timeout: file
+                .stream_first_message_timeout
+                .map_or(defaults.first_message_timeout, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+            stall_timeout: file
+                .stream_stall_timeout
+                .map_or(defaults.stall_timeout, |s| Duration::from_secs(s.max(1))),
+            idle_timeout: defaults.idle_timeout,
+            handshake_timeout: file
+                .tls_handshake_timeout
+                .map_or(defaults.handshake_timeout, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
+            max_handshakes: file.tls_max_handshakes.unwrap_or(defaults.max_handshakes),
+            write_queue: file.stream_write_queue.unwrap_or(defaults.write_queue),
+        };
         let nonce_key: [u8; 32] = rand::random();
         let mut server = ServerConfig::new(realm, Auth { secrets, users }, nonce_key);
         let mut denied = Vec::new();
@@ -460,6 +530,11 @@ impl RelayConfig {
                 .map_or(DEFAULT_DRAIN, Duration::from_secs),
             socket_buffer: file.socket_buffer.unwrap_or(4 << 20),
             gso: file.gso.unwrap_or(true),
+            stream: StreamConfig {
+                // Nothing is heard for longer than an allocation can live.
+                idle_timeout: server.max_lifetime + Duration::from_secs(60),
+                ..stream
+            },
             server,
         })
     }

@@ -1,10 +1,12 @@
-//! `meshpunch-relay`: a TURN server (RFC 8656 over UDP) built for throughput and safe by
-//! default.
+//! `meshpunch-relay`: a TURN server (RFC 8656 over UDP, TCP and TLS; relayed transport UDP)
+//! built for throughput and safe by default.
 //!
 //! The protocol lives in [`meshpunch_proto::turn`] (sans-IO); this crate is the driver:
 //! [`config`] resolves TOML + flags + `--dev`, [`worker`] runs one data-plane thread per CPU
 //! (`SO_REUSEPORT`, epoll, `recvmmsg`/`sendmmsg` with GRO/GSO from [`udp`]), [`admin`] serves
-//! `/metrics` and `/healthz`, and [`Relay`] ties them together with graceful drain.
+//! `/metrics` and `/healthz`, [`stream`] serves TURN over TCP/TLS with the same core,
+//! [`relayed`] binds relayed sockets out of the one port pool for every transport, and
+//! [`Relay`] ties them together with graceful drain.
 //!
 //! Capacity: every allocation holds one relayed UDP port, so one relay IP carries at most as
 //! many allocations as its port range has ports (16 384 for the default 49152–65535). Add
@@ -14,6 +16,8 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod relayed;
+pub mod stream;
 pub mod udp;
 pub mod worker;
 
@@ -36,6 +40,9 @@ pub struct Relay {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
+    tcp: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    certs: Option<Arc<meshpunch_certs::CertManager>>,
 }
 
 impl Relay {
@@ -66,7 +73,8 @@ impl Relay {
             cfg.ports.1,
             cfg.user_quota,
         )
-        .with_network_limits(cfg.network_quota, cfg.network_bandwidth);
+        .with_network_limits(cfg.network_quota, cfg.network_bandwidth)
+        .with_token_seed(rand::random());
         let capacity = pool.capacity();
         ::metrics::gauge!(metrics::PORTS_CAPACITY).set(capacity as f64);
         let shared = Arc::new(Shared {
@@ -77,8 +85,20 @@ impl Relay {
             socket_buffer: cfg.socket_buffer,
             gro: cfg.gso,
             wakers: Mutex::new(Vec::new()),
+            reserved: Mutex::new(Default::default()),
         });
         let mut threads = Vec::new();
+        let (mut tcp, mut tls, mut certs) = (None, None, None);
+        if cfg.stream.enabled() {
+            let s = stream::start(
+                cfg.stream.clone(),
+                cfg.server.clone(),
+                shared.clone(),
+                cfg.drain,
+            )?;
+            (tcp, tls, certs) = (s.tcp, s.tls, s.certs);
+            threads.push(s.thread);
+        }
         for (id, sock) in per_worker.into_iter().enumerate() {
             let shared = shared.clone();
             let server_cfg = cfg.server.clone();
@@ -98,6 +118,8 @@ impl Relay {
         }
         tracing::info!(
             listen = ?listens,
+            tcp = ?tcp,
+            tls = ?tls,
             workers,
             relay_ips = ?cfg.relay_ips,
             ports = ?cfg.ports,
@@ -110,7 +132,20 @@ impl Relay {
             shared,
             threads,
             capacity,
+            tcp,
+            tls,
+            certs,
         })
+    }
+
+    /// The bound TURN-over-TCP address, if configured.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// The bound TURN-over-TLS address, if configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
     }
 
     /// The bound listening address.
@@ -137,6 +172,7 @@ impl Relay {
     pub fn control(&self) -> Control {
         Control {
             shared: self.shared.clone(),
+            certs: self.certs.clone(),
         }
     }
 
@@ -162,6 +198,7 @@ impl Drop for Relay {
 #[derive(Debug, Clone)]
 pub struct Control {
     shared: Arc<Shared>,
+    certs: Option<Arc<meshpunch_certs::CertManager>>,
 }
 
 impl Control {
@@ -187,5 +224,18 @@ impl Control {
     /// Relayed ports in use.
     pub fn ports_in_use(&self) -> usize {
         self.shared.pool.lock().map_or(0, |p| p.in_use())
+    }
+
+    /// Re-reads the TLS certificate files now (SIGHUP); a no-op without TLS. On error the
+    /// current certificate stays.
+    pub fn reload_tls(&self) {
+        if let Some(m) = &self.certs {
+            match m.reload() {
+                Ok(_) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the current one")
+                }
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use clap::Parser;
 use meshpunch_relay::config::{self, FileConfig, Overrides, RelayConfig};
 use meshpunch_relay::{admin, Relay};
 
-/// TURN relay (RFC 8656 over UDP) for meshpunch; compatible with any TURN client.
+/// TURN relay (RFC 8656 over UDP, TCP and TLS) for meshpunch; compatible with any TURN client.
 #[derive(Debug, Parser)]
 #[command(name = "meshpunch-relay", version)]
 struct Cli {
@@ -54,6 +54,18 @@ struct Cli {
         value_delimiter = ','
     )]
     denied_peer: Vec<String>,
+    /// TURN over TCP listening address (e.g. 0.0.0.0:3478); relayed transport stays UDP.
+    #[arg(long, env = "MESHPUNCH_RELAY_TCP_LISTEN")]
+    tcp_listen: Option<SocketAddr>,
+    /// TURN over TLS listening address (e.g. 0.0.0.0:443); needs --cert and --key.
+    #[arg(long, env = "MESHPUNCH_RELAY_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for --tls-listen (re-read on SIGHUP and when the file changes).
+    #[arg(long, env = "MESHPUNCH_RELAY_CERT")]
+    cert: Option<PathBuf>,
+    /// PEM private key for --tls-listen.
+    #[arg(long, env = "MESHPUNCH_RELAY_KEY")]
+    key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +114,10 @@ fn main() -> anyhow::Result<()> {
         allow_private_peers: cli.allow_private_peers,
         admin_listen: cli.admin_listen,
         denied_peers: cli.denied_peer,
+        tcp_listen: cli.tcp_listen,
+        tls_listen: cli.tls_listen,
+        cert: cli.cert,
+        key: cli.key,
     };
     let cfg = RelayConfig::resolve(file, overrides, dev_secret)?;
     let handle = admin::install_recorder();
@@ -111,6 +127,12 @@ fn main() -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     for addr in relay.listen_addrs() {
         writeln!(stdout, "listening on {addr}")?;
+    }
+    if let Some(addr) = relay.tcp_addr() {
+        writeln!(stdout, "listening on tcp {addr}")?;
+    }
+    if let Some(addr) = relay.tls_addr() {
+        writeln!(stdout, "listening on tls {addr}")?;
     }
     stdout.flush()?;
 
@@ -129,14 +151,23 @@ fn main() -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {
-                tracing::info!("SIGTERM: draining (new allocations refused)");
-                control.drain();
-            }
-            _ = int.recv() => {
-                tracing::info!("SIGINT: stopping");
-                control.stop();
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining (new allocations refused)");
+                    control.drain();
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: stopping");
+                    control.stop();
+                    break;
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the TLS certificate");
+                    control.reload_tls();
+                }
             }
         }
         // A second signal stops at once.

@@ -58,6 +58,28 @@ pub const PORTS_IN_USE: &str = "meshpunch_relay_ports_in_use";
 /// Relayed ports available in total (gauge): the capacity limit.
 pub const PORTS_CAPACITY: &str = "meshpunch_relay_ports_capacity";
 
+/// TCP + TLS connections open, by `transport` (`tcp`, `tls`).
+pub const STREAM_CONNECTIONS_OPEN: &str = "meshpunch_relay_stream_connections_open";
+/// TCP + TLS connections accepted, by `transport`.
+pub const STREAM_CONNECTIONS: &str = "meshpunch_relay_stream_connections_total";
+/// Connections closed at once because `stream_max_connections` were open, by `transport`.
+pub const STREAM_REJECTED: &str = "meshpunch_relay_stream_rejected_total";
+/// Connections closed for a framing error (bad first byte, bad STUN header, a message past
+/// the limit), by `transport`.
+pub const STREAM_FRAMING_ERRORS: &str = "meshpunch_relay_stream_framing_errors_total";
+/// Connections closed by a timeout, by `transport` and `phase` (`first_message`: no whole
+/// message in time; `stalled`: a message half-sent; `idle`: nothing for a long time).
+pub const STREAM_TIMEOUTS: &str = "meshpunch_relay_stream_timeouts_total";
+/// TLS handshakes that failed, by `transport` and `reason` (`error`, `timeout`, `busy`: too
+/// many at once).
+pub const STREAM_HANDSHAKE_FAILURES: &str = "meshpunch_relay_stream_handshake_failures_total";
+/// Messages to a client dropped because its write queue was full, by `transport`.
+pub const STREAM_DROPPED: &str = "meshpunch_relay_stream_dropped_total";
+/// Messages over streams, by `transport` and `direction` (`in` from clients, `out` to them).
+pub const STREAM_PACKETS: &str = "meshpunch_relay_stream_packets_total";
+/// Bytes of those messages, by `transport` and `direction`.
+pub const STREAM_BYTES: &str = "meshpunch_relay_stream_bytes_total";
+
 /// What one worker exported last time (to compute deltas).
 #[derive(Debug, Default, Clone)]
 pub struct Exported {

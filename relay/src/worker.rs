@@ -25,8 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 use meshpunch_proto::channeldata;
 use meshpunch_proto::creds::Tenant;
 use meshpunch_proto::turn::{
-    AllocateError, ClientAction, Family, PeerAction, PortPool, RelayAllocator, Reservation,
-    ServerConfig, SharedLimits, TurnServer,
+    AllocateError, ClientAction, Family, PeerAction, PortPool, PortRequest, RelayAllocator,
+    Reservation, ServerConfig, SharedLimits, TurnServer,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -62,6 +62,8 @@ pub struct Shared {
     /// One eventfd per running worker: written by [`Shared::wake_all`] so a stop or drain
     /// takes effect at once instead of at the next timer.
     pub wakers: Mutex<Vec<RawFd>>,
+    /// Sockets of ports reserved under a RESERVATION-TOKEN ([`crate::relayed`]).
+    pub reserved: Mutex<HashMap<SocketAddr, UdpSocket>>,
 }
 
 impl Shared {
@@ -149,33 +151,12 @@ impl RelayAllocator for WorkerAllocator {
         _client: SocketAddr,
         tenant: &Tenant,
         family: Family,
-        even_port: bool,
+        port: PortRequest,
         now: Instant,
     ) -> Result<Reservation, AllocateError> {
-        if self.shared.draining.load(Ordering::Relaxed) {
-            return Err(AllocateError::Capacity);
-        }
-        let mut bound = None;
-        let buffer = self.shared.socket_buffer;
-        let result = match self.shared.pool.lock() {
-            Ok(mut pool) => pool.reserve(tenant, family, even_port, now, |addr| {
-                match udp_socket(addr, false, buffer) {
-                    Ok(s) => {
-                        bound = Some(s);
-                        true
-                    }
-                    Err(_) => false,
-                }
-            }),
-            Err(_) => Err(AllocateError::Capacity),
-        };
-        let reservation = result.inspect_err(|e| {
-            tracing::info!(user = %tenant.user, network = %tenant.network, error = %e, "allocation refused")
-        })?;
+        let (reservation, sock) =
+            crate::relayed::reserve_socket(&self.shared, tenant, family, port, now)?;
         let addr = reservation.relayed;
-        let Some(sock) = bound else {
-            return Err(AllocateError::Capacity);
-        };
         let fd = sock.as_raw_fd();
         if self.shared.gro {
             udp::enable_gro(fd);
@@ -450,6 +431,7 @@ pub fn run(
             next_export = now + EXPORT_INTERVAL;
             exported.export(server.stats(), server.gauges(now), q.stats);
             if id == 0 {
+                crate::relayed::expire(&shared, now);
                 if let Ok(pool) = shared.pool.lock() {
                     metrics::gauge!(crate::metrics::PORTS_IN_USE).set(pool.in_use() as f64);
                 }

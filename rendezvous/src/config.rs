@@ -375,6 +375,13 @@ impl Config {
                     r.region
                 )));
             }
+            // turn:h:p, turn:h:p?transport=tcp, turns:h:p (RFC 7065); anything else, an
+            // unknown transport included, is refused at start instead of reaching clients.
+            for u in &r.urls {
+                if let Err(e) = meshpunch_proto::turn::uri::TurnUri::parse(u) {
+                    return Err(ConfigError::Invalid(format!("relay {:?}: {e}", r.region)));
+                }
+            }
         }
         if let (Some(alt), Some(primary)) = (self.stun_alt, self.stun_listen) {
             if primary.ip().is_unspecified() || alt.ip().is_unspecified() {
@@ -459,6 +466,23 @@ mod tests {
         assert!(Config::from_toml("").is_ok());
         assert!(Config::from_toml("bogus = 1").is_err());
         assert!(Config::from_toml("stun_alt = \"192.0.2.2:3479\"").is_err());
+    }
+
+    #[test]
+    fn relay_urls_may_be_udp_tcp_or_tls_and_unknown_transports_are_refused() {
+        let region =
+            |url: &str| format!("[[relay]]\nregion = \"eu\"\nurls = [\"{url}\"]\nsecret = \"s\"\n");
+        let ok = "[[relay]]\nregion = \"eu\"\nurls = [\"turn:relay.example.com:3478\", \"turn:relay.example.com:443?transport=tcp\", \"turns:relay.example.com:443\"]\nsecret = \"s\"\n";
+        assert_eq!(Config::from_toml(ok).unwrap().relays[0].urls.len(), 3);
+        for bad in [
+            "turn:relay.example.com?transport=sctp",
+            "turns:relay.example.com?transport=udp",
+            "relay.example.com:3478",
+            "turn:relay.example.com:99999",
+        ] {
+            let e = Config::from_toml(&region(bad)).unwrap_err().to_string();
+            assert!(e.contains("relay.example.com"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,31 +1,28 @@
-//! The `meshpunch up` daemon: one UDP data socket for every peer, STUN, probes and TURN; one
-//! 127.0.0.1 proxy port per peer for WireGuard; a [`PeerPath`] per peer deciding where each
-//! WireGuard packet goes; the home relay's TURN allocation; the control socket.
+//! The `meshpunch up` daemon: the driver of the client node ([`meshpunch_proto::node::Node`],
+//! the whole client brain, sans-IO). It owns the I/O — one UDP data socket for every peer,
+//! STUN, probes, TURN and the rendezvous' QUIC connection; the birthday pool sockets; each
+//! peer's WireGuard side ([`wg::WgSide`]); the control socket; the rendezvous task; DNS; the
+//! background binding-lifetime measurement; the clock — and moves every input into the node
+//! and performs every output.
 //!
-//! Everything runs in ONE task (the engine) that owns all state, so there are no locks:
-//! it waits on the data socket, the proxy readers, the control socket, the rendezvous task and
-//! the earliest timer any state machine asked for, feeds the input in, then drains what the
-//! state machines want sent.
+//! Everything runs in ONE task that owns all state, so there are no locks: it waits on the
+//! data socket, the WireGuard sides, the control socket, the rendezvous task, the pool sockets
+//! and the node's timer, feeds the input in, then performs what the node wants
+//! ([`Node::poll_transmit`], [`Node::poll_event`]).
 //!
 //! Demultiplexing of the data socket: datagrams from an address the QUIC connection to the
 //! rendezvous sent to go to quinn ([`crate::shared_socket`]: the rendezvous connection rides
-//! the data socket, so the address it observes is the data socket's mapping); datagrams from
-//! the home relay's address go to the TURN client next (its ChannelData/Data carry probes and
-//! WireGuard packets of relayed peers); otherwise the first byte decides
-//! ([`meshpunch_proto::probe::classify`]): STUN responses to our own Binding requests, probes
-//! (looked up by key id), WireGuard (looked up by source).
+//! the data socket, so the address it observes is the data socket's mapping); everything else
+//! goes to the node, which tells STUN answers, the relay link's messages, probes and WireGuard
+//! packets apart.
 //!
-//! Files: this one is the engine (the driver loop and the decisions not yet moved into
-//! `proto`); `proxy.rs` the proxy readers and the fast path; `net.rs` socket and interface
-//! helpers; `status.rs` the `meshpunch status` snapshot. A peer's route lives in its
-//! [`PeerPath`]; the proxy reader only sees the copy the engine publishes.
-//!
-//! Birthday probing ([`crate::pool`]): while a peer's path manager searches as the "hard"
-//! side, a pool of extra sockets is open; their datagrams reach the engine through one
-//! channel and are handled like the data socket's, with the pool socket's index in the
-//! [`PathAddr`]. A path found that way sends (fast path included) from that pool socket.
+//! Files: this one is the driver loop; `wg.rs` the WireGuard-side seam; `proxy.rs` the proxy
+//! readers and the fast path; `net.rs` socket and interface helpers; `status.rs` the
+//! `meshpunch status` snapshot. A peer's route lives in its path manager inside the node
+//! ([`meshpunch_proto::path::PeerPath::route`]); the fast path only sees the copy the driver
+//! publishes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,17 +30,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use meshpunch_proto::addr::{for_socket, unmap};
 use meshpunch_proto::connect::ConnectString;
-use meshpunch_proto::nat::{choose_relay, RelayLatency};
-use meshpunch_proto::node::candidates::{LocalCandidates, Source as CandSource};
-use meshpunch_proto::node::offers::OfferTimer;
-use meshpunch_proto::node::srflx::ServerReflexive;
-use meshpunch_proto::path::{
-    Candidate, CandidateKind, PathAddr, PathConfig, PathEvent, PathKind, PeerPath, Via, DATA_SOCKET,
-};
-use meshpunch_proto::probe::{classify, peek_key_id, PacketKind, TxId};
-use meshpunch_proto::stun;
-use meshpunch_proto::turn_client::{Input, TurnClient, TurnCredentials, TurnEvent, TurnOp};
-use meshpunch_proto::wire::RelayRegion;
+use meshpunch_proto::node::{Event, Node, NodeConfig, PeerSpec, Signal, Socket, Transmit};
+use meshpunch_proto::path::{PathConfig, PathKind, Via, DATA_SOCKET};
+use meshpunch_proto::probe::TxId;
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -51,35 +40,30 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod net;
 mod proxy;
 mod status;
+mod wg;
 
-use net::{bind_data, usable_candidate};
+use net::bind_data;
 pub use net::{
     interface_addrs, interface_addrs_excluding, turn_uri_authority, usable_candidates,
     wireguard_interfaces,
 };
-use proxy::{FastPath, FastRoute, FromProxy};
+use proxy::{FastPath, FastRoute};
+use wg::{FromWg, ProxyPort, WgSide};
 
 use crate::config::PeerConfig;
 use crate::control::{self, CtlCmd, PingResult, RendezvousStatus};
 use crate::keys::{format_key, Identity};
-use crate::pool::{Pool, PoolDatagram, StunMappings};
+use crate::pool::{Pool, PoolDatagram};
 use crate::shared_socket::SharedSocket;
 use crate::signal::{self, SignalCmd, SignalEvent};
 
-/// How often the data socket re-asks STUN servers for its mapping.
-pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
-/// How long a STUN transaction waits for its answer.
-pub const STUN_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often relay latencies are re-measured (home relay choice, with hysteresis).
-pub const RELAY_MEASURE_INTERVAL: Duration = Duration::from_secs(120);
-/// How often interface addresses are re-read.
-pub const HOST_SCAN_INTERVAL: Duration = Duration::from_secs(10);
+pub use meshpunch_proto::node::discovery::{STUN_INTERVAL, STUN_TIMEOUT};
 pub use meshpunch_proto::node::offers::{OFFER_DEFER, OFFER_MIN_GAP, OFFER_RETRY};
-/// Retry interval after the TURN allocation failed.
-pub const TURN_RETRY: Duration = Duration::from_secs(15);
-/// How long the source of a peer's last WireGuard packet stays usable as the way back while
-/// no path is selected (a WireGuard handshake round trip is far shorter).
-pub const LAST_RX_FALLBACK: Duration = Duration::from_secs(5);
+pub use meshpunch_proto::node::relay::{RELAY_MEASURE_INTERVAL, TURN_RETRY};
+pub use meshpunch_proto::node::{HOST_SCAN_INTERVAL, LAST_RX_FALLBACK};
+
+/// Longest the driver sleeps without looking at the node's timer again.
+const MAX_SLEEP: Duration = Duration::from_secs(5);
 
 /// What the daemon runs with.
 #[derive(Debug, Clone)]
@@ -153,6 +137,15 @@ fn unix_ms() -> u64 {
     meshpunch_proto::clock::unix_ms(SystemTime::now())
 }
 
+/// The session secret both sides of a static peer derive from their keys.
+fn static_secret(id: &Identity, peer: &[u8; 32]) -> [u8; 32] {
+    let dh = id.shared_secret(peer);
+    let mut h = Sha256::new();
+    h.update(b"meshpunch static session v1");
+    h.update(dh);
+    h.finalize().into()
+}
+
 /// Starts the daemon: binds the data socket, the proxy ports and the control socket, starts
 /// the rendezvous task and the engine. The keepalive interval is measured in the background
 /// with the default schedule and no cache ([`start_with`] chooses).
@@ -190,9 +183,10 @@ pub async fn start_with(
         loopback_candidates: data_addr.ip().is_loopback(),
         ..opts.path.clone()
     };
-    let (proxy_tx, proxy_rx) = mpsc::channel::<FromProxy>(1024);
+    let (wg_tx, wg_rx) = mpsc::channel::<FromWg>(1024);
     let now = Instant::now();
     let mut peers = Vec::new();
+    let mut specs = Vec::new();
     let mut proxies = Vec::new();
     for (i, pc) in opts.peers.iter().enumerate() {
         let proxy = UdpSocket::bind(SocketAddr::new(
@@ -218,36 +212,23 @@ pub async fn start_with(
             opts.wireguard_endpoint,
             sock.clone(),
             fast.clone(),
-            proxy_tx.clone(),
+            wg_tx.clone(),
         );
-        let path = PeerPath::new(
-            path_cfg.clone(),
-            opts.identity.public,
-            pc.public_key,
-            now,
-            unix_ms(),
-            rand::random(),
-        );
+        specs.push(PeerSpec {
+            key: pc.public_key,
+            static_candidates: pc.candidates.clone(),
+            static_secret: (!pc.candidates.is_empty())
+                .then(|| static_secret(&opts.identity, &pc.public_key)),
+        });
         peers.push(Peer {
             fast,
-            sent_version: 0,
-            key: pc.public_key,
             b64: format_key(&pc.public_key),
             name: pc.name.clone(),
-            proxy,
-            proxy_addr,
-            wg_addr: opts.wireguard_endpoint,
-            path,
-            tx_bytes: 0,
-            rx_bytes: 0,
-            tx_packets: 0,
-            rx_packets: 0,
-            dropped: 0,
-            last_rx: None,
-            static_candidates: usable_candidates(v6, &pc.candidates),
-            refused_seen: 0,
-            offer: OfferTimer::default(),
-            note: None,
+            wg: WgSide::Proxy(ProxyPort {
+                sock: proxy,
+                addr: proxy_addr,
+                wg: opts.wireguard_endpoint,
+            }),
         });
     }
 
@@ -256,7 +237,7 @@ pub async fn start_with(
         .await
         .map_err(|e| anyhow::anyhow!("control socket {}: {e}", opts.control_socket.display()))?;
 
-    let (local_tx, local_rx) = watch::channel((0u64, Vec::<Candidate>::new()));
+    let (local_tx, local_rx) = watch::channel((0u64, Vec::new()));
     let (sig_ev_tx, sig_ev_rx) = mpsc::channel::<SignalEvent>(256);
     let (int_tx, int_rx) = mpsc::channel::<Internal>(64);
     let mut rdv = RendezvousStatus {
@@ -288,15 +269,27 @@ pub async fn start_with(
         None => None,
     };
 
+    let node = Node::new(
+        NodeConfig {
+            me: opts.identity.public,
+            data_port: data_addr.port(),
+            v6,
+            path: path_cfg,
+            signalling: sig.is_some(),
+            seed: rand::random(),
+            unix_ms: unix_ms(),
+        },
+        specs,
+        now,
+    );
     let sig_handle = sig.clone();
     let mut engine = Engine {
         id: opts.identity.clone(),
+        node,
         sock,
         v6,
         data_addr,
         peers,
-        key_ids: HashMap::new(),
-        addrs: HashMap::new(),
         host_candidates: opts.host_candidates,
         exclude_ifaces: {
             let mut v = opts.exclude_interfaces.clone();
@@ -305,43 +298,23 @@ pub async fn start_with(
             }
             v
         },
-        hosts: Vec::new(),
         lifetime: crate::lifetime::LifetimeState::new(lifetime),
-        srflx: ServerReflexive::default(),
         quic,
-        stun_servers: Vec::new(),
-        stun_pending: HashMap::new(),
-        regions: Vec::new(),
-        relay_probes: Vec::new(),
-        home: None,
-        turn: None,
-        turn_bound: HashSet::new(),
-        turn_permitted: HashSet::new(),
-        turn_retry_at: None,
         rdv,
         sig,
         local_tx,
-        cands: LocalCandidates::new(data_addr.port()),
-        next_stun: now,
-        next_relay_measure: None,
-        relay_eval_at: None,
-        next_host_scan: now,
         pings: Vec::new(),
-        unknown_probes: 0,
         int_tx,
-        out: vec![0u8; 65536 + 64],
         pool: Pool::new(opts.path.birthday_sockets),
-        stun_mappings: StunMappings::default(),
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
         engine.apply_keepalive(now);
     }
-    engine.scan_hosts(now);
-    engine.start_static_sessions(now);
-    engine.update_local(now);
+    let hosts = engine.scan_hosts();
+    engine.node.set_hosts(now, hosts);
     let control_socket = opts.control_socket.clone();
-    let task = tokio::spawn(engine.run(proxy_rx, ctl_rx, sig_ev_rx, int_rx));
+    let task = tokio::spawn(engine.run(wg_rx, ctl_rx, sig_ev_rx, int_rx));
     Ok(Daemon {
         data_addr,
         control_socket,
@@ -351,51 +324,14 @@ pub async fn start_with(
     })
 }
 
+/// What the driver keeps of a peer besides the node's state: its WireGuard side and names.
 struct Peer {
+    /// The direct route published to the fast path, and the fast path's counters.
     fast: Arc<FastPath>,
-    /// Version of our candidates the peer got with the latest punch.
-    sent_version: u64,
-    key: [u8; 32],
     b64: String,
     name: Option<String>,
-    proxy: Arc<UdpSocket>,
-    proxy_addr: SocketAddr,
-    wg_addr: Option<SocketAddr>,
-    path: PeerPath,
-    tx_bytes: u64,
-    rx_bytes: u64,
-    tx_packets: u64,
-    rx_packets: u64,
-    dropped: u64,
-    /// Where this peer's last WireGuard packet came from, and when: the way back while no
-    /// path is selected yet (the peer found its path before we did).
-    last_rx: Option<(PathAddr, Instant)>,
-    static_candidates: Vec<SocketAddr>,
-    /// Refused candidates already logged.
-    refused_seen: u64,
-    offer: OfferTimer,
-    note: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum StunPurpose {
-    Srflx,
-    RelayLatency(usize),
-}
-
-struct RelayProbe {
-    region: String,
-    url: String,
-    server: Option<SocketAddr>,
-    latency: Option<Duration>,
-}
-
-struct Turn {
-    client: TurnClient,
-    region: String,
-    server: SocketAddr,
-    state: String,
-    error: Option<String>,
+    /// Where this peer's WireGuard packets come from and go to.
+    wg: WgSide,
 }
 
 struct PendingPing {
@@ -419,51 +355,30 @@ enum Internal {
 
 struct Engine {
     id: Identity,
+    /// The client brain.
+    node: Node,
     sock: Arc<UdpSocket>,
     v6: bool,
     data_addr: SocketAddr,
     peers: Vec<Peer>,
-    key_ids: HashMap<u32, usize>,
-    addrs: HashMap<PathAddr, usize>,
     host_candidates: bool,
     exclude_ifaces: Vec<String>,
-    hosts: Vec<IpAddr>,
     /// Binding lifetime and keepalive interval (config, cache or background measurement).
     lifetime: crate::lifetime::LifetimeState,
-    /// Our server-reflexive address and where it came from (STUN or the rendezvous).
-    srflx: ServerReflexive,
     /// The data socket as the rendezvous client's QUIC endpoint sees it.
     quic: Option<Arc<SharedSocket>>,
-    stun_servers: Vec<SocketAddr>,
-    stun_pending: HashMap<[u8; 12], (StunPurpose, Instant)>,
-    regions: Vec<RelayRegion>,
-    relay_probes: Vec<RelayProbe>,
-    home: Option<String>,
-    turn: Option<Turn>,
-    turn_bound: HashSet<SocketAddr>,
-    turn_permitted: HashSet<IpAddr>,
-    turn_retry_at: Option<Instant>,
     rdv: RendezvousStatus,
     sig: Option<mpsc::Sender<SignalCmd>>,
-    local_tx: watch::Sender<(u64, Vec<Candidate>)>,
-    /// Our candidates from every candidate source, with their version.
-    cands: LocalCandidates,
-    next_stun: Instant,
-    next_relay_measure: Option<Instant>,
-    relay_eval_at: Option<Instant>,
-    next_host_scan: Instant,
+    local_tx: watch::Sender<(u64, Vec<meshpunch_proto::path::Candidate>)>,
     pings: Vec<PendingPing>,
-    unknown_probes: u64,
     int_tx: mpsc::Sender<Internal>,
-    out: Vec<u8>,
     pool: Pool,
-    stun_mappings: StunMappings,
 }
 
 impl Engine {
     async fn run(
         mut self,
-        mut proxy_rx: mpsc::Receiver<FromProxy>,
+        mut wg_rx: mpsc::Receiver<FromWg>,
         mut ctl_rx: mpsc::Receiver<CtlCmd>,
         mut sig_rx: mpsc::Receiver<SignalEvent>,
         mut int_rx: mpsc::Receiver<Internal>,
@@ -475,28 +390,26 @@ impl Engine {
         };
         loop {
             let now = Instant::now();
-            self.handle_timers(now);
-            self.sync_pool(now);
-            self.flush(now);
+            if self.node.poll_timeout() <= now {
+                self.node.handle_timeout(now);
+            }
+            self.perform(now);
             self.publish_fast_routes();
-            let deadline = self.next_deadline(now);
+            self.pings.retain(|p| {
+                now.saturating_duration_since(p.sent)
+                    < control::PING_TIMEOUT + Duration::from_secs(1)
+            });
+            let deadline = self.node.poll_timeout().min(now + MAX_SLEEP).max(now);
             tokio::select! {
                 r = sock.recv_from(&mut buf) => {
                     match r {
-                        Ok((n, from)) => {
-                            let now = Instant::now();
-                            self.on_datagram(now, unmap(from), &buf[..n]);
-                        }
+                        Ok((n, from)) => self.on_datagram(Instant::now(), unmap(from), &buf[..n]),
                         Err(e) => tracing::debug!(error = %e, "data socket recv error"),
                     }
                 }
-                Some(m) = proxy_rx.recv() => match m {
-                    FromProxy::Packet(i, pkt, src) => self.on_wireguard(Instant::now(), i, &pkt, src),
-                    FromProxy::Active(i) => {
-                        if let Some(p) = self.peers.get_mut(i) {
-                            p.path.on_data_sent(Instant::now());
-                        }
-                    }
+                Some(m) = wg_rx.recv() => match m {
+                    FromWg::Packet(i, pkt, src) => self.on_wireguard(Instant::now(), i, &pkt, src),
+                    FromWg::Active(i) => self.node.on_data_sent(Instant::now(), i),
                 },
                 Some(cmd) = ctl_rx.recv() => self.on_ctl(Instant::now(), cmd),
                 Some(ev) = sig_rx.recv() => self.on_signal(Instant::now(), ev),
@@ -507,465 +420,160 @@ impl Engine {
         }
     }
 
-    fn send_to(&self, dest: SocketAddr, bytes: &[u8]) {
-        let dest = for_socket(self.v6, dest);
-        if let Err(e) = self.sock.try_send_to(bytes, dest) {
-            tracing::trace!(error = %e, %dest, "data socket send failed");
-        }
-    }
-
-    fn next_deadline(&self, now: Instant) -> Instant {
-        let mut t = now + Duration::from_secs(5);
-        let mut take = |x: Option<Instant>| {
-            if let Some(x) = x {
-                t = t.min(x);
-            }
-        };
-        for p in &self.peers {
-            take(p.path.poll_timeout());
-            take(p.offer.next());
-        }
-        if let Some(turn) = &self.turn {
-            take(turn.client.poll_timeout());
-        }
-        take(Some(self.next_stun));
-        take(self.next_relay_measure);
-        take(self.relay_eval_at);
-        take(Some(self.next_host_scan));
-        take(self.turn_retry_at);
-        for (_, sent) in self.stun_pending.values() {
-            take(Some(*sent + STUN_TIMEOUT));
-        }
-        t.max(now)
-    }
-
-    fn handle_timers(&mut self, now: Instant) {
-        for p in &mut self.peers {
-            if p.path.poll_timeout().is_some_and(|t| t <= now) {
-                p.path.handle_timeout(now);
-            }
-        }
-        if let Some(turn) = &mut self.turn {
-            if turn.client.poll_timeout().is_some_and(|t| t <= now) {
-                turn.client.handle_timeout(now);
-            }
-        }
-        self.stun_pending
-            .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < STUN_TIMEOUT);
-        if self.next_stun <= now {
-            // Never slower than the keepalive: the data socket's own mapping (our server-
-            // reflexive candidate) must outlive a NAT that forgets idle mappings quickly.
-            self.next_stun = now + STUN_INTERVAL.min(self.lifetime.keepalive());
-            for s in self.stun_servers.clone() {
-                self.stun_send(now, s, StunPurpose::Srflx);
-            }
-        }
-        if self.next_relay_measure.is_some_and(|t| t <= now) {
-            self.next_relay_measure = Some(now + RELAY_MEASURE_INTERVAL);
-            self.measure_relays(now);
-        }
-        if self.relay_eval_at.is_some_and(|t| t <= now) {
-            self.relay_eval_at = None;
-            self.choose_home(now);
-        }
-        if self.turn_retry_at.is_some_and(|t| t <= now) {
-            self.turn_retry_at = None;
-            if let Some(region) = self.home.clone() {
-                self.setup_turn(now, &region);
-            }
-        }
-        if self.next_host_scan <= now {
-            self.next_host_scan = now + HOST_SCAN_INTERVAL;
-            if self.scan_hosts(now) {
-                self.update_local(now);
-            }
-        }
-        self.schedule_birthday_retries(now);
-        for i in 0..self.peers.len() {
-            if self.peers[i].offer.take_due(now) {
-                let p = &self.peers[i];
-                // A working path whose peer has our latest candidates needs no new session,
-                // unless a birthday search could still turn a relay path into a direct one.
-                let up_to_date = p.path.route().is_some()
-                    && p.sent_version >= self.cands.version()
-                    && p.path.birthday_retry_at().is_none_or(|t| t > now);
-                if !up_to_date {
-                    self.send_offer(now, i);
+    fn send(&self, socket: Socket, dst: SocketAddr, bytes: &[u8]) {
+        match socket {
+            Socket::Data => {
+                let dest = for_socket(self.v6, dst);
+                if let Err(e) = self.sock.try_send_to(bytes, dest) {
+                    tracing::trace!(error = %e, %dest, "data socket send failed");
                 }
             }
-        }
-        self.pings.retain(|p| {
-            now.saturating_duration_since(p.sent) < control::PING_TIMEOUT + Duration::from_secs(1)
-        });
-    }
-
-    fn stun_send(&mut self, now: Instant, server: SocketAddr, purpose: StunPurpose) {
-        let tx: [u8; 12] = rand::random();
-        self.stun_pending.insert(tx, (purpose, now));
-        let req = stun::binding_request(tx, false, false);
-        self.send_to(server, &req);
-    }
-
-    fn scan_hosts(&mut self, _now: Instant) -> bool {
-        let hosts = if self.host_candidates {
-            let mut h = interface_addrs_excluding(&self.exclude_ifaces);
-            if !self.v6 {
-                h.retain(|ip| ip.is_ipv4());
+            Socket::Pool(l) => {
+                self.pool.send(l, dst, bytes);
             }
-            h
+            // Every relay link is UDP today (its datagrams leave from the data socket); a
+            // stream transport's writer goes here.
+            Socket::Relay(link) => {
+                tracing::debug!(link, "datagram for a relay stream without a stream dropped")
+            }
+        }
+    }
+
+    /// Performs everything the node wants until it wants nothing more.
+    fn perform(&mut self, now: Instant) {
+        loop {
+            let mut idle = true;
+            while let Some(Transmit {
+                socket,
+                dst,
+                payload,
+            }) = self.node.poll_transmit()
+            {
+                idle = false;
+                self.send(socket, dst, &payload);
+            }
+            while let Some(ev) = self.node.poll_event() {
+                idle = false;
+                self.on_event(now, ev);
+            }
+            if idle {
+                return;
+            }
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, ev: Event) {
+        match ev {
+            Event::LocalCandidates {
+                version,
+                candidates,
+            } => {
+                tracing::info!(candidates = ?candidates.iter().map(|c| format!("{:?} {}", c.kind, c.addr)).collect::<Vec<_>>(), "local candidates");
+                let _ = self.local_tx.send((version, candidates));
+            }
+            Event::Offer { peer } => {
+                let queued = self
+                    .sig
+                    .as_ref()
+                    .is_some_and(|s| s.try_send(SignalCmd::Offer(peer)).is_ok());
+                if !queued {
+                    self.node.offer_not_queued(now, &peer);
+                }
+            }
+            Event::PathChanged {
+                peer,
+                kind,
+                remote,
+                reason,
+            } => {
+                tracing::info!(peer = %self.peers[peer].b64, path = kind.as_str(), remote = ?remote.map(|r| r.to_string()), %reason, "path changed");
+            }
+            Event::Pong {
+                peer,
+                remote,
+                kind,
+                tx,
+                rtt,
+            } => {
+                if let Some(pos) = self.pings.iter().position(|p| p.peer == peer && p.tx == tx) {
+                    let p = self.pings.swap_remove(pos);
+                    let label = match (remote.via, kind) {
+                        (Via::Direct, PathKind::Relay) => format!("relay:{}", remote.addr),
+                        _ => remote.to_string(),
+                    };
+                    let _ = p.reply.send(Ok(PingResult {
+                        path: kind,
+                        remote: label,
+                        rtt,
+                    }));
+                }
+            }
+            Event::Punching { peer, candidates } => {
+                tracing::info!(peer = %self.peers[peer].b64, candidates, "punching");
+            }
+            Event::CandidatesRefused { peer, count } => {
+                tracing::warn!(peer = %self.peers[peer].b64, refused = count, "peer candidates refused (loopback, multicast, unspecified, broadcast, or a private address that is not a host candidate)");
+            }
+            Event::OpenPool => {
+                let n = self.pool.open(now);
+                if n > 0 {
+                    tracing::info!(sockets = n, "birthday pool open");
+                }
+                self.node
+                    .pool_report(now, self.pool.announced(), self.pool.open_count());
+            }
+            Event::ClosePool { keep } => {
+                let keep: HashSet<u16> = keep.into_iter().collect();
+                self.pool.close_unused(&keep);
+                self.node
+                    .pool_report(now, self.pool.announced(), self.pool.open_count());
+            }
+            Event::ScanHosts => {
+                let hosts = self.scan_hosts();
+                self.node.set_hosts(now, hosts);
+            }
+            Event::Resolve { index, authority } => {
+                let tx = self.int_tx.clone();
+                tokio::spawn(async move {
+                    let addr = tokio::net::lookup_host(authority)
+                        .await
+                        .ok()
+                        .and_then(|mut it| it.find(|a| a.is_ipv4()));
+                    let _ = tx.send(Internal::Resolved { idx: index, addr }).await;
+                });
+            }
+            Event::PublicAddress(public) => self.check_lifetime(now, public),
+            Event::ServerReflexive { old, new, source } => {
+                tracing::info!(?old, %new, source = source.as_str(), "server-reflexive address");
+            }
+            Event::MappingBehaviour(m) => {
+                tracing::info!(mapping = ?m, "data socket mapping behaviour");
+            }
+            Event::RelayAllocating { region, server } => {
+                tracing::info!(%region, %server, "allocating on home relay");
+            }
+            Event::RelayAllocated { region, relayed } => {
+                tracing::info!(%relayed, %region, "relay allocation ready");
+            }
+            Event::RelayError { region, message } => {
+                tracing::warn!(%region, error = %message, "relay error");
+            }
+        }
+    }
+
+    fn scan_hosts(&self) -> Vec<IpAddr> {
+        if self.host_candidates {
+            interface_addrs_excluding(&self.exclude_ifaces)
         } else {
             Vec::new()
-        };
-        let changed = hosts != self.hosts;
-        self.hosts = hosts;
-        changed
-    }
-
-    /// Recomputes our candidates; on a change, re-checks every pair and re-offers.
-    fn update_local(&mut self, now: Instant) {
-        let first = self.cands.list().is_empty();
-        let mut changed = self.cands.set(CandSource::Hosts(self.hosts.clone()));
-        changed |= self.cands.set(CandSource::ServerReflexive(
-            self.srflx.addr(),
-            self.stun_mappings.behaviour(),
-        ));
-        changed |= self.cands.set(CandSource::Relayed(
-            self.turn.as_ref().and_then(|t| t.client.relayed_addr()),
-        ));
-        if !changed {
-            return;
-        }
-        let c = self.cands.list().to_vec();
-        tracing::info!(candidates = ?c.iter().map(|c| format!("{:?} {}", c.kind, c.addr)).collect::<Vec<_>>(), "local candidates");
-        let _ = self.local_tx.send((self.cands.version(), c));
-        if first {
-            return;
-        }
-        for i in 0..self.peers.len() {
-            self.peers[i].path.local_addresses_changed(now);
-            if self.peers[i].path.has_session() {
-                self.schedule_offer(now, i, Duration::ZERO);
-            }
         }
     }
 
-    fn start_static_sessions(&mut self, now: Instant) {
-        for p in &mut self.peers {
-            if p.static_candidates.is_empty() {
-                continue;
-            }
-            let dh = self.id.shared_secret(&p.key);
-            let mut h = Sha256::new();
-            h.update(b"meshpunch static session v1");
-            h.update(dh);
-            let secret: [u8; 32] = h.finalize().into();
-            let cands = p
-                .static_candidates
-                .iter()
-                .map(|a| Candidate {
-                    kind: CandidateKind::Host,
-                    addr: *a,
-                })
-                .collect();
-            p.path.start_session(now, &secret, now, cands);
-        }
-        self.rebuild_maps();
-    }
-
-    fn rebuild_maps(&mut self) {
-        self.key_ids.clear();
-        self.addrs.clear();
-        for (i, p) in self.peers.iter().enumerate() {
-            for k in p.path.key_ids() {
-                self.key_ids.insert(k, i);
-            }
-            for a in p.path.remotes() {
-                self.addrs.entry(a).or_insert(i);
-            }
-        }
-    }
-
-    fn schedule_offer(&mut self, now: Instant, i: usize, delay: Duration) {
-        if self.sig.is_none() {
-            return;
-        }
-        self.peers[i].offer.schedule(now, delay);
-    }
-
-    fn send_offer(&mut self, now: Instant, i: usize) {
-        let Some(sig) = &self.sig else { return };
-        let p = &mut self.peers[i];
-        p.offer.sent(now);
-        if sig.try_send(SignalCmd::Offer(p.key)).is_err() {
-            p.offer.send_failed(now);
-        }
-    }
-
-    fn measure_relays(&mut self, now: Instant) {
-        for i in 0..self.relay_probes.len() {
-            if let Some(s) = self.relay_probes[i].server {
-                self.stun_send(now, s, StunPurpose::RelayLatency(i));
-            }
-        }
-        self.relay_eval_at = Some(now + Duration::from_millis(1500));
-    }
-
-    fn relay_latencies(&self) -> Vec<RelayLatency> {
-        self.relay_probes
-            .iter()
-            .map(|r| RelayLatency {
-                region: r.region.clone(),
-                addr: r.url.clone(),
-                latency_ms: r.latency.map(|d| d.as_secs_f64() * 1000.0),
-            })
-            .collect()
-    }
-
-    fn choose_home(&mut self, now: Instant) {
-        let lat = self.relay_latencies();
-        let mut region = choose_relay(self.home.as_deref(), &lat);
-        if region.is_none() {
-            // No relay answered STUN: still try the first resolvable one.
-            region = self
-                .relay_probes
-                .iter()
-                .find(|r| r.server.is_some())
-                .map(|r| r.region.clone());
-        }
-        let Some(region) = region else { return };
-        let need = self.home.as_deref() != Some(region.as_str()) || self.turn.is_none();
-        self.home = Some(region.clone());
-        if need {
-            self.setup_turn(now, &region);
-        }
-    }
-
-    fn setup_turn(&mut self, now: Instant, region: &str) {
-        let Some(probe) = self.relay_probes.iter().find(|r| r.region == region) else {
-            return;
-        };
-        let Some(server) = probe.server else { return };
-        let Some(reg) = self.regions.iter().find(|r| r.region == region) else {
-            return;
-        };
-        if let Some(mut old) = self.turn.take() {
-            old.client.release(now);
-            while let Some(t) = old.client.poll_transmit() {
-                self.send_to(t.dst, &t.payload);
-            }
-        }
-        let mut client = TurnClient::new(
-            server,
-            TurnCredentials {
-                username: reg.username.clone(),
-                password: reg.password.clone(),
-            },
-            now,
-        );
-        client.allocate(now);
-        tracing::info!(%region, %server, "allocating on home relay");
-        self.turn = Some(Turn {
-            client,
-            region: region.to_string(),
-            server,
-            state: "allocating".into(),
-            error: None,
-        });
-        self.turn_bound.clear();
-        self.turn_permitted.clear();
-    }
-
-    /// Installs TURN permissions for every direct address of every peer, so that a peer's
-    /// probes and packets sent straight to our relayed address are let through (permissions
-    /// are per IP, RFC 8656 §9, so any port a symmetric NAT picks is covered).
-    fn sync_permissions(&mut self, now: Instant) {
-        let Some(turn) = &mut self.turn else { return };
-        if !turn.client.is_allocated() {
-            return;
-        }
-        let mut ips: Vec<IpAddr> = Vec::new();
-        for p in &self.peers {
-            for a in p.path.remotes() {
-                if a.via == Via::Direct && p.path.class_of(&a) != PathKind::Relay {
-                    ips.push(a.addr.ip());
-                }
-            }
-        }
-        for ip in ips {
-            if self.turn_permitted.insert(ip) {
-                if let Err(e) = turn.client.create_permission(ip, now) {
-                    tracing::debug!(error = %e, %ip, "TURN permission refused");
-                }
-            }
-        }
-    }
-
-    fn ensure_channel(&mut self, now: Instant, peer_relayed: SocketAddr) {
-        let Some(turn) = &mut self.turn else { return };
-        if !turn.client.is_allocated() || self.turn_bound.contains(&peer_relayed) {
-            return;
-        }
-        match turn.client.bind_channel(peer_relayed, now) {
-            Ok(_) => {
-                self.turn_bound.insert(peer_relayed);
-            }
-            Err(e) => tracing::warn!(error = %e, peer = %peer_relayed, "channel bind refused"),
-        }
-    }
-
-    fn send_path(&mut self, now: Instant, dest: PathAddr, payload: &[u8]) -> bool {
-        match dest.via {
-            Via::Direct if dest.local != DATA_SOCKET => {
-                self.pool.send(dest.local, dest.addr, payload)
-            }
-            Via::Direct => {
-                self.send_to(dest.addr, payload);
-                true
-            }
-            Via::Relay => {
-                self.ensure_channel(now, dest.addr);
-                let Some(turn) = &mut self.turn else {
-                    return false;
-                };
-                if !turn.client.is_allocated() {
-                    return false;
-                }
-                match turn.client.encode_send(dest.addr, payload, &mut self.out) {
-                    Ok(n) => {
-                        let server = turn.server;
-                        let out = std::mem::take(&mut self.out);
-                        self.send_to(server, &out[..n]);
-                        self.out = out;
-                        true
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "TURN send failed");
-                        false
-                    }
-                }
-            }
-        }
-    }
-
-    /// Drains every state machine's output.
-    fn flush(&mut self, now: Instant) {
-        let mut remap = false;
-        for i in 0..self.peers.len() {
-            while let Some(t) = self.peers[i].path.poll_transmit() {
-                self.send_path(now, t.dest, &t.payload);
-            }
-            while let Some(ev) = self.peers[i].path.poll_event() {
-                match ev {
-                    PathEvent::PathChanged {
-                        kind,
-                        remote,
-                        reason,
-                    } => {
-                        tracing::info!(peer = %self.peers[i].b64, path = kind.as_str(), remote = ?remote.map(|r| r.to_string()), %reason, "path changed");
-                    }
-                    PathEvent::RemotesChanged => remap = true,
-                    PathEvent::ObservedAddress(_) => {}
-                    PathEvent::Pong {
-                        remote,
-                        kind,
-                        tx,
-                        rtt,
-                    } => {
-                        if let Some(pos) = self.pings.iter().position(|p| p.peer == i && p.tx == tx)
-                        {
-                            let p = self.pings.swap_remove(pos);
-                            let label = match (remote.via, kind) {
-                                (Via::Direct, PathKind::Relay) => format!("relay:{}", remote.addr),
-                                _ => remote.to_string(),
-                            };
-                            let _ = p.reply.send(Ok(PingResult {
-                                path: kind,
-                                remote: label,
-                                rtt,
-                            }));
-                        }
-                    }
-                }
-            }
-        }
-        if remap {
-            self.rebuild_maps();
-            self.bind_relay_channels(now);
-            self.sync_permissions(now);
-        }
-        let mut allocated = false;
-        self.flush_turn();
-        if let Some(turn) = &mut self.turn {
-            let mut failed_alloc = false;
-            while let Some(ev) = turn.client.poll_event() {
-                match ev {
-                    TurnEvent::Allocated { relayed, .. } => {
-                        tracing::info!(%relayed, region = %turn.region, "relay allocation ready");
-                        turn.state = "allocated".into();
-                        turn.error = None;
-                        allocated = true;
-                    }
-                    TurnEvent::Failed { op, code, reason } => {
-                        let msg = match code {
-                            Some(c) => format!("{op:?} refused by relay: {c} {reason}"),
-                            None => format!("{op:?}: relay did not answer ({reason})"),
-                        };
-                        tracing::warn!(region = %turn.region, error = %msg, "relay error");
-                        turn.error = Some(msg);
-                        if matches!(op, TurnOp::Allocate | TurnOp::Refresh) {
-                            turn.state = "failed".into();
-                            failed_alloc = true;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if failed_alloc {
-                self.turn_retry_at = Some(now + TURN_RETRY);
-                self.turn_bound.clear();
-                self.turn_permitted.clear();
-            }
-        }
-        if allocated {
-            self.update_local(now);
-            self.bind_relay_channels(now);
-            self.sync_permissions(now);
-            // Send what the channel binds and permissions queued.
-            self.flush_turn();
-        }
-    }
-
-    /// Binds a TURN channel to every relayed remote of every peer.
-    fn bind_relay_channels(&mut self, now: Instant) {
-        let relayed: Vec<SocketAddr> = self
-            .addrs
-            .keys()
-            .filter(|a| a.via == Via::Relay)
-            .map(|a| a.addr)
-            .collect();
-        for r in relayed {
-            self.ensure_channel(now, r);
-        }
-    }
-
-    /// Sends everything the TURN client has queued to the relay.
-    fn flush_turn(&mut self) {
-        let Some(turn) = &mut self.turn else { return };
-        let mut sends = Vec::new();
-        while let Some(t) = turn.client.poll_transmit() {
-            sends.push(t);
-        }
-        for t in sends {
-            self.send_to(t.dst, &t.payload);
-        }
-    }
-
-    /// Publishes each peer's direct destination to its proxy reader (the fast path).
     /// Publishes each peer's selected direct pair (the path manager's route, the one source
-    /// of truth) to its proxy reader when it changed.
+    /// of truth) to its WireGuard side's fast path when it changed.
     fn publish_fast_routes(&mut self) {
-        for p in &mut self.peers {
-            let r = p.path.route().filter(|d| d.via == Via::Direct);
+        for (p, np) in self.peers.iter().zip(self.node.peers()) {
+            let r = np.path().route().filter(|d| d.via == Via::Direct);
             if r == p.fast.published() {
                 continue;
             }
@@ -992,135 +600,49 @@ impl Engine {
         if self.quic.as_ref().is_some_and(|q| q.offer(now, from, pkt)) {
             return;
         }
-        let kind = classify(pkt);
-        if kind == PacketKind::Stun {
-            if let Some(tx) = stun::peek_transaction_id(pkt) {
-                if self.stun_pending.contains_key(&tx) {
-                    self.on_stun(now, from, pkt);
-                    return;
-                }
-            }
-        }
-        if let Some(turn) = &mut self.turn {
-            if from == turn.server {
-                match turn.client.handle_input(now, from, pkt) {
-                    Input::Data { peer, range } => {
-                        if let Some(inner) = pkt.get(range) {
-                            self.on_peer_packet(now, PathAddr::relay(unmap(peer)), inner);
-                        }
-                        return;
-                    }
-                    Input::Consumed => return,
-                    Input::NotTurn => {}
-                }
-            }
-        }
-        match kind {
-            PacketKind::Probe | PacketKind::WireGuard => {
-                self.on_peer_packet(now, PathAddr::direct(from), pkt)
-            }
-            _ => tracing::trace!(%from, len = pkt.len(), "unclassified datagram dropped"),
+        if let Some(d) = self.node.handle_datagram(now, Socket::Data, from, pkt) {
+            self.deliver(d.peer, pkt.get(d.range));
         }
     }
 
-    fn on_stun(&mut self, now: Instant, from: SocketAddr, pkt: &[u8]) {
-        let Ok(r) = stun::parse_binding_response(pkt) else {
-            return;
-        };
-        let Some((purpose, sent)) = self.stun_pending.remove(&r.transaction_id) else {
-            return;
-        };
-        match purpose {
-            StunPurpose::Srflx => {
-                if let Some(m) = r.mapped {
-                    let m = unmap(m);
-                    if !self.note_mapping(now, from, m) {
-                        return;
-                    }
-                    let old = self.srflx.addr();
-                    if self.srflx.on_stun(m) {
-                        if old.is_some() {
-                            tracing::info!(?old, new = %m, "observed address changed");
-                        }
-                        self.update_local(now);
-                    }
-                    self.check_lifetime(now, m);
-                }
-            }
-            StunPurpose::RelayLatency(i) => {
-                if let Some(p) = self.relay_probes.get_mut(i) {
-                    p.latency = Some(now.saturating_duration_since(sent));
-                }
-                if self
-                    .relay_probes
-                    .iter()
-                    .all(|p| p.latency.is_some() || p.server.is_none())
-                {
-                    self.relay_eval_at = Some(now);
-                }
-            }
+    /// A datagram on a birthday pool socket: probes and WireGuard, as on the data socket.
+    fn on_pool_datagram(&mut self, now: Instant, d: PoolDatagram) {
+        let r = self
+            .node
+            .handle_datagram(now, Socket::Pool(d.local), d.from, &d.bytes);
+        if let Some(r) = r {
+            self.deliver(r.peer, d.bytes.get(r.range));
         }
     }
 
-    fn on_peer_packet(&mut self, now: Instant, from: PathAddr, pkt: &[u8]) {
-        match classify(pkt) {
-            PacketKind::Probe => {
-                let Ok(kid) = peek_key_id(pkt) else { return };
-                let Some(&i) = self.key_ids.get(&kid) else {
-                    self.unknown_probes += 1;
-                    tracing::debug!(%from, key_id = kid, "probe for an unknown session dropped");
-                    return;
-                };
-                if let Err(e) = self.peers[i].path.handle_probe(now, from, pkt) {
-                    tracing::debug!(peer = %self.peers[i].b64, %from, error = %e, "probe refused");
-                }
-            }
-            PacketKind::WireGuard => {
-                let Some(&i) = self.addrs.get(&from) else {
-                    tracing::trace!(%from, "WireGuard packet from an unknown address dropped");
-                    return;
-                };
-                let p = &mut self.peers[i];
-                if p.path.direct_blocked() && p.path.class_of(&from) != PathKind::Relay {
-                    return;
-                }
-                p.rx_bytes += pkt.len() as u64;
-                p.rx_packets += 1;
-                p.last_rx = Some((from, now));
-                p.path.on_data_received(now, &from);
-                if let Some(wg) = p.wg_addr {
-                    let _ = p.proxy.try_send_to(pkt, wg);
-                }
-            }
-            _ => {}
+    fn deliver(&self, peer: usize, pkt: Option<&[u8]>) {
+        if let (Some(p), Some(pkt)) = (self.peers.get(peer), pkt) {
+            p.wg.deliver(pkt);
         }
     }
 
-    fn on_wireguard(&mut self, now: Instant, i: usize, pkt: &[u8], src: SocketAddr) {
+    fn on_wireguard(&mut self, now: Instant, i: usize, pkt: &[u8], src: Option<SocketAddr>) {
         let Some(p) = self.peers.get_mut(i) else {
             return;
         };
         // The proxy reader passes only packets from WireGuard's one address (configured, or
         // the first that used the port): learn it once.
-        if p.wg_addr.is_none() {
-            p.wg_addr = Some(src);
-        }
-        p.path.on_data_sent(now);
-        // No path selected yet, but the peer's packets arrive from a known remote: answer
-        // there instead of dropping (a lost handshake response costs WireGuard a 5 s retry).
-        let fallback = p
-            .last_rx
-            .filter(|(_, at)| now.saturating_duration_since(*at) < LAST_RX_FALLBACK)
-            .map(|(from, _)| from)
-            .filter(|from| !p.path.direct_blocked() || p.path.class_of(from) == PathKind::Relay);
-        let Some(dest) = p.path.route().or(fallback) else {
-            p.dropped += 1;
-            return;
-        };
-        p.tx_bytes += pkt.len() as u64;
-        p.tx_packets += 1;
-        if !self.send_path(now, dest, pkt) {
-            self.peers[i].dropped += 1;
+        p.wg.learn_source(src);
+        if let Some((socket, dst, bytes)) = self.node.handle_wireguard(now, i, pkt) {
+            match socket {
+                Socket::Data => {
+                    let dest = for_socket(self.v6, dst);
+                    if let Err(e) = self.sock.try_send_to(bytes, dest) {
+                        tracing::trace!(error = %e, %dest, "data socket send failed");
+                    }
+                }
+                Socket::Pool(l) => {
+                    self.pool.send(l, dst, bytes);
+                }
+                Socket::Relay(link) => {
+                    tracing::debug!(link, "datagram for a relay stream without a stream dropped")
+                }
+            }
         }
     }
 
@@ -1140,18 +662,15 @@ impl Engine {
                     let _ = reply.send(Err(format!("unknown peer {peer}")));
                     return;
                 };
-                match self.peers[i].path.ping_now(now) {
-                    Some((tx, _)) => self.pings.push(PendingPing {
+                match self.node.ping(now, i) {
+                    Ok(tx) => self.pings.push(PendingPing {
                         peer: i,
                         tx,
                         sent: now,
                         reply,
                     }),
-                    None => {
-                        let _ = reply.send(Err(format!(
-                            "no path: {}",
-                            self.peers[i].path.status().reason
-                        )));
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
                 }
             }
@@ -1165,34 +684,14 @@ impl Engine {
                     let _ = reply.send(Err(format!("unknown peer {peer}")));
                     return;
                 };
-                let r = match knob.as_str() {
-                    "block-direct" | "force-relay" => {
-                        self.peers[i].path.set_direct_blocked(now, on);
-                        Ok(())
-                    }
-                    "block-relay" => {
-                        self.peers[i].path.set_relay_blocked(now, on);
-                        Ok(())
-                    }
-                    k => Err(format!(
-                        "unknown knob {k}; expected block-direct, force-relay or block-relay"
-                    )),
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(self.node.set_debug(now, i, &knob, on));
             }
         }
     }
 
     fn on_internal(&mut self, now: Instant, ev: Internal) {
         match ev {
-            Internal::Resolved { idx, addr } => {
-                if let Some(p) = self.relay_probes.get_mut(idx) {
-                    p.server = addr.map(unmap);
-                }
-                if self.next_relay_measure.is_none_or(|t| t > now) {
-                    self.next_relay_measure = Some(now);
-                }
-            }
+            Internal::Resolved { idx, addr } => self.node.relay_resolved(now, idx, addr),
             Internal::Lifetime { public_ip, outcome } => {
                 if self.lifetime.on_result(now, public_ip, outcome) {
                     self.apply_keepalive(now);
@@ -1206,7 +705,7 @@ impl Engine {
     fn check_lifetime(&mut self, now: Instant, public: SocketAddr) {
         let (changed, job) = self
             .lifetime
-            .on_public_addr(now, public, &self.stun_servers);
+            .on_public_addr(now, public, self.node.stun_servers());
         if changed {
             self.apply_keepalive(now);
         }
@@ -1225,58 +724,15 @@ impl Engine {
         }
     }
 
-    /// Gives every peer's path the current keepalive interval.
+    /// Gives the node the current keepalive interval.
     fn apply_keepalive(&mut self, now: Instant) {
         let k = self.lifetime.keepalive();
         tracing::info!(keepalive_s = k.as_secs_f64(), "keepalive interval");
-        for p in &mut self.peers {
-            p.path.set_keepalive_interval(now, k);
-        }
-    }
-
-    fn set_regions(&mut self, now: Instant, regions: Vec<RelayRegion>) {
-        let same_layout = regions.len() == self.regions.len()
-            && regions
-                .iter()
-                .zip(&self.regions)
-                .all(|(a, b)| a.region == b.region && a.urls == b.urls);
-        self.regions = regions;
-        if same_layout {
-            // Fresh credentials only: a failed allocation retries with them.
-            if self.turn.as_ref().is_some_and(|t| t.state == "failed") {
-                self.turn_retry_at = Some(now);
-            }
-            return;
-        }
-        self.relay_probes.clear();
-        for (idx, r) in self.regions.iter().enumerate() {
-            let url = r.urls.first().cloned().unwrap_or_default();
-            let auth = turn_uri_authority(&url);
-            let direct = auth.as_deref().and_then(|a| a.parse::<SocketAddr>().ok());
-            self.relay_probes.push(RelayProbe {
-                region: r.region.clone(),
-                url: url.clone(),
-                server: direct,
-                latency: None,
-            });
-            if direct.is_none() {
-                if let Some(auth) = auth {
-                    let tx = self.int_tx.clone();
-                    tokio::spawn(async move {
-                        let addr = tokio::net::lookup_host(auth)
-                            .await
-                            .ok()
-                            .and_then(|mut it| it.find(|a| a.is_ipv4()));
-                        let _ = tx.send(Internal::Resolved { idx, addr }).await;
-                    });
-                }
-            }
-        }
-        self.next_relay_measure = Some(now);
+        self.node.set_keepalive(now, k);
     }
 
     fn on_signal(&mut self, now: Instant, ev: SignalEvent) {
-        match ev {
+        let sig = match ev {
             SignalEvent::Registered {
                 observed,
                 stun,
@@ -1288,32 +744,20 @@ impl Engine {
                 self.rdv.state = "connected".into();
                 self.rdv.error = None;
                 self.rdv.auth_reason = None;
-                let before = self.rdv.observed_addr.replace(observed);
+                self.rdv.observed_addr = Some(observed);
                 self.rdv.shares_data_socket = shared_socket;
                 self.rdv.quic_local_addr = local;
-                self.observed_as_srflx(now, before, observed);
-                let stun: Vec<SocketAddr> = stun.into_iter().map(unmap).collect();
-                self.stun_mappings.set_servers(&stun);
-                if stun != self.stun_servers {
-                    self.stun_servers = stun;
-                }
-                self.next_stun = now;
-                self.set_regions(now, relays);
-                let me = self.id.public;
-                for i in 0..self.peers.len() {
-                    if self.peers[i].path.route().is_none() {
-                        let delay = if me < self.peers[i].key {
-                            Duration::from_millis(300)
-                        } else {
-                            OFFER_DEFER
-                        };
-                        self.schedule_offer(now, i, delay);
-                    }
+                Signal::Registered {
+                    observed,
+                    stun,
+                    relays,
+                    shared_socket,
                 }
             }
             SignalEvent::ConnectFailed { reason } => {
                 self.rdv.state = "disconnected".into();
                 self.rdv.error = Some(reason);
+                return;
             }
             SignalEvent::Disconnected { reason } => {
                 // A token refusal stays visible until the next registration.
@@ -1321,6 +765,7 @@ impl Engine {
                     self.rdv.state = "disconnected".into();
                     self.rdv.error = Some(reason);
                 }
+                return;
             }
             SignalEvent::Unauthorized(f) => {
                 self.rdv.state = "unauthorized".into();
@@ -1328,38 +773,15 @@ impl Engine {
                 self.rdv.auth_reason =
                     Some(f.reason.map_or("unauthorized", |r| r.as_str()).to_string());
                 self.rdv.token_expires_unix = f.token_expires_unix;
+                return;
             }
-            SignalEvent::Relays(r) => self.set_regions(now, r),
+            SignalEvent::Relays(r) => Signal::Relays(r),
             SignalEvent::ObservedChanged(a) => {
                 tracing::info!(observed = %a, "rendezvous sees a new address; re-checking our mapping");
-                let before = self.rdv.observed_addr.replace(a);
-                self.observed_as_srflx(now, before, a);
-                // Re-ask STUN from the data socket now; a changed mapping re-gathers.
-                self.next_stun = now;
-                self.scan_hosts(now);
-                self.update_local(now);
+                self.rdv.observed_addr = Some(a);
+                Signal::ObservedChanged(a)
             }
-            SignalEvent::Presence { key, online } => {
-                let Some(i) = self.peers.iter().position(|p| p.key == key) else {
-                    return;
-                };
-                if online {
-                    self.peers[i].note = None;
-                    if self.peers[i].path.route().is_none() || !self.peers[i].path.has_session() {
-                        let delay = if self.id.public < key {
-                            Duration::from_millis(100)
-                        } else {
-                            OFFER_DEFER
-                        };
-                        self.schedule_offer(now, i, delay);
-                    }
-                } else {
-                    self.peers[i].note = Some("peer is not connected to the rendezvous".into());
-                    self.peers[i]
-                        .path
-                        .set_reason("peer is not connected to the rendezvous");
-                }
-            }
+            SignalEvent::Presence { key, online } => Signal::Presence { key, online },
             SignalEvent::Punch {
                 peer,
                 candidates,
@@ -1367,166 +789,21 @@ impl Engine {
                 start_at,
                 local_version,
                 peer_observed,
-            } => {
-                let Some(i) = self.peers.iter().position(|p| p.key == peer) else {
-                    return;
-                };
-                let v6 = self.v6;
-                let p = &mut self.peers[i];
-                let mut cands: Vec<Candidate> = candidates
-                    .into_iter()
-                    .filter_map(|c| {
-                        usable_candidate(v6, c.addr).map(|addr| Candidate { addr, ..c })
-                    })
-                    .collect();
-                for a in &p.static_candidates {
-                    if !cands.iter().any(|c| c.addr == *a) {
-                        cands.push(Candidate {
-                            kind: CandidateKind::Host,
-                            addr: *a,
-                        });
-                    }
-                }
-                tracing::info!(peer = %p.b64, candidates = cands.len(), "punching");
-                p.note = None;
-                p.offer.cancel();
-                // Before the candidates: birthday targets are checked against it.
-                p.path
-                    .set_peer_observed(peer_observed.map(|a| unmap(a).ip()));
-                p.path.start_session(now, &secret, start_at, cands);
-                let refused = p.path.counters().refused_candidates;
-                if refused > p.refused_seen {
-                    tracing::warn!(peer = %p.b64, refused = refused - p.refused_seen, "peer candidates refused (loopback, multicast, unspecified, broadcast, or a private address that is not a host candidate)");
-                    p.refused_seen = refused;
-                }
-                self.rebuild_maps();
-                self.bind_relay_channels(now);
-                self.peers[i].sent_version = local_version;
-                if local_version < self.cands.version() {
-                    // Our candidates changed while this offer/answer was in flight (typically the
-                    // relay allocation became ready): send the new set at once.
-                    self.schedule_offer(now, i, Duration::ZERO);
-                } else {
-                    // If nothing works after a while, offer again (fresh candidates, new secret).
-                    self.schedule_offer(now, i, OFFER_RETRY);
-                }
-            }
+            } => Signal::Punch {
+                peer,
+                candidates,
+                secret,
+                start_at,
+                local_version,
+                peer_observed,
+            },
             SignalEvent::OfferFailed { peer, reason } => {
-                let Some(i) = self.peers.iter().position(|p| p.key == peer) else {
-                    return;
-                };
-                tracing::info!(peer = %self.peers[i].b64, %reason, "offer failed");
-                let msg = format!("offer failed: {reason}");
-                self.peers[i].note = Some(msg.clone());
-                self.peers[i].path.set_reason(msg);
-                self.schedule_offer(now, i, OFFER_RETRY);
-            }
-        }
-    }
-
-    /// The rendezvous observed `observed` (before: `before`). When its connection rides the
-    /// data socket that is the data socket's server-reflexive address, usable at once: while
-    /// STUN has not answered (slow or absent), or when it follows a mapping STUN agreed with.
-    /// A STUN answer that differs keeps precedence: behind a symmetric NAT each destination
-    /// has its own mapping, and STUN is what tells that apart.
-    fn observed_as_srflx(
-        &mut self,
-        now: Instant,
-        before: Option<SocketAddr>,
-        observed: SocketAddr,
-    ) {
-        if self
-            .srflx
-            .on_observed(self.rdv.shares_data_socket, before, observed)
-        {
-            tracing::info!(%observed, "server-reflexive candidate from the rendezvous' observed address");
-            self.update_local(now);
-        }
-    }
-
-    /// A peer whose birthday search failed (or whose birthday path died) gets a new offer, so
-    /// a new session searches again, at the time its path manager names (with backoff). The
-    /// peer with the higher key waits [`OFFER_DEFER`] longer: the first offer resets the other
-    /// side's search, so two crossing offers are rare.
-    fn schedule_birthday_retries(&mut self, now: Instant) {
-        for i in 0..self.peers.len() {
-            let p = &self.peers[i];
-            if p.offer.next().is_some() {
-                continue;
-            }
-            let Some(at) = p.path.birthday_retry_at() else {
-                continue;
-            };
-            let at = if self.id.public < p.key {
-                at
-            } else {
-                at + OFFER_DEFER
-            };
-            self.schedule_offer(now, i, at.saturating_duration_since(now));
-        }
-    }
-
-    /// Opens the birthday pool while a peer searches as the hard side and tells those peers
-    /// its size; once no search needs it, closes every pool socket no pair uses.
-    fn sync_pool(&mut self, now: Instant) {
-        if self.peers.iter().any(|p| p.path.wants_pool()) {
-            if self.pool.announced() == 0 {
-                let n = self.pool.open(now);
-                if n > 0 {
-                    tracing::info!(sockets = n, "birthday pool open");
+                if let Some(i) = self.node.find(&peer) {
+                    tracing::info!(peer = %self.peers[i].b64, %reason, "offer failed");
                 }
+                Signal::OfferFailed { peer, reason }
             }
-            let n = self.pool.announced();
-            for p in &mut self.peers {
-                if p.path.wants_pool() && p.path.pool() != n {
-                    p.path.set_pool(now, n);
-                }
-            }
-            return;
-        }
-        if !self.pool.gc_due(now) {
-            return;
-        }
-        let used: HashSet<u16> = self
-            .peers
-            .iter()
-            .flat_map(|p| p.path.local_sockets())
-            .collect();
-        self.pool.close_unused(&used);
-        for p in &mut self.peers {
-            if p.path.pool() != 0 {
-                p.path.set_pool(now, 0);
-            }
-        }
-    }
-
-    /// A datagram on a birthday pool socket: probes and WireGuard, as on the data socket.
-    fn on_pool_datagram(&mut self, now: Instant, d: PoolDatagram) {
-        match classify(&d.bytes) {
-            PacketKind::Probe | PacketKind::WireGuard => {
-                let from = PathAddr::direct_on(d.local, unmap(d.from));
-                self.on_peer_packet(now, from, &d.bytes);
-            }
-            _ => {
-                tracing::trace!(from = %d.from, local = d.local, "unclassified datagram on a pool socket dropped")
-            }
-        }
-    }
-
-    /// Records a STUN server's view of the data socket; a changed mapping behaviour goes to
-    /// every path manager and into our candidates. Returns whether this answer sets our
-    /// server-reflexive address (see [`StunMappings::record`]).
-    fn note_mapping(&mut self, now: Instant, server: SocketAddr, mapped: SocketAddr) -> bool {
-        let before = self.stun_mappings.behaviour();
-        let use_it = self.stun_mappings.record(unmap(server), mapped);
-        let after = self.stun_mappings.behaviour();
-        if after != before {
-            tracing::info!(mapping = ?after, "data socket mapping behaviour");
-            for p in &mut self.peers {
-                p.path.set_local_mapping(after);
-            }
-            self.update_local(now);
-        }
-        use_it
+        };
+        self.node.handle_signal(now, sig);
     }
 }

@@ -4,15 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use meshpunch_proto::addr::unmap;
-
-/// A candidate address as the data socket can use it: IPv4-mapped spellings become IPv4
-/// (datagrams arrive from the canonical form, and pairs are matched by address); IPv6 is
-/// `None` when the data socket is IPv4 only (it could never be sent to).
-pub(super) fn usable_candidate(v6_socket: bool, a: SocketAddr) -> Option<SocketAddr> {
-    let a = unmap(a);
-    (v6_socket || a.is_ipv4()).then_some(a)
-}
+pub use meshpunch_proto::node::relay::turn_uri_authority;
+use meshpunch_proto::node::usable_candidate;
 
 /// Candidate addresses as the data socket can use them: IPv4-mapped IPv6 spellings become
 /// IPv4 (datagrams arrive from the canonical form, and pairs are matched by address), and
@@ -117,57 +110,9 @@ pub(super) fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSoc
     Ok((s.into(), listen.is_ipv6()))
 }
 
-/// Parses a TURN URI (`turn:host:port?transport=udp`, RFC 7065) into `host:port`.
-pub fn turn_uri_authority(url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix("turn:")
-        .or_else(|| url.strip_prefix("turns:"))
-        .unwrap_or(url);
-    let rest = rest.split('?').next()?;
-    if rest.is_empty() {
-        return None;
-    }
-    // Default TURN port (RFC 8656 §18) when none is given.
-    if rest.parse::<SocketAddr>().is_ok() {
-        return Some(rest.to_string());
-    }
-    if rest.starts_with('[') {
-        return Some(if rest.contains("]:") {
-            rest.to_string()
-        } else {
-            format!("{rest}:3478")
-        });
-    }
-    match rest.matches(':').count() {
-        0 => Some(format!("{rest}:3478")),
-        1 => Some(rest.to_string()),
-        _ => Some(format!("[{rest}]:3478")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn turn_uris_are_parsed() {
-        assert_eq!(
-            turn_uri_authority("turn:127.0.0.1:3478?transport=udp").as_deref(),
-            Some("127.0.0.1:3478")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:relay.example.com").as_deref(),
-            Some("relay.example.com:3478")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:relay.example.com:5349").as_deref(),
-            Some("relay.example.com:5349")
-        );
-        assert_eq!(
-            turn_uri_authority("turn:[2001:db8::1]:3478").as_deref(),
-            Some("[2001:db8::1]:3478")
-        );
-    }
 
     #[test]
     fn candidates_are_canonical_and_fit_the_socket() {

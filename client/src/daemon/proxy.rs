@@ -13,13 +13,7 @@ use meshpunch_proto::path::PathAddr;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-/// What a proxy reader hands the engine.
-pub(super) enum FromProxy {
-    /// A packet from WireGuard that the fast path could not send.
-    Packet(usize, Vec<u8>, SocketAddr),
-    /// The fast path sent packets for this peer (data is flowing).
-    Active(usize),
-}
+use super::wg::FromWg;
 
 /// How often a proxy reader on the fast path tells the engine that data flows.
 const FAST_NOTIFY: Duration = Duration::from_millis(500);
@@ -77,7 +71,7 @@ pub(super) fn spawn_reader(
     configured_wg: Option<SocketAddr>,
     data: Arc<UdpSocket>,
     fast_r: Arc<FastPath>,
-    tx: mpsc::Sender<FromProxy>,
+    tx: mpsc::Sender<FromWg>,
 ) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
@@ -127,12 +121,12 @@ pub(super) fn spawn_reader(
                     let now = Instant::now();
                     if last_notify.is_none_or(|t| now.duration_since(t) >= FAST_NOTIFY) {
                         last_notify = Some(now);
-                        let _ = tx.try_send(FromProxy::Active(i));
+                        let _ = tx.try_send(FromWg::Active(i));
                     }
                 }
                 None => {
                     if tx
-                        .send(FromProxy::Packet(i, pkt.to_vec(), src))
+                        .send(FromWg::Packet(i, pkt.to_vec(), Some(src)))
                         .await
                         .is_err()
                     {

@@ -1,4 +1,4 @@
-//! `meshpunch status`: the snapshot the engine renders from its state machines.
+//! `meshpunch status`: the snapshot rendered from the node's state and the driver's counters.
 
 use std::sync::atomic::Ordering;
 
@@ -10,12 +10,13 @@ use crate::keys::format_key;
 
 impl Engine {
     pub(super) fn status(&self) -> Status {
+        let node = &self.node;
         let mut probes = ProbeCounters {
-            unauthenticated: self.unknown_probes,
+            unauthenticated: node.unknown_probes(),
             ..ProbeCounters::default()
         };
         let mut birthday = BirthdayTotals {
-            mapping: self.stun_mappings.behaviour(),
+            mapping: node.mapping(),
             pool_open: self.pool.open_count(),
             pool_opened_total: self.pool.opened_total,
             ..BirthdayTotals::default()
@@ -23,15 +24,18 @@ impl Engine {
         let peers = self
             .peers
             .iter()
-            .map(|p| {
-                let st = p.path.status();
-                let c = p.path.counters();
+            .zip(node.peers())
+            .map(|(p, np)| {
+                let path = np.path();
+                let st = path.status();
+                let c = path.counters();
+                let t = np.traffic();
                 probes.accepted += c.accepted;
                 probes.unauthenticated += c.unauthenticated;
                 probes.replayed += c.replayed;
                 probes.refused_candidates += c.refused_candidates;
-                let reason = match (&p.note, st.kind) {
-                    (Some(n), PathKind::None) => n.clone(),
+                let reason = match (np.note(), st.kind) {
+                    (Some(n), PathKind::None) => n.to_string(),
                     _ => st.reason.clone(),
                 };
                 birthday.spray_sent += st.birthday.spray_sent;
@@ -45,19 +49,19 @@ impl Engine {
                 PeerStatus {
                     public_key: p.b64.clone(),
                     name: p.name.clone(),
-                    proxy: p.proxy_addr,
+                    proxy: p.wg.status_addr(),
                     path: st.kind,
                     remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                    tx_bytes: p.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
-                    rx_bytes: p.rx_bytes,
-                    tx_packets: p.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
+                    tx_bytes: t.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
+                    rx_bytes: t.rx_bytes,
+                    tx_packets: t.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
                     proxy_refused: p.fast.refused.load(Ordering::Relaxed),
-                    rx_packets: p.rx_packets,
-                    dropped_no_path: p.dropped,
+                    rx_packets: t.rx_packets,
+                    dropped_no_path: t.dropped,
                     reason,
-                    session: p.path.has_session(),
-                    direct_blocked: p.path.direct_blocked(),
+                    session: path.has_session(),
+                    direct_blocked: path.direct_blocked(),
                     local_socket,
                     local_port,
                     birthday: st.birthday,
@@ -69,8 +73,11 @@ impl Engine {
             public_key: format_key(&self.id.public),
             nat: self.lifetime.status(),
             data_addr: self.data_addr,
-            public_addr: self.srflx.addr(),
-            public_addr_source: self.srflx.source().map(|s| s.as_str().to_string()),
+            public_addr: node.server_reflexive().addr(),
+            public_addr_source: node
+                .server_reflexive()
+                .source()
+                .map(|s| s.as_str().to_string()),
             rendezvous: {
                 let mut r = self.rdv.clone();
                 if let Some(q) = &self.quic {
@@ -80,14 +87,14 @@ impl Engine {
                 }
                 r
             },
-            home_relay: self.turn.as_ref().map(|t| RelayStatus {
-                region: t.region.clone(),
-                server: t.server,
-                relayed: t.client.relayed_addr(),
-                state: t.state.clone(),
-                error: t.error.clone(),
+            home_relay: node.relay_link().map(|l| RelayStatus {
+                region: l.region().to_string(),
+                server: l.server(),
+                relayed: l.relayed_addr(),
+                state: l.state().as_str().to_string(),
+                error: l.error().map(str::to_string),
             }),
-            relays: self.relay_latencies(),
+            relays: node.relay_latencies(),
             probes,
             birthday,
             peers,

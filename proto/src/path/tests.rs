@@ -1358,3 +1358,53 @@ fn ten_sessions_in_a_minute_spray_at_most_one_budget() {
         "{sent} spray pings in 10 sessions"
     );
 }
+
+#[test]
+fn a_relayed_address_learned_as_peer_reflexive_is_a_relay_pair_once_signalled() {
+    let t0 = Instant::now();
+    let cfg = PathConfig::default();
+    let a_srflx: SocketAddr = "198.51.100.42:41641".parse().unwrap();
+    let b_srflx: SocketAddr = "198.51.100.30:33397".parse().unwrap();
+    let b_relayed: SocketAddr = "203.0.113.20:49160".parse().unwrap();
+    let mut a = PeerPath::new(cfg.clone(), [1; 32], [2; 32], t0, 1_000_000, 1);
+    let mut b = PeerPath::new(cfg, [2; 32], [1; 32], t0, 1_000_000, 2);
+    // B's relayed candidate is not in this session's list (its allocation was not ready).
+    let srflx = |addr| Candidate {
+        kind: CandidateKind::Srflx,
+        addr,
+    };
+    a.start_session(t0, &[5; 32], t0, vec![srflx(b_srflx)]);
+    b.start_session(t0, &[5; 32], t0, vec![srflx(a_srflx)]);
+    b.handle_timeout(t0);
+    let ping = std::iter::from_fn(|| b.poll_transmit())
+        .find(|t| t.dest.addr == a_srflx)
+        .unwrap();
+    // B's ping went out through B's relay: it reaches A from B's relayed address.
+    let from = PathAddr::direct(b_relayed);
+    assert!(a.handle_probe(t0, from, &ping.payload).is_ok());
+    assert_eq!(
+        a.class_of(&from),
+        PathKind::Direct,
+        "peer-reflexive, unknown"
+    );
+    // Then B's candidates with the relayed address arrive.
+    a.set_remote_candidates(
+        t0,
+        vec![
+            srflx(b_srflx),
+            Candidate {
+                kind: CandidateKind::Relayed,
+                addr: b_relayed,
+            },
+        ],
+    );
+    assert_eq!(a.class_of(&from), PathKind::Relay);
+    let kinds: Vec<CandidateKind> = a
+        .status()
+        .pairs
+        .iter()
+        .filter(|p| p.remote == from)
+        .map(|p| p.kind)
+        .collect();
+    assert_eq!(kinds, [CandidateKind::Relayed]);
+}

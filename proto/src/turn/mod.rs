@@ -1,4 +1,4 @@
-//! TURN server core (RFC 8656 over UDP, RFC 8489 underneath): message handling, allocations,
+//! TURN server core (RFC 8656, RFC 8489 underneath): message handling, allocations,
 //! permissions and channels, without sockets.
 //!
 //! [`TurnServer`] is a state machine. The driver (the `meshpunch-relay` binary, or a test)
@@ -32,7 +32,7 @@
 //!
 //! Layout: `server.rs` holds the state machine, `ports.rs` the relayed-port pool and the
 //! allocator trait, `limits.rs` the token buckets and rate tables, `auth.rs` credentials and
-//! nonces, `codec.rs` the zero-copy STUN/TURN helpers the client ([`crate::turn_client`]) uses
+//! nonces, `stream.rs` the framing of TURN over TCP/TLS, `uri.rs` TURN URIs (RFC 7065), `codec.rs` the zero-copy STUN/TURN helpers the client ([`crate::turn_client`]) uses
 //! too.
 
 use std::net::IpAddr;
@@ -42,6 +42,8 @@ mod codec;
 mod limits;
 mod ports;
 mod server;
+pub mod stream;
+pub mod uri;
 
 pub use auth::Auth;
 pub(crate) use auth::{verify_hmac, Integrity};
@@ -53,7 +55,10 @@ pub use limits::{
     DEFAULT_NETWORK_BANDWIDTH, DEFAULT_NETWORK_QUOTA, DEFAULT_USER_QUOTA, EVICTION_SAMPLE,
     RATE_SHARDS,
 };
-pub use ports::{AllocateError, PortPool, RelayAllocator, Reservation};
+pub use ports::{
+    AllocateError, PortPool, PortRequest, RelayAllocator, Reservation, BUSY_RETRY,
+    RESERVATION_LIFETIME, RESERVATION_TOKEN_LEN,
+};
 pub use server::{
     ClientAction, Gauges, PeerAction, ServerConfig, Stats, TurnServer, CHANNEL_COOLDOWN,
     CHANNEL_LIFETIME, DEFAULT_ALLOCATION_LIFETIME, DEFAULT_NONCE_LIFETIME, DENY_LABELS,

@@ -11,8 +11,8 @@ use stun_rs::attributes::stun::{
     UnknownAttributes, XorMappedAddress,
 };
 use stun_rs::attributes::turn::{
-    ChannelNumber, LifeTime, RequestedAddressFamily, RequestedTrasport, XorPeerAddress,
-    XorRelayedAddress,
+    ChannelNumber, LifeTime, RequestedAddressFamily, RequestedTrasport, ReservationToken,
+    XorPeerAddress, XorRelayedAddress,
 };
 use stun_rs::methods::{ALLOCATE, BINDING, CHANNEL_BIND, CREATE_PERMMISSION, REFRESH};
 use stun_rs::{
@@ -28,7 +28,7 @@ use super::codec::{
 use super::limits::{
     Bucket, Rate, RateTable, SharedLimits, SharedRate, DEFAULT_ALLOCATION_BANDWIDTH,
 };
-use super::ports::{AllocateError, RelayAllocator};
+use super::ports::{AllocateError, PortRequest, RelayAllocator, RESERVATION_TOKEN_LEN};
 use super::{Auth, Family};
 use crate::addr::{DenyReason, PeerPolicy};
 use crate::channeldata;
@@ -283,6 +283,9 @@ pub(super) struct Allocation {
     expires: Instant,
     created_by: TransactionId,
     granted: u32,
+    /// RESERVATION-TOKEN handed out with this allocation (EVEN-PORT with the R bit), repeated
+    /// when the Allocate is retransmitted.
+    token: Option<[u8; RESERVATION_TOKEN_LEN]>,
     /// Peer IP (canonical) → permission expiry.
     perms: Vec<(IpAddr, Instant)>,
     /// Bound and cooling-down channels (a channel cools down until `expires + CHANNEL_COOLDOWN`).
@@ -467,6 +470,20 @@ impl<A: RelayAllocator> TurnServer<A> {
         self.sweep_turn = self.sweep_turn.wrapping_add(1);
         self.request_limit.sweep_shard(self.sweep_turn, now);
         self.unauth_limit.sweep_shard(self.sweep_turn, now);
+    }
+
+    /// Ends the allocation of `client` now, if it has one: a stream transport (TCP/TLS)
+    /// connection closed, and an allocation made over a stream lives only as long as its
+    /// connection (RFC 8656 §3.1). Returns whether one ended.
+    pub fn release_client(&mut self, client: SocketAddr) -> bool {
+        match self.by_client.get(&client) {
+            Some(&i) => {
+                self.free_slot(i);
+                self.stats.allocations_released += 1;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Ends every allocation now (graceful shutdown after the drain period).
@@ -944,11 +961,12 @@ impl<A: RelayAllocator> TurnServer<A> {
             };
             // A retransmitted Allocate gets the original success again (RFC 8656 §7.2).
             if a.created_by == *msg.transaction_id() {
-                return Ok(vec![
-                    XorRelayedAddress::from(self.advertised(a.relayed)).into(),
-                    LifeTime::new(a.granted).into(),
-                    XorMappedAddress::from(from).into(),
-                ]);
+                return Ok(allocate_success(
+                    self.advertised(a.relayed),
+                    a.granted,
+                    from,
+                    a.token,
+                ));
             }
             return Err(Refuse(437, "Allocation Mismatch"));
         }
@@ -968,31 +986,45 @@ impl<A: RelayAllocator> TurnServer<A> {
             _ => Family::V4,
         };
         let lifetime = self.granted_lifetime(msg);
-        // EVEN-PORT: an even port is easy; reserving the next one (R bit) and
-        // RESERVATION-TOKEN are not offered and refused cleanly with 508 (RFC 8656 §7.2).
-        let mut even_port = false;
+        // EVEN-PORT (with or without the R bit) and RESERVATION-TOKEN (RFC 8656 §7.2): not
+        // both, and no REQUESTED-ADDRESS-FAMILY beside a token (400).
+        let mut port = PortRequest::Any;
+        let mut has_even = false;
+        let mut has_token = false;
         for a in msg.attributes() {
             match a {
-                StunAttribute::EvenPort(e) if e.reserve() => {
-                    return Err(Refuse(508, "Insufficient Capacity"))
+                StunAttribute::EvenPort(e) => {
+                    has_even = true;
+                    port = if e.reserve() {
+                        PortRequest::EvenReserveNext
+                    } else {
+                        PortRequest::Even
+                    };
                 }
-                StunAttribute::EvenPort(_) => even_port = true,
-                StunAttribute::ReservationToken(_) => {
-                    return Err(Refuse(508, "Insufficient Capacity"))
+                StunAttribute::ReservationToken(t) => {
+                    has_token = true;
+                    let Ok(token) = <[u8; RESERVATION_TOKEN_LEN]>::try_from(t.token()) else {
+                        return Err(Refuse(400, "Bad Request"));
+                    };
+                    port = PortRequest::Token(token);
                 }
                 _ => {}
             }
         }
-        let reservation = match self
-            .allocator
-            .allocate(from, &tenant, family, even_port, now)
-        {
+        if has_even && has_token {
+            return Err(Refuse(400, "Bad Request"));
+        }
+        if has_token && msg.get::<RequestedAddressFamily>().is_some() {
+            return Err(Refuse(400, "Bad Request"));
+        }
+        let reservation = match self.allocator.allocate(from, &tenant, family, port, now) {
             Ok(r) => r,
             Err(AllocateError::Quota) => return Err(Refuse(486, "Allocation Quota Reached")),
             Err(AllocateError::NetworkQuota) => return Err(Refuse(486, NETWORK_QUOTA_REASON)),
             Err(AllocateError::Capacity) => return Err(Refuse(508, "Insufficient Capacity")),
             Err(AllocateError::Family) => return Err(Refuse(440, "Address Family not Supported")),
         };
+        let token = reservation.reserved_next.map(|(t, _)| t);
         let relayed = reservation.relayed;
         let alloc = Allocation {
             client: from,
@@ -1003,6 +1035,7 @@ impl<A: RelayAllocator> TurnServer<A> {
             expires: now + Duration::from_secs(u64::from(lifetime)),
             created_by: *msg.transaction_id(),
             granted: lifetime,
+            token,
             perms: Vec::new(),
             channels: Vec::new(),
             bucket: Bucket::new(self.cfg.bandwidth, now),
@@ -1025,11 +1058,12 @@ impl<A: RelayAllocator> TurnServer<A> {
         self.by_client.insert(from, i);
         self.by_relay.insert(relayed, i);
         self.stats.allocations_created += 1;
-        Ok(vec![
-            XorRelayedAddress::from(self.advertised(relayed)).into(),
-            LifeTime::new(lifetime).into(),
-            XorMappedAddress::from(from).into(),
-        ])
+        Ok(allocate_success(
+            self.advertised(relayed),
+            lifetime,
+            from,
+            token,
+        ))
     }
 
     /// The relayed address as clients must see it (external IP mapping applied).
@@ -1091,7 +1125,7 @@ impl<A: RelayAllocator> TurnServer<A> {
 
     /// The peer policy: the one decision every path that names a peer goes through —
     /// CreatePermission, ChannelBind, Send indications and ChannelData to an own address —
-    /// whatever transport the request arrived on (UDP today, TCP/TLS later call the same core).
+    /// whatever transport the request arrived on (UDP, TCP and TLS drivers call the same core).
     ///
     /// In order: the operator deny list and the address classes on the canonical address
     /// ([`PeerPolicy::check`], so a denied address is 403 in every spelling); an own address of
@@ -1279,6 +1313,24 @@ impl<A: RelayAllocator> TurnServer<A> {
         self.stats.permissions_created += install_permission(a, ip, now);
         Ok(Vec::new())
     }
+}
+
+/// Attributes of an Allocate success response.
+fn allocate_success(
+    relayed: SocketAddr,
+    lifetime: u32,
+    mapped: SocketAddr,
+    token: Option<[u8; RESERVATION_TOKEN_LEN]>,
+) -> Vec<StunAttribute> {
+    let mut v: Vec<StunAttribute> = vec![
+        XorRelayedAddress::from(relayed).into(),
+        LifeTime::new(lifetime).into(),
+    ];
+    if let Some(t) = token {
+        v.push(ReservationToken::from(t).into());
+    }
+    v.push(XorMappedAddress::from(mapped).into());
+    v
 }
 
 fn install_permission(a: &mut Allocation, ip: IpAddr, now: Instant) -> u64 {

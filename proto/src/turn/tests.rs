@@ -3,11 +3,12 @@
 use super::*;
 use crate::creds;
 use crate::turn::codec::{encode_xor_addr, MAX_DATAGRAM};
-use crate::turn::{PortPool, EVICTION_SAMPLE};
+use crate::turn::{PortPool, PortRequest, BUSY_RETRY, EVICTION_SAMPLE, RESERVATION_LIFETIME};
 use crate::turn_client::{Input, TurnClient, TurnCredentials, TurnEvent, TurnOp};
 use hmac::{Hmac, Mac};
 use proptest::prelude::*;
 use sha1::Sha1;
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use stun_rs::attributes::stun::UserName;
 use stun_rs::{Algorithm, AlgorithmId};
@@ -1086,20 +1087,9 @@ fn bad_requests_get_400_420_442() {
     assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(400));
     let req = signed_request(&mut net, me, CREATE_PERMMISSION, vec![], "pat");
     assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(400));
-    // EVEN-PORT with the R bit / RESERVATION-TOKEN: refused cleanly with 508; DONT-FRAGMENT
-    // (which we cannot honour) with 420.
+    // An unknown RESERVATION-TOKEN: 508 (RFC 8656 §7.2); EVEN-PORT beside a token: 400;
+    // DONT-FRAGMENT (which we cannot honour) with 420.
     let other = sa("198.51.100.7:40014");
-    let req = signed_request(
-        &mut net,
-        other,
-        ALLOCATE,
-        vec![
-            RequestedTrasport::new(stun_rs::protocols::UDP).into(),
-            stun_rs::attributes::turn::EvenPort::new(true).into(),
-        ],
-        "pat",
-    );
-    assert_eq!(error_code(&net.raw(other, &req).unwrap()), Some(508));
     let req = signed_request(
         &mut net,
         other,
@@ -1111,6 +1101,18 @@ fn bad_requests_get_400_420_442() {
         "pat",
     );
     assert_eq!(error_code(&net.raw(other, &req).unwrap()), Some(508));
+    let req = signed_request(
+        &mut net,
+        other,
+        ALLOCATE,
+        vec![
+            RequestedTrasport::new(stun_rs::protocols::UDP).into(),
+            stun_rs::attributes::turn::EvenPort::new(true).into(),
+            stun_rs::attributes::turn::ReservationToken::from([1u8; 8]).into(),
+        ],
+        "pat",
+    );
+    assert_eq!(error_code(&net.raw(other, &req).unwrap()), Some(400));
     let req = signed_request(
         &mut net,
         other,
@@ -1774,4 +1776,173 @@ fn rate_limits_are_shared_between_workers() {
         }
     }
     assert_eq!(answers, 4, "one burst for the process, not one per worker");
+}
+
+fn allocate_reply(net: &mut Net, from: SocketAddr, attrs: Vec<StunAttribute>) -> StunMessage {
+    let mut all: Vec<StunAttribute> = vec![RequestedTrasport::new(stun_rs::protocols::UDP).into()];
+    all.extend(attrs);
+    let req = signed_request(net, from, ALLOCATE, all, "rtp");
+    let reply = net.raw(from, &req).unwrap();
+    MessageDecoder::default().decode(&reply).unwrap().0
+}
+
+fn relayed_of(msg: &StunMessage) -> Option<SocketAddr> {
+    match msg.get::<XorRelayedAddress>() {
+        Some(StunAttribute::XorRelayedAddress(a)) => Some(*a.socket_address()),
+        _ => None,
+    }
+}
+
+fn code_of(msg: &StunMessage) -> Option<u16> {
+    match msg.get::<ErrorCode>() {
+        Some(StunAttribute::ErrorCode(e)) => Some(e.error_code().error_code()),
+        _ => None,
+    }
+}
+
+fn token_of(msg: &StunMessage) -> Option<[u8; 8]> {
+    match msg.get::<ReservationToken>() {
+        Some(StunAttribute::ReservationToken(t)) => t.token().try_into().ok(),
+        _ => None,
+    }
+}
+
+#[test]
+fn even_port_with_r_bit_reserves_the_next_port_under_a_token() {
+    // What turnutils_uclient does in its default RTP/RTCP mode.
+    let mut net = Net::new();
+    let rtp = sa("198.51.100.7:41000");
+    let rtcp = sa("198.51.100.7:41001");
+    let first = allocate_reply(
+        &mut net,
+        rtp,
+        vec![stun_rs::attributes::turn::EvenPort::new(true).into()],
+    );
+    let even = relayed_of(&first).expect("even port allocated");
+    assert_eq!(even.port() % 2, 0);
+    let token = token_of(&first).expect("RESERVATION-TOKEN in the answer");
+    assert_eq!(net.server.allocator().reserved(), 1);
+    // The reserved port is not handed to anyone else meanwhile.
+    for k in 0..8u16 {
+        let m = allocate_reply(&mut net, sa(&format!("192.0.2.9:{}", 42000 + k)), vec![]);
+        if let Some(r) = relayed_of(&m) {
+            assert_ne!(r.port(), even.port() + 1);
+        }
+    }
+    // The token gets exactly the next port, once.
+    let second = allocate_reply(&mut net, rtcp, vec![ReservationToken::from(token).into()]);
+    assert_eq!(
+        relayed_of(&second),
+        Some(SocketAddr::new(even.ip(), even.port() + 1))
+    );
+    let again = allocate_reply(
+        &mut net,
+        sa("198.51.100.7:41002"),
+        vec![ReservationToken::from(token).into()],
+    );
+    assert_eq!(code_of(&again), Some(508));
+    assert_eq!(net.server.allocator().reserved(), 0);
+}
+
+#[test]
+fn a_reservation_expires_after_30_seconds() {
+    let mut net = Net::new();
+    let first = allocate_reply(
+        &mut net,
+        sa("198.51.100.7:41000"),
+        vec![stun_rs::attributes::turn::EvenPort::new(true).into()],
+    );
+    let token = token_of(&first).unwrap();
+    let even = relayed_of(&first).unwrap();
+    net.advance(RESERVATION_LIFETIME + Duration::from_secs(1));
+    let late = allocate_reply(
+        &mut net,
+        sa("198.51.100.7:41001"),
+        vec![ReservationToken::from(token).into()],
+    );
+    assert_eq!(relayed_of(&late), None);
+    let expired = net.server.allocator_mut().expire_reservations(net.now);
+    // The driver learns which reserved address to close.
+    assert_eq!(expired, vec![SocketAddr::new(even.ip(), even.port() + 1)]);
+    assert_eq!(net.server.allocator().reserved(), 0);
+}
+
+#[test]
+fn ports_busy_on_the_host_are_skipped_not_reported_as_capacity() {
+    // 200 ports, the first 150 held by another program: the old allocator gave up after 64
+    // failed binds and answered 508.
+    let ip = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
+    let mut pool = PortPool::new(vec![ip], 50000, 50199, 0);
+    let t = Tenant::of("1:net.0123456789abcdef", true);
+    let now = Instant::now();
+    let busy = |a: SocketAddr| a.port() < 50150;
+    let mut tried = 0;
+    let r = pool
+        .reserve(&t, Family::V4, PortRequest::Any, now, |a| {
+            tried += 1;
+            !busy(a)
+        })
+        .expect("a free port is found behind 150 busy ones");
+    assert_eq!(r.relayed.port(), 50150);
+    assert_eq!(tried, 151);
+    // Busy ports are remembered: the next allocation does not try them again.
+    let mut tried = 0;
+    let r = pool
+        .reserve(&t, Family::V4, PortRequest::Any, now, |a| {
+            tried += 1;
+            !busy(a)
+        })
+        .unwrap();
+    assert_eq!((r.relayed.port(), tried), (50151, 1));
+    // After BUSY_RETRY they are tried again.
+    let later = now + BUSY_RETRY + Duration::from_secs(1);
+    let mut seen = Vec::new();
+    let _ = pool.reserve(&t, Family::V4, PortRequest::Any, later, |a| {
+        seen.push(a.port());
+        true
+    });
+    assert_eq!(seen, vec![50152]);
+    // Every port busy: capacity, after one bounded scan.
+    let mut full = PortPool::new(vec![ip], 50000, 50199, 0);
+    let mut tried = 0;
+    assert_eq!(
+        full.reserve(&t, Family::V4, PortRequest::Any, now, |_| {
+            tried += 1;
+            false
+        })
+        .unwrap_err(),
+        AllocateError::Capacity
+    );
+    assert_eq!(tried, 200);
+}
+
+proptest! {
+    #[test]
+    fn even_reservations_never_hand_out_a_port_twice(ops in proptest::collection::vec(0u8..4, 1..60)) {
+        let ip = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
+        let mut pool = PortPool::new(vec![ip], 50000, 50015, 0);
+        let t = Tenant::of("1:net.0123456789abcdef", true);
+        let now = Instant::now();
+        let mut held: HashSet<SocketAddr> = HashSet::new();
+        let mut tokens = Vec::new();
+        for op in ops {
+            let req = match op {
+                0 => PortRequest::Any,
+                1 => PortRequest::Even,
+                2 => PortRequest::EvenReserveNext,
+                _ => match tokens.pop() { Some(t) => PortRequest::Token(t), None => PortRequest::Any },
+            };
+            if let Ok(r) = pool.reserve(&t, Family::V4, req, now, |_| true) {
+                prop_assert!(held.insert(r.relayed), "{:?} handed out twice", r.relayed);
+                if let Some((tok, next)) = r.reserved_next {
+                    prop_assert!(!held.contains(&next));
+                    prop_assert_eq!(next.port(), r.relayed.port() + 1);
+                    tokens.push(tok);
+                }
+                if matches!(req, PortRequest::Even | PortRequest::EvenReserveNext) {
+                    prop_assert_eq!(r.relayed.port() % 2, 0);
+                }
+            }
+        }
+    }
 }
