@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 
+use super::device::DeviceSide;
+
 /// What a WireGuard side hands the engine.
 pub(super) enum FromWg {
     /// An outgoing packet for peer `.0` that the fast path could not send; `.2` is the local
@@ -32,6 +34,8 @@ pub(super) enum FromWg {
 pub(super) enum WgSide {
     /// A loopback proxy port (`ProxyPort` in the config).
     Proxy(ProxyPort),
+    /// The built-in WireGuard on a TUN device (`--tun`, [`super::device`]).
+    Device(DeviceSide),
 }
 
 /// A peer's loopback proxy port as the engine uses it (its reader task is
@@ -54,6 +58,7 @@ impl WgSide {
                 Some(wg) => p.sock.try_send_to(pkt, wg).is_ok(),
                 None => false,
             },
+            WgSide::Device(d) => d.deliver(pkt),
         }
     }
 
@@ -66,13 +71,16 @@ impl WgSide {
                     p.wg = src;
                 }
             }
+            WgSide::Device(_) => {}
         }
     }
 
-    /// The local address shown in `meshpunch status` (the proxy port).
+    /// The local address shown in `meshpunch status` (the proxy port; `0.0.0.0:0` for the
+    /// built-in device, which has none).
     pub(super) fn status_addr(&self) -> SocketAddr {
         match self {
             WgSide::Proxy(p) => p.addr,
+            WgSide::Device(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
