@@ -5,7 +5,9 @@
 //!
 //! - two hosts behind different NATs (port-restricted and carrier-grade double NAT): direct
 //!   path, then the direct path cut: the relay;
-//! - two hosts in the café (one LAN behind one NAT): the LAN path.
+//! - two hosts in the café (one LAN behind one NAT): the LAN path;
+//! - two namespaces joined by a veth, no NAT, no rendezvous (static `Candidate`s), the device
+//!   configured by `Mode = tun` / `TunName` in the file instead of the flag.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -233,4 +235,150 @@ fn tun_cafe_hosts_use_the_lan_path() {
         "TCP transfer on the LAN path: {bytes} bytes"
     );
     assert_eq!(mesh.peer("cafe1", "cafe2").unwrap().path, "lan");
+}
+
+#[test]
+fn tun_two_daemons_on_one_veth_without_rendezvous() {
+    let test = "tun_two_daemons_on_one_veth_without_rendezvous";
+    if !tun_ready(test, &["iperf3"]) {
+        return;
+    }
+    let bins = natlab::mesh::MeshBins::find().unwrap();
+    let mut lab = natlab::Lab::new().unwrap();
+    lab.add_node("a", false).unwrap();
+    lab.add_node("b", false).unwrap();
+    lab.link("a", "veth-a", "b", "veth-b").unwrap();
+    lab.ip("a", &["addr", "add", "10.201.0.1/24", "dev", "veth-a"])
+        .unwrap();
+    lab.ip("b", &["addr", "add", "10.201.0.2/24", "dev", "veth-b"])
+        .unwrap();
+    let key = || {
+        let k = natlab::sh::run(bins.client.to_str().unwrap(), &["keygen"])
+            .unwrap()
+            .trim()
+            .to_string();
+        let p = natlab::sh::run_input(bins.client.to_str().unwrap(), &["pubkey"], Some(&k))
+            .unwrap()
+            .trim()
+            .to_string();
+        (k, p)
+    };
+    let (ka, kb) = (key(), key());
+    for (h, me, peer, tun_ip, peer_ip, lan_peer) in [
+        ("a", &ka, &kb, "10.9.0.1/24", "10.9.0.2/32", "10.201.0.2"),
+        ("b", &kb, &ka, "10.9.0.2/24", "10.9.0.1/32", "10.201.0.1"),
+    ] {
+        let dir = lab.log_dir().to_path_buf();
+        let conf = dir.join(format!("{h}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "[Interface]\nPrivateKey = {}\nListenPort = 41641\nControlSocket = {}\nMode = tun\nTunName = mpv0\nAddress = {tun_ip}\nBindingLifetimeProbe = off\n\n[Peer]\nPublicKey = {}\nName = peer\nCandidate = {lan_peer}:41641\nAllowedIPs = {peer_ip}\n",
+                me.0,
+                dir.join(format!("{h}.sock")).display(),
+                peer.1
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &conf,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        lab.spawn_env(
+            h,
+            &format!("meshpunch-{h}"),
+            &bins.client,
+            &["up".into(), "--config".into(), conf.display().to_string()],
+            &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
+        )
+        .unwrap();
+    }
+    // Both daemons are up (control socket open: the TUN device exists by then).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for h in ["a", "b"] {
+        while !lab.log_dir().join(format!("{h}.sock")).exists() {
+            if std::time::Instant::now() > deadline {
+                lab.dump_logs(40);
+                panic!("meshpunch up --config (Mode = tun) on {h} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The handshake's first packet waits in WireGuard's queue until a path exists.
+    let _ = lab.exec_any(
+        "a",
+        "ping",
+        &["-n", "-q", "-c", "1", "-W", "10", "10.9.0.2"],
+    );
+    let (ok, out) = lab
+        .exec_any(
+            "a",
+            "ping",
+            &["-n", "-c", "10", "-i", "0.2", "-W", "2", "10.9.0.2"],
+        )
+        .unwrap();
+    let r = natlab::RttStats::parse_ping(&out);
+    if !ok {
+        lab.dump_logs(40);
+    }
+    println!("ping through two --tun daemons on a veth: {out}");
+    assert!(r.is_some_and(|r| r.received >= 9), "{out}");
+    let link = lab.ip("b", &["link", "show", "mpv0"]).unwrap();
+    assert!(link.contains("mtu 1412"), "{link}");
+
+    let iperf = natlab::testenv::which("iperf3").unwrap();
+    lab.spawn(
+        "b",
+        "iperf3-b",
+        &iperf,
+        &["-s".into(), "-1".into(), "-B".into(), "10.9.0.2".into()],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = lab
+        .exec_any("a", "iperf3", &["-c", "10.9.0.2", "-t", "3", "-J"])
+        .unwrap()
+        .1;
+    let json: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("iperf3 output ({e}): {out}"));
+    let bytes = json["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    let mbps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6;
+    println!("iperf3 through two --tun daemons on a veth: {bytes} bytes, {mbps:.1} Mbit/s");
+    assert!(bytes > 1_000_000, "TCP transfer: {bytes} bytes");
+
+    // A second daemon with the same TUN name is refused with a clear message; the first
+    // keeps working.
+    let (ok, out) = {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("a")])
+            .arg(&bins.client)
+            .args([
+                "up",
+                "--config",
+                &lab.log_dir().join("a.conf").display().to_string(),
+                "--control-socket",
+                &lab.log_dir().join("a2.sock").display().to_string(),
+                "--listen-port",
+                "41642",
+            ])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert!(!ok);
+    assert!(
+        out.contains("an interface named mpv0 already exists"),
+        "{out}"
+    );
+    let (ok, out) = lab
+        .exec_any("a", "ping", &["-n", "-c", "2", "-W", "2", "10.9.0.2"])
+        .unwrap();
+    assert!(ok, "ping after the refused second daemon: {out}");
 }
