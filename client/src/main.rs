@@ -495,6 +495,12 @@ fn print_status(st: &control::Status) {
                 .unwrap_or_default()
         );
     }
+    if let Some(t) = &st.tun {
+        println!(
+            "tun {}  out {} packets  in {} packets  dropped: {} no peer, {} failed to decrypt, {} from outside AllowedIPs",
+            t.name, t.tx_packets, t.rx_packets, t.no_peer, t.decrypt_failed, t.bad_source
+        );
+    }
     let b = &st.birthday;
     if b.pool_opened_total > 0 || b.spray_sent > 0 {
         println!(

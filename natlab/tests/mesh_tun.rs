@@ -350,6 +350,45 @@ fn tun_two_daemons_on_one_veth_without_rendezvous() {
     println!("iperf3 through two --tun daemons on a veth: {bytes} bytes, {mbps:.1} Mbit/s");
     assert!(bytes > 1_000_000, "TCP transfer: {bytes} bytes");
 
+    // Cryptokey routing in the daemon: b sends from an address outside a's AllowedIPs for b;
+    // a drops and counts it (status JSON `tun.bad_source`), and answers nothing.
+    lab.ip("b", &["addr", "add", "10.66.0.5/32", "dev", "lo"])
+        .unwrap();
+    let (ok, _) = lab
+        .exec_any(
+            "b",
+            "ping",
+            &[
+                "-n",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                "10.66.0.5",
+                "10.9.0.1",
+            ],
+        )
+        .unwrap();
+    assert!(!ok, "a answered a source outside AllowedIPs");
+    let st = natlab::sh::exec_ns(
+        &lab.ns("a"),
+        bins.client.to_str().unwrap(),
+        &[
+            "status",
+            "--json",
+            "--control-socket",
+            &lab.log_dir().join("a.sock").display().to_string(),
+        ],
+    )
+    .unwrap();
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["tun"]["name"], "mpv0", "{st}");
+    assert_eq!(st["tun"]["bad_source"], 3, "{st}");
+    assert!(st["tun"]["rx_packets"].as_u64().unwrap_or(0) > 1000, "{st}");
+
     // A second daemon with the same TUN name is refused with a clear message; the first
     // keeps working.
     let (ok, out) = {

@@ -75,6 +75,14 @@ impl WgSide {
         }
     }
 
+    /// The built-in device, for a [`WgSide::Device`].
+    pub(super) fn device(&self) -> Option<&crate::tun::Device> {
+        match self {
+            WgSide::Proxy(_) => None,
+            WgSide::Device(d) => Some(&d.dev),
+        }
+    }
+
     /// The local address shown in `meshpunch status` (the proxy port; `0.0.0.0:0` for the
     /// built-in device, which has none).
     pub(super) fn status_addr(&self) -> SocketAddr {
