@@ -4,7 +4,8 @@
 //! WireGuard in-process; `ping` and an iperf3 TCP transfer go through it:
 //!
 //! - two hosts behind different NATs (port-restricted and carrier-grade double NAT): direct
-//!   path, then the direct path cut: the relay;
+//!   path, then the direct path cut: the relay; on both a full-size packet (the TUN MTU, don't
+//!   fragment) passes over IPv4;
 //! - two hosts in the café (one LAN behind one NAT): the LAN path;
 //! - two namespaces joined by a veth, no NAT, no rendezvous (static `Candidate`s), the device
 //!   configured by `Mode = tun` / `TunName` in the file instead of the flag.
@@ -84,6 +85,21 @@ fn ping(mesh: &Mesh, from: &str, dst: &str) -> natlab::RttStats {
     }
 }
 
+/// A full-size inner packet (the TUN MTU, don't fragment) gets through and back.
+fn full_size_ping(mesh: &Mesh, from: &str, dst: &str) {
+    // 1412 - 20 (IPv4) - 8 (ICMP) = 1384 bytes of payload.
+    let (ok, out) = mesh
+        .topo
+        .lab
+        .exec_any(
+            from,
+            "ping",
+            &["-n", "-M", "do", "-s", "1384", "-c", "3", "-W", "3", dst],
+        )
+        .unwrap();
+    assert!(ok, "full-size ping (-M do -s 1384) {from} -> {dst}: {out}");
+}
+
 /// An iperf3 TCP transfer of `secs` seconds from `from` to `to_ip` (server on `to`).
 /// Returns (bytes received, Mbit/s).
 fn tcp_transfer(mesh: &mut Mesh, from: &str, to: &str, to_ip: &str, secs: u32) -> (u64, f64) {
@@ -150,6 +166,7 @@ fn tun_hosts_behind_different_nats_ping_and_carry_tcp_direct_and_relayed() {
     let direct = ping(&mesh, "a1", "10.9.0.2");
     println!("ping through --tun, direct path: {direct}");
     assert!(direct.received >= 8, "{direct}");
+    full_size_ping(&mesh, "a1", "10.9.0.2");
     let (bytes, mbps) = tcp_transfer(&mut mesh, "a1", "b1", "10.9.0.2", 3);
     println!("iperf3 through --tun, direct path: {bytes} bytes, {mbps:.1} Mbit/s");
     assert!(
@@ -178,6 +195,7 @@ fn tun_hosts_behind_different_nats_ping_and_carry_tcp_direct_and_relayed() {
     let relay = ping(&mesh, "a1", "10.9.0.2");
     println!("ping through --tun, forced relay: {relay}");
     assert!(relay.received >= 7, "{relay}");
+    full_size_ping(&mesh, "a1", "10.9.0.2");
     assert!(
         relay.min_ms > direct.min_ms,
         "relay {relay} vs direct {direct}"
