@@ -323,12 +323,15 @@ fn tun_two_daemons_on_one_veth_without_rendezvous() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    // The handshake's first packet waits in WireGuard's queue until a path exists.
+    // The first packet waits in WireGuard's queue until a path exists and the handshake (started
+    // as soon as the path is up, not at WireGuard's 5 s retry) completes.
+    let t0 = std::time::Instant::now();
     let _ = lab.exec_any(
         "a",
         "ping",
         &["-n", "-q", "-c", "1", "-W", "10", "10.9.0.2"],
     );
+    println!("first ping answered after {}", support::secs(t0.elapsed()));
     let (ok, out) = lab
         .exec_any(
             "a",

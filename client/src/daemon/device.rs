@@ -100,6 +100,16 @@ impl DeviceSide {
     }
 }
 
+impl DeviceSide {
+    /// The peer's path came up: start a handshake now if there is no session.
+    pub(super) fn path_up(&self) {
+        if let Ok(mut b) = self.bufs.lock() {
+            self.dev
+                .path_up(self.peer, &mut b, |i, dg| self.out.send(i, dg));
+        }
+    }
+}
+
 /// Starts the device's reader (TUN → encrypt → out) and its WireGuard timer task. Both end
 /// when the daemon's runtime ends; the interface goes with the device's last reference.
 pub(super) fn spawn(dev: Arc<Device>, out: Arc<DeviceOut>) {

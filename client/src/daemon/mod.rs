@@ -551,6 +551,11 @@ impl Engine {
                 reason,
             } => {
                 tracing::info!(peer = %self.peers[peer].b64, path = kind.as_str(), remote = ?remote.map(|r| r.to_string()), %reason, "path changed");
+                if kind != PathKind::None {
+                    if let Some(p) = self.peers.get(peer) {
+                        p.wg.path_up();
+                    }
+                }
             }
             Event::Pong {
                 peer,

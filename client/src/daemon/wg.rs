@@ -75,6 +75,13 @@ impl WgSide {
         }
     }
 
+    /// The peer's path came up (from none): the built-in device starts its handshake at once.
+    pub(super) fn path_up(&self) {
+        if let WgSide::Device(d) = self {
+            d.path_up();
+        }
+    }
+
     /// The built-in device, for a [`WgSide::Device`].
     pub(super) fn device(&self) -> Option<&crate::tun::Device> {
         match self {

@@ -483,6 +483,21 @@ impl Device {
         }
     }
 
+    /// The peer has a path now: if no session is up, start a handshake at once instead of
+    /// waiting for WireGuard's 5 s retry (the first initiation, sent before any path
+    /// existed, was dropped). Packets queued meanwhile leave when the handshake completes.
+    pub fn path_up(&self, peer: usize, b: &mut Buffers, mut sink: impl FnMut(usize, &[u8])) {
+        let Some(Ok(mut t)) = self.peers.get(peer).map(|t| t.lock()) else {
+            return;
+        };
+        if t.stats().0.is_some() {
+            return;
+        }
+        if let TunnResult::WriteToNetwork(d) = t.format_handshake_initiation(&mut b.out, true) {
+            sink(peer, d);
+        }
+    }
+
     /// Time since the last completed handshake with peer `peer`, if any.
     pub fn last_handshake(&self, peer: usize) -> Option<Duration> {
         self.peers.get(peer)?.lock().ok()?.stats().0
