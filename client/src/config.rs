@@ -58,7 +58,7 @@ pub const DEFAULT_TUN_NAME: &str = "meshpunch0";
 
 /// A configuration error with its location.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {msg}")]
+#[error("{file}{}: {msg}", if *.line > 0 { format!(":{}", .line) } else { String::new() })]
 pub struct ConfigError {
     /// The file.
     pub file: String,

@@ -337,6 +337,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| Some(meshpunch::lifetime::default_steps())),
                 cache: Some(meshpunch::lifetime::cache_path_for(&control_socket)),
             };
+            // In tun mode the ready JSON lists each peer's AllowedIPs (there are no proxy ports).
+            let tun_peers: Option<Vec<serde_json::Value>> = tun.as_ref().map(|t| {
+                t.peers
+                    .iter()
+                    .map(|p| serde_json::json!({"public_key": format_key(&p.public_key), "name": p.label, "allowed_ips": p.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+                    .collect()
+            });
             let tun_name = tun.as_ref().map(|t| t.name.clone());
             let mut d = daemon::start_full(opts, lifetime, tun).await?;
             if let (Some(iface), Some(dump)) = (&wg_interface, &wg_dump) {
@@ -351,7 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "data_addr": d.data_addr,
                 "control_socket": control_socket,
                 "public_key": format_key(&public_of(&private)),
-                "peers": d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect::<Vec<_>>(),
+                "peers": tun_peers.unwrap_or_else(|| d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect()),
             });
             if let Some(f) = ready_file {
                 std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
