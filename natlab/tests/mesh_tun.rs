@@ -6,6 +6,8 @@
 //! - two hosts behind different NATs (port-restricted and carrier-grade double NAT): direct
 //!   path, then the direct path cut: the relay; on both a full-size packet (the TUN MTU, don't
 //!   fragment) passes over IPv4;
+//! - two hosts behind symmetric IPv4 NATs with global IPv6 behind stateful firewalls: a
+//!   direct IPv6 path, and a full-size inner packet passes on it;
 //! - two hosts in the café (one LAN behind one NAT): the LAN path;
 //! - two namespaces joined by a veth, no NAT, no rendezvous (static `Candidate`s), the device
 //!   configured by `Mode = tun` / `TunName` in the file instead of the flag.
@@ -40,6 +42,11 @@ fn tun_ready(test: &str, extra: &[&str]) -> bool {
 
 /// Starts `--tun` daemons on `h1` (10.9.0.1) and `h2` (10.9.0.2), each the other's peer.
 fn up_pair(mesh: &mut Mesh, h1: &str, h2: &str) {
+    up_pair_with(mesh, h1, h2, &[]);
+}
+
+/// [`up_pair`] with extra `[Interface]` lines.
+fn up_pair_with(mesh: &mut Mesh, h1: &str, h2: &str, extra: &[&str]) {
     for (h, me, peer, peer_ip) in [
         (h1, "10.9.0.1/24", h2, "10.9.0.2/32"),
         (h2, "10.9.0.2/24", h1, "10.9.0.1/32"),
@@ -51,6 +58,7 @@ fn up_pair(mesh: &mut Mesh, h1: &str, h2: &str) {
                 address: me.into(),
                 allowed_ips: BTreeMap::from([(peer.to_string(), peer_ip.to_string())]),
             }),
+            interface_extra: extra.iter().map(|l| l.to_string()).collect(),
             ..Default::default()
         };
         mesh.up(h, &opts).unwrap();
@@ -441,4 +449,50 @@ fn tun_two_daemons_on_one_veth_without_rendezvous() {
         .exec_any("a", "ping", &["-n", "-c", "2", "-W", "2", "10.9.0.2"])
         .unwrap();
     assert!(ok, "ping after the refused second daemon: {out}");
+}
+
+#[test]
+fn tun_full_size_packet_on_a_direct_ipv6_path() {
+    let test = "tun_full_size_packet_on_a_direct_ipv6_path";
+    if !tun_ready(test, &["sysctl"]) {
+        return;
+    }
+    let topo = TopologySpec::new()
+        .site("s", Nat::Symmetric, 1)
+        .site("t", Nat::Symmetric, 1)
+        .build()
+        .unwrap();
+    let v6 = topo.enable_ipv6(true).unwrap();
+    let t6 = v6["t1"];
+    let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
+    // No birthday search: symmetric against symmetric has no IPv4 path, so the direct path is
+    // the IPv6 one.
+    up_pair_with(
+        &mut mesh,
+        "s1",
+        "t1",
+        &["BirthdaySockets = 0", "BirthdayProbes = 0"],
+    );
+    let (v, took) = mesh
+        .wait_path("s1", "t1", &["direct"], Duration::from_secs(30))
+        .unwrap();
+    println!(
+        "s1 -> t1: direct via {:?} after {}",
+        v.remote,
+        support::secs(took)
+    );
+    assert!(
+        v.remote
+            .clone()
+            .unwrap_or_default()
+            .contains(&t6.to_string()),
+        "direct path must be IPv6 ({t6}): {v:?}"
+    );
+    mesh.wait_path("t1", "s1", &["direct"], Duration::from_secs(30))
+        .unwrap();
+    let r = ping(&mesh, "s1", "10.9.0.2");
+    println!("ping through --tun over IPv6: {r}");
+    assert!(r.received >= 8, "{r}");
+    // 1412 + 32 (WireGuard) + 8 (UDP) + 40 (IPv6) = 1492: fits the 1500-byte links.
+    full_size_ping(&mesh, "s1", "10.9.0.2");
 }
