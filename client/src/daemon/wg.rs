@@ -7,11 +7,11 @@
 //! * the fast path: a side may send peer `i`'s packets itself on the direct route the engine
 //!   publishes in the peer's [`FastPath`] (the proxy reader does; an in-process device can).
 //!
-//! Today there is one kind of side, [`WgSide::Proxy`]: one 127.0.0.1 UDP port per peer that the
-//! kernel's (or any) WireGuard sends that peer's packets to ([`super::proxy`]). An in-process
-//! WireGuard + TUN device that yields `(peer index, encrypted datagram)` and accepts
-//! `deliver(peer index, encrypted datagram)` is one more variant here: its reader sends
-//! [`FromWg::Packet`] with `src: None`, its `deliver` arm hands the datagram to the device.
+//! Two kinds of side: [`WgSide::Proxy`], one 127.0.0.1 UDP port per peer that the kernel's (or
+//! any) WireGuard sends that peer's packets to ([`super::proxy`]); and [`WgSide::Device`], the
+//! built-in WireGuard on a TUN device (`--tun`, [`crate::tun`], [`super::device`]), whose
+//! reader sends [`FromWg::Packet`] with `src: None` (or sends itself on the fast path) and whose
+//! `deliver` arm decrypts into the device.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
