@@ -331,6 +331,12 @@ def check_compose():
             spec = str(port)
             container_port = spec.split(":")[-1]
             if any(p in container_port for p in ("443", "3478")):
+                # The rendezvous' TLS-over-TCP fallback shares the QUIC port number: a /tcp
+                # publication is fine next to the same port published as /udp.
+                udp_twin = spec[: -len("/tcp")] + "/udp" if spec.endswith("/tcp") else None
+                if udp_twin and udp_twin in [str(q) for q in svc.get("ports") or []]:
+                    check(True, f"{where}: {spec} is the TLS fallback beside {udp_twin}")
+                    continue
                 check(spec.endswith("/udp"), f"{where}: QUIC/STUN/TURN port {spec} is published as UDP")
     return services
 

@@ -87,6 +87,10 @@ pub struct RendezvousStatus {
     /// source), so `observed_addr` is the data socket's mapping as the rendezvous sees it.
     #[serde(default)]
     pub shares_data_socket: bool,
+    /// Transport of the current registration: `quic`, or `tcp` over the TLS-over-TCP fallback
+    /// (then `observed_addr` is a TCP mapping and never a UDP candidate).
+    #[serde(default)]
+    pub transport: Option<String>,
     /// Local address of the socket the QUIC connection runs on (`data_addr` when shared).
     #[serde(default)]
     pub quic_local_addr: Option<SocketAddr>,

@@ -184,6 +184,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(p) => meshpunch::tls::load_ca_file(p).map_err(anyhow::Error::msg)?,
                     None => Vec::new(),
                 };
+                if let Ok(cs) = c.parse() {
+                    targets.rendezvous = Some((cs, ca_roots.clone()));
+                }
                 let (s, r) = meshpunch::rdvinfo::fetch(&c, ca_roots).await?;
                 targets.stun.extend(s);
                 targets.relays.extend(r);
@@ -201,7 +204,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     resolve(addr).await.ok(),
                 ));
             }
-            if targets.stun.is_empty() && targets.relays.is_empty() {
+            if targets.stun.is_empty() && targets.relays.is_empty() && targets.rendezvous.is_none()
+            {
                 anyhow::bail!("nothing to test against: give --connect, --stun or --relay");
             }
             let opts = netcheck::Options {

@@ -21,6 +21,12 @@ pub struct Targets {
     pub stun: Vec<SocketAddr>,
     /// Relay regions: (region, display address, resolved address).
     pub relays: Vec<(String, String, Option<SocketAddr>)>,
+    /// The rendezvous (and extra CAs) to test QUIC against the TLS-over-TCP fallback
+    /// (`tcp_fallback` in the report).
+    pub rendezvous: Option<(
+        meshpunch_proto::connect::ConnectString,
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+    )>,
 }
 
 /// Options.
@@ -128,6 +134,10 @@ async fn hairpin(sock: &UdpSocket, public: SocketAddr, timeout: Duration) -> boo
 
 /// Runs every test and builds the report.
 pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckReport> {
+    // QUIC vs TLS/TCP to the rendezvous, while the STUN tests run.
+    let fallback = targets.rendezvous.clone().map(|(cs, ca)| {
+        tokio::spawn(async move { crate::rendezvous::probe_transports(&cs, &ca).await })
+    });
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
     let local_port = sock.local_addr()?.port();
     let mut local: Vec<SocketAddr> = Vec::new();
@@ -303,5 +313,8 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         .into_iter()
         .filter(|ip| ip.is_ipv6() && !meshpunch_proto::nat::is_lan_ip(*ip))
         .collect();
+    if let Some(h) = fallback {
+        report.tcp_fallback = h.await.ok();
+    }
     Ok(report)
 }

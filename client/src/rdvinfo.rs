@@ -70,11 +70,7 @@ pub async fn fetch(
     }
     let mut relays = Vec::new();
     for r in reg.relays {
-        let url = r
-            .urls
-            .iter()
-            .find(|u| turn_uri_authority(u).is_some())
-            .or(r.urls.first())
+        let url = meshpunch_proto::node::relay::usable_url(&r.urls)
             .cloned()
             .unwrap_or_default();
         let addr = match turn_uri_authority(&url) {

@@ -1,4 +1,5 @@
-//! Async client of the rendezvous service (QUIC): register, watch peers, exchange offers.
+//! Async client of the rendezvous service (QUIC, TLS over TCP where UDP is blocked):
+//! register, watch peers, exchange offers.
 //!
 //! ```no_run
 //! # async fn demo(cs: meshpunch_proto::connect::ConnectString, sk: x25519_dalek::StaticSecret,
@@ -42,6 +43,19 @@
 //! ([`crate::shared_socket::SharedSocket`]), so the address the rendezvous observes is the
 //! data socket's mapping. An address family that endpoint cannot reach falls back to a socket
 //! of its own; [`Registration::shared_socket`] says which one a registration used.
+//!
+//! **TCP fallback.** Networks that drop UDP (corporate, hotel, some mobile) cannot reach the
+//! QUIC port. Each connect races: QUIC first; if no QUIC handshake has completed within
+//! [`TCP_FALLBACK_DELAY`] (or every QUIC attempt failed), TLS 1.3 over TCP to the same
+//! host (port [`ConnectString::tcp_port`]) starts in parallel, and the first handshake to
+//! complete registers. The protocol over TCP is the same (frames, ALPN, key proof bound to
+//! the TLS exporter). While on TCP the client retries QUIC in the background
+//! ([`QUIC_RETRY`], doubling up to [`QUIC_RETRY_MAX`]) and moves back as soon as a QUIC
+//! registration succeeds: the watch set is re-sent and [`Event::Registered`] reports the new
+//! transport (offers in flight on the old connection fail with `Closed`, as on any
+//! reconnect). [`Registration::transport`] says which one a registration uses; an address
+//! observed over TCP is a TCP mapping, never a UDP candidate, so such a registration always
+//! has `shared_socket = false`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -51,11 +65,14 @@ use std::time::Duration;
 use meshpunch_proto::connect::ConnectString;
 use meshpunch_proto::connect::Pin;
 use meshpunch_proto::session::{ClientEvent, ClientSession};
+pub use meshpunch_proto::wire::Transport;
 use meshpunch_proto::wire::{
     self, Answer, Candidate, ErrorCode, ErrorReason, FrameDecoder, GoAwayReason, Message, Offer,
     PeerKey, PunchStart, Registered, RelayRegion,
 };
 use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -70,6 +87,21 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delay between starting handshakes to successive addresses of the host.
 const STAGGER: Duration = Duration::from_millis(250);
+/// How long QUIC gets before TLS over TCP starts in parallel. Happy eyeballs (RFC 8305
+/// §5) waits 250 ms between address families, which both use TCP; here the alternative is
+/// the *fallback* transport, so QUIC gets a clear head start: 1 s is three times a slow
+/// mobile RTT (a QUIC handshake is one RTT, two with the server's mandatory Retry), so a
+/// working UDP path almost always wins, while a network that drops UDP registers over TCP
+/// about a second later. Chrome's QUIC→TCP race uses a similar fixed head start.
+pub const TCP_FALLBACK_DELAY: Duration = Duration::from_secs(1);
+/// First background QUIC retry while registered over TCP (UDP may be back: another network,
+/// a firewall change).
+pub const QUIC_RETRY: Duration = Duration::from_secs(30);
+/// Cap of the doubling QUIC retry interval while on TCP (each retry costs a few UDP packets
+/// and, where UDP is blocked, one QUIC handshake timeout).
+pub const QUIC_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Time a background QUIC retry gets (handshake and registration) before it counts as failed.
+const QUIC_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// First reconnect delay.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Event queue length; events beyond it are dropped (with a warning).
@@ -105,6 +137,9 @@ pub struct ClientConfig {
     /// After the server refused the token (expired, revoked, bad), retry this rarely until
     /// [`Client::reload`] brings a new connect string.
     pub auth_retry: Duration,
+    /// First background QUIC retry while registered over TCP (doubling up to
+    /// [`QUIC_RETRY_MAX`]); default [`QUIC_RETRY`].
+    pub quic_retry: Duration,
 }
 
 impl ClientConfig {
@@ -121,6 +156,7 @@ impl ClientConfig {
             ca_roots: Vec::new(),
             connect,
             auth_retry: AUTH_RETRY,
+            quic_retry: QUIC_RETRY,
         }
     }
 }
@@ -204,8 +240,11 @@ pub struct Registration {
     /// Local address of the socket the connection runs on.
     pub local: Option<SocketAddr>,
     /// The connection runs on [`ClientConfig::endpoint`] (for the daemon: its data socket,
-    /// so [`Registration::observed`] is the data socket's mapping).
+    /// so [`Registration::observed`] is the data socket's mapping). Always false over TCP.
     pub shared_socket: bool,
+    /// The transport of this registration. Over [`Transport::Tcp`], `observed` is the
+    /// connection's TCP mapping: its IP is our public IP, its port no UDP candidate.
+    pub transport: Transport,
 }
 
 /// The server refused our token or ended the session for an authentication reason.
@@ -543,8 +582,25 @@ fn quic_client_config_with(
     pins: &[Pin],
     ca_roots: &[CertificateDer<'static>],
 ) -> Result<(quinn::ClientConfig, crate::tls::Failures), ClientError> {
+    client_configs(pins, ca_roots).map(|(q, _, f)| (q, f))
+}
+
+/// The QUIC client config and the TLS-over-TCP one, sharing one certificate verifier (and
+/// so one [`crate::tls::Failures`] slot).
+fn client_configs(
+    pins: &[Pin],
+    ca_roots: &[CertificateDer<'static>],
+) -> Result<
+    (
+        quinn::ClientConfig,
+        tokio_rustls::TlsConnector,
+        crate::tls::Failures,
+    ),
+    ClientError,
+> {
     let (tls, failures) =
         crate::tls::client_crypto(pins, ca_roots).map_err(ClientError::Connect)?;
+    let tcp = tokio_rustls::TlsConnector::from(Arc::new(tls.clone()));
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -554,14 +610,221 @@ fn quic_client_config_with(
         .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok())
         .max_concurrent_uni_streams(0u8.into());
     cfg.transport_config(Arc::new(transport));
-    Ok((cfg, failures))
+    Ok((cfg, tcp, failures))
+}
+
+/// The writing side of a connection: a QUIC stream or TLS over TCP.
+enum SendHalf {
+    Quic(quinn::SendStream),
+    Tcp(WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// The reading side of a connection.
+enum RecvHalf {
+    Quic(quinn::RecvStream),
+    Tcp(ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl SendHalf {
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), String> {
+        match self {
+            SendHalf::Quic(s) => s.write_all(bytes).await.map_err(|e| e.to_string()),
+            SendHalf::Tcp(s) => {
+                s.write_all(bytes).await.map_err(|e| e.to_string())?;
+                s.flush().await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+impl RecvHalf {
+    /// Bytes read into `buf`; `Ok(None)` at end of stream.
+    async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, String> {
+        match self {
+            RecvHalf::Quic(r) => r.read(buf).await.map_err(|e| e.to_string()),
+            RecvHalf::Tcp(r) => match r.read(buf).await {
+                Ok(0) => Ok(None),
+                Ok(n) => Ok(Some(n)),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// A completed handshake, not yet registered.
+struct Handshake {
+    send: SendHalf,
+    recv: RecvHalf,
+    /// The QUIC connection (to close it); `None` over TCP.
+    quic: Option<quinn::Connection>,
+    exporter: [u8; wire::EXPORTER_LEN],
+    server: SocketAddr,
+    local: Option<SocketAddr>,
+    shared: bool,
+    transport: Transport,
+}
+
+/// TCP keep-alive and user timeout on the client's TCP connection: a dead server or path is
+/// noticed after about [`IDLE_TIMEOUT`], as over QUIC.
+fn set_tcp_options(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEP_ALIVE)
+        .with_interval(Duration::from_secs(3))
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&ka);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = sock.set_tcp_user_timeout(Some(IDLE_TIMEOUT));
+}
+
+/// TCP connect and TLS handshake to `addr` (certificate checked for `name`, ALPN
+/// `meshpunch/1`).
+async fn tcp_handshake(
+    tls: tokio_rustls::TlsConnector,
+    failures: crate::tls::Failures,
+    addr: SocketAddr,
+    name: String,
+) -> Result<Handshake, ClientError> {
+    let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|e| ClientError::Connect(format!("{name}: {e}")))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ClientError::Connect(format!("tcp {addr}: {e}")))?;
+    set_tcp_options(&stream);
+    let local = stream.local_addr().ok();
+    let stream = tls
+        .connect(server_name, stream)
+        .await
+        .map_err(|e| ClientError::Connect(format!("tcp {addr}: {}", failures.explain(&e))))?;
+    let (_, conn) = stream.get_ref();
+    if conn.alpn_protocol() != Some(wire::ALPN) {
+        return Err(ClientError::Connect(format!(
+            "tcp {addr}: the server did not agree to ALPN meshpunch/1"
+        )));
+    }
+    // The same exporter input as quinn's (label, empty context).
+    let exporter = conn
+        .export_keying_material([0u8; wire::EXPORTER_LEN], wire::EXPORTER_LABEL, Some(b""))
+        .map_err(|_| ClientError::Protocol("TLS exporter unavailable".into()))?;
+    let (read, write) = tokio::io::split(stream);
+    Ok(Handshake {
+        send: SendHalf::Tcp(write),
+        recv: RecvHalf::Tcp(read),
+        quic: None,
+        exporter,
+        server: addr,
+        local,
+        shared: false,
+        transport: Transport::Tcp,
+    })
+}
+
+/// QUIC handshake to `addr` on `ep` and the control stream.
+async fn quic_handshake(
+    ep: quinn::Endpoint,
+    quic: quinn::ClientConfig,
+    failures: crate::tls::Failures,
+    addr: SocketAddr,
+    name: String,
+    shared: bool,
+) -> Result<Handshake, ClientError> {
+    let conn = ep
+        .connect_with(quic, addr, &name)
+        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
+        .await
+        .map_err(|e| ClientError::Connect(format!("{addr}: {}", failures.explain(&e))))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+    let mut exporter = [0u8; wire::EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
+        .map_err(|_| ClientError::Protocol("TLS exporter unavailable".into()))?;
+    Ok(Handshake {
+        send: SendHalf::Quic(send),
+        recv: RecvHalf::Quic(recv),
+        server: conn.remote_address(),
+        quic: Some(conn),
+        exporter,
+        local: ep.local_addr().ok(),
+        shared,
+        transport: Transport::Quic,
+    })
+}
+
+/// What registering needs from the config (owned, so a background QUIC retry can register
+/// while the current session keeps running).
+#[derive(Clone)]
+struct Credentials {
+    token: String,
+    secret: StaticSecret,
+    software: String,
+}
+
+/// Proves the key and registers over a completed handshake.
+async fn register(h: Handshake, creds: Credentials) -> Result<Conn, ClientError> {
+    let Handshake {
+        mut send,
+        mut recv,
+        quic,
+        exporter,
+        server,
+        local,
+        shared,
+        transport,
+    } = h;
+    let mut decoder = FrameDecoder::new(wire::MAX_FRAME_LEN);
+    let mut core = ClientSession::new(creds.token, creds.secret, creds.software, exporter);
+    let registered = loop {
+        while let Some(m) = core.poll_transmit() {
+            write(&mut send, &m).await?;
+        }
+        match core.poll_event() {
+            Some(ClientEvent::Registered(r)) => break r,
+            Some(ClientEvent::Refused(e)) => return Err(server_error(e)),
+            Some(ClientEvent::Protocol(p)) => return Err(ClientError::Protocol(p)),
+            Some(_) => continue,
+            None => {}
+        }
+        let msg = read(&mut recv, &mut decoder).await?;
+        if let Some(other) = core.handle_message(msg) {
+            debug!(kind = other.name(), "ignoring message before registration");
+        }
+    };
+    Ok(Conn {
+        quic,
+        server,
+        send,
+        recv,
+        decoder,
+        core,
+        registered,
+        local,
+        shared,
+        transport,
+        quic_addr: server,
+    })
+}
+
+/// A background QUIC retry: handshake and registration.
+type Probe = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Conn, ClientError>> + Send>>;
+
+/// Awaits the future in `slot`, or never when there is none.
+async fn poll_slot<F: std::future::Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One live, registered connection.
 struct Conn {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    /// The QUIC connection; `None` over TCP (dropping the halves closes the socket).
+    quic: Option<quinn::Connection>,
+    server: SocketAddr,
+    send: SendHalf,
+    recv: RecvHalf,
     decoder: FrameDecoder,
     /// The session protocol (answers re-authentication challenges).
     core: ClientSession,
@@ -569,6 +832,30 @@ struct Conn {
     /// Local address of the endpoint and whether it is [`ClientConfig::endpoint`].
     local: Option<SocketAddr>,
     shared: bool,
+    transport: Transport,
+    /// The QUIC address of the node this connection reached (over TCP: where the background
+    /// QUIC retry goes).
+    quic_addr: SocketAddr,
+}
+
+impl Conn {
+    /// Closes the connection (QUIC: CONNECTION_CLOSE with `reason`; TCP: the socket closes
+    /// when the halves drop, after a best-effort TLS close_notify).
+    async fn close(&mut self, reason: &[u8]) {
+        match &self.quic {
+            Some(q) => {
+                if let SendHalf::Quic(s) = &mut self.send {
+                    let _ = s.finish();
+                }
+                q.close(0u8.into(), reason);
+            }
+            None => {
+                if let SendHalf::Tcp(w) = &mut self.send {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), w.shutdown()).await;
+                }
+            }
+        }
+    }
 }
 
 /// How a session ended.
@@ -582,6 +869,8 @@ enum End {
     Refused(wire::ErrorMsg),
     /// A new connect string was given: reconnect with it now.
     Reload,
+    /// A background QUIC retry registered while on TCP: continue on this connection.
+    Switch(Box<Conn>),
 }
 
 struct Driver {
@@ -589,6 +878,7 @@ struct Driver {
     client: Client,
     events: mpsc::Sender<Event>,
     quic: quinn::ClientConfig,
+    tcp_tls: tokio_rustls::TlsConnector,
     tls_failures: crate::tls::Failures,
     endpoint_v4: Option<quinn::Endpoint>,
     endpoint_v6: Option<quinn::Endpoint>,
@@ -604,9 +894,10 @@ impl Driver {
         client: Client,
         events: mpsc::Sender<Event>,
     ) -> Result<Driver, ClientError> {
-        let (quic, tls_failures) = quic_client_config_with(&cfg.connect.pins, &cfg.ca_roots)?;
+        let (quic, tcp_tls, tls_failures) = client_configs(&cfg.connect.pins, &cfg.ca_roots)?;
         let mut d = Driver {
             quic,
+            tcp_tls,
             tls_failures,
             client,
             events,
@@ -624,6 +915,8 @@ impl Driver {
         d.cfg.software = std::mem::take(&mut cfg.software);
         d.cfg.offer_timeout = cfg.offer_timeout;
         d.cfg.max_backoff = cfg.max_backoff;
+        d.cfg.quic_retry = cfg.quic_retry;
+        d.cfg.auth_retry = cfg.auth_retry;
         d.cfg.addresses = std::mem::take(&mut cfg.addresses);
         d.cfg.endpoint = cfg.endpoint.take();
         d.cfg.ca_roots = std::mem::take(&mut cfg.ca_roots);
@@ -687,10 +980,15 @@ impl Driver {
         let mut ready = Some(ready);
         let mut backoff = INITIAL_BACKOFF;
         let mut last_refusal: Option<String> = None;
+        // A connection a background QUIC retry registered while the last session was on TCP.
+        let mut switch_to: Option<Conn> = None;
         loop {
-            let attempt = tokio::select! {
-                r = self.connect_any() => r,
-                _ = close.changed() => break,
+            let attempt = match switch_to.take() {
+                Some(c) => Ok(c),
+                None => tokio::select! {
+                    r = self.connect_any() => r,
+                    _ = close.changed() => break,
+                },
             };
             // Set when the server refused the token: wait long, or for a reload.
             let mut auth_wait = false;
@@ -722,6 +1020,10 @@ impl Driver {
                             self.emit(Event::Disconnected {
                                 reason: "reconnecting with the new connect string".into(),
                             });
+                            continue;
+                        }
+                        End::Switch(c) => {
+                            switch_to = Some(*c);
                             continue;
                         }
                         End::Refused(e) => {
@@ -820,9 +1122,10 @@ impl Driver {
         if cs == self.cfg.connect {
             return false;
         }
-        match quic_client_config_with(&cs.pins, &self.cfg.ca_roots) {
-            Ok((q, failures)) => {
+        match client_configs(&cs.pins, &self.cfg.ca_roots) {
+            Ok((q, t, failures)) => {
                 self.quic = q;
+                self.tcp_tls = t;
                 self.tls_failures = failures;
             }
             Err(e) => {
@@ -855,7 +1158,15 @@ impl Driver {
         }
     }
 
-    async fn connect_any(&mut self) -> Result<Conn, ClientError> {
+    fn credentials(&self) -> Credentials {
+        Credentials {
+            token: self.cfg.connect.token.clone(),
+            secret: self.cfg.secret.clone(),
+            software: self.cfg.software.clone(),
+        }
+    }
+
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, ClientError> {
         let authority = self.cfg.connect.authority();
         let addrs: Vec<SocketAddr> = if self.cfg.addresses.is_empty() {
             tokio::net::lookup_host(authority.as_str())
@@ -870,106 +1181,147 @@ impl Driver {
                 "{authority} resolves to nothing"
             )));
         }
+        Ok(addrs)
+    }
+
+    async fn connect_any(&mut self) -> Result<Conn, ClientError> {
+        let authority = self.cfg.connect.authority();
+        let addrs = self.resolve().await?;
         tracing::debug!(?addrs, "connecting");
         // Happy-eyeballs style (RFC 8305 §5): start a QUIC handshake to each address in turn,
-        // STAGGER apart, and keep the first that completes. Only the winner registers, so two
-        // registrations can never race each other.
+        // STAGGER apart, and keep the first that completes. TLS over TCP joins the race after
+        // TCP_FALLBACK_DELAY, or at once when every QUIC attempt failed. Only the winner
+        // registers, so two registrations can never race each other.
         // The certificate is verified for the connect string's host (a DNS name or an IP
         // address SAN; pinned mode ignores the name).
         let server_name = self.cfg.connect.host.clone();
-        let mut attempts = futures::stream::FuturesUnordered::new();
+        let tcp_port = self.cfg.connect.tcp_port();
+        let mut quic = futures::stream::FuturesUnordered::new();
         for (i, addr) in addrs.iter().copied().enumerate() {
             let (ep, shared) = self.endpoint(addr.is_ipv6())?;
-            let quic = self.quic.clone();
-            let name = server_name.clone();
-            let failures = self.tls_failures.clone();
+            let attempt = quic_handshake(
+                ep,
+                self.quic.clone(),
+                self.tls_failures.clone(),
+                addr,
+                server_name.clone(),
+                shared,
+            );
             let delay = STAGGER * i.min(16) as u32;
-            attempts.push(async move {
+            quic.push(async move {
                 tokio::time::sleep(delay).await;
-                let handshake = async {
-                    let conn = ep
-                        .connect_with(quic, addr, &name)
-                        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
-                        .await
-                        .map_err(|e| {
-                            ClientError::Connect(format!("{addr}: {}", failures.explain(&e)))
-                        })?;
-                    Ok((conn, ep.local_addr().ok(), shared))
-                };
-                match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
-                    Ok(r) => r,
+                match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                    Ok(r) => r.map(|h| (h, addr)),
                     Err(_) => Err(ClientError::Connect(format!("{addr}: timed out"))),
                 }
             });
         }
+        let mut tcp = futures::stream::FuturesUnordered::new();
+        let mut tcp_started = false;
+        let fallback = tokio::time::sleep(TCP_FALLBACK_DELAY);
+        tokio::pin!(fallback);
         let mut last = ClientError::Connect(format!("no address of {authority} answered"));
-        let conn = loop {
-            match futures::StreamExt::next(&mut attempts).await {
-                Some(Ok(conn)) => break conn,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "handshake failed");
-                    last = e;
-                }
-                None => return Err(last),
+        let mut informative = false;
+        // The error reported when every attempt failed: the first that says why (a refused
+        // certificate, a refused connection) rather than a bare timeout of the other transport.
+        let mut note = |e: ClientError, last: &mut ClientError| {
+            let timeout = matches!(&e, ClientError::Connect(m) if m.ends_with("timed out"));
+            if !informative || !timeout {
+                informative |= !timeout;
+                *last = e;
             }
         };
-        drop(attempts);
-        let (conn, local, shared) = conn;
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.register(conn, local, shared)).await {
-            Ok(r) => r,
+        let (handshake, quic_addr) = loop {
+            let start_tcp = tokio::select! {
+                Some(r) = futures::StreamExt::next(&mut quic), if !quic.is_empty() => match r {
+                    Ok(h) => break h,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "QUIC handshake failed");
+                        note(e, &mut last);
+                        quic.is_empty()
+                    }
+                },
+                Some(r) = futures::StreamExt::next(&mut tcp), if !tcp.is_empty() => match r {
+                    Ok(h) => break h,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS-over-TCP handshake failed");
+                        note(e, &mut last);
+                        false
+                    }
+                },
+                _ = &mut fallback, if !tcp_started => true,
+                else => return Err(last),
+            };
+            if start_tcp && !tcp_started {
+                tcp_started = true;
+                debug!(
+                    delay_ms = TCP_FALLBACK_DELAY.as_millis() as u64,
+                    "no QUIC handshake yet: trying TLS over TCP too"
+                );
+                for (i, addr) in addrs.iter().copied().enumerate() {
+                    let tcp_addr = SocketAddr::new(addr.ip(), tcp_port);
+                    let attempt = tcp_handshake(
+                        self.tcp_tls.clone(),
+                        self.tls_failures.clone(),
+                        tcp_addr,
+                        server_name.clone(),
+                    );
+                    let delay = STAGGER * i.min(16) as u32;
+                    tcp.push(async move {
+                        tokio::time::sleep(delay).await;
+                        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                            Ok(r) => r.map(|h| (h, addr)),
+                            Err(_) => {
+                                Err(ClientError::Connect(format!("tcp {tcp_addr}: timed out")))
+                            }
+                        }
+                    });
+                }
+            }
+            if tcp_started && quic.is_empty() && tcp.is_empty() {
+                return Err(last);
+            }
+        };
+        drop(quic);
+        drop(tcp);
+        let creds = self.credentials();
+        match tokio::time::timeout(CONNECT_TIMEOUT, register(handshake, creds)).await {
+            Ok(r) => r.map(|mut c| {
+                c.quic_addr = quic_addr;
+                c
+            }),
             Err(_) => Err(ClientError::Connect(format!(
                 "{authority}: registration timed out"
             ))),
         }
     }
 
-    async fn register(
-        &mut self,
-        conn: quinn::Connection,
-        local: Option<SocketAddr>,
-        shared: bool,
-    ) -> Result<Conn, ClientError> {
-        let addr = conn.remote_address();
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
-        let mut decoder = FrameDecoder::new(wire::MAX_FRAME_LEN);
-        let mut exporter = [0u8; wire::EXPORTER_LEN];
-        conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
-            .map_err(|_| ClientError::Protocol("TLS exporter unavailable".into()))?;
-        let mut core = ClientSession::new(
-            self.cfg.connect.token.clone(),
-            self.cfg.secret.clone(),
-            self.cfg.software.clone(),
-            exporter,
-        );
-        let registered = loop {
-            while let Some(m) = core.poll_transmit() {
-                write(&mut send, &m).await?;
-            }
-            match core.poll_event() {
-                Some(ClientEvent::Registered(r)) => break r,
-                Some(ClientEvent::Refused(e)) => return Err(server_error(e)),
-                Some(ClientEvent::Protocol(p)) => return Err(ClientError::Protocol(p)),
-                Some(_) => continue,
-                None => {}
-            }
-            let msg = read(&mut recv, &mut decoder).await?;
-            if let Some(other) = core.handle_message(msg) {
-                debug!(kind = other.name(), "ignoring message before registration");
-            }
-        };
-        Ok(Conn {
-            conn,
-            send,
-            recv,
-            decoder,
-            core,
-            registered,
-            local,
+    /// A background QUIC handshake and registration to `addr` (while on TCP).
+    fn quic_probe(&mut self, addr: SocketAddr) -> Result<Probe, ClientError> {
+        let (ep, shared) = self.endpoint(addr.is_ipv6())?;
+        let attempt = quic_handshake(
+            ep,
+            self.quic.clone(),
+            self.tls_failures.clone(),
+            addr,
+            self.cfg.connect.host.clone(),
             shared,
-        })
+        );
+        let creds = self.credentials();
+        Ok(Box::pin(async move {
+            let r = tokio::time::timeout(QUIC_PROBE_TIMEOUT, async move {
+                register(attempt.await?, creds).await
+            })
+            .await;
+            match r {
+                Ok(Ok(mut c)) => {
+                    c.quic_addr = addr;
+                    Ok(c)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(ClientError::Timeout),
+            }
+        }))
     }
 
     async fn session(
@@ -979,7 +1331,7 @@ impl Driver {
         close: &mut watch::Receiver<bool>,
     ) -> End {
         // On a dual-stack socket quinn reports IPv4 servers IPv4-mapped.
-        let server = match c.conn.remote_address() {
+        let server = match c.server {
             SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
                 Some(v4) => SocketAddr::new(v4.into(), a.port()),
                 None => SocketAddr::V6(a),
@@ -1005,9 +1357,13 @@ impl Driver {
                 .collect(),
             server,
             local: c.local,
-            shared_socket: c.shared,
+            // Over TCP the observed address is no UDP mapping of any socket.
+            shared_socket: c.shared && c.transport.observed_is_udp_mapping(),
+            transport: c.transport,
         };
-        info!(server = %reg.server, observed = %reg.observed, network = %reg.network, shared_socket = reg.shared_socket, "registered with rendezvous");
+        info!(server = %reg.server, observed = %reg.observed, network = %reg.network,
+              shared_socket = reg.shared_socket, transport = reg.transport.as_str(),
+              "registered with rendezvous");
         self.client.set_state(|s| {
             s.registration = Some(reg.clone());
             s.connected = true;
@@ -1022,12 +1378,24 @@ impl Driver {
             return End::Lost("write failed".into());
         }
         let mut buf = vec![0u8; 16 * 1024];
+        // While on TCP: the background QUIC retry (see the module docs).
+        let mut retry_every = self.cfg.quic_retry;
+        let mut next_probe = (c.transport == Transport::Tcp).then(|| Instant::now() + retry_every);
+        let mut probe: Option<Probe> = None;
         loop {
             // Drain decoded messages first.
             loop {
                 match c.decoder.next_message() {
                     Ok(Some(msg)) => {
                         if let Some(end) = self.on_message(&mut c, msg).await {
+                            // Our own QUIC retry registering supersedes this connection:
+                            // continue on the new one.
+                            if let (End::Superseded, Some(p)) = (&end, probe.take()) {
+                                if let Ok(new) = p.await {
+                                    info!("rendezvous: moved back to QUIC");
+                                    return End::Switch(Box::new(new));
+                                }
+                            }
                             return end;
                         }
                     }
@@ -1036,12 +1404,38 @@ impl Driver {
                         debug!(error = %e, "skipping undecodable frame from server");
                     }
                     Err(e) => {
-                        c.conn.close(0u8.into(), b"bad frame");
+                        c.close(b"bad frame").await;
                         return End::Lost(e.to_string());
                     }
                 }
             }
             tokio::select! {
+                _ = sleep_until_opt(next_probe), if probe.is_none() => {
+                    next_probe = None;
+                    match self.quic_probe(c.quic_addr) {
+                        Ok(p) => probe = Some(p),
+                        Err(e) => {
+                            debug!(error = %e, "QUIC retry not started");
+                            retry_every = (retry_every * 2).min(QUIC_RETRY_MAX);
+                            next_probe = Some(Instant::now() + retry_every);
+                        }
+                    }
+                }
+                r = poll_slot(&mut probe) => {
+                    probe = None;
+                    match r {
+                        Ok(new) => {
+                            info!("rendezvous: QUIC works again; moving from TCP back to QUIC");
+                            c.close(b"moved to QUIC").await;
+                            return End::Switch(Box::new(new));
+                        }
+                        Err(e) => {
+                            retry_every = (retry_every * 2).min(QUIC_RETRY_MAX);
+                            debug!(error = %e, next_s = retry_every.as_secs(), "QUIC retry failed; staying on TCP");
+                            next_probe = Some(Instant::now() + retry_every);
+                        }
+                    }
+                }
                 r = c.recv.read(&mut buf) => match r {
                     Ok(Some(n)) => c.decoder.push(&buf[..n]),
                     Ok(None) => return End::Lost("server closed the stream".into()),
@@ -1050,8 +1444,7 @@ impl Driver {
                 cmd = cmds.recv() => match cmd {
                     Some(Command::Reload(cs)) => {
                         if self.reload(*cs) {
-                            let _ = c.send.finish();
-                            c.conn.close(0u8.into(), b"reload");
+                            c.close(b"reload").await;
                             return End::Reload;
                         }
                     }
@@ -1061,13 +1454,12 @@ impl Driver {
                         }
                     }
                     None => {
-                        c.conn.close(0u8.into(), b"client dropped");
+                        c.close(b"client dropped").await;
                         return End::Closed;
                     }
                 },
                 _ = close.changed() => {
-                    let _ = c.send.finish();
-                    c.conn.close(0u8.into(), b"client closed");
+                    c.close(b"client closed").await;
                     return End::Closed;
                 }
             }
@@ -1134,7 +1526,7 @@ impl Driver {
             match ev {
                 ClientEvent::ReauthAnswered => debug!("answered a re-authentication challenge"),
                 ClientEvent::Refused(e) => {
-                    c.conn.close(0u8.into(), b"refused");
+                    c.close(b"refused").await;
                     return Some(End::Refused(e));
                 }
                 ClientEvent::Protocol(p) => return Some(End::Lost(p)),
@@ -1207,7 +1599,7 @@ impl Driver {
             }
             Message::GoAway { reason, message } => {
                 info!(?reason, %message, "rendezvous sent GoAway");
-                c.conn.close(0u8.into(), b"goaway");
+                c.close(b"goaway").await;
                 return Some(match reason {
                     GoAwayReason::Superseded => End::Superseded,
                     _ => End::Draining,
@@ -1219,6 +1611,96 @@ impl Driver {
     }
 }
 
+/// Time each transport gets in [`probe_transports`].
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs `f` for at most [`PROBE_TIMEOUT`]; its result and how long it took, in ms.
+async fn timed<F>(f: F) -> Result<((), u32), ClientError>
+where
+    F: std::future::Future<Output = Result<(), ClientError>>,
+{
+    let t = std::time::Instant::now();
+    match tokio::time::timeout(PROBE_TIMEOUT, f).await {
+        Ok(Ok(())) => Ok(((), t.elapsed().as_millis().min(u128::from(u32::MAX)) as u32)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ClientError::Timeout),
+    }
+}
+
+/// Tries a QUIC handshake and a TLS-over-TCP handshake with the rendezvous of `connect`
+/// (first resolved address, no registration), at the same time: what `netcheck` reports as
+/// `tcp_fallback`.
+pub async fn probe_transports(
+    connect: &ConnectString,
+    ca_roots: &[CertificateDer<'static>],
+) -> meshpunch_proto::nat::TcpFallback {
+    use meshpunch_proto::nat::TcpFallback;
+    let mut out = TcpFallback::default();
+    let addr = match connect.addrs.first() {
+        Some(a) => Ok(*a),
+        None => tokio::net::lookup_host(connect.authority())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|mut it| it.next().ok_or_else(|| "resolves to nothing".to_string())),
+    };
+    let addr = match addr {
+        Ok(a) => a,
+        Err(e) => {
+            out.quic_error = Some(e.clone());
+            out.tcp_error = Some(e);
+            return out;
+        }
+    };
+    let (quic, tcp, failures) = match client_configs(&connect.pins, ca_roots) {
+        Ok(c) => c,
+        Err(e) => {
+            out.quic_error = Some(e.to_string());
+            out.tcp_error = Some(e.to_string());
+            return out;
+        }
+    };
+    let tcp_addr = SocketAddr::new(addr.ip(), connect.tcp_port());
+    out.quic_addr = Some(addr);
+    out.tcp_addr = Some(tcp_addr);
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let quic_attempt = async {
+        let ep = quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Connect(format!("binding {bind}: {e}")))?;
+        let h = quic_handshake(
+            ep.clone(),
+            quic,
+            failures.clone(),
+            addr,
+            connect.host.clone(),
+            false,
+        )
+        .await?;
+        if let Some(c) = &h.quic {
+            c.close(0u8.into(), b"netcheck");
+        }
+        Ok::<_, ClientError>(())
+    };
+    let tcp_attempt = async {
+        tcp_handshake(tcp, failures.clone(), tcp_addr, connect.host.clone())
+            .await
+            .map(|_| ())
+    };
+    let (q, t) = tokio::join!(timed(quic_attempt), timed(tcp_attempt));
+    match q {
+        Ok(((), ms)) => (out.quic_ok, out.quic_ms) = (true, Some(ms)),
+        Err(e) => out.quic_error = Some(e.to_string()),
+    }
+    match t {
+        Ok(((), ms)) => (out.tcp_ok, out.tcp_ms) = (true, Some(ms)),
+        Err(e) => out.tcp_error = Some(e.to_string()),
+    }
+    out
+}
+
 fn server_error(e: wire::ErrorMsg) -> ClientError {
     ClientError::Server {
         code: e.code,
@@ -1227,16 +1709,21 @@ fn server_error(e: wire::ErrorMsg) -> ClientError {
     }
 }
 
-async fn write(send: &mut quinn::SendStream, msg: &Message) -> Result<(), ClientError> {
+async fn write(send: &mut SendHalf, msg: &Message) -> Result<(), ClientError> {
     send.write_all(&msg.encode())
         .await
-        .map_err(|e| ClientError::Connect(e.to_string()))
+        .map_err(ClientError::Connect)
 }
 
-async fn read(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-) -> Result<Message, ClientError> {
+/// Sleeps until `at`, or for ever without a deadline.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read(recv: &mut RecvHalf, decoder: &mut FrameDecoder) -> Result<Message, ClientError> {
     let mut buf = [0u8; 4096];
     loop {
         match decoder.next_message() {
@@ -1246,9 +1733,9 @@ async fn read(
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         }
         match recv.read(&mut buf).await {
-            Ok(Some(n)) => decoder.push(&buf[..n]),
+            Ok(Some(n)) => decoder.push(buf.get(..n).unwrap_or_default()),
             Ok(None) => return Err(ClientError::Connect("server closed the stream".into())),
-            Err(e) => return Err(ClientError::Connect(e.to_string())),
+            Err(e) => return Err(ClientError::Connect(e)),
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::rendezvous::{AuthFailure, Client, ClientConfig, ClientError, Event, P
 pub enum SignalEvent {
     /// (Re)registered.
     Registered {
-        /// Our address as the rendezvous saw it (the QUIC connection's socket).
+        /// Our address as the rendezvous saw it (the connection's socket).
         observed: SocketAddr,
         /// STUN servers to use from the data socket.
         stun: Vec<SocketAddr>,
@@ -29,8 +29,12 @@ pub enum SignalEvent {
         /// The QUIC connection runs on the daemon's data socket (so `observed` is the data
         /// socket's mapping).
         shared_socket: bool,
-        /// Local address of the socket the QUIC connection runs on.
+        /// Local address of the socket the connection runs on.
         local: Option<SocketAddr>,
+        /// QUIC, or TLS over TCP where UDP is blocked (then `shared_socket` is false and
+        /// `observed` is a TCP mapping: never a UDP candidate). `status` shows it as
+        /// `rendezvous.transport`.
+        transport: crate::rendezvous::Transport,
     },
     /// The first connection attempt (or a reconnect cycle) failed.
     ConnectFailed {
@@ -298,6 +302,7 @@ pub fn spawn_with(
                                 relays: r.relays.clone(),
                                 shared_socket: r.shared_socket,
                                 local: r.local,
+                                transport: r.transport,
                             }),
                             Event::Disconnected { reason } => Some(SignalEvent::Disconnected { reason }),
                             Event::ObservedAddr(a) => Some(SignalEvent::ObservedChanged(a)),

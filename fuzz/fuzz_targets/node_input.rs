@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
                 expires_unix: 1_800_086_400,
             }],
             shared_socket: true,
+            transport: meshpunch_proto::wire::Transport::Quic,
         },
     );
     let mut now = t0;

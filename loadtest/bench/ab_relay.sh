@@ -21,9 +21,9 @@ for round in 1 2 3; do
       nice -n -19 taskset -c 1 ${BIN[$v]} --config $OUT/relay.toml > $OUT/server.log 2>&1 &
       pid=$!
       for _ in $(seq 1 100); do grep -q "listening on" $OUT/server.log && break; sleep 0.1; done
-      nice -n -19 taskset -c 0 $GEN relay --server 127.0.0.1:$PORT --secret $SECRET --clients 16 \
+      nice -n -19 taskset -c 0 $GEN relay --pattern ${PATTERN:-bulk} --server 127.0.0.1:$PORT --secret $SECRET --clients 16 \
         --size $size --rate 50000 --duration 5s --server-pid $pid --json > $OUT/$v-$size-fixed-$round.json
-      nice -n -19 taskset -c 0 $GEN relay --server 127.0.0.1:$PORT --secret $SECRET --clients 16 \
+      nice -n -19 taskset -c 0 $GEN relay --pattern ${PATTERN:-bulk} --server 127.0.0.1:$PORT --secret $SECRET --clients 16 \
         --size $size --rate 25000 --duration 2s --find-max --server-pid $pid --json > $OUT/$v-$size-max-$round.json
       kill $pid; wait $pid 2>/dev/null || true; sleep 0.5
     done

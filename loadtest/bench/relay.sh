@@ -13,7 +13,7 @@
 #   CLIENTS [16]  RATE [50000]  DURATION [5s]  TRIAL [2s]
 #   NICE [-19]: niceness of server and generator (negative needs root), so that other work on
 #   a shared machine (compilers) takes as little CPU from the measurement as possible
-#   SIZES ["100 1200"]  SERVERS ["meshpunch coturn bare"]  OUT [target/bench-results]
+#   PATTERN [bulk] (realistic: see loadtest/README.md)  SIZES ["100 1200"]  SERVERS ["meshpunch coturn bare"]  OUT [target/bench-results]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,6 +26,7 @@ RATE=${RATE:-50000}
 DURATION=${DURATION:-5s}
 TRIAL=${TRIAL:-2s}
 SIZES=${SIZES:-100 1200}
+PATTERN=${PATTERN:-bulk}
 SERVERS=${SERVERS:-meshpunch coturn bare}
 OUT=${OUT:-target/bench-results}
 SECRET=bench-secret
@@ -101,11 +102,11 @@ for server in $SERVERS; do
   for size in $SIZES; do
     start_server "$server"
     echo "== $server, $size bytes: fixed $RATE pps for $DURATION" >&2
-    "${LT[@]}" "$MODE" --server "127.0.0.1:$PORT" "${AUTH[@]}" --clients "$CLIENTS" \
+    "${LT[@]}" "$MODE" --pattern "$PATTERN" --server "127.0.0.1:$PORT" "${AUTH[@]}" --clients "$CLIENTS" \
       --size "$size" --rate "$RATE" --duration "$DURATION" --server-pid "$SERVER_PID" --json \
       >"$OUT/$server-$size-fixed.json"
     echo "== $server, $size bytes: max rate with loss < 1 %" >&2
-    "${LT[@]}" "$MODE" --server "127.0.0.1:$PORT" "${AUTH[@]}" --clients "$CLIENTS" \
+    "${LT[@]}" "$MODE" --pattern "$PATTERN" --server "127.0.0.1:$PORT" "${AUTH[@]}" --clients "$CLIENTS" \
       --size "$size" --rate 25000 --duration "$TRIAL" --find-max --server-pid "$SERVER_PID" --json \
       >"$OUT/$server-$size-max.json"
     stop_server
@@ -113,7 +114,7 @@ for server in $SERVERS; do
 done
 echo "== generator alone (direct, no server)" >&2
 for size in $SIZES; do
-  "${LT[@]}" direct --clients "$CLIENTS" --size "$size" --rate 25000 --duration "$TRIAL" --find-max --json \
+  "${LT[@]}" direct --pattern "$PATTERN" --clients "$CLIENTS" --size "$size" --rate 25000 --duration "$TRIAL" --find-max --json \
     >"$OUT/direct-$size-max.json"
 done
 uptime >"$OUT/load-after"

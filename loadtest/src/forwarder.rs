@@ -52,19 +52,55 @@ fn parse_bind(d: &[u8]) -> Option<(u16, SocketAddr)> {
     Some((ch, peer))
 }
 
+/// Faults a forwarder injects on purpose, to check that the load generator counts loss,
+/// duplicates and reordering right. Each rule applies to every `n`-th ChannelData datagram a
+/// worker forwards (counted from 1; 0 = never): **drop** it; else **swap** it with the next
+/// one of the same receive batch (it is sent right after that one); else **duplicate** it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Faults {
+    /// Drop every n-th datagram.
+    pub drop_every: u64,
+    /// Send every n-th datagram twice.
+    pub dup_every: u64,
+    /// Send every n-th datagram after the one that follows it.
+    pub swap_every: u64,
+}
+
+/// What a forwarder did, with [`Faults`] counted one by one.
+#[derive(Debug, Default)]
+pub struct FaultCounters {
+    /// Datagrams dropped on purpose.
+    pub dropped: AtomicU64,
+    /// Extra copies sent.
+    pub duplicated: AtomicU64,
+    /// Datagrams sent after a later datagram of the same flow (client and channel).
+    pub reordered: AtomicU64,
+}
+
 /// A running forwarder; dropping it stops the workers.
 pub struct Forwarder {
     local: SocketAddr,
     stop: Arc<AtomicBool>,
     forwarded: Arc<AtomicU64>,
+    faults: Arc<FaultCounters>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl Forwarder {
     /// Binds `listen` with `threads` workers (at least one) and starts forwarding.
     pub fn start(listen: SocketAddr, threads: usize) -> io::Result<Forwarder> {
+        Self::start_with_faults(listen, threads, Faults::default())
+    }
+
+    /// Like [`Self::start`], injecting `faults` (tests of the load generator's accounting).
+    pub fn start_with_faults(
+        listen: SocketAddr,
+        threads: usize,
+        faults: Faults,
+    ) -> io::Result<Forwarder> {
         let stop = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(FaultCounters::default());
         let first = reuseport_socket(listen)?;
         let local = first.local_addr()?;
         let mut socks = vec![first];
@@ -76,15 +112,22 @@ impl Forwarder {
             .map(|sock| {
                 let stop = stop.clone();
                 let forwarded = forwarded.clone();
-                thread::spawn(move || worker(sock, stop, forwarded))
+                let counters = counters.clone();
+                thread::spawn(move || worker(sock, stop, forwarded, faults, counters))
             })
             .collect();
         Ok(Forwarder {
             local,
             stop,
             forwarded,
+            faults: counters,
             workers,
         })
+    }
+
+    /// What the injected faults did so far.
+    pub fn faults(&self) -> &FaultCounters {
+        &self.faults
     }
 
     /// The address clients send to.
@@ -144,16 +187,29 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(sock.into())
 }
 
-fn worker(sock: UdpSocket, stop: Arc<AtomicBool>, forwarded: Arc<AtomicU64>) {
+fn every(n: u64, k: u64) -> bool {
+    k != 0 && n.is_multiple_of(k)
+}
+
+fn worker(
+    sock: UdpSocket,
+    stop: Arc<AtomicBool>,
+    forwarded: Arc<AtomicU64>,
+    faults: Faults,
+    counters: Arc<FaultCounters>,
+) {
     let _ = udp::set_read_timeout(&sock, Duration::from_millis(100));
     let mut table: HashMap<(SocketAddr, u16), SocketAddr> = HashMap::new();
     let mut batch = RecvBatch::new();
-    let mut out = [Forward {
+    let none = Forward {
         slot: 0,
         offset: 0,
         len: 0,
         to: SocketAddr::from(([0, 0, 0, 0], 0)),
-    }; BATCH];
+    };
+    // Room for every datagram of a batch sent twice.
+    let mut out = [none; 2 * BATCH];
+    let mut nth = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let n = match batch.recv(&sock) {
             Ok(n) => n,
@@ -163,6 +219,8 @@ fn worker(sock: UdpSocket, stop: Arc<AtomicBool>, forwarded: Arc<AtomicU64>) {
             }
         };
         let mut k = 0usize;
+        // A datagram held back by a swap, with its flow.
+        let mut held: Option<(Forward, (SocketAddr, u16))> = None;
         for i in 0..n {
             let Some(src) = batch.source(i) else { continue };
             let d = batch.get(i);
@@ -180,20 +238,50 @@ fn worker(sock: UdpSocket, stop: Arc<AtomicBool>, forwarded: Arc<AtomicU64>) {
                 if len + 4 > d.len() {
                     continue;
                 }
-                if let Some(&to) = table.get(&(src, ch)) {
-                    out[k] = Forward {
-                        slot: i,
-                        offset: 4,
-                        len,
-                        to,
-                    };
+                let Some(&to) = table.get(&(src, ch)) else {
+                    continue;
+                };
+                let f = Forward {
+                    slot: i,
+                    offset: 4,
+                    len,
+                    to,
+                };
+                nth += 1;
+                if every(nth, faults.drop_every) {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if held.is_none() && every(nth, faults.swap_every) {
+                    held = Some((f, (src, ch)));
+                    continue;
+                }
+                out[k] = f;
+                k += 1;
+                if every(nth, faults.dup_every) {
+                    out[k] = f;
                     k += 1;
+                    counters.duplicated.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some((h, flow)) = held.take() {
+                    out[k] = h;
+                    k += 1;
+                    if flow == (src, ch) {
+                        counters.reordered.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
-        if k > 0 {
-            let sent = batch.forward(&sock, &out[..k]);
+        if let Some((h, _)) = held.take() {
+            out[k] = h;
+            k += 1;
+        }
+        let mut done = 0;
+        while done < k {
+            let m = (k - done).min(BATCH);
+            let sent = batch.forward(&sock, &out[done..done + m]);
             forwarded.fetch_add(sent as u64, Ordering::Relaxed);
+            done += m;
         }
     }
 }

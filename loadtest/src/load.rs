@@ -4,10 +4,16 @@
 //! Topology, identical for every target so the numbers compare:
 //!
 //! ```text
-//! client socket i ──ChannelData──► server under test ──UDP──► peer socket (i mod peers)
-//!  (sender thread, sendmmsg)        (TURN relay / bare         (receiver thread per peer,
-//!                                    forwarder / nothing)       recvmmsg, latency histogram)
+//! client socket i ──ChannelData(ch j)──► server under test ──UDP──► peer socket (flow mod peers)
+//!  (sender thread: one flow per            (TURN relay / bare        (receiver threads over
+//!   client and channel, sendmmsg)           forwarder / nothing)      all peers: epoll +
+//!                                                                     recvmmsg, per-flow
+//!                                                                     sequence accounting)
 //! ```
+//!
+//! Flow `f = i × peers_per_client + j` is client `i`'s channel `j`, leading to peer
+//! `f mod peers`: with the realistic defaults (64 clients × 4 channels, 256 peers) every peer
+//! hears from exactly one flow and every client talks to 4 peers.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -15,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::engine::{self, Flow, Framing, Progress, SearchSpec, TrialResult, TrialSpec};
+use crate::engine::{
+    self, Back, Flow, Framing, Pattern, Peer, Progress, SearchSpec, Sizes, TrialResult, TrialSpec,
+};
 use crate::forwarder;
 use crate::progress::Bar;
 use crate::sys::{self, CpuMeter};
@@ -62,34 +70,83 @@ impl Target {
 pub struct LoadOptions {
     /// Concurrent clients (allocations / bindings), each with its own socket.
     pub clients: usize,
+    /// Channels (peers) per client; each is a flow with its own sequence numbers.
+    pub peers_per_client: usize,
     /// Offered datagrams per second over all clients.
     pub rate: u64,
-    /// Payload bytes per datagram (as the peer receives it).
-    pub size: usize,
+    /// Payload sizes (as the peer receives them).
+    pub sizes: Sizes,
+    /// Order of datagrams over flows.
+    pub pattern: Pattern,
+    /// Realistic pattern: runs of 1..=burst datagrams per flow visit (1: none).
+    pub burst: usize,
     /// Sending time per trial.
     pub duration: Duration,
-    /// Peer sockets (each with its own receiver thread).
+    /// Peer sockets (never more than flows).
     pub peers: usize,
+    /// Receiver threads (0: one per 128 peers, at most 4).
+    pub receivers: usize,
     /// Address peers bind to (must be reachable from the server's relay address).
     pub peer_ip: IpAddr,
     /// Address clients bind to.
     pub client_ip: IpAddr,
     /// Process id of the server, to report its CPU use.
     pub server_pid: Option<u32>,
+    /// Seed of the flow order and size draws.
+    pub seed: u64,
+    /// Every other flow visit goes peer → client (relay and direct targets).
+    pub bidirectional: bool,
+}
+
+impl LoadOptions {
+    /// The realistic defaults: 64 clients × 4 channels to 256 peers, interleaved, WireGuard
+    /// size mix, 10,000 pps for 5 s.
+    pub fn realistic() -> LoadOptions {
+        LoadOptions {
+            clients: 64,
+            peers_per_client: 4,
+            rate: 10_000,
+            sizes: Sizes::WireguardMix,
+            pattern: Pattern::Realistic,
+            burst: 1,
+            duration: Duration::from_secs(5),
+            peers: 256,
+            receivers: 0,
+            peer_ip: IpAddr::from([127, 0, 0, 1]),
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+            server_pid: None,
+            seed: 1,
+            bidirectional: false,
+        }
+    }
+
+    /// The bulk defaults (the pattern of earlier tables): 16 clients, one channel each, one
+    /// peer, 100 B, runs of up to 64 datagrams per client.
+    pub fn bulk() -> LoadOptions {
+        LoadOptions {
+            clients: 16,
+            peers_per_client: 1,
+            sizes: Sizes::Fixed(100),
+            pattern: Pattern::Bulk,
+            peers: 1,
+            ..LoadOptions::realistic()
+        }
+    }
+
+    /// Flows: clients × channels per client.
+    pub fn flows(&self) -> usize {
+        self.clients * self.peers_per_client.max(1)
+    }
+
+    /// Peer sockets actually opened (no more than there are flows).
+    pub fn peer_count(&self) -> usize {
+        self.peers.min(self.flows()).max(1)
+    }
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            clients: 16,
-            rate: 10_000,
-            size: 100,
-            duration: Duration::from_secs(5),
-            peers: 1,
-            peer_ip: IpAddr::from([127, 0, 0, 1]),
-            client_ip: IpAddr::from([127, 0, 0, 1]),
-            server_pid: None,
-        }
+        LoadOptions::realistic()
     }
 }
 
@@ -98,7 +155,7 @@ pub struct Setup {
     /// Sending side.
     pub flows: Vec<Flow>,
     /// Receiving side.
-    pub peers: Vec<UdpSocket>,
+    pub peers: Vec<Peer>,
     /// How long setting up took (allocations, bindings).
     pub setup_seconds: f64,
     turn: Vec<turn::Allocation>,
@@ -133,57 +190,120 @@ pub enum LoadError {
 
 /// Opens sockets and performs the per-client setup the target needs.
 pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
-    if opts.clients == 0 || opts.peers == 0 {
-        return Err(LoadError::Options("clients and peers must be ≥ 1".into()));
+    if opts.clients == 0 || opts.peers == 0 || opts.peers_per_client == 0 {
+        return Err(LoadError::Options(
+            "clients, peers and peers per client must be ≥ 1".into(),
+        ));
     }
-    if opts.size < engine::STAMP_LEN || opts.size > engine::MAX_SIZE {
+    if opts.peers_per_client > 0x3FFF {
+        return Err(LoadError::Options(
+            "at most 16383 channels per client".into(),
+        ));
+    }
+    let (lo, hi) = opts.sizes.bounds();
+    if lo < engine::STAMP_LEN || hi > engine::MAX_SIZE {
         return Err(LoadError::Options(format!(
             "size must be within {}..={} bytes",
             engine::STAMP_LEN,
             engine::MAX_SIZE
         )));
     }
+    if opts.bidirectional && matches!(target, Target::Bare(_)) {
+        return Err(LoadError::Options(
+            "--bidirectional needs a TURN server or direct mode (the bare forwarder is one-way)"
+                .into(),
+        ));
+    }
     let started = Instant::now();
-    let mut peers = Vec::with_capacity(opts.peers);
-    for _ in 0..opts.peers {
-        peers.push(udp::bind(SocketAddr::new(opts.peer_ip, 0))?);
+    let n_peers = opts.peer_count();
+    let ppc = opts.peers_per_client;
+    let mut peers = Vec::with_capacity(n_peers);
+    for _ in 0..n_peers {
+        peers.push(Peer::new(udp::bind(SocketAddr::new(opts.peer_ip, 0))?)?);
     }
     let peer_addrs: Vec<SocketAddr> = peers
         .iter()
-        .map(|p| p.local_addr())
+        .map(|p| p.sock.local_addr())
         .collect::<Result<_, _>>()?;
-    let mut flows = Vec::with_capacity(opts.clients);
+    let peer_of = |client: usize, j: usize| (client * ppc + j) % n_peers;
+    let mut flows = Vec::with_capacity(opts.flows());
     let mut allocations = Vec::new();
     match target {
         Target::Direct => {
+            // One socket per flow: a direct flow is a client address talking to one peer.
             for i in 0..opts.clients {
-                let sock = udp::bind(SocketAddr::new(opts.client_ip, 0))?;
-                sock.connect(peer_addrs[i % peer_addrs.len()])?;
-                flows.push(Flow {
-                    sock,
-                    framing: Framing::Raw,
-                });
+                for j in 0..ppc {
+                    let peer = peer_of(i, j);
+                    let sock = udp::bind(SocketAddr::new(opts.client_ip, 0))?;
+                    sock.connect(peer_addrs[peer])?;
+                    let back = if opts.bidirectional {
+                        peers.push(Peer::new(sock.try_clone()?)?);
+                        Some(Back {
+                            via: peers[peer].sock.try_clone()?,
+                            to: sock.local_addr()?,
+                            rx: peers.len() - 1,
+                        })
+                    } else {
+                        None
+                    };
+                    flows.push(Flow {
+                        sock,
+                        framing: Framing::Raw,
+                        peer,
+                        back,
+                    });
+                }
             }
         }
         Target::Bare(server) => {
             for i in 0..opts.clients {
                 let sock = udp::bind(SocketAddr::new(opts.client_ip, 0))?;
                 sock.connect(*server)?;
-                let channel = 0x4000;
-                bare_bind(&sock, channel, peer_addrs[i % peer_addrs.len()])
-                    .map_err(|reason| LoadError::Setup { client: i, reason })?;
-                flows.push(Flow {
-                    sock,
-                    framing: Framing::ChannelData(channel),
-                });
+                for j in 0..ppc {
+                    let peer = peer_of(i, j);
+                    let channel = 0x4000 + j as u16;
+                    bare_bind(&sock, channel, peer_addrs[peer])
+                        .map_err(|reason| LoadError::Setup { client: i, reason })?;
+                    flows.push(Flow {
+                        sock: sock.try_clone()?,
+                        framing: Framing::ChannelData(channel),
+                        peer,
+                        back: None,
+                    });
+                }
             }
         }
         Target::Turn { server, secret } => {
-            let peer_for: Vec<SocketAddr> = (0..opts.clients)
-                .map(|i| peer_addrs[i % peer_addrs.len()])
+            let peer_for: Vec<Vec<(usize, SocketAddr)>> = (0..opts.clients)
+                .map(|i| {
+                    (0..ppc)
+                        .map(|j| {
+                            let p = peer_of(i, j);
+                            (p, peer_addrs[p])
+                        })
+                        .collect()
+                })
                 .collect();
             let (f, a) = turn::allocate_all(*server, secret, opts.client_ip, &peer_for)?;
             flows = f;
+            if opts.bidirectional {
+                // Flows come client by client, `ppc` each; a client's reverse datagrams arrive
+                // as ChannelData on its socket (4-byte header before the stamp).
+                for (i, alloc) in a.iter().enumerate() {
+                    let Some(first) = flows.get(i * ppc) else {
+                        break;
+                    };
+                    peers.push(Peer::with_prefix(first.sock.try_clone()?, 4)?);
+                    let rx = peers.len() - 1;
+                    for f in flows.iter_mut().skip(i * ppc).take(ppc) {
+                        f.back = Some(Back {
+                            via: peers[f.peer].sock.try_clone()?,
+                            to: alloc.relayed(),
+                            rx,
+                        });
+                    }
+                }
+            }
             allocations = a;
         }
     }
@@ -215,7 +335,8 @@ fn bare_bind(sock: &UdpSocket, channel: u16, peer: SocketAddr) -> Result<(), Str
     Err("no answer from the forwarder".into())
 }
 
-/// Everything a relay-mode run reports (JSON keys are stable).
+/// Everything a relay-mode run reports (JSON keys are stable; the trial's keys are at the top
+/// level).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// `relay`, `bare` or `direct`.
@@ -224,72 +345,53 @@ pub struct Report {
     pub server: Option<String>,
     /// Concurrent clients.
     pub clients: usize,
+    /// Channels per client.
+    pub peers_per_client: usize,
+    /// Flows (clients × channels), each with its own sequence numbers.
+    pub flows: usize,
     /// Peer sockets.
     pub peers: usize,
+    /// Realistic pattern: longest run per flow visit.
+    pub burst: usize,
+    /// Whether every other flow visit went peer → client.
+    pub bidirectional: bool,
     /// Seconds spent in setup.
     pub setup_seconds: f64,
-    /// Offered rate of the reported trial.
-    pub rate: u64,
-    /// Payload bytes.
-    pub size: usize,
-    /// Datagrams sent.
-    pub sent: u64,
-    /// Datagrams received by peers.
-    pub received: u64,
-    /// Delivered datagrams per second.
-    pub pps: f64,
-    /// Delivered payload Mbit/s.
-    pub mbps: f64,
-    /// Loss fraction 0..1.
-    pub loss: f64,
-    /// Latency p50, µs.
-    pub p50_us: u64,
-    /// Latency p90, µs.
-    pub p90_us: u64,
-    /// Latency p99, µs.
-    pub p99_us: u64,
-    /// Latency max, µs.
-    pub max_us: u64,
-    /// Sends the kernel refused.
-    pub send_errors: u64,
+    /// The reported trial (with `--find-max`: the weaker of the best passing rate's two).
+    #[serde(flatten)]
+    pub trial: TrialResult,
     /// Server CPU use during the reported trial (100 = one core), when `--server-pid` given.
     pub server_cpu_percent: Option<f64>,
     /// Server CPU time per delivered datagram, µs (when `--server-pid` given): the cost of
     /// relaying one packet, independent of whether the generator or the server was the limit.
     pub server_cpu_us_per_packet: Option<f64>,
-    /// Load generator CPU use during the reported trial.
-    pub generator_cpu_percent: f64,
-    /// For `--find-max`: every trial in order (the reported one is the best passing).
+    /// For `--find-max`: every trial in order.
     pub trials: Option<Vec<TrialResult>>,
-    /// For `--find-max`: whether any trial passed the loss limit.
+    /// For `--find-max`: whether any rate passed (two trials in a row under the loss limit).
     pub found: Option<bool>,
 }
 
-/// CPU measured over one trial: server (percent, seconds) and generator percent.
+/// Server CPU measured over one trial (percent, seconds).
 #[derive(Debug, Clone, Copy, Default)]
 struct TrialCpu {
     server_percent: Option<f64>,
     server_seconds: Option<f64>,
-    generator_percent: f64,
 }
 
 struct Meters {
     server: Option<CpuMeter>,
-    generator: Option<CpuMeter>,
 }
 
 impl Meters {
     fn start(server_pid: Option<u32>) -> Meters {
         Meters {
             server: server_pid.and_then(CpuMeter::start),
-            generator: CpuMeter::start(std::process::id()),
         }
     }
     fn read(&self) -> TrialCpu {
         TrialCpu {
             server_percent: self.server.and_then(|m| m.percent()),
             server_seconds: self.server.and_then(|m| m.used()).map(|d| d.as_secs_f64()),
-            generator_percent: self.generator.and_then(|m| m.percent()).unwrap_or(0.0),
         }
     }
 }
@@ -305,28 +407,33 @@ fn report_from(
         mode: target.mode().into(),
         server: target.server().map(|s| s.to_string()),
         clients: opts.clients,
-        peers: opts.peers,
+        peers_per_client: opts.peers_per_client,
+        flows: opts.flows(),
+        peers: opts.peer_count(),
+        burst: opts.burst,
+        bidirectional: opts.bidirectional,
         setup_seconds,
-        rate: r.rate,
-        size: r.size,
-        sent: r.sent,
-        received: r.received,
-        pps: r.pps,
-        mbps: r.mbps,
-        loss: r.loss,
-        p50_us: r.p50_us,
-        p90_us: r.p90_us,
-        p99_us: r.p99_us,
-        max_us: r.max_us,
-        send_errors: r.send_errors,
+        trial: r.clone(),
         server_cpu_percent: cpu.server_percent,
         server_cpu_us_per_packet: match cpu.server_seconds {
             Some(s) if r.received > 0 => Some(s * 1e6 / r.received as f64),
             _ => None,
         },
-        generator_cpu_percent: cpu.generator_percent,
         trials: None,
         found: None,
+    }
+}
+
+fn spec_of(opts: &LoadOptions) -> TrialSpec {
+    TrialSpec {
+        rate: opts.rate,
+        sizes: opts.sizes,
+        pattern: opts.pattern,
+        burst: opts.burst,
+        duration: opts.duration,
+        drain: drain_for(opts.duration),
+        seed: opts.seed,
+        bidirectional: opts.bidirectional,
     }
 }
 
@@ -338,12 +445,7 @@ fn drain_for(d: Duration) -> Duration {
 pub fn run_once(target: &Target, opts: &LoadOptions) -> Result<Report, LoadError> {
     let setup = setup(target, opts)?;
     let progress = Arc::new(Progress::default());
-    let spec = TrialSpec {
-        rate: opts.rate,
-        size: opts.size,
-        duration: opts.duration,
-        drain: drain_for(opts.duration),
-    };
+    let spec = spec_of(opts);
     let meters = Meters::start(opts.server_pid);
     let bar = Bar::start(target.mode(), opts.duration, progress.clone());
     let Setup {
@@ -352,7 +454,7 @@ pub fn run_once(target: &Target, opts: &LoadOptions) -> Result<Report, LoadError
         setup_seconds,
         turn,
     } = setup;
-    let (peers, r) = engine::run_trial(&flows, peers, spec, progress);
+    let (peers, r) = engine::run_trial(&flows, peers, opts.receivers, spec, progress);
     bar.finish();
     let report = report_from(target, opts, setup_seconds, &r, meters.read());
     Setup {
@@ -380,12 +482,7 @@ pub fn run_find_max(
         turn,
     } = setup(target, opts)?;
     let progress = Arc::new(Progress::default());
-    let base = TrialSpec {
-        rate: opts.rate,
-        size: opts.size,
-        duration: opts.duration,
-        drain: drain_for(opts.duration),
-    };
+    let base = spec_of(opts);
     let search = SearchSpec {
         start: opts.rate,
         ceiling,
@@ -394,11 +491,12 @@ pub fn run_find_max(
     };
     let mut cpu: Vec<TrialCpu> = Vec::new();
     let mut meters = Meters::start(opts.server_pid);
-    let (trials, best) = engine::find_max(&flows, peers, base, search, progress, |r| {
-        cpu.push(meters.read());
-        meters = Meters::start(opts.server_pid);
-        on_trial(r);
-    });
+    let (trials, best) =
+        engine::find_max(&flows, peers, opts.receivers, base, search, progress, |r| {
+            cpu.push(meters.read());
+            meters = Meters::start(opts.server_pid);
+            on_trial(r);
+        });
     turn::release_all(turn);
     let idx = best.unwrap_or(0);
     let c = cpu.get(idx).copied().unwrap_or_default();
@@ -414,62 +512,93 @@ pub fn run_find_max(
 
 /// The table people read.
 pub fn table(r: &Report) -> String {
+    let t = &r.trial;
     let mut s = String::new();
     let server = r.server.as_deref().unwrap_or("-");
     s.push_str(&format!(
-        "mode {}  server {}  clients {}  size {} B  offered {} pps  (setup {:.2} s)\n",
-        r.mode, server, r.clients, r.size, r.rate, r.setup_seconds
+        "mode {}  server {}  pattern {}  clients {} × {} channels → {} peers  size {} (mean {} B)  offered {} pps  (setup {:.2} s)\n",
+        r.mode, server, t.pattern, r.clients, r.peers_per_client, r.peers, t.sizes, t.size, t.rate, r.setup_seconds
     ));
     s.push_str(&format!(
-        "{:>10} {:>10} {:>11} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}\n",
+        "{:>10} {:>10} {:>11} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7}\n",
         "sent",
-        "received",
+        "delivered",
         "pps",
         "Mbit/s",
         "loss%",
+        "dup",
+        "reord",
         "p50µs",
-        "p90µs",
         "p99µs",
         "maxµs",
         "srv%",
+        "srvµs/pkt",
         "gen%"
     ));
     s.push_str(&format!(
-        "{:>10} {:>10} {:>11.0} {:>9.1} {:>7.3} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7.0}\n",
-        r.sent,
-        r.received,
-        r.pps,
-        r.mbps,
-        r.loss * 100.0,
-        r.p50_us,
-        r.p90_us,
-        r.p99_us,
-        r.max_us,
+        "{:>10} {:>10} {:>11.0} {:>9.1} {:>7.3} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7.0}\n",
+        t.sent,
+        t.received,
+        t.pps,
+        t.mbps,
+        t.loss * 100.0,
+        t.duplicates,
+        t.reordered,
+        t.p50_us,
+        t.p99_us,
+        t.max_us,
         r.server_cpu_percent
             .map(|c| format!("{c:.0}"))
             .unwrap_or_else(|| "-".into()),
         r.server_cpu_us_per_packet
             .map(|c| format!("{c:.2}"))
             .unwrap_or_else(|| "-".into()),
-        r.generator_cpu_percent
+        t.generator_cpu_percent
     ));
+    if t.late > 0 || t.misrouted > 0 || t.send_errors > 0 {
+        s.push_str(&format!(
+            "late beyond window {}  misrouted {}  send errors {}\n",
+            t.late, t.misrouted, t.send_errors
+        ));
+    }
+    let server_drops = t
+        .host_udp_rcvbuf_errors
+        .saturating_sub(t.generator_rx_drops);
+    s.push_str(&format!(
+        "drops: generator sockets {}  other sockets on this host (the server's) {}\n",
+        t.generator_rx_drops, server_drops
+    ));
+    if t.generator_limited {
+        s.push_str(&format!(
+            "GENERATOR-LIMITED (the server may do more): {}\n",
+            t.generator_limits.join("; ")
+        ));
+    } else {
+        s.push_str("generator not the limit (sender, receivers and own sockets kept up)\n");
+    }
     if let Some(trials) = &r.trials {
         s.push_str(&format!(
-            "max-rate search ({} trials): {}\n",
+            "max-rate search ({} trials, a rate passes with two passing trials in a row): {}\n",
             trials.len(),
             if r.found == Some(true) {
-                format!("best {:.0} pps delivered at {} offered", r.pps, r.rate)
+                format!(
+                    "best {:.0} pps delivered at {} offered (weaker of its two trials)",
+                    t.pps, t.rate
+                )
             } else {
                 "no rate passed the loss limit".to_string()
             }
         ));
-        for t in trials {
+        for x in trials {
             s.push_str(&format!(
-                "  offered {:>9}  delivered {:>11.0} pps  loss {:>7.3}%  p99 {:>7} µs\n",
-                t.rate,
-                t.pps,
-                t.loss * 100.0,
-                t.p99_us
+                "  offered {:>9}  delivered {:>11.0} pps  loss {:>7.3}%  dup {:>5}  reord {:>5}  p99 {:>7} µs{}\n",
+                x.rate,
+                x.pps,
+                x.loss * 100.0,
+                x.duplicates,
+                x.reordered,
+                x.p99_us,
+                if x.generator_limited { "  (generator-limited)" } else { "" }
             ));
         }
     }

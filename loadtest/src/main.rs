@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use meshpunch_loadtest::engine::{Pattern, Sizes};
 use meshpunch_loadtest::forwarder::Forwarder;
 use meshpunch_loadtest::load::{self, LoadOptions, Target};
 use meshpunch_loadtest::punch::{self, PunchOptions};
@@ -112,28 +113,51 @@ enum Cmd {
 
 #[derive(Args, Debug)]
 struct LoadArgs {
-    /// Concurrent clients (one allocation and socket each).
-    #[arg(long, default_value_t = 16)]
-    clients: usize,
+    /// Traffic pattern: realistic (interleaved over all flows, many peers, WireGuard size mix)
+    /// or bulk (runs of up to 64 datagrams per client to one peer, the earlier tables).
+    #[arg(long, value_enum, default_value = "realistic")]
+    pattern: Pattern,
+    /// Concurrent clients, one allocation and socket each [realistic 64, bulk 16].
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Channels per client, each to its own peer and with its own sequence numbers
+    /// [realistic 4, bulk 1].
+    #[arg(long)]
+    peers_per_client: Option<usize>,
+    /// Peer sockets receiving the load [realistic 256, bulk 1].
+    #[arg(long)]
+    peers: Option<usize>,
     /// Offered datagrams per second over all clients (start rate with --find-max).
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
-    /// Payload bytes per datagram as the peer receives it.
-    #[arg(long, default_value_t = 100)]
-    size: usize,
+    /// Payload bytes per datagram as the peer receives it, or wg-mix (see loadtest/README.md)
+    /// [realistic wg-mix, bulk 100].
+    #[arg(long, value_parser = Sizes::parse)]
+    size: Option<Sizes>,
+    /// Realistic pattern: send runs of 1..=N datagrams per flow visit (1: no bursts).
+    #[arg(long, default_value_t = 1)]
+    burst: usize,
+    /// Every other flow visit sends peer → client through the server instead (relay and
+    /// direct modes): both directions of a WireGuard session.
+    #[arg(long)]
+    bidirectional: bool,
+    /// Receiver threads over the peer sockets (0: one per 128 peers, at most 4).
+    #[arg(long, default_value_t = 0)]
+    receivers: usize,
+    /// Seed of the flow order and size draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Sending time (per trial with --find-max), e.g. 5s, 500ms.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Peer sockets receiving the load (one receiver thread each).
-    #[arg(long, default_value_t = 1)]
-    peers: usize,
     /// Address the peer sockets bind to.
     #[arg(long, default_value = "127.0.0.1")]
     peer_ip: IpAddr,
     /// Address the client sockets bind to.
     #[arg(long, default_value = "127.0.0.1")]
     client_ip: IpAddr,
-    /// Search the highest rate with loss under --max-loss (doubling, then bisecting).
+    /// Search the highest rate with loss under --max-loss (doubling, then bisecting; a rate
+    /// passes only with two passing trials in a row).
     #[arg(long)]
     find_max: bool,
     /// Loss limit of --find-max, in percent.
@@ -152,12 +176,22 @@ struct LoadArgs {
 
 fn run_load(target: Target, a: LoadArgs) -> anyhow::Result<()> {
     load::raise_limits();
+    let base = match a.pattern {
+        Pattern::Realistic => LoadOptions::realistic(),
+        Pattern::Bulk => LoadOptions::bulk(),
+    };
     let opts = LoadOptions {
-        clients: a.clients,
+        clients: a.clients.unwrap_or(base.clients),
+        peers_per_client: a.peers_per_client.unwrap_or(base.peers_per_client),
+        peers: a.peers.unwrap_or(base.peers),
+        sizes: a.size.unwrap_or(base.sizes),
+        pattern: a.pattern,
+        burst: a.burst,
+        receivers: a.receivers,
+        seed: a.seed,
+        bidirectional: a.bidirectional,
         rate: a.rate,
-        size: a.size,
         duration: a.duration,
-        peers: a.peers,
         peer_ip: a.peer_ip,
         client_ip: a.client_ip,
         server_pid: a.server_pid,
@@ -170,10 +204,13 @@ fn run_load(target: Target, a: LoadArgs) -> anyhow::Result<()> {
         load::run_find_max(&target, &opts, a.max_loss / 100.0, a.ceiling, |t| {
             if !quiet {
                 eprintln!(
-                    "  trial: offered {:>9} pps  delivered {:>11.0} pps  loss {:.3}%",
+                    "  trial: offered {:>9} pps  delivered {:>11.0} pps  loss {:.3}%  dup {}  reord {}{}",
                     t.rate,
                     t.pps,
-                    t.loss * 100.0
+                    t.loss * 100.0,
+                    t.duplicates,
+                    t.reordered,
+                    if t.generator_limited { "  (generator-limited)" } else { "" }
                 );
             }
         })

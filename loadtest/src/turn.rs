@@ -1,5 +1,5 @@
 //! TURN setup for the load: one allocation per client with REST-API credentials, a channel
-//! bound to that client's peer, driven through the sans-IO
+//! bound to each of that client's peers, driven through the sans-IO
 //! [`meshpunch_proto::turn_client::TurnClient`] over a blocking socket.
 //!
 //! Works against any RFC 8656 server (coturn's `turnserver --use-auth-secret` included):
@@ -29,6 +29,14 @@ const SETUP_THREADS: usize = 8;
 pub struct Allocation {
     client: TurnClient,
     sock: UdpSocket,
+    relayed: SocketAddr,
+}
+
+impl Allocation {
+    /// The relayed transport address peers send to.
+    pub fn relayed(&self) -> SocketAddr {
+        self.relayed
+    }
 }
 
 fn drive(
@@ -76,9 +84,9 @@ fn allocate_one(
     server: SocketAddr,
     secret: &str,
     client_ip: IpAddr,
-    peer: SocketAddr,
+    peers: &[(usize, SocketAddr)],
     user: &str,
-) -> Result<(Flow, Allocation), String> {
+) -> Result<(Vec<Flow>, Allocation), String> {
     let sock = udp::bind(SocketAddr::new(client_ip, 0)).map_err(|e| e.to_string())?;
     let expires =
         meshpunch_proto::clock::unix_secs(SystemTime::now()) + CREDENTIAL_LIFETIME.as_secs();
@@ -98,48 +106,64 @@ fn allocate_one(
         TurnEvent::Allocated { .. } => Some(Ok(())),
         _ => None,
     })?;
-    client
-        .bind_channel(peer, Instant::now())
-        .map_err(|e| format!("ChannelBind: {e}"))?;
-    drive(&mut client, &sock, &mut buf, |ev| match ev {
-        TurnEvent::ChannelBound { peer: p, .. } if *p == peer => Some(Ok(())),
-        _ => None,
-    })?;
-    let channel = client
-        .channel_for(peer)
-        .ok_or_else(|| "no channel after ChannelBind".to_string())?;
+    let relayed = client
+        .relayed_addr()
+        .ok_or_else(|| "no relayed address after Allocate".to_string())?;
     let data = sock.try_clone().map_err(|e| e.to_string())?;
     data.connect(server).map_err(|e| e.to_string())?;
-    Ok((
-        Flow {
-            sock: data,
+    let mut flows = Vec::with_capacity(peers.len());
+    for &(index, peer) in peers {
+        client
+            .bind_channel(peer, Instant::now())
+            .map_err(|e| format!("ChannelBind: {e}"))?;
+        drive(&mut client, &sock, &mut buf, |ev| match ev {
+            TurnEvent::ChannelBound { peer: p, .. } if *p == peer => Some(Ok(())),
+            _ => None,
+        })?;
+        let channel = client
+            .channel_for(peer)
+            .ok_or_else(|| "no channel after ChannelBind".to_string())?;
+        flows.push(Flow {
+            sock: data.try_clone().map_err(|e| e.to_string())?,
             framing: Framing::ChannelData(channel),
+            peer: index,
+            back: None,
+        });
+    }
+    Ok((
+        flows,
+        Allocation {
+            client,
+            sock,
+            relayed,
         },
-        Allocation { client, sock },
     ))
 }
 
-/// Allocates one relay per entry of `peers` on `server` and binds a channel to that peer.
+/// Allocates one relay per entry of `peers` (one client each) on `server` and binds a channel
+/// to each of that client's peers (peer index, address). Returns the flows in order (client by
+/// client, channel by channel) and the allocations.
 pub fn allocate_all(
     server: SocketAddr,
     secret: &str,
     client_ip: IpAddr,
-    peers: &[SocketAddr],
+    peers: &[Vec<(usize, SocketAddr)>],
 ) -> Result<(Vec<Flow>, Vec<Allocation>), LoadError> {
     let run_id: u32 = rand::random();
     let threads = SETUP_THREADS.min(peers.len()).max(1);
     let chunk = peers.len().div_ceil(threads);
-    let results: Vec<Result<Vec<(Flow, Allocation)>, LoadError>> = thread::scope(|s| {
+    type Part = Vec<(Vec<Flow>, Allocation)>;
+    let results: Vec<Result<Part, LoadError>> = thread::scope(|s| {
         let handles: Vec<_> = peers
             .chunks(chunk.max(1))
             .enumerate()
             .map(|(c, part)| {
                 s.spawn(move || {
                     let mut out = Vec::with_capacity(part.len());
-                    for (j, peer) in part.iter().enumerate() {
+                    for (j, client_peers) in part.iter().enumerate() {
                         let i = c * chunk + j;
                         let user = format!("load-{run_id:08x}-{i}");
-                        let one = allocate_one(server, secret, client_ip, *peer, &user)
+                        let one = allocate_one(server, secret, client_ip, client_peers, &user)
                             .map_err(|reason| LoadError::Setup { client: i, reason })?;
                         out.push(one);
                     }
@@ -163,7 +187,7 @@ pub fn allocate_all(
     let mut allocs = Vec::with_capacity(peers.len());
     for r in results {
         for (f, a) in r? {
-            flows.push(f);
+            flows.extend(f);
             allocs.push(a);
         }
     }

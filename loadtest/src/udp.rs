@@ -223,12 +223,38 @@ impl SendBatch {
     }
 }
 
+/// Asks the kernel to attach the socket's receive-queue drop counter (`SO_RXQ_OVFL`) to every
+/// received datagram; [`RecvBatch::rxq_ovfl`] reads it. Returns whether the kernel accepted.
+pub fn enable_rxq_ovfl(sock: &UdpSocket) -> bool {
+    let one: libc::c_int = 1;
+    // SAFETY: valid socket and a c_int option value that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// Bytes of control-message room per received datagram (one `SO_RXQ_OVFL` u32, with slack).
+const CMSG_ROOM: usize = 64;
+
+/// One datagram's control-message buffer, aligned for `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Cmsg([u8; CMSG_ROOM]);
+
 /// A reusable batch of incoming datagrams for `recvmmsg(2)`.
 pub struct RecvBatch {
     bufs: Box<[[u8; MAX_DATAGRAM]]>,
     lens: [usize; BATCH],
     addrs: Box<[libc::sockaddr_storage]>,
     addr_lens: [libc::socklen_t; BATCH],
+    cmsgs: Box<[Cmsg]>,
+    cmsg_lens: [usize; BATCH],
     count: usize,
 }
 
@@ -248,6 +274,8 @@ impl RecvBatch {
             lens: [0; BATCH],
             addrs: vec![zero_addr; BATCH].into_boxed_slice(),
             addr_lens: [0; BATCH],
+            cmsgs: vec![Cmsg([0; CMSG_ROOM]); BATCH].into_boxed_slice(),
+            cmsg_lens: [0; BATCH],
             count: 0,
         }
     }
@@ -267,6 +295,8 @@ impl RecvBatch {
             h.msg_iovlen = 1;
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_control = self.cmsgs[i].0.as_mut_ptr().cast();
+            h.msg_controllen = CMSG_ROOM as _;
         }
         self.count = 0;
         loop {
@@ -286,6 +316,9 @@ impl RecvBatch {
                 for (i, m) in msgs.iter().enumerate().take(n) {
                     self.lens[i] = m.msg_len as usize;
                     self.addr_lens[i] = m.msg_hdr.msg_namelen;
+                    #[allow(clippy::unnecessary_cast)] // socklen_t on some libcs
+                    let controllen = m.msg_hdr.msg_controllen as usize;
+                    self.cmsg_lens[i] = controllen.min(CMSG_ROOM);
                 }
                 self.count = n;
                 return Ok(n);
@@ -320,6 +353,29 @@ impl RecvBatch {
     pub fn get_mut(&mut self, i: usize) -> &mut [u8] {
         let len = self.lens[i].min(MAX_DATAGRAM);
         &mut self.bufs[i][..len]
+    }
+
+    /// The socket's cumulative receive-queue drop counter as attached to datagram `i`
+    /// (`SO_RXQ_OVFL`, see [`enable_rxq_ovfl`]); `None` when the kernel attached none.
+    pub fn rxq_ovfl(&self, i: usize) -> Option<u32> {
+        if i >= self.count {
+            return None;
+        }
+        // SAFETY: a msghdr that only describes our control buffer of `cmsg_lens[i]` bytes, as
+        // the kernel filled it; the CMSG helpers never read past msg_controllen.
+        unsafe {
+            let mut h: libc::msghdr = std::mem::zeroed();
+            h.msg_control = self.cmsgs[i].0.as_ptr() as *mut libc::c_void;
+            h.msg_controllen = self.cmsg_lens[i] as _;
+            let mut c = libc::CMSG_FIRSTHDR(&h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+                }
+                c = libc::CMSG_NXTHDR(&h, c);
+            }
+        }
+        None
     }
 
     /// Source address of datagram `i`.

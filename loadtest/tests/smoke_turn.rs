@@ -8,6 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use meshpunch_loadtest::engine::Sizes;
 use meshpunch_loadtest::load::{self, LoadOptions, Target};
 
 const SECRET: &str = "smoke-secret";
@@ -15,10 +16,11 @@ const SECRET: &str = "smoke-secret";
 fn short() -> LoadOptions {
     LoadOptions {
         clients: 4,
+        peers_per_client: 2,
+        peers: 8,
         rate: 2_000,
-        size: 100,
         duration: Duration::from_secs(1),
-        ..LoadOptions::default()
+        ..LoadOptions::realistic()
     }
 }
 
@@ -41,7 +43,9 @@ fn relay_mode_pushes_channel_data_through_coturn() {
     };
     let r = common::retry(Duration::from_secs(15), || load::run_once(&target, &opts));
     assert_eq!(r.mode, "relay");
-    assert!(r.sent > 0 && r.received > 0, "{r:?}");
+    assert!(r.trial.sent > 0 && r.trial.received > 0, "{r:?}");
+    assert_eq!(r.flows, 8);
+    assert_eq!(r.trial.misrouted, 0, "{r:?}");
     assert!(r.server_cpu_percent.is_some(), "{r:?}");
 }
 
@@ -130,14 +134,60 @@ fn relay_mode_pushes_channel_data_through_meshpunch_relay() {
         server: relay.listen_addr(),
         secret: SECRET.into(),
     };
-    for size in [100, 1200] {
-        let opts = LoadOptions { size, ..short() };
+    for sizes in [Sizes::Fixed(100), Sizes::Fixed(1200), Sizes::WireguardMix] {
+        let opts = LoadOptions { sizes, ..short() };
         let r = common::retry(Duration::from_secs(15), || load::run_once(&target, &opts));
         assert_eq!(r.mode, "relay");
-        assert_eq!(r.size, size);
-        assert!(r.sent > 0 && r.received > 0, "{r:?}");
+        if let Sizes::Fixed(n) = sizes {
+            assert_eq!(r.trial.size, n);
+        }
+        assert!(r.trial.sent > 0 && r.trial.received > 0, "{r:?}");
+        // Every flow (4 clients × 2 channels) reaches the peer it is bound to.
+        assert_eq!(r.trial.misrouted, 0, "{r:?}");
+        assert_eq!(r.trial.duplicates, 0, "{r:?}");
     }
     relay.control().stop();
+}
+
+/// Both directions through the relay: peers send to the clients' relayed addresses, the
+/// clients get ChannelData on their own sockets, each datagram at the socket it is meant for.
+#[test]
+fn bidirectional_load_through_meshpunch_relay() {
+    let relay = start_meshpunch_relay();
+    let target = Target::Turn {
+        server: relay.listen_addr(),
+        secret: SECRET.into(),
+    };
+    let opts = LoadOptions {
+        bidirectional: true,
+        ..short()
+    };
+    let r = common::retry(Duration::from_secs(15), || load::run_once(&target, &opts));
+    let t = &r.trial;
+    assert!(t.reverse_sent > 0 && t.reverse_received > 0, "{r:?}");
+    assert!(t.received > t.reverse_received, "{r:?}");
+    assert_eq!((t.misrouted, t.duplicates), (0, 0), "{r:?}");
+    relay.control().stop();
+}
+
+#[test]
+fn bidirectional_load_through_coturn() {
+    if !natlab::testenv::require_commands("bidirectional_load_through_coturn", &["turnserver"]) {
+        return;
+    }
+    let coturn = common::start_coturn(SECRET, 1);
+    let target = Target::Turn {
+        server: coturn.addr,
+        secret: SECRET.into(),
+    };
+    let opts = LoadOptions {
+        bidirectional: true,
+        ..short()
+    };
+    let r = common::retry(Duration::from_secs(15), || load::run_once(&target, &opts));
+    let t = &r.trial;
+    assert!(t.reverse_received > 0, "{r:?}");
+    assert_eq!(t.misrouted, 0, "{r:?}");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! daemon per host, and helpers to read each daemon's path choice and to send traffic through
 //! its proxy ports.
 //!
-//! Addresses: rendezvous QUIC on `203.0.113.10:4433`, STUN on `203.0.113.10:3478` with the RFC
+//! Addresses: rendezvous QUIC on `203.0.113.10:4433` and TLS over TCP on `203.0.113.10:443`,
+//! STUN on `203.0.113.10:3478` with the RFC
 //! 5780 alternate `203.0.113.11:3479`, TURN relay on `203.0.113.20:3478` (region `lab`, REST
 //! credentials from a shared secret). Each daemon's config is written in WireGuard's INI style
 //! (`[Interface]` / `[Peer]`) to the lab's log directory; its control socket is there too.
@@ -17,6 +18,9 @@ use crate::{Error, RttStats};
 
 /// Rendezvous QUIC port.
 pub const RENDEZVOUS_PORT: u16 = 4433;
+/// Rendezvous TLS-over-TCP port (443, like production: a `udp-blocked-all` site lets TCP out
+/// only to 443 and 80; connect strings carry `tcp=443`).
+pub const RENDEZVOUS_TCP_PORT: u16 = 443;
 /// STUN port on the primary address.
 pub const STUN_PORT: u16 = 3478;
 /// STUN port on the alternate address (other IP and other port, RFC 5780).
@@ -300,10 +304,11 @@ impl Mesh {
     /// survives restarts, so connect strings stay valid.
     pub fn start_rendezvous(&mut self) -> Result<(), Error> {
         let config = format!(
-            "listen = \"{}\"\nstun_listen = \"{}\"\nstun_alt = \"{}\"\nadmin_listen = \"{}\"\n\
+            "listen = \"{}\"\ntcp_listen = \"{}\"\nstun_listen = \"{}\"\nstun_alt = \"{}\"\nadmin_listen = \"{}\"\n\
              data_dir = \"{}\"\ndev = true\n\n[[relay]]\nregion = \"{RELAY_REGION}\"\n\
              urls = [\"turn:{}\"]\nsecret = \"{RELAY_SECRET}\"\n",
             SocketAddr::from((SERVER_PRIMARY, RENDEZVOUS_PORT)),
+            SocketAddr::from((SERVER_PRIMARY, RENDEZVOUS_TCP_PORT)),
             SocketAddr::from((SERVER_PRIMARY, STUN_PORT)),
             SocketAddr::from((SERVER_ALTERNATE, STUN_ALT_PORT)),
             SocketAddr::from((SERVER_PRIMARY, 9478)),

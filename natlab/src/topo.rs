@@ -56,6 +56,11 @@ pub enum Nat {
     DoubleNat,
     /// Port-restricted NAT that also drops all UDP except to and from the servers.
     UdpBlocked,
+    /// A network that drops **every** UDP packet, both ways (servers included), and lets TCP
+    /// out only to the servers' ports 443 and 80 (corporate or hotel networks). Not in
+    /// [`Nat::ALL`]: the matrix row `udp-blocked` keeps its meaning until the client relays
+    /// over TURN-over-TLS; tests of the TCP fallback name this site type themselves.
+    UdpBlockedAll,
 }
 
 impl Nat {
@@ -78,12 +83,16 @@ impl Nat {
             Nat::Symmetric => "symmetric",
             Nat::DoubleNat => "double-nat",
             Nat::UdpBlocked => "udp-blocked",
+            Nat::UdpBlockedAll => "udp-blocked-all",
         }
     }
 
     /// Parses [`Nat::name`].
     pub fn parse(s: &str) -> Option<Nat> {
-        Nat::ALL.into_iter().find(|n| n.name() == s)
+        Nat::ALL
+            .into_iter()
+            .chain([Nat::UdpBlockedAll])
+            .find(|n| n.name() == s)
     }
 
     /// True when the mapping does not depend on the destination (a peer can reach the address
@@ -729,6 +738,14 @@ pub fn nat_ruleset(nat: Nat, first_host: Option<Ipv4Addr>) -> String {
             "  chain udp_filter {{ type filter hook forward priority filter; policy accept;\n    \
              oifname \"wan\" meta l4proto udp ip daddr != {SERVER_NET} drop\n    \
              iifname \"wan\" meta l4proto udp ip saddr != {SERVER_NET} drop\n  }}\n"
+        ));
+    }
+    if nat == Nat::UdpBlockedAll {
+        r.push_str(&format!(
+            "  chain udp_filter {{ type filter hook forward priority filter; policy accept;\n    \
+             meta l4proto udp drop\n    \
+             oifname \"wan\" meta l4proto tcp ip daddr != {SERVER_NET} drop\n    \
+             oifname \"wan\" tcp dport != {{ 80, 443 }} drop\n  }}\n"
         ));
     }
     r.push_str("}\n");

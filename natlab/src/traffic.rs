@@ -130,6 +130,11 @@ impl Sink {
         self.arrivals.lock().map(|a| a.len()).unwrap_or(0)
     }
 
+    /// Every arrival so far: (time, sequence number), in arrival order (for result files).
+    pub fn arrivals(&self) -> Vec<(Instant, u64)> {
+        self.arrivals.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
     /// Time of the last arrival.
     pub fn last_arrival(&self) -> Option<Instant> {
         self.arrivals.lock().ok()?.last().map(|a| a.0)

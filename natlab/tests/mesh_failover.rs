@@ -55,6 +55,7 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
 
     let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_PORT));
     let interval = Duration::from_millis(10);
+    let flow_start = Instant::now();
     let flow = Flow::start(&mesh.topo.lab, "a1", wg_a, proxy, interval).unwrap();
     assert!(
         sink.wait_arrival_after(Instant::now(), Duration::from_secs(5))
@@ -111,6 +112,55 @@ fn cut_direct_path_fails_over_to_relay_within_two_seconds_and_back() {
     println!(
         "flow: {sent} datagrams at {} ms intervals, {lost} lost in total",
         interval.as_millis()
+    );
+
+    // Timeline for bench/plot.py: every arrival relative to the cut, with its one-way delay
+    // (arrival − scheduled send time flow_start + seq × interval), and the path changes.
+    let rel_s = |t: Instant| {
+        if t >= cut_at {
+            (t - cut_at).as_secs_f64()
+        } else {
+            -(cut_at - t).as_secs_f64()
+        }
+    };
+    let arrivals: Vec<serde_json::Value> = sink
+        .arrivals()
+        .iter()
+        .map(|(at, seq)| {
+            let scheduled = flow_start + interval * u32::try_from(*seq).unwrap_or(u32::MAX);
+            serde_json::json!({
+                "t_s": rel_s(*at),
+                "seq": seq,
+                "delay_ms": at.saturating_duration_since(scheduled).as_secs_f64() * 1e3,
+            })
+        })
+        .collect();
+    support::write_result(
+        "mesh_failover",
+        &serde_json::json!({
+            "scenario": "mesh_failover",
+            "unix_time": support::unix_now(),
+            "relay": format!("{:?}", support::relay_impl()),
+            "interval_ms": interval.as_millis() as u64,
+            "server_delay_ms": 25,
+            "events": [
+                {"t_s": 0.0, "what": "direct path cut"},
+                {"t_s": to_relay.as_secs_f64(), "what": "status: relay"},
+                {"t_s": rel_s(restore_at), "what": "direct path restored"},
+                {"t_s": rel_s(restore_at) + to_direct.as_secs_f64(), "what": "status: direct"},
+            ],
+            "paths": [
+                {"from_s": rel_s(flow_start), "to_s": 0.0, "path": "direct"},
+                {"from_s": 0.0, "to_s": to_relay.as_secs_f64(), "path": "none"},
+                {"from_s": to_relay.as_secs_f64(), "to_s": rel_s(restore_at) + to_direct.as_secs_f64(), "path": "relay"},
+                {"from_s": rel_s(restore_at) + to_direct.as_secs_f64(), "to_s": null, "path": "direct"},
+            ],
+            "gap_failover_s": gap_fail.as_secs_f64(),
+            "gap_back_s": gap_back.as_secs_f64(),
+            "sent": sent,
+            "lost": lost,
+            "arrivals": arrivals,
+        }),
     );
 
     assert!(resumed.is_some(), "the flow never resumed over the relay");

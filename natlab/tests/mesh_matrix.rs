@@ -230,6 +230,34 @@ fn run_matrix(strict: bool) {
             // mapping towards the peer; still birthday probing, not asserted.)
         }
     }
+    let cells: Vec<serde_json::Value> = ROWS
+        .iter()
+        .flat_map(|r| COLS.iter().map(move |c| (*r, *c)))
+        .map(|(r, c)| {
+            serde_json::json!({
+                "row": r,
+                "col": c,
+                "path": last.get(&(r, c)).cloned().unwrap_or_else(|| "none".into()),
+                "time_to_direct_s": first_direct.get(&(r, c)).map(Duration::as_secs_f64),
+                "expected": format!("{:?}", expect(nat_of[r], nat_of[c])).to_lowercase(),
+                "birthday": birthday_cell(nat_of[r], nat_of[c]),
+            })
+        })
+        .collect();
+    let nat = |h: &&str| serde_json::json!({"host": h, "nat": nat_of[*h].name()});
+    support::write_result(
+        "mesh_matrix",
+        &serde_json::json!({
+            "scenario": "mesh_matrix",
+            "unix_time": support::unix_now(),
+            "relay": format!("{:?}", support::relay_impl()),
+            "strict": strict,
+            "rows": ROWS.iter().map(nat).collect::<Vec<_>>(),
+            "cols": COLS.iter().map(nat).collect::<Vec<_>>(),
+            "cells": cells,
+            "failures": failures,
+        }),
+    );
     if !failures.is_empty() {
         eprintln!("daemon logs: {}", mesh.topo.lab.log_dir().display());
     }

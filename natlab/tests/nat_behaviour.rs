@@ -189,6 +189,47 @@ fn udp_blocked_site_reaches_only_the_servers() {
     assert!(observe(&so, peer.addrs()[0], 0, WAIT).unwrap().is_some());
 }
 
+/// `udp-blocked-all`: no UDP at all (servers included), TCP only to the servers' 443 and 80.
+#[test]
+fn udp_blocked_all_site_allows_only_tcp_443_and_80_to_the_servers() {
+    if !ready("udp_blocked_all_site_allows_only_tcp_443_and_80_to_the_servers") {
+        return;
+    }
+    let t = TopologySpec::new()
+        .site("x", Nat::UdpBlockedAll, 1)
+        .site("o", Nat::Open, 1)
+        .build()
+        .unwrap();
+    let r = server_reflector(&t);
+    let s = host_socket(&t, "x1");
+    assert!(
+        observe(&s, r.addrs()[0], 0, WAIT).unwrap().is_none(),
+        "UDP to the servers must be dropped too"
+    );
+    let open_ip = t.host("o1").unwrap().ip;
+    let listen = |node: &str, addr: SocketAddr| {
+        t.lab
+            .in_ns(node, move || std::net::TcpListener::bind(addr))
+            .unwrap()
+            .unwrap()
+    };
+    let _l443 = listen(&t.server, SocketAddr::from((SERVER_PRIMARY, 443)));
+    let _l80 = listen(&t.server, SocketAddr::from((SERVER_PRIMARY, 80)));
+    let _l8443 = listen(&t.server, SocketAddr::from((SERVER_PRIMARY, 8443)));
+    let _lo = listen("o1", SocketAddr::from((open_ip, 443)));
+    let reaches = |to: SocketAddr| {
+        t.lab
+            .in_ns("x1", move || {
+                std::net::TcpStream::connect_timeout(&to, WAIT).is_ok()
+            })
+            .unwrap()
+    };
+    assert!(reaches(SocketAddr::from((SERVER_PRIMARY, 443))));
+    assert!(reaches(SocketAddr::from((SERVER_PRIMARY, 80))));
+    assert!(!reaches(SocketAddr::from((SERVER_PRIMARY, 8443))));
+    assert!(!reaches(SocketAddr::from((open_ip, 443))));
+}
+
 #[test]
 fn cafe_hosts_share_one_public_address_and_reach_each_other_on_the_lan() {
     if !ready("cafe_hosts_share_one_public_address_and_reach_each_other_on_the_lan") {

@@ -2,7 +2,7 @@
 //! how to trust the server's certificate and the network token in one line.
 //!
 //! ```text
-//! meshpunch://<token>@<host>[:<port>][?pin=<pin>[,<pin>...]][&stun=<host:port>][&addr=<ip:port>[,...]]
+//! meshpunch://<token>@<host>[:<port>][?pin=<pin>[,<pin>...]][&stun=<host:port>][&addr=<ip:port>[,...]][&tcp=<port>]
 //! ```
 //!
 //! - `host` is a DNS name, an IPv4 address or a bracketed IPv6 address (`[2001:db8::1]`);
@@ -17,6 +17,9 @@
 //!   which any renewal breaks; it keeps working for strings already handed out.
 //! - `addr=` lists node addresses to connect to instead of resolving `host` (the certificate
 //!   is still verified for `host`): for names not in DNS yet, and for tests.
+//! - `tcp=` is the TCP port of the rendezvous' TLS-over-TCP listener (the fallback when UDP is
+//!   blocked) when it differs from `port`; without it the client uses `port` for TCP too (the
+//!   server's default: one port number, 443, for both).
 //!
 //! Unknown query parameters are ignored so newer servers can add some.
 
@@ -101,6 +104,8 @@ pub struct ConnectString {
     pub stun: Option<String>,
     /// Addresses to connect to instead of resolving `host`.
     pub addrs: Vec<SocketAddr>,
+    /// TCP port of the TLS-over-TCP fallback when it differs from `port` (`tcp=`).
+    pub tcp_port: Option<u16>,
 }
 
 /// Why a connect string was refused.
@@ -119,6 +124,9 @@ pub enum ConnectError {
     /// A `pin=` entry is not `spki:<64 hex>` or `<64 hex>`, or there are too many.
     #[error("connect string has an invalid pin (expected spki:<64 hex digits of the public key SHA-256>, at most 8)")]
     BadPin,
+    /// `tcp=` is not a port number (1-65535).
+    #[error("connect string has an invalid tcp= port (expected 1-65535)")]
+    BadTcpPort,
     /// `stun=` is not a valid `host:port`.
     #[error("connect string has an invalid stun address")]
     BadStun,
@@ -200,6 +208,11 @@ impl ConnectString {
     pub fn authority(&self) -> String {
         join_host_port(&self.host, self.port)
     }
+
+    /// TCP port of the TLS-over-TCP fallback: `tcp=`, else the QUIC port.
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port.unwrap_or(self.port)
+    }
 }
 
 impl fmt::Display for ConnectString {
@@ -231,6 +244,9 @@ impl fmt::Display for ConnectString {
             let addrs: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
             param(f, "addr", addrs.join(","))?;
         }
+        if let Some(p) = self.tcp_port.filter(|p| *p != self.port) {
+            param(f, "tcp", p.to_string())?;
+        }
         Ok(())
     }
 }
@@ -256,6 +272,7 @@ impl FromStr for ConnectString {
         let mut pins = Vec::new();
         let mut addrs = Vec::new();
         let mut stun = None;
+        let mut tcp_port = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
@@ -285,6 +302,10 @@ impl FromStr for ConnectString {
                         return Err(ConnectError::BadAddr);
                     }
                 }
+                "tcp" => match v.parse::<u16>() {
+                    Ok(p) if p != 0 => tcp_port = Some(p),
+                    _ => return Err(ConnectError::BadTcpPort),
+                },
                 _ => {}
             }
         }
@@ -295,6 +316,7 @@ impl FromStr for ConnectString {
             pins,
             stun,
             addrs,
+            tcp_port: tcp_port.filter(|p| *p != port),
         })
     }
 }
@@ -422,6 +444,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn tcp_port_defaults_to_the_quic_port() {
+        let c: ConnectString = "meshpunch://t@h:4433".parse().unwrap();
+        assert_eq!((c.tcp_port, c.tcp_port()), (None, 4433));
+        let c: ConnectString = "meshpunch://t@h:4433?tcp=8443".parse().unwrap();
+        assert_eq!(c.tcp_port(), 8443);
+        assert_eq!(c.to_string(), "meshpunch://t@h:4433?tcp=8443");
+        // The same port is the default: not written out.
+        let c: ConnectString = "meshpunch://t@h:4433?tcp=4433".parse().unwrap();
+        assert_eq!(
+            (c.tcp_port, c.to_string().as_str()),
+            (None, "meshpunch://t@h:4433")
+        );
+        for bad in ["tcp=0", "tcp=x", "tcp=65536", "tcp="] {
+            assert_eq!(
+                format!("meshpunch://t@h?{bad}").parse::<ConnectString>(),
+                Err(ConnectError::BadTcpPort),
+                "{bad}"
+            );
+        }
+    }
+
     fn pin_strategy() -> impl Strategy<Value = Pin> {
         prop_oneof![
             any::<[u8; 32]>().prop_map(Pin::Spki),
@@ -438,8 +482,10 @@ mod tests {
             ], port in prop_oneof![Just(DEFAULT_PORT), any::<u16>()],
             pins in proptest::collection::hash_set(pin_strategy(), 0..=MAX_PINS),
             addrs in proptest::collection::hash_set(any::<SocketAddr>(), 0..=MAX_ADDRS),
-            stun in proptest::option::of(any::<u16>())) {
+            stun in proptest::option::of(any::<u16>()),
+            tcp_port in proptest::option::of(1u16..)) {
             let c = ConnectString {
+                tcp_port: tcp_port.filter(|p| *p != port),
                 token,
                 stun: stun.map(|p| join_host_port(&host, p)),
                 host,

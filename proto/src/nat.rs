@@ -294,6 +294,31 @@ pub struct NetcheckReport {
     pub binding_lifetime: Option<BindingLifetime>,
     /// Every Binding result used (server → mapped), for debugging.
     pub observations: Vec<ObservationJson>,
+    /// Which transports reach the rendezvous (`null` without `--connect`).
+    #[serde(default)]
+    pub tcp_fallback: Option<TcpFallback>,
+}
+
+/// Whether the rendezvous answers over QUIC (UDP) and over its TLS-over-TCP fallback: a
+/// network that blocks UDP shows `quic_ok: false, tcp_ok: true`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TcpFallback {
+    /// A QUIC handshake with the rendezvous completed.
+    pub quic_ok: bool,
+    /// A TLS handshake over TCP with the rendezvous completed.
+    pub tcp_ok: bool,
+    /// Time the QUIC handshake took, ms.
+    pub quic_ms: Option<u32>,
+    /// Time the TCP connect and TLS handshake took, ms.
+    pub tcp_ms: Option<u32>,
+    /// The rendezvous address tried over QUIC.
+    pub quic_addr: Option<SocketAddr>,
+    /// The rendezvous address tried over TCP.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Why QUIC failed.
+    pub quic_error: Option<String>,
+    /// Why TCP failed.
+    pub tcp_error: Option<String>,
 }
 
 /// One Binding result in the JSON report.
@@ -354,6 +379,7 @@ impl NetcheckReport {
             preferred_relay,
             binding_lifetime,
             observations: obs.iter().map(|o| (*o).into()).collect(),
+            tcp_fallback: None,
         }
     }
 
@@ -398,6 +424,19 @@ impl NetcheckReport {
             "\t* Preferred relay: {}",
             self.preferred_relay.as_deref().unwrap_or("none")
         );
+        if let Some(t) = &self.tcp_fallback {
+            let ok = |ok: bool, ms: Option<u32>, err: &Option<String>| match (ok, ms) {
+                (true, Some(ms)) => format!("yes ({ms} ms)"),
+                (true, None) => "yes".to_string(),
+                (false, _) => format!("no ({})", err.as_deref().unwrap_or("no answer")),
+            };
+            let _ = writeln!(
+                s,
+                "\t* Rendezvous over QUIC: {}; over TLS/TCP: {}",
+                ok(t.quic_ok, t.quic_ms, &t.quic_error),
+                ok(t.tcp_ok, t.tcp_ms, &t.tcp_error)
+            );
+        }
         let _ = writeln!(s, "\t* Relay latencies:");
         for r in &self.relays {
             match r.latency_ms {

@@ -76,6 +76,36 @@ pub const MAX_CANDIDATES: usize = 64;
 /// Most keys accepted in one [`Message::Watch`].
 pub const MAX_WATCH_KEYS: usize = 1024;
 
+/// The transport a signalling connection runs over. The frames, ALPN and key proof are the
+/// same on both; QUIC (UDP) is preferred, TLS 1.3 over TCP is the fallback where UDP is
+/// blocked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Transport {
+    /// QUIC over UDP.
+    #[default]
+    Quic,
+    /// TLS 1.3 over TCP.
+    Tcp,
+}
+
+impl Transport {
+    /// The spelling in metrics, logs and `status` (`quic` | `tcp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+
+    /// Whether an address observed on a connection of this transport is a UDP mapping (a
+    /// server-reflexive candidate). A TCP connection's source port is a TCP mapping of the
+    /// NAT, unrelated to any UDP one: it is never a UDP candidate. (Its IP is still the
+    /// host's public IP.)
+    pub fn observed_is_udp_mapping(self) -> bool {
+        matches!(self, Transport::Quic)
+    }
+}
+
 /// A WireGuard (Curve25519) public key: 32 bytes, written as standard base64 (44 chars) the way
 /// `wg pubkey` prints it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -37,7 +37,13 @@ use crate::udp::{self, RecvBatch, SendQueue, RECV_BATCH};
 const LISTENER_TOKEN: u64 = u64::MAX;
 const MAX_LISTENERS: usize = 8;
 const WAKE_TOKEN: u64 = u64::MAX - MAX_LISTENERS as u64;
-/// `recvmmsg` rounds per readable socket per wake-up (fairness between sockets).
+/// `recvmmsg` rounds per wake-up on a listening socket: up to 16 × 64 client datagrams are
+/// handled before the send queue is flushed, so that what many clients send through the same
+/// allocation leaves in one `sendmmsg` per relayed socket (sendmmsg batches per socket, across
+/// destinations; interleaved real traffic rarely has two datagrams of one allocation within a
+/// single receive batch, but often within a loaded wake-up).
+const LISTENER_ROUNDS: usize = 16;
+/// `recvmmsg` rounds per readable relayed socket per wake-up (fairness between sockets).
 const ROUNDS_PER_WAKEUP: usize = 4;
 /// How often counters are exported.
 const EXPORT_INTERVAL: Duration = Duration::from_secs(1);
@@ -346,7 +352,7 @@ pub fn run(
                 let Some(&lfd) = lfds.get((LISTENER_TOKEN - token) as usize) else {
                     continue;
                 };
-                for _ in 0..ROUNDS_PER_WAKEUP {
+                for _ in 0..LISTENER_ROUNDS {
                     let got = match rb.recv(lfd) {
                         Ok(got) => got,
                         Err(_) => break,

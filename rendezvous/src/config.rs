@@ -67,9 +67,14 @@ pub struct Limits {
     /// A connection with no traffic for this long is closed (clients send keep-alives).
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
-    /// Time allowed from connection start to a completed registration.
+    /// Time allowed from connection start to a completed registration. Over TCP it also
+    /// bounds the wait for the first byte and the TLS handshake.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub handshake_timeout: Duration,
+    /// A frame begun but not finished for this long closes the connection (a stalled
+    /// half-sent frame would otherwise hold its buffer for ever).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub frame_timeout: Duration,
     /// Time a client has to answer a re-authentication challenge before it is closed.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub reauth_timeout: Duration,
@@ -100,6 +105,7 @@ impl Default for Limits {
             max_frame_bytes: meshpunch_proto::wire::MAX_FRAME_LEN,
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
             reauth_timeout: meshpunch_proto::session::REAUTH_TIMEOUT,
             offers_per_sec: 20.0,
             max_pending_offers: 64,
@@ -145,6 +151,12 @@ pub fn default_acme_http_listen() -> SocketAddr {
 pub struct Config {
     /// QUIC listen address.
     pub listen: SocketAddr,
+    /// TLS-over-TCP listen address (the fallback for clients whose network blocks UDP).
+    /// Default: the QUIC address and port (443 in production: one firewall rule, two
+    /// protocols).
+    pub tcp_listen: Option<SocketAddr>,
+    /// Serve the TLS-over-TCP fallback (`--no-tcp` turns it off).
+    pub tcp: bool,
     /// STUN listen address; `None` disables the STUN server.
     pub stun_listen: Option<SocketAddr>,
     /// Second STUN address (other IP, and other port unless equal) for RFC 5780.
@@ -214,6 +226,8 @@ impl Default for Config {
                     .parse()
                     .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478))),
             ),
+            tcp_listen: None,
+            tcp: true,
             stun_alt: None,
             admin_listen: Some(
                 DEFAULT_ADMIN_LISTEN
@@ -303,6 +317,26 @@ impl Config {
             data_dir: data_dir.into(),
             dev: true,
             ..Config::default()
+        }
+    }
+
+    /// The `tcp=` port of connect strings: the TCP listener's port (`bound_tcp` once bound,
+    /// else `tcp_listen`) when it differs from the QUIC port clients use
+    /// (`public_port`, else `bound_quic`); `None` when equal or TCP is off.
+    pub fn connect_tcp_port(&self, bound_quic: u16, bound_tcp: Option<u16>) -> Option<u16> {
+        if !self.tcp {
+            return None;
+        }
+        let quic = self.public_port.unwrap_or(bound_quic);
+        let tcp = match (bound_tcp, self.tcp_listen) {
+            (Some(p), _) => p,
+            (None, Some(a)) => a.port(),
+            // Same address as QUIC: behind a port forward, forwarded like the UDP port.
+            (None, None) => return None,
+        };
+        match self.public_port {
+            Some(_) if self.tcp_listen.is_none() => None,
+            _ => (tcp != quic).then_some(tcp),
         }
     }
 
@@ -483,6 +517,25 @@ mod tests {
             let e = Config::from_toml(&region(bad)).unwrap_err().to_string();
             assert!(e.contains("relay.example.com"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn tcp_fallback_keys_and_connect_string_port() {
+        let c = Config::from_toml("listen = \"0.0.0.0:443\"").unwrap();
+        assert!(c.tcp && c.tcp_listen.is_none());
+        // Same port as QUIC: no tcp= in connect strings.
+        assert_eq!(c.connect_tcp_port(443, Some(443)), None);
+        assert_eq!(c.connect_tcp_port(443, None), None);
+        let c =
+            Config::from_toml("listen = \"0.0.0.0:443\"\ntcp_listen = \"0.0.0.0:8443\"").unwrap();
+        assert_eq!(c.connect_tcp_port(443, None), Some(8443));
+        assert_eq!(c.connect_tcp_port(443, Some(8443)), Some(8443));
+        // Behind a port forward (public_port) without its own tcp_listen: forwarded alike.
+        let c = Config::from_toml("listen = \"0.0.0.0:4433\"\npublic_port = 443").unwrap();
+        assert_eq!(c.connect_tcp_port(4433, Some(4433)), None);
+        let c = Config::from_toml("tcp = false").unwrap();
+        assert_eq!(c.connect_tcp_port(443, Some(8443)), None);
+        assert!(Config::from_toml("[limits]\nframe_timeout = \"3s\"").is_ok());
     }
 
     #[test]

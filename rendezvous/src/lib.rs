@@ -1,4 +1,4 @@
-//! The meshpunch rendezvous service: QUIC signalling (register, key proof, observed address,
+//! The meshpunch rendezvous service: QUIC (and TLS-over-TCP fallback) signalling (register, key proof, observed address,
 //! presence, offers), STUN Binding server, relay map and TURN credentials, admin HTTP.
 //!
 //! `main.rs` only parses the command line; everything else lives here so integration tests
@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod stun_server;
+mod tcp;
 pub mod tls;
 
 pub use config::Config;

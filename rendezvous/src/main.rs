@@ -35,6 +35,13 @@ struct Opts {
     /// QUIC listen address [default: 0.0.0.0:4433].
     #[arg(long, env = "MESHPUNCH_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// TLS-over-TCP listen address, the fallback for clients whose network blocks UDP
+    /// [default: the --listen address and port].
+    #[arg(long, env = "MESHPUNCH_TCP_LISTEN", value_name = "ADDR")]
+    tcp_listen: Option<SocketAddr>,
+    /// Do not serve the TLS-over-TCP fallback.
+    #[arg(long, conflicts_with = "tcp_listen")]
+    no_tcp: bool,
     /// STUN listen address [default: 0.0.0.0:3478].
     #[arg(long, env = "MESHPUNCH_STUN_LISTEN", value_name = "ADDR")]
     stun_listen: Option<SocketAddr>,
@@ -181,6 +188,12 @@ fn load_config(o: &Opts) -> anyhow::Result<Config> {
     if let Some(a) = o.listen {
         cfg.listen = a;
     }
+    if let Some(a) = o.tcp_listen {
+        cfg.tcp_listen = Some(a);
+    }
+    if o.no_tcp {
+        cfg.tcp = false;
+    }
     if let Some(a) = o.stun_listen {
         cfg.stun_listen = Some(a);
     }
@@ -304,6 +317,7 @@ fn token_cmd(cfg: Config, cmd: TokenCmd) -> anyhow::Result<()> {
                     pins,
                     stun,
                     addrs: Vec::new(),
+                    tcp_port: cfg.connect_tcp_port(cfg.listen.port(), None),
                 };
                 println!("{cs}");
             } else {

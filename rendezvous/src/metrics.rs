@@ -7,13 +7,17 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Counter: QUIC connections accepted.
+/// Counter: connections accepted, label `transport` = quic | tcp.
 pub const CONNECTIONS_TOTAL: &str = "meshpunch_rendezvous_connections_total";
-/// Gauge: QUIC connections open.
+/// Gauge: connections open (session running), label `transport` = quic | tcp.
 pub const CONNECTIONS_OPEN: &str = "meshpunch_rendezvous_connections_open";
+/// Counter: TLS-over-TCP handshakes that failed (not TLS, no ALPN `meshpunch/1`, bad record).
+pub const TCP_HANDSHAKE_FAILURES_TOTAL: &str = "meshpunch_rendezvous_tcp_handshake_failures_total";
+/// Counter: failed `accept` calls on the TCP listener (out of file descriptors).
+pub const TCP_ACCEPT_ERRORS_TOTAL: &str = "meshpunch_rendezvous_tcp_accept_errors_total";
 /// Gauge: registered peers on this node.
 pub const PEERS_REGISTERED: &str = "meshpunch_rendezvous_peers_registered";
-/// Counter: successful registrations.
+/// Counter: successful registrations, label `transport` = quic | tcp.
 pub const REGISTRATIONS_TOTAL: &str = "meshpunch_rendezvous_registrations_total";
 /// Counter: refused registrations and sessions ended for authentication reasons, label
 /// `reason` = expired | revoked | bad_token | bad_proof | key_not_allowed | reauth_timeout.
@@ -33,7 +37,7 @@ pub const PRESENCE_EVENTS_TOTAL: &str = "meshpunch_rendezvous_presence_events_to
 pub const OBSERVED_ADDR_CHANGES_TOTAL: &str = "meshpunch_rendezvous_observed_addr_changes_total";
 /// Counter: limits hit, label `limit` = connections_per_ip | migrated_connections_per_ip |
 /// handshakes_in_flight | unvalidated_retry_token | registrations_per_ip | frame_size |
-/// idle_timeout | handshake_timeout | offers_rate | pending_offers | watch_rate | stun_rate |
+/// stalled_frame | idle_timeout | handshake_timeout | tls_handshake_timeout | offers_rate | pending_offers | watch_rate | stun_rate |
 /// admin_connections | admin_header_timeout.
 pub const LIMIT_HITS_TOTAL: &str = "meshpunch_rendezvous_limit_hits_total";
 /// Counter: inbox deliveries dropped (recipient gone or its queue full).

@@ -1,6 +1,7 @@
-//! The rendezvous server: QUIC listener, one task per connection running the session state
-//! machine (hello → challenge → key proof → registered), and the dispatcher that routes
-//! registry deliveries to local connections.
+//! The rendezvous server: QUIC listener and TLS-over-TCP listener ([`crate::tcp`]), one task
+//! per connection running the session state machine (hello → challenge → key proof →
+//! registered) over either transport, and the dispatcher that routes registry deliveries to
+//! local connections.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +16,7 @@ use meshpunch_proto::session::{ServerEvent, ServerSession, ServerSessionConfig, 
 use meshpunch_proto::token::{self, Revocations, Token, TokenError};
 use meshpunch_proto::wire::{
     self, Answer, Candidate, ErrorCode, FrameDecoder, GoAwayReason, IncomingOffer, Message, Offer,
-    PeerKey, PunchStart, Registered, RelayRegion,
+    PeerKey, PunchStart, Registered, RelayRegion, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -184,6 +185,8 @@ pub(crate) struct Shared {
     pub(crate) degraded: RwLock<Option<String>>,
     cert: Arc<ReloadableCert>,
     stun_addrs: Vec<SocketAddr>,
+    /// Handshakes in progress on both transports (`limits.max_handshakes_in_flight`).
+    pub(crate) handshakes: Arc<AtomicUsize>,
 }
 
 impl TokenCheck for Shared {
@@ -243,6 +246,26 @@ impl Shared {
     pub(crate) fn draining(&self) -> bool {
         *self.drain_tx.borrow()
     }
+
+    /// A per-source connection slot (`limits.max_connections_per_ip`), shared by both
+    /// transports.
+    pub(crate) fn acquire_slot(&self, ip: IpAddr) -> Option<ConnSlot> {
+        self.conn_counter
+            .acquire(ip, self.cfg.limits.max_connections_per_ip)
+    }
+
+    /// Takes a handshake slot if fewer than `limits.max_handshakes_in_flight` handshakes (of
+    /// either transport) are in progress.
+    pub(crate) fn begin_handshake(&self) -> Option<HandshakeGuard> {
+        let cap = self.cfg.limits.max_handshakes_in_flight;
+        self.handshakes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        metrics::gauge!(m::HANDSHAKES_IN_FLIGHT).increment(1.0);
+        Some(HandshakeGuard(self.handshakes.clone()))
+    }
 }
 
 /// A running rendezvous server. Dropping it stops every task and closes the sockets.
@@ -250,6 +273,7 @@ pub struct Server {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     quic_addr: SocketAddr,
+    tcp_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     dev_connect: Option<ConnectString>,
     certs: Arc<CertManager>,
@@ -261,6 +285,7 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("quic_addr", &self.quic_addr)
+            .field("tcp_addr", &self.tcp_addr)
             .field("stun_addrs", &self.shared.stun_addrs)
             .field("admin_addr", &self.admin_addr)
             .finish()
@@ -298,6 +323,16 @@ impl Server {
         let quic_addr = endpoint
             .local_addr()
             .map_err(io_err("QUIC local address"))?;
+        let tcp = match cfg.tcp {
+            true => Some(crate::tcp::bind(&cfg, quic_addr).await?),
+            false => None,
+        };
+        let tcp_addr = match &tcp {
+            Some(l) => Some(l.local_addr().map_err(io_err("TCP local address"))?),
+            None => None,
+        };
+        let tls_acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_tls(resolver.clone())?));
 
         let mut tasks = Vec::new();
         let stun_addrs = match cfg.stun_listen {
@@ -343,12 +378,20 @@ impl Server {
             degraded: RwLock::new(None),
             cert: resolver,
             stun_addrs,
+            handshakes: Arc::new(AtomicUsize::new(0)),
             cfg,
         });
 
         tasks.push(tokio::spawn(dispatch(shared.clone(), inbox)));
         tasks.push(tokio::spawn(poll_revocations(shared.clone())));
         tasks.push(tokio::spawn(accept_loop(shared.clone(), endpoint.clone())));
+        if let Some(listener) = tcp {
+            tasks.push(tokio::spawn(crate::tcp::accept_loop(
+                shared.clone(),
+                listener,
+                tls_acceptor,
+            )));
+        }
         let admin_addr = match shared.cfg.admin_listen {
             Some(addr) => {
                 let (bound, handle) = crate::admin::start(addr, shared.clone())
@@ -381,6 +424,7 @@ impl Server {
             shared,
             endpoint,
             quic_addr,
+            tcp_addr,
             admin_addr,
             dev_connect: None,
             tasks,
@@ -389,7 +433,7 @@ impl Server {
         if server.shared.cfg.dev {
             server.dev_connect = Some(server.write_dev_connect()?);
         }
-        info!(quic = %server.quic_addr, stun = ?server.shared.stun_addrs, admin = ?server.admin_addr,
+        info!(quic = %server.quic_addr, tcp = ?server.tcp_addr, stun = ?server.shared.stun_addrs, admin = ?server.admin_addr,
               node = server.shared.registry.node_id(), "rendezvous listening");
         Ok(server)
     }
@@ -448,6 +492,10 @@ impl Server {
             pins: connect_pins(&self.shared.cfg, &self.shared.cert),
             stun,
             addrs: Vec::new(),
+            tcp_port: self
+                .shared
+                .cfg
+                .connect_tcp_port(self.quic_addr.port(), self.tcp_addr.map(|a| a.port())),
         }
     }
 
@@ -459,6 +507,11 @@ impl Server {
     /// QUIC address bound.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// TLS-over-TCP address bound (`None` with `tcp = false`).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// STUN addresses bound: primary first, then (with `stun_alt`) alt-port, alt-IP, alt-both.
@@ -626,8 +679,9 @@ const RETRY_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// counts every one).
 const HANDSHAKE_CAP_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// One QUIC handshake in progress; decrements the in-flight count when dropped.
-struct HandshakeGuard(Arc<AtomicUsize>);
+/// One handshake (QUIC or TLS over TCP) in progress; decrements the in-flight count when
+/// dropped.
+pub(crate) struct HandshakeGuard(Arc<AtomicUsize>);
 
 impl Drop for HandshakeGuard {
     fn drop(&mut self) {
@@ -652,7 +706,6 @@ impl Drop for HandshakeGuard {
 /// 3. **Per-source slot** (`limits.max_connections_per_ip`, IPv4 address or IPv6 /64), taken
 ///    only now that the address is validated.
 struct Admission {
-    in_flight: Arc<AtomicUsize>,
     last_cap_warn: Option<Instant>,
 }
 
@@ -677,7 +730,7 @@ impl Admission {
             return None;
         }
         let cap = shared.cfg.limits.max_handshakes_in_flight;
-        if self.in_flight.load(Ordering::Acquire) >= cap {
+        let Some(guard) = shared.begin_handshake() else {
             metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "handshakes_in_flight").increment(1);
             let now = Instant::now();
             let due = match self.last_cap_warn {
@@ -695,20 +748,15 @@ impl Admission {
             }
             incoming.ignore();
             return None;
-        }
+        };
         let ip = incoming.remote_address().ip();
-        let Some(slot) = shared
-            .conn_counter
-            .acquire(ip, shared.cfg.limits.max_connections_per_ip)
-        else {
+        let Some(slot) = shared.acquire_slot(ip) else {
             metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "connections_per_ip").increment(1);
             warn!(%ip, "connection refused: too many connections from this source");
             incoming.refuse();
             return None;
         };
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!(m::HANDSHAKES_IN_FLIGHT).increment(1.0);
-        Some((incoming, slot, HandshakeGuard(self.in_flight.clone())))
+        Some((incoming, slot, guard))
     }
 }
 
@@ -749,7 +797,6 @@ async fn poll_revocations(shared: Arc<Shared>) {
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let mut conns = tokio::task::JoinSet::new();
     let mut admission = Admission {
-        in_flight: Arc::new(AtomicUsize::new(0)),
         last_cap_warn: None,
     };
     loop {
@@ -757,7 +804,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 if let Some((incoming, slot, guard)) = admission.admit(&shared, incoming) {
-                    metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+                    metrics::counter!(m::CONNECTIONS_TOTAL, "transport" => "quic").increment(1);
                     conns.spawn(handle_incoming(shared.clone(), incoming, slot, guard));
                 }
             }
@@ -782,10 +829,7 @@ async fn follow_migrations(shared: Arc<Shared>, conn: quinn::Connection, mut slo
         if crate::limits::source_key(ip) == slot.key() {
             continue;
         }
-        match shared
-            .conn_counter
-            .acquire(ip, shared.cfg.limits.max_connections_per_ip)
-        {
+        match shared.acquire_slot(ip) {
             Some(new_slot) => slot = new_slot,
             None => {
                 metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "migrated_connections_per_ip")
@@ -831,19 +875,132 @@ async fn handle_incoming(
             return;
         }
     };
+    // All zeros if the exporter is unavailable: then no key proof verifies.
+    let mut exporter = [0u8; wire::EXPORTER_LEN];
+    let _ = conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"");
+    let migrations = follow_migrations(shared.clone(), conn.clone(), slot);
+    let link = Link::Quic { conn, send };
+    run_session(shared, link, Recv::Quic(recv), exporter, migrations).await;
+}
+
+/// Runs one session over `link` until it ends (or `until` completes: the QUIC migration
+/// watcher closing the connection), then unregisters it. The caller holds the connection's
+/// per-source slot for as long as this runs.
+pub(crate) async fn run_session(
+    shared: Arc<Shared>,
+    link: Link,
+    recv: Recv,
+    exporter: [u8; wire::EXPORTER_LEN],
+    until: impl std::future::Future<Output = ()>,
+) {
     let conn_id: ConnId = rand::random();
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
     shared.conns.insert(conn_id, tx);
-    metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
-    let mut session = Session::new(shared.clone(), conn, send, conn_id);
-    let migrations = follow_migrations(shared.clone(), session.conn.clone(), slot);
+    let transport = link.transport().as_str();
+    metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => transport).increment(1.0);
+    /// Unregisters the session however its task ends (also when aborted: the guard's drop
+    /// removes it from the local maps; the registry entry expires with its refresh).
+    struct Open(Arc<Shared>, ConnId, &'static str);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.conns.remove(&self.1);
+            metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => self.2).decrement(1.0);
+        }
+    }
+    let _open = Open(shared.clone(), conn_id, transport);
+    let mut session = Session::new(shared, link, conn_id, exporter);
     tokio::select! {
         () = Box::pin(session.run(recv, rx)) => {}
-        () = migrations => {}
+        () = until => {}
     }
     Box::pin(session.cleanup()).await;
-    shared.conns.remove(&conn_id);
-    metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+}
+
+/// The connection under a session: one QUIC bidirectional stream, or TLS over TCP.
+pub(crate) enum Link {
+    Quic {
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+    },
+    Tcp(crate::tcp::TcpLink),
+}
+
+impl Link {
+    fn transport(&self) -> Transport {
+        match self {
+            Link::Quic { .. } => Transport::Quic,
+            Link::Tcp(_) => Transport::Tcp,
+        }
+    }
+
+    fn remote_address(&self) -> SocketAddr {
+        match self {
+            Link::Quic { conn, .. } => conn.remote_address(),
+            Link::Tcp(t) => t.remote,
+        }
+    }
+
+    fn local_ip(&self) -> Option<IpAddr> {
+        match self {
+            Link::Quic { conn, .. } => conn.local_ip(),
+            Link::Tcp(t) => Some(t.local.ip()),
+        }
+    }
+
+    fn rtt(&self) -> Duration {
+        match self {
+            Link::Quic { conn, .. } => conn.rtt(),
+            Link::Tcp(t) => t.rtt,
+        }
+    }
+
+    async fn write_all(&mut self, frame: &[u8]) -> Result<(), ()> {
+        match self {
+            Link::Quic { send, .. } => send.write_all(frame).await.map_err(|_| ()),
+            Link::Tcp(t) => t.write_all(frame).await.map_err(|_| ()),
+        }
+    }
+
+    /// Ends the connection after what was written is delivered (bounded wait).
+    async fn finish(&mut self) {
+        match self {
+            Link::Quic { conn, send } => {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                conn.close(0u8.into(), b"");
+            }
+            Link::Tcp(t) => t.shutdown().await,
+        }
+    }
+
+    fn idle_timed_out(&self) -> bool {
+        match self {
+            Link::Quic { conn, .. } => {
+                matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut))
+            }
+            Link::Tcp(t) => t.timed_out(),
+        }
+    }
+}
+
+/// The reading side of a [`Link`].
+pub(crate) enum Recv {
+    Quic(quinn::RecvStream),
+    Tcp(crate::tcp::TcpRecv),
+}
+
+impl Recv {
+    /// The next bytes received; `None` when the peer closed or the connection failed.
+    async fn read(&mut self) -> Option<bytes::Bytes> {
+        match self {
+            // No read buffer per connection: take quinn's received chunk as it is.
+            Recv::Quic(r) => match r.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => Some(chunk.bytes),
+                Ok(None) | Err(_) => None,
+            },
+            Recv::Tcp(r) => r.read().await,
+        }
+    }
 }
 
 struct PendingIncoming {
@@ -864,9 +1021,10 @@ enum Flow {
 
 struct Session {
     shared: Arc<Shared>,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
+    link: Link,
     decoder: FrameDecoder,
+    /// Since when the decoder holds part of a frame (`limits.frame_timeout`).
+    partial_since: Option<Instant>,
     conn_id: ConnId,
     /// The session protocol (handshake, re-authentication, token expiry and revocation).
     core: ServerSession,
@@ -891,20 +1049,17 @@ struct Session {
 impl Session {
     fn new(
         shared: Arc<Shared>,
-        conn: quinn::Connection,
-        send: quinn::SendStream,
+        link: Link,
         conn_id: ConnId,
+        exporter: [u8; wire::EXPORTER_LEN],
     ) -> Session {
         let now = Instant::now();
-        // All zeros if the exporter is unavailable: then no key proof verifies.
-        let mut exporter = [0u8; wire::EXPORTER_LEN];
-        let _ = conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"");
         Session {
             decoder: FrameDecoder::new(shared.cfg.limits.max_frame_bytes),
+            partial_since: None,
             core: ServerSession::new(now, unix_now(), exporter, shared.session_config()),
-            observed: conn.remote_address(),
-            conn,
-            send,
+            observed: link.remote_address(),
+            link,
             conn_id,
             peer: None,
             outgoing: HashMap::new(),
@@ -920,7 +1075,7 @@ impl Session {
         }
     }
 
-    async fn run(&mut self, mut recv: quinn::RecvStream, mut rx: mpsc::Receiver<ConnEvent>) {
+    async fn run(&mut self, mut recv: Recv, mut rx: mpsc::Receiver<ConnEvent>) {
         let mut drain = self.shared.drain_tx.subscribe();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -932,13 +1087,17 @@ impl Session {
         // inline they would make every idle connection's task as large as the largest one.
         loop {
             let flow = tokio::select! {
-                // No read buffer per connection: take quinn's received chunk as it is.
-                r = recv.read_chunk(usize::MAX, true) => match r {
-                    Ok(Some(chunk)) => {
-                        self.decoder.push(&chunk.bytes);
-                        Box::pin(self.drain_decoder()).await
+                r = recv.read() => match r {
+                    Some(bytes) => {
+                        self.decoder.push(&bytes);
+                        let flow = Box::pin(self.drain_decoder()).await;
+                        self.partial_since = match self.decoder.buffered() {
+                            0 => None,
+                            _ => self.partial_since.or(Some(Instant::now())),
+                        };
+                        flow
                     }
-                    Ok(None) | Err(_) => Flow::Close,
+                    None => Flow::Close,
                 },
                 ev = rx.recv() => match ev {
                     Some(ev) => Box::pin(self.on_event(ev)).await,
@@ -958,10 +1117,7 @@ impl Session {
                 break;
             }
         }
-        if matches!(
-            self.conn.close_reason(),
-            Some(quinn::ConnectionError::TimedOut)
-        ) {
+        if self.link.idle_timed_out() {
             metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "idle_timeout").increment(1);
         }
     }
@@ -983,7 +1139,7 @@ impl Session {
                 }
                 Err(e) => {
                     metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "frame_size").increment(1);
-                    warn!(remote = %self.conn.remote_address(), error = %e, "closing connection");
+                    warn!(remote = %self.link.remote_address(), error = %e, "closing connection");
                     let _ = self.error(e.code(), 0, e.to_string()).await;
                     self.finish().await;
                     return Flow::Close;
@@ -994,7 +1150,7 @@ impl Session {
 
     async fn write(&mut self, msg: &Message) -> Flow {
         let frame = msg.encode();
-        match tokio::time::timeout(WRITE_TIMEOUT, self.send.write_all(&frame)).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.link.write_all(&frame)).await {
             Ok(Ok(())) => Flow::Continue,
             _ => Flow::Close,
         }
@@ -1006,9 +1162,7 @@ impl Session {
     }
 
     async fn finish(&mut self) {
-        let _ = self.send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.send.stopped()).await;
-        self.conn.close(0u8.into(), b"");
+        self.link.finish().await;
     }
 
     async fn go_away(&mut self, reason: GoAwayReason, message: &str) {
@@ -1029,7 +1183,7 @@ impl Session {
 
     async fn on_message(&mut self, msg: Message) -> Flow {
         if matches!(msg, Message::Hello(_)) && !self.core.is_registered() {
-            let ip = self.conn.remote_address().ip();
+            let ip = self.link.remote_address().ip();
             if !self.shared.reg_limiter.allow(ip, Instant::now()) {
                 metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "registrations_per_ip")
                     .increment(1);
@@ -1089,7 +1243,7 @@ impl Session {
                                 metrics::counter!(m::REAUTH_TOTAL, "result" => r.as_str())
                                     .increment(1);
                             }
-                            info!(peer = ?self.peer, remote = %self.conn.remote_address(),
+                            info!(peer = ?self.peer, remote = %self.link.remote_address(),
                                   reason = r.as_str(), "session refused or ended");
                         }
                         None if code == ErrorCode::Timeout => {
@@ -1124,9 +1278,11 @@ impl Session {
             self.finish().await;
             return Flow::Close;
         }
-        metrics::counter!(m::REGISTRATIONS_TOTAL).increment(1);
+        let transport = self.link.transport();
+        metrics::counter!(m::REGISTRATIONS_TOTAL, "transport" => transport.as_str()).increment(1);
         metrics::gauge!(m::PEERS_REGISTERED).increment(1.0);
-        info!(%peer, remote = %self.observed, token_expires_unix = expires_unix, "registered");
+        info!(%peer, remote = %self.observed, transport = transport.as_str(),
+              token_expires_unix = expires_unix, "registered");
         let relays = self.shared.relay_map(&peer, expires_unix);
         self.peer = Some(peer);
         self.token_expires_unix = expires_unix;
@@ -1136,7 +1292,7 @@ impl Session {
             relays,
             stun: client_stun_addrs(&self.shared.stun_addrs)
                 .into_iter()
-                .map(|a| match self.conn.local_ip() {
+                .map(|a| match self.link.local_ip() {
                     // A wildcard-bound STUN socket answers on the IP the client reached us on.
                     Some(ip) if a.ip().is_unspecified() => SocketAddr::new(ip, a.port()),
                     _ => a,
@@ -1164,7 +1320,7 @@ impl Session {
     }
 
     fn rtt_ms(&self) -> u32 {
-        self.conn.rtt().as_millis().min(u128::from(u32::MAX / 2)) as u32
+        self.link.rtt().as_millis().min(u128::from(u32::MAX / 2)) as u32
     }
 
     async fn on_registered_message(&mut self, msg: Message) -> Flow {
@@ -1455,6 +1611,18 @@ impl Session {
 
     async fn on_tick(&mut self) -> Flow {
         let now = Instant::now();
+        if self.partial_since.is_some_and(|t| {
+            now.saturating_duration_since(t) >= self.shared.cfg.limits.frame_timeout
+        }) {
+            metrics::counter!(m::LIMIT_HITS_TOTAL, "limit" => "stalled_frame").increment(1);
+            warn!(remote = %self.link.remote_address(), transport = self.link.transport().as_str(),
+                  buffered = self.decoder.buffered(), "closing connection: frame not finished in time");
+            let _ = self
+                .error(ErrorCode::BadRequest, 0, "frame not finished in time")
+                .await;
+            self.finish().await;
+            return Flow::Close;
+        }
         if self.peer.is_none() {
             return Flow::Continue;
         }
@@ -1466,7 +1634,7 @@ impl Session {
                 return Flow::Close;
             }
         }
-        let addr = self.conn.remote_address();
+        let addr = self.link.remote_address();
         if addr != self.observed {
             self.observed = addr;
             metrics::counter!(m::OBSERVED_ADDR_CHANGES_TOTAL).increment(1);

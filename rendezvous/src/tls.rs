@@ -1,4 +1,4 @@
-//! TLS for the QUIC listener: which certificate source the config asks for (the sources
+//! TLS for the QUIC and TLS-over-TCP listeners: which certificate source the config asks for (the sources
 //! themselves live in the `meshpunch-certs` crate, shared with the relay) and the rustls
 //! server config.
 
@@ -59,11 +59,17 @@ pub fn stored_cert(cfg: &Config) -> Result<Option<CertAndKey>, TlsError> {
     }
 }
 
-/// The QUIC server crypto config: TLS 1.3 only, ALPN `meshpunch/1`, certificate from
-/// `resolver`.
+/// The QUIC server crypto config: [`server_tls`] for quinn.
 pub fn server_crypto(
     resolver: Arc<ReloadableCert>,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
+    quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(resolver)?)
+        .map_err(|e| TlsError::Invalid(e.to_string()))
+}
+
+/// The rustls server config of both listeners: TLS 1.3 only, ALPN `meshpunch/1`, no early
+/// data, no resumption, certificate from `resolver` (so a reload reaches both at once).
+pub fn server_tls(resolver: Arc<ReloadableCert>) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -76,6 +82,5 @@ pub fn server_crypto(
     // cache cost handshake bytes and memory for every connection.
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
-        .map_err(|e| TlsError::Invalid(e.to_string()))
+    Ok(cfg)
 }

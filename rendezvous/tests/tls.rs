@@ -119,6 +119,7 @@ fn cs_for(server: &Server, host: &str, pins: Vec<Pin>) -> ConnectString {
         pins,
         stun: None,
         addrs: vec![server.quic_addr()],
+        tcp_port: server.tcp_addr().map(|a| a.port()),
     }
 }
 
@@ -478,4 +479,44 @@ async fn daemon_rendezvous_task_uses_the_ca_file() {
             (e, _) => panic!("unexpected {e:?} (ca file given: {ok})"),
         }
     }
+}
+
+/// The TLS-over-TCP listener serves the same certificate as QUIC, and a reload (SIGHUP,
+/// renewal) reaches it at once: a client whose QUIC gets no answer sees the new key.
+#[tokio::test]
+async fn certificate_reload_reaches_the_tcp_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let k1 = rcgen::KeyPair::generate().unwrap();
+    let (pem1, der1) = self_signed(&k1, 1);
+    let (c, k) = write_pair(dir.path(), &pem1, &k1);
+    let server = server_with(dir.path(), c, k).await;
+    let spki1 = Pin::Spki(meshpunch_proto::x509::spki_pin(&der1).unwrap());
+    // QUIC to a socket that never answers: only TCP can register.
+    let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tcp_only = |pins: Vec<Pin>| {
+        let mut cs = cs_for(&server, "127.0.0.1", pins);
+        cs.port = hole.local_addr().unwrap().port();
+        cs.addrs = vec![hole.local_addr().unwrap()];
+        cs.tcp_port = Some(server.tcp_addr().unwrap().port());
+        cs
+    };
+    let (c1, _e1) = try_connect(&tcp_only(vec![spki1]), &[]).await.unwrap();
+    assert_eq!(
+        c1.registration().unwrap().transport,
+        meshpunch::rendezvous::Transport::Tcp
+    );
+
+    let k2 = rcgen::KeyPair::generate().unwrap();
+    let (pem2, der2) = self_signed(&k2, 2);
+    let spki2 = Pin::Spki(meshpunch_proto::x509::spki_pin(&der2).unwrap());
+    write_pair(dir.path(), &pem2, &k2);
+    server.reload_tls().unwrap();
+    let m = refused(&tcp_only(vec![spki1]), &[]).await;
+    assert!(m.contains(&format!("(got SPKI {spki2})")), "{m}");
+    let (c2, _e2) = try_connect(&tcp_only(vec![spki2]), &[]).await.unwrap();
+    assert_eq!(
+        c2.registration().unwrap().transport,
+        meshpunch::rendezvous::Transport::Tcp
+    );
+    assert!(c1.is_connected(), "open TCP sessions keep running");
 }

@@ -808,6 +808,7 @@ impl Engine {
                 relays,
                 shared_socket,
                 local,
+                transport,
             } => {
                 tracing::info!(%observed, shared_socket, "registered with the rendezvous");
                 self.rdv.state = "connected".into();
@@ -816,11 +817,13 @@ impl Engine {
                 self.rdv.observed_addr = Some(observed);
                 self.rdv.shares_data_socket = shared_socket;
                 self.rdv.quic_local_addr = local;
+                self.rdv.transport = Some(transport.as_str().to_string());
                 Signal::Registered {
                     observed,
                     stun,
                     relays,
                     shared_socket,
+                    transport,
                 }
             }
             SignalEvent::ConnectFailed { reason } => {

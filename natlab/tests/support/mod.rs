@@ -28,6 +28,31 @@ pub(crate) fn mesh_ready(test: &str, extra: &[&str]) -> Option<MeshBins> {
     Some(bins)
 }
 
+/// Writes a scenario's measurements as JSON to `$NATLAB_RESULTS_DIR/<name>.json` (default
+/// `target/natlab-results/`), the input of `bench/plot.py` (copy it to `bench/results/natlab/`
+/// to commit it). Best effort: a failed write is printed and never fails the scenario.
+pub(crate) fn write_result(name: &str, value: &serde_json::Value) {
+    let dir = std::env::var_os("NATLAB_RESULTS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/natlab-results")
+        });
+    let path = dir.join(format!("{name}.json"));
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    match std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, text)) {
+        Ok(()) => println!("results written to {}", path.display()),
+        Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    }
+}
+
+/// Seconds since the Unix epoch, for result files.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// `1.234 s` style.
 pub(crate) fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())

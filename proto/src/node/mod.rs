@@ -226,6 +226,9 @@ pub enum Signal {
         relays: Vec<RelayRegion>,
         /// The rendezvous connection rides the data socket (`observed` is its mapping).
         shared_socket: bool,
+        /// The transport the registration came over: an address observed over TCP is a TCP
+        /// mapping, never a UDP candidate.
+        transport: crate::wire::Transport,
     },
     /// Fresh relay credentials.
     Relays(Vec<RelayRegion>),
@@ -358,6 +361,8 @@ pub struct Node {
     srflx: ServerReflexive,
     observed: Option<SocketAddr>,
     shares_data_socket: bool,
+    /// The transport of the current rendezvous registration.
+    observed_via: crate::wire::Transport,
     discovery: Discovery,
     home: HomeRelay,
     link: Option<RelayLink>,
@@ -434,6 +439,7 @@ impl Node {
             srflx: ServerReflexive::default(),
             observed: None,
             shares_data_socket: false,
+            observed_via: crate::wire::Transport::Quic,
             discovery: Discovery::new(now, dseed),
             home: HomeRelay::default(),
             link: None,
@@ -613,9 +619,11 @@ impl Node {
                 stun,
                 relays,
                 shared_socket,
+                transport,
             } => {
                 let before = self.observed.replace(observed);
                 self.shares_data_socket = shared_socket;
+                self.observed_via = transport;
                 self.observed_as_srflx(now, before, observed);
                 self.discovery.set_servers(now, stun);
                 self.set_regions(now, relays);
@@ -1076,7 +1084,7 @@ impl Node {
         let old = self.srflx.addr();
         if self
             .srflx
-            .on_observed(self.shares_data_socket, before, observed)
+            .on_observed_via(self.observed_via, self.shares_data_socket, before, observed)
         {
             self.events.push_back(Event::ServerReflexive {
                 old,
@@ -1401,6 +1409,31 @@ mod tests {
             t0,
         );
         (n, t0)
+    }
+
+    #[test]
+    fn an_address_observed_over_tcp_never_becomes_our_public_address() {
+        let observed: SocketAddr = "198.51.100.1:40000"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let registered = |transport| Signal::Registered {
+            observed,
+            stun: Vec::new(),
+            relays: Vec::new(),
+            shared_socket: true,
+            transport,
+        };
+        let srflx_events = |n: &mut Node| {
+            std::iter::from_fn(|| n.poll_event())
+                .filter(|e| matches!(e, Event::ServerReflexive { .. }))
+                .count()
+        };
+        let (mut n, t0) = node(true, Vec::new());
+        n.handle_signal(t0, registered(crate::wire::Transport::Tcp));
+        assert_eq!(srflx_events(&mut n), 0);
+        // The same registration over QUIC on the data socket is its mapping.
+        n.handle_signal(t0, registered(crate::wire::Transport::Quic));
+        assert_eq!(srflx_events(&mut n), 1);
     }
 
     #[test]

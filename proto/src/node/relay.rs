@@ -343,14 +343,7 @@ impl HomeRelay {
         }
         self.probes.clear();
         for (idx, r) in self.regions.iter().enumerate() {
-            // The first URI this link can use (UDP today); a region may list TCP/TLS URIs first.
-            let url = r
-                .urls
-                .iter()
-                .find(|u| turn_uri_authority(u).is_some())
-                .or(r.urls.first())
-                .cloned()
-                .unwrap_or_default();
+            let url = usable_url(&r.urls).cloned().unwrap_or_default();
             let auth = turn_uri_authority(&url);
             let direct = auth
                 .as_deref()
@@ -471,6 +464,15 @@ impl HomeRelay {
     }
 }
 
+/// The URI of a region's list that a relay link uses: the first one it can speak (UDP today; a
+/// region may list `?transport=tcp` / `turns:` URIs first), else the first one (so status names
+/// what the region offered).
+pub fn usable_url(urls: &[String]) -> Option<&String> {
+    urls.iter()
+        .find(|u| turn_uri_authority(u).is_some())
+        .or(urls.first())
+}
+
 /// `host:port` of a TURN URI the client can use over UDP (`turn:host[:port][?transport=udp]`,
 /// RFC 7065, parsed by [`crate::turn::uri::TurnUri`]); `None` for a malformed URI and for
 /// TCP/TLS URIs (`?transport=tcp`, `turns:`), which are never quietly used as UDP.
@@ -576,6 +578,9 @@ mod tests {
             turn_uri_authority("turn:[2001:db8::1]:3478").as_deref(),
             Some("[2001:db8::1]:3478")
         );
+        let urls = ["turns:r:443".to_string(), "turn:r:3478".to_string()];
+        assert_eq!(usable_url(&urls), Some(&urls[1]));
+        assert_eq!(usable_url(&urls[..1]), Some(&urls[0]));
         // Stream transports are not UDP relays.
         assert_eq!(turn_uri_authority("turns:relay.example.com"), None);
         assert_eq!(

@@ -284,6 +284,7 @@ impl Sim {
             stun: vec![sa(STUN1), sa(STUN2)],
             relays: self.relays(i),
             shared_socket: true,
+            transport: crate::wire::Transport::Quic,
         };
         let at = self.now + 2 * HOP;
         self.signals.push((at, i, sig));

@@ -4,7 +4,8 @@
 //! Rules (the daemon follows them on every STUN answer and every observed-address report):
 //! * a STUN answer (one the mapping tracker accepted) always sets the address;
 //! * the rendezvous' observed address is the data socket's mapping only when the connection
-//!   shares the data socket; it is used at once while STUN has not answered (slow or absent),
+//!   shares the data socket (and so runs over QUIC: an address observed over the TCP
+//!   fallback is a TCP mapping, never a UDP candidate); it is used at once while STUN has not answered (slow or absent),
 //!   or when it moves on from an address STUN agreed with;
 //! * a STUN answer that differs from the observed address keeps precedence: behind a
 //!   symmetric NAT every destination has its own mapping, and STUN is what tells them apart.
@@ -61,8 +62,21 @@ impl ServerReflexive {
         true
     }
 
+    /// [`ServerReflexive::on_observed`] for a connection over `via`: an address observed over
+    /// TCP is never used ([`crate::wire::Transport::observed_is_udp_mapping`]).
+    pub fn on_observed_via(
+        &mut self,
+        via: crate::wire::Transport,
+        shares: bool,
+        before: Option<SocketAddr>,
+        observed: SocketAddr,
+    ) -> bool {
+        via.observed_is_udp_mapping() && self.on_observed(shares, before, observed)
+    }
+
     /// The rendezvous observed `observed` (it observed `before` until now); `shares` = its
-    /// connection rides the data socket. Returns whether the address changed.
+    /// connection rides the data socket (a QUIC connection). Returns whether the address
+    /// changed.
     pub fn on_observed(
         &mut self,
         shares: bool,
@@ -89,6 +103,16 @@ impl ServerReflexive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn address_observed_over_tcp_is_never_srflx() {
+        use crate::wire::Transport;
+        let mut s = ServerReflexive::default();
+        assert!(!s.on_observed_via(Transport::Tcp, true, None, sa("198.51.100.1:4000")));
+        assert_eq!((s.addr(), s.source()), (None, None));
+        assert!(s.on_observed_via(Transport::Quic, true, None, sa("198.51.100.1:4000")));
+        assert_eq!(s.addr(), Some(sa("198.51.100.1:4000")));
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap_or_else(|_| unreachable!())
