@@ -335,6 +335,55 @@ mod tests {
         AllowedIps::build(&[vec![n("10.9.0.2/32"), n("10.9.0.2/32")]]).unwrap();
     }
 
+    proptest::proptest! {
+        /// The table's answer equals a brute-force longest-prefix search over every peer's
+        /// prefixes, for random prefixes and addresses (IPv4 and IPv6 mixed).
+        #[test]
+        fn lookup_is_the_longest_matching_prefix(
+            peers in proptest::collection::vec(
+                proptest::collection::vec((proptest::bool::ANY, proptest::num::u128::ANY, 0u8..=128), 0..6),
+                1..6,
+            ),
+            probes in proptest::collection::vec((proptest::bool::ANY, proptest::num::u128::ANY), 1..40),
+        ) {
+            let to_ip = |v4: bool, bits: u128| if v4 {
+                IpAddr::V4(Ipv4Addr::from(bits as u32))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(bits))
+            };
+            let nets: Vec<Vec<IpNet>> = peers
+                .iter()
+                .map(|p| p.iter().map(|(v4, bits, len)| {
+                    let a = to_ip(*v4, *bits);
+                    IpNet::new(a, if *v4 { len % 33 } else { *len }).unwrap()
+                }).collect())
+                .collect();
+            // Probes near the prefixes too, not only random addresses.
+            let mut addrs: Vec<IpAddr> = probes.iter().map(|(v4, b)| to_ip(*v4, *b)).collect();
+            addrs.extend(nets.iter().flatten().map(|n| n.addr));
+            match AllowedIps::build(&nets) {
+                Err(o) => {
+                    // Only a prefix claimed by two different peers is refused.
+                    proptest::prop_assert_ne!(o.first, o.second);
+                    proptest::prop_assert!(nets[o.first].iter().any(|n| n.network() == o.prefix));
+                    proptest::prop_assert!(nets[o.second].iter().any(|n| n.network() == o.prefix));
+                }
+                Ok(t) => {
+                    for a in addrs {
+                        let best = nets
+                            .iter()
+                            .enumerate()
+                            .flat_map(|(i, ns)| ns.iter().map(move |n| (i, *n)))
+                            .filter(|(_, n)| n.contains(a))
+                            .max_by_key(|(_, n)| n.len)
+                            .map(|(i, _)| i);
+                        proptest::prop_assert_eq!(t.lookup(a), best, "address {}", a);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn reads_addresses_from_headers_without_panicking() {
         let mut v4 = [0u8; 20];
