@@ -68,6 +68,12 @@ enum Cmd {
         /// peer's endpoint at its local proxy port.
         #[arg(long)]
         wg_interface: Option<String>,
+        /// Built-in WireGuard: create TUN device NAME with the config's [Interface] Address
+        /// and MTU, route each [Peer] AllowedIPs to it and run WireGuard in-process (no `wg`,
+        /// no proxy ports). Same as `Mode = tun` with `TunName = NAME`. Needs root or
+        /// CAP_NET_ADMIN.
+        #[arg(long, value_name = "NAME", conflicts_with = "wg_interface")]
+        tun: Option<String>,
         /// Rendezvous connect string (overrides the config's Rendezvous).
         #[arg(long, env = "MESHPUNCH_CONNECT")]
         connect: Option<String>,
@@ -224,6 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Up {
             config,
             wg_interface,
+            tun,
             connect,
             ca_file,
             listen_port,
@@ -278,6 +285,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if cfg.peers.is_empty() {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
             }
+            // Built-in WireGuard (`--tun NAME` or `Mode = tun`): checked before anything starts.
+            let tun = if tun.is_some() || cfg.mode == meshpunch::config::Mode::Tun {
+                if wg_interface.is_some() {
+                    anyhow::bail!("Mode = tun (built-in WireGuard) and --wg-interface (an existing WireGuard interface) exclude each other: drop one");
+                }
+                let file = config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(no --config)".into());
+                Some(cfg.tun_settings(&file, tun.as_deref())?)
+            } else {
+                None
+            };
             let cli_connect = connect.clone();
             let rendezvous = connect.or(cfg.rendezvous.clone());
             if rendezvous.is_none() && cfg.peers.iter().all(|p| p.candidates.is_empty()) {
@@ -330,7 +350,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| Some(meshpunch::lifetime::default_steps())),
                 cache: Some(meshpunch::lifetime::cache_path_for(&control_socket)),
             };
-            let mut d = daemon::start_with(opts, lifetime).await?;
+            // In tun mode the ready JSON lists each peer's AllowedIPs (there are no proxy ports).
+            let tun_peers: Option<Vec<serde_json::Value>> = tun.as_ref().map(|t| {
+                t.peers
+                    .iter()
+                    .map(|p| serde_json::json!({"public_key": format_key(&p.public_key), "name": p.label, "allowed_ips": p.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+                    .collect()
+            });
+            let tun_name = tun.as_ref().map(|t| t.name.clone());
+            let mut d = daemon::start_full(opts, lifetime, tun).await?;
             if cfg.port_mapping.is_on() && !no_port_mapping {
                 d.start_port_mapping(Default::default())?;
             }
@@ -342,10 +370,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             let ready = serde_json::json!({
+                "tun": tun_name,
                 "data_addr": d.data_addr,
                 "control_socket": control_socket,
                 "public_key": format_key(&public_of(&private)),
-                "peers": d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect::<Vec<_>>(),
+                "peers": tun_peers.unwrap_or_else(|| d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect()),
             });
             if let Some(f) = ready_file {
                 std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
@@ -505,6 +534,12 @@ fn print_status(st: &control::Status) {
                 .as_deref()
                 .map(|p| format!(" ({p})"))
                 .unwrap_or_default()
+        );
+    }
+    if let Some(t) = &st.tun {
+        println!(
+            "tun {}  out {} packets  in {} packets  dropped: {} no peer, {} failed to decrypt, {} from outside AllowedIPs",
+            t.name, t.tx_packets, t.rx_packets, t.no_peer, t.decrypt_failed, t.bad_source
         );
     }
     let b = &st.birthday;
