@@ -309,12 +309,18 @@ fn on_event(s: &mut Snapshot, e: Event) {
             s.report.mapped = a;
         }
         Event::Ignored(r) => {
-            tracing::warn!(
-                reason = r.as_str(),
-                metric = IGNORED_METRIC,
-                "port-mapping answer ignored"
-            );
-            *s.ignored.entry(r.as_str()).or_default() += 1;
+            let n = s.ignored.entry(r.as_str()).or_default();
+            *n += 1;
+            // Logged at the 1st, 2nd, 4th, 8th, ... of each reason: a host on the LAN that
+            // floods us with answers cannot flood the log.
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    reason = r.as_str(),
+                    total = *n,
+                    metric = IGNORED_METRIC,
+                    "port-mapping answer ignored"
+                );
+            }
         }
         Event::GatewayRestarted(p) => {
             tracing::info!(
