@@ -112,6 +112,10 @@ enum Cmd {
         /// Seconds between pings.
         #[arg(short = 'i', long, default_value_t = 1.0)]
         interval: f64,
+        /// Stop at the first pong over a direct or LAN path (up to `-c` pings, default 5; like
+        /// `tailscale ping`); exit status 1 if none came over a direct path.
+        #[arg(long)]
+        until_direct: bool,
     },
     /// Test knobs: `debug block-direct PEER on|off` (alias force-relay), `debug block-relay PEER on|off`.
     Debug {
@@ -425,36 +429,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             peer,
             count,
             interval,
+            until_direct,
         } => {
             let req = Request::Ping {
-                peer,
+                peer: peer.clone(),
                 count,
                 interval_ms: (interval.max(0.0) * 1000.0) as u64,
             };
-            let mut got = 0u32;
+            let mut summary = control::PingSummary::default();
             control::request_lines(&sock, &req, |v| {
                 if v.get("done").is_some() {
                     return false;
                 }
                 if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
                     let seq = v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0);
+                    summary.lost();
                     println!("seq={seq} {e}");
                     return true;
                 }
                 if let Ok(l) = serde_json::from_value::<control::PingLine>(v) {
-                    got += 1;
+                    let Some(rtt) = l.rtt_ms else {
+                        summary.lost();
+                        return true;
+                    };
+                    summary.pong(rtt, l.path);
                     println!(
                         "pong from {} via {} ({}) in {:.2} ms",
                         l.remote.as_deref().unwrap_or("?"),
                         l.path.map(|p| p.as_str()).unwrap_or("?"),
                         l.seq,
-                        l.rtt_ms.unwrap_or(0.0)
+                        rtt
                     );
+                    if until_direct && summary.direct {
+                        return false;
+                    }
                 }
                 true
             })
             .await?;
-            if got == 0 {
+            println!("{}", summary.line(&peer));
+            if summary.received == 0 || (until_direct && !summary.direct) {
+                if until_direct && summary.received > 0 {
+                    println!("direct connection not established (only relayed pongs)");
+                }
                 return Ok(ExitCode::FAILURE);
             }
         }
