@@ -146,6 +146,9 @@ pub struct PeerStatus {
     pub name: Option<String>,
     /// The 127.0.0.1 port WireGuard sends this peer's packets to.
     pub proxy: SocketAddr,
+    /// The peer's tunnel prefixes (`AllowedIPs`) in `--tun` mode; empty in proxy mode.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
     /// `lan`, `direct`, `relay` or `none`.
     pub path: PathKind,
     /// Remote endpoint of the path (`relay:IP:PORT` for the relay).

@@ -502,7 +502,7 @@ async fn sigterm() {
 fn print_status(st: &control::Status) {
     println!(
         "meshpunch {}  data {}  public {}  rendezvous {}{}",
-        st.public_key,
+        short_key(&st.public_key),
         st.data_addr,
         st.public_addr
             .map(|a| a.to_string())
@@ -566,26 +566,9 @@ fn print_status(st: &control::Status) {
             b.mapping, b.pool_open, b.pool_opened_total, b.spray_sent, b.spray_hits, b.found
         );
     }
+    let region = st.home_relay.as_ref().map(|r| r.region.as_str());
     for p in &st.peers {
-        let from = match (p.local_socket, p.local_port) {
-            (0, _) => String::new(),
-            (n, Some(port)) => format!("  [from pool socket {n}, port {port}]"),
-            (n, None) => format!("  [from pool socket {n}]"),
-        };
-        println!(
-            "{} {:<8} {:<7} {:<28} rtt {:>8}  tx {} rx {}  proxy {}  {}{from}",
-            p.public_key,
-            p.name.as_deref().unwrap_or("-"),
-            p.path.as_str(),
-            p.remote.as_deref().unwrap_or("-"),
-            p.rtt_ms
-                .map(|r| format!("{r:.2}ms"))
-                .unwrap_or_else(|| "-".into()),
-            p.tx_bytes,
-            p.rx_bytes,
-            p.proxy,
-            p.reason
-        );
+        println!("{}", peer_line(p, region));
     }
     println!(
         "nat keepalive {:.0} s ({}{}), binding lifetime {}",
@@ -599,4 +582,74 @@ fn print_status(st: &control::Status) {
             (None, None) => "unknown".into(),
         }
     );
+}
+
+/// The first 8 characters of a base64 key and an ellipsis, as `wg show` users read keys.
+fn short_key(key: &str) -> String {
+    match key.get(..8) {
+        Some(k) if key.len() > 8 => format!("{k}…"),
+        _ => key.to_string(),
+    }
+}
+
+/// 1023 B, 1.5 KiB, 12.3 MiB, 4.0 GiB.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// One `status` line per peer: name, short key, tunnel address, path (`lan`/`direct`/
+/// `relay "region"`) and where to, RTT, bytes, and why the path is what it is.
+fn peer_line(p: &control::PeerStatus, region: Option<&str>) -> String {
+    let path = match (p.path, region) {
+        (meshpunch_proto::path::PathKind::Relay, Some(r)) => format!("relay \"{r}\""),
+        (k, _) => k.as_str().to_string(),
+    };
+    let tunnel = if p.allowed_ips.is_empty() {
+        format!("proxy {}", p.proxy)
+    } else {
+        p.allowed_ips.join(",")
+    };
+    let from = match (p.local_socket, p.local_port) {
+        (0, _) => String::new(),
+        (n, Some(port)) => format!("  [from pool socket {n}, port {port}]"),
+        (n, None) => format!("  [from pool socket {n}]"),
+    };
+    format!(
+        "{:<10} {:<9} {:<18} {:<16} {:<24} rtt {:>9}  tx {} rx {}  {}{from}",
+        p.name.as_deref().unwrap_or("-"),
+        short_key(&p.public_key),
+        tunnel,
+        path,
+        p.remote.as_deref().unwrap_or("-"),
+        p.rtt_ms
+            .map(|r| format!("{r:.2} ms"))
+            .unwrap_or_else(|| "-".into()),
+        human_bytes(p.tx_bytes),
+        human_bytes(p.rx_bytes),
+        p.reason
+    )
+}
+
+#[cfg(test)]
+mod status_line_tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_like_tailscale_status() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+        assert_eq!(short_key("AbCdEfGhIjKlMnOp="), "AbCdEfGh…");
+    }
 }

@@ -112,6 +112,17 @@ async fn static_peers_carry_wireguard_packets_directly() {
     assert!(out.contains("1 sent, 1 received, 0% loss"), "{out}");
     let (ok, out) = cli(&["ping", "nobody", "-c", "1"]);
     assert!(!ok, "{out}");
+    // `status`: one line per peer with name, short key, path, RTT and human byte counts.
+    let (ok, out) = cli(&["status"]);
+    assert!(ok, "{out}");
+    let short = format!("{}…", &meshpunch::keys::format_key(&b.public)[..8]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("other "))
+        .unwrap_or_else(|| panic!("no line for peer other: {out}"));
+    assert!(line.contains(&short), "{line}");
+    assert!(line.contains(" direct "), "{line}");
+    assert!(line.contains(" KiB") || line.contains(" B "), "{line}");
 
     // Status JSON has the documented keys.
     let v = control::request(&da.control_socket, &Request::Status)

@@ -25,7 +25,8 @@ impl Engine {
             .peers
             .iter()
             .zip(node.peers())
-            .map(|(p, np)| {
+            .enumerate()
+            .map(|(i, (p, np))| {
                 let path = np.path();
                 let st = path.status();
                 let c = path.counters();
@@ -50,6 +51,11 @@ impl Engine {
                     public_key: p.b64.clone(),
                     name: p.name.clone(),
                     proxy: p.wg.status_addr(),
+                    allowed_ips: p
+                        .wg
+                        .device()
+                        .map(|d| d.allowed_ips(i).iter().map(|n| n.to_string()).collect())
+                        .unwrap_or_default(),
                     path: st.kind,
                     remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
