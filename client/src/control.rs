@@ -146,6 +146,18 @@ pub struct PeerStatus {
     pub name: Option<String>,
     /// The 127.0.0.1 port WireGuard sends this peer's packets to.
     pub proxy: SocketAddr,
+    /// Of `tx_bytes`, bytes sent through the relay.
+    #[serde(default)]
+    pub relay_tx_bytes: u64,
+    /// Of `rx_bytes`, bytes received through the relay.
+    #[serde(default)]
+    pub relay_rx_bytes: u64,
+    /// Path changes since start (the first path counts as one).
+    #[serde(default)]
+    pub path_changes: u64,
+    /// Failovers: a `direct`/`lan` path given up for `relay` or `none`.
+    #[serde(default)]
+    pub failovers: u64,
     /// The peer's tunnel prefixes (`AllowedIPs`) in `--tun` mode; empty in proxy mode.
     #[serde(default)]
     pub allowed_ips: Vec<String>,

@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod keys;
 pub mod lifetime;
+pub mod metrics;
 pub mod netcheck;
 mod pool;
 pub mod portmap;

@@ -95,6 +95,10 @@ enum Cmd {
         /// Write the data socket and proxy addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9642): paths by
+        /// kind, path changes, failovers, bytes by path kind, probes, spray, relay allocation.
+        #[arg(long, value_name = "ADDR", env = "MESHPUNCH_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Show every peer's path.
     Status {
@@ -242,6 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_host_candidates,
             no_port_mapping,
             ready_file,
+            metrics_listen,
         } => {
             let mut cfg = match &config {
                 Some(p) => {
@@ -384,6 +389,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
             }
             println!("{ready}");
+            let _metrics = match metrics_listen {
+                Some(addr) => {
+                    let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                        anyhow::anyhow!("--metrics-listen {addr}: cannot listen there ({e}); pick a free port, e.g. 127.0.0.1:9642")
+                    })?;
+                    tracing::info!(addr = %l.local_addr()?, "metrics on /metrics");
+                    Some(AbortOnDrop(tokio::spawn(meshpunch::metrics::serve(
+                        l,
+                        control_socket.clone(),
+                    ))))
+                }
+                None => None,
+            };
             tracing::info!(data = %d.data_addr, control = %control_socket.display(), "meshpunch up");
             // SIGHUP re-reads the config (a rotated token in `Rendezvous =`) without a restart.
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -651,5 +669,14 @@ mod status_line_tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
         assert_eq!(short_key("AbCdEfGhIjKlMnOp="), "AbCdEfGh…");
+    }
+}
+
+/// Stops a background task when the daemon's scope ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -284,6 +284,7 @@ pub async fn start_full(
                 fast,
                 b64: format_key(&pc.public_key),
                 name: pc.name.clone(),
+                changes: PathChanges::default(),
                 wg: WgSide::Device(device::DeviceSide {
                     dev: dev.clone(),
                     peer: i,
@@ -330,6 +331,7 @@ pub async fn start_full(
             fast,
             b64: format_key(&pc.public_key),
             name: pc.name.clone(),
+            changes: PathChanges::default(),
             wg: WgSide::Proxy(ProxyPort {
                 sock: proxy,
                 addr: proxy_addr,
@@ -442,6 +444,34 @@ struct Peer {
     name: Option<String>,
     /// Where this peer's WireGuard packets come from and go to.
     wg: WgSide,
+    /// Path changes and failovers (a direct or LAN path given up for the relay or nothing),
+    /// for `status` and the metrics endpoint.
+    changes: PathChanges,
+}
+
+/// Counts of one peer's path changes.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PathChanges {
+    pub(crate) total: u64,
+    pub(crate) failovers: u64,
+    pub(crate) last: Option<PathKind>,
+}
+
+impl PathChanges {
+    fn record(&mut self, kind: PathKind) {
+        if self.last == Some(kind) {
+            return;
+        }
+        if matches!(self.last, Some(PathKind::Direct | PathKind::Lan))
+            && matches!(kind, PathKind::Relay | PathKind::None)
+        {
+            self.failovers += 1;
+        }
+        if self.last.is_some() || kind != PathKind::None {
+            self.total += 1;
+        }
+        self.last = Some(kind);
+    }
 }
 
 struct PendingPing {
@@ -601,6 +631,9 @@ impl Engine {
                 reason,
             } => {
                 tracing::info!(peer = %self.peers[peer].b64, path = kind.as_str(), remote = ?remote.map(|r| r.to_string()), %reason, "path changed");
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.changes.record(kind);
+                }
                 if kind != PathKind::None {
                     if let Some(p) = self.peers.get(peer) {
                         p.wg.path_up();
@@ -935,5 +968,25 @@ impl Engine {
             }
         };
         self.node.handle_signal(now, sig);
+    }
+}
+
+#[cfg(test)]
+mod path_change_tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_path_given_up_for_the_relay_is_a_failover() {
+        let mut c = PathChanges::default();
+        c.record(PathKind::None);
+        assert_eq!((c.total, c.failovers), (0, 0));
+        c.record(PathKind::Relay);
+        c.record(PathKind::Relay);
+        c.record(PathKind::Direct);
+        assert_eq!((c.total, c.failovers), (2, 0));
+        c.record(PathKind::Relay);
+        c.record(PathKind::Lan);
+        c.record(PathKind::None);
+        assert_eq!((c.total, c.failovers), (5, 2));
     }
 }

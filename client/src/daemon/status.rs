@@ -51,6 +51,8 @@ impl Engine {
                     public_key: p.b64.clone(),
                     name: p.name.clone(),
                     proxy: p.wg.status_addr(),
+                    path_changes: p.changes.total,
+                    failovers: p.changes.failovers,
                     allowed_ips: p
                         .wg
                         .device()
@@ -61,6 +63,8 @@ impl Engine {
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     tx_bytes: t.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
                     rx_bytes: t.rx_bytes,
+                    relay_tx_bytes: t.relay_tx_bytes,
+                    relay_rx_bytes: t.relay_rx_bytes,
                     tx_packets: t.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
                     proxy_refused: p.fast.refused.load(Ordering::Relaxed),
                     rx_packets: t.rx_packets,

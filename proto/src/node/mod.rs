@@ -309,6 +309,10 @@ pub struct Traffic {
     pub rx_packets: u64,
     /// Packets dropped for want of a path.
     pub dropped: u64,
+    /// Of `tx_bytes`, bytes sent through the relay.
+    pub relay_tx_bytes: u64,
+    /// Of `rx_bytes`, bytes received through the relay.
+    pub relay_rx_bytes: u64,
 }
 
 /// One peer inside the node.
@@ -556,6 +560,9 @@ impl Node {
                 }
                 p.traffic.rx_bytes += pkt.len() as u64;
                 p.traffic.rx_packets += 1;
+                if p.path.class_of(&from) == PathKind::Relay {
+                    p.traffic.relay_rx_bytes += pkt.len() as u64;
+                }
                 p.last_rx = Some((from, now));
                 p.path.on_data_received(now, &from);
                 Some(Delivery { peer: i, range })
@@ -597,6 +604,7 @@ impl Node {
                     self.peers[peer].traffic.dropped += 1;
                     return None;
                 };
+                self.peers[peer].traffic.relay_tx_bytes += pkt.len() as u64;
                 Some((socket, server, &self.out[..n]))
             }
         }
