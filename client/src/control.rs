@@ -326,11 +326,9 @@ impl PingSummary {
 
     /// `--- PEER ping statistics: 5 sent, 4 received, 20% loss, rtt min/avg/max 0.41/0.52/0.70 ms`.
     pub fn line(&self, peer: &str) -> String {
-        let loss = if self.sent == 0 {
-            0
-        } else {
-            100 * (self.sent - self.received) / self.sent
-        };
+        let loss = (100 * (self.sent - self.received))
+            .checked_div(self.sent)
+            .unwrap_or(0);
         let mut s = format!(
             "--- {peer} ping statistics: {} sent, {} received, {loss}% loss",
             self.sent, self.received
