@@ -173,7 +173,12 @@ async fn connect(
     let s = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))
         .await
         .map_err(|_| format!("tls {server}: handshake timed out"))?
-        .map_err(|e| format!("tls {server} ({host}): {e}"))?;
+        // The verifier is the rendezvous' (same roots, same checks); its wording names the
+        // rendezvous.
+        .map_err(|e| {
+            format!("tls {server} ({host}): {e}")
+                .replace("rendezvous certificate", "relay certificate")
+        })?;
     Ok(Box::new(s))
 }
 

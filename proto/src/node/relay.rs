@@ -276,7 +276,12 @@ impl RelayLink {
     /// A stream link's stream closed: its allocation is gone with it. The driver reconnects
     /// (with backoff) and reports [`RelayLink::stream_up`].
     pub fn stream_down(&mut self, now: Instant, seed: u64, reason: &str) {
-        if !self.transport.is_stream() || !self.up {
+        if !self.transport.is_stream() {
+            return;
+        }
+        if !self.up {
+            // Could not connect (refused, timed out, certificate refused): say why.
+            self.error = Some(format!("{}: {reason}", self.transport.as_str()));
             return;
         }
         self.up = false;
