@@ -3,6 +3,7 @@
 //! certificate for the IP 127.0.0.1, trusted through `CaFile`), a relay region whose UDP URI
 //! points at a port nobody answers; two daemons, direct blocked on one side (debug knob), so
 //! WireGuard-shaped packets must cross the relay, over TLS.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 
