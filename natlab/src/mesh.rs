@@ -211,6 +211,8 @@ impl Mesh {
             .ok_or_else(|| Error::Setup("coturn's turnserver is not installed".into()))?;
         let relay = SERVER_RELAY.to_string();
         let secret = format!("--static-auth-secret={RELAY_SECRET}");
+        let (crt, key) = self.relay_cert()?;
+        let (crt, key) = (crt.display().to_string(), key.display().to_string());
         // `-c /dev/null`: ignore Debian's /etc/turnserver.conf.
         let pidfile = self
             .topo
@@ -235,7 +237,13 @@ impl Mesh {
             "--realm",
             "meshpunch",
             "--fingerprint",
-            "--no-tls",
+            // TURN over TLS on 443 (the `turns:` URI), like meshpunch-relay's.
+            "--tls-listening-port",
+            &RELAY_TLS_PORT.to_string(),
+            "--cert",
+            &crt,
+            "--pkey",
+            &key,
             "--no-dtls",
             "--no-tcp-relay",
             "--no-cli",

@@ -88,10 +88,6 @@ fn udp_blocked_host_relays_over_tls_to_another_site() {
     if support::mesh_ready(test, &[]).is_none() {
         return;
     }
-    if support::relay_impl() != natlab::mesh::RelayImpl::Meshpunch {
-        // The coturn relay of the lab has no TLS listener.
-        return;
-    }
     let topo = TopologySpec::new()
         .server_delay(Duration::from_millis(10))
         .site("xb", Nat::UdpBlockedAll, 1)

@@ -65,13 +65,12 @@ impl RelayStreams {
     }
 
     /// The TLS client config for relays: the rendezvous' verifier (system roots plus the
-    /// configured CA file), no ALPN (TURN servers do not need one).
+    /// configured CA file), TLS 1.3 and 1.2, no ALPN (TURN servers do not need one).
     fn tls(&mut self) -> Result<tokio_rustls::TlsConnector, String> {
         if let Some(t) = &self.tls {
             return Ok(t.clone());
         }
-        let (mut cfg, _failures) = crate::tls::client_crypto(&[], &self.ca_roots)?;
-        cfg.alpn_protocols.clear();
+        let (cfg, _failures) = crate::tls::relay_client_crypto(&self.ca_roots)?;
         let t = tokio_rustls::TlsConnector::from(Arc::new(cfg));
         self.tls = Some(t.clone());
         Ok(t)
