@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meshpunch::control::{self, Request};
-use support::{status, FakeWg, SECRET};
+use support::{status, SECRET};
 
 struct Reaper(Child);
 impl Drop for Reaper {
