@@ -244,8 +244,38 @@ pub struct Status {
     /// Birthday probing (all peers).
     #[serde(default)]
     pub birthday: BirthdayTotals,
+    /// Port mapping (`null` when `PortMapping = off` or not started: no default gateway, a
+    /// data socket on loopback).
+    #[serde(default)]
+    pub portmap: Option<crate::portmap::PortmapStatus>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
+    /// The built-in WireGuard device (`up --tun`), when the daemon runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tun: Option<TunStatus>,
+}
+
+/// The built-in WireGuard device's counters (totals since the daemon started).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TunStatus {
+    /// Interface name.
+    pub name: String,
+    /// Packets read from the device and sent to a peer.
+    pub tx_packets: u64,
+    /// Their bytes (inner).
+    pub tx_bytes: u64,
+    /// Packets decrypted and written to the device.
+    pub rx_packets: u64,
+    /// Their bytes (inner).
+    pub rx_bytes: u64,
+    /// Outgoing packets whose destination is in no peer's `AllowedIPs`.
+    pub no_peer: u64,
+    /// Received datagrams that failed to decrypt or authenticate, or were replays.
+    pub decrypt_failed: u64,
+    /// Decrypted packets from a source outside the sending peer's `AllowedIPs` (dropped).
+    pub bad_source: u64,
+    /// Packets the device refused.
+    pub write_failed: u64,
 }
 
 /// One line of `ping` output.

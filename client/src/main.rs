@@ -55,6 +55,9 @@ enum Cmd {
         /// Also estimate the NAT binding lifetime (takes a few minutes).
         #[arg(long)]
         long: bool,
+        /// Do not ask the gateway for a port mapping (no PCP / NAT-PMP / UPnP packet is sent).
+        #[arg(long)]
+        no_port_mapping: bool,
     },
     /// Run the daemon.
     Up {
@@ -65,6 +68,12 @@ enum Cmd {
         /// peer's endpoint at its local proxy port.
         #[arg(long)]
         wg_interface: Option<String>,
+        /// Built-in WireGuard: create TUN device NAME with the config's [Interface] Address
+        /// and MTU, route each [Peer] AllowedIPs to it and run WireGuard in-process (no `wg`,
+        /// no proxy ports). Same as `Mode = tun` with `TunName = NAME`. Needs root or
+        /// CAP_NET_ADMIN.
+        #[arg(long, value_name = "NAME", conflicts_with = "wg_interface")]
+        tun: Option<String>,
         /// Rendezvous connect string (overrides the config's Rendezvous).
         #[arg(long, env = "MESHPUNCH_CONNECT")]
         connect: Option<String>,
@@ -80,6 +89,9 @@ enum Cmd {
         /// Do not offer interface addresses as candidates.
         #[arg(long)]
         no_host_candidates: bool,
+        /// Do not ask the gateway for a port mapping (like `PortMapping = off`).
+        #[arg(long)]
+        no_port_mapping: bool,
         /// Write the data socket and proxy addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -171,6 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             relay,
             json,
             long,
+            no_port_mapping,
         } => {
             let mut targets = netcheck::Targets::default();
             if let Some(c) = connect {
@@ -204,6 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let opts = netcheck::Options {
                 long,
+                port_mapping: !no_port_mapping,
                 ..Default::default()
             };
             let report = netcheck::run(&targets, &opts).await?;
@@ -216,11 +230,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Up {
             config,
             wg_interface,
+            tun,
             connect,
             ca_file,
             listen_port,
             listen_ip,
             no_host_candidates,
+            no_port_mapping,
             ready_file,
         } => {
             let mut cfg = match &config {
@@ -269,6 +285,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if cfg.peers.is_empty() {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
             }
+            // Built-in WireGuard (`--tun NAME` or `Mode = tun`): checked before anything starts.
+            let tun = if tun.is_some() || cfg.mode == meshpunch::config::Mode::Tun {
+                if wg_interface.is_some() {
+                    anyhow::bail!("Mode = tun (built-in WireGuard) and --wg-interface (an existing WireGuard interface) exclude each other: drop one");
+                }
+                let file = config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(no --config)".into());
+                Some(cfg.tun_settings(&file, tun.as_deref())?)
+            } else {
+                None
+            };
             let cli_connect = connect.clone();
             let rendezvous = connect.or(cfg.rendezvous.clone());
             if rendezvous.is_none() && cfg.peers.iter().all(|p| p.candidates.is_empty()) {
@@ -321,7 +350,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| Some(meshpunch::lifetime::default_steps())),
                 cache: Some(meshpunch::lifetime::cache_path_for(&control_socket)),
             };
-            let mut d = daemon::start_with(opts, lifetime).await?;
+            // In tun mode the ready JSON lists each peer's AllowedIPs (there are no proxy ports).
+            let tun_peers: Option<Vec<serde_json::Value>> = tun.as_ref().map(|t| {
+                t.peers
+                    .iter()
+                    .map(|p| serde_json::json!({"public_key": format_key(&p.public_key), "name": p.label, "allowed_ips": p.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+                    .collect()
+            });
+            let tun_name = tun.as_ref().map(|t| t.name.clone());
+            let mut d = daemon::start_full(opts, lifetime, tun).await?;
+            if cfg.port_mapping.is_on() && !no_port_mapping {
+                d.start_port_mapping(Default::default())?;
+            }
             if let (Some(iface), Some(dump)) = (&wg_interface, &wg_dump) {
                 for (k, addr) in &d.proxies {
                     if let Some(wp) = dump.peers.iter().find(|p| p.public_key == *k) {
@@ -330,10 +370,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             let ready = serde_json::json!({
+                "tun": tun_name,
                 "data_addr": d.data_addr,
                 "control_socket": control_socket,
                 "public_key": format_key(&public_of(&private)),
-                "peers": d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect::<Vec<_>>(),
+                "peers": tun_peers.unwrap_or_else(|| d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect()),
             });
             if let Some(f) = ready_file {
                 std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
@@ -368,6 +409,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            // Clean exit: the gateway's port mapping is deleted before we go.
+            d.shutdown().await;
         }
         Cmd::Status { json } => {
             let v = control::request(&sock, &Request::Status).await?;
@@ -475,6 +518,28 @@ fn print_status(st: &control::Status) {
                 .as_deref()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default()
+        );
+    }
+    if let Some(pm) = &st.portmap {
+        println!(
+            "port mapping: {}{}",
+            meshpunch_proto::portmap::Report {
+                upnp: pm.upnp,
+                pmp: pm.pmp,
+                pcp: pm.pcp,
+                mapped: pm.mapped,
+            }
+            .to_line(),
+            pm.protocol
+                .as_deref()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(t) = &st.tun {
+        println!(
+            "tun {}  out {} packets  in {} packets  dropped: {} no peer, {} failed to decrypt, {} from outside AllowedIPs",
+            t.name, t.tx_packets, t.rx_packets, t.no_peer, t.decrypt_failed, t.bad_source
         );
     }
     let b = &st.birthday;

@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod device;
 mod net;
 mod proxy;
 mod relay_stream;
@@ -104,12 +105,54 @@ pub struct Daemon {
     task: tokio::task::JoinHandle<()>,
     /// Commands to the rendezvous task (for [`Daemon::reload_rendezvous`]).
     sig: Option<mpsc::Sender<SignalCmd>>,
+    /// The engine's internal channel (port-mapping updates).
+    int: mpsc::Sender<Internal>,
+    /// The port mapper of the data socket (`PortMapping = on`).
+    portmap: Option<crate::portmap::PortMapper>,
 }
 
 impl Daemon {
     /// Waits until the engine stops (it runs until aborted).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
+    }
+
+    /// Starts mapping the data socket's port through the default gateway (`PortMapping = on`,
+    /// see `docs/portmap.md`); the mapped address joins our candidates as a `portmap` one
+    /// ([`Node::set_candidate_source`]). Nothing happens when the data socket is on loopback
+    /// (no gateway forwards to it) or there is no default IPv4 gateway.
+    pub fn start_port_mapping(&mut self, opts: crate::portmap::Options) -> anyhow::Result<()> {
+        if self.portmap.is_some() || self.data_addr.ip().is_loopback() {
+            return Ok(());
+        }
+        let Some(m) = crate::portmap::PortMapper::start_default(self.data_addr.port(), opts)?
+        else {
+            tracing::info!("no default IPv4 gateway: no port mapping");
+            return Ok(());
+        };
+        let mut rx = m.subscribe();
+        let int = self.int.clone();
+        tokio::spawn(async move {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                if int.send(Internal::Portmap(Box::new(s))).await.is_err() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.portmap = Some(m);
+        Ok(())
+    }
+
+    /// Clean exit: deletes the port mapping on the gateway, then stops the engine.
+    pub async fn shutdown(mut self) {
+        if let Some(m) = self.portmap.take() {
+            m.stop().await;
+        }
+        self.task.abort();
     }
 
     /// Uses a new rendezvous connect string (SIGHUP: a rotated token) without a restart: the
@@ -159,6 +202,29 @@ pub async fn start_with(
     opts: Options,
     lifetime: crate::lifetime::LifetimeOptions,
 ) -> anyhow::Result<Daemon> {
+    start_full(opts, lifetime, None).await
+}
+
+/// [`start_with`], and with `tun` the built-in WireGuard on that TUN device (`--tun`,
+/// `Mode = tun`) instead of proxy ports: `tun.peers` are `opts.peers`, in the same order.
+/// The TUN device's addresses are never offered as candidates.
+pub async fn start_full(
+    mut opts: Options,
+    lifetime: crate::lifetime::LifetimeOptions,
+    tun: Option<crate::tun::TunSettings>,
+) -> anyhow::Result<Daemon> {
+    if let Some(ts) = &tun {
+        anyhow::ensure!(
+            ts.peers.len() == opts.peers.len()
+                && ts
+                    .peers
+                    .iter()
+                    .zip(&opts.peers)
+                    .all(|(t, p)| t.public_key == p.public_key),
+            "TUN peers must be the daemon's peers in the same order"
+        );
+        opts.exclude_interfaces.push(ts.name.clone());
+    }
     let (std_sock, v6) = match bind_data(opts.listen) {
         Ok(x) => x,
         Err(e) if opts.listen.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
@@ -189,7 +255,47 @@ pub async fn start_with(
     let mut peers = Vec::new();
     let mut specs = Vec::new();
     let mut proxies = Vec::new();
-    for (i, pc) in opts.peers.iter().enumerate() {
+    if let Some(ts) = &tun {
+        // Built-in WireGuard: one TUN device, no proxy ports.
+        let iface = crate::tun::TunIface::create(ts)?;
+        let dev = Arc::new(crate::tun::Device::new(
+            iface,
+            opts.identity.private,
+            &ts.peers,
+        )?);
+        let fasts: Vec<Arc<FastPath>> = opts
+            .peers
+            .iter()
+            .map(|_| Arc::new(FastPath::default()))
+            .collect();
+        let out = Arc::new(device::DeviceOut::new(
+            fasts.clone(),
+            sock.clone(),
+            wg_tx.clone(),
+        ));
+        let bufs = Arc::new(std::sync::Mutex::new(crate::tun::Buffers::default()));
+        for (i, (pc, fast)) in opts.peers.iter().zip(fasts).enumerate() {
+            specs.push(PeerSpec {
+                key: pc.public_key,
+                static_candidates: pc.candidates.clone(),
+                static_secret: (!pc.candidates.is_empty())
+                    .then(|| static_secret(&opts.identity, &pc.public_key)),
+            });
+            peers.push(Peer {
+                fast,
+                b64: format_key(&pc.public_key),
+                name: pc.name.clone(),
+                wg: WgSide::Device(device::DeviceSide {
+                    dev: dev.clone(),
+                    peer: i,
+                    out: out.clone(),
+                    bufs: bufs.clone(),
+                }),
+            });
+        }
+        device::spawn(dev, out);
+    }
+    for (i, pc) in opts.peers.iter().enumerate().filter(|_| tun.is_none()) {
         let proxy = UdpSocket::bind(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             pc.proxy_port,
@@ -308,6 +414,7 @@ pub async fn start_with(
         int_tx,
         pool: Pool::new(opts.path.birthday_sockets),
         streams: relay_stream::RelayStreams::new(opts.ca_roots.clone()),
+        portmap: None,
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -316,6 +423,7 @@ pub async fn start_with(
     let hosts = engine.scan_hosts();
     engine.node.set_hosts(now, hosts);
     let control_socket = opts.control_socket.clone();
+    let int = engine.int_tx.clone();
     let task = tokio::spawn(engine.run(wg_rx, ctl_rx, sig_ev_rx, int_rx));
     Ok(Daemon {
         data_addr,
@@ -323,6 +431,8 @@ pub async fn start_with(
         proxies,
         task,
         sig: sig_handle,
+        int,
+        portmap: None,
     })
 }
 
@@ -359,6 +469,8 @@ enum Internal {
         public_ip: IpAddr,
         outcome: meshpunch_proto::lifetime::Outcome,
     },
+    /// The port mapper's state changed (see [`Daemon::start_port_mapping`]).
+    Portmap(Box<crate::portmap::Snapshot>),
 }
 
 struct Engine {
@@ -383,6 +495,8 @@ struct Engine {
     pool: Pool,
     /// Stream relay links (TURN over TCP/TLS).
     streams: relay_stream::RelayStreams,
+    /// The port mapper's latest state (None: port mapping not running).
+    portmap: Option<crate::portmap::Snapshot>,
 }
 
 impl Engine {
@@ -493,6 +607,11 @@ impl Engine {
                 reason,
             } => {
                 tracing::info!(peer = %self.peers[peer].b64, path = kind.as_str(), remote = ?remote.map(|r| r.to_string()), %reason, "path changed");
+                if kind != PathKind::None {
+                    if let Some(p) = self.peers.get(peer) {
+                        p.wg.path_up();
+                    }
+                }
             }
             Event::Pong {
                 peer,
@@ -722,6 +841,14 @@ impl Engine {
                 {
                     self.deliver(d.peer, msg.get(d.range));
                 }
+            }
+            Internal::Portmap(s) => {
+                let mapped = s.report.mapped;
+                self.portmap = Some(*s);
+                self.node.set_candidate_source(
+                    now,
+                    meshpunch_proto::node::candidates::Source::PortMapped(mapped),
+                );
             }
             Internal::Lifetime { public_ip, outcome } => {
                 if self.lifetime.on_result(now, public_ip, outcome) {
