@@ -797,6 +797,64 @@ mod tests {
     }
 
     #[test]
+    fn a_region_is_tried_over_udp_then_tls_then_tcp() {
+        let t0 = Instant::now();
+        let mut h = HomeRelay::default();
+        let mut eu = region("eu", "turns:relay.example.net:443");
+        eu.urls
+            .push("turn:relay.example.net:3478?transport=tcp".into());
+        eu.urls.push("turn:relay.example.net:3478".into());
+        eu.urls.push("turns:other.example.net:443".into());
+        let mut ap = region("ap", "turns:192.0.2.7:443");
+        ap.urls.push("turn:192.0.2.7?transport=tcp".into());
+        let c = h.set_regions(t0, vec![eu, ap]);
+        // The UDP URI is the one resolved and measured; the stream-only region is never
+        // measured over UDP.
+        assert_eq!(c.resolve, vec![(0, "relay.example.net:3478".to_string())]);
+        assert!(h.measure_due(t0).is_empty());
+        h.resolved(
+            t0,
+            0,
+            Some(
+                "203.0.113.9:3478"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+            ),
+        );
+        let kinds = |r: &[RelayRoute]| {
+            r.iter()
+                .map(|r| {
+                    (
+                        r.transport.as_str(),
+                        r.transport.server().to_string(),
+                        r.host.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(&h.transports_for("eu")),
+            [
+                ("udp", "203.0.113.9:3478".into(), "relay.example.net".into()),
+                ("tls", "203.0.113.9:443".into(), "relay.example.net".into()),
+                ("tcp", "203.0.113.9:3478".into(), "relay.example.net".into()),
+            ]
+        );
+        assert_eq!(
+            kinds(&h.transports_for("ap")),
+            [
+                ("tls", "192.0.2.7:443".into(), "192.0.2.7".into()),
+                ("tcp", "192.0.2.7:3478".into(), "192.0.2.7".into()),
+            ]
+        );
+        assert_eq!(h.udp_server("ap"), None);
+        assert_eq!(
+            h.udp_server("eu").map(|s| s.to_string()).as_deref(),
+            Some("203.0.113.9:3478")
+        );
+    }
+
+    #[test]
     fn turn_uris_are_parsed() {
         assert_eq!(
             turn_uri_authority("turn:127.0.0.1:3478?transport=udp").as_deref(),
