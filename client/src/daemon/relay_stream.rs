@@ -41,7 +41,8 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 struct Link {
     server: SocketAddr,
     tx: mpsc::Sender<Vec<u8>>,
-    /// Ends the task when the link is gone and its queue could not be drained.
+    /// The task; it ends by itself once `tx` is dropped (after writing what was queued, or
+    /// at once while it is down or waiting to reconnect).
     _task: tokio::task::JoinHandle<()>,
 }
 
