@@ -301,4 +301,33 @@ mod tests {
         stream_form(&stun, &mut out);
         assert_eq!(out, stun);
     }
+
+    #[tokio::test]
+    async fn a_stalled_relay_stream_drops_and_counts_instead_of_queueing_without_bound() {
+        // A "relay" that accepts and never reads.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(s);
+        });
+        let (ev_tx, mut ev_rx) = mpsc::channel(16);
+        let mut rs = RelayStreams::new(Vec::new());
+        rs.open(1, addr, StreamKind::Tcp, "127.0.0.1".into(), ev_tx);
+        assert!(matches!(ev_rx.recv().await, Some(Internal::RelayUp(1))));
+        // 60 kB ChannelData messages, 4,000 of them (240 MB): the socket buffers take a few
+        // MB, the queue at most QUEUE messages; the rest is dropped and counted.
+        let mut msg = vec![0x40, 0x00, 0xEA, 0x60];
+        msg.resize(4 + 60_000, 0xAB);
+        for _ in 0..4000 {
+            rs.send(1, &msg);
+            tokio::task::yield_now().await;
+        }
+        let dropped = rs.dropped.load(Ordering::Relaxed);
+        assert!(dropped > 3000, "dropped {dropped}");
+        // An unknown link is a drop too, never a panic.
+        rs.send(9, &msg);
+        assert_eq!(rs.dropped.load(Ordering::Relaxed), dropped + 1);
+    }
 }
