@@ -115,6 +115,16 @@ pub struct RelayStatus {
     pub state: String,
     /// Why it failed.
     pub error: Option<String>,
+    /// How the relay is reached: `udp`, `tcp` (TURN over TCP) or `tls` (TURN over TLS).
+    #[serde(default)]
+    pub transport: String,
+    /// The TURN URI in use.
+    #[serde(default)]
+    pub url: String,
+    /// Messages to a TCP/TLS relay dropped (queue full while the stream stalled, or the
+    /// stream down); 0 on UDP.
+    #[serde(default)]
+    pub stream_dropped: u64,
 }
 
 /// The NAT keepalive as status shows it (`nat` in `meshpunch status --json`).
@@ -163,6 +173,9 @@ pub struct PeerStatus {
     pub allowed_ips: Vec<String>,
     /// `lan`, `direct`, `relay` or `none`.
     pub path: PathKind,
+    /// With `path` `relay`: how our relay is reached (`udp`, `tcp` or `tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_transport: Option<String>,
     /// Remote endpoint of the path (`relay:IP:PORT` for the relay).
     pub remote: Option<String>,
     /// Smoothed RTT of the path in milliseconds.

@@ -40,6 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod device;
 mod net;
 mod proxy;
+mod relay_stream;
 mod status;
 mod wg;
 
@@ -347,7 +348,7 @@ pub async fn start_full(
 
     let (local_tx, local_rx) = watch::channel((0u64, Vec::new()));
     let (sig_ev_tx, sig_ev_rx) = mpsc::channel::<SignalEvent>(256);
-    let (int_tx, int_rx) = mpsc::channel::<Internal>(64);
+    let (int_tx, int_rx) = mpsc::channel::<Internal>(1024);
     let mut rdv = RendezvousStatus {
         state: "disabled".into(),
         ..Default::default()
@@ -414,6 +415,7 @@ pub async fn start_full(
         pings: Vec::new(),
         int_tx,
         pool: Pool::new(opts.path.birthday_sockets),
+        streams: relay_stream::RelayStreams::new(opts.ca_roots.clone()),
         portmap: None,
     };
     if engine.lifetime.is_configured() {
@@ -482,6 +484,12 @@ struct PendingPing {
 }
 
 enum Internal {
+    /// The stream of relay link `.0` connected.
+    RelayUp(meshpunch_proto::node::relay::LinkId),
+    /// The stream of relay link `.0` closed or could not connect (`.1`: why).
+    RelayDown(meshpunch_proto::node::relay::LinkId, String),
+    /// A whole STUN/ChannelData message read from relay link `.0`'s stream.
+    RelayFrame(meshpunch_proto::node::relay::LinkId, Vec<u8>),
     Resolved {
         idx: usize,
         addr: Option<SocketAddr>,
@@ -515,6 +523,8 @@ struct Engine {
     pings: Vec<PendingPing>,
     int_tx: mpsc::Sender<Internal>,
     pool: Pool,
+    /// Stream relay links (TURN over TCP/TLS).
+    streams: relay_stream::RelayStreams,
     /// The port mapper's latest state (None: port mapping not running).
     portmap: Option<crate::portmap::Snapshot>,
 }
@@ -575,11 +585,7 @@ impl Engine {
             Socket::Pool(l) => {
                 self.pool.send(l, dst, bytes);
             }
-            // Every relay link is UDP today (its datagrams leave from the data socket); a
-            // stream transport's writer goes here.
-            Socket::Relay(link) => {
-                tracing::debug!(link, "datagram for a relay stream without a stream dropped")
-            }
+            Socket::Relay(link) => self.streams.send(link, bytes),
         }
     }
 
@@ -701,9 +707,23 @@ impl Engine {
             Event::MappingBehaviour(m) => {
                 tracing::info!(mapping = ?m, "data socket mapping behaviour");
             }
-            Event::RelayAllocating { region, server } => {
-                tracing::info!(%region, %server, "allocating on home relay");
+            Event::RelayAllocating {
+                region,
+                server,
+                transport,
+            } => {
+                tracing::info!(%region, %server, transport = transport.as_str(), "allocating on home relay");
             }
+            Event::OpenRelayStream {
+                link,
+                server,
+                kind,
+                host,
+            } => {
+                let tx = self.int_tx.clone();
+                self.streams.open(link, server, kind, host, tx);
+            }
+            Event::CloseRelayStream { link } => self.streams.close(link),
             Event::RelayAllocated { region, relayed } => {
                 tracing::info!(%relayed, %region, "relay allocation ready");
             }
@@ -791,9 +811,7 @@ impl Engine {
                 Socket::Pool(l) => {
                     self.pool.send(l, dst, bytes);
                 }
-                Socket::Relay(link) => {
-                    tracing::debug!(link, "datagram for a relay stream without a stream dropped")
-                }
+                Socket::Relay(link) => self.streams.send(link, bytes),
             }
         }
     }
@@ -844,6 +862,19 @@ impl Engine {
     fn on_internal(&mut self, now: Instant, ev: Internal) {
         match ev {
             Internal::Resolved { idx, addr } => self.node.relay_resolved(now, idx, addr),
+            Internal::RelayUp(link) => self.node.relay_stream_up(now, link),
+            Internal::RelayDown(link, reason) => self.node.relay_stream_down(now, link, &reason),
+            Internal::RelayFrame(link, msg) => {
+                let Some(server) = self.streams.server(link) else {
+                    return;
+                };
+                if let Some(d) = self
+                    .node
+                    .handle_datagram(now, Socket::Relay(link), server, &msg)
+                {
+                    self.deliver(d.peer, msg.get(d.range));
+                }
+            }
             Internal::Portmap(s) => {
                 let mapped = s.report.mapped;
                 self.portmap = Some(*s);

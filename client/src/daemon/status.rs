@@ -59,6 +59,12 @@ impl Engine {
                         .map(|d| d.allowed_ips(i).iter().map(|n| n.to_string()).collect())
                         .unwrap_or_default(),
                     path: st.kind,
+                    relay_transport: (st.kind == PathKind::Relay)
+                        .then(|| {
+                            node.relay_link()
+                                .map(|l| l.transport().as_str().to_string())
+                        })
+                        .flatten(),
                     remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     tx_bytes: t.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
@@ -103,6 +109,9 @@ impl Engine {
                 relayed: l.relayed_addr(),
                 state: l.state().as_str().to_string(),
                 error: l.error().map(str::to_string),
+                transport: l.transport().as_str().to_string(),
+                url: l.url().to_string(),
+                stream_dropped: self.streams.dropped.load(Ordering::Relaxed),
             }),
             relays: node.relay_latencies(),
             probes,
