@@ -658,6 +658,15 @@ fn peer_line(p: &control::PeerStatus, region: Option<&str>) -> String {
     )
 }
 
+/// Stops a background task when the daemon's scope ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod status_line_tests {
     use super::*;
@@ -669,14 +678,5 @@ mod status_line_tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
         assert_eq!(short_key("AbCdEfGhIjKlMnOp="), "AbCdEfGh…");
-    }
-}
-
-/// Stops a background task when the daemon's scope ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
