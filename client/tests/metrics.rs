@@ -2,6 +2,8 @@
 //! WireGuard-shaped packets; the metrics endpoint shows the path kind, the bytes by path kind and
 //! the failover when the direct path is blocked.
 
+#![allow(clippy::unwrap_used, clippy::too_many_arguments)]
+
 mod support;
 
 use std::io::{Read, Write};
