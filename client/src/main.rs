@@ -58,13 +58,25 @@ enum Cmd {
     },
     /// Run the daemon.
     Up {
-        /// Config file (WireGuard INI style).
+        /// Config file (WireGuard INI style). Default: /etc/meshpunch/meshpunch.conf if it
+        /// exists.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Take peers (and the private key) from this WireGuard interface and point each
-        /// peer's endpoint at its local proxy port.
+        /// Take peers (and the private key, when the interface shows it) from this WireGuard
+        /// interface, point each peer's endpoint at its local proxy port, keep it so (the
+        /// interface is watched every 2 s) and restore the endpoints at exit.
         #[arg(long)]
         wg_interface: Option<String>,
+        /// File holding the private key (like `wg set … private-key FILE`; overrides
+        /// PrivateKey/PrivateKeyFile). Needed with --wg-interface on userspace WireGuard
+        /// (boringtun), which does not show its private key.
+        #[arg(long, value_name = "FILE")]
+        private_key_file: Option<PathBuf>,
+        /// SO_MARK of meshpunch's own sockets, or `off` (overrides FwMark). Default with
+        /// --wg-interface: the interface's fwmark (wg-quick sets 51820 for a full tunnel).
+        /// Needs CAP_NET_ADMIN.
+        #[arg(long, value_name = "N|off")]
+        fwmark: Option<String>,
         /// Rendezvous connect string (overrides the config's Rendezvous).
         #[arg(long, env = "MESHPUNCH_CONNECT")]
         connect: Option<String>,
@@ -84,6 +96,8 @@ enum Cmd {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Stop the running daemon cleanly (restores the --wg-interface endpoints).
+    Down,
     /// Show every peer's path.
     Status {
         /// JSON output.
@@ -216,6 +230,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Up {
             config,
             wg_interface,
+            private_key_file,
+            fwmark,
             connect,
             ca_file,
             listen_port,
@@ -223,6 +239,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_host_candidates,
             ready_file,
         } => {
+            let config = config.or_else(|| {
+                let p = PathBuf::from(DEFAULT_CONFIG);
+                p.exists().then(|| {
+                    tracing::info!(config = DEFAULT_CONFIG, "using the default config");
+                    p
+                })
+            });
             let mut cfg = match &config {
                 Some(p) => {
                     let cfg = Config::load(p)?;
@@ -238,11 +261,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Config::default()
                 },
             };
+            if let Some(f) = private_key_file.as_ref().or(cfg.private_key_file.as_ref()) {
+                cfg.private_key = Some(read_key_file(f)?);
+            }
             let mut wg_dump = None;
             if let Some(iface) = &wg_interface {
                 let d = meshpunch::wg::show_dump(iface)?;
-                if cfg.private_key.is_none() {
-                    cfg.private_key = d.private_key;
+                match (cfg.private_key, d.private_key, d.public_key) {
+                    (None, Some(k), _) => cfg.private_key = Some(k),
+                    (None, None, _) => anyhow::bail!(
+                        "{iface} does not show its private key (userspace WireGuard such as boringtun hides it): pass --private-key-file FILE or set PrivateKey or PrivateKeyFile in [Interface]"
+                    ),
+                    (Some(k), _, Some(p)) if public_of(&k) != p => anyhow::bail!(
+                        "the private key given is not {iface}'s: it belongs to {}, {iface} is {} (meshpunch must use the interface's own key pair)",
+                        format_key(&public_of(&k)),
+                        format_key(&p)
+                    ),
+                    _ => {}
                 }
                 for wp in &d.peers {
                     let k = &wp.public_key;
@@ -261,10 +296,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 wg_dump = Some(d);
             }
-            let private = cfg.private_key.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no private key: set PrivateKey in [Interface] or use --wg-interface"
-                )
+            let private = cfg.private_key.ok_or_else(|| match &config {
+                Some(p) => anyhow::anyhow!(
+                    "no private key: set PrivateKey or PrivateKeyFile in [Interface] of {}, pass --private-key-file, or use --wg-interface",
+                    p.display()
+                ),
+                None => anyhow::anyhow!(
+                    "no private key and no config ({DEFAULT_CONFIG} does not exist): pass --config FILE, --private-key-file FILE or --wg-interface IFACE"
+                ),
             })?;
             if cfg.peers.is_empty() {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
@@ -321,13 +360,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| Some(meshpunch::lifetime::default_steps())),
                 cache: Some(meshpunch::lifetime::cache_path_for(&control_socket)),
             };
-            let mut d = daemon::start_with(opts, lifetime).await?;
-            if let (Some(iface), Some(dump)) = (&wg_interface, &wg_dump) {
-                for (k, addr) in &d.proxies {
-                    if let Some(wp) = dump.peers.iter().find(|p| p.public_key == *k) {
-                        meshpunch::wg::set_endpoint(iface, wp, *addr)?;
+            let fwmark = match fwmark.as_deref() {
+                Some(v) => meshpunch::config::parse_fwmark(v).ok_or_else(|| {
+                    anyhow::anyhow!("--fwmark: expected off or a mark 1-4294967295, found {v:?}")
+                })?,
+                None => match cfg.fwmark {
+                    Some(m) => m,
+                    None => wg_dump.as_ref().and_then(|d| d.fwmark),
+                },
+            };
+            let wg_status = wg_interface.as_ref().map(|iface| {
+                std::sync::Arc::new(std::sync::Mutex::new(control::WgInterfaceStatus {
+                    name: iface.clone(),
+                    state: "up".into(),
+                    fwmark: wg_dump.as_ref().and_then(|d| d.fwmark),
+                    ..Default::default()
+                }))
+            });
+            let extras = daemon::Extras {
+                fwmark,
+                wg_interface: wg_status.clone(),
+            };
+            let mut d = daemon::start_with_extras(opts, lifetime, extras).await?;
+            let mut watch = None;
+            if let (Some(iface), Some(dump), Some(st)) = (&wg_interface, &wg_dump, &wg_status) {
+                let mut w = meshpunch::wg::Watcher::new(dump, &d.proxies);
+                let mut first_err = None;
+                for (wp, addr) in w.diff(dump) {
+                    if let Err(e) = meshpunch::wg::set_endpoint(iface, &wp, addr) {
+                        first_err.get_or_insert(e);
                     }
                 }
+                // Whatever was pointed already is put back, also when one peer failed.
+                let h = meshpunch::wg::spawn_watcher(iface, w, st.clone());
+                if let Some(e) = first_err {
+                    let _ = h.stop().await;
+                    return Err(e);
+                }
+                watch = Some(h);
             }
             let ready = serde_json::json!({
                 "data_addr": d.data_addr,
@@ -368,6 +438,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            if let Some(h) = watch {
+                match h.stop().await {
+                    Ok(n) => tracing::info!(restored = n, "WireGuard endpoints restored"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "WireGuard endpoints not restored")
+                    }
+                }
+            }
+            drop(d);
+            tracing::info!("meshpunch down");
+        }
+        Cmd::Down => {
+            let v = match control::request(&sock, &Request::Down).await {
+                Ok(v) => v,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    eprintln!(
+                        "meshpunch down: no daemon is running (nothing listens on {})",
+                        sock.display()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                anyhow::bail!("{e}");
+            }
+            // The daemon removes its control socket last, after restoring the endpoints.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while sock.exists() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let pid = v.get("pid").and_then(|p| p.as_u64()).unwrap_or(0);
+            if sock.exists() {
+                anyhow::bail!(
+                    "the daemon (pid {pid}) accepted the stop but has not exited after 10 s"
+                );
+            }
+            println!("meshpunch down: daemon (pid {pid}) stopped");
         }
         Cmd::Status { json } => {
             let v = control::request(&sock, &Request::Status).await?;
@@ -428,6 +541,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Config `meshpunch up` reads when no --config is given (if it exists).
+const DEFAULT_CONFIG: &str = "/etc/meshpunch/meshpunch.conf";
+
+/// Reads a private key file (one base64 key, like `wg genkey` writes), warning like `wg`
+/// when others can read it.
+fn read_key_file(p: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    let s = std::fs::read_to_string(p)
+        .map_err(|e| anyhow::anyhow!("private key file {}: {e}", p.display()))?;
+    let k = parse_key(&s).map_err(|e| anyhow::anyhow!("private key file {}: {e}", p.display()))?;
+    if let Some(w) = meshpunch::keys::key_file_warning(p) {
+        eprintln!("{w}");
+    }
+    Ok(k)
 }
 
 async fn sigterm() {

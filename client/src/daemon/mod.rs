@@ -43,6 +43,7 @@ mod status;
 mod wg;
 
 use net::bind_data;
+pub(crate) use net::set_mark;
 pub use net::{
     interface_addrs, interface_addrs_excluding, turn_uri_authority, usable_candidates,
     wireguard_interfaces,
@@ -89,6 +90,17 @@ pub struct Options {
     pub exclude_interfaces: Vec<String>,
     /// Extra CA certificates trusted for the rendezvous (`--ca-file`, `CaFile`).
     pub ca_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// What the daemon runs with besides [`Options`] (the `meshpunch up` extras).
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// `FwMark` / `--fwmark`: SO_MARK on the data socket and the birthday pool sockets, so a
+    /// full tunnel's policy routing (wg-quick's `not fwmark 51820`) does not send meshpunch's
+    /// own packets into the tunnel. Needs CAP_NET_ADMIN.
+    pub fwmark: Option<u32>,
+    /// The watched `--wg-interface`, shown in `meshpunch status`.
+    pub wg_interface: Option<crate::wg::SharedStatus>,
 }
 
 /// A running daemon (the engine task aborts when this is dropped).
@@ -158,6 +170,15 @@ pub async fn start_with(
     opts: Options,
     lifetime: crate::lifetime::LifetimeOptions,
 ) -> anyhow::Result<Daemon> {
+    start_with_extras(opts, lifetime, Extras::default()).await
+}
+
+/// [`start_with`] with the [`Extras`] (`FwMark`, the watched interface's status).
+pub async fn start_with_extras(
+    opts: Options,
+    lifetime: crate::lifetime::LifetimeOptions,
+    extras: Extras,
+) -> anyhow::Result<Daemon> {
     let (std_sock, v6) = match bind_data(opts.listen) {
         Ok(x) => x,
         Err(e) if opts.listen.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
@@ -174,6 +195,10 @@ pub async fn start_with(
             ))
         }
     };
+    if let Some(mark) = extras.fwmark {
+        net::set_mark(&std_sock, mark).map_err(|e| anyhow::anyhow!("data socket: {e}"))?;
+        tracing::info!(fwmark = mark, "data socket marked");
+    }
     let sock = Arc::new(UdpSocket::from_std(std_sock)?);
     let data_addr = sock.local_addr()?;
 
@@ -305,7 +330,12 @@ pub async fn start_with(
         local_tx,
         pings: Vec::new(),
         int_tx,
-        pool: Pool::new(opts.path.birthday_sockets),
+        pool: {
+            let mut p = Pool::new(opts.path.birthday_sockets);
+            p.set_mark(extras.fwmark);
+            p
+        },
+        wg_interface: extras.wg_interface.clone(),
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -373,6 +403,8 @@ struct Engine {
     pings: Vec<PendingPing>,
     int_tx: mpsc::Sender<Internal>,
     pool: Pool,
+    /// The watched `--wg-interface` (for status).
+    wg_interface: Option<crate::wg::SharedStatus>,
 }
 
 impl Engine {
@@ -411,7 +443,15 @@ impl Engine {
                     FromWg::Packet(i, pkt, src) => self.on_wireguard(Instant::now(), i, &pkt, src),
                     FromWg::Active(i) => self.node.on_data_sent(Instant::now(), i),
                 },
-                Some(cmd) = ctl_rx.recv() => self.on_ctl(Instant::now(), cmd),
+                Some(cmd) = ctl_rx.recv() => {
+                    if let CtlCmd::Shutdown(reply) = cmd {
+                        // `meshpunch down`: the driver returns; `Daemon::wait` ends and the
+                        // caller restores what it changed.
+                        let _ = reply.send(());
+                        return;
+                    }
+                    self.on_ctl(Instant::now(), cmd)
+                }
                 Some(ev) = sig_rx.recv() => self.on_signal(Instant::now(), ev),
                 Some(ev) = int_rx.recv() => self.on_internal(Instant::now(), ev),
                 Some(d) = pool_rx.recv() => self.on_pool_datagram(Instant::now(), d),
@@ -685,6 +725,10 @@ impl Engine {
                     return;
                 };
                 let _ = reply.send(self.node.set_debug(now, i, &knob, on));
+            }
+            // Handled by the run loop (it stops the engine).
+            CtlCmd::Shutdown(reply) => {
+                let _ = reply.send(());
             }
         }
     }

@@ -98,6 +98,10 @@ impl Engine {
             probes,
             birthday,
             peers,
+            wg_interface: self
+                .wg_interface
+                .as_ref()
+                .and_then(|w| w.lock().ok().map(|s| s.clone())),
         }
     }
 }
