@@ -89,6 +89,52 @@ fn set_endpoint(mesh: &Mesh, w: &WgIface, peer: &WgIface, ep: &str) {
         .unwrap();
 }
 
+/// What wg-quick does for `AllowedIPs = 0.0.0.0/0` (the IPv4 part): fwmark 51820 on the
+/// interface, a default route into it in table 51820 for every packet without that mark, the
+/// main table (minus its default route) first.
+fn full_tunnel(mesh: &Mesh, w: &WgIface) {
+    let lab = &mesh.topo.lab;
+    lab.exec(&w.host, "wg", &["set", &w.name, "fwmark", "51820"])
+        .unwrap();
+    lab.ip(
+        &w.host,
+        &[
+            "-4",
+            "route",
+            "replace",
+            "0.0.0.0/0",
+            "dev",
+            &w.name,
+            "table",
+            "51820",
+        ],
+    )
+    .unwrap();
+    let rules = lab.ip(&w.host, &["-4", "rule", "show"]).unwrap();
+    if !rules.contains("lookup 51820") {
+        lab.ip(
+            &w.host,
+            &[
+                "-4", "rule", "add", "not", "fwmark", "51820", "table", "51820",
+            ],
+        )
+        .unwrap();
+        lab.ip(
+            &w.host,
+            &[
+                "-4",
+                "rule",
+                "add",
+                "table",
+                "main",
+                "suppress_prefixlength",
+                "0",
+            ],
+        )
+        .unwrap();
+    }
+}
+
 fn ping_ok(mesh: &Mesh, dst: Ipv4Addr, what: &str) {
     // One ping that may wait for a WireGuard handshake (and its 5 s retry).
     let _ = mesh.topo.lab.exec_any(
@@ -142,6 +188,10 @@ fn wg_interface_is_kept_pointed_and_restored() {
     wa.set_peer(&mesh.topo, &wb, Some(CONFIG_ENDPOINT.parse().unwrap()), 0)
         .unwrap();
     wb.set_peer(&mesh.topo, &wa, None, 0).unwrap();
+    // a1 is a wg-quick full tunnel: fwmark 51820 on the interface, every packet without that
+    // mark routed into the tunnel. meshpunch must take the mark from `wg show` and put it on
+    // its own sockets, or its packets to the rendezvous and to b1 vanish into the tunnel.
+    full_tunnel(&mesh, &wa);
 
     // The bare form on boringtun: no key anywhere, and the message says how to fix it.
     let ctl = mesh.node("a1").unwrap().control;
@@ -196,7 +246,10 @@ fn wg_interface_is_kept_pointed_and_restored() {
         .unwrap();
     mesh.wait_path("b1", "a1", &["direct"], Duration::from_secs(30))
         .unwrap();
-    ping_ok(&mesh, wb.addr, "start");
+    ping_ok(&mesh, wb.addr, "start (full tunnel)");
+    let st = mesh.status("a1").unwrap();
+    assert_eq!(st["wg_interface"]["fwmark"], 51820, "{st}");
+    assert!(mesh.daemon_log("a1").contains("data socket marked"));
 
     // wg-quick down: gone for a while; status says so, the log says it once.
     wa.stop(&mut mesh.topo);
@@ -222,6 +275,7 @@ fn wg_interface_is_kept_pointed_and_restored() {
     );
     // wg-quick up: the interface comes back with its config's endpoint.
     wa.recreate(&mut mesh.topo).unwrap();
+    full_tunnel(&mesh, &wa);
     wa.set_peer(&mesh.topo, &wb, Some(CONFIG_ENDPOINT.parse().unwrap()), 0)
         .unwrap();
     let took = wait_endpoint(&mesh, &wa, &wb.public_key, Duration::from_secs(5), is_proxy)
