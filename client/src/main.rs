@@ -605,6 +605,25 @@ fn print_status(st: &control::Status) {
                 .unwrap_or_default()
         );
     }
+    if let Some(w) = &st.wg_interface {
+        println!(
+            "wireguard interface {} {}{}, fwmark {}, endpoints re-pointed {}{}",
+            w.name,
+            w.state,
+            w.error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+            w.fwmark
+                .map_or_else(|| "off".to_string(), |m| m.to_string()),
+            w.reapplied_total,
+            if w.unmanaged_peers.is_empty() {
+                String::new()
+            } else {
+                format!(", not carried: {}", w.unmanaged_peers.join(" "))
+            }
+        );
+    }
     let b = &st.birthday;
     if b.pool_opened_total > 0 || b.spray_sent > 0 {
         println!(
