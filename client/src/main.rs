@@ -305,7 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "no private key and no config ({DEFAULT_CONFIG} does not exist): pass --config FILE, --private-key-file FILE or --wg-interface IFACE"
                 ),
             })?;
-            if cfg.peers.is_empty() {
+            if cfg.peers.is_empty() && wg_interface.is_none() {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
             }
             let cli_connect = connect.clone();
@@ -392,7 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 // Whatever was pointed already is put back, also when one peer failed.
-                let h = meshpunch::wg::spawn_watcher(iface, w, st.clone());
+                let h = meshpunch::wg::spawn_watcher(iface, w, st.clone(), Some(d.peer_control()));
                 if let Some(e) = first_err {
                     let _ = h.stop().await;
                     return Err(e);

@@ -140,7 +140,12 @@ pub struct Watcher {
     /// had none). Set from the first dump, and again whenever someone else sets an endpoint
     /// (`wg syncconf`, a re-created interface): that is the endpoint to restore.
     original: HashMap<[u8; 32], Option<SocketAddr>>,
+    /// Polls in a row each tracked peer was missing from the interface.
+    absent: HashMap<[u8; 32], u32>,
 }
+
+/// Polls in a row a peer must be missing from the interface before it is dropped.
+pub const GONE_AFTER: u32 = 2;
 
 impl Watcher {
     /// A watcher for these proxy ports, remembering the endpoints `first` shows.
@@ -148,6 +153,7 @@ impl Watcher {
         let mut w = Watcher {
             proxies: proxies.iter().copied().collect(),
             original: HashMap::new(),
+            absent: HashMap::new(),
         };
         w.remember(first);
         w
@@ -196,6 +202,39 @@ impl Watcher {
             .collect()
     }
 
+    /// Starts keeping `key` pointed at `proxy` (a peer added at run time).
+    pub fn track(&mut self, key: [u8; 32], proxy: SocketAddr) {
+        self.proxies.insert(key, proxy);
+        self.absent.remove(&key);
+    }
+
+    /// Stops tracking `key` (removed from the interface).
+    pub fn untrack(&mut self, key: &[u8; 32]) {
+        self.proxies.remove(key);
+        self.original.remove(key);
+        self.absent.remove(key);
+    }
+
+    /// Tracked peers missing from `dump` in [`GONE_AFTER`] polls in a row: removed from the
+    /// interface (one poll is not enough: `wg-quick up` creates the interface before it adds
+    /// the peers).
+    pub fn removed_peers(&mut self, dump: &WgDump) -> Vec<[u8; 32]> {
+        let keys: Vec<[u8; 32]> = self.proxies.keys().copied().collect();
+        let mut out = Vec::new();
+        for k in keys {
+            if dump.peers.iter().any(|p| p.public_key == k) {
+                self.absent.remove(&k);
+            } else {
+                let n = self.absent.entry(k).or_insert(0);
+                *n += 1;
+                if *n >= GONE_AFTER {
+                    out.push(k);
+                }
+            }
+        }
+        out
+    }
+
     /// Peers of `dump` meshpunch has no proxy port for (added to the interface since).
     pub fn unknown_peers<'a>(&self, dump: &'a WgDump) -> Vec<&'a WgPeer> {
         dump.peers
@@ -218,8 +257,14 @@ pub struct WatchHandle {
 
 /// Watches `iface` every [`WATCH_INTERVAL`]: re-points peers whose endpoint is not their
 /// proxy port (the interface was re-created, `wg syncconf` changed it), notes in `status` when
-/// the interface is gone (logged once) and when it is back.
-pub fn spawn_watcher(iface: &str, watcher: Watcher, status: SharedStatus) -> WatchHandle {
+/// the interface is gone (logged once) and when it is back; with `peers`, carries peers added
+/// to the interface and drops removed ones.
+pub fn spawn_watcher(
+    iface: &str,
+    watcher: Watcher,
+    status: SharedStatus,
+    peers: Option<crate::daemon::PeerControl>,
+) -> WatchHandle {
     let watcher = Arc::new(Mutex::new(watcher));
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
     let w = watcher.clone();
@@ -249,14 +294,44 @@ pub fn spawn_watcher(iface: &str, watcher: Watcher, status: SharedStatus) -> Wat
                     continue;
                 }
                 Ok(d) => {
-                    let unknown: Vec<String> = match w.lock() {
-                        Ok(w) => w
-                            .unknown_peers(&d)
-                            .iter()
-                            .map(|p| format_key(&p.public_key))
-                            .collect(),
-                        Err(_) => Vec::new(),
+                    let (unknown, gone) = match w.lock() {
+                        Ok(mut w) => (
+                            w.unknown_peers(&d)
+                                .into_iter()
+                                .map(|p| p.public_key)
+                                .collect::<Vec<_>>(),
+                            w.removed_peers(&d),
+                        ),
+                        Err(_) => return,
                     };
+                    let mut unmanaged = Vec::new();
+                    for k in unknown {
+                        let added = match &peers {
+                            Some(pc) => pc.add(k).await,
+                            None => Err(anyhow::anyhow!("restart meshpunch to carry it")),
+                        };
+                        match added {
+                            Ok(proxy) => {
+                                tracing::info!(iface = %name, peer = %format_key(&k), %proxy, "peer added to the interface: carried");
+                                if let Ok(mut w) = w.lock() {
+                                    w.track(k, proxy);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::debug!(iface = %name, peer = %format_key(&k), error = %e, "peer not carried");
+                                unmanaged.push(format_key(&k));
+                            }
+                        }
+                    }
+                    for k in gone {
+                        if let Some(pc) = &peers {
+                            pc.remove(k).await;
+                        }
+                        tracing::info!(iface = %name, peer = %format_key(&k), "peer removed from the interface: dropped");
+                        if let Ok(mut w) = w.lock() {
+                            w.untrack(&k);
+                        }
+                    }
                     if let Ok(mut st) = status.lock() {
                         if st.state == "gone" {
                             tracing::info!(iface = %name, "WireGuard interface is back");
@@ -265,11 +340,11 @@ pub fn spawn_watcher(iface: &str, watcher: Watcher, status: SharedStatus) -> Wat
                         st.gone_since_unix = None;
                         st.error = None;
                         st.fwmark = d.fwmark;
-                        if unknown != st.unmanaged_peers {
-                            if !unknown.is_empty() {
-                                tracing::warn!(iface = %name, peers = ?unknown, "peers on the interface that meshpunch does not carry (restart meshpunch to add them)");
+                        if unmanaged != st.unmanaged_peers {
+                            if !unmanaged.is_empty() {
+                                tracing::warn!(iface = %name, peers = ?unmanaged, "peers on the interface that meshpunch does not carry");
                             }
-                            st.unmanaged_peers = unknown;
+                            st.unmanaged_peers = unmanaged;
                         }
                     }
                     match w.lock() {
@@ -415,6 +490,23 @@ mod tests {
         let plan = w.restore_plan(&other);
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].0.public_key, [2; 32]);
+    }
+
+    #[test]
+    fn a_peer_is_dropped_only_after_missing_twice_and_can_come_back() {
+        let pa: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let with = dump(vec![peer(1, None)]);
+        let mut w = Watcher::new(&with, &[([1; 32], pa)]);
+        // `wg-quick up`: the interface exists a moment before its peers.
+        assert!(w.removed_peers(&dump(vec![])).is_empty());
+        assert!(w.removed_peers(&with).is_empty());
+        assert!(w.removed_peers(&dump(vec![])).is_empty());
+        assert_eq!(w.removed_peers(&dump(vec![])), vec![[1; 32]]);
+        w.untrack(&[1; 32]);
+        assert_eq!(w.unknown_peers(&with).len(), 1);
+        w.track([1; 32], pa);
+        assert!(w.unknown_peers(&with).is_empty());
+        assert_eq!(w.diff(&with).len(), 1);
     }
 
     #[test]

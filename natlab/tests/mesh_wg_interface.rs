@@ -6,6 +6,9 @@
 //!   names the fix; with `--private-key-file` it runs;
 //! * the interface is deleted and re-created (what `wg-quick down; wg-quick up` does): the
 //!   daemon re-points the peer at its proxy port within 5 s and traffic flows again;
+//! * a peer added to the interface while meshpunch runs is carried (no restart); removed, it
+//!   is dropped, added back, carried again;
+//! * a1 is a wg-quick-style full tunnel: meshpunch marks its sockets with the fwmark;
 //! * someone changes the peer's endpoint (what `wg syncconf` does): re-pointed again;
 //! * SIGTERM puts back the endpoint the peer had (the last one someone else set);
 //! * `meshpunch down` stops the other daemon cleanly and restores its endpoint; a second
@@ -185,8 +188,7 @@ fn wg_interface_is_kept_pointed_and_restored() {
         .unwrap();
     mesh.set_keys("b1", (wb.private_key.clone(), wb.public_key.clone()))
         .unwrap();
-    wa.set_peer(&mesh.topo, &wb, Some(CONFIG_ENDPOINT.parse().unwrap()), 0)
-        .unwrap();
+    // a1 starts without peers; b1 is added to it once meshpunch runs.
     wb.set_peer(&mesh.topo, &wa, None, 0).unwrap();
     // a1 is a wg-quick full tunnel: fwmark 51820 on the interface, every packet without that
     // mark routed into the tunnel. meshpunch must take the mark from `wg show` and put it on
@@ -240,8 +242,12 @@ fn wg_interface_is_kept_pointed_and_restored() {
     )
     .unwrap();
     let is_proxy = |e: &str| e.starts_with("127.0.0.1:");
-    wait_endpoint(&mesh, &wa, &wb.public_key, Duration::from_secs(5), is_proxy)
-        .expect("a1's peer not pointed at the proxy");
+    // A peer added to the interface while meshpunch runs is carried without a restart.
+    wa.set_peer(&mesh.topo, &wb, Some(CONFIG_ENDPOINT.parse().unwrap()), 0)
+        .unwrap();
+    let took = wait_endpoint(&mesh, &wa, &wb.public_key, Duration::from_secs(5), is_proxy)
+        .unwrap_or_else(|dump| panic!("added peer not pointed at a proxy within 5 s: {dump}"));
+    println!("added peer carried after {took:?}");
     mesh.wait_path("a1", "b1", &["direct"], Duration::from_secs(30))
         .unwrap();
     mesh.wait_path("b1", "a1", &["direct"], Duration::from_secs(30))
@@ -298,6 +304,51 @@ fn wg_interface_is_kept_pointed_and_restored() {
         .unwrap_or_else(|dump| panic!("not re-pointed within 5 s after a change: {dump}"));
     println!("changed endpoint re-pointed after {took:?}");
     ping_ok(&mesh, wb.addr, "after an endpoint change");
+
+    // The peer removed from the interface: dropped (the daemon keeps running), then added
+    // back: carried again.
+    mesh.topo
+        .lab
+        .exec(
+            "a1",
+            "wg",
+            &["set", &wa.name, "peer", &wb.public_key, "remove"],
+        )
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let st = mesh.status("a1").unwrap();
+        if st["peers"].as_array().is_some_and(|p| p.is_empty()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "removed peer still carried: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("removed peer dropped after {:?}", start.elapsed());
+    let allowed = format!("{}/32", wb.addr);
+    mesh.topo
+        .lab
+        .exec(
+            "a1",
+            "wg",
+            &[
+                "set",
+                &wa.name,
+                "peer",
+                &wb.public_key,
+                "allowed-ips",
+                &allowed,
+                "endpoint",
+                SYNCED_ENDPOINT,
+            ],
+        )
+        .unwrap();
+    wait_endpoint(&mesh, &wa, &wb.public_key, Duration::from_secs(5), is_proxy)
+        .unwrap_or_else(|dump| panic!("re-added peer not carried within 5 s: {dump}"));
+    ping_ok(&mesh, wb.addr, "after remove and re-add");
 
     // SIGTERM: the endpoint someone else set last is back.
     mesh.down("a1");

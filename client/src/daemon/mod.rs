@@ -115,9 +115,52 @@ pub struct Daemon {
     task: tokio::task::JoinHandle<()>,
     /// Commands to the rendezvous task (for [`Daemon::reload_rendezvous`]).
     sig: Option<mpsc::Sender<SignalCmd>>,
+    /// Requests to the engine (peers added / removed at run time).
+    int_tx: mpsc::Sender<Internal>,
+}
+
+/// Adds and removes peers of a running daemon (the `--wg-interface` watcher uses it).
+#[derive(Clone, Debug)]
+pub struct PeerControl {
+    tx: mpsc::Sender<Internal>,
+}
+
+impl PeerControl {
+    /// Carries one more peer: returns its proxy port (a removed peer gets its old one back).
+    pub async fn add(&self, key: [u8; 32]) -> anyhow::Result<SocketAddr> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Internal::AddPeer { key, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the daemon has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the daemon has stopped"))?
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Stops carrying a peer (its packets are dropped from now on). False if unknown.
+    pub async fn remove(&self, key: [u8; 32]) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Internal::RemovePeer { key, reply })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
 }
 
 impl Daemon {
+    /// A handle that adds and removes peers at run time.
+    pub fn peer_control(&self) -> PeerControl {
+        PeerControl {
+            tx: self.int_tx.clone(),
+        }
+    }
+
     /// Waits until the engine stops (it runs until aborted).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
@@ -336,6 +379,8 @@ pub async fn start_with_extras(
             p
         },
         wg_interface: extras.wg_interface.clone(),
+        wg_tx: wg_tx.clone(),
+        wireguard_endpoint: opts.wireguard_endpoint,
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -344,6 +389,7 @@ pub async fn start_with_extras(
     let hosts = engine.scan_hosts();
     engine.node.set_hosts(now, hosts);
     let control_socket = opts.control_socket.clone();
+    let int_tx = engine.int_tx.clone();
     let task = tokio::spawn(engine.run(wg_rx, ctl_rx, sig_ev_rx, int_rx));
     Ok(Daemon {
         data_addr,
@@ -351,6 +397,7 @@ pub async fn start_with_extras(
         proxies,
         task,
         sig: sig_handle,
+        int_tx,
     })
 }
 
@@ -381,6 +428,16 @@ enum Internal {
         public_ip: IpAddr,
         outcome: meshpunch_proto::lifetime::Outcome,
     },
+    /// Carry one more peer ([`PeerControl::add`]).
+    AddPeer {
+        key: [u8; 32],
+        reply: oneshot::Sender<Result<SocketAddr, String>>,
+    },
+    /// Stop carrying a peer ([`PeerControl::remove`]).
+    RemovePeer {
+        key: [u8; 32],
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 struct Engine {
@@ -405,6 +462,9 @@ struct Engine {
     pool: Pool,
     /// The watched `--wg-interface` (for status).
     wg_interface: Option<crate::wg::SharedStatus>,
+    /// For the proxy readers of peers added at run time.
+    wg_tx: mpsc::Sender<FromWg>,
+    wireguard_endpoint: Option<SocketAddr>,
 }
 
 impl Engine {
@@ -741,6 +801,92 @@ impl Engine {
                     self.apply_keepalive(now);
                 }
             }
+            Internal::AddPeer { key, reply } => {
+                let _ = reply.send(self.add_peer(now, key));
+            }
+            Internal::RemovePeer { key, reply } => {
+                let removed = self.node.remove_peer(now, unix_ms(), &key).is_some();
+                if removed {
+                    tracing::info!(peer = %format_key(&key), "peer removed");
+                    self.peers_changed();
+                }
+                let _ = reply.send(removed);
+            }
+        }
+    }
+
+    /// Carries one more peer: a new proxy port and reader, or the slot it had before.
+    fn add_peer(&mut self, now: Instant, key: [u8; 32]) -> Result<SocketAddr, String> {
+        let b64 = format_key(&key);
+        let slot = self.peers.iter().position(|p| p.b64 == b64);
+        let new = match slot {
+            Some(_) => None,
+            None => {
+                let std =
+                    std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
+                        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                        .map_err(|e| format!("cannot bind a proxy port for peer {b64}: {e}"))?;
+                let sock = UdpSocket::from_std(std)
+                    .map_err(|e| format!("proxy port for peer {b64}: {e}"))?;
+                let sock = Arc::new(sock);
+                let addr = sock
+                    .local_addr()
+                    .map_err(|e| format!("proxy port for peer {b64}: {e}"))?;
+                Some((sock, addr))
+            }
+        };
+        let i = self.node.add_peer(
+            now,
+            unix_ms(),
+            PeerSpec {
+                key,
+                static_candidates: Vec::new(),
+                static_secret: None,
+            },
+        );
+        if let Some((sock, addr)) = new {
+            if i != self.peers.len() {
+                return Err(format!("peer {b64}: node index {i} out of step"));
+            }
+            let fast = Arc::new(FastPath::default());
+            proxy::spawn_reader(
+                i,
+                sock.clone(),
+                addr,
+                self.wireguard_endpoint,
+                self.sock.clone(),
+                fast.clone(),
+                self.wg_tx.clone(),
+            );
+            self.peers.push(Peer {
+                fast,
+                b64: b64.clone(),
+                name: None,
+                wg: WgSide::Proxy(ProxyPort {
+                    sock,
+                    addr,
+                    wg: self.wireguard_endpoint,
+                }),
+            });
+        }
+        let addr = self.peers[i].wg.status_addr();
+        tracing::info!(peer = %b64, proxy = %addr, "peer added");
+        self.peers_changed();
+        self.perform(now);
+        Ok(addr)
+    }
+
+    /// Tells the rendezvous task which peers we carry now.
+    fn peers_changed(&self) {
+        if let Some(sig) = &self.sig {
+            let keys = self
+                .node
+                .peers()
+                .iter()
+                .filter(|p| !p.is_removed())
+                .map(|p| *p.key())
+                .collect();
+            let _ = sig.try_send(SignalCmd::SetPeers(keys));
         }
     }
 

@@ -25,6 +25,7 @@ impl Engine {
             .peers
             .iter()
             .zip(node.peers())
+            .filter(|(_, np)| !np.is_removed())
             .map(|(p, np)| {
                 let path = np.path();
                 let st = path.status();
