@@ -259,7 +259,7 @@ pub struct WgInterfaceStatus {
     pub reapplied_total: u64,
     /// The interface's firewall mark as `wg show` says.
     pub fwmark: Option<u32>,
-    /// Peers on the interface that meshpunch does not carry (added after it started).
+    /// Peers on the interface that meshpunch could not carry (no proxy port could be bound).
     #[serde(default)]
     pub unmanaged_peers: Vec<String>,
 }
