@@ -15,27 +15,50 @@
 //! BindingLifetime = 30               # seconds, from `netcheck --long`: keepalive = half of it
 //! BirthdaySockets = 256              # birthday probing, behind a symmetric NAT: extra sockets (0 = off)
 //! BirthdayProbes = 2048              # birthday probing, towards a symmetric NAT: spray pings per session (0 = off)
+//! Mode = tun                         # built-in WireGuard on a TUN device (like --tun); default proxy
+//! TunName = meshpunch0               # the TUN device's name in Mode = tun (--tun NAME wins)
+//! Address = 10.9.0.1/24, fd00:9::1/64  # tunnel addresses (Mode = tun), as wg-quick
+//! MTU = 1412                         # TUN MTU (Mode = tun), default 1412 (docs/tun.md)
 //!
 //! [Peer]
 //! PublicKey = <base64>               # required
 //! Name = laptop                      # optional label for status
 //! ProxyPort = 51901                  # optional fixed 127.0.0.1 port WireGuard talks to
 //! Candidate = 192.0.2.7:41641        # optional known address of the peer's data socket
+//! AllowedIPs = 10.9.0.2/32           # Mode = tun: the peer's tunnel prefixes (routes + source check)
+//! PresharedKey = <base64>            # Mode = tun: optional WireGuard preshared key
 //! ```
 //!
 //! Keys are case-insensitive, `#` and `;` start comments. WireGuard keys that mean nothing to
-//! meshpunch (`Address`, `AllowedIPs`, `DNS`, `Endpoint`, ...) are accepted and ignored, so a
-//! `wg-quick` file can carry the meshpunch keys too. Anything else is an error naming the
-//! file, the line and what was expected.
+//! meshpunch (`DNS`, `Endpoint`, `PersistentKeepalive`, ...) are accepted and ignored, so a
+//! `wg-quick` file can carry the meshpunch keys too; `Address`, `MTU`, `AllowedIPs` and
+//! `PresharedKey` are checked always and used in `Mode = tun`. Anything else is an error
+//! naming the file, the line and what was expected.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::keys::parse_key;
+use crate::keys::{format_key, parse_key};
+use crate::tun::allowed::{parse_list, IpNet};
+use crate::tun::{TunPeer, TunSettings, MAX_MTU, MIN_MTU, MIN_MTU_IPV6};
+
+/// How the daemon talks to WireGuard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// A separate WireGuard (kernel, boringtun-cli, wireguard-go) reaches each peer through a
+    /// 127.0.0.1 proxy port.
+    #[default]
+    Proxy,
+    /// Built-in userspace WireGuard on a TUN device (`--tun NAME`).
+    Tun,
+}
+
+/// The TUN device name used by `Mode = tun` without `TunName` or `--tun`.
+pub const DEFAULT_TUN_NAME: &str = "meshpunch0";
 
 /// A configuration error with its location.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {msg}")]
+#[error("{file}{}: {msg}", if *.line > 0 { format!(":{}", .line) } else { String::new() })]
 pub struct ConfigError {
     /// The file.
     pub file: String,
@@ -79,8 +102,30 @@ pub struct Config {
     pub birthday_sockets: Option<u16>,
     /// Birthday probing: spray pings per session towards a symmetric NAT (None = default).
     pub birthday_probes: Option<u16>,
+    /// `Mode`.
+    pub mode: Mode,
+    /// `TunName`.
+    pub tun_name: Option<String>,
+    /// `Address` (all lines, in order), with the line of each.
+    pub addresses: Vec<(usize, IpNet)>,
+    /// `MTU` and its line.
+    pub mtu: Option<(usize, u32)>,
     /// Peers.
     pub peers: Vec<PeerConfig>,
+    /// The WireGuard side of each peer (`peer_tun[i]` belongs to `peers[i]`), used in
+    /// `Mode = tun`.
+    pub peer_tun: Vec<PeerTun>,
+}
+
+/// `[Peer]` keys that only the built-in WireGuard uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerTun {
+    /// Line of the `[Peer]` header.
+    pub line: usize,
+    /// `AllowedIPs` (all lines), each with its line.
+    pub allowed_ips: Vec<(usize, IpNet)>,
+    /// `PresharedKey`.
+    pub preshared_key: Option<[u8; 32]>,
 }
 
 /// `[Peer]` settings.
@@ -104,19 +149,15 @@ pub const MAX_BIRTHDAY_SOCKETS: u16 = 1024;
 pub const MAX_BIRTHDAY_PROBES: u16 = 16384;
 
 const IGNORED_WG_KEYS: &[&str] = &[
-    "address",
     "dns",
-    "mtu",
     "table",
     "preup",
     "postup",
     "predown",
     "postdown",
     "saveconfig",
-    "allowedips",
     "endpoint",
     "persistentkeepalive",
-    "presharedkey",
 ];
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -169,6 +210,11 @@ impl Config {
                     if cfg.peers.iter().any(|p| p.public_key == public_key) {
                         return Err(err(line, "duplicate [Peer] PublicKey".into()));
                     }
+                    cfg.peer_tun.push(PeerTun {
+                        line,
+                        allowed_ips: b.allowed_ips,
+                        preshared_key: b.preshared_key,
+                    });
                     cfg.peers.push(PeerConfig {
                         public_key,
                         name: b.name,
@@ -290,9 +336,35 @@ impl Config {
                             err(n, format!("HostCandidates: expected true or false, found {v:?}"))
                         })?
                     }
+                    "mode" => {
+                        cfg.mode = match v.to_ascii_lowercase().as_str() {
+                            "tun" => Mode::Tun,
+                            "proxy" => Mode::Proxy,
+                            _ => return Err(err(n, format!("Mode: expected tun (built-in WireGuard) or proxy (a separate WireGuard through proxy ports), found {v:?}"))),
+                        }
+                    }
+                    "tunname" => {
+                        if !crate::tun::sys::valid_name(v) {
+                            return Err(err(n, format!("TunName: expected an interface name of 1-15 characters without '/', ':' or spaces, found {v:?}")));
+                        }
+                        cfg.tun_name = Some(v.to_string())
+                    }
+                    "address" => {
+                        let list = parse_list(v).map_err(|e| err(n, format!("Address: {e}")))?;
+                        if list.is_empty() {
+                            return Err(err(n, "Address: expected one or more addresses with prefix length, like 10.9.0.1/24, fd00:9::1/64".into()));
+                        }
+                        cfg.addresses.extend(list.into_iter().map(|a| (n, a)));
+                    }
+                    "mtu" => {
+                        let m = v.parse::<u32>().ok().filter(|m| (MIN_MTU..=MAX_MTU).contains(m)).ok_or_else(|| {
+                            err(n, format!("MTU: expected {MIN_MTU}-{MAX_MTU} bytes, found {v:?}"))
+                        })?;
+                        cfg.mtu = Some((n, m));
+                    }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, PrivateKeyFile, Rendezvous, CaFile, ListenPort, ControlSocket, WireGuardEndpoint, FwMark, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets or BirthdayProbes",
+                            "unknown [Interface] key {}; expected PrivateKey, PrivateKeyFile, Rendezvous, CaFile, ListenPort, ControlSocket, WireGuardEndpoint, FwMark, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets, BirthdayProbes, Mode, TunName, Address or MTU",
                             k.trim()
                         )))
                     }
@@ -321,9 +393,18 @@ impl Config {
                                 })?);
                             }
                         }
+                        "allowedips" => {
+                            let list = parse_list(v).map_err(|e| err(n, format!("AllowedIPs: {e}")))?;
+                            b.allowed_ips.extend(list.into_iter().map(|a| (n, a)));
+                        }
+                        "presharedkey" => {
+                            b.preshared_key = Some(
+                                parse_key(v).map_err(|e| err(n, format!("PresharedKey: {e}")))?,
+                            )
+                        }
                         _ => {
                             return Err(err(n, format!(
-                                "unknown [Peer] key {}; expected PublicKey, Name, ProxyPort or Candidate",
+                                "unknown [Peer] key {}; expected PublicKey, Name, ProxyPort, Candidate, AllowedIPs or PresharedKey",
                                 k.trim()
                             )))
                         }
@@ -342,6 +423,92 @@ struct PeerBuilder {
     name: Option<String>,
     proxy_port: u16,
     candidates: Vec<SocketAddr>,
+    allowed_ips: Vec<(usize, IpNet)>,
+    preshared_key: Option<[u8; 32]>,
+}
+
+/// A peer's label in messages: its `Name`, else the first 8 characters of its key.
+pub fn peer_label(p: &PeerConfig) -> String {
+    match &p.name {
+        Some(n) => n.clone(),
+        None => format_key(&p.public_key).chars().take(8).collect(),
+    }
+}
+
+impl Config {
+    /// The TUN device settings for `Mode = tun` / `--tun NAME` (`name` overrides `TunName`),
+    /// checked: at least one `Address`, every peer with `AllowedIPs`, no prefix claimed by two
+    /// peers, no default route (a full tunnel would carry meshpunch's own traffic), an MTU an
+    /// IPv6 address can live with. `file` names the configuration in errors.
+    pub fn tun_settings(&self, file: &str, name: Option<&str>) -> Result<TunSettings, ConfigError> {
+        let err = |line: usize, msg: String| ConfigError {
+            file: file.to_string(),
+            line,
+            msg,
+        };
+        let name = name
+            .or(self.tun_name.as_deref())
+            .unwrap_or(DEFAULT_TUN_NAME)
+            .to_string();
+        if !crate::tun::sys::valid_name(&name) {
+            return Err(err(
+                0,
+                format!("TUN name {name:?}: expected 1-15 characters without '/', ':' or spaces"),
+            ));
+        }
+        if self.addresses.is_empty() {
+            return Err(err(0, "Mode = tun needs the tunnel address: add Address = 10.9.0.1/24 (and/or an IPv6 one) to [Interface]".into()));
+        }
+        let any_v6 = self.addresses.iter().any(|(_, a)| a.is_ipv6());
+        let mtu = match self.mtu {
+            Some((line, m)) if any_v6 && m < MIN_MTU_IPV6 => {
+                return Err(err(line, format!("MTU: {m} is below {MIN_MTU_IPV6}, the minimum for an interface with an IPv6 Address (RFC 8200)")))
+            }
+            Some((_, m)) => m,
+            None => crate::tun::DEFAULT_MTU,
+        };
+        if self.peers.is_empty() {
+            return Err(err(
+                0,
+                "Mode = tun needs at least one [Peer] with PublicKey and AllowedIPs".into(),
+            ));
+        }
+        let mut peers = Vec::with_capacity(self.peers.len());
+        for (p, t) in self.peers.iter().zip(&self.peer_tun) {
+            let label = peer_label(p);
+            if t.allowed_ips.is_empty() {
+                return Err(err(t.line, format!("[Peer] {label}: Mode = tun needs AllowedIPs (the peer's tunnel address, like AllowedIPs = 10.9.0.2/32)")));
+            }
+            if let Some((line, a)) = t.allowed_ips.iter().find(|(_, a)| a.len == 0) {
+                return Err(err(*line, format!("AllowedIPs {a} of peer {label}: a default route (full tunnel) is not supported in Mode = tun yet (it would carry meshpunch's own traffic); list the peer's prefixes")));
+            }
+            peers.push(TunPeer {
+                label,
+                public_key: p.public_key,
+                preshared_key: t.preshared_key,
+                allowed_ips: t.allowed_ips.iter().map(|(_, a)| *a).collect(),
+            });
+        }
+        if let Err(o) = crate::tun::routing_table(&peers) {
+            // The line of the second claim.
+            let line = self
+                .peer_tun
+                .iter()
+                .zip(&peers)
+                .filter(|(_, p)| p.label == o.second)
+                .flat_map(|(t, _)| t.allowed_ips.iter())
+                .find(|(_, a)| a.network() == o.prefix)
+                .map(|(l, _)| *l)
+                .unwrap_or(0);
+            return Err(err(line, o.to_string()));
+        }
+        Ok(TunSettings {
+            name,
+            addresses: self.addresses.iter().map(|(_, a)| *a).collect(),
+            mtu,
+            peers,
+        })
+    }
 }
 
 /// Parses a firewall mark as `wg` and wg-quick write it: `off` (or 0) = no mark, else a
@@ -506,6 +673,138 @@ mod tests {
         assert!(e.msg.contains("expected 'Key = Value'"), "{e}");
         let e = Config::parse("x.conf", "[Wat]\n").unwrap_err();
         assert!(e.msg.contains("unknown section"), "{e}");
+    }
+
+    fn tun_conf(extra_iface: &str, peers: &[(&str, &str)]) -> String {
+        let mut t = format!(
+            "[Interface]\nPrivateKey = {}\nMode = tun\n{extra_iface}",
+            format_key(&generate_private())
+        );
+        for (name, allowed) in peers {
+            t.push_str(&format!(
+                "\n[Peer]\nPublicKey = {}\nName = {name}\n{allowed}\n",
+                format_key(&public_of(&generate_private()))
+            ));
+        }
+        t
+    }
+
+    #[test]
+    fn tun_mode_keys_like_wg_quick() {
+        let psk = format_key(&generate_private());
+        let text = tun_conf(
+            "Address = 10.9.0.1/24\nAddress = fd00:9::1/64\nMTU = 1380\nTunName = mp7\n",
+            &[
+                ("b", &format!("AllowedIPs = 10.9.0.2/32, fd00:9::2/128\nPresharedKey = {psk}\nPersistentKeepalive = 25")),
+                ("c", "AllowedIPs = 10.9.0.3/32\nAllowedIPs = 192.168.50.0/24"),
+            ],
+        );
+        let c = Config::parse("t.conf", &text).unwrap();
+        assert_eq!(c.mode, Mode::Tun);
+        let s = c.tun_settings("t.conf", None).unwrap();
+        assert_eq!(s.name, "mp7");
+        assert_eq!(s.mtu, 1380);
+        assert_eq!(
+            s.addresses,
+            vec![
+                "10.9.0.1/24".parse().unwrap(),
+                "fd00:9::1/64".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.peers[0].label, "b");
+        assert_eq!(s.peers[0].allowed_ips.len(), 2);
+        assert_eq!(s.peers[0].preshared_key, Some(parse_key(&psk).unwrap()));
+        assert_eq!(s.peers[1].allowed_ips.len(), 2);
+        assert_eq!(s.peers[1].preshared_key, None);
+        // --tun NAME wins over TunName; the default MTU fits an IPv6 relay path.
+        let c = Config::parse(
+            "t.conf",
+            &tun_conf(
+                "Address = 10.9.0.1/24\n",
+                &[("b", "AllowedIPs = 10.9.0.2/32")],
+            ),
+        )
+        .unwrap();
+        let s = c.tun_settings("t.conf", Some("mpx")).unwrap();
+        assert_eq!((s.name.as_str(), s.mtu), ("mpx", crate::tun::DEFAULT_MTU));
+        assert_eq!(
+            c.tun_settings("t.conf", None).unwrap().name,
+            DEFAULT_TUN_NAME
+        );
+        // Proxy mode is the default and ignores the TUN keys.
+        let c = Config::parse("p.conf", "[Interface]\nAddress = 10.9.0.1/24\n").unwrap();
+        assert_eq!(c.mode, Mode::Proxy);
+    }
+
+    #[test]
+    fn overlapping_allowed_ips_name_both_peers() {
+        let text = tun_conf(
+            "Address = 10.9.0.1/24\n",
+            &[
+                ("alice", "AllowedIPs = 10.9.0.2/32"),
+                ("bob", "AllowedIPs = 10.9.0.3/32"),
+                ("carol", "AllowedIPs = 10.9.0.4/32, 10.9.0.3/32"),
+            ],
+        );
+        let c = Config::parse("o.conf", &text).unwrap();
+        let e = c.tun_settings("o.conf", None).unwrap_err();
+        assert!(e.msg.contains("10.9.0.3/32"), "{e}");
+        assert!(e.msg.contains("bob") && e.msg.contains("carol"), "{e}");
+        assert_eq!(
+            e.line,
+            text.lines()
+                .position(|l| l.contains("10.9.0.4/32"))
+                .unwrap()
+                + 1
+        );
+        // Nested prefixes are WireGuard's longest-prefix routing, not an error.
+        let text = tun_conf(
+            "Address = 10.9.0.1/24\n",
+            &[
+                ("gw", "AllowedIPs = 10.0.0.0/8"),
+                ("b", "AllowedIPs = 10.9.0.2/32"),
+            ],
+        );
+        Config::parse("o.conf", &text)
+            .unwrap()
+            .tun_settings("o.conf", None)
+            .unwrap();
+    }
+
+    #[test]
+    fn tun_mode_errors_say_what_to_fix() {
+        let t = |iface: &str, peers: &[(&str, &str)]| {
+            let c = Config::parse("e.conf", &tun_conf(iface, peers)).unwrap();
+            c.tun_settings("e.conf", None).unwrap_err().to_string()
+        };
+        assert!(t("", &[("b", "AllowedIPs = 10.9.0.2/32")]).contains("add Address = "));
+        assert!(t("Address = 10.9.0.1/24\n", &[("b", "")]).contains("needs AllowedIPs"));
+        assert!(t("Address = 10.9.0.1/24\n", &[]).contains("at least one [Peer]"));
+        assert!(t(
+            "Address = 10.9.0.1/24\n",
+            &[("b", "AllowedIPs = 0.0.0.0/0")]
+        )
+        .contains("full tunnel"));
+        assert!(t(
+            "Address = fd00::1/64\nMTU = 1200\n",
+            &[("b", "AllowedIPs = fd00::2/128")]
+        )
+        .contains("RFC 8200"));
+        let p = |text: &str| Config::parse("e.conf", text).unwrap_err().to_string();
+        assert!(p("[Interface]\nMode = kernel\n").contains("Mode: expected tun"));
+        assert!(p("[Interface]\nMTU = 70000\n").contains("MTU: expected 576-"));
+        assert!(p("[Interface]\nAddress = 10.9.0.1/40\n").contains("Address: prefix length"));
+        assert!(p("[Interface]\nAddress = ,\n").contains("Address: expected one or more"));
+        assert!(p("[Interface]\nTunName = this-name-is-too-long\n").contains("TunName: expected"));
+        let k = format_key(&public_of(&generate_private()));
+        assert!(p(&format!(
+            "[Peer]\nPublicKey = {k}\nAllowedIPs = 10.9.0.300/32\n"
+        ))
+        .contains("e.conf:3: AllowedIPs: expected an IP prefix"));
+        assert!(
+            p(&format!("[Peer]\nPublicKey = {k}\nPresharedKey = short\n"))
+                .contains("PresharedKey: ")
+        );
     }
 
     #[test]

@@ -240,6 +240,9 @@ pub struct Status {
     /// The `--wg-interface` meshpunch keeps pointed at its proxy ports.
     #[serde(default)]
     pub wg_interface: Option<WgInterfaceStatus>,
+    /// The built-in WireGuard device (`up --tun`), when the daemon runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tun: Option<TunStatus>,
 }
 
 /// The watched `--wg-interface` (`wg_interface` in `meshpunch status --json`).
@@ -262,6 +265,29 @@ pub struct WgInterfaceStatus {
     /// Peers on the interface that meshpunch could not carry (no proxy port could be bound).
     #[serde(default)]
     pub unmanaged_peers: Vec<String>,
+}
+
+/// The built-in WireGuard device's counters (totals since the daemon started).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TunStatus {
+    /// Interface name.
+    pub name: String,
+    /// Packets read from the device and sent to a peer.
+    pub tx_packets: u64,
+    /// Their bytes (inner).
+    pub tx_bytes: u64,
+    /// Packets decrypted and written to the device.
+    pub rx_packets: u64,
+    /// Their bytes (inner).
+    pub rx_bytes: u64,
+    /// Outgoing packets whose destination is in no peer's `AllowedIPs`.
+    pub no_peer: u64,
+    /// Received datagrams that failed to decrypt or authenticate, or were replays.
+    pub decrypt_failed: u64,
+    /// Decrypted packets from a source outside the sending peer's `AllowedIPs` (dropped).
+    pub bad_source: u64,
+    /// Packets the device refused.
+    pub write_failed: u64,
 }
 
 /// One line of `ping` output.

@@ -14,4 +14,5 @@ pub mod rendezvous;
 pub mod shared_socket;
 pub mod signal;
 pub mod tls;
+pub mod tun;
 pub mod wg;

@@ -77,6 +77,12 @@ enum Cmd {
         /// Needs CAP_NET_ADMIN.
         #[arg(long, value_name = "N|off")]
         fwmark: Option<String>,
+        /// Built-in WireGuard: create TUN device NAME with the config's [Interface] Address
+        /// and MTU, route each [Peer] AllowedIPs to it and run WireGuard in-process (no `wg`,
+        /// no proxy ports). Same as `Mode = tun` with `TunName = NAME`. Needs root or
+        /// CAP_NET_ADMIN.
+        #[arg(long, value_name = "NAME", conflicts_with = "wg_interface")]
+        tun: Option<String>,
         /// Rendezvous connect string (overrides the config's Rendezvous).
         #[arg(long, env = "MESHPUNCH_CONNECT")]
         connect: Option<String>,
@@ -232,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wg_interface,
             private_key_file,
             fwmark,
+            tun,
             connect,
             ca_file,
             listen_port,
@@ -308,6 +315,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if cfg.peers.is_empty() && wg_interface.is_none() {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
             }
+            // Built-in WireGuard (`--tun NAME` or `Mode = tun`): checked before anything starts.
+            let tun = if tun.is_some() || cfg.mode == meshpunch::config::Mode::Tun {
+                if wg_interface.is_some() {
+                    anyhow::bail!("Mode = tun (built-in WireGuard) and --wg-interface (an existing WireGuard interface) exclude each other: drop one");
+                }
+                let file = config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(no --config)".into());
+                Some(cfg.tun_settings(&file, tun.as_deref())?)
+            } else {
+                None
+            };
             let cli_connect = connect.clone();
             let rendezvous = connect.or(cfg.rendezvous.clone());
             if rendezvous.is_none() && cfg.peers.iter().all(|p| p.candidates.is_empty()) {
@@ -360,6 +380,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| Some(meshpunch::lifetime::default_steps())),
                 cache: Some(meshpunch::lifetime::cache_path_for(&control_socket)),
             };
+            // In tun mode the ready JSON lists each peer's AllowedIPs (there are no proxy ports).
+            let tun_peers: Option<Vec<serde_json::Value>> = tun.as_ref().map(|t| {
+                t.peers
+                    .iter()
+                    .map(|p| serde_json::json!({"public_key": format_key(&p.public_key), "name": p.label, "allowed_ips": p.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+                    .collect()
+            });
+            let tun_name = tun.as_ref().map(|t| t.name.clone());
             let fwmark = match fwmark.as_deref() {
                 Some(v) => meshpunch::config::parse_fwmark(v).ok_or_else(|| {
                     anyhow::anyhow!("--fwmark: expected off or a mark 1-4294967295, found {v:?}")
@@ -381,7 +409,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fwmark,
                 wg_interface: wg_status.clone(),
             };
-            let mut d = daemon::start_with_extras(opts, lifetime, extras).await?;
+            let mut d = daemon::start_with_extras(opts, lifetime, tun, extras).await?;
             let mut watch = None;
             if let (Some(iface), Some(dump), Some(st)) = (&wg_interface, &wg_dump, &wg_status) {
                 let mut w = meshpunch::wg::Watcher::new(dump, &d.proxies);
@@ -400,10 +428,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 watch = Some(h);
             }
             let ready = serde_json::json!({
+                "tun": tun_name,
                 "data_addr": d.data_addr,
                 "control_socket": control_socket,
                 "public_key": format_key(&public_of(&private)),
-                "peers": d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect::<Vec<_>>(),
+                "peers": tun_peers.unwrap_or_else(|| d.proxies.iter().map(|(k, a)| serde_json::json!({"public_key": format_key(k), "proxy": a})).collect()),
             });
             if let Some(f) = ready_file {
                 std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
@@ -622,6 +651,12 @@ fn print_status(st: &control::Status) {
             } else {
                 format!(", not carried: {}", w.unmanaged_peers.join(" "))
             }
+        );
+    }
+    if let Some(t) = &st.tun {
+        println!(
+            "tun {}  out {} packets  in {} packets  dropped: {} no peer, {} failed to decrypt, {} from outside AllowedIPs",
+            t.name, t.tx_packets, t.rx_packets, t.no_peer, t.decrypt_failed, t.bad_source
         );
     }
     let b = &st.birthday;

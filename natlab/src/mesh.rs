@@ -148,6 +148,19 @@ pub struct UpOptions {
     pub key_file: bool,
     /// Extra command-line arguments of `meshpunch up`.
     pub extra_args: Vec<String>,
+    /// Built-in WireGuard: `--tun NAME` with this `[Interface] Address` (e.g. `10.9.0.1/24`).
+    pub tun: Option<TunOptions>,
+}
+
+/// `meshpunch up --tun NAME`: the daemon runs WireGuard itself on a TUN device.
+#[derive(Debug, Clone, Default)]
+pub struct TunOptions {
+    /// TUN device name.
+    pub name: String,
+    /// `[Interface] Address`.
+    pub address: String,
+    /// `[Peer] AllowedIPs` per peer host.
+    pub allowed_ips: BTreeMap<String, String>,
 }
 
 /// What `meshpunch status --json` says about one peer.
@@ -425,6 +438,9 @@ impl Mesh {
             conf.push_str(line);
             conf.push('\n');
         }
+        if let Some(t) = &opts.tun {
+            conf.push_str(&format!("Address = {}\n", t.address));
+        }
         if opts.wg_interface.is_none() {
             for p in &opts.peers {
                 let peer = self.node(p)?;
@@ -434,6 +450,9 @@ impl Mesh {
                 ));
                 if let Some(port) = opts.proxy_ports.get(p) {
                     conf.push_str(&format!("ProxyPort = {port}\n"));
+                }
+                if let Some(a) = opts.tun.as_ref().and_then(|t| t.allowed_ips.get(p)) {
+                    conf.push_str(&format!("AllowedIPs = {a}\n"));
                 }
             }
         }
@@ -455,6 +474,10 @@ impl Mesh {
             args.push(key_path.display().to_string());
         }
         args.extend(opts.extra_args.iter().cloned());
+        if let Some(t) = &opts.tun {
+            args.push("--tun".to_string());
+            args.push(t.name.clone());
+        }
         let bin = self.bins.client.clone();
         self.topo.lab.spawn_env(
             host,

@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod device;
 mod net;
 mod proxy;
 mod status;
@@ -213,15 +214,39 @@ pub async fn start_with(
     opts: Options,
     lifetime: crate::lifetime::LifetimeOptions,
 ) -> anyhow::Result<Daemon> {
-    start_with_extras(opts, lifetime, Extras::default()).await
+    start_full(opts, lifetime, None).await
 }
 
-/// [`start_with`] with the [`Extras`] (`FwMark`, the watched interface's status).
-pub async fn start_with_extras(
+/// [`start_with`], and with `tun` the built-in WireGuard on that TUN device (`--tun`,
+/// `Mode = tun`) instead of proxy ports: `tun.peers` are `opts.peers`, in the same order.
+/// The TUN device's addresses are never offered as candidates.
+pub async fn start_full(
     opts: Options,
     lifetime: crate::lifetime::LifetimeOptions,
+    tun: Option<crate::tun::TunSettings>,
+) -> anyhow::Result<Daemon> {
+    start_with_extras(opts, lifetime, tun, Extras::default()).await
+}
+
+/// [`start_full`] with the [`Extras`] (`FwMark`, the watched interface's status).
+pub async fn start_with_extras(
+    mut opts: Options,
+    lifetime: crate::lifetime::LifetimeOptions,
+    tun: Option<crate::tun::TunSettings>,
     extras: Extras,
 ) -> anyhow::Result<Daemon> {
+    if let Some(ts) = &tun {
+        anyhow::ensure!(
+            ts.peers.len() == opts.peers.len()
+                && ts
+                    .peers
+                    .iter()
+                    .zip(&opts.peers)
+                    .all(|(t, p)| t.public_key == p.public_key),
+            "TUN peers must be the daemon's peers in the same order"
+        );
+        opts.exclude_interfaces.push(ts.name.clone());
+    }
     let (std_sock, v6) = match bind_data(opts.listen) {
         Ok(x) => x,
         Err(e) if opts.listen.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
@@ -256,7 +281,47 @@ pub async fn start_with_extras(
     let mut peers = Vec::new();
     let mut specs = Vec::new();
     let mut proxies = Vec::new();
-    for (i, pc) in opts.peers.iter().enumerate() {
+    if let Some(ts) = &tun {
+        // Built-in WireGuard: one TUN device, no proxy ports.
+        let iface = crate::tun::TunIface::create(ts)?;
+        let dev = Arc::new(crate::tun::Device::new(
+            iface,
+            opts.identity.private,
+            &ts.peers,
+        )?);
+        let fasts: Vec<Arc<FastPath>> = opts
+            .peers
+            .iter()
+            .map(|_| Arc::new(FastPath::default()))
+            .collect();
+        let out = Arc::new(device::DeviceOut::new(
+            fasts.clone(),
+            sock.clone(),
+            wg_tx.clone(),
+        ));
+        let bufs = Arc::new(std::sync::Mutex::new(crate::tun::Buffers::default()));
+        for (i, (pc, fast)) in opts.peers.iter().zip(fasts).enumerate() {
+            specs.push(PeerSpec {
+                key: pc.public_key,
+                static_candidates: pc.candidates.clone(),
+                static_secret: (!pc.candidates.is_empty())
+                    .then(|| static_secret(&opts.identity, &pc.public_key)),
+            });
+            peers.push(Peer {
+                fast,
+                b64: format_key(&pc.public_key),
+                name: pc.name.clone(),
+                wg: WgSide::Device(device::DeviceSide {
+                    dev: dev.clone(),
+                    peer: i,
+                    out: out.clone(),
+                    bufs: bufs.clone(),
+                }),
+            });
+        }
+        device::spawn(dev, out);
+    }
+    for (i, pc) in opts.peers.iter().enumerate().filter(|_| tun.is_none()) {
         let proxy = UdpSocket::bind(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             pc.proxy_port,
@@ -587,6 +652,11 @@ impl Engine {
                 reason,
             } => {
                 tracing::info!(peer = %self.peers[peer].b64, path = kind.as_str(), remote = ?remote.map(|r| r.to_string()), %reason, "path changed");
+                if kind != PathKind::None {
+                    if let Some(p) = self.peers.get(peer) {
+                        p.wg.path_up();
+                    }
+                }
             }
             Event::Pong {
                 peer,

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::wg::FromWg;
 
 /// How often a proxy reader on the fast path tells the engine that data flows.
-const FAST_NOTIFY: Duration = Duration::from_millis(500);
+pub(super) const FAST_NOTIFY: Duration = Duration::from_millis(500);
 
 /// A direct route as the proxy reader sends on it.
 #[derive(Clone)]
@@ -58,7 +58,7 @@ impl FastPath {
         }
     }
 
-    fn current(&self) -> Option<FastRoute> {
+    pub(super) fn current(&self) -> Option<FastRoute> {
         self.route.read().ok().and_then(|r| r.clone())
     }
 }

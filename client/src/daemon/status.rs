@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use meshpunch_proto::path::{PathKind, ProbeCounters, DATA_SOCKET};
 
 use super::Engine;
-use crate::control::{BirthdayTotals, PeerStatus, RelayStatus, Status};
+use crate::control::{BirthdayTotals, PeerStatus, RelayStatus, Status, TunStatus};
 use crate::keys::format_key;
 
 impl Engine {
@@ -103,6 +103,21 @@ impl Engine {
                 .wg_interface
                 .as_ref()
                 .and_then(|w| w.lock().ok().map(|s| s.clone())),
+            tun: self.peers.iter().find_map(|p| p.wg.device()).map(|d| {
+                let s = &d.stats;
+                let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                TunStatus {
+                    name: d.name().to_string(),
+                    tx_packets: n(&s.tx_packets),
+                    tx_bytes: n(&s.tx_bytes),
+                    rx_packets: n(&s.rx_packets),
+                    rx_bytes: n(&s.rx_bytes),
+                    no_peer: n(&s.no_peer),
+                    decrypt_failed: n(&s.decrypt_failed),
+                    bad_source: n(&s.bad_source),
+                    write_failed: n(&s.write_failed),
+                }
+            }),
         }
     }
 }

@@ -7,16 +7,18 @@
 //! * the fast path: a side may send peer `i`'s packets itself on the direct route the engine
 //!   publishes in the peer's [`FastPath`] (the proxy reader does; an in-process device can).
 //!
-//! Today there is one kind of side, [`WgSide::Proxy`]: one 127.0.0.1 UDP port per peer that the
-//! kernel's (or any) WireGuard sends that peer's packets to ([`super::proxy`]). An in-process
-//! WireGuard + TUN device that yields `(peer index, encrypted datagram)` and accepts
-//! `deliver(peer index, encrypted datagram)` is one more variant here: its reader sends
-//! [`FromWg::Packet`] with `src: None`, its `deliver` arm hands the datagram to the device.
+//! Two kinds of side: [`WgSide::Proxy`], one 127.0.0.1 UDP port per peer that the kernel's (or
+//! any) WireGuard sends that peer's packets to ([`super::proxy`]); and [`WgSide::Device`], the
+//! built-in WireGuard on a TUN device (`--tun`, [`crate::tun`], [`super::device`]), whose
+//! reader sends [`FromWg::Packet`] with `src: None` (or sends itself on the fast path) and whose
+//! `deliver` arm decrypts into the device.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::UdpSocket;
+
+use super::device::DeviceSide;
 
 /// What a WireGuard side hands the engine.
 pub(super) enum FromWg {
@@ -32,6 +34,8 @@ pub(super) enum FromWg {
 pub(super) enum WgSide {
     /// A loopback proxy port (`ProxyPort` in the config).
     Proxy(ProxyPort),
+    /// The built-in WireGuard on a TUN device (`--tun`, [`super::device`]).
+    Device(DeviceSide),
 }
 
 /// A peer's loopback proxy port as the engine uses it (its reader task is
@@ -54,6 +58,7 @@ impl WgSide {
                 Some(wg) => p.sock.try_send_to(pkt, wg).is_ok(),
                 None => false,
             },
+            WgSide::Device(d) => d.deliver(pkt),
         }
     }
 
@@ -66,13 +71,31 @@ impl WgSide {
                     p.wg = src;
                 }
             }
+            WgSide::Device(_) => {}
         }
     }
 
-    /// The local address shown in `meshpunch status` (the proxy port).
+    /// The peer's path came up (from none): the built-in device starts its handshake at once.
+    pub(super) fn path_up(&self) {
+        if let WgSide::Device(d) = self {
+            d.path_up();
+        }
+    }
+
+    /// The built-in device, for a [`WgSide::Device`].
+    pub(super) fn device(&self) -> Option<&crate::tun::Device> {
+        match self {
+            WgSide::Proxy(_) => None,
+            WgSide::Device(d) => Some(&d.dev),
+        }
+    }
+
+    /// The local address shown in `meshpunch status` (the proxy port; `0.0.0.0:0` for the
+    /// built-in device, which has none).
     pub(super) fn status_addr(&self) -> SocketAddr {
         match self {
             WgSide::Proxy(p) => p.addr,
+            WgSide::Device(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }

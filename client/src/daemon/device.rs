@@ -1,0 +1,131 @@
+//! The built-in WireGuard device (`--tun`, [`crate::tun::Device`]) as a WireGuard side: its
+//! encrypted datagrams leave exactly as a proxy port's packets do — on the fast path straight
+//! from the data (or pool) socket when the peer's selected path is direct, else to the engine
+//! as [`FromWg::Packet`] — and the engine hands it received datagrams through
+//! [`super::wg::WgSide::deliver`]. No loopback hop, no copy on the fast path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::proxy::{FastPath, FastRoute, FAST_NOTIFY};
+use super::wg::FromWg;
+use crate::tun::{Buffers, Device, TICK};
+
+/// Where the device's outgoing datagrams go (shared by its reader, its timer task and the
+/// engine's deliveries, which may answer with handshake responses).
+pub(super) struct DeviceOut {
+    fast: Vec<Arc<FastPath>>,
+    data: Arc<UdpSocket>,
+    tx: mpsc::Sender<FromWg>,
+    start: Instant,
+    /// Per peer: when the engine was last told that the fast path is sending (ms since
+    /// `start`, +1 so that 0 means never).
+    notified: Vec<AtomicU64>,
+}
+
+impl DeviceOut {
+    pub(super) fn new(
+        fast: Vec<Arc<FastPath>>,
+        data: Arc<UdpSocket>,
+        tx: mpsc::Sender<FromWg>,
+    ) -> DeviceOut {
+        let notified = fast.iter().map(|_| AtomicU64::new(0)).collect();
+        DeviceOut {
+            fast,
+            data,
+            tx,
+            start: Instant::now(),
+            notified,
+        }
+    }
+
+    /// Sends peer `i`'s datagram: itself on a published direct route, else through the
+    /// engine (relay, no path yet, probing).
+    pub(super) fn send(&self, i: usize, dg: &[u8]) {
+        let Some(fast) = self.fast.get(i) else {
+            return;
+        };
+        match fast.current() {
+            Some(FastRoute {
+                dest, pool_sock, ..
+            }) => {
+                let _ = pool_sock
+                    .as_ref()
+                    .unwrap_or(&self.data)
+                    .try_send_to(dg, dest);
+                fast.tx_bytes.fetch_add(dg.len() as u64, Ordering::Relaxed);
+                fast.tx_packets.fetch_add(1, Ordering::Relaxed);
+                // Tell the engine now and then that data flows (active probing).
+                let now = self.start.elapsed().as_millis() as u64 + 1;
+                if let Some(n) = self.notified.get(i) {
+                    let last = n.load(Ordering::Relaxed);
+                    if last == 0 || now.saturating_sub(last) >= FAST_NOTIFY.as_millis() as u64 {
+                        n.store(now, Ordering::Relaxed);
+                        let _ = self.tx.try_send(FromWg::Active(i));
+                    }
+                }
+            }
+            None => {
+                // Full channel: dropped like a full socket buffer would (WireGuard and TCP
+                // above it recover).
+                let _ = self.tx.try_send(FromWg::Packet(i, dg.to_vec(), None));
+            }
+        }
+    }
+}
+
+/// Peer `peer` of the device, as the engine's WireGuard side for that peer.
+pub(super) struct DeviceSide {
+    pub(super) dev: Arc<Device>,
+    pub(super) peer: usize,
+    pub(super) out: Arc<DeviceOut>,
+    /// The engine's buffers for decryption (shared by all peers: one engine task).
+    pub(super) bufs: Arc<Mutex<Buffers>>,
+}
+
+impl DeviceSide {
+    /// Decrypts a received datagram into the TUN device; WireGuard's answers leave through
+    /// [`DeviceOut::send`].
+    pub(super) fn deliver(&self, pkt: &[u8]) -> bool {
+        let Ok(mut b) = self.bufs.lock() else {
+            return false;
+        };
+        self.dev
+            .deliver(self.peer, pkt, &mut b, |i, dg| self.out.send(i, dg));
+        true
+    }
+}
+
+impl DeviceSide {
+    /// The peer's path came up: start a handshake now if there is no session.
+    pub(super) fn path_up(&self) {
+        if let Ok(mut b) = self.bufs.lock() {
+            self.dev
+                .path_up(self.peer, &mut b, |i, dg| self.out.send(i, dg));
+        }
+    }
+}
+
+/// Starts the device's reader (TUN → encrypt → out) and its WireGuard timer task. Both end
+/// when the daemon's runtime ends; the interface goes with the device's last reference.
+pub(super) fn spawn(dev: Arc<Device>, out: Arc<DeviceOut>) {
+    let (d, o) = (dev.clone(), out.clone());
+    tokio::spawn(async move {
+        if let Err(e) = d.run(|i, dg| o.send(i, dg)).await {
+            tracing::error!(name = d.name(), error = %e, "reading the TUN device failed; the tunnel stops");
+        }
+    });
+    tokio::spawn(async move {
+        let mut b = Buffers::default();
+        let mut t = tokio::time::interval(TICK);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            dev.tick(&mut b, |i, dg| out.send(i, dg));
+        }
+    });
+}
