@@ -15,6 +15,7 @@
 //! BindingLifetime = 30               # seconds, from `netcheck --long`: keepalive = half of it
 //! BirthdaySockets = 256              # birthday probing, behind a symmetric NAT: extra sockets (0 = off)
 //! BirthdayProbes = 2048              # birthday probing, towards a symmetric NAT: spray pings per session (0 = off)
+//! PortMapping = on                   # ask the gateway to map the data socket's port (PCP, NAT-PMP, UPnP IGD)
 //! Mode = tun                         # built-in WireGuard on a TUN device (like --tun); default proxy
 //! TunName = meshpunch0               # the TUN device's name in Mode = tun (--tun NAME wins)
 //! Address = 10.9.0.1/24, fd00:9::1/64  # tunnel addresses (Mode = tun), as wg-quick
@@ -102,6 +103,9 @@ pub struct Config {
     pub birthday_sockets: Option<u16>,
     /// Birthday probing: spray pings per session towards a symmetric NAT (None = default).
     pub birthday_probes: Option<u16>,
+    /// `PortMapping`: ask the default gateway for a port mapping of the data socket (PCP,
+    /// NAT-PMP, UPnP IGD; see `docs/portmap.md`).
+    pub port_mapping: PortMapping,
     /// `Mode`.
     pub mode: Mode,
     /// `TunName`.
@@ -139,6 +143,24 @@ pub struct PeerConfig {
     pub proxy_port: u16,
     /// Known addresses of the peer's data socket.
     pub candidates: Vec<SocketAddr>,
+}
+
+/// `PortMapping = on|off` (default on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PortMapping {
+    /// Map the data socket's port through the default gateway when it offers PCP, NAT-PMP or
+    /// UPnP IGD.
+    #[default]
+    On,
+    /// Never: no packet to the gateway's port 5351 nor to SSDP (1900).
+    Off,
+}
+
+impl PortMapping {
+    /// Whether mapping is on.
+    pub fn is_on(self) -> bool {
+        self == PortMapping::On
+    }
 }
 
 /// Most pool sockets `BirthdaySockets` may ask for (each is a file descriptor and a mapping
@@ -331,6 +353,13 @@ impl Config {
                             err(n, format!("BirthdayProbes: expected 0-{MAX_BIRTHDAY_PROBES} (0 = off), found {v:?}"))
                         })?)
                     }
+                    "portmapping" => {
+                        cfg.port_mapping = match parse_bool(v) {
+                            Some(true) => PortMapping::On,
+                            Some(false) => PortMapping::Off,
+                            None => return Err(err(n, format!("PortMapping: expected on or off, found {v:?}"))),
+                        }
+                    }
                     "hostcandidates" => {
                         cfg.host_candidates = parse_bool(v).ok_or_else(|| {
                             err(n, format!("HostCandidates: expected true or false, found {v:?}"))
@@ -364,7 +393,7 @@ impl Config {
                     }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, PrivateKeyFile, Rendezvous, CaFile, ListenPort, ControlSocket, WireGuardEndpoint, FwMark, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets, BirthdayProbes, Mode, TunName, Address or MTU",
+                            "unknown [Interface] key {}; expected PrivateKey, PrivateKeyFile, Rendezvous, CaFile, ListenPort, ControlSocket, WireGuardEndpoint, FwMark, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets, BirthdayProbes, Mode, TunName, Address, MTU or PortMapping",
                             k.trim()
                         )))
                     }
@@ -652,6 +681,24 @@ mod tests {
         assert!(e.msg.contains("BirthdaySockets: expected 0-1024"), "{e}");
         let e = Config::parse("b.conf", "[Interface]\nBirthdayProbes = -1\n").unwrap_err();
         assert!(e.msg.contains("BirthdayProbes: expected"), "{e}");
+    }
+
+    #[test]
+    fn port_mapping_is_on_unless_turned_off() {
+        assert_eq!(
+            Config::parse("p.conf", "[Interface]\n")
+                .unwrap()
+                .port_mapping,
+            PortMapping::On
+        );
+        assert_eq!(Config::default().port_mapping, PortMapping::On);
+        let c = Config::parse("p.conf", "[Interface]\nPortMapping = off\n").unwrap();
+        assert_eq!(c.port_mapping, PortMapping::Off);
+        let c = Config::parse("p.conf", "[Interface]\nportmapping = on\n").unwrap();
+        assert!(c.port_mapping.is_on());
+        let e = Config::parse("p.conf", "[Interface]\n\nPortMapping = upnp\n").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.msg.contains("PortMapping: expected on or off"), "{e}");
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub struct PeerStatus {
     pub name: Option<String>,
     /// The 127.0.0.1 port WireGuard sends this peer's packets to.
     pub proxy: SocketAddr,
+    /// The peer's tunnel prefixes (`AllowedIPs`) in `--tun` mode; empty in proxy mode.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
     /// `lan`, `direct`, `relay` or `none`.
     pub path: PathKind,
     /// Remote endpoint of the path (`relay:IP:PORT` for the relay).
@@ -235,6 +238,10 @@ pub struct Status {
     /// Birthday probing (all peers).
     #[serde(default)]
     pub birthday: BirthdayTotals,
+    /// Port mapping (`null` when `PortMapping = off` or not started: no default gateway, a
+    /// data socket on loopback).
+    #[serde(default)]
+    pub portmap: Option<crate::portmap::PortmapStatus>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
     /// The `--wg-interface` meshpunch keeps pointed at its proxy ports.
@@ -303,6 +310,52 @@ pub struct PingLine {
     pub rtt_ms: Option<f64>,
     /// Error (no path, timeout).
     pub error: Option<String>,
+}
+
+/// What `meshpunch ping` prints at the end: sent, received, loss and RTT min/avg/max, like
+/// ping(8).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PingSummary {
+    /// Pings that got an answer or an error line.
+    pub sent: u32,
+    /// Pongs.
+    pub received: u32,
+    /// Smallest, sum and largest RTT in ms.
+    rtt: Option<(f64, f64, f64)>,
+    /// A pong came over a direct or LAN path.
+    pub direct: bool,
+}
+
+impl PingSummary {
+    /// A ping without an answer.
+    pub fn lost(&mut self) {
+        self.sent += 1;
+    }
+
+    /// A pong after `rtt_ms` over `path`.
+    pub fn pong(&mut self, rtt_ms: f64, path: Option<PathKind>) {
+        self.sent += 1;
+        self.received += 1;
+        self.direct |= matches!(path, Some(PathKind::Direct | PathKind::Lan));
+        let (lo, sum, hi) = self.rtt.unwrap_or((f64::MAX, 0.0, 0.0));
+        self.rtt = Some((lo.min(rtt_ms), sum + rtt_ms, hi.max(rtt_ms)));
+    }
+
+    /// `--- PEER ping statistics: 5 sent, 4 received, 20% loss, rtt min/avg/max 0.41/0.52/0.70 ms`.
+    pub fn line(&self, peer: &str) -> String {
+        let loss = (100 * self.sent.saturating_sub(self.received))
+            .checked_div(self.sent)
+            .unwrap_or(0);
+        let mut s = format!(
+            "--- {peer} ping statistics: {} sent, {} received, {loss}% loss",
+            self.sent, self.received
+        );
+        if let Some((lo, sum, hi)) = self.rtt {
+            let avg = sum / f64::from(self.received.max(1));
+            s.push_str(&format!(", rtt min/avg/max {lo:.2}/{avg:.2}/{hi:.2} ms"));
+        }
+        s
+    }
 }
 
 /// Result of one ping inside the engine.
@@ -843,5 +896,30 @@ pub fn default_socket_path() -> PathBuf {
     match std::env::var_os("HOME").filter(|h| Path::new(h).is_absolute()) {
         Some(h) => PathBuf::from(h).join(".local/state/meshpunch/meshpunch.sock"),
         None => PathBuf::from(format!("/run/user/{uid}/meshpunch.sock")),
+    }
+}
+
+#[cfg(test)]
+mod ping_summary_tests {
+    use super::*;
+
+    #[test]
+    fn ping_summary_counts_loss_and_rtt_and_knows_a_direct_pong() {
+        let mut s = PingSummary::default();
+        assert_eq!(
+            s.line("bob"),
+            "--- bob ping statistics: 0 sent, 0 received, 0% loss"
+        );
+        s.pong(2.0, Some(PathKind::Relay));
+        s.lost();
+        assert!(!s.direct);
+        s.pong(1.0, Some(PathKind::Lan));
+        s.pong(3.0, Some(PathKind::Direct));
+        s.lost();
+        assert!(s.direct);
+        assert_eq!(
+            s.line("bob"),
+            "--- bob ping statistics: 5 sent, 3 received, 40% loss, rtt min/avg/max 1.00/2.00/3.00 ms"
+        );
     }
 }

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod lifetime;
 pub mod netcheck;
 mod pool;
+pub mod portmap;
 pub mod rdvinfo;
 pub mod rendezvous;
 pub mod shared_socket;

@@ -55,6 +55,9 @@ enum Cmd {
         /// Also estimate the NAT binding lifetime (takes a few minutes).
         #[arg(long)]
         long: bool,
+        /// Do not ask the gateway for a port mapping (no PCP / NAT-PMP / UPnP packet is sent).
+        #[arg(long)]
+        no_port_mapping: bool,
     },
     /// Run the daemon.
     Up {
@@ -98,6 +101,9 @@ enum Cmd {
         /// Do not offer interface addresses as candidates.
         #[arg(long)]
         no_host_candidates: bool,
+        /// Do not ask the gateway for a port mapping (like `PortMapping = off`).
+        #[arg(long)]
+        no_port_mapping: bool,
         /// Write the data socket and proxy addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -120,6 +126,10 @@ enum Cmd {
         /// Seconds between pings.
         #[arg(short = 'i', long, default_value_t = 1.0)]
         interval: f64,
+        /// Stop at the first pong over a direct or LAN path (up to `-c` pings, default 5; like
+        /// `tailscale ping`); exit status 1 if none came over a direct path.
+        #[arg(long)]
+        until_direct: bool,
     },
     /// Test knobs: `debug block-direct PEER on|off` (alias force-relay), `debug block-relay PEER on|off`.
     Debug {
@@ -191,6 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             relay,
             json,
             long,
+            no_port_mapping,
         } => {
             let mut targets = netcheck::Targets::default();
             if let Some(c) = connect {
@@ -224,6 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let opts = netcheck::Options {
                 long,
+                port_mapping: !no_port_mapping,
                 ..Default::default()
             };
             let report = netcheck::run(&targets, &opts).await?;
@@ -244,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen_port,
             listen_ip,
             no_host_candidates,
+            no_port_mapping,
             ready_file,
         } => {
             let config = config.or_else(|| {
@@ -410,6 +423,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wg_interface: wg_status.clone(),
             };
             let mut d = daemon::start_with_extras(opts, lifetime, tun, extras).await?;
+            if cfg.port_mapping.is_on() && !no_port_mapping {
+                d.start_port_mapping(Default::default())?;
+            }
             let mut watch = None;
             if let (Some(iface), Some(dump), Some(st)) = (&wg_interface, &wg_dump, &wg_status) {
                 let mut w = meshpunch::wg::Watcher::new(dump, &d.proxies);
@@ -475,7 +491,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            drop(d);
+            // Clean exit: the gateway's port mapping is deleted before we go.
+            d.shutdown().await;
             tracing::info!("meshpunch down");
         }
         Cmd::Down => {
@@ -524,36 +541,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             peer,
             count,
             interval,
+            until_direct,
         } => {
             let req = Request::Ping {
-                peer,
+                peer: peer.clone(),
                 count,
                 interval_ms: (interval.max(0.0) * 1000.0) as u64,
             };
-            let mut got = 0u32;
+            let mut summary = control::PingSummary::default();
             control::request_lines(&sock, &req, |v| {
                 if v.get("done").is_some() {
                     return false;
                 }
                 if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
                     let seq = v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0);
+                    summary.lost();
                     println!("seq={seq} {e}");
                     return true;
                 }
                 if let Ok(l) = serde_json::from_value::<control::PingLine>(v) {
-                    got += 1;
+                    let Some(rtt) = l.rtt_ms else {
+                        summary.lost();
+                        return true;
+                    };
+                    summary.pong(rtt, l.path);
                     println!(
                         "pong from {} via {} ({}) in {:.2} ms",
                         l.remote.as_deref().unwrap_or("?"),
                         l.path.map(|p| p.as_str()).unwrap_or("?"),
                         l.seq,
-                        l.rtt_ms.unwrap_or(0.0)
+                        rtt
                     );
+                    if until_direct && summary.direct {
+                        return false;
+                    }
                 }
                 true
             })
             .await?;
-            if got == 0 {
+            println!("{}", summary.line(&peer));
+            if summary.received == 0 || (until_direct && !summary.direct) {
+                if until_direct && summary.received > 0 {
+                    println!("direct connection not established (only relayed pongs)");
+                }
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -599,7 +629,7 @@ async fn sigterm() {
 fn print_status(st: &control::Status) {
     println!(
         "meshpunch {}  data {}  public {}  rendezvous {}{}",
-        st.public_key,
+        short_key(&st.public_key),
         st.data_addr,
         st.public_addr
             .map(|a| a.to_string())
@@ -653,6 +683,22 @@ fn print_status(st: &control::Status) {
             }
         );
     }
+    if let Some(pm) = &st.portmap {
+        println!(
+            "port mapping: {}{}",
+            meshpunch_proto::portmap::Report {
+                upnp: pm.upnp,
+                pmp: pm.pmp,
+                pcp: pm.pcp,
+                mapped: pm.mapped,
+            }
+            .to_line(),
+            pm.protocol
+                .as_deref()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(t) = &st.tun {
         println!(
             "tun {}  out {} packets  in {} packets  dropped: {} no peer, {} failed to decrypt, {} from outside AllowedIPs",
@@ -666,26 +712,9 @@ fn print_status(st: &control::Status) {
             b.mapping, b.pool_open, b.pool_opened_total, b.spray_sent, b.spray_hits, b.found
         );
     }
+    let region = st.home_relay.as_ref().map(|r| r.region.as_str());
     for p in &st.peers {
-        let from = match (p.local_socket, p.local_port) {
-            (0, _) => String::new(),
-            (n, Some(port)) => format!("  [from pool socket {n}, port {port}]"),
-            (n, None) => format!("  [from pool socket {n}]"),
-        };
-        println!(
-            "{} {:<8} {:<7} {:<28} rtt {:>8}  tx {} rx {}  proxy {}  {}{from}",
-            p.public_key,
-            p.name.as_deref().unwrap_or("-"),
-            p.path.as_str(),
-            p.remote.as_deref().unwrap_or("-"),
-            p.rtt_ms
-                .map(|r| format!("{r:.2}ms"))
-                .unwrap_or_else(|| "-".into()),
-            p.tx_bytes,
-            p.rx_bytes,
-            p.proxy,
-            p.reason
-        );
+        println!("{}", peer_line(p, region));
     }
     println!(
         "nat keepalive {:.0} s ({}{}), binding lifetime {}",
@@ -699,4 +728,74 @@ fn print_status(st: &control::Status) {
             (None, None) => "unknown".into(),
         }
     );
+}
+
+/// The first 8 characters of a base64 key and an ellipsis, as `wg show` users read keys.
+fn short_key(key: &str) -> String {
+    match key.get(..8) {
+        Some(k) if key.len() > 8 => format!("{k}…"),
+        _ => key.to_string(),
+    }
+}
+
+/// 1023 B, 1.5 KiB, 12.3 MiB, 4.0 GiB.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// One `status` line per peer: name, short key, tunnel address, path (`lan`/`direct`/
+/// `relay "region"`) and where to, RTT, bytes, and why the path is what it is.
+fn peer_line(p: &control::PeerStatus, region: Option<&str>) -> String {
+    let path = match (p.path, region) {
+        (meshpunch_proto::path::PathKind::Relay, Some(r)) => format!("relay \"{r}\""),
+        (k, _) => k.as_str().to_string(),
+    };
+    let tunnel = if p.allowed_ips.is_empty() {
+        format!("proxy {}", p.proxy)
+    } else {
+        p.allowed_ips.join(",")
+    };
+    let from = match (p.local_socket, p.local_port) {
+        (0, _) => String::new(),
+        (n, Some(port)) => format!("  [from pool socket {n}, port {port}]"),
+        (n, None) => format!("  [from pool socket {n}]"),
+    };
+    format!(
+        "{:<10} {:<9} {:<18} {:<16} {:<24} rtt {:>9}  tx {} rx {}  {}{from}",
+        p.name.as_deref().unwrap_or("-"),
+        short_key(&p.public_key),
+        tunnel,
+        path,
+        p.remote.as_deref().unwrap_or("-"),
+        p.rtt_ms
+            .map(|r| format!("{r:.2} ms"))
+            .unwrap_or_else(|| "-".into()),
+        human_bytes(p.tx_bytes),
+        human_bytes(p.rx_bytes),
+        p.reason
+    )
+}
+
+#[cfg(test)]
+mod status_line_tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_like_tailscale_status() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+        assert_eq!(short_key("AbCdEfGhIjKlMnOp="), "AbCdEfGh…");
+    }
 }

@@ -1,7 +1,9 @@
 //! `meshpunch netcheck`: classify the NAT in front of this host from STUN tests run from one
 //! UDP socket (RFC 5780 §4.3 mapping, §4.4 filtering when the server has a second address),
 //! check hairpinning, measure latency to every relay region, and with `--long` estimate how
-//! long the NAT keeps an idle mapping. The decisions live in [`meshpunch_proto::nat`]; this
+//! long the NAT keeps an idle mapping, and (unless turned off) ask the default gateway for a
+//! port mapping of the test socket with PCP / NAT-PMP / UPnP ([`crate::portmap`]), reporting
+//! what it offers and the mapped address, then deleting the mapping. The decisions live in [`meshpunch_proto::nat`]; this
 //! module only sends and receives.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -38,6 +40,8 @@ pub struct Options {
     pub long_max: Duration,
     /// Time to wait for each answer (with retransmits every 500 ms).
     pub timeout: Duration,
+    /// Ask the default gateway for a port mapping (PCP, NAT-PMP, UPnP IGD).
+    pub port_mapping: bool,
 }
 
 impl Default for Options {
@@ -46,9 +50,14 @@ impl Default for Options {
             long: false,
             long_max: Duration::from_secs(180),
             timeout: Duration::from_millis(1500),
+            port_mapping: true,
         }
     }
 }
+
+/// Longest wait for the port mapper to finish its probe and mapping request (UPnP discovery
+/// plus AddPortMapping on a slow router).
+pub const PORTMAP_SETTLE: Duration = Duration::from_secs(6);
 
 /// Sends a Binding request to `server` (retransmitting) and waits for the answer from any
 /// source. Returns the response and the RTT of the first transmission that got an answer.
@@ -140,6 +149,26 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
     });
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).await?;
     let local_port = sock.local_addr()?.port();
+    // Port mapping runs beside the STUN tests; its probe is short, its mapping is deleted below.
+    // Only when something beyond this host is tested: with every server on loopback no
+    // gateway is involved (and nothing is sent to the real one).
+    let beyond_host = targets
+        .stun
+        .iter()
+        .copied()
+        .chain(targets.relays.iter().filter_map(|r| r.2))
+        .any(|a| !meshpunch_proto::addr::unmap(a).ip().is_loopback());
+    let mapper = if opts.port_mapping && beyond_host {
+        match crate::portmap::PortMapper::start_default(local_port, Default::default()) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(error = %e, "port mapping not tried");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut local: Vec<SocketAddr> = Vec::new();
     // The source address the kernel picks towards the first server comes first.
     if let Some(first) = targets.stun.iter().find(|a| a.is_ipv4()) {
@@ -309,6 +338,10 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         relays,
         lifetime,
     );
+    if let Some(m) = mapper {
+        report.portmap = Some(m.settled(PORTMAP_SETTLE).await.report);
+        m.stop().await;
+    }
     report.ipv6_host_addrs = crate::daemon::interface_addrs()
         .into_iter()
         .filter(|ip| ip.is_ipv6() && !meshpunch_proto::nat::is_lan_ip(*ip))

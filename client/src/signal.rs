@@ -125,6 +125,7 @@ pub fn from_wire(c: &wire::Candidate) -> Option<Candidate> {
         wire::CandidateKind::Predicted => CandidateKind::Predicted,
         wire::CandidateKind::Relayed => CandidateKind::Relayed,
         wire::CandidateKind::ServerReflexiveDependent => CandidateKind::SrflxDependent,
+        wire::CandidateKind::PortMapped => CandidateKind::Portmap,
         wire::CandidateKind::Other(_) => return None,
     };
     Some(Candidate { kind, addr: c.addr })
@@ -138,6 +139,8 @@ pub fn to_wire(c: &Candidate) -> wire::Candidate {
             (wire::CandidateKind::ServerReflexive, 100)
         }
         CandidateKind::SrflxDependent => (wire::CandidateKind::ServerReflexiveDependent, 99),
+        // Above server-reflexive: a mapping works from any peer, a symmetric NAT's srflx not.
+        CandidateKind::Portmap => (wire::CandidateKind::PortMapped, 110),
         CandidateKind::Predicted => (wire::CandidateKind::Predicted, 50),
         CandidateKind::Relayed => (wire::CandidateKind::Relayed, 0),
     };
@@ -416,5 +419,41 @@ mod tests {
             priority: 1,
         };
         assert_eq!(from_wire(&unknown), None);
+    }
+
+    #[test]
+    fn port_mapped_candidates_keep_their_kind_and_must_be_public() {
+        let addr: SocketAddr = "198.51.100.2:60001".parse().unwrap();
+        let c = Candidate {
+            kind: CandidateKind::Portmap,
+            addr,
+        };
+        let w = to_wire(&c);
+        assert_eq!(u8::from(w.kind), 5);
+        assert!(
+            w.priority
+                > to_wire(&Candidate {
+                    kind: CandidateKind::Srflx,
+                    addr
+                })
+                .priority
+        );
+        assert_eq!(from_wire(&w), Some(c));
+        assert!(meshpunch_proto::path::candidate_allowed(&c, false));
+        for bad in [
+            "192.168.1.10:5000",
+            "100.64.0.1:5000",
+            "127.0.0.1:5000",
+            "198.51.100.2:0",
+        ] {
+            let c = Candidate {
+                kind: CandidateKind::Portmap,
+                addr: bad.parse().unwrap(),
+            };
+            assert!(
+                !meshpunch_proto::path::candidate_allowed(&c, false),
+                "{bad}"
+            );
+        }
     }
 }

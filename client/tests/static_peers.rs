@@ -87,6 +87,43 @@ async fn static_peers_carry_wireguard_packets_directly() {
     assert!(ok >= 2, "{lines:?}");
     assert_eq!(lines[0]["path"], "direct");
 
+    // The CLI ends with a ping(8)-style summary; --until-direct stops at the first direct pong.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshpunch"))
+            .arg("--control-socket")
+            .arg(&da.control_socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, out) = cli(&["ping", "other", "-c", "3", "-i", "0.05"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("--- other ping statistics: 3 sent, 3 received, 0% loss, rtt min/avg/max "),
+        "{out}"
+    );
+    let (ok, out) = cli(&["ping", "other", "-c", "10", "-i", "0.05", "--until-direct"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("pong from").count(), 1, "{out}");
+    assert!(out.contains("1 sent, 1 received, 0% loss"), "{out}");
+    let (ok, out) = cli(&["ping", "nobody", "-c", "1"]);
+    assert!(!ok, "{out}");
+    // `status`: one line per peer with name, short key, path, RTT and human byte counts.
+    let (ok, out) = cli(&["status"]);
+    assert!(ok, "{out}");
+    let short = format!("{}…", &meshpunch::keys::format_key(&b.public)[..8]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("other "))
+        .unwrap_or_else(|| panic!("no line for peer other: {out}"));
+    assert!(line.contains(&short), "{line}");
+    assert!(line.contains(" direct "), "{line}");
+    assert!(line.contains(" KiB") || line.contains(" B "), "{line}");
+
     // Status JSON has the documented keys.
     let v = control::request(&da.control_socket, &Request::Status)
         .await

@@ -38,6 +38,14 @@ pub const SERVER_RELAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 /// The server subnet as routed by the internet router.
 pub const SERVER_NET: &str = "203.0.113.0/24";
 
+/// Internet links of port-mapping routers: miniupnpd treats RFC 5737 documentation ranges as
+/// reserved ("port forwarding is impossible"), so these links use 100.128.0.0/24, outside the
+/// CGNAT block and public for meshpunch's address classes. It exists only inside the lab.
+pub const PORTMAP_WAN_NET: [u8; 3] = [100, 128, 0];
+/// The lifetime cap miniupnpd grants in the lab (`max_lifetime`), seconds: short, so renewals
+/// and a router restart show within seconds.
+pub const PORTMAP_MAX_LIFETIME: u32 = 20;
+
 /// How a site reaches the internet (RFC 4787 terms in the docs of each variant).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Nat {
@@ -135,6 +143,9 @@ pub struct SiteSpec {
     pub nat: Nat,
     /// Number of hosts on the site's LAN (each open host gets its own public link).
     pub hosts: usize,
+    /// The router runs Debian's `miniupnpd` (nftables backend) offering UPnP IGD, NAT-PMP and
+    /// PCP to its LAN ([`TopologySpec::with_port_mapping`]).
+    pub port_mapping: bool,
 }
 
 /// What to build: sites, and the delay/loss between everything and the servers.
@@ -160,7 +171,18 @@ impl TopologySpec {
             name: name.to_string(),
             nat,
             hosts,
+            port_mapping: false,
         });
+        self
+    }
+
+    /// Makes the router of the last site added offer port mapping (UPnP IGD, NAT-PMP, PCP)
+    /// with `miniupnpd`. Its internet link is numbered from [`PORTMAP_WAN_NET`] instead of the
+    /// documentation range, which miniupnpd refuses as an external address.
+    pub fn with_port_mapping(mut self) -> Self {
+        if let Some(s) = self.sites.last_mut() {
+            s.port_mapping = true;
+        }
         self
     }
 
@@ -381,6 +403,39 @@ impl Topology {
         Ok(())
     }
 
+    /// Restarts miniupnpd on router `site` (it forgets every mapping, as a rebooted home router
+    /// does; its PCP / NAT-PMP epoch starts again at 0).
+    pub fn restart_port_mapping(&mut self, site: &str) -> Result<(), Error> {
+        let k = self
+            .sites
+            .iter()
+            .position(|s| s.name == site && s.port_mapping)
+            .ok_or_else(|| Error::Setup(format!("site {site} has no port mapping")))?;
+        let lan_octet = u8::try_from(k + 1).map_err(|_| Error::Setup("too many sites".into()))?;
+        self.lab.stop(&miniupnpd_name(site));
+        // A rebooted router has no mappings left, whatever miniupnpd cleaned up on SIGTERM.
+        for chain in [
+            "prerouting_miniupnpd",
+            "postrouting_miniupnpd",
+            "forward_miniupnpd",
+        ] {
+            self.lab
+                .nft(site, &format!("flush chain inet miniupnpd {chain}\n"))?;
+        }
+        self.lab.exec(site, "conntrack", &["-F"]).map(|_| ())?;
+        start_miniupnpd(&mut self.lab, site, lan_octet)
+    }
+
+    /// The port mappings router `site` holds now: the rules of miniupnpd's prerouting chain
+    /// (`nft list chain`), e.g. `iif "wan" ... udp dport 60001 dnat ip to 192.168.1.10:41641`.
+    pub fn port_mappings(&self, site: &str) -> Result<String, Error> {
+        self.lab.exec(
+            site,
+            "nft",
+            &["list", "chain", "inet", "miniupnpd", "prerouting_miniupnpd"],
+        )
+    }
+
     /// Human instructions: how to get a shell in every node.
     pub fn describe(&self) -> String {
         let mut s = String::new();
@@ -507,6 +562,93 @@ fn link_addr(index: usize) -> Result<(Ipv4Addr, Ipv4Addr), Error> {
     ))
 }
 
+fn portmap_link_addr(index: usize) -> Result<(Ipv4Addr, Ipv4Addr), Error> {
+    let base = u8::try_from(index * 4)
+        .map_err(|_| Error::Setup("too many internet links (max 64)".into()))?;
+    let [a, b, c] = PORTMAP_WAN_NET;
+    Ok((
+        Ipv4Addr::new(a, b, c, base + 1),
+        Ipv4Addr::new(a, b, c, base + 2),
+    ))
+}
+
+/// Name of the miniupnpd process of router `site` in the lab.
+pub fn miniupnpd_name(site: &str) -> String {
+    format!("miniupnpd-{site}")
+}
+
+/// The nftables table and chains miniupnpd fills (`upnp_*_chain` in its config): jumped to
+/// from base chains that accept by default, so everything the NAT ruleset does still applies.
+fn miniupnpd_ruleset() -> &'static str {
+    "table inet miniupnpd {\n\
+       chain forward { type filter hook forward priority filter; policy accept;\n jump forward_miniupnpd\n }\n\
+       chain forward_miniupnpd {\n }\n\
+       chain prerouting { type nat hook prerouting priority dstnat; policy accept;\n jump prerouting_miniupnpd\n }\n\
+       chain prerouting_miniupnpd {\n }\n\
+       chain postrouting { type nat hook postrouting priority srcnat; policy accept;\n jump postrouting_miniupnpd\n }\n\
+       chain postrouting_miniupnpd {\n }\n\
+     }\n"
+}
+
+/// Starts (or restarts) miniupnpd on router `site` whose LAN is 192.168.`lan_octet`.0/24:
+/// UPnP IGD, NAT-PMP and PCP on the LAN, mappings only for LAN hosts to their own address
+/// (secure mode), lifetimes capped at [`PORTMAP_MAX_LIFETIME`].
+fn start_miniupnpd(lab: &mut Lab, site: &str, lan_octet: u8) -> Result<(), Error> {
+    let bin = crate::testenv::which("miniupnpd").ok_or_else(|| {
+        Error::Setup("miniupnpd is not installed (apt-get install miniupnpd-nftables)".into())
+    })?;
+    let name = miniupnpd_name(site);
+    let conf = lab.log_dir().join(format!("{name}.conf"));
+    let pid = lab.log_dir().join(format!("{name}.pid"));
+    let text = format!(
+        "ext_ifname=wan\n\
+         listening_ip=lan\n\
+         port=0\n\
+         enable_natpmp=yes\n\
+         enable_upnp=yes\n\
+         secure_mode=yes\n\
+         system_uptime=no\n\
+         min_lifetime=10\n\
+         max_lifetime={PORTMAP_MAX_LIFETIME}\n\
+         upnp_table_name=miniupnpd\n\
+         upnp_nat_table_name=miniupnpd\n\
+         upnp_forward_chain=forward_miniupnpd\n\
+         upnp_nat_chain=prerouting_miniupnpd\n\
+         upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
+         uuid=3d3cec3a-8cf0-11e0-98ee-00000000{lan_octet:04x}\n\
+         allow 1024-65535 192.168.{lan_octet}.0/24 1024-65535\n\
+         deny 0-65535 0.0.0.0/0 0-65535\n"
+    );
+    std::fs::write(&conf, text)?;
+    if !lab.is_running(&name) {
+        let _ = lab.nft(site, "delete table inet miniupnpd\n");
+        lab.nft(site, miniupnpd_ruleset())?;
+    }
+    let args = vec![
+        "-f".to_string(),
+        conf.display().to_string(),
+        "-d".to_string(),
+        "-P".to_string(),
+        pid.display().to_string(),
+    ];
+    let _ = std::fs::remove_file(&pid);
+    lab.spawn(site, &name, &bin, &args)?;
+    // Ready when it listens for NAT-PMP/PCP (it logs the line after binding 5351).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if lab.log(&name).contains("Listening for NAT-PMP/PCP") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline || !lab.is_running(&name) {
+            return Err(Error::Setup(format!(
+                "miniupnpd on {site} did not start: {}",
+                lab.log(&name)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn validate(spec: &TopologySpec) -> Result<(), Error> {
     let mut seen = std::collections::BTreeSet::new();
     for s in &spec.sites {
@@ -519,6 +661,12 @@ fn validate(spec: &TopologySpec) -> Result<(), Error> {
         if !ok {
             return Err(Error::Setup(format!(
                 "site name {:?}: use 1-8 lowercase letters/digits",
+                s.name
+            )));
+        }
+        if s.port_mapping && s.nat == Nat::Open {
+            return Err(Error::Setup(format!(
+                "site {}: an open site has no router to run miniupnpd",
                 s.name
             )));
         }
@@ -610,7 +758,11 @@ fn build(spec: TopologySpec, mut lab: Lab) -> Result<Topology, Error> {
             continue;
         }
 
-        let (gw, wan) = link_addr(link_index)?;
+        let (gw, wan) = if site.port_mapping && site.nat != Nat::DoubleNat {
+            portmap_link_addr(link_index)?
+        } else {
+            link_addr(link_index)?
+        };
         link_index += 1;
         let router = site.name.clone();
         let dif = format!("d-{router}");
@@ -686,6 +838,9 @@ fn build(spec: TopologySpec, mut lab: Lab) -> Result<Topology, Error> {
             );
         }
         lab.nft(&router, &nat_ruleset(site.nat, first_host))?;
+        if site.port_mapping {
+            start_miniupnpd(&mut lab, &router, lan_octet)?;
+        }
     }
 
     // Latency/loss to the servers through the user-space shaper.

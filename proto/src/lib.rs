@@ -17,6 +17,7 @@ pub mod lifetime;
 pub mod nat;
 pub mod node;
 pub mod path;
+pub mod portmap;
 pub mod probe;
 mod rng;
 pub mod session;

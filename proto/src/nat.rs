@@ -294,6 +294,10 @@ pub struct NetcheckReport {
     pub binding_lifetime: Option<BindingLifetime>,
     /// Every Binding result used (server → mapped), for debugging.
     pub observations: Vec<ObservationJson>,
+    /// What the gateway offers for port mapping and the address it mapped (`null` when port
+    /// mapping was not tried: `--no-port-mapping`, or no default gateway).
+    #[serde(default)]
+    pub portmap: Option<crate::portmap::Report>,
     /// Which transports reach the rendezvous (`null` without `--connect`).
     #[serde(default)]
     pub tcp_fallback: Option<TcpFallback>,
@@ -379,6 +383,7 @@ impl NetcheckReport {
             preferred_relay,
             binding_lifetime,
             observations: obs.iter().map(|o| (*o).into()).collect(),
+            portmap: None,
             tcp_fallback: None,
         }
     }
@@ -418,6 +423,9 @@ impl NetcheckReport {
                     let _ = writeln!(s, "\t* Binding lifetime: > {} s", l.at_least_s);
                 }
             }
+        }
+        if let Some(p) = &self.portmap {
+            let _ = writeln!(s, "\t* Port mapping: {}", p.to_line());
         }
         let _ = writeln!(
             s,

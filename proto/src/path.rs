@@ -157,6 +157,10 @@ pub enum CandidateKind {
     Predicted,
     /// The peer's TURN relayed address.
     Relayed,
+    /// A public address the peer's gateway forwards to the peer's data socket (a PCP, NAT-PMP
+    /// or UPnP IGD port mapping, [`crate::portmap`]): reachable from anywhere, even behind a
+    /// symmetric NAT. Public addresses only (see [`candidate_allowed`]).
+    Portmap,
 }
 
 /// A remote candidate address.
@@ -183,7 +187,8 @@ impl Candidate {
 /// * never to loopback (unless `loopback_ok`: our data socket is itself on loopback),
 ///   unspecified, multicast, broadcast or reserved addresses, nor to port 0;
 /// * private, link-local, unique-local and CGNAT addresses only as host candidates (a peer's
-///   interface on a LAN we may share), never as server-reflexive, predicted or relayed ones.
+///   interface on a LAN we may share), never as server-reflexive, port-mapped, predicted or
+///   relayed ones.
 ///
 /// The address is classified after canonicalisation ([`crate::addr::classify`]), so
 /// `::ffff:127.0.0.1` is as loopback as `127.0.0.1`.

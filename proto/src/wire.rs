@@ -170,6 +170,9 @@ pub enum CandidateKind {
     /// probing. Sent beside a plain [`CandidateKind::ServerReflexive`] of the same address, so
     /// older peers (which ignore unknown kinds) lose nothing.
     ServerReflexiveDependent,
+    /// A public address the sender's gateway forwards to its data socket (a PCP / NAT-PMP /
+    /// UPnP IGD port mapping). Older peers ignore it (as any unknown kind).
+    PortMapped,
     /// A kind this version does not know.
     Other(u8),
 }
@@ -182,6 +185,7 @@ impl From<u8> for CandidateKind {
             2 => CandidateKind::Predicted,
             3 => CandidateKind::Relayed,
             4 => CandidateKind::ServerReflexiveDependent,
+            5 => CandidateKind::PortMapped,
             x => CandidateKind::Other(x),
         }
     }
@@ -195,6 +199,7 @@ impl From<CandidateKind> for u8 {
             CandidateKind::Predicted => 2,
             CandidateKind::Relayed => 3,
             CandidateKind::ServerReflexiveDependent => 4,
+            CandidateKind::PortMapped => 5,
             CandidateKind::Other(x) => x,
         }
     }

@@ -116,8 +116,10 @@ pub struct Daemon {
     task: tokio::task::JoinHandle<()>,
     /// Commands to the rendezvous task (for [`Daemon::reload_rendezvous`]).
     sig: Option<mpsc::Sender<SignalCmd>>,
-    /// Requests to the engine (peers added / removed at run time).
-    int_tx: mpsc::Sender<Internal>,
+    /// The engine's internal channel (port-mapping updates).
+    int: mpsc::Sender<Internal>,
+    /// The port mapper of the data socket (`PortMapping = on`).
+    portmap: Option<crate::portmap::PortMapper>,
 }
 
 /// Adds and removes peers of a running daemon (the `--wg-interface` watcher uses it).
@@ -158,13 +160,51 @@ impl Daemon {
     /// A handle that adds and removes peers at run time.
     pub fn peer_control(&self) -> PeerControl {
         PeerControl {
-            tx: self.int_tx.clone(),
+            tx: self.int.clone(),
         }
     }
 
     /// Waits until the engine stops (it runs until aborted).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
+    }
+
+    /// Starts mapping the data socket's port through the default gateway (`PortMapping = on`,
+    /// see `docs/portmap.md`); the mapped address joins our candidates as a `portmap` one
+    /// ([`Node::set_candidate_source`]). Nothing happens when the data socket is on loopback
+    /// (no gateway forwards to it) or there is no default IPv4 gateway.
+    pub fn start_port_mapping(&mut self, opts: crate::portmap::Options) -> anyhow::Result<()> {
+        if self.portmap.is_some() || self.data_addr.ip().is_loopback() {
+            return Ok(());
+        }
+        let Some(m) = crate::portmap::PortMapper::start_default(self.data_addr.port(), opts)?
+        else {
+            tracing::info!("no default IPv4 gateway: no port mapping");
+            return Ok(());
+        };
+        let mut rx = m.subscribe();
+        let int = self.int.clone();
+        tokio::spawn(async move {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                if int.send(Internal::Portmap(Box::new(s))).await.is_err() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.portmap = Some(m);
+        Ok(())
+    }
+
+    /// Clean exit: deletes the port mapping on the gateway, then stops the engine.
+    pub async fn shutdown(mut self) {
+        if let Some(m) = self.portmap.take() {
+            m.stop().await;
+        }
+        self.task.abort();
     }
 
     /// Uses a new rendezvous connect string (SIGHUP: a rotated token) without a restart: the
@@ -446,6 +486,7 @@ pub async fn start_with_extras(
         wg_interface: extras.wg_interface.clone(),
         wg_tx: wg_tx.clone(),
         wireguard_endpoint: opts.wireguard_endpoint,
+        portmap: None,
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -454,7 +495,7 @@ pub async fn start_with_extras(
     let hosts = engine.scan_hosts();
     engine.node.set_hosts(now, hosts);
     let control_socket = opts.control_socket.clone();
-    let int_tx = engine.int_tx.clone();
+    let int = engine.int_tx.clone();
     let task = tokio::spawn(engine.run(wg_rx, ctl_rx, sig_ev_rx, int_rx));
     Ok(Daemon {
         data_addr,
@@ -462,7 +503,8 @@ pub async fn start_with_extras(
         proxies,
         task,
         sig: sig_handle,
-        int_tx,
+        int,
+        portmap: None,
     })
 }
 
@@ -503,6 +545,8 @@ enum Internal {
         key: [u8; 32],
         reply: oneshot::Sender<bool>,
     },
+    /// The port mapper's state changed (see [`Daemon::start_port_mapping`]).
+    Portmap(Box<crate::portmap::Snapshot>),
 }
 
 struct Engine {
@@ -530,6 +574,8 @@ struct Engine {
     /// For the proxy readers of peers added at run time.
     wg_tx: mpsc::Sender<FromWg>,
     wireguard_endpoint: Option<SocketAddr>,
+    /// The port mapper's latest state (None: port mapping not running).
+    portmap: Option<crate::portmap::Snapshot>,
 }
 
 impl Engine {
@@ -866,6 +912,14 @@ impl Engine {
     fn on_internal(&mut self, now: Instant, ev: Internal) {
         match ev {
             Internal::Resolved { idx, addr } => self.node.relay_resolved(now, idx, addr),
+            Internal::Portmap(s) => {
+                let mapped = s.report.mapped;
+                self.portmap = Some(*s);
+                self.node.set_candidate_source(
+                    now,
+                    meshpunch_proto::node::candidates::Source::PortMapped(mapped),
+                );
+            }
             Internal::Lifetime { public_ip, outcome } => {
                 if self.lifetime.on_result(now, public_ip, outcome) {
                     self.apply_keepalive(now);

@@ -25,8 +25,9 @@ impl Engine {
             .peers
             .iter()
             .zip(node.peers())
-            .filter(|(_, np)| !np.is_removed())
-            .map(|(p, np)| {
+            .enumerate()
+            .filter(|(_, (_, np))| !np.is_removed())
+            .map(|(i, (p, np))| {
                 let path = np.path();
                 let st = path.status();
                 let c = path.counters();
@@ -51,6 +52,11 @@ impl Engine {
                     public_key: p.b64.clone(),
                     name: p.name.clone(),
                     proxy: p.wg.status_addr(),
+                    allowed_ips: p
+                        .wg
+                        .device()
+                        .map(|d| d.allowed_ips(i).iter().map(|n| n.to_string()).collect())
+                        .unwrap_or_default(),
                     path: st.kind,
                     remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
@@ -98,6 +104,7 @@ impl Engine {
             relays: node.relay_latencies(),
             probes,
             birthday,
+            portmap: self.portmap.as_ref().map(|p| p.status()),
             peers,
             wg_interface: self
                 .wg_interface

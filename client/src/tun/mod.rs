@@ -249,6 +249,8 @@ pub struct Device {
     name: String,
     peers: Vec<Mutex<Tunn>>,
     labels: Vec<String>,
+    /// Per peer: its `AllowedIPs` as configured (for `status`).
+    allowed: Vec<Vec<IpNet>>,
     table: AllowedIps,
     /// Counters.
     pub stats: TunStats,
@@ -330,6 +332,7 @@ impl Device {
             name,
             peers: tunnels,
             labels: peers.iter().map(|p| p.label.clone()).collect(),
+            allowed: peers.iter().map(|p| p.allowed_ips.clone()).collect(),
             table,
             stats: TunStats::default(),
         })
@@ -338,6 +341,11 @@ impl Device {
     /// Interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Peer `peer`'s `AllowedIPs` (empty for an unknown peer).
+    pub fn allowed_ips(&self, peer: usize) -> &[IpNet] {
+        self.allowed.get(peer).map_or(&[], |a| a.as_slice())
     }
 
     /// Number of peers.

@@ -3,7 +3,8 @@
 //! Each source reports what it knows, independently of the others, with
 //! [`LocalCandidates::set`]: interface addresses ([`Source::Hosts`]), the server-reflexive
 //! address and our NAT's mapping behaviour ([`Source::ServerReflexive`], from STUN or the
-//! rendezvous' observed address), the TURN relayed address ([`Source::Relayed`]). The list is
+//! rendezvous' observed address), the TURN relayed address ([`Source::Relayed`]), the port
+//! mapping our gateway holds for the data socket ([`Source::PortMapped`]). The list is
 //! rebuilt in one fixed order; when it changes its version goes up and [`LocalCandidates::set`]
 //! says so — the driver then hands the list to signalling, which echoes the version with each
 //! punch so a session knows whether the peer has our newest candidates.
@@ -26,6 +27,9 @@ pub enum Source {
     ServerReflexive(Option<SocketAddr>, MappingBehaviour),
     /// Our TURN allocation's relayed address.
     Relayed(Option<SocketAddr>),
+    /// The public address our gateway maps to the data socket (PCP / NAT-PMP / UPnP IGD,
+    /// [`crate::portmap::Mapper`]).
+    PortMapped(Option<SocketAddr>),
 }
 
 /// Our candidates and their version (see the module docs).
@@ -36,6 +40,7 @@ pub struct LocalCandidates {
     srflx: Option<SocketAddr>,
     mapping: MappingBehaviour,
     relayed: Option<SocketAddr>,
+    portmap: Option<SocketAddr>,
     list: Vec<Candidate>,
     version: u64,
 }
@@ -58,6 +63,7 @@ impl LocalCandidates {
                 self.mapping = m;
             }
             Source::Relayed(r) => self.relayed = r,
+            Source::PortMapped(m) => self.portmap = m,
         }
         let list = self.rebuild();
         if list == self.list {
@@ -89,6 +95,16 @@ impl LocalCandidates {
                 c.push(Candidate {
                     kind: CandidateKind::SrflxDependent,
                     addr: s,
+                });
+            }
+        }
+        // A mapping equal to an address already listed (a cone NAT that kept the port, a
+        // public host) adds nothing.
+        if let Some(m) = self.portmap {
+            if !c.iter().any(|x| x.addr == m) {
+                c.push(Candidate {
+                    kind: CandidateKind::Portmap,
+                    addr: m,
                 });
             }
         }
@@ -153,6 +169,41 @@ mod tests {
         // The same report again: no change.
         assert!(!c.set(Source::Relayed(Some(sa("203.0.113.9:50000")))));
         assert_eq!(c.version(), 3);
+    }
+
+    #[test]
+    fn a_port_mapping_is_a_candidate_of_its_own_kind_unless_already_listed() {
+        let mut c = LocalCandidates::new(41641);
+        c.set(Source::ServerReflexive(
+            Some(sa("198.51.100.2:3000")),
+            MappingBehaviour::EndpointDependent,
+        ));
+        c.set(Source::Relayed(Some(sa("203.0.113.20:50000"))));
+        let v = c.version();
+        assert!(c.set(Source::PortMapped(Some(sa("198.51.100.2:41641")))));
+        assert_eq!(c.version(), v + 1);
+        let kinds: Vec<_> = c.list().iter().map(|c| c.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                CandidateKind::Srflx,
+                CandidateKind::SrflxDependent,
+                CandidateKind::Portmap,
+                CandidateKind::Relayed
+            ]
+        );
+        assert!(
+            c.set(Source::PortMapped(None)),
+            "a lost mapping is withdrawn"
+        );
+        assert!(!c.list().iter().any(|x| x.kind == CandidateKind::Portmap));
+        // The same address as the server-reflexive one: not repeated.
+        c.set(Source::ServerReflexive(
+            Some(sa("198.51.100.2:41641")),
+            MappingBehaviour::EndpointIndependent,
+        ));
+        c.set(Source::PortMapped(Some(sa("198.51.100.2:41641"))));
+        assert!(!c.list().iter().any(|x| x.kind == CandidateKind::Portmap));
     }
 
     #[test]
