@@ -306,6 +306,11 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
                 .filter(|s| *s <= opts.long_max)
                 .collect();
             if rfc5780_done {
+                eprintln!(
+                    "netcheck --long: measuring how long the NAT keeps an idle mapping (idle periods {:?} s in parallel, up to {} s)…",
+                    steps.iter().map(|d| d.as_secs()).collect::<Vec<_>>(),
+                    opts.long_max.as_secs()
+                );
                 if let Outcome::Measured(l) = crate::lifetime::measure(server, &steps).await {
                     lifetime = Some(l);
                 }
@@ -314,6 +319,10 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
         if let (None, Some((server, mapped))) = (lifetime, primary) {
             let mut search = LifetimeSearch::new(opts.long_max);
             while let Some(idle) = search.next_idle() {
+                eprintln!(
+                    "netcheck --long: idle {} s, then asking {server} whether the mapping {mapped} is still there…",
+                    idle.as_secs()
+                );
                 tokio::time::sleep(idle).await;
                 match transact(&sock, server, None, opts.timeout).await {
                     Some((r, _)) => {
@@ -349,5 +358,6 @@ pub async fn run(targets: &Targets, opts: &Options) -> std::io::Result<NetcheckR
     if let Some(h) = fallback {
         report.tcp_fallback = h.await.ok();
     }
+    report.verdict = report.verdict_line();
     Ok(report)
 }

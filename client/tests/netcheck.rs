@@ -54,6 +54,7 @@ async fn netcheck_json_on_loopback_has_the_documented_keys() {
     }
     assert_eq!(v["udp"], true);
     assert_eq!(v["mapping"], "none");
+    assert_eq!(v["verdict"], "direct paths likely with most peers");
     assert_eq!(v["filtering"], "endpoint-independent");
     assert_eq!(v["port_preserving"], true);
     assert!(v["public_addr"].as_str().unwrap().starts_with("127.0.0.1:"));

@@ -301,6 +301,10 @@ pub struct NetcheckReport {
     /// Which transports reach the rendezvous (`null` without `--connect`).
     #[serde(default)]
     pub tcp_fallback: Option<TcpFallback>,
+    /// One line for a person: what paths to expect ([`NetcheckReport::verdict_line`]), filled
+    /// in once the report is complete.
+    #[serde(default)]
+    pub verdict: String,
 }
 
 /// Whether the rendezvous answers over QUIC (UDP) and over its TLS-over-TCP fallback: a
@@ -385,6 +389,35 @@ impl NetcheckReport {
             observations: obs.iter().map(|o| (*o).into()).collect(),
             portmap: None,
             tcp_fallback: None,
+            verdict: String::new(),
+        }
+    }
+
+    /// What paths this host should expect, in one line: the NAT's mapping behaviour decides
+    /// whether a punched hole works with most peers (endpoint-independent, RFC 4787 §4.1) or
+    /// needs birthday punching or the relay (endpoint-dependent, "symmetric"); a port mapping
+    /// from the gateway makes a symmetric NAT easy again; no UDP at all leaves the relay (over
+    /// TLS/TCP when the rendezvous answers there).
+    pub fn verdict_line(&self) -> String {
+        let mapped = self.portmap.as_ref().and_then(|p| p.mapped);
+        if !self.udp {
+            return match &self.tcp_fallback {
+                Some(t) if t.tcp_ok => {
+                    "UDP blocked: expect the relay over TLS/TCP for every peer".to_string()
+                }
+                _ => "no UDP answer: expect no path unless UDP is allowed".to_string(),
+            };
+        }
+        match self.mapping {
+            Mapping::None | Mapping::EndpointIndependent => {
+                "direct paths likely with most peers".to_string()
+            }
+            Mapping::AddressDependent | Mapping::AddressAndPortDependent => match mapped {
+                Some(m) => format!(
+                    "symmetric NAT, but the gateway maps {m}: direct paths likely with most peers"
+                ),
+                None => "symmetric NAT: expect birthday punching or relay".to_string(),
+            },
         }
     }
 
@@ -456,6 +489,7 @@ impl NetcheckReport {
                 }
             }
         }
+        let _ = writeln!(s, "Verdict: {}", self.verdict_line());
         s
     }
 }
@@ -627,6 +661,40 @@ mod tests {
         assert_eq!(r.filtering, Filtering::Unknown);
         assert_eq!(r.public_addr, Some(sa("5.5.5.5:4000")));
         assert!(r.to_text().contains("Mapping: endpoint-independent"));
+    }
+
+    #[test]
+    fn the_verdict_follows_mapping_port_mapping_and_udp() {
+        let mut r = NetcheckReport::from_results(
+            &[sa("10.0.0.2:4000")],
+            4000,
+            &[o("1.1.1.1:3478", "5.5.5.5:4000")],
+            None,
+            None,
+            None,
+            vec![],
+            None,
+        );
+        assert_eq!(r.verdict_line(), "direct paths likely with most peers");
+        assert!(r
+            .to_text()
+            .ends_with("Verdict: direct paths likely with most peers\n"));
+        r.mapping = Mapping::AddressAndPortDependent;
+        assert_eq!(
+            r.verdict_line(),
+            "symmetric NAT: expect birthday punching or relay"
+        );
+        r.portmap = Some(crate::portmap::Report {
+            upnp: false,
+            pmp: true,
+            pcp: false,
+            mapped: Some(sa("5.5.5.5:41641")),
+        });
+        assert!(r
+            .verdict_line()
+            .contains("gateway maps 5.5.5.5:41641: direct paths likely"));
+        r.udp = false;
+        assert!(r.verdict_line().starts_with("no UDP answer"));
     }
 
     #[test]
