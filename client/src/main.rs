@@ -418,6 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 }))
             });
+            meshpunch::fwmark::set_process_mark(fwmark);
             let extras = daemon::Extras {
                 fwmark,
                 wg_interface: wg_status.clone(),
