@@ -27,3 +27,28 @@ pub fn apply<S: std::os::fd::AsFd>(sock: &S) -> std::io::Result<()> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The process mark reaches a socket (as root; without CAP_NET_ADMIN the kernel refuses
+    /// SO_MARK, which `meshpunch up` reports as an error).
+    #[test]
+    fn process_mark_is_applied() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        set_process_mark(None);
+        assert!(apply(&s).is_ok());
+        assert_eq!(socket2::SockRef::from(&s).mark().ok(), Some(0));
+        set_process_mark(Some(51820));
+        let r = apply(&s);
+        set_process_mark(None);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(r.is_ok(), "{r:?}");
+            assert_eq!(socket2::SockRef::from(&s).mark().ok(), Some(51820));
+        } else {
+            assert!(r.is_err());
+        }
+    }
+}
