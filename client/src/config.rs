@@ -5,7 +5,7 @@
 //! [Interface]
 //! PrivateKey = <base64>              # required (or taken from --wg-interface)
 //! Rendezvous = meshpunch://TOKEN@rdv.example.com   # port 443; pin=spki:... optional
-//! CaFile = /etc/meshpunch/ca.pem     # extra CA for the rendezvous certificate (no pin)
+//! CaFile = /etc/meshpunch/ca.pem     # extra CA for the rendezvous (no pin) and relay (turns:) certificates
 //! ListenPort = 41641                 # data socket port; 0 or absent = any free port
 //! ControlSocket = /run/meshpunch.sock
 //! WireGuardEndpoint = 127.0.0.1:51820  # where WireGuard listens (else learned from its packets)

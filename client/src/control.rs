@@ -119,6 +119,16 @@ pub struct RelayStatus {
     pub state: String,
     /// Why it failed.
     pub error: Option<String>,
+    /// How the relay is reached: `udp`, `tcp` (TURN over TCP) or `tls` (TURN over TLS).
+    #[serde(default)]
+    pub transport: String,
+    /// The TURN URI in use.
+    #[serde(default)]
+    pub url: String,
+    /// Messages to a TCP/TLS relay dropped (queue full while the stream stalled, or the
+    /// stream down); 0 on UDP.
+    #[serde(default)]
+    pub stream_dropped: u64,
 }
 
 /// The NAT keepalive as status shows it (`nat` in `meshpunch status --json`).
@@ -150,11 +160,26 @@ pub struct PeerStatus {
     pub name: Option<String>,
     /// The 127.0.0.1 port WireGuard sends this peer's packets to.
     pub proxy: SocketAddr,
+    /// Of `tx_bytes`, bytes sent through the relay.
+    #[serde(default)]
+    pub relay_tx_bytes: u64,
+    /// Of `rx_bytes`, bytes received through the relay.
+    #[serde(default)]
+    pub relay_rx_bytes: u64,
+    /// Path changes since start (the first path counts as one).
+    #[serde(default)]
+    pub path_changes: u64,
+    /// Failovers: a `direct`/`lan` path given up for `relay` or `none`.
+    #[serde(default)]
+    pub failovers: u64,
     /// The peer's tunnel prefixes (`AllowedIPs`) in `--tun` mode; empty in proxy mode.
     #[serde(default)]
     pub allowed_ips: Vec<String>,
     /// `lan`, `direct`, `relay` or `none`.
     pub path: PathKind,
+    /// With `path` `relay`: how our relay is reached (`udp`, `tcp` or `tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_transport: Option<String>,
     /// Remote endpoint of the path (`relay:IP:PORT` for the relay).
     pub remote: Option<String>,
     /// Smoothed RTT of the path in milliseconds.

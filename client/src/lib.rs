@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod fwmark;
 pub mod keys;
 pub mod lifetime;
+pub mod metrics;
 pub mod netcheck;
 mod pool;
 pub mod portmap;

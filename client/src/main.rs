@@ -107,6 +107,10 @@ enum Cmd {
         /// Write the data socket and proxy addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9642): paths by
+        /// kind, path changes, failovers, bytes by path kind, probes, spray, relay allocation.
+        #[arg(long, value_name = "ADDR", env = "MESHPUNCH_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Stop the running daemon cleanly (restores the --wg-interface endpoints).
     Down,
@@ -258,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_host_candidates,
             no_port_mapping,
             ready_file,
+            metrics_listen,
         } => {
             let config = config.or_else(|| {
                 let p = PathBuf::from(DEFAULT_CONFIG);
@@ -455,6 +460,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
             }
             println!("{ready}");
+            let _metrics = match metrics_listen {
+                Some(addr) => {
+                    let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                        anyhow::anyhow!("--metrics-listen {addr}: cannot listen there ({e}); pick a free port, e.g. 127.0.0.1:9642")
+                    })?;
+                    tracing::info!(addr = %l.local_addr()?, "metrics on /metrics");
+                    Some(AbortOnDrop(tokio::spawn(meshpunch::metrics::serve(
+                        l,
+                        control_socket.clone(),
+                    ))))
+                }
+                None => None,
+            };
             tracing::info!(data = %d.data_addr, control = %control_socket.display(), "meshpunch up");
             // SIGHUP re-reads the config (a rotated token in `Rendezvous =`) without a restart.
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -785,6 +803,15 @@ fn peer_line(p: &control::PeerStatus, region: Option<&str>) -> String {
         human_bytes(p.rx_bytes),
         p.reason
     )
+}
+
+/// Stops a background task when the daemon's scope ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

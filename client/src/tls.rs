@@ -253,6 +253,28 @@ pub fn client_crypto(
     pins: &[Pin],
     ca_roots: &[CertificateDer<'static>],
 ) -> Result<(rustls::ClientConfig, Failures), String> {
+    let (mut tls, failures) = crypto_with(pins, ca_roots, &[&rustls::version::TLS13])?;
+    tls.alpn_protocols = vec![meshpunch_proto::wire::ALPN.to_vec()];
+    Ok((tls, failures))
+}
+
+/// The rustls client config for TURN over TLS: the same verifier as the rendezvous' (system
+/// trust store plus `ca_roots`, no pins), TLS 1.3 and 1.2 (coturn 4.6 offers no 1.3), no ALPN.
+pub fn relay_client_crypto(
+    ca_roots: &[CertificateDer<'static>],
+) -> Result<(rustls::ClientConfig, Failures), String> {
+    crypto_with(
+        &[],
+        ca_roots,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+    )
+}
+
+fn crypto_with(
+    pins: &[Pin],
+    ca_roots: &[CertificateDer<'static>],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<(rustls::ClientConfig, Failures), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mode = if pins.is_empty() {
         let mut roots = rustls::RootCertStore::empty();
@@ -279,13 +301,12 @@ pub fn client_crypto(
         provider: provider.clone(),
         failures: failures.clone(),
     };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![meshpunch_proto::wire::ALPN.to_vec()];
     Ok((tls, failures))
 }
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use meshpunch_proto::node::{Node, NodeConfig, PeerSpec, Signal, Socket};
+use meshpunch_proto::node::{Event, Node, NodeConfig, PeerSpec, Signal, Socket};
 use meshpunch_proto::path::PathConfig;
 use meshpunch_proto::wire::RelayRegion;
 
@@ -39,7 +39,9 @@ fuzz_target!(|data: &[u8]| {
             stun: vec!["203.0.113.1:3478".parse().unwrap_or_else(|_| unreachable!())],
             relays: vec![RelayRegion {
                 region: "fuzz".into(),
-                urls: vec![format!("turn:{turn}")],
+                // UDP first; a UDP Allocate left unanswered moves the link to the TLS
+                // stream, whose messages arrive on `Socket::Relay`.
+                urls: vec![format!("turn:{turn}"), "turns:203.0.113.9:443".to_string()],
                 username: "1800086400:fuzz".into(),
                 password: "pw".into(),
                 expires_unix: 1_800_086_400,
@@ -59,7 +61,17 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         now += Duration::from_millis(u64::from(sel & 0x3f) * 10);
         node.handle_timeout(now);
-        let socket = if sel & 0x40 != 0 { Socket::Pool(1) } else { Socket::Data };
+        let stream = node.relay_link().filter(|l| l.transport().is_stream()).map(|l| l.id());
+        let socket = match (sel & 0x40 != 0, stream) {
+            (true, Some(id)) if src & 0x80 != 0 => Socket::Relay(id),
+            (true, _) => Socket::Pool(1),
+            _ => Socket::Data,
+        };
+        if src == 0xFF {
+            if let Some(id) = stream {
+                node.relay_stream_down(now, id, "fuzz");
+            }
+        }
         let from = match src % 4 {
             0 => turn,
             1 => "198.51.100.2:51000".parse().unwrap_or_else(|_| unreachable!()),
@@ -73,6 +85,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = node.handle_wireguard(now, 0, pkt);
         }
         while node.poll_transmit().is_some() {}
-        while node.poll_event().is_some() {}
+        while let Some(ev) = node.poll_event() {
+            if let Event::OpenRelayStream { link, .. } = ev {
+                node.relay_stream_up(now, link);
+            }
+        }
     }
 });

@@ -27,6 +27,10 @@ pub const STUN_PORT: u16 = 3478;
 pub const STUN_ALT_PORT: u16 = 3479;
 /// TURN port of the relay.
 pub const RELAY_PORT: u16 = 3478;
+/// TURN-over-TLS port of the relay (443, like production: a `udp-blocked-all` site lets TCP
+/// out only to 443 and 80). Its certificate (IP SAN [`SERVER_RELAY`], made with `openssl` per
+/// lab) is every daemon's `CaFile`.
+pub const RELAY_TLS_PORT: u16 = 443;
 /// Shared TURN REST secret between rendezvous and relay.
 pub const RELAY_SECRET: &str = "natlab-turn-secret";
 /// Region name of the lab's relay.
@@ -189,6 +193,8 @@ pub struct Mesh {
     pub connect: String,
     nodes: BTreeMap<String, Node>,
     rdv_dir: PathBuf,
+    /// The relay's self-signed TLS certificate (the daemons' `CaFile`), once made.
+    relay_ca: Option<PathBuf>,
 }
 
 impl Mesh {
@@ -208,6 +214,7 @@ impl Mesh {
             connect: String::new(),
             nodes: BTreeMap::new(),
             rdv_dir,
+            relay_ca: None,
         };
         match relay {
             RelayImpl::Meshpunch => mesh.start_relay()?,
@@ -222,6 +229,8 @@ impl Mesh {
             .ok_or_else(|| Error::Setup("coturn's turnserver is not installed".into()))?;
         let relay = SERVER_RELAY.to_string();
         let secret = format!("--static-auth-secret={RELAY_SECRET}");
+        let (crt, key) = self.relay_cert()?;
+        let (crt, key) = (crt.display().to_string(), key.display().to_string());
         // `-c /dev/null`: ignore Debian's /etc/turnserver.conf.
         let pidfile = self
             .topo
@@ -246,7 +255,13 @@ impl Mesh {
             "--realm",
             "meshpunch",
             "--fingerprint",
-            "--no-tls",
+            // TURN over TLS on 443 (the `turns:` URI), like meshpunch-relay's.
+            "--tls-listening-port",
+            &RELAY_TLS_PORT.to_string(),
+            "--cert",
+            &crt,
+            "--pkey",
+            &key,
             "--no-dtls",
             "--no-tcp-relay",
             "--no-cli",
@@ -279,7 +294,43 @@ impl Mesh {
         Ok(())
     }
 
+    /// A self-signed certificate for the relay's IP ([`SERVER_RELAY`] as IP SAN) and its key.
+    fn relay_cert(&mut self) -> Result<(PathBuf, PathBuf), Error> {
+        let dir = self.topo.lab.log_dir().join("relay-tls");
+        std::fs::create_dir_all(&dir)?;
+        let (crt, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=natlab relay"])
+            .arg("-addext")
+            .arg(format!("subjectAltName=IP:{SERVER_RELAY}"))
+            // An end-entity certificate (webpki refuses a CA certificate as the server's).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .map_err(|e| Error::Setup(format!("openssl (for the relay's TLS certificate): {e}")))?;
+        if !out.status.success() {
+            return Err(Error::Setup(format!(
+                "openssl req failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        self.relay_ca = Some(crt.clone());
+        Ok((crt, key))
+    }
+
     fn start_relay(&mut self) -> Result<(), Error> {
+        let (crt, key) = self.relay_cert()?;
         let args: Vec<String> = [
             "--listen",
             &SocketAddr::from((SERVER_RELAY, RELAY_PORT)).to_string(),
@@ -289,6 +340,12 @@ impl Mesh {
             RELAY_SECRET,
             "--admin-listen",
             &SocketAddr::from((SERVER_RELAY, 9479)).to_string(),
+            "--tls-listen",
+            &SocketAddr::from((SERVER_RELAY, RELAY_TLS_PORT)).to_string(),
+            "--cert",
+            &crt.display().to_string(),
+            "--key",
+            &key.display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -311,7 +368,7 @@ impl Mesh {
         let config = format!(
             "listen = \"{}\"\ntcp_listen = \"{}\"\nstun_listen = \"{}\"\nstun_alt = \"{}\"\nadmin_listen = \"{}\"\n\
              data_dir = \"{}\"\ndev = true\n\n[[relay]]\nregion = \"{RELAY_REGION}\"\n\
-             urls = [\"turn:{}\"]\nsecret = \"{RELAY_SECRET}\"\n",
+             urls = [\"turn:{}\", \"turns:{}\"]\nsecret = \"{RELAY_SECRET}\"\n",
             SocketAddr::from((SERVER_PRIMARY, RENDEZVOUS_PORT)),
             SocketAddr::from((SERVER_PRIMARY, RENDEZVOUS_TCP_PORT)),
             SocketAddr::from((SERVER_PRIMARY, STUN_PORT)),
@@ -319,6 +376,7 @@ impl Mesh {
             SocketAddr::from((SERVER_PRIMARY, 9478)),
             self.rdv_dir.display(),
             SocketAddr::from((SERVER_RELAY, RELAY_PORT)),
+            SocketAddr::from((SERVER_RELAY, RELAY_TLS_PORT)),
         );
         let path = self.topo.lab.log_dir().join("rendezvous.toml");
         std::fs::write(&path, config)?;
@@ -433,6 +491,9 @@ impl Mesh {
         }
         if let Some(h) = opts.host_candidates {
             conf.push_str(&format!("HostCandidates = {h}\n"));
+        }
+        if let Some(ca) = &self.relay_ca {
+            conf.push_str(&format!("CaFile = {}\n", ca.display()));
         }
         for line in &opts.interface_extra {
             conf.push_str(line);

@@ -1,8 +1,8 @@
 //! A host on a network that drops every UDP packet (both ways, servers included) and lets TCP
 //! out only to the servers' 443 and 80 (site type `udp-blocked-all`): its daemon still
 //! registers with the rendezvous, over TLS on TCP 443, and `netcheck` says QUIC fails while
-//! TLS/TCP works. (Reaching peers from there needs TURN over TLS from the client: not yet, so
-//! this test asserts registration and the transport only.)
+//! TLS/TCP works; and it reaches a host on another site through the relay over TURN-over-TLS
+//! on 443.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use natlab::mesh::{Mesh, UpOptions};
+use natlab::mesh::{FakeWg, Mesh, UpOptions};
 use natlab::{Nat, TopologySpec};
 
 #[test]
@@ -77,4 +77,74 @@ fn udp_blocked_host_registers_over_tls_tcp() {
         .find(|l| l.contains(" registered") && l.contains(&format!("{public}:")))
         .unwrap_or_else(|| panic!("no registration from {public} in:\n{log}"));
     assert!(line.contains("transport=\"tcp\""), "{line}");
+}
+
+/// The `udp-blocked-all` host reaches a host on an open network: registration over TLS/TCP,
+/// the relay over TURN-over-TLS on 443 (its UDP Allocate gets no answer), WireGuard-framed
+/// datagrams echoed through it. The open host stays on UDP to the relay.
+#[test]
+fn udp_blocked_host_relays_over_tls_to_another_site() {
+    let test = "udp_blocked_host_relays_over_tls_to_another_site";
+    if support::mesh_ready(test, &[]).is_none() {
+        return;
+    }
+    let topo = TopologySpec::new()
+        .server_delay(Duration::from_millis(10))
+        .site("xb", Nat::UdpBlockedAll, 1)
+        .site("op", Nat::Open, 1)
+        .build()
+        .unwrap();
+    let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
+    let pinger = FakeWg::bind(&mesh.topo, "xb1", 0).unwrap();
+    let echo = FakeWg::bind(&mesh.topo, "op1", 0)
+        .unwrap()
+        .spawn_echo()
+        .unwrap();
+    let started = Instant::now();
+    mesh.up(
+        "xb1",
+        &UpOptions {
+            peers: vec!["op1".into()],
+            wireguard_endpoint: Some(pinger.addr().unwrap()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    mesh.up(
+        "op1",
+        &UpOptions {
+            peers: vec!["xb1".into()],
+            wireguard_endpoint: Some(echo.addr()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (view, took) = mesh
+        .wait_path("xb1", "op1", &["relay"], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.daemon_log("xb1")));
+    println!(
+        "xb1 -> op1: {} via {:?} after {} ({:.2} s after start)",
+        view.path,
+        view.remote,
+        support::secs(took),
+        started.elapsed().as_secs_f64()
+    );
+    let st = mesh.status("xb1").unwrap();
+    assert_eq!(st["rendezvous"]["transport"], "tcp", "{st}");
+    assert_eq!(st["home_relay"]["transport"], "tls", "{st}");
+    assert_eq!(st["peers"][0]["relay_transport"], "tls", "{st}");
+    let so = mesh.status("op1").unwrap();
+    assert_eq!(so["home_relay"]["transport"], "udp", "{so}");
+    std::thread::sleep(Duration::from_millis(500));
+    let proxy = view.proxy.expect("proxy address of op1 on xb1");
+    let rtt = pinger
+        .rtt(
+            proxy,
+            20,
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    println!("xb1 -> op1 over the TLS relay: {rtt:?}");
+    assert!(rtt.received >= 18, "{rtt:?}");
 }

@@ -40,6 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod device;
 mod net;
 mod proxy;
+mod relay_stream;
 mod status;
 mod wg;
 
@@ -351,6 +352,7 @@ pub async fn start_with_extras(
                 fast,
                 b64: format_key(&pc.public_key),
                 name: pc.name.clone(),
+                changes: PathChanges::default(),
                 wg: WgSide::Device(device::DeviceSide {
                     dev: dev.clone(),
                     peer: i,
@@ -397,6 +399,7 @@ pub async fn start_with_extras(
             fast,
             b64: format_key(&pc.public_key),
             name: pc.name.clone(),
+            changes: PathChanges::default(),
             wg: WgSide::Proxy(ProxyPort {
                 sock: proxy,
                 addr: proxy_addr,
@@ -412,7 +415,7 @@ pub async fn start_with_extras(
 
     let (local_tx, local_rx) = watch::channel((0u64, Vec::new()));
     let (sig_ev_tx, sig_ev_rx) = mpsc::channel::<SignalEvent>(256);
-    let (int_tx, int_rx) = mpsc::channel::<Internal>(64);
+    let (int_tx, int_rx) = mpsc::channel::<Internal>(1024);
     let mut rdv = RendezvousStatus {
         state: "disabled".into(),
         ..Default::default()
@@ -486,6 +489,7 @@ pub async fn start_with_extras(
         wg_interface: extras.wg_interface.clone(),
         wg_tx: wg_tx.clone(),
         wireguard_endpoint: opts.wireguard_endpoint,
+        streams: relay_stream::RelayStreams::new(opts.ca_roots.clone()),
         portmap: None,
     };
     if engine.lifetime.is_configured() {
@@ -516,6 +520,34 @@ struct Peer {
     name: Option<String>,
     /// Where this peer's WireGuard packets come from and go to.
     wg: WgSide,
+    /// Path changes and failovers (a direct or LAN path given up for the relay or nothing),
+    /// for `status` and the metrics endpoint.
+    changes: PathChanges,
+}
+
+/// Counts of one peer's path changes.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PathChanges {
+    pub(crate) total: u64,
+    pub(crate) failovers: u64,
+    pub(crate) last: Option<PathKind>,
+}
+
+impl PathChanges {
+    fn record(&mut self, kind: PathKind) {
+        if self.last == Some(kind) {
+            return;
+        }
+        if matches!(self.last, Some(PathKind::Direct | PathKind::Lan))
+            && matches!(kind, PathKind::Relay | PathKind::None)
+        {
+            self.failovers += 1;
+        }
+        if self.last.is_some() || kind != PathKind::None {
+            self.total += 1;
+        }
+        self.last = Some(kind);
+    }
 }
 
 struct PendingPing {
@@ -526,6 +558,12 @@ struct PendingPing {
 }
 
 enum Internal {
+    /// The stream of relay link `.0` connected.
+    RelayUp(meshpunch_proto::node::relay::LinkId),
+    /// The stream of relay link `.0` closed or could not connect (`.1`: why).
+    RelayDown(meshpunch_proto::node::relay::LinkId, String),
+    /// A whole STUN/ChannelData message read from relay link `.0`'s stream.
+    RelayFrame(meshpunch_proto::node::relay::LinkId, Vec<u8>),
     Resolved {
         idx: usize,
         addr: Option<SocketAddr>,
@@ -574,6 +612,8 @@ struct Engine {
     /// For the proxy readers of peers added at run time.
     wg_tx: mpsc::Sender<FromWg>,
     wireguard_endpoint: Option<SocketAddr>,
+    /// Stream relay links (TURN over TCP/TLS).
+    streams: relay_stream::RelayStreams,
     /// The port mapper's latest state (None: port mapping not running).
     portmap: Option<crate::portmap::Snapshot>,
 }
@@ -642,11 +682,7 @@ impl Engine {
             Socket::Pool(l) => {
                 self.pool.send(l, dst, bytes);
             }
-            // Every relay link is UDP today (its datagrams leave from the data socket); a
-            // stream transport's writer goes here.
-            Socket::Relay(link) => {
-                tracing::debug!(link, "datagram for a relay stream without a stream dropped")
-            }
+            Socket::Relay(link) => self.streams.send(link, bytes),
         }
     }
 
@@ -698,6 +734,9 @@ impl Engine {
                 reason,
             } => {
                 tracing::info!(peer = %self.peers[peer].b64, path = kind.as_str(), remote = ?remote.map(|r| r.to_string()), %reason, "path changed");
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.changes.record(kind);
+                }
                 if kind != PathKind::None {
                     if let Some(p) = self.peers.get(peer) {
                         p.wg.path_up();
@@ -765,9 +804,23 @@ impl Engine {
             Event::MappingBehaviour(m) => {
                 tracing::info!(mapping = ?m, "data socket mapping behaviour");
             }
-            Event::RelayAllocating { region, server } => {
-                tracing::info!(%region, %server, "allocating on home relay");
+            Event::RelayAllocating {
+                region,
+                server,
+                transport,
+            } => {
+                tracing::info!(%region, %server, transport = transport.as_str(), "allocating on home relay");
             }
+            Event::OpenRelayStream {
+                link,
+                server,
+                kind,
+                host,
+            } => {
+                let tx = self.int_tx.clone();
+                self.streams.open(link, server, kind, host, tx);
+            }
+            Event::CloseRelayStream { link } => self.streams.close(link),
             Event::RelayAllocated { region, relayed } => {
                 tracing::info!(%relayed, %region, "relay allocation ready");
             }
@@ -855,9 +908,7 @@ impl Engine {
                 Socket::Pool(l) => {
                     self.pool.send(l, dst, bytes);
                 }
-                Socket::Relay(link) => {
-                    tracing::debug!(link, "datagram for a relay stream without a stream dropped")
-                }
+                Socket::Relay(link) => self.streams.send(link, bytes),
             }
         }
     }
@@ -912,6 +963,19 @@ impl Engine {
     fn on_internal(&mut self, now: Instant, ev: Internal) {
         match ev {
             Internal::Resolved { idx, addr } => self.node.relay_resolved(now, idx, addr),
+            Internal::RelayUp(link) => self.node.relay_stream_up(now, link),
+            Internal::RelayDown(link, reason) => self.node.relay_stream_down(now, link, &reason),
+            Internal::RelayFrame(link, msg) => {
+                let Some(server) = self.streams.server(link) else {
+                    return;
+                };
+                if let Some(d) = self
+                    .node
+                    .handle_datagram(now, Socket::Relay(link), server, &msg)
+                {
+                    self.deliver(d.peer, msg.get(d.range));
+                }
+            }
             Internal::Portmap(s) => {
                 let mapped = s.report.mapped;
                 self.portmap = Some(*s);
@@ -991,6 +1055,7 @@ impl Engine {
                     addr,
                     wg: self.wireguard_endpoint,
                 }),
+                changes: PathChanges::default(),
             });
         }
         let addr = self.peers[i].wg.status_addr();
@@ -1122,5 +1187,25 @@ impl Engine {
             }
         };
         self.node.handle_signal(now, sig);
+    }
+}
+
+#[cfg(test)]
+mod path_change_tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_path_given_up_for_the_relay_is_a_failover() {
+        let mut c = PathChanges::default();
+        c.record(PathKind::None);
+        assert_eq!((c.total, c.failovers), (0, 0));
+        c.record(PathKind::Relay);
+        c.record(PathKind::Relay);
+        c.record(PathKind::Direct);
+        assert_eq!((c.total, c.failovers), (2, 0));
+        c.record(PathKind::Relay);
+        c.record(PathKind::Lan);
+        c.record(PathKind::None);
+        assert_eq!((c.total, c.failovers), (5, 2));
     }
 }

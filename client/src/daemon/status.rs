@@ -52,16 +52,26 @@ impl Engine {
                     public_key: p.b64.clone(),
                     name: p.name.clone(),
                     proxy: p.wg.status_addr(),
+                    path_changes: p.changes.total,
+                    failovers: p.changes.failovers,
                     allowed_ips: p
                         .wg
                         .device()
                         .map(|d| d.allowed_ips(i).iter().map(|n| n.to_string()).collect())
                         .unwrap_or_default(),
                     path: st.kind,
+                    relay_transport: (st.kind == PathKind::Relay)
+                        .then(|| {
+                            node.relay_link()
+                                .map(|l| l.transport().as_str().to_string())
+                        })
+                        .flatten(),
                     remote: st.remote_label.clone(),
                     rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     tx_bytes: t.tx_bytes + p.fast.tx_bytes.load(Ordering::Relaxed),
                     rx_bytes: t.rx_bytes,
+                    relay_tx_bytes: t.relay_tx_bytes,
+                    relay_rx_bytes: t.relay_rx_bytes,
                     tx_packets: t.tx_packets + p.fast.tx_packets.load(Ordering::Relaxed),
                     proxy_refused: p.fast.refused.load(Ordering::Relaxed),
                     rx_packets: t.rx_packets,
@@ -100,6 +110,9 @@ impl Engine {
                 relayed: l.relayed_addr(),
                 state: l.state().as_str().to_string(),
                 error: l.error().map(str::to_string),
+                transport: l.transport().as_str().to_string(),
+                url: l.url().to_string(),
+                stream_dropped: self.streams.dropped.load(Ordering::Relaxed),
             }),
             relays: node.relay_latencies(),
             probes,

@@ -46,7 +46,10 @@ use crate::wire::RelayRegion;
 use candidates::{LocalCandidates, Source};
 use discovery::{Discovery, Purpose};
 use offers::{OfferTimer, OFFER_DEFER, OFFER_RETRY};
-use relay::{HomeRelay, LinkEvent, LinkId, LinkState, RelayLink, RelayTransport, TURN_RETRY};
+use relay::{
+    HomeRelay, LinkEvent, LinkId, LinkState, RelayLink, RelayRoute, RelayTransport,
+    STREAM_FALLBACK_AFTER, TURN_RETRY, UDP_FALLBACK_AFTER, UDP_RETRY_AFTER,
+};
 use srflx::{ServerReflexive, SrflxSource};
 
 /// How often the driver is asked to re-read interface addresses ([`Event::ScanHosts`]).
@@ -196,6 +199,29 @@ pub enum Event {
         region: String,
         /// Server.
         server: SocketAddr,
+        /// How the server is reached.
+        transport: RelayTransport,
+    },
+    /// Open a stream for relay link `link` (TURN over TCP or TLS) to `server` and keep it
+    /// open (reconnecting with backoff) until [`Event::CloseRelayStream`]; report each
+    /// connect and loss with [`Node::relay_stream_up`] / [`Node::relay_stream_down`], hand
+    /// every framed message in as `handle_datagram(now, Socket::Relay(link), server, msg)`
+    /// and write every `Socket::Relay(link)` transmit to it (with the stream padding).
+    OpenRelayStream {
+        /// The link.
+        link: LinkId,
+        /// The TURN server.
+        server: SocketAddr,
+        /// TCP or TLS.
+        kind: relay::StreamKind,
+        /// The name a TLS certificate is checked against (the URI's host; an IP literal is
+        /// checked against the certificate's IP SANs).
+        host: String,
+    },
+    /// Close relay link `link`'s stream once what was queued for it is written.
+    CloseRelayStream {
+        /// The link.
+        link: LinkId,
     },
     /// The allocation is ready.
     RelayAllocated {
@@ -309,6 +335,10 @@ pub struct Traffic {
     pub rx_packets: u64,
     /// Packets dropped for want of a path.
     pub dropped: u64,
+    /// Of `tx_bytes`, bytes sent through the relay.
+    pub relay_tx_bytes: u64,
+    /// Of `rx_bytes`, bytes received through the relay.
+    pub relay_rx_bytes: u64,
 }
 
 /// One peer inside the node.
@@ -377,6 +407,13 @@ pub struct Node {
     link: Option<RelayLink>,
     next_link_id: LinkId,
     turn_retry_at: Option<Instant>,
+    /// The routes of the current link's region and which one the link uses.
+    link_routes: Vec<RelayRoute>,
+    link_route: usize,
+    /// When the current link moves on to the next route if the server has not answered.
+    link_fallback_at: Option<Instant>,
+    /// When UDP to the home relay last went unanswered.
+    udp_failed_at: Option<Instant>,
     keepalive: Duration,
     next_host_scan: Instant,
     pool_announced: u16,
@@ -456,6 +493,10 @@ impl Node {
             link: None,
             next_link_id: 1,
             turn_retry_at: None,
+            link_routes: Vec::new(),
+            link_route: 0,
+            link_fallback_at: None,
+            udp_failed_at: None,
             keepalive: cfg.path.keepalive_interval,
             next_host_scan: now + HOST_SCAN_INTERVAL,
             pool_announced: 0,
@@ -567,6 +608,9 @@ impl Node {
                 }
                 p.traffic.rx_bytes += pkt.len() as u64;
                 p.traffic.rx_packets += 1;
+                if p.path.class_of(&from) == PathKind::Relay {
+                    p.traffic.relay_rx_bytes += pkt.len() as u64;
+                }
                 p.last_rx = Some((from, now));
                 p.path.on_data_received(now, &from);
                 Some(Delivery { peer: i, range })
@@ -611,6 +655,7 @@ impl Node {
                     self.peers[peer].traffic.dropped += 1;
                     return None;
                 };
+                self.peers[peer].traffic.relay_tx_bytes += pkt.len() as u64;
                 Some((socket, server, &self.out[..n]))
             }
         }
@@ -795,6 +840,36 @@ impl Node {
         self.drive(now);
     }
 
+    /// The driver's stream of relay link `link` connected (again): the allocation starts.
+    pub fn relay_stream_up(&mut self, now: Instant, link: LinkId) {
+        let seed = self.next_seed();
+        if let Some(l) = self.link.as_mut().filter(|l| l.id() == link) {
+            l.stream_up(now, seed);
+        }
+        self.drive(now);
+    }
+
+    /// The driver's stream of relay link `link` closed (the driver reconnects with backoff):
+    /// the allocation died with it, relayed pairs wait for the next one.
+    pub fn relay_stream_down(&mut self, now: Instant, link: LinkId, reason: &str) {
+        let seed = self.next_seed();
+        let mut lost = false;
+        if let Some(l) = self.link.as_mut().filter(|l| l.id() == link) {
+            lost = l.is_up();
+            l.stream_down(now, seed, reason);
+        }
+        if lost {
+            if let Some(l) = &self.link {
+                self.events.push_back(Event::RelayError {
+                    region: l.region().to_string(),
+                    message: l.error().unwrap_or_default().to_string(),
+                });
+            }
+            self.update_local(now);
+        }
+        self.drive(now);
+    }
+
     /// The birthday pool's state after [`Event::OpenPool`] / [`Event::ClosePool`]: `announced`
     /// sockets (`1..=announced`) usable by new pairs, `open` sockets open in all.
     pub fn pool_report(&mut self, now: Instant, announced: u16, open: usize) {
@@ -902,6 +977,10 @@ impl Node {
                 self.setup_link(now, &region);
             }
         }
+        if self.link_fallback_at.is_some_and(|t| t <= now) {
+            self.link_fallback_at = None;
+            self.fall_back(now);
+        }
         if self.next_host_scan <= now {
             self.next_host_scan = now + HOST_SCAN_INTERVAL;
             self.events.push_back(Event::ScanHosts);
@@ -957,6 +1036,7 @@ impl Node {
         take(self.link.as_ref().and_then(|l| l.poll_timeout()));
         take(self.home.poll_timeout());
         take(self.turn_retry_at);
+        take(self.link_fallback_at);
         let wants_pool = self.peers.iter().any(|p| p.path.wants_pool());
         if wants_pool && self.pool_announced == 0 {
             take(self.pool_asked.map(|a| a + POOL_ASK_INTERVAL));
@@ -1214,7 +1294,10 @@ impl Node {
                 }
                 self.events.push_back(Event::PublicAddress(m));
             }
-            Purpose::RelayLatency(i) => self.home.on_latency(now, i, a.rtt),
+            Purpose::RelayLatency(i) => {
+                self.home.on_latency(now, i, a.rtt);
+                self.maybe_back_to_udp(now, i);
+            }
         }
     }
 
@@ -1236,35 +1319,132 @@ impl Node {
         }
     }
 
+    /// A new link in `region`: UDP first unless UDP failed less than [`UDP_RETRY_AFTER`] ago.
     fn setup_link(&mut self, now: Instant, region: &str) {
-        let Some((server, creds)) = self.home.allocation_for(region) else {
+        let routes = self.home.transports_for(region);
+        let udp_recently_failed = self
+            .udp_failed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < UDP_RETRY_AFTER);
+        let start = routes
+            .iter()
+            .position(|r| !udp_recently_failed || r.transport.is_stream())
+            .unwrap_or(0);
+        self.setup_link_on(now, region, start);
+    }
+
+    /// A new link in `region` on its route `index` (see [`HomeRelay::transports_for`]).
+    fn setup_link_on(&mut self, now: Instant, region: &str, index: usize) {
+        let Some((routes, creds)) = self.home.allocation_for(region) else {
             return;
         };
-        if let Some(mut old) = self.link.take() {
-            old.release(now);
-            while let Some(t) = old.poll_transmit() {
-                self.transmits.push_back(Transmit {
-                    socket: t.socket,
-                    dst: t.dst,
-                    payload: t.payload,
-                });
-            }
-        }
+        let Some(route) = routes.get(index).cloned() else {
+            return;
+        };
+        self.close_link(now);
         let id = self.next_link_id;
         self.next_link_id += 1;
         let seed = self.next_seed();
-        self.link = Some(RelayLink::new(
-            id,
-            region,
-            RelayTransport::Udp { server },
-            creds,
-            now,
-            seed,
-        ));
+        let transport = route.transport;
+        let server = transport.server();
+        if let RelayTransport::Stream { kind, .. } = transport {
+            self.events.push_back(Event::OpenRelayStream {
+                link: id,
+                server,
+                kind,
+                host: route.host.clone(),
+            });
+        }
+        self.link = Some(RelayLink::new(id, region, route, creds, now, seed));
+        self.link_routes = routes;
+        self.link_route = index;
+        self.link_fallback_at = Some(
+            now + if transport.is_stream() {
+                STREAM_FALLBACK_AFTER
+            } else {
+                UDP_FALLBACK_AFTER
+            },
+        );
+        self.turn_retry_at = None;
         self.events.push_back(Event::RelayAllocating {
             region: region.to_string(),
             server,
+            transport,
         });
+    }
+
+    /// Releases the current link (its Refresh with lifetime 0 goes out first) and closes its
+    /// stream.
+    fn close_link(&mut self, now: Instant) {
+        let Some(mut old) = self.link.take() else {
+            return;
+        };
+        old.release(now);
+        while let Some(t) = old.poll_transmit() {
+            self.transmits.push_back(Transmit {
+                socket: t.socket,
+                dst: t.dst,
+                payload: t.payload,
+            });
+        }
+        if old.transport().is_stream() {
+            self.events
+                .push_back(Event::CloseRelayStream { link: old.id() });
+        }
+    }
+
+    /// The fallback deadline of the current link passed: if its server never answered, the
+    /// link moves to the region's next route; after the last one, everything is retried from
+    /// the start after [`TURN_RETRY`].
+    fn fall_back(&mut self, now: Instant) {
+        let Some(link) = &self.link else { return };
+        if link.heard() || link.is_allocated() {
+            return;
+        }
+        let region = link.region().to_string();
+        if !link.transport().is_stream() {
+            self.udp_failed_at = Some(now);
+        }
+        self.events.push_back(Event::RelayError {
+            region: region.clone(),
+            message: format!(
+                "no answer from {} over {}; trying the next transport",
+                link.url(),
+                link.transport().as_str()
+            ),
+        });
+        let next = self.link_route + 1;
+        if next < self.link_routes.len() {
+            self.setup_link_on(now, &region, next);
+        } else {
+            self.close_link(now);
+            self.turn_retry_at = Some(now + TURN_RETRY);
+        }
+    }
+
+    /// A latency answer from probe `i`'s (UDP) server: if the home link is on a stream and
+    /// UDP failed long enough ago, UDP is tried again.
+    fn maybe_back_to_udp(&mut self, now: Instant, i: usize) {
+        let Some(link) = &self.link else { return };
+        if !link.transport().is_stream() {
+            return;
+        }
+        let region = link.region().to_string();
+        if self.home.index_of(&region) != Some(i) {
+            return;
+        }
+        if self
+            .udp_failed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < UDP_RETRY_AFTER)
+        {
+            return;
+        }
+        if let Some(udp) = self
+            .link_routes
+            .iter()
+            .position(|r| !r.transport.is_stream())
+        {
+            self.setup_link_on(now, &region, udp);
+        }
     }
 
     /// Installs TURN permissions for every direct address of every peer, so that a peer's

@@ -23,8 +23,19 @@
 //! byte stream into whole messages (STUN: 20-byte header + length; ChannelData: 4-byte header +
 //! length, padded to a multiple of 4 on streams, RFC 8656 §12.5) before
 //! [`Node::handle_datagram`](super::Node::handle_datagram), and adds the padding when writing
-//! a [`Socket::Relay`] transmit. Adding TCP/TLS is one [`RelayTransport`] variant with its two
+//! a [`Socket::Relay`] transmit. TCP/TLS is the [`RelayTransport::Stream`] variant with its two
 //! arms here, plus the stream in the driver; path selection is not touched.
+//!
+//! # Which transport a link uses
+//!
+//! A region lists TURN URIs (`turn:` UDP, `turn:…?transport=tcp`, `turns:` TLS). The node
+//! tries them in the order UDP, TLS, TCP ([`HomeRelay::transports_for`]): UDP when it works;
+//! a UDP Allocate that gets no answer at all within [`UDP_FALLBACK_AFTER`] moves the link to
+//! TLS, a stream link that has no answer within [`STREAM_FALLBACK_AFTER`] (TCP connect, TLS
+//! handshake and Allocate) to the next one. A region that only offers stream URIs starts on
+//! the stream. While on a stream, the region's UDP server keeps getting the latency probe
+//! (STUN Binding every [`RELAY_MEASURE_INTERVAL`]); once it answers and the last UDP failure is
+//! [`UDP_RETRY_AFTER`] old, the link moves back to UDP.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -41,9 +52,28 @@ pub const RELAY_MEASURE_INTERVAL: Duration = Duration::from_secs(120);
 pub const RELAY_EVAL_WAIT: Duration = Duration::from_millis(1500);
 /// Retry interval after the TURN allocation failed.
 pub const TURN_RETRY: Duration = Duration::from_secs(15);
+/// A UDP Allocate with no answer at all (not even a 401 challenge) after this long moves the
+/// link to the region's next transport (TLS, then TCP). Three UDP transmissions (0, 0.5 s,
+/// 1.5 s) have gone unanswered by then; tens of milliseconds suffice on any working path.
+pub const UDP_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// A stream link (TCP connect, TLS handshake, Allocate) with no answer after this long moves
+/// to the region's next transport.
+pub const STREAM_FALLBACK_AFTER: Duration = Duration::from_secs(10);
+/// After UDP failed, it is tried again (when the region's UDP server answers the latency
+/// probe) only this much later, so a path where STUN passes but TURN does not cannot flap.
+pub const UDP_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Identity of a relay link (ids are never reused within a node).
 pub type LinkId = u32;
+
+/// Which stream a [`RelayTransport::Stream`] is (RFC 8656 §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    /// TURN over TCP (`turn:host?transport=tcp`).
+    Tcp,
+    /// TURN over TLS over TCP (`turns:host`).
+    Tls,
+}
 
 /// How a relay link reaches its TURN server (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,15 +83,56 @@ pub enum RelayTransport {
         /// The TURN server.
         server: SocketAddr,
     },
+    /// A TCP or TLS stream the driver keeps to the server ([`Socket::Relay`] with the link's
+    /// id); whole STUN/ChannelData messages in and out of the node, the driver frames.
+    Stream {
+        /// The TURN server.
+        server: SocketAddr,
+        /// TCP or TLS.
+        kind: StreamKind,
+    },
 }
 
 impl RelayTransport {
     /// The server's address.
     pub fn server(&self) -> SocketAddr {
         match self {
-            RelayTransport::Udp { server } => *server,
+            RelayTransport::Udp { server } | RelayTransport::Stream { server, .. } => *server,
         }
     }
+
+    /// The status spelling (`relay_transport`, `home_relay.transport`): `udp`, `tcp`, `tls`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RelayTransport::Udp { .. } => "udp",
+            RelayTransport::Stream {
+                kind: StreamKind::Tcp,
+                ..
+            } => "tcp",
+            RelayTransport::Stream {
+                kind: StreamKind::Tls,
+                ..
+            } => "tls",
+        }
+    }
+
+    /// Whether this is a stream transport.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, RelayTransport::Stream { .. })
+    }
+}
+
+/// One way to reach a region's relay: a transport and the URI it came from (its host is the
+/// TLS name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayRoute {
+    /// The transport with the server's address.
+    pub transport: RelayTransport,
+    /// The TURN URI.
+    pub url: String,
+    /// The URI's host (name or IP literal, without brackets): what a TLS certificate is
+    /// checked against.
+    pub host: String,
 }
 
 /// State of a relay link (`meshpunch status`: `home_relay.state`).
@@ -109,11 +180,18 @@ pub struct RelayLink {
     id: LinkId,
     region: String,
     transport: RelayTransport,
+    url: String,
+    host: String,
+    creds: TurnCredentials,
     client: TurnClient,
     state: LinkState,
     error: Option<String>,
     bound: HashSet<SocketAddr>,
     permitted: HashSet<IpAddr>,
+    /// The server answered something on this link (a 401 challenge counts).
+    heard: bool,
+    /// A stream link's stream is connected (UDP: always).
+    up: bool,
 }
 
 /// A datagram a relay link wants sent.
@@ -128,27 +206,94 @@ pub struct LinkTransmit {
 }
 
 impl RelayLink {
-    /// Starts an allocation in `region` over `transport` (transaction ids from `seed`).
+    /// Starts an allocation in `region` over `route` (transaction ids from `seed`). A stream
+    /// link waits for [`RelayLink::stream_up`] before it sends its Allocate.
     pub fn new(
         id: LinkId,
         region: &str,
-        transport: RelayTransport,
+        route: RelayRoute,
         creds: TurnCredentials,
         now: Instant,
         seed: u64,
     ) -> Self {
-        let mut client = TurnClient::with_seed(transport.server(), creds, now, seed);
-        client.allocate(now);
+        let transport = route.transport;
+        let mut client = TurnClient::with_seed(transport.server(), creds.clone(), now, seed);
+        let up = !transport.is_stream();
+        if up {
+            client.allocate(now);
+        }
         RelayLink {
             id,
             region: region.to_string(),
             transport,
+            url: route.url,
+            host: route.host,
+            creds,
             client,
             state: LinkState::Allocating,
             error: None,
             bound: HashSet::new(),
             permitted: HashSet::new(),
+            heard: false,
+            up,
         }
+    }
+
+    /// The URI this link uses.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URI's host (the TLS name).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether the server has answered anything on this link.
+    pub fn heard(&self) -> bool {
+        self.heard
+    }
+
+    /// Whether the stream is connected (always for UDP).
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// A stream link's stream connected (again): a fresh allocation starts on it (RFC 8656
+    /// §3.1: an allocation over TCP/TLS lives and dies with its connection).
+    pub fn stream_up(&mut self, now: Instant, seed: u64) {
+        if !self.transport.is_stream() || self.up {
+            return;
+        }
+        self.up = true;
+        self.client = TurnClient::with_seed(self.transport.server(), self.creds.clone(), now, seed);
+        self.client.allocate(now);
+        self.state = LinkState::Allocating;
+        self.bound.clear();
+        self.permitted.clear();
+    }
+
+    /// A stream link's stream closed: its allocation is gone with it. The driver reconnects
+    /// (with backoff) and reports [`RelayLink::stream_up`].
+    pub fn stream_down(&mut self, now: Instant, seed: u64, reason: &str) {
+        if !self.transport.is_stream() {
+            return;
+        }
+        if !self.up {
+            // Could not connect (refused, timed out, certificate refused): say why.
+            self.error = Some(format!("{}: {reason}", self.transport.as_str()));
+            return;
+        }
+        self.up = false;
+        // A client with no allocation and nothing in flight: no timers, no transmits.
+        self.client = TurnClient::with_seed(self.transport.server(), self.creds.clone(), now, seed);
+        self.state = LinkState::Failed;
+        self.error = Some(format!(
+            "{} stream closed: {reason}",
+            self.transport.as_str()
+        ));
+        self.bound.clear();
+        self.permitted.clear();
     }
 
     /// The link's id.
@@ -195,6 +340,7 @@ impl RelayLink {
     pub fn socket(&self) -> Socket {
         match self.transport {
             RelayTransport::Udp { .. } => Socket::Data,
+            RelayTransport::Stream { .. } => Socket::Relay(self.id),
         }
     }
 
@@ -202,13 +348,19 @@ impl RelayLink {
     pub fn owns(&self, socket: Socket, from: SocketAddr) -> bool {
         match self.transport {
             RelayTransport::Udp { server } => socket == Socket::Data && from == server,
+            RelayTransport::Stream { .. } => socket == Socket::Relay(self.id),
         }
     }
 
     /// An inbound message of this link.
     pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) -> Input {
-        self.client
-            .handle_input(now, self.transport.server(), bytes)
+        let r = self
+            .client
+            .handle_input(now, self.transport.server(), bytes);
+        if !matches!(r, Input::NotTurn) {
+            self.heard = true;
+        }
+        r
     }
 
     /// When [`RelayLink::handle_timeout`] wants to run.
@@ -304,6 +456,8 @@ pub struct RelayProbe {
     pub server: Option<SocketAddr>,
     /// Last measured STUN round trip.
     pub latency: Option<Duration>,
+    /// `url` is a UDP URI (only those are measured with STUN over UDP).
+    pub udp: bool,
 }
 
 /// The home-region choice (see the module docs).
@@ -344,7 +498,11 @@ impl HomeRelay {
         self.probes.clear();
         for (idx, r) in self.regions.iter().enumerate() {
             let url = usable_url(&r.urls).cloned().unwrap_or_default();
-            let auth = turn_uri_authority(&url);
+            let parsed = crate::turn::uri::TurnUri::parse(&url).ok();
+            let udp = parsed
+                .as_ref()
+                .is_some_and(|u| u.transport == crate::turn::uri::TurnTransport::Udp);
+            let auth = parsed.map(|u| u.authority());
             let direct = auth
                 .as_deref()
                 .and_then(|a| a.parse::<SocketAddr>().ok())
@@ -354,6 +512,7 @@ impl HomeRelay {
                 url,
                 server: direct,
                 latency: None,
+                udp,
             });
             if direct.is_none() {
                 if let Some(auth) = auth {
@@ -385,6 +544,7 @@ impl HomeRelay {
         self.probes
             .iter()
             .enumerate()
+            .filter(|(_, p)| p.udp)
             .filter_map(|(i, p)| p.server.map(|s| (i, s)))
             .collect()
     }
@@ -397,7 +557,7 @@ impl HomeRelay {
         if self
             .probes
             .iter()
-            .all(|p| p.latency.is_some() || p.server.is_none())
+            .all(|p| p.latency.is_some() || p.server.is_none() || !p.udp)
         {
             self.eval_at = Some(now);
         }
@@ -430,17 +590,89 @@ impl HomeRelay {
         self.home.as_deref()
     }
 
-    /// What an allocation in `region` needs: its server and credentials.
-    pub fn allocation_for(&self, region: &str) -> Option<(SocketAddr, TurnCredentials)> {
-        let server = self.probes.iter().find(|r| r.region == region)?.server?;
+    /// What an allocation in `region` needs: the ways to reach its server, in the order they
+    /// are tried (UDP, TLS, TCP; see the module docs), and the credentials. `None` while no
+    /// server address is known.
+    pub fn allocation_for(&self, region: &str) -> Option<(Vec<RelayRoute>, TurnCredentials)> {
+        let routes = self.transports_for(region);
+        if routes.is_empty() {
+            return None;
+        }
         let reg = self.regions.iter().find(|r| r.region == region)?;
         Some((
-            server,
+            routes,
             TurnCredentials {
                 username: reg.username.clone(),
                 password: reg.password.clone(),
             },
         ))
+    }
+
+    /// The region's URIs the node can use, UDP first, then TLS, then TCP (the first URI of
+    /// each kind). A URI's address: its IP literal, or the resolved address of the region's
+    /// probed URI when the host is the same (with the URI's own port).
+    pub fn transports_for(&self, region: &str) -> Vec<RelayRoute> {
+        use crate::turn::uri::{TurnTransport, TurnUri};
+        let Some(probe) = self.probes.iter().find(|r| r.region == region) else {
+            return Vec::new();
+        };
+        let Some(reg) = self.regions.iter().find(|r| r.region == region) else {
+            return Vec::new();
+        };
+        let probe_host = TurnUri::parse(&probe.url).ok().map(|u| u.host);
+        let mut routes = Vec::new();
+        for want in [TurnTransport::Udp, TurnTransport::Tls, TurnTransport::Tcp] {
+            let Some((url, uri)) = reg
+                .urls
+                .iter()
+                .filter_map(|u| TurnUri::parse(u).ok().map(|p| (u, p)))
+                .find(|(_, p)| p.transport == want)
+            else {
+                continue;
+            };
+            let host = uri.host.trim_start_matches('[').trim_end_matches(']');
+            let ip = host.parse::<IpAddr>().ok().or_else(|| {
+                probe_host
+                    .as_deref()
+                    .filter(|h| *h == uri.host)
+                    .and(probe.server)
+                    .map(|s| s.ip())
+            });
+            let Some(ip) = ip else { continue };
+            let server = crate::addr::unmap(SocketAddr::new(ip, uri.port));
+            let transport = match want {
+                TurnTransport::Udp => RelayTransport::Udp { server },
+                TurnTransport::Tls => RelayTransport::Stream {
+                    server,
+                    kind: StreamKind::Tls,
+                },
+                TurnTransport::Tcp => RelayTransport::Stream {
+                    server,
+                    kind: StreamKind::Tcp,
+                },
+            };
+            routes.push(RelayRoute {
+                transport,
+                url: url.clone(),
+                host: host.to_string(),
+            });
+        }
+        routes
+    }
+
+    /// The address of `region`'s UDP TURN server, if it has one that is known.
+    pub fn udp_server(&self, region: &str) -> Option<SocketAddr> {
+        self.transports_for(region)
+            .into_iter()
+            .find_map(|r| match r.transport {
+                RelayTransport::Udp { server } => Some(server),
+                RelayTransport::Stream { .. } => None,
+            })
+    }
+
+    /// Probe index of `region`.
+    pub fn index_of(&self, region: &str) -> Option<usize> {
+        self.probes.iter().position(|r| r.region == region)
     }
 
     /// Latencies for status and the choice.
@@ -529,7 +761,11 @@ mod tests {
         // The unresolved one does not hold the choice up for longer than the wait.
         let at = t0 + RELAY_EVAL_WAIT;
         assert_eq!(h.evaluate_due(at), Some(("us".to_string(), true)));
-        assert_eq!(h.allocation_for("us").map(|(a, _)| a.port()), Some(3478));
+        assert_eq!(
+            h.allocation_for("us")
+                .map(|(a, _)| a[0].transport.server().port()),
+            Some(3478)
+        );
         // Fresh credentials in the same layout change nothing but the credentials.
         let c = h.set_regions(
             at,
@@ -557,6 +793,64 @@ mod tests {
         assert_eq!(
             h.evaluate_due(t2 + RELAY_EVAL_WAIT),
             Some(("eu".to_string(), true))
+        );
+    }
+
+    #[test]
+    fn a_region_is_tried_over_udp_then_tls_then_tcp() {
+        let t0 = Instant::now();
+        let mut h = HomeRelay::default();
+        let mut eu = region("eu", "turns:relay.example.net:443");
+        eu.urls
+            .push("turn:relay.example.net:3478?transport=tcp".into());
+        eu.urls.push("turn:relay.example.net:3478".into());
+        eu.urls.push("turns:other.example.net:443".into());
+        let mut ap = region("ap", "turns:192.0.2.7:443");
+        ap.urls.push("turn:192.0.2.7?transport=tcp".into());
+        let c = h.set_regions(t0, vec![eu, ap]);
+        // The UDP URI is the one resolved and measured; the stream-only region is never
+        // measured over UDP.
+        assert_eq!(c.resolve, vec![(0, "relay.example.net:3478".to_string())]);
+        assert!(h.measure_due(t0).is_empty());
+        h.resolved(
+            t0,
+            0,
+            Some(
+                "203.0.113.9:3478"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+            ),
+        );
+        let kinds = |r: &[RelayRoute]| {
+            r.iter()
+                .map(|r| {
+                    (
+                        r.transport.as_str(),
+                        r.transport.server().to_string(),
+                        r.host.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(&h.transports_for("eu")),
+            [
+                ("udp", "203.0.113.9:3478".into(), "relay.example.net".into()),
+                ("tls", "203.0.113.9:443".into(), "relay.example.net".into()),
+                ("tcp", "203.0.113.9:3478".into(), "relay.example.net".into()),
+            ]
+        );
+        assert_eq!(
+            kinds(&h.transports_for("ap")),
+            [
+                ("tls", "192.0.2.7:443".into(), "192.0.2.7".into()),
+                ("tcp", "192.0.2.7:3478".into(), "192.0.2.7".into()),
+            ]
+        );
+        assert_eq!(h.udp_server("ap"), None);
+        assert_eq!(
+            h.udp_server("eu").map(|s| s.to_string()).as_deref(),
+            Some("203.0.113.9:3478")
         );
     }
 

@@ -4,6 +4,7 @@
 //! wake-up. Everything is seeded: a run is the same every time, and the whole set takes a few
 //! seconds. The natlab scenarios (`natlab/tests/mesh_*`) are the same stories on real sockets.
 
+use super::relay::{RELAY_MEASURE_INTERVAL, UDP_FALLBACK_AFTER, UDP_RETRY_AFTER};
 use super::*;
 use crate::channeldata;
 use crate::creds;
@@ -14,6 +15,8 @@ use std::net::Ipv4Addr;
 const STUN1: &str = "203.0.113.1:3478";
 const STUN2: &str = "203.0.113.2:3478";
 const TURN: &str = "203.0.113.9:3478";
+/// The same relay's TURN-over-TLS port (a stream: not subject to a UDP block).
+const TURNS: &str = "203.0.113.9:443";
 const RDV: &str = "203.0.113.5:443";
 const SECRET: &[u8] = b"sim-secret";
 const UNIX0: u64 = 1_800_000_000;
@@ -140,6 +143,8 @@ struct Packet {
     src: SocketAddr,
     dst: SocketAddr,
     bytes: Vec<u8>,
+    /// Carried on host `.0`'s stream of relay link `.1` (TURN over TLS), not as UDP.
+    stream: Option<(usize, LinkId)>,
 }
 
 struct Sim {
@@ -161,6 +166,14 @@ struct Sim {
     data_every: Option<Duration>,
     next_data: Instant,
     out: Vec<u8>,
+    /// Host `i`'s network drops every UDP datagram both ways (only TCP/TLS gets out).
+    udp_blocked: [bool; 2],
+    /// The relay region also lists a `turns:` URI.
+    offer_tls: bool,
+    /// Open relay streams: the TURN server's view of the client (the stream's source) to
+    /// (host, link).
+    streams: HashMap<SocketAddr, (usize, LinkId)>,
+    streams_opened: u16,
 }
 
 impl Sim {
@@ -169,6 +182,18 @@ impl Sim {
     }
 
     fn with(a: Option<NatKind>, b: Option<NatKind>, path: PathConfig, bad_creds: bool) -> Self {
+        let mut sim = Self::unstarted(a, b, path, bad_creds);
+        sim.start();
+        sim
+    }
+
+    /// The world before the hosts register (set the network's knobs, then [`Sim::start`]).
+    fn unstarted(
+        a: Option<NatKind>,
+        b: Option<NatKind>,
+        path: PathConfig,
+        bad_creds: bool,
+    ) -> Self {
         let t0 = Instant::now();
         let keys = [[0xA1u8; 32], [0xB2u8; 32]];
         let mk = |i: usize, nat: Option<NatKind>| {
@@ -224,7 +249,7 @@ impl Sim {
             [7u8; 32],
         );
         let ports = PortPool::new(vec![sa(TURN).ip()], 50000, 50099, 0);
-        let mut sim = Sim {
+        Sim {
             t0,
             now: t0,
             hosts: [mk(0, a), mk(1, b)],
@@ -244,14 +269,22 @@ impl Sim {
             data_every: None,
             next_data: t0,
             out: vec![0u8; 65536],
-        };
-        for i in 0..2 {
-            let ip = sim.hosts[i].local.ip();
-            sim.hosts[i].node.set_hosts(t0, vec![ip]);
-            sim.pump(i);
-            sim.register(i);
+            udp_blocked: [false; 2],
+            offer_tls: false,
+            streams: HashMap::new(),
+            streams_opened: 0,
         }
-        sim
+    }
+
+    /// The hosts learn their addresses and register.
+    fn start(&mut self) {
+        let t0 = self.now;
+        for i in 0..2 {
+            let ip = self.hosts[i].local.ip();
+            self.hosts[i].node.set_hosts(t0, vec![ip]);
+            self.pump(i);
+            self.register(i);
+        }
     }
 
     fn elapsed(&self) -> Duration {
@@ -264,7 +297,14 @@ impl Sim {
         let c = creds::rest_credentials(SECRET, UNIX0 + 86_400, &format!("host{i}"));
         vec![RelayRegion {
             region: "sim".into(),
-            urls: vec![format!("turn:{TURN}?transport=udp")],
+            urls: if self.offer_tls {
+                vec![
+                    format!("turns:{TURNS}"),
+                    format!("turn:{TURN}?transport=udp"),
+                ]
+            } else {
+                vec![format!("turn:{TURN}?transport=udp")]
+            },
             username: c.username,
             password: if self.bad_credentials {
                 "wrong".into()
@@ -355,8 +395,23 @@ impl Sim {
         let l = match socket {
             Socket::Data => DATA_SOCKET,
             Socket::Pool(l) => l,
-            Socket::Relay(_) => unreachable!("no stream relay link in the simulation"),
+            Socket::Relay(link) => {
+                let Some((&src, _)) = self.streams.iter().find(|(_, v)| **v == (i, link)) else {
+                    return;
+                };
+                self.inflight.push(Packet {
+                    at: self.now + HOP,
+                    src,
+                    dst,
+                    bytes,
+                    stream: Some((i, link)),
+                });
+                return;
+            }
         };
+        if self.udp_blocked[i] {
+            return;
+        }
         if crate::nat::is_lan_ip(dst.ip()) {
             // The hosts are on different LANs.
             return;
@@ -367,6 +422,49 @@ impl Sim {
             src,
             dst,
             bytes,
+            stream: None,
+        });
+    }
+
+    /// Host `i` opens the stream of relay link `link` (connected at once).
+    fn open_stream(&mut self, i: usize, link: LinkId) {
+        let ip = self.hosts[i]
+            .nat
+            .as_ref()
+            .map_or(self.hosts[i].local.ip(), |n| n.ip);
+        // A new connection, a new source port (TCP ports: apart from the NATs' UDP ones).
+        let src = SocketAddr::new(ip, 61000 + self.streams_opened);
+        self.streams_opened += 1;
+        self.streams.insert(src, (i, link));
+    }
+
+    /// Host `i`'s stream of relay link `link` closes (the server drops its allocation).
+    fn close_stream(&mut self, i: usize, link: LinkId) {
+        let gone: Vec<SocketAddr> = self
+            .streams
+            .iter()
+            .filter(|(_, v)| **v == (i, link))
+            .map(|(k, _)| *k)
+            .collect();
+        for c in gone {
+            self.streams.remove(&c);
+            self.turn.release_client(c);
+        }
+    }
+
+    /// A message the TURN server sends to `client`: on its stream if it has one.
+    fn reply_to_client(&mut self, client: SocketAddr, bytes: Vec<u8>) {
+        let stream = self.streams.get(&client).copied();
+        self.inflight.push(Packet {
+            at: self.now + HOP,
+            src: if stream.is_some() {
+                sa(TURNS)
+            } else {
+                sa(TURN)
+            },
+            dst: client,
+            bytes,
+            stream,
         });
     }
 
@@ -382,6 +480,58 @@ impl Sim {
         if touches_relay && self.relay_dead {
             return;
         }
+        if let Some((i, link)) = p.stream {
+            if !self
+                .streams
+                .contains_key(if p.dst == sa(TURNS) { &p.src } else { &p.dst })
+            {
+                return;
+            }
+            if p.dst == sa(TURNS) {
+                match self
+                    .turn
+                    .handle_client(self.now, p.src, &p.bytes, &mut self.out)
+                {
+                    ClientAction::None => {}
+                    ClientAction::Reply(n) => {
+                        let b = self.out[..n].to_vec();
+                        self.reply_to_client(p.src, b);
+                    }
+                    ClientAction::Relay {
+                        relayed,
+                        peer,
+                        range,
+                    } => self.inflight.push(Packet {
+                        at: self.now + HOP,
+                        src: relayed,
+                        dst: peer,
+                        bytes: p.bytes[range].to_vec(),
+                        stream: None,
+                    }),
+                }
+            } else {
+                let now = self.now;
+                let r = self.hosts[i].node.handle_datagram(
+                    now,
+                    Socket::Relay(link),
+                    sa(TURNS),
+                    &p.bytes,
+                );
+                if let Some(d) = r {
+                    assert_eq!(&p.bytes[d.range], &WG_DATA[..]);
+                    self.hosts[i].received += 1;
+                }
+                self.pump(i);
+            }
+            return;
+        }
+        let blocked = |h: &Host| {
+            let ip = h.nat.as_ref().map_or(h.local.ip(), |n| n.ip);
+            ip == p.src.ip() || ip == p.dst.ip()
+        };
+        if (0..2).any(|i| self.udp_blocked[i] && blocked(&self.hosts[i])) {
+            return;
+        }
         if self.direct_dead && self.is_host_ip(p.src.ip()) && self.is_host_ip(p.dst.ip()) {
             return;
         }
@@ -392,6 +542,7 @@ impl Sim {
                     src: p.dst,
                     dst: r.to,
                     bytes: r.bytes,
+                    stream: None,
                 });
             }
             return;
@@ -402,12 +553,10 @@ impl Sim {
                 .handle_client(self.now, p.src, &p.bytes, &mut self.out)
             {
                 ClientAction::None => {}
-                ClientAction::Reply(n) => self.inflight.push(Packet {
-                    at: self.now + HOP,
-                    src: turn,
-                    dst: p.src,
-                    bytes: self.out[..n].to_vec(),
-                }),
+                ClientAction::Reply(n) => {
+                    let b = self.out[..n].to_vec();
+                    self.reply_to_client(p.src, b);
+                }
                 ClientAction::Relay {
                     relayed,
                     peer,
@@ -417,6 +566,7 @@ impl Sim {
                     src: relayed,
                     dst: peer,
                     bytes: p.bytes[range].to_vec(),
+                    stream: None,
                 }),
             }
             return;
@@ -431,19 +581,12 @@ impl Sim {
                     let mut b = vec![0u8; 4 + p.bytes.len()];
                     let _ = channeldata::write_header(channel, p.bytes.len(), &mut b);
                     b[4..].copy_from_slice(&p.bytes);
-                    self.inflight.push(Packet {
-                        at: self.now + HOP,
-                        src: turn,
-                        dst: client,
-                        bytes: b,
-                    });
+                    self.reply_to_client(client, b);
                 }
-                PeerAction::Indication { client, len } => self.inflight.push(Packet {
-                    at: self.now + HOP,
-                    src: turn,
-                    dst: client,
-                    bytes: self.out[..len].to_vec(),
-                }),
+                PeerAction::Indication { client, len } => {
+                    let b = self.out[..len].to_vec();
+                    self.reply_to_client(client, b);
+                }
             }
             return;
         }
@@ -525,6 +668,12 @@ impl Sim {
             }
             Event::RelayAllocating { .. } => h.allocations += 1,
             Event::Resolve { .. } => unreachable!("the relay URI is an address"),
+            Event::OpenRelayStream { link, server, .. } => {
+                assert_eq!(server, sa(TURNS));
+                self.open_stream(i, link);
+                self.hosts[i].node.relay_stream_up(now, link);
+            }
+            Event::CloseRelayStream { link } => self.close_stream(i, link),
             _ => {}
         }
     }
@@ -958,4 +1107,77 @@ fn a_refused_allocation_retries_with_fresh_credentials() {
     for h in &s.hosts {
         assert_eq!(h.allocations, 2);
     }
+}
+
+#[test]
+fn a_host_without_udp_relays_over_tls_and_reaches_its_peer() {
+    let cfg = PathConfig {
+        birthday_sockets: 0,
+        birthday_probes: 0,
+        ..PathConfig::default()
+    };
+    let mut s = Sim::unstarted(Some(NatKind::Cone), Some(NatKind::Cone), cfg, false);
+    s.udp_blocked[0] = true;
+    s.offer_tls = true;
+    s.start();
+    let took = s.until_both(PathKind::Relay, Duration::from_secs(30));
+    // The UDP Allocate goes unanswered for UDP_FALLBACK_AFTER, then TLS allocates at once.
+    assert!(
+        took < UDP_FALLBACK_AFTER + Duration::from_secs(5),
+        "relay after {took:?}"
+    );
+    let a = s.hosts[0]
+        .node
+        .relay_link()
+        .unwrap_or_else(|| unreachable!());
+    assert_eq!(a.transport().as_str(), "tls");
+    assert!(a.is_allocated());
+    assert_eq!(s.hosts[0].allocations, 2, "UDP first, then TLS");
+    // The other host's UDP works: it stays on UDP.
+    let b = s.hosts[1]
+        .node
+        .relay_link()
+        .unwrap_or_else(|| unreachable!());
+    assert_eq!(b.transport().as_str(), "udp");
+    let link = a.id();
+    s.start_data();
+    s.run_for(Duration::from_secs(5));
+    for h in &s.hosts {
+        assert!(h.received > 200, "received {}", h.received);
+    }
+    // The stream breaks: the allocation goes with it; the driver reconnects and the link
+    // allocates again, and the peers keep reaching each other.
+    let now = s.now;
+    s.close_stream(0, link);
+    s.hosts[0]
+        .node
+        .relay_stream_down(now, link, "reset by peer");
+    s.pump(0);
+    assert_eq!(
+        s.hosts[0].node.relay_link().map(|l| l.state()),
+        Some(LinkState::Failed)
+    );
+    s.run_for(Duration::from_secs(1));
+    let now = s.now;
+    s.open_stream(0, link);
+    s.hosts[0].node.relay_stream_up(now, link);
+    s.pump(0);
+    let before = s.hosts[1].received;
+    s.run_for(Duration::from_secs(10));
+    assert!(s.hosts[0]
+        .node
+        .relay_link()
+        .is_some_and(|l| l.is_allocated()));
+    assert!(s.hosts[1].received > before + 100);
+    assert_eq!((s.kind(0), s.kind(1)), (PathKind::Relay, PathKind::Relay));
+    // UDP comes back: after UDP_RETRY_AFTER the latency probe answers and the link returns
+    // to UDP.
+    s.udp_blocked[0] = false;
+    s.run_for(UDP_RETRY_AFTER + RELAY_MEASURE_INTERVAL + Duration::from_secs(5));
+    let a = s.hosts[0]
+        .node
+        .relay_link()
+        .unwrap_or_else(|| unreachable!());
+    assert_eq!(a.transport().as_str(), "udp");
+    assert!(a.is_allocated());
 }
