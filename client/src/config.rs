@@ -74,6 +74,12 @@ pub struct ConfigError {
 pub struct Config {
     /// Private key.
     pub private_key: Option<[u8; 32]>,
+    /// `PrivateKeyFile`: a file holding the private key (like `wg set … private-key FILE`);
+    /// read by `meshpunch up` when `PrivateKey` is not set.
+    pub private_key_file: Option<PathBuf>,
+    /// `FwMark`: the firewall mark (SO_MARK) of the data and pool sockets. `None` = not set
+    /// (the `--wg-interface`'s fwmark, else none); `Some(None)` = `off`.
+    pub fwmark: Option<Option<u32>>,
     /// Rendezvous connect string.
     pub rendezvous: Option<String>,
     /// Extra CA (PEM) trusted for the rendezvous certificate when the connect string has no
@@ -172,7 +178,6 @@ const IGNORED_WG_KEYS: &[&str] = &[
     "predown",
     "postdown",
     "saveconfig",
-    "fwmark",
     "endpoint",
     "persistentkeepalive",
 ];
@@ -291,6 +296,17 @@ impl Config {
                             err(n, format!("PrivateKey: {e}"))
                         })?)
                     }
+                    "privatekeyfile" => {
+                        if v.is_empty() {
+                            return Err(err(n, "PrivateKeyFile: expected the path of a file holding the private key".into()));
+                        }
+                        cfg.private_key_file = Some(PathBuf::from(v))
+                    }
+                    "fwmark" => {
+                        cfg.fwmark = Some(parse_fwmark(v).ok_or_else(|| {
+                            err(n, format!("FwMark: expected off or a mark 1-4294967295 (decimal or 0x hex), found {v:?}"))
+                        })?)
+                    }
                     "rendezvous" => {
                         if !v.starts_with("meshpunch://") {
                             return Err(err(
@@ -377,7 +393,7 @@ impl Config {
                     }
                     _ => {
                         return Err(err(n, format!(
-                            "unknown [Interface] key {}; expected PrivateKey, Rendezvous, CaFile, ListenPort, ControlSocket, WireGuardEndpoint, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets, BirthdayProbes, Mode, TunName, Address, MTU or PortMapping",
+                            "unknown [Interface] key {}; expected PrivateKey, PrivateKeyFile, Rendezvous, CaFile, ListenPort, ControlSocket, WireGuardEndpoint, FwMark, HostCandidates, BindingLifetime, BindingLifetimeProbe, BirthdaySockets, BirthdayProbes, Mode, TunName, Address, MTU or PortMapping",
                             k.trim()
                         )))
                     }
@@ -524,6 +540,20 @@ impl Config {
     }
 }
 
+/// Parses a firewall mark as `wg` and wg-quick write it: `off` (or 0) = no mark, else a
+/// decimal or `0x` hexadecimal 32-bit number.
+pub fn parse_fwmark(v: &str) -> Option<Option<u32>> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("off") {
+        return Some(None);
+    }
+    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16).ok()?,
+        None => v.parse().ok()?,
+    };
+    Some((n != 0).then_some(n))
+}
+
 /// What `wg show IFACE dump` says about an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgDump {
@@ -533,6 +563,9 @@ pub struct WgDump {
     pub public_key: Option<[u8; 32]>,
     /// WireGuard's listen port.
     pub listen_port: u16,
+    /// The interface's firewall mark (`None` = off; wg-quick sets 51820 on a default-route
+    /// tunnel).
+    pub fwmark: Option<u32>,
     /// The peers.
     pub peers: Vec<WgPeer>,
 }
@@ -591,6 +624,7 @@ pub fn parse_wg_dump(text: &str) -> Result<WgDump, String> {
         private_key: key(f[0]),
         public_key: key(f[1]),
         listen_port,
+        fwmark: f.get(3).and_then(|m| parse_fwmark(m)).flatten(),
         peers,
     })
 }
@@ -835,5 +869,41 @@ mod tests {
         assert_eq!(d.peers[0].persistent_keepalive, None);
         assert_eq!(d.peers[1].endpoint, None);
         assert!(d.private_key.is_some());
+        assert_eq!(d.fwmark, None);
+    }
+
+    /// boringtun (userspace) prints `(none)` where the kernel prints the private key; a
+    /// wg-quick full tunnel sets fwmark 51820 (printed in hex by some versions).
+    #[test]
+    fn parses_wg_dump_with_hidden_private_key_and_fwmark() {
+        let b = format_key(&public_of(&generate_private()));
+        let text = format!("(none)\t{b}\t51820\t51820\n{b}\t(none)\t(none)\t(none)\t0\t0\t0\t25\n");
+        let d = parse_wg_dump(&text).unwrap();
+        assert_eq!(d.private_key, None);
+        assert_eq!(d.public_key, Some(parse_key(&b).unwrap()));
+        assert_eq!(d.fwmark, Some(51820));
+        assert_eq!(d.peers[0].allowed_ips, "");
+        assert_eq!(d.peers[0].persistent_keepalive, Some(25));
+        let d = parse_wg_dump(&format!("(none)\t{b}\t0\t0xca6c\n")).unwrap();
+        assert_eq!(d.fwmark, Some(0xca6c));
+        assert_eq!(d.listen_port, 0);
+    }
+
+    #[test]
+    fn parses_private_key_file_and_fwmark() {
+        let c = Config::parse(
+            "x.conf",
+            "[Interface]\nPrivateKeyFile = /etc/wireguard/wg0.key\nFwMark = 0xca6c\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.private_key_file,
+            Some(PathBuf::from("/etc/wireguard/wg0.key"))
+        );
+        assert_eq!(c.fwmark, Some(Some(51820)));
+        let c = Config::parse("x.conf", "[Interface]\nFwMark = off\n").unwrap();
+        assert_eq!(c.fwmark, Some(None));
+        let e = Config::parse("x.conf", "[Interface]\nFwMark = lots\n").unwrap_err();
+        assert!(e.msg.contains("FwMark: expected off or a mark"), "{e}");
     }
 }

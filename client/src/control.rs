@@ -8,6 +8,8 @@
 //!   `{"done":true,...}`.
 //! * `{"cmd":"debug","peer":KEY,"knob":"block-direct"|"force-relay"|"block-relay","on":BOOL}`
 //!   → `{"ok":true}` or `{"error":"..."}`.
+//! * `{"cmd":"down"}` → `{"ok":true,"pid":N}`; the daemon then exits cleanly (restores the
+//!   `--wg-interface` endpoints, removes its control socket) — `meshpunch down`.
 //!
 //! Who may talk to it: the socket is mode 0600 (whatever the umask) in a directory only its
 //! owner (or root) can write, and every connection's peer credentials (`SO_PEERCRED`) are
@@ -57,6 +59,8 @@ pub enum Request {
         /// On or off.
         on: bool,
     },
+    /// Stop the daemon cleanly (`meshpunch down`).
+    Down,
 }
 
 fn default_count() -> u32 {
@@ -265,9 +269,34 @@ pub struct Status {
     pub portmap: Option<crate::portmap::PortmapStatus>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
+    /// The `--wg-interface` meshpunch keeps pointed at its proxy ports.
+    #[serde(default)]
+    pub wg_interface: Option<WgInterfaceStatus>,
     /// The built-in WireGuard device (`up --tun`), when the daemon runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tun: Option<TunStatus>,
+}
+
+/// The watched `--wg-interface` (`wg_interface` in `meshpunch status --json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WgInterfaceStatus {
+    /// Interface name.
+    pub name: String,
+    /// `up` (seen at the last poll) or `gone` (`wg show` failed: deleted, or being
+    /// re-created; meshpunch keeps polling and re-points the peers when it is back).
+    pub state: String,
+    /// Since when it is gone (unix seconds).
+    pub gone_since_unix: Option<u64>,
+    /// Last error (`wg show` or `wg set`).
+    pub error: Option<String>,
+    /// Endpoints meshpunch re-pointed after someone else changed them (re-created
+    /// interface, `wg syncconf`).
+    pub reapplied_total: u64,
+    /// The interface's firewall mark as `wg show` says.
+    pub fwmark: Option<u32>,
+    /// Peers on the interface that meshpunch could not carry (no proxy port could be bound).
+    #[serde(default)]
+    pub unmanaged_peers: Vec<String>,
 }
 
 /// The built-in WireGuard device's counters (totals since the daemon started).
@@ -339,7 +368,7 @@ impl PingSummary {
 
     /// `--- PEER ping statistics: 5 sent, 4 received, 20% loss, rtt min/avg/max 0.41/0.52/0.70 ms`.
     pub fn line(&self, peer: &str) -> String {
-        let loss = (100 * (self.sent - self.received))
+        let loss = (100 * self.sent.saturating_sub(self.received))
             .checked_div(self.sent)
             .unwrap_or(0);
         let mut s = format!(
@@ -388,6 +417,8 @@ pub enum CtlCmd {
         /// Answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Stop the daemon (`meshpunch down`); answered before the engine stops.
+    Shutdown(oneshot::Sender<()>),
 }
 
 /// Time a single ping waits for its pong.
@@ -792,6 +823,19 @@ async fn handle_conn(
                     Ok(Err(e)) => write_json(&mut w, &serde_json::json!({"error": e})).await?,
                     Err(_) => return Ok(()),
                 }
+            }
+            Request::Down => {
+                let (tx, rx) = oneshot::channel();
+                if engine.send(CtlCmd::Shutdown(tx)).await.is_err() || rx.await.is_err() {
+                    return Ok(());
+                }
+                tracing::info!("stop requested on the control socket (meshpunch down)");
+                write_json(
+                    &mut w,
+                    &serde_json::json!({"ok": true, "pid": std::process::id()}),
+                )
+                .await?;
+                return Ok(());
             }
         }
     }

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fwmark;
 pub mod keys;
 pub mod lifetime;
 pub mod metrics;

@@ -366,7 +366,13 @@ pub async fn measure(server: SocketAddr, steps: &[Duration]) -> Outcome {
     let mut socks = Vec::new();
     for _ in 0..m.sockets() {
         match UdpSocket::bind(any).await {
-            Ok(s) => socks.push(s),
+            Ok(s) => {
+                // `FwMark`: the probes must leave like the data socket's packets do.
+                if let Err(e) = crate::fwmark::apply(&s) {
+                    return Outcome::Failed(format!("cannot mark a probe socket: {e}"));
+                }
+                socks.push(s)
+            }
             Err(e) => return Outcome::Failed(format!("cannot bind a probe socket: {e}")),
         }
     }

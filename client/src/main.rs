@@ -61,13 +61,25 @@ enum Cmd {
     },
     /// Run the daemon.
     Up {
-        /// Config file (WireGuard INI style).
+        /// Config file (WireGuard INI style). Default: /etc/meshpunch/meshpunch.conf if it
+        /// exists.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Take peers (and the private key) from this WireGuard interface and point each
-        /// peer's endpoint at its local proxy port.
+        /// Take peers (and the private key, when the interface shows it) from this WireGuard
+        /// interface, point each peer's endpoint at its local proxy port, keep it so (the
+        /// interface is watched every 2 s) and restore the endpoints at exit.
         #[arg(long)]
         wg_interface: Option<String>,
+        /// File holding the private key (like `wg set … private-key FILE`; overrides
+        /// PrivateKey/PrivateKeyFile). Needed with --wg-interface on userspace WireGuard
+        /// (boringtun), which does not show its private key.
+        #[arg(long, value_name = "FILE")]
+        private_key_file: Option<PathBuf>,
+        /// SO_MARK of meshpunch's own sockets, or `off` (overrides FwMark). Default with
+        /// --wg-interface: the interface's fwmark (wg-quick sets 51820 for a full tunnel).
+        /// Needs CAP_NET_ADMIN.
+        #[arg(long, value_name = "N|off")]
+        fwmark: Option<String>,
         /// Built-in WireGuard: create TUN device NAME with the config's [Interface] Address
         /// and MTU, route each [Peer] AllowedIPs to it and run WireGuard in-process (no `wg`,
         /// no proxy ports). Same as `Mode = tun` with `TunName = NAME`. Needs root or
@@ -100,6 +112,8 @@ enum Cmd {
         #[arg(long, value_name = "ADDR", env = "MESHPUNCH_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
     },
+    /// Stop the running daemon cleanly (restores the --wg-interface endpoints).
+    Down,
     /// Show every peer's path.
     Status {
         /// JSON output.
@@ -238,6 +252,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Up {
             config,
             wg_interface,
+            private_key_file,
+            fwmark,
             tun,
             connect,
             ca_file,
@@ -248,6 +264,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ready_file,
             metrics_listen,
         } => {
+            let config = config.or_else(|| {
+                let p = PathBuf::from(DEFAULT_CONFIG);
+                p.exists().then(|| {
+                    tracing::info!(config = DEFAULT_CONFIG, "using the default config");
+                    p
+                })
+            });
             let mut cfg = match &config {
                 Some(p) => {
                     let cfg = Config::load(p)?;
@@ -263,11 +286,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Config::default()
                 },
             };
+            if let Some(f) = private_key_file.as_ref().or(cfg.private_key_file.as_ref()) {
+                cfg.private_key = Some(read_key_file(f)?);
+            }
             let mut wg_dump = None;
             if let Some(iface) = &wg_interface {
                 let d = meshpunch::wg::show_dump(iface)?;
-                if cfg.private_key.is_none() {
-                    cfg.private_key = d.private_key;
+                match (cfg.private_key, d.private_key, d.public_key) {
+                    (None, Some(k), _) => cfg.private_key = Some(k),
+                    (None, None, _) => anyhow::bail!(
+                        "{iface} does not show its private key (userspace WireGuard such as boringtun hides it): pass --private-key-file FILE or set PrivateKey or PrivateKeyFile in [Interface]"
+                    ),
+                    (Some(k), _, Some(p)) if public_of(&k) != p => anyhow::bail!(
+                        "the private key given is not {iface}'s: it belongs to {}, {iface} is {} (meshpunch must use the interface's own key pair)",
+                        format_key(&public_of(&k)),
+                        format_key(&p)
+                    ),
+                    _ => {}
                 }
                 for wp in &d.peers {
                     let k = &wp.public_key;
@@ -286,12 +321,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 wg_dump = Some(d);
             }
-            let private = cfg.private_key.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no private key: set PrivateKey in [Interface] or use --wg-interface"
-                )
+            let private = cfg.private_key.ok_or_else(|| match &config {
+                Some(p) => anyhow::anyhow!(
+                    "no private key: set PrivateKey or PrivateKeyFile in [Interface] of {}, pass --private-key-file, or use --wg-interface",
+                    p.display()
+                ),
+                None => anyhow::anyhow!(
+                    "no private key and no config ({DEFAULT_CONFIG} does not exist): pass --config FILE, --private-key-file FILE or --wg-interface IFACE"
+                ),
             })?;
-            if cfg.peers.is_empty() {
+            if cfg.peers.is_empty() && wg_interface.is_none() {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
             }
             // Built-in WireGuard (`--tun NAME` or `Mode = tun`): checked before anything starts.
@@ -367,16 +406,48 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect()
             });
             let tun_name = tun.as_ref().map(|t| t.name.clone());
-            let mut d = daemon::start_full(opts, lifetime, tun).await?;
+            let fwmark = match fwmark.as_deref() {
+                Some(v) => meshpunch::config::parse_fwmark(v).ok_or_else(|| {
+                    anyhow::anyhow!("--fwmark: expected off or a mark 1-4294967295, found {v:?}")
+                })?,
+                None => match cfg.fwmark {
+                    Some(m) => m,
+                    None => wg_dump.as_ref().and_then(|d| d.fwmark),
+                },
+            };
+            let wg_status = wg_interface.as_ref().map(|iface| {
+                std::sync::Arc::new(std::sync::Mutex::new(control::WgInterfaceStatus {
+                    name: iface.clone(),
+                    state: "up".into(),
+                    fwmark: wg_dump.as_ref().and_then(|d| d.fwmark),
+                    ..Default::default()
+                }))
+            });
+            meshpunch::fwmark::set_process_mark(fwmark);
+            let extras = daemon::Extras {
+                fwmark,
+                wg_interface: wg_status.clone(),
+            };
+            let mut d = daemon::start_with_extras(opts, lifetime, tun, extras).await?;
             if cfg.port_mapping.is_on() && !no_port_mapping {
                 d.start_port_mapping(Default::default())?;
             }
-            if let (Some(iface), Some(dump)) = (&wg_interface, &wg_dump) {
-                for (k, addr) in &d.proxies {
-                    if let Some(wp) = dump.peers.iter().find(|p| p.public_key == *k) {
-                        meshpunch::wg::set_endpoint(iface, wp, *addr)?;
+            let mut watch = None;
+            if let (Some(iface), Some(dump), Some(st)) = (&wg_interface, &wg_dump, &wg_status) {
+                let mut w = meshpunch::wg::Watcher::new(dump, &d.proxies);
+                let mut first_err = None;
+                for (wp, addr) in w.diff(dump) {
+                    if let Err(e) = meshpunch::wg::set_endpoint(iface, &wp, addr) {
+                        first_err.get_or_insert(e);
                     }
                 }
+                // Whatever was pointed already is put back, also when one peer failed.
+                let h = meshpunch::wg::spawn_watcher(iface, w, st.clone(), Some(d.peer_control()));
+                if let Some(e) = first_err {
+                    let _ = h.stop().await;
+                    return Err(e);
+                }
+                watch = Some(h);
             }
             let ready = serde_json::json!({
                 "tun": tun_name,
@@ -431,8 +502,50 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            if let Some(h) = watch {
+                match h.stop().await {
+                    Ok(n) => tracing::info!(restored = n, "WireGuard endpoints restored"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "WireGuard endpoints not restored")
+                    }
+                }
+            }
             // Clean exit: the gateway's port mapping is deleted before we go.
             d.shutdown().await;
+            tracing::info!("meshpunch down");
+        }
+        Cmd::Down => {
+            let v = match control::request(&sock, &Request::Down).await {
+                Ok(v) => v,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    eprintln!(
+                        "meshpunch down: no daemon is running (nothing listens on {})",
+                        sock.display()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                anyhow::bail!("{e}");
+            }
+            // The daemon removes its control socket last, after restoring the endpoints.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while sock.exists() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let pid = v.get("pid").and_then(|p| p.as_u64()).unwrap_or(0);
+            if sock.exists() {
+                anyhow::bail!(
+                    "the daemon (pid {pid}) accepted the stop but has not exited after 10 s"
+                );
+            }
+            println!("meshpunch down: daemon (pid {pid}) stopped");
         }
         Cmd::Status { json } => {
             let v = control::request(&sock, &Request::Status).await?;
@@ -508,6 +621,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Config `meshpunch up` reads when no --config is given (if it exists).
+const DEFAULT_CONFIG: &str = "/etc/meshpunch/meshpunch.conf";
+
+/// Reads a private key file (one base64 key, like `wg genkey` writes), warning like `wg`
+/// when others can read it.
+fn read_key_file(p: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    let s = std::fs::read_to_string(p)
+        .map_err(|e| anyhow::anyhow!("private key file {}: {e}", p.display()))?;
+    let k = parse_key(&s).map_err(|e| anyhow::anyhow!("private key file {}: {e}", p.display()))?;
+    if let Some(w) = meshpunch::keys::key_file_warning(p) {
+        eprintln!("{w}");
+    }
+    Ok(k)
+}
+
 async fn sigterm() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(mut s) => {
@@ -553,6 +681,25 @@ fn print_status(st: &control::Status) {
                 .as_deref()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default()
+        );
+    }
+    if let Some(w) = &st.wg_interface {
+        println!(
+            "wireguard interface {} {}{}, fwmark {}, endpoints re-pointed {}{}",
+            w.name,
+            w.state,
+            w.error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+            w.fwmark
+                .map_or_else(|| "off".to_string(), |m| m.to_string()),
+            w.reapplied_total,
+            if w.unmanaged_peers.is_empty() {
+                String::new()
+            } else {
+                format!(", not carried: {}", w.unmanaged_peers.join(" "))
+            }
         );
     }
     if let Some(pm) = &st.portmap {

@@ -72,6 +72,8 @@ pub(crate) struct Pool {
     open_failed_at: Option<Instant>,
     /// Sockets opened since start (status).
     pub(crate) opened_total: u64,
+    /// SO_MARK of every pool socket (`FwMark`).
+    mark: Option<u32>,
 }
 
 impl Pool {
@@ -87,7 +89,13 @@ impl Pool {
             rx: Some(rx),
             open_failed_at: None,
             opened_total: 0,
+            mark: None,
         }
+    }
+
+    /// Marks every socket opened from now on with SO_MARK `mark` (`FwMark`).
+    pub(crate) fn set_mark(&mut self, mark: Option<u32>) {
+        self.mark = mark;
     }
 
     /// The receiving end of every pool socket (taken once by the engine loop).
@@ -142,6 +150,9 @@ impl Pool {
 
     fn bind(&self, local: LocalSocket) -> std::io::Result<PoolSocket> {
         let std = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))?;
+        if let Some(mark) = self.mark {
+            crate::daemon::set_mark(&std, mark)?;
+        }
         std.set_nonblocking(true)?;
         let send = std.try_clone()?;
         let sock = Arc::new(UdpSocket::from_std(std)?);

@@ -91,6 +91,9 @@ pub enum SignalCmd {
     Offer([u8; 32]),
     /// Use this connect string from now on (SIGHUP re-read the config: a rotated token).
     Reload(Box<ConnectString>),
+    /// The peers changed (added to / removed from the WireGuard interface): watch their
+    /// presence and accept offers from exactly these.
+    SetPeers(Vec<[u8; 32]>),
 }
 
 /// Logs a token refusal at ERROR once per distinct (reason, token); repeats go to debug.
@@ -208,6 +211,7 @@ pub fn spawn_with(
 ) -> mpsc::Sender<SignalCmd> {
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SignalCmd>(256);
     tokio::spawn(async move {
+        let mut peers = peers;
         let mut connect = connect;
         let mut backoff = Duration::from_millis(250);
         let mut last_auth_log: Option<String> = None;
@@ -275,6 +279,7 @@ pub fn spawn_with(
                                         })
                                         .await;
                                 }
+                                Some(SignalCmd::SetPeers(p)) => peers = p,
                                 Some(SignalCmd::Reload(cs)) => {
                                     tracing::info!("rendezvous connect string reloaded; reconnecting");
                                     connect = *cs;
@@ -350,6 +355,14 @@ pub fn spawn_with(
                     cmd = cmd_rx.recv() => {
                         let peer = match cmd {
                             Some(SignalCmd::Offer(peer)) => peer,
+                            Some(SignalCmd::SetPeers(p)) => {
+                                peers = p;
+                                let keys: Vec<PeerKey> = peers.iter().map(|k| PeerKey(*k)).collect();
+                                if let Err(e) = client.watch(keys).await {
+                                    tracing::warn!(error = %e, "rendezvous watch failed");
+                                }
+                                continue;
+                            }
                             Some(SignalCmd::Reload(cs)) => {
                                 connect = (*cs).clone();
                                 if client.reload(*cs).await.is_err() {

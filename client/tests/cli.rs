@@ -96,3 +96,124 @@ fn status_without_daemon_says_so() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `meshpunch up` running?"));
 }
+
+#[test]
+fn down_without_daemon_says_so() {
+    let sock = std::env::temp_dir().join(format!("meshpunch-down-{}.sock", std::process::id()));
+    let out = meshpunch()
+        .args(["down", "--control-socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no daemon is running"), "{err}");
+}
+
+#[test]
+fn up_without_config_names_the_default_config() {
+    let help = meshpunch().args(["up", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("/etc/meshpunch/meshpunch.conf"), "{help}");
+    assert!(
+        help.contains("--private-key-file") && help.contains("--fwmark"),
+        "{help}"
+    );
+    if std::path::Path::new("/etc/meshpunch/meshpunch.conf").exists() {
+        return;
+    }
+    let out = meshpunch().arg("up").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/etc/meshpunch/meshpunch.conf does not exist") && err.contains("--config"),
+        "{err}"
+    );
+}
+
+/// A static-peer config that gets as far as binding the data socket.
+fn static_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let sk = String::from_utf8(meshpunch().arg("keygen").output().unwrap().stdout).unwrap();
+    let pk = String::from_utf8(meshpunch().arg("keygen").output().unwrap().stdout).unwrap();
+    let conf = dir.join("m.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[Interface]\nPrivateKey = {}\nControlSocket = {}\n\n[Peer]\nPublicKey = {}\nCandidate = 127.0.0.1:9\n",
+            sk.trim(),
+            dir.join("m.sock").display(),
+            pk.trim()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+#[test]
+fn private_key_file_errors_name_the_file() {
+    let dir = std::env::temp_dir().join(format!("meshpunch-pkf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = static_config(&dir);
+    let bad = dir.join("bad.key");
+    std::fs::write(&bad, "not a key\n").unwrap();
+    let out = meshpunch()
+        .args(["up", "--listen-ip", "127.0.0.1", "--config"])
+        .arg(&conf)
+        .arg("--private-key-file")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("private key file") && err.contains("bad.key"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SO_MARK needs CAP_NET_ADMIN: without it `meshpunch up --fwmark` stops with a message
+/// that says so (as root the test drops to nobody with setpriv).
+#[test]
+fn fwmark_without_cap_net_admin_is_a_clear_error() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dir = std::env::temp_dir().join(format!("meshpunch-fwmark-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = static_config(&dir);
+    let mut cmd = if root {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_meshpunch"));
+        c
+    } else {
+        meshpunch()
+    };
+    let out = cmd
+        .args([
+            "up",
+            "--listen-ip",
+            "127.0.0.1",
+            "--fwmark",
+            "51820",
+            "--config",
+        ])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot set FwMark 51820") && err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
+}

@@ -147,6 +147,11 @@ pub struct UpOptions {
     pub keys: Option<(String, String)>,
     /// Extra `[Interface]` lines, e.g. `BindingLifetimeProbe = 3,6,9,12`.
     pub interface_extra: Vec<String>,
+    /// Write the private key to a file of its own (mode 0600) and pass `--private-key-file`
+    /// instead of `PrivateKey` in the config.
+    pub key_file: bool,
+    /// Extra command-line arguments of `meshpunch up`.
+    pub extra_args: Vec<String>,
     /// Built-in WireGuard: `--tun NAME` with this `[Interface] Address` (e.g. `10.9.0.1/24`).
     pub tun: Option<TunOptions>,
 }
@@ -460,12 +465,27 @@ impl Mesh {
             self.set_keys(host, k)?;
         }
         let me = self.node(host)?;
-        let mut conf = format!(
-            "[Interface]\nPrivateKey = {}\nRendezvous = {}\nListenPort = {DATA_PORT}\nControlSocket = {}\n",
-            me.private_key,
+        let key_path = me.config.with_extension("key");
+        let mut conf = if opts.key_file {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::remove_file(&key_path);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_path)?;
+            f.write_all(format!("{}\n", me.private_key).as_bytes())?;
+            self.topo.lab.remove_on_teardown(key_path.clone());
+            String::from("[Interface]\n")
+        } else {
+            format!("[Interface]\nPrivateKey = {}\n", me.private_key)
+        };
+        conf.push_str(&format!(
+            "Rendezvous = {}\nListenPort = {DATA_PORT}\nControlSocket = {}\n",
             self.connect,
             me.control.display()
-        );
+        ));
         if let Some(ep) = opts.wireguard_endpoint {
             conf.push_str(&format!("WireGuardEndpoint = {ep}\n"));
         }
@@ -510,6 +530,11 @@ impl Mesh {
             args.push("--wg-interface".to_string());
             args.push(wg.clone());
         }
+        if opts.key_file {
+            args.push("--private-key-file".to_string());
+            args.push(key_path.display().to_string());
+        }
+        args.extend(opts.extra_args.iter().cloned());
         if let Some(t) = &opts.tun {
             args.push("--tun".to_string());
             args.push(t.name.clone());

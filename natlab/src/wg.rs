@@ -62,56 +62,9 @@ impl WgIface {
             Some(k) => k,
             None => keypair()?,
         };
-        let bin = crate::testenv::which("boringtun-cli").ok_or_else(|| {
-            Error::Setup("boringtun-cli is not installed (cargo install boringtun-cli)".into())
-        })?;
         let proc_name = format!("boringtun-{host}");
-        let _ = std::fs::remove_file(socket_path(&name));
         topo.lab.remove_on_teardown(socket_path(&name));
-        let args = vec![
-            "--foreground".to_string(),
-            "--disable-drop-privileges".to_string(),
-            "--threads".to_string(),
-            "1".to_string(),
-            "--log".to_string(),
-            topo.lab
-                .log_dir()
-                .join(format!("{proc_name}.trace"))
-                .display()
-                .to_string(),
-            name.clone(),
-        ];
-        topo.lab.spawn(host, &proc_name, &bin, &args)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket_path(&name).exists() {
-            if Instant::now() > deadline || !topo.lab.is_running(&proc_name) {
-                return Err(Error::Setup(format!(
-                    "boringtun did not start: {}",
-                    topo.lab.log(&proc_name)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let key_file = topo.lab.log_dir().join(format!("{name}.key"));
-        std::fs::write(&key_file, format!("{private_key}\n"))?;
-        let key_path = key_file.display().to_string();
-        topo.lab.exec(
-            host,
-            "wg",
-            &[
-                "set",
-                &name,
-                "private-key",
-                &key_path,
-                "listen-port",
-                &listen_port.to_string(),
-            ],
-        )?;
-        let _ = std::fs::remove_file(&key_file);
-        topo.lab
-            .ip(host, &["addr", "add", &format!("{addr}/24"), "dev", &name])?;
-        topo.lab.ip(host, &["link", "set", &name, "up"])?;
-        Ok(WgIface {
+        let w = WgIface {
             host: host.to_string(),
             name,
             addr,
@@ -119,7 +72,10 @@ impl WgIface {
             public_key,
             listen_port,
             proc_name,
-        })
+        };
+        w.spawn(topo)?;
+        w.configure(topo)?;
+        Ok(w)
     }
 
     /// Adds (or updates) `peer` with its tunnel address, an optional endpoint and a keepalive.
@@ -154,6 +110,91 @@ impl WgIface {
     pub fn dump(&self, topo: &Topology) -> Result<String, Error> {
         topo.lab
             .exec(&self.host, "wg", &["show", &self.name, "dump"])
+    }
+
+    /// Re-creates the interface under the same name, key, listen port and address (what
+    /// `wg-quick down; wg-quick up` does): stops boringtun, waits for the link to go, starts
+    /// it again. Peers are not restored (add them again, as wg-quick would from its config).
+    pub fn recreate(&self, topo: &mut Topology) -> Result<(), Error> {
+        self.stop(topo);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while topo
+            .lab
+            .ip(&self.host, &["link", "show", &self.name])
+            .is_ok()
+        {
+            if Instant::now() > deadline {
+                return Err(Error::Setup(format!("{} did not go away", self.name)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.spawn(topo)?;
+        self.configure(topo)
+    }
+
+    fn spawn(&self, topo: &mut Topology) -> Result<(), Error> {
+        let bin = crate::testenv::which("boringtun-cli").ok_or_else(|| {
+            Error::Setup("boringtun-cli is not installed (cargo install boringtun-cli)".into())
+        })?;
+        let _ = std::fs::remove_file(socket_path(&self.name));
+        let args = vec![
+            "--foreground".to_string(),
+            "--disable-drop-privileges".to_string(),
+            "--threads".to_string(),
+            "1".to_string(),
+            "--log".to_string(),
+            topo.lab
+                .log_dir()
+                .join(format!("{}.trace", self.proc_name))
+                .display()
+                .to_string(),
+            self.name.clone(),
+        ];
+        topo.lab.spawn(&self.host, &self.proc_name, &bin, &args)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket_path(&self.name).exists() {
+            if Instant::now() > deadline || !topo.lab.is_running(&self.proc_name) {
+                return Err(Error::Setup(format!(
+                    "boringtun did not start: {}",
+                    topo.lab.log(&self.proc_name)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn configure(&self, topo: &mut Topology) -> Result<(), Error> {
+        let key_file = topo.lab.log_dir().join(format!("{}.key", self.name));
+        std::fs::write(&key_file, format!("{}\n", self.private_key))?;
+        let key_path = key_file.display().to_string();
+        let r = topo.lab.exec(
+            &self.host,
+            "wg",
+            &[
+                "set",
+                &self.name,
+                "private-key",
+                &key_path,
+                "listen-port",
+                &self.listen_port.to_string(),
+            ],
+        );
+        let _ = std::fs::remove_file(&key_file);
+        r?;
+        topo.lab.ip(
+            &self.host,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.addr),
+                "dev",
+                &self.name,
+            ],
+        )?;
+        topo.lab
+            .ip(&self.host, &["link", "set", &self.name, "up"])?;
+        Ok(())
     }
 
     /// Stops boringtun and removes its control socket.

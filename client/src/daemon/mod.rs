@@ -45,6 +45,7 @@ mod status;
 mod wg;
 
 use net::bind_data;
+pub(crate) use net::set_mark;
 pub use net::{
     interface_addrs, interface_addrs_excluding, turn_uri_authority, usable_candidates,
     wireguard_interfaces,
@@ -93,6 +94,17 @@ pub struct Options {
     pub ca_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
+/// What the daemon runs with besides [`Options`] (the `meshpunch up` extras).
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// `FwMark` / `--fwmark`: SO_MARK on the data socket and the birthday pool sockets, so a
+    /// full tunnel's policy routing (wg-quick's `not fwmark 51820`) does not send meshpunch's
+    /// own packets into the tunnel. Needs CAP_NET_ADMIN.
+    pub fwmark: Option<u32>,
+    /// The watched `--wg-interface`, shown in `meshpunch status`.
+    pub wg_interface: Option<crate::wg::SharedStatus>,
+}
+
 /// A running daemon (the engine task aborts when this is dropped).
 #[derive(Debug)]
 pub struct Daemon {
@@ -111,7 +123,48 @@ pub struct Daemon {
     portmap: Option<crate::portmap::PortMapper>,
 }
 
+/// Adds and removes peers of a running daemon (the `--wg-interface` watcher uses it).
+#[derive(Clone, Debug)]
+pub struct PeerControl {
+    tx: mpsc::Sender<Internal>,
+}
+
+impl PeerControl {
+    /// Carries one more peer: returns its proxy port (a removed peer gets its old one back).
+    pub async fn add(&self, key: [u8; 32]) -> anyhow::Result<SocketAddr> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Internal::AddPeer { key, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the daemon has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the daemon has stopped"))?
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Stops carrying a peer (its packets are dropped from now on). False if unknown.
+    pub async fn remove(&self, key: [u8; 32]) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Internal::RemovePeer { key, reply })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
 impl Daemon {
+    /// A handle that adds and removes peers at run time.
+    pub fn peer_control(&self) -> PeerControl {
+        PeerControl {
+            tx: self.int.clone(),
+        }
+    }
+
     /// Waits until the engine stops (it runs until aborted).
     pub async fn wait(&mut self) {
         let _ = (&mut self.task).await;
@@ -209,9 +262,19 @@ pub async fn start_with(
 /// `Mode = tun`) instead of proxy ports: `tun.peers` are `opts.peers`, in the same order.
 /// The TUN device's addresses are never offered as candidates.
 pub async fn start_full(
+    opts: Options,
+    lifetime: crate::lifetime::LifetimeOptions,
+    tun: Option<crate::tun::TunSettings>,
+) -> anyhow::Result<Daemon> {
+    start_with_extras(opts, lifetime, tun, Extras::default()).await
+}
+
+/// [`start_full`] with the [`Extras`] (`FwMark`, the watched interface's status).
+pub async fn start_with_extras(
     mut opts: Options,
     lifetime: crate::lifetime::LifetimeOptions,
     tun: Option<crate::tun::TunSettings>,
+    extras: Extras,
 ) -> anyhow::Result<Daemon> {
     if let Some(ts) = &tun {
         anyhow::ensure!(
@@ -241,6 +304,10 @@ pub async fn start_full(
             ))
         }
     };
+    if let Some(mark) = extras.fwmark {
+        net::set_mark(&std_sock, mark).map_err(|e| anyhow::anyhow!("data socket: {e}"))?;
+        tracing::info!(fwmark = mark, "data socket marked");
+    }
     let sock = Arc::new(UdpSocket::from_std(std_sock)?);
     let data_addr = sock.local_addr()?;
 
@@ -414,7 +481,14 @@ pub async fn start_full(
         local_tx,
         pings: Vec::new(),
         int_tx,
-        pool: Pool::new(opts.path.birthday_sockets),
+        pool: {
+            let mut p = Pool::new(opts.path.birthday_sockets);
+            p.set_mark(extras.fwmark);
+            p
+        },
+        wg_interface: extras.wg_interface.clone(),
+        wg_tx: wg_tx.clone(),
+        wireguard_endpoint: opts.wireguard_endpoint,
         streams: relay_stream::RelayStreams::new(opts.ca_roots.clone()),
         portmap: None,
     };
@@ -499,6 +573,16 @@ enum Internal {
         public_ip: IpAddr,
         outcome: meshpunch_proto::lifetime::Outcome,
     },
+    /// Carry one more peer ([`PeerControl::add`]).
+    AddPeer {
+        key: [u8; 32],
+        reply: oneshot::Sender<Result<SocketAddr, String>>,
+    },
+    /// Stop carrying a peer ([`PeerControl::remove`]).
+    RemovePeer {
+        key: [u8; 32],
+        reply: oneshot::Sender<bool>,
+    },
     /// The port mapper's state changed (see [`Daemon::start_port_mapping`]).
     Portmap(Box<crate::portmap::Snapshot>),
 }
@@ -523,6 +607,11 @@ struct Engine {
     pings: Vec<PendingPing>,
     int_tx: mpsc::Sender<Internal>,
     pool: Pool,
+    /// The watched `--wg-interface` (for status).
+    wg_interface: Option<crate::wg::SharedStatus>,
+    /// For the proxy readers of peers added at run time.
+    wg_tx: mpsc::Sender<FromWg>,
+    wireguard_endpoint: Option<SocketAddr>,
     /// Stream relay links (TURN over TCP/TLS).
     streams: relay_stream::RelayStreams,
     /// The port mapper's latest state (None: port mapping not running).
@@ -565,7 +654,15 @@ impl Engine {
                     FromWg::Packet(i, pkt, src) => self.on_wireguard(Instant::now(), i, &pkt, src),
                     FromWg::Active(i) => self.node.on_data_sent(Instant::now(), i),
                 },
-                Some(cmd) = ctl_rx.recv() => self.on_ctl(Instant::now(), cmd),
+                Some(cmd) = ctl_rx.recv() => {
+                    if let CtlCmd::Shutdown(reply) = cmd {
+                        // `meshpunch down`: the driver returns; `Daemon::wait` ends and the
+                        // caller restores what it changed.
+                        let _ = reply.send(());
+                        return;
+                    }
+                    self.on_ctl(Instant::now(), cmd)
+                }
                 Some(ev) = sig_rx.recv() => self.on_signal(Instant::now(), ev),
                 Some(ev) = int_rx.recv() => self.on_internal(Instant::now(), ev),
                 Some(d) = pool_rx.recv() => self.on_pool_datagram(Instant::now(), d),
@@ -856,6 +953,10 @@ impl Engine {
                 };
                 let _ = reply.send(self.node.set_debug(now, i, &knob, on));
             }
+            // Handled by the run loop (it stops the engine).
+            CtlCmd::Shutdown(reply) => {
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -888,6 +989,93 @@ impl Engine {
                     self.apply_keepalive(now);
                 }
             }
+            Internal::AddPeer { key, reply } => {
+                let _ = reply.send(self.add_peer(now, key));
+            }
+            Internal::RemovePeer { key, reply } => {
+                let removed = self.node.remove_peer(now, unix_ms(), &key).is_some();
+                if removed {
+                    tracing::info!(peer = %format_key(&key), "peer removed");
+                    self.peers_changed();
+                }
+                let _ = reply.send(removed);
+            }
+        }
+    }
+
+    /// Carries one more peer: a new proxy port and reader, or the slot it had before.
+    fn add_peer(&mut self, now: Instant, key: [u8; 32]) -> Result<SocketAddr, String> {
+        let b64 = format_key(&key);
+        let slot = self.peers.iter().position(|p| p.b64 == b64);
+        let new = match slot {
+            Some(_) => None,
+            None => {
+                let std =
+                    std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
+                        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                        .map_err(|e| format!("cannot bind a proxy port for peer {b64}: {e}"))?;
+                let sock = UdpSocket::from_std(std)
+                    .map_err(|e| format!("proxy port for peer {b64}: {e}"))?;
+                let sock = Arc::new(sock);
+                let addr = sock
+                    .local_addr()
+                    .map_err(|e| format!("proxy port for peer {b64}: {e}"))?;
+                Some((sock, addr))
+            }
+        };
+        let i = self.node.add_peer(
+            now,
+            unix_ms(),
+            PeerSpec {
+                key,
+                static_candidates: Vec::new(),
+                static_secret: None,
+            },
+        );
+        if let Some((sock, addr)) = new {
+            if i != self.peers.len() {
+                return Err(format!("peer {b64}: node index {i} out of step"));
+            }
+            let fast = Arc::new(FastPath::default());
+            proxy::spawn_reader(
+                i,
+                sock.clone(),
+                addr,
+                self.wireguard_endpoint,
+                self.sock.clone(),
+                fast.clone(),
+                self.wg_tx.clone(),
+            );
+            self.peers.push(Peer {
+                fast,
+                b64: b64.clone(),
+                name: None,
+                wg: WgSide::Proxy(ProxyPort {
+                    sock,
+                    addr,
+                    wg: self.wireguard_endpoint,
+                }),
+                changes: PathChanges::default(),
+            });
+        }
+        let addr = self.peers[i].wg.status_addr();
+        tracing::info!(peer = %b64, proxy = %addr, "peer added");
+        self.peers_changed();
+        self.perform(now);
+        Ok(addr)
+    }
+
+    /// Tells the rendezvous task which peers we carry now.
+    fn peers_changed(&self) {
+        if let Some(sig) = &self.sig {
+            let keys = self
+                .node
+                .peers()
+                .iter()
+                .filter(|p| !p.is_removed())
+                .map(|p| *p.key())
+                .collect();
+            let _ = sig.try_send(SignalCmd::SetPeers(keys));
         }
     }
 

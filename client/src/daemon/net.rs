@@ -110,6 +110,18 @@ pub(super) fn bind_data(listen: SocketAddr) -> std::io::Result<(std::net::UdpSoc
     Ok((s.into(), listen.is_ipv6()))
 }
 
+/// Sets SO_MARK `mark` on `sock`, with an error that says what to do when it is refused.
+pub(crate) fn set_mark(sock: &std::net::UdpSocket, mark: u32) -> std::io::Result<()> {
+    socket2::SockRef::from(sock).set_mark(mark).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EPERM) {
+            " (SO_MARK needs CAP_NET_ADMIN: run meshpunch as root or with CAP_NET_ADMIN, as the systemd unit does, or set FwMark = off / --fwmark off)"
+        } else {
+            ""
+        };
+        std::io::Error::new(e.kind(), format!("cannot set FwMark {mark}: {e}{hint}"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

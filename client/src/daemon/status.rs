@@ -26,6 +26,7 @@ impl Engine {
             .iter()
             .zip(node.peers())
             .enumerate()
+            .filter(|(_, (_, np))| !np.is_removed())
             .map(|(i, (p, np))| {
                 let path = np.path();
                 let st = path.status();
@@ -118,6 +119,10 @@ impl Engine {
             birthday,
             portmap: self.portmap.as_ref().map(|p| p.status()),
             peers,
+            wg_interface: self
+                .wg_interface
+                .as_ref()
+                .and_then(|w| w.lock().ok().map(|s| s.clone())),
             tun: self.peers.iter().find_map(|p| p.wg.device()).map(|d| {
                 let s = &d.stats;
                 let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);

@@ -356,6 +356,9 @@ pub struct NodePeer {
     /// path is selected yet (the peer found its path before we did).
     last_rx: Option<(PathAddr, Instant)>,
     traffic: Traffic,
+    /// Removed ([`Node::remove_peer`]): keeps its index (the driver's slot), has no session,
+    /// drops its packets, is never offered to; [`Node::add_peer`] revives it.
+    removed: bool,
 }
 
 impl NodePeer {
@@ -375,6 +378,10 @@ impl NodePeer {
     pub fn traffic(&self) -> Traffic {
         self.traffic
     }
+    /// Removed with [`Node::remove_peer`] (its index stays taken).
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
 }
 
 /// The client node (see the module docs).
@@ -382,6 +389,8 @@ impl NodePeer {
 pub struct Node {
     me: [u8; 32],
     v6: bool,
+    /// Path manager settings (for peers added later).
+    path_cfg: PathConfig,
     signalling: bool,
     peers: Vec<NodePeer>,
     key_ids: HashMap<u32, usize>,
@@ -461,12 +470,14 @@ impl Node {
                 note: None,
                 last_rx: None,
                 traffic: Traffic::default(),
+                removed: false,
             });
         }
         let dseed = crate::rng::xorshift64star(&mut rng);
         let mut node = Node {
             me: cfg.me,
             v6: cfg.v6,
+            path_cfg: cfg.path.clone(),
             signalling: cfg.signalling,
             peers: node_peers,
             key_ids: HashMap::new(),
@@ -617,6 +628,9 @@ impl Node {
         pkt: &'a [u8],
     ) -> Option<(Socket, SocketAddr, &'a [u8])> {
         let p = self.peers.get_mut(peer)?;
+        if p.removed {
+            return None;
+        }
         p.path.on_data_sent(now);
         self.flush_peer(now, peer);
         let p = &mut self.peers[peer];
@@ -1041,9 +1055,84 @@ impl Node {
         &self.peers
     }
 
-    /// Peer index of `key`.
+    /// Peer index of `key` (removed peers are not found).
     pub fn find(&self, key: &[u8; 32]) -> Option<usize> {
-        self.peers.iter().position(|p| &p.key == key)
+        self.peers.iter().position(|p| &p.key == key && !p.removed)
+    }
+
+    /// Adds a peer at run time (a peer added to the WireGuard interface) and returns its
+    /// index: the next free one, or the index it had if it was removed before (indices never
+    /// move, so the driver's per-peer state stays valid). A peer already present keeps its
+    /// state. Once registered with the rendezvous, the new peer is offered to at once.
+    pub fn add_peer(&mut self, now: Instant, unix_ms: u64, spec: PeerSpec) -> usize {
+        if let Some(i) = self.find(&spec.key) {
+            return i;
+        }
+        let seed = self.next_seed();
+        let mut statics: Vec<SocketAddr> = spec
+            .static_candidates
+            .iter()
+            .filter_map(|a| usable_candidate(self.v6, *a))
+            .collect();
+        statics.dedup();
+        let mut path = PeerPath::new(self.path_cfg.clone(), self.me, spec.key, now, unix_ms, seed);
+        path.set_keepalive_interval(now, self.keepalive);
+        if let (Some(secret), false) = (spec.static_secret, statics.is_empty()) {
+            let cands = statics
+                .iter()
+                .map(|a| Candidate {
+                    kind: CandidateKind::Host,
+                    addr: *a,
+                })
+                .collect();
+            path.start_session(now, &secret, now, cands);
+        }
+        let np = NodePeer {
+            key: spec.key,
+            path,
+            offer: OfferTimer::default(),
+            sent_version: 0,
+            static_candidates: statics,
+            refused_seen: 0,
+            note: None,
+            last_rx: None,
+            traffic: Traffic::default(),
+            removed: false,
+        };
+        let i = match self.peers.iter().position(|p| p.key == spec.key) {
+            Some(i) => {
+                self.peers[i] = np;
+                i
+            }
+            None => {
+                self.peers.push(np);
+                self.peers.len() - 1
+            }
+        };
+        self.rebuild_maps();
+        if self.observed.is_some() {
+            self.schedule_offer(now, i, REGISTERED_OFFER_DELAY);
+        }
+        self.drive(now);
+        i
+    }
+
+    /// Removes a peer at run time (gone from the WireGuard interface): its session and
+    /// pairs are dropped at once, its packets from now on too, it is never offered to; its
+    /// index stays taken (see [`Node::add_peer`]). Returns its index, `None` if unknown.
+    pub fn remove_peer(&mut self, now: Instant, unix_ms: u64, key: &[u8; 32]) -> Option<usize> {
+        let i = self.find(key)?;
+        let seed = self.next_seed();
+        let p = &mut self.peers[i];
+        p.path = PeerPath::new(self.path_cfg.clone(), self.me, *key, now, unix_ms, seed);
+        p.path.set_reason("removed from the WireGuard interface");
+        p.offer = OfferTimer::default();
+        p.static_candidates.clear();
+        p.last_rx = None;
+        p.note = None;
+        p.removed = true;
+        self.rebuild_maps();
+        Some(i)
     }
 
     /// Our server-reflexive address and where it came from.
@@ -1106,7 +1195,7 @@ impl Node {
     }
 
     fn schedule_offer(&mut self, now: Instant, i: usize, delay: Duration) {
-        if self.signalling {
+        if self.signalling && !self.peers[i].removed {
             self.peers[i].offer.schedule(now, delay);
         }
     }
@@ -1589,6 +1678,73 @@ mod tests {
             t0,
         );
         (n, t0)
+    }
+
+    /// Peers added and removed at run time (a WireGuard interface's peers changed): indices
+    /// never move, a removed peer drops its packets and is never offered to, re-adding
+    /// revives its index, the other peers keep their sessions.
+    #[test]
+    fn peers_added_and_removed_at_run_time_keep_indices() {
+        let a: SocketAddr = "192.0.2.1:5".parse().unwrap_or_else(|_| unreachable!());
+        let (mut n, t0) = node(true, vec![a]);
+        assert!(n.peers()[0].path().has_session());
+        n.handle_signal(
+            t0,
+            Signal::Registered {
+                observed: "198.51.100.1:40000"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+                stun: Vec::new(),
+                relays: Vec::new(),
+                shared_socket: true,
+                transport: crate::wire::Transport::Quic,
+            },
+        );
+        while n.poll_event().is_some() {}
+        let spec = |k: u8| PeerSpec {
+            key: [k; 32],
+            static_candidates: Vec::new(),
+            static_secret: None,
+        };
+        let i = n.add_peer(t0, 1_800_000_000_000, spec(3));
+        assert_eq!(i, 1);
+        assert_eq!(n.find(&[3; 32]), Some(1));
+        // Adding it again changes nothing.
+        assert_eq!(n.add_peer(t0, 1_800_000_000_000, spec(3)), 1);
+        // Registered: the new peer is offered to soon.
+        let t1 = t0 + REGISTERED_OFFER_DELAY + Duration::from_millis(1);
+        n.handle_timeout(t1);
+        let offers: Vec<[u8; 32]> = std::iter::from_fn(|| n.poll_event())
+            .filter_map(|e| match e {
+                Event::Offer { peer } => Some(peer),
+                _ => None,
+            })
+            .collect();
+        assert!(offers.contains(&[3; 32]), "{offers:?}");
+
+        assert_eq!(n.remove_peer(t1, 1_800_000_000_000, &[3; 32]), Some(1));
+        assert_eq!(n.find(&[3; 32]), None);
+        assert!(n.peers()[1].is_removed());
+        assert!(n.handle_wireguard(t1, 1, b"wireguard packet").is_none());
+        assert_eq!(n.remove_peer(t1, 1_800_000_000_000, &[3; 32]), None);
+        // Presence for a removed peer does not bring offers back.
+        n.handle_signal(
+            t1,
+            Signal::Presence {
+                key: [3; 32],
+                online: true,
+            },
+        );
+        let t2 = t1 + Duration::from_secs(60);
+        n.handle_timeout(t2);
+        assert!(!std::iter::from_fn(|| n.poll_event())
+            .any(|e| matches!(e, Event::Offer { peer } if peer == [3; 32])));
+        // The first peer kept its session throughout.
+        assert!(n.peers()[0].path().has_session());
+        // Re-added: the same index, alive again.
+        assert_eq!(n.add_peer(t2, 1_800_000_000_000, spec(3)), 1);
+        assert!(!n.peers()[1].is_removed());
+        assert_eq!(n.peers().len(), 2);
     }
 
     #[test]
