@@ -342,24 +342,18 @@ pub async fn start_with_extras(
         ));
         let bufs = Arc::new(std::sync::Mutex::new(crate::tun::Buffers::default()));
         for (i, (pc, fast)) in opts.peers.iter().zip(fasts).enumerate() {
-            specs.push(PeerSpec {
-                key: pc.public_key,
-                static_candidates: pc.candidates.clone(),
-                static_secret: (!pc.candidates.is_empty())
-                    .then(|| static_secret(&opts.identity, &pc.public_key)),
-            });
-            peers.push(Peer {
+            specs.push(peer_spec(&opts.identity, pc));
+            peers.push(Peer::new(
                 fast,
-                b64: format_key(&pc.public_key),
-                name: pc.name.clone(),
-                changes: PathChanges::default(),
-                wg: WgSide::Device(device::DeviceSide {
+                format_key(&pc.public_key),
+                pc.name.clone(),
+                WgSide::Device(device::DeviceSide {
                     dev: dev.clone(),
                     peer: i,
                     out: out.clone(),
                     bufs: bufs.clone(),
                 }),
-            });
+            ));
         }
         device::spawn(dev, out);
     }
@@ -389,23 +383,17 @@ pub async fn start_with_extras(
             fast.clone(),
             wg_tx.clone(),
         );
-        specs.push(PeerSpec {
-            key: pc.public_key,
-            static_candidates: pc.candidates.clone(),
-            static_secret: (!pc.candidates.is_empty())
-                .then(|| static_secret(&opts.identity, &pc.public_key)),
-        });
-        peers.push(Peer {
+        specs.push(peer_spec(&opts.identity, pc));
+        peers.push(Peer::new(
             fast,
-            b64: format_key(&pc.public_key),
-            name: pc.name.clone(),
-            changes: PathChanges::default(),
-            wg: WgSide::Proxy(ProxyPort {
+            format_key(&pc.public_key),
+            pc.name.clone(),
+            WgSide::Proxy(ProxyPort {
                 sock: proxy,
                 addr: proxy_addr,
                 wg: opts.wireguard_endpoint,
             }),
-        });
+        ));
     }
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<CtlCmd>(64);
@@ -523,6 +511,28 @@ struct Peer {
     /// Path changes and failovers (a direct or LAN path given up for the relay or nothing),
     /// for `status` and the metrics endpoint.
     changes: PathChanges,
+}
+
+impl Peer {
+    fn new(fast: Arc<FastPath>, b64: String, name: Option<String>, wg: WgSide) -> Peer {
+        Peer {
+            fast,
+            b64,
+            name,
+            wg,
+            changes: PathChanges::default(),
+        }
+    }
+}
+
+/// What the node knows of a configured peer: its key, static candidates and, with static
+/// candidates, the probe secret both sides derive without a rendezvous.
+fn peer_spec(identity: &Identity, pc: &PeerConfig) -> PeerSpec {
+    PeerSpec {
+        key: pc.public_key,
+        static_candidates: pc.candidates.clone(),
+        static_secret: (!pc.candidates.is_empty()).then(|| static_secret(identity, &pc.public_key)),
+    }
 }
 
 /// Counts of one peer's path changes.
@@ -1046,17 +1056,16 @@ impl Engine {
                 fast.clone(),
                 self.wg_tx.clone(),
             );
-            self.peers.push(Peer {
+            self.peers.push(Peer::new(
                 fast,
-                b64: b64.clone(),
-                name: None,
-                wg: WgSide::Proxy(ProxyPort {
+                b64.clone(),
+                None,
+                WgSide::Proxy(ProxyPort {
                     sock,
                     addr,
                     wg: self.wireguard_endpoint,
                 }),
-                changes: PathChanges::default(),
-            });
+            ));
         }
         let addr = self.peers[i].wg.status_addr();
         tracing::info!(peer = %b64, proxy = %addr, "peer added");
