@@ -107,6 +107,10 @@ enum Cmd {
         /// Write the data socket and proxy addresses as JSON to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Print the ready report (data socket, control socket, peers and their proxy ports or
+        /// AllowedIPs) as JSON on stdout instead of one line for a person.
+        #[arg(long)]
+        json: bool,
         /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9642): paths by
         /// kind, path changes, failovers, bytes by path kind, probes, spray, relay allocation.
         #[arg(long, value_name = "ADDR", env = "MESHPUNCH_METRICS_LISTEN")]
@@ -262,6 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_host_candidates,
             no_port_mapping,
             ready_file,
+            json,
             metrics_listen,
         } => {
             let config = config.or_else(|| {
@@ -459,7 +464,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(f) = ready_file {
                 std::fs::write(&f, serde_json::to_vec_pretty(&ready)?)?;
             }
-            println!("{ready}");
+            if json {
+                println!("{ready}");
+            } else {
+                let n = ready["peers"].as_array().map_or(0, Vec::len);
+                let with = match &ready["tun"] {
+                    serde_json::Value::String(t) => format!("built-in WireGuard on {t}"),
+                    _ => match &wg_interface {
+                        Some(i) => format!("WireGuard interface {i}"),
+                        None => "proxy ports for WireGuard".to_string(),
+                    },
+                };
+                println!(
+                    "meshpunch up: {} {n} peer{}, {with}, data socket {}; `meshpunch{} status` shows the paths",
+                    short_key(&format_key(&public_of(&private))),
+                    if n == 1 { "" } else { "s" },
+                    d.data_addr,
+                    if control_socket != control::default_socket_path() { format!(" --control-socket {}", control_socket.display()) } else { String::new() },
+                );
+            }
             let _metrics = match metrics_listen {
                 Some(addr) => {
                     let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {

@@ -86,7 +86,7 @@ async fn metrics_show_paths_bytes_by_path_kind_and_a_failover() {
                 "--config",
             ])
             .arg(&conf)
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join(format!("{name}.out"))).unwrap())
             .stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap());
         if let Some(m) = metrics {
             cmd.args(["--metrics-listen", m]);
@@ -120,6 +120,14 @@ async fn metrics_show_paths_bytes_by_path_kind_and_a_failover() {
     let got = wga.exchange(to_b, &wgb, 50, Duration::from_secs(10)).await;
     assert!(got >= 45, "a->b {got}/50");
 
+    // Without --json, `up` says in one line what it runs.
+    let up = std::fs::read_to_string(dir.path().join("a.out")).unwrap();
+    assert!(
+        up.starts_with("meshpunch up: ")
+            && up.contains(" 1 peer, proxy ports for WireGuard, data socket 127.0.0.1:")
+            && up.lines().count() == 1,
+        "{up}"
+    );
     let m = scrape(&metrics_addr);
     assert_eq!(
         value(&m, "meshpunch_client_peers{path=\"direct\"}"),

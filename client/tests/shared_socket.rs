@@ -226,7 +226,13 @@ async fn meshpunch_up_has_one_udp_socket_besides_its_proxy_ports() {
     .unwrap();
     let mut child = Child(
         Command::new(env!("CARGO_BIN_EXE_meshpunch"))
-            .args(["up", "--no-host-candidates", "--listen-ip", "127.0.0.1"])
+            .args([
+                "up",
+                "--json",
+                "--no-host-candidates",
+                "--listen-ip",
+                "127.0.0.1",
+            ])
             .arg("--config")
             .arg(&conf)
             .arg("--control-socket")

@@ -42,7 +42,14 @@ fn wg_interface_peers_get_proxy_endpoints() {
     // A rendezvous that is not there: the daemon starts anyway and keeps retrying.
     let connect = format!("meshpunch://tok@127.0.0.1:9?pin={}", "00".repeat(32));
     let mut child = Command::new(env!("CARGO_BIN_EXE_meshpunch"))
-        .args(["up", "--wg-interface", "wg0", "--connect", &connect])
+        .args([
+            "up",
+            "--json",
+            "--wg-interface",
+            "wg0",
+            "--connect",
+            &connect,
+        ])
         .args(["--listen-ip", "127.0.0.1", "--control-socket"])
         .arg(dir.path().join("ctl.sock"))
         .env("PATH", path)
