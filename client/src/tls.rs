@@ -102,6 +102,8 @@ enum Mode {
 /// The rendezvous certificate verifier (see the module doc).
 #[derive(Debug)]
 struct Verifier {
+    /// Whose certificate: the messages name it and say where to fix it.
+    relay: bool,
     mode: Mode,
     provider: Arc<rustls::crypto::CryptoProvider>,
     failures: Failures,
@@ -123,18 +125,27 @@ fn name_of(server_name: &ServerName<'_>) -> String {
 }
 
 impl Verifier {
+    fn what(&self) -> &'static str {
+        if self.relay {
+            "relay"
+        } else {
+            "rendezvous"
+        }
+    }
+
     fn check_dates(&self, host: &str, cert: &[u8], now: UnixTime) -> Result<(), rustls::Error> {
+        let what = self.what();
         let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         match x509::validity(cert) {
             None => Err(self.failures.set(format!(
-                "the rendezvous certificate for {host} cannot be read (no validity dates)"
+                "the {what} certificate for {host} cannot be read (no validity dates)"
             ))),
             Some((nb, _)) if now < nb => Err(self.failures.set(format!(
-                "the rendezvous certificate for {host} is not valid before {} (is this machine's clock right?)",
+                "the {what} certificate for {host} is not valid before {} (is this machine's clock right?)",
                 x509::format_unix(nb)
             ))),
             Some((_, na)) if now > na => Err(self.failures.set(format!(
-                "the rendezvous certificate for {host} expired on {}; the server operator must renew it",
+                "the {what} certificate for {host} expired on {}; the server operator must renew it",
                 x509::format_unix(na)
             ))),
             Some(_) => Ok(()),
@@ -142,6 +153,7 @@ impl Verifier {
     }
 
     fn webpki_failure(&self, host: &str, cert: &[u8], e: &rustls::Error) -> String {
+        let what = self.what();
         let dates = x509::validity(cert);
         let reason = match e {
             rustls::Error::InvalidCertificate(ce) => match ce {
@@ -150,7 +162,7 @@ impl Verifier {
                         .map(|(_, na)| x509::format_unix(na))
                         .unwrap_or_else(|| "an earlier date".into());
                     return format!(
-                        "the rendezvous certificate for {host} expired on {when}; the server operator must renew it"
+                        "the {what} certificate for {host} expired on {when}; the server operator must renew it"
                     );
                 }
                 CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
@@ -158,14 +170,18 @@ impl Verifier {
                         .map(|(nb, _)| x509::format_unix(nb))
                         .unwrap_or_else(|| "a later date".into());
                     return format!(
-                        "the rendezvous certificate for {host} is not valid before {when} (is this machine's clock right?)"
+                        "the {what} certificate for {host} is not valid before {when} (is this machine's clock right?)"
                     );
                 }
                 CertificateError::NotValidForName
                 | CertificateError::NotValidForNameContext { .. } => {
                     return format!(
-                        "the rendezvous certificate is not valid for the host name {host} ({ce}); use the name the certificate was issued for in the connect string"
+                        "the {what} certificate is not valid for the host name {host} ({ce}); use the name the certificate was issued for in {}",
+                        if self.relay { "the relay's turns: URI" } else { "the connect string" }
                     );
+                }
+                CertificateError::UnknownIssuer if self.relay => {
+                    "it is issued by a CA this machine does not trust (add the CA with --ca-file / CaFile)".to_string()
                 }
                 CertificateError::UnknownIssuer => format!(
                     "it is issued by a CA this machine does not trust (add the CA with --ca-file / CaFile, or pin the server with pin={})",
@@ -177,7 +193,7 @@ impl Verifier {
             },
             other => other.to_string(),
         };
-        format!("the rendezvous certificate for {host} is not trusted: {reason}")
+        format!("the {what} certificate for {host} is not trusted: {reason}")
     }
 }
 
@@ -253,7 +269,7 @@ pub fn client_crypto(
     pins: &[Pin],
     ca_roots: &[CertificateDer<'static>],
 ) -> Result<(rustls::ClientConfig, Failures), String> {
-    let (mut tls, failures) = crypto_with(pins, ca_roots, &[&rustls::version::TLS13])?;
+    let (mut tls, failures) = crypto_with(false, pins, ca_roots, &[&rustls::version::TLS13])?;
     tls.alpn_protocols = vec![meshpunch_proto::wire::ALPN.to_vec()];
     Ok((tls, failures))
 }
@@ -264,6 +280,7 @@ pub fn relay_client_crypto(
     ca_roots: &[CertificateDer<'static>],
 ) -> Result<(rustls::ClientConfig, Failures), String> {
     crypto_with(
+        true,
         &[],
         ca_roots,
         &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -271,6 +288,7 @@ pub fn relay_client_crypto(
 }
 
 fn crypto_with(
+    relay: bool,
     pins: &[Pin],
     ca_roots: &[CertificateDer<'static>],
     versions: &[&'static rustls::SupportedProtocolVersion],
@@ -297,6 +315,7 @@ fn crypto_with(
     };
     let failures = Failures::default();
     let verifier = Verifier {
+        relay,
         mode,
         provider: provider.clone(),
         failures: failures.clone(),
@@ -354,6 +373,7 @@ mod tests {
             Mode::Pinned(pins.to_vec())
         };
         let v = Verifier {
+            relay: false,
             mode,
             provider,
             failures,

@@ -199,5 +199,12 @@ async fn a_relay_certificate_outside_the_trusted_roots_is_refused() {
     assert_eq!(r.transport, "tls");
     assert_ne!(r.state, "allocated");
     println!("refused: {:?}", r.error);
+    // The message names the relay and the fix that applies to relays (no pin= for them).
+    let e = r.error.unwrap_or_default();
+    assert!(
+        e.contains("the relay certificate for 127.0.0.1 is not trusted") && e.contains("CaFile"),
+        "{e}"
+    );
+    assert!(!e.contains("pin="), "{e}");
     relay.control().stop();
 }

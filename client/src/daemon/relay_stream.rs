@@ -173,12 +173,7 @@ async fn connect(
     let s = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))
         .await
         .map_err(|_| format!("tls {server}: handshake timed out"))?
-        // The verifier is the rendezvous' (same roots, same checks); its wording names the
-        // rendezvous.
-        .map_err(|e| {
-            format!("tls {server} ({host}): {e}")
-                .replace("rendezvous certificate", "relay certificate")
-        })?;
+        .map_err(|e| format!("tls {server} ({host}): {e}"))?;
     Ok(Box::new(s))
 }
 
