@@ -253,6 +253,7 @@ pub fn matrix_spec() -> TopologySpec {
         .site("dn", Nat::DoubleNat, 1)
         .site("dnb", Nat::DoubleNat, 1)
         .site("ub", Nat::UdpBlocked, 1)
+        .site("xb", Nat::UdpBlockedAll, 1)
         .server_delay(Duration::from_millis(10))
 }
 

@@ -1,12 +1,14 @@
 //! Scenario 1: every pair of NAT behaviours, real meshpunch daemons, real NATs.
 //!
-//! Rows are hosts `op1 pr1 fc1 sy1 dn1 ub1`, columns `opb1 prb1 fcb1 syb1 dnb1` (a second site
+//! Rows are hosts `op1 pr1 fc1 sy1 dn1 ub1 xb1`, columns `opb1 prb1 fcb1 syb1 dnb1` (a second site
 //! of each behaviour, so a pair never shares a NAT). Every daemon is started at once with all
 //! hosts of the other side as peers; the table shows the path each row host ends on towards
 //! each column host and the time from start until it was direct (`-` = never).
 //!
 //! What is asserted, cell by cell:
 //! - UDP blocked on one side: relay (nothing else can work).
+//! - a network that drops every UDP packet and lets only TCP 443/80 out (`xb1`): `relay-tls` —
+//!   it registers over TLS/TCP and relays over TURN-over-TLS to every column host.
 //! - both sides endpoint-independent mapping (open, port-restricted, full cone, double NAT):
 //!   direct — simultaneous open punches through any filtering.
 //! - symmetric against endpoint-independent filtering (open, full cone): direct — the
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 use natlab::mesh::{Mesh, UpOptions};
 use natlab::{Nat, TopologySpec};
 
-const ROWS: [&str; 6] = ["op1", "pr1", "fc1", "sy1", "dn1", "ub1"];
+const ROWS: [&str; 7] = ["op1", "pr1", "fc1", "sy1", "dn1", "ub1", "xb1"];
 const COLS: [&str; 5] = ["opb1", "prb1", "fcb1", "syb1", "dnb1"];
 /// Longest wait for the whole matrix to settle.
 const SETTLE: Duration = Duration::from_secs(40);
@@ -37,11 +39,15 @@ const SETTLE: Duration = Duration::from_secs(40);
 enum Expect {
     Direct,
     Relay,
+    /// The relay, reached over TURN-over-TLS (the row host's network drops every UDP packet).
+    RelayTls,
     Either,
 }
 
 fn expect(a: Nat, b: Nat) -> Expect {
-    if a == Nat::UdpBlocked || b == Nat::UdpBlocked {
+    if a == Nat::UdpBlockedAll {
+        Expect::RelayTls
+    } else if a == Nat::UdpBlocked || b == Nat::UdpBlocked || b == Nat::UdpBlockedAll {
         Expect::Relay
     } else if a.endpoint_independent_mapping() || b.endpoint_independent_mapping() {
         Expect::Direct
@@ -103,12 +109,20 @@ fn run_matrix(strict: bool) {
                 .unwrap_or_default();
             for c in COLS {
                 let key = mesh.node(c).unwrap().public_key;
-                let path = peers
+                let peer = peers
                     .iter()
-                    .find(|p| p.get("public_key").and_then(|k| k.as_str()) == Some(key.as_str()))
+                    .find(|p| p.get("public_key").and_then(|k| k.as_str()) == Some(key.as_str()));
+                let mut path = peer
                     .and_then(|p| p.get("path").and_then(|v| v.as_str()))
                     .unwrap_or("none")
                     .to_string();
+                // A relay path over a stream shows its transport: `relay-tls`, `relay-tcp`.
+                if let Some(t) = peer
+                    .and_then(|p| p.get("relay_transport").and_then(|v| v.as_str()))
+                    .filter(|t| path == "relay" && *t != "udp")
+                {
+                    path = format!("relay-{t}");
+                }
                 if path == "direct" || path == "lan" {
                     first_direct
                         .entry((r, c))
@@ -124,6 +138,7 @@ fn run_matrix(strict: bool) {
                     Expect::Direct if strict => p == "direct",
                     Expect::Direct => first_direct.contains_key(&(*r, *c)),
                     Expect::Relay => p == "relay",
+                    Expect::RelayTls => p == "relay-tls",
                     Expect::Either => {
                         p == "direct"
                             || (p == "relay" && started.elapsed() > Duration::from_secs(15))
@@ -164,6 +179,7 @@ fn run_matrix(strict: bool) {
                 Expect::Direct if strict => p == "direct",
                 Expect::Direct => first_direct.contains_key(&(r, c)) && p != "none",
                 Expect::Relay => p == "relay",
+                Expect::RelayTls => p == "relay-tls",
                 Expect::Either => p == "direct" || p == "relay",
             };
             if !ok {
@@ -291,6 +307,8 @@ fn expectations_follow_mapping_and_filtering() {
     assert_eq!(expect(Nat::Symmetric, Nat::DoubleNat), Expect::Direct);
     assert_eq!(expect(Nat::Symmetric, Nat::Open), Expect::Direct);
     assert_eq!(expect(Nat::UdpBlocked, Nat::Symmetric), Expect::Relay);
+    assert_eq!(expect(Nat::UdpBlockedAll, Nat::Symmetric), Expect::RelayTls);
+    assert_eq!(expect(Nat::Open, Nat::UdpBlockedAll), Expect::Relay);
     assert!(birthday_cell(Nat::Symmetric, Nat::PortRestricted));
     assert!(birthday_cell(Nat::DoubleNat, Nat::Symmetric));
     assert!(!birthday_cell(Nat::Symmetric, Nat::FullCone));
