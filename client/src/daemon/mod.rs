@@ -513,6 +513,27 @@ struct Peer {
     changes: PathChanges,
 }
 
+/// Writes one transmit of the node to the socket it names.
+fn send_on(
+    (sock, v6, pool, streams): (&UdpSocket, bool, &Pool, &relay_stream::RelayStreams),
+    socket: Socket,
+    dst: SocketAddr,
+    bytes: &[u8],
+) {
+    match socket {
+        Socket::Data => {
+            let dest = for_socket(v6, dst);
+            if let Err(e) = sock.try_send_to(bytes, dest) {
+                tracing::trace!(error = %e, %dest, "data socket send failed");
+            }
+        }
+        Socket::Pool(l) => {
+            pool.send(l, dst, bytes);
+        }
+        Socket::Relay(link) => streams.send(link, bytes),
+    }
+}
+
 impl Peer {
     fn new(fast: Arc<FastPath>, b64: String, name: Option<String>, wg: WgSide) -> Peer {
         Peer {
@@ -682,18 +703,12 @@ impl Engine {
     }
 
     fn send(&self, socket: Socket, dst: SocketAddr, bytes: &[u8]) {
-        match socket {
-            Socket::Data => {
-                let dest = for_socket(self.v6, dst);
-                if let Err(e) = self.sock.try_send_to(bytes, dest) {
-                    tracing::trace!(error = %e, %dest, "data socket send failed");
-                }
-            }
-            Socket::Pool(l) => {
-                self.pool.send(l, dst, bytes);
-            }
-            Socket::Relay(link) => self.streams.send(link, bytes),
-        }
+        send_on(
+            (&self.sock, self.v6, &self.pool, &self.streams),
+            socket,
+            dst,
+            bytes,
+        );
     }
 
     /// Performs everything the node wants until it wants nothing more.
@@ -907,19 +922,14 @@ impl Engine {
         // The proxy reader passes only packets from WireGuard's one address (configured, or
         // the first that used the port): learn it once.
         p.wg.learn_source(src);
+        // The bytes borrow the node, so the sockets are passed by field, not through `self`.
         if let Some((socket, dst, bytes)) = self.node.handle_wireguard(now, i, pkt) {
-            match socket {
-                Socket::Data => {
-                    let dest = for_socket(self.v6, dst);
-                    if let Err(e) = self.sock.try_send_to(bytes, dest) {
-                        tracing::trace!(error = %e, %dest, "data socket send failed");
-                    }
-                }
-                Socket::Pool(l) => {
-                    self.pool.send(l, dst, bytes);
-                }
-                Socket::Relay(link) => self.streams.send(link, bytes),
-            }
+            send_on(
+                (&self.sock, self.v6, &self.pool, &self.streams),
+                socket,
+                dst,
+                bytes,
+            );
         }
     }
 
