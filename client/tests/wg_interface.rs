@@ -85,7 +85,7 @@ fn wg_interface_peers_get_proxy_endpoints() {
         // Two calls, remove then add: one call would leave boringtun with no peer.
         let remove = format!("set wg0 peer {k} remove");
         let add = format!(
-            "set wg0 peer {k} endpoint {} allowed-ips {ips}",
+            "set wg0 peer {k} allowed-ips {ips} endpoint {}",
             p["proxy"].as_str().unwrap()
         );
         let lines: Vec<&str> = calls.lines().collect();
