@@ -74,21 +74,25 @@ fn rendezvous_observes_the_data_sockets_stun_mapping_behind_cone_nats() {
         .spawn_echo()
         .unwrap();
     let echo_addr = echo.addr();
-    // The binding-lifetime measurement runs on short-lived sockets of its own (by design never
-    // the data socket); off here so the socket count below is about the data path alone.
-    let no_lifetime_probe = vec!["BindingLifetimeProbe = off".to_string()];
+    // The binding-lifetime measurement and the port mapper (PCP/NAT-PMP to the gateway's 5351,
+    // SSDP for UPnP) run on sockets of their own (by design never the data socket); off here
+    // so the socket count below is about the data path alone.
+    let own_sockets_off = vec![
+        "BindingLifetimeProbe = off".to_string(),
+        "PortMapping = off".to_string(),
+    ];
     let oa = UpOptions {
         peers: vec!["b1".into()],
         wireguard_endpoint: Some(pinger.addr().unwrap()),
         proxy_ports: BTreeMap::from([("b1".to_string(), PROXY_PORT)]),
-        interface_extra: no_lifetime_probe.clone(),
+        interface_extra: own_sockets_off.clone(),
         ..Default::default()
     };
     let ob = UpOptions {
         peers: vec!["a1".into()],
         wireguard_endpoint: Some(echo_addr),
         proxy_ports: BTreeMap::from([("a1".to_string(), PROXY_PORT)]),
-        interface_extra: no_lifetime_probe.clone(),
+        interface_extra: own_sockets_off.clone(),
         ..Default::default()
     };
     mesh.up("a1", &oa).unwrap();
