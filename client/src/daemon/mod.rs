@@ -1190,14 +1190,14 @@ impl Engine {
                 start_at,
                 local_version,
                 peer_observed,
-            } => Signal::Punch {
+            } => Signal::Punch(meshpunch_proto::node::Punch {
                 peer,
                 candidates,
                 secret,
                 start_at,
                 local_version,
                 peer_observed,
-            },
+            }),
             SignalEvent::OfferFailed { peer, reason } => {
                 if let Some(i) = self.node.find(&peer) {
                     tracing::info!(peer = %self.peers[i].b64, %reason, "offer failed");

@@ -239,6 +239,23 @@ pub enum Event {
     },
 }
 
+/// The rendezvous' go-ahead to punch towards one peer ([`Signal::Punch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Punch {
+    /// The peer.
+    pub peer: [u8; 32],
+    /// Its candidates.
+    pub candidates: Vec<Candidate>,
+    /// Session secret.
+    pub secret: [u8; 32],
+    /// When to start probing.
+    pub start_at: Instant,
+    /// Version of our candidates the peer received.
+    pub local_version: u64,
+    /// The peer's address as the rendezvous observed it (the only birthday target IP).
+    pub peer_observed: Option<SocketAddr>,
+}
+
 /// A fact from the rendezvous (the driver's signalling task translates its events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
@@ -268,20 +285,7 @@ pub enum Signal {
         online: bool,
     },
     /// Punch now.
-    Punch {
-        /// The peer.
-        peer: [u8; 32],
-        /// Its candidates.
-        candidates: Vec<Candidate>,
-        /// Session secret.
-        secret: [u8; 32],
-        /// When to start probing.
-        start_at: Instant,
-        /// Version of our candidates the peer received.
-        local_version: u64,
-        /// The peer's address as the rendezvous observed it (the only birthday target IP).
-        peer_observed: Option<SocketAddr>,
-    },
+    Punch(Punch),
     /// Our offer to this peer failed.
     OfferFailed {
         /// The peer.
@@ -726,22 +730,7 @@ impl Node {
                     }
                 }
             }
-            Signal::Punch {
-                peer,
-                candidates,
-                secret,
-                start_at,
-                local_version,
-                peer_observed,
-            } => self.on_punch(
-                now,
-                peer,
-                candidates,
-                secret,
-                start_at,
-                local_version,
-                peer_observed,
-            ),
+            Signal::Punch(punch) => self.on_punch(now, punch),
             Signal::OfferFailed { peer, reason } => {
                 if let Some(i) = self.find(&peer) {
                     let msg = format!("offer failed: {reason}");
@@ -754,17 +743,15 @@ impl Node {
         self.drive(now);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_punch(
-        &mut self,
-        now: Instant,
-        peer: [u8; 32],
-        candidates: Vec<Candidate>,
-        secret: [u8; 32],
-        start_at: Instant,
-        local_version: u64,
-        peer_observed: Option<SocketAddr>,
-    ) {
+    fn on_punch(&mut self, now: Instant, punch: Punch) {
+        let Punch {
+            peer,
+            candidates,
+            secret,
+            start_at,
+            local_version,
+            peer_observed,
+        } = punch;
         let Some(i) = self.find(&peer) else { return };
         let v6 = self.v6;
         let p = &mut self.peers[i];

@@ -368,14 +368,14 @@ impl Sim {
                 .nat
                 .as_ref()
                 .map_or(other.local, |n| SocketAddr::new(n.ip, 1));
-            let sig = Signal::Punch {
+            let sig = Signal::Punch(super::Punch {
                 peer: other.key,
                 candidates: other.cands.1.clone(),
                 secret,
                 start_at,
                 local_version: self.hosts[j].cands.0,
                 peer_observed: Some(peer_observed),
-            };
+            });
             self.signals.push((at, j, sig));
         }
     }
