@@ -8,6 +8,8 @@
 //!   `{"done":true,...}`.
 //! * `{"cmd":"debug","peer":KEY,"knob":"block-direct"|"force-relay"|"block-relay","on":BOOL}`
 //!   → `{"ok":true}` or `{"error":"..."}`.
+//! * `{"cmd":"reload"}` → `{"ok":true,"summary":"+1 peer (laptop), -0, ~0","changes":{...}}`
+//!   or `{"error":"..."}` (nothing changed) — `meshpunch reload`, the same as SIGHUP.
 //! * `{"cmd":"down"}` → `{"ok":true,"pid":N}`; the daemon then exits cleanly (restores the
 //!   `--wg-interface` endpoints, removes its control socket) — `meshpunch down`.
 //!
@@ -61,6 +63,40 @@ pub enum Request {
     },
     /// Stop the daemon cleanly (`meshpunch down`).
     Down,
+    /// Re-read the config's peers like SIGHUP does (`meshpunch reload`).
+    Reload,
+}
+
+/// What a config reload changed (`meshpunch reload`, SIGHUP): peer labels (name, or the
+/// first 8 characters of the key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerChanges {
+    /// Peers added.
+    pub added: Vec<String>,
+    /// Peers removed.
+    pub removed: Vec<String>,
+    /// Peers whose name, candidates, `ProxyPort`, `AllowedIPs` or `PresharedKey` changed.
+    pub changed: Vec<String>,
+    /// What could not be applied after the checks passed (a system call failed).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+impl PeerChanges {
+    /// `+1 peer (laptop), -0, ~2 peers (a, b)`.
+    pub fn summary(&self) -> String {
+        let part = |sign: char, v: &[String]| match v.len() {
+            0 => format!("{sign}0"),
+            1 => format!("{sign}1 peer ({})", v[0]),
+            n => format!("{sign}{n} peers ({})", v.join(", ")),
+        };
+        format!(
+            "{}, {}, {}",
+            part('+', &self.added),
+            part('-', &self.removed),
+            part('~', &self.changed)
+        )
+    }
 }
 
 fn default_count() -> u32 {
@@ -419,6 +455,8 @@ pub enum CtlCmd {
     },
     /// Stop the daemon (`meshpunch down`); answered before the engine stops.
     Shutdown(oneshot::Sender<()>),
+    /// `meshpunch reload`: re-read the config's peers; the answer says what changed.
+    Reload(oneshot::Sender<Result<PeerChanges, String>>),
 }
 
 /// Time a single ping waits for its pong.
@@ -820,6 +858,23 @@ async fn handle_conn(
                 }
                 match rx.await {
                     Ok(Ok(())) => write_json(&mut w, &serde_json::json!({"ok": true})).await?,
+                    Ok(Err(e)) => write_json(&mut w, &serde_json::json!({"error": e})).await?,
+                    Err(_) => return Ok(()),
+                }
+            }
+            Request::Reload => {
+                let (tx, rx) = oneshot::channel();
+                if engine.send(CtlCmd::Reload(tx)).await.is_err() {
+                    return Ok(());
+                }
+                match rx.await {
+                    Ok(Ok(c)) => {
+                        write_json(
+                            &mut w,
+                            &serde_json::json!({"ok": true, "summary": c.summary(), "changes": c}),
+                        )
+                        .await?
+                    }
                     Ok(Err(e)) => write_json(&mut w, &serde_json::json!({"error": e})).await?,
                     Err(_) => return Ok(()),
                 }

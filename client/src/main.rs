@@ -118,6 +118,10 @@ enum Cmd {
     },
     /// Stop the running daemon cleanly (restores the --wg-interface endpoints).
     Down,
+    /// Re-read the daemon's config like SIGHUP: added peers start, removed ones are dropped,
+    /// changed ones updated; prints what changed (`+1 peer (laptop), -0, ~0`). An invalid
+    /// config changes nothing and exits 1 with the reason.
+    Reload,
     /// Show every peer's path.
     Status {
         /// JSON output.
@@ -411,6 +415,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect()
             });
             let tun_name = tun.as_ref().map(|t| t.name.clone());
+            let reloader = Reloader {
+                config: config.clone(),
+                tun: tun.clone(),
+                wg_interface: wg_interface.is_some(),
+                cli_connect: cli_connect.clone(),
+            };
             let fwmark = match fwmark.as_deref() {
                 Some(v) => meshpunch::config::parse_fwmark(v).ok_or_else(|| {
                     anyhow::anyhow!("--fwmark: expected off or a mark 1-4294967295, found {v:?}")
@@ -497,31 +507,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             tracing::info!(data = %d.data_addr, control = %control_socket.display(), "meshpunch up");
-            // SIGHUP re-reads the config (a rotated token in `Rendezvous =`) without a restart.
+            // SIGHUP and `meshpunch reload` re-read the config (peers, a rotated token in
+            // `Rendezvous =`) without a restart.
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            let mut reloads = d.reload_requests();
             loop {
                 tokio::select! {
                     _ = d.wait() => break,
                     _ = tokio::signal::ctrl_c() => break,
                     _ = sigterm() => break,
                     _ = hup.recv() => {
-                        let fresh = match &config {
-                            Some(p) => match Config::load(p) {
-                                Ok(c) => c.rendezvous,
-                                Err(e) => {
-                                    tracing::error!(error = %e, "SIGHUP: config not reloaded");
-                                    continue;
-                                }
-                            },
-                            None => None,
-                        };
-                        match cli_connect.clone().or(fresh) {
-                            Some(cs) => match d.reload_rendezvous(&cs).await {
-                                Ok(()) => tracing::info!("SIGHUP: rendezvous connect string reloaded"),
-                                Err(e) => tracing::error!(error = %e, "SIGHUP: rendezvous not reloaded"),
-                            },
-                            None => tracing::warn!("SIGHUP: no rendezvous in the config"),
-                        }
+                        let _ = reloader.reload(&d, "SIGHUP").await;
+                    }
+                    Some(reply) = async { match reloads.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                        let r = reloader.reload(&d, "meshpunch reload").await;
+                        let _ = reply.send(r);
                     }
                 }
             }
@@ -569,6 +569,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             println!("meshpunch down: daemon (pid {pid}) stopped");
+        }
+        Cmd::Reload => {
+            let v = match control::request(&sock, &Request::Reload).await {
+                Ok(v) => v,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    eprintln!(
+                        "meshpunch reload: no daemon is running (nothing listens on {})",
+                        sock.display()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                eprintln!("meshpunch reload: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+            let c: control::PeerChanges =
+                serde_json::from_value(v.get("changes").cloned().unwrap_or_default())?;
+            println!("meshpunch reload: {}", c.summary());
+            if !c.errors.is_empty() {
+                for e in &c.errors {
+                    eprintln!("meshpunch reload: {e}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Cmd::Status { json } => {
             let v = control::request(&sock, &Request::Status).await?;
@@ -642,6 +673,77 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Re-reads the config of a running daemon (SIGHUP, `meshpunch reload`).
+struct Reloader {
+    config: Option<PathBuf>,
+    /// The TUN device as started (`--tun` / `Mode = tun`).
+    tun: Option<meshpunch::tun::TunSettings>,
+    wg_interface: bool,
+    /// `--connect` wins over the config's `Rendezvous`.
+    cli_connect: Option<String>,
+}
+
+impl Reloader {
+    /// Re-reads the config and applies its rendezvous connect string and peers. Logs one
+    /// line for the outcome (the daemon logs one per peer changed); on an error nothing
+    /// changed.
+    async fn reload(&self, d: &daemon::Daemon, why: &str) -> Result<control::PeerChanges, String> {
+        let r = self.apply(d).await;
+        match &r {
+            Ok(c) => tracing::info!(trigger = why, changes = %c.summary(), "config reloaded"),
+            Err(e) => tracing::error!(trigger = why, "config not reloaded, nothing changed: {e}"),
+        }
+        r
+    }
+
+    async fn apply(&self, d: &daemon::Daemon) -> Result<control::PeerChanges, String> {
+        let Some(p) = &self.config else {
+            return Err(format!("the daemon was started without a config file (no --config, and {DEFAULT_CONFIG} did not exist): restart it with --config FILE to reload"));
+        };
+        let cfg = Config::load(p).map_err(|e| e.to_string())?;
+        let file = p.display().to_string();
+        let tun = match &self.tun {
+            Some(t) => {
+                if !cfg.peers.is_empty() {
+                    let fresh = cfg
+                        .tun_settings(&file, Some(&t.name))
+                        .map_err(|e| e.to_string())?;
+                    if fresh.addresses != t.addresses || fresh.mtu != t.mtu {
+                        tracing::warn!(config = %file, "Address and MTU changes take effect at the next start; peers are reloaded now");
+                    }
+                    Some(fresh.peers)
+                } else {
+                    Some(Vec::new())
+                }
+            }
+            None => None,
+        };
+        if cfg.peers.is_empty() && !self.wg_interface {
+            return Err(format!("{file} has no [Peer] left: a daemon without peers is refused (to stop it, run `meshpunch down`)"));
+        }
+        let connect = self.cli_connect.clone().or(cfg.rendezvous.clone());
+        if let Some(cs) = &connect {
+            cs.parse::<meshpunch_proto::connect::ConnectString>()
+                .map_err(|e| format!("{file}: Rendezvous: {e}"))?;
+        }
+        let changes = if self.wg_interface {
+            // Peers follow the interface; only the rendezvous is reloaded.
+            control::PeerChanges::default()
+        } else {
+            d.reload_peers(cfg.peers, tun)
+                .await
+                .map_err(|e| format!("{e:#}"))?
+        };
+        if let Some(cs) = connect {
+            match d.reload_rendezvous(&cs).await {
+                Ok(()) => tracing::info!("rendezvous connect string reloaded"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "rendezvous not reloaded"),
+            }
+        }
+        Ok(changes)
+    }
 }
 
 /// Config `meshpunch up` reads when no --config is given (if it exists).

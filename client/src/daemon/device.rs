@@ -5,7 +5,7 @@
 //! [`super::wg::WgSide::deliver`]. No loopback hop, no copy on the fast path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use tokio::net::UdpSocket;
@@ -18,13 +18,13 @@ use crate::tun::{Buffers, Device, TICK};
 /// Where the device's outgoing datagrams go (shared by its reader, its timer task and the
 /// engine's deliveries, which may answer with handshake responses).
 pub(super) struct DeviceOut {
-    fast: Vec<Arc<FastPath>>,
+    /// Per peer: its fast path, and when the engine was last told that the fast path is
+    /// sending (ms since `start`, +1 so that 0 means never). Written only when a peer is
+    /// added at run time.
+    fast: RwLock<Vec<(Arc<FastPath>, AtomicU64)>>,
     data: Arc<UdpSocket>,
     tx: mpsc::Sender<FromWg>,
     start: Instant,
-    /// Per peer: when the engine was last told that the fast path is sending (ms since
-    /// `start`, +1 so that 0 means never).
-    notified: Vec<AtomicU64>,
 }
 
 impl DeviceOut {
@@ -33,20 +33,36 @@ impl DeviceOut {
         data: Arc<UdpSocket>,
         tx: mpsc::Sender<FromWg>,
     ) -> DeviceOut {
-        let notified = fast.iter().map(|_| AtomicU64::new(0)).collect();
         DeviceOut {
-            fast,
+            fast: RwLock::new(fast.into_iter().map(|f| (f, AtomicU64::new(0))).collect()),
             data,
             tx,
             start: Instant::now(),
-            notified,
+        }
+    }
+
+    /// Gives peer slot `i` (a peer added at run time; `i` = the count appends) its fast path.
+    pub(super) fn set_fast(&self, i: usize, fast: Arc<FastPath>) {
+        let Ok(mut v) = self.fast.write() else {
+            return;
+        };
+        if i < v.len() {
+            v[i] = (fast, AtomicU64::new(0));
+        } else {
+            while v.len() < i {
+                v.push((Arc::new(FastPath::default()), AtomicU64::new(0)));
+            }
+            v.push((fast, AtomicU64::new(0)));
         }
     }
 
     /// Sends peer `i`'s datagram: itself on a published direct route, else through the
     /// engine (relay, no path yet, probing).
     pub(super) fn send(&self, i: usize, dg: &[u8]) {
-        let Some(fast) = self.fast.get(i) else {
+        let Ok(v) = self.fast.read() else {
+            return;
+        };
+        let Some((fast, notified)) = v.get(i) else {
             return;
         };
         match fast.current() {
@@ -61,12 +77,10 @@ impl DeviceOut {
                 fast.tx_packets.fetch_add(1, Ordering::Relaxed);
                 // Tell the engine now and then that data flows (active probing).
                 let now = self.start.elapsed().as_millis() as u64 + 1;
-                if let Some(n) = self.notified.get(i) {
-                    let last = n.load(Ordering::Relaxed);
-                    if last == 0 || now.saturating_sub(last) >= FAST_NOTIFY.as_millis() as u64 {
-                        n.store(now, Ordering::Relaxed);
-                        let _ = self.tx.try_send(FromWg::Active(i));
-                    }
+                let last = notified.load(Ordering::Relaxed);
+                if last == 0 || now.saturating_sub(last) >= FAST_NOTIFY.as_millis() as u64 {
+                    notified.store(now, Ordering::Relaxed);
+                    let _ = self.tx.try_send(FromWg::Active(i));
                 }
             }
             None => {

@@ -121,6 +121,19 @@ pub struct Daemon {
     int: mpsc::Sender<Internal>,
     /// The port mapper of the data socket (`PortMapping = on`).
     portmap: Option<crate::portmap::PortMapper>,
+    /// `meshpunch reload` requests from the control socket (see [`Daemon::reload_requests`]).
+    reload_rx: Option<mpsc::Receiver<ReloadRequest>>,
+}
+
+/// A `meshpunch reload` request: the caller re-reads the config, applies it with
+/// [`Daemon::reload_peers`] and answers here.
+pub type ReloadRequest = oneshot::Sender<Result<control::PeerChanges, String>>;
+
+/// The built-in WireGuard device's shared parts (for peers added at run time).
+struct DeviceParts {
+    dev: Arc<crate::tun::Device>,
+    out: Arc<device::DeviceOut>,
+    bufs: Arc<std::sync::Mutex<crate::tun::Buffers>>,
 }
 
 /// Adds and removes peers of a running daemon (the `--wg-interface` watcher uses it).
@@ -206,6 +219,34 @@ impl Daemon {
             m.stop().await;
         }
         self.task.abort();
+    }
+
+    /// The `meshpunch reload` requests that arrive on the control socket (once; the caller
+    /// re-reads its config, which the daemon does not know, for each).
+    pub fn reload_requests(&mut self) -> Option<mpsc::Receiver<ReloadRequest>> {
+        self.reload_rx.take()
+    }
+
+    /// Applies a re-read config's peers (SIGHUP, `meshpunch reload`): peers not in `peers`
+    /// any more are dropped (proxy port closed; in `--tun` mode tunnel and routes removed),
+    /// new ones are added and start punching, changed ones are updated (a peer whose
+    /// candidates, `ProxyPort`, `AllowedIPs` or `PresharedKey` changed is removed and added
+    /// again; a new `Name` is just taken). `tun` (the new [`crate::tun::TunPeer`]s, in the
+    /// order of `peers`) is required in `--tun` mode and refused otherwise. Everything is
+    /// checked before anything changes: on an error nothing changed.
+    pub async fn reload_peers(
+        &self,
+        peers: Vec<PeerConfig>,
+        tun: Option<Vec<crate::tun::TunPeer>>,
+    ) -> anyhow::Result<control::PeerChanges> {
+        let (reply, rx) = oneshot::channel();
+        self.int
+            .send(Internal::Reload { peers, tun, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the daemon has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the daemon has stopped"))?
+            .map_err(anyhow::Error::msg)
     }
 
     /// Uses a new rendezvous connect string (SIGHUP: a rotated token) without a restart: the
@@ -322,6 +363,7 @@ pub async fn start_with_extras(
     let mut peers = Vec::new();
     let mut specs = Vec::new();
     let mut proxies = Vec::new();
+    let mut device_parts = None;
     if let Some(ts) = &tun {
         // Built-in WireGuard: one TUN device, no proxy ports.
         let iface = crate::tun::TunIface::create(ts)?;
@@ -341,9 +383,9 @@ pub async fn start_with_extras(
             wg_tx.clone(),
         ));
         let bufs = Arc::new(std::sync::Mutex::new(crate::tun::Buffers::default()));
-        for (i, (pc, fast)) in opts.peers.iter().zip(fasts).enumerate() {
+        for (i, ((pc, fast), tp)) in opts.peers.iter().zip(fasts).zip(&ts.peers).enumerate() {
             specs.push(peer_spec(&opts.identity, pc));
-            peers.push(Peer::new(
+            let mut p = Peer::new(
                 fast,
                 format_key(&pc.public_key),
                 pc.name.clone(),
@@ -353,9 +395,13 @@ pub async fn start_with_extras(
                     out: out.clone(),
                     bufs: bufs.clone(),
                 }),
-            ));
+            );
+            p.cfg = Some(pc.clone());
+            p.tun = Some(tp.clone());
+            peers.push(p);
         }
-        device::spawn(dev, out);
+        device::spawn(dev.clone(), out.clone());
+        device_parts = Some(DeviceParts { dev, out, bufs });
     }
     for (i, pc) in opts.peers.iter().enumerate().filter(|_| tun.is_none()) {
         let proxy = UdpSocket::bind(SocketAddr::new(
@@ -374,7 +420,7 @@ pub async fn start_with_extras(
         let proxy_addr = proxy.local_addr()?;
         proxies.push((pc.public_key, proxy_addr));
         let fast = Arc::new(FastPath::default());
-        proxy::spawn_reader(
+        let reader = proxy::spawn_reader(
             i,
             proxy.clone(),
             proxy_addr,
@@ -384,7 +430,7 @@ pub async fn start_with_extras(
             wg_tx.clone(),
         );
         specs.push(peer_spec(&opts.identity, pc));
-        peers.push(Peer::new(
+        let mut p = Peer::new(
             fast,
             format_key(&pc.public_key),
             pc.name.clone(),
@@ -392,8 +438,11 @@ pub async fn start_with_extras(
                 sock: proxy,
                 addr: proxy_addr,
                 wg: opts.wireguard_endpoint,
+                reader,
             }),
-        ));
+        );
+        p.cfg = Some(pc.clone());
+        peers.push(p);
     }
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<CtlCmd>(64);
@@ -404,6 +453,7 @@ pub async fn start_with_extras(
     let (local_tx, local_rx) = watch::channel((0u64, Vec::new()));
     let (sig_ev_tx, sig_ev_rx) = mpsc::channel::<SignalEvent>(256);
     let (int_tx, int_rx) = mpsc::channel::<Internal>(1024);
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let mut rdv = RendezvousStatus {
         state: "disabled".into(),
         ..Default::default()
@@ -479,6 +529,8 @@ pub async fn start_with_extras(
         wireguard_endpoint: opts.wireguard_endpoint,
         streams: relay_stream::RelayStreams::new(opts.ca_roots.clone()),
         portmap: None,
+        device: device_parts,
+        reload_tx,
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -497,6 +549,7 @@ pub async fn start_with_extras(
         sig: sig_handle,
         int,
         portmap: None,
+        reload_rx: Some(reload_rx),
     })
 }
 
@@ -511,6 +564,11 @@ struct Peer {
     /// Path changes and failovers (a direct or LAN path given up for the relay or nothing),
     /// for `status` and the metrics endpoint.
     changes: PathChanges,
+    /// The peer as configured (None: added by the `--wg-interface` watcher); a reload
+    /// compares against it.
+    cfg: Option<PeerConfig>,
+    /// The peer as the built-in device has it (`--tun`).
+    tun: Option<crate::tun::TunPeer>,
 }
 
 /// Writes one transmit of the node to the socket it names.
@@ -542,8 +600,22 @@ impl Peer {
             name,
             wg,
             changes: PathChanges::default(),
+            cfg: None,
+            tun: None,
         }
     }
+}
+
+/// Binds a proxy port on 127.0.0.1 (`port` 0: any) for peer `label`.
+fn bind_proxy(port: u16, label: &str) -> Result<(Arc<UdpSocket>, SocketAddr), String> {
+    let std = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(|e| format!("cannot bind proxy port 127.0.0.1:{port} for peer {label}: {e}"))?;
+    let sock = UdpSocket::from_std(std).map_err(|e| format!("proxy port for peer {label}: {e}"))?;
+    let addr = sock
+        .local_addr()
+        .map_err(|e| format!("proxy port for peer {label}: {e}"))?;
+    Ok((Arc::new(sock), addr))
 }
 
 /// What the node knows of a configured peer: its key, static candidates and, with static
@@ -616,6 +688,12 @@ enum Internal {
     },
     /// The port mapper's state changed (see [`Daemon::start_port_mapping`]).
     Portmap(Box<crate::portmap::Snapshot>),
+    /// Apply a re-read config's peers ([`Daemon::reload_peers`]).
+    Reload {
+        peers: Vec<PeerConfig>,
+        tun: Option<Vec<crate::tun::TunPeer>>,
+        reply: oneshot::Sender<Result<control::PeerChanges, String>>,
+    },
 }
 
 struct Engine {
@@ -647,6 +725,10 @@ struct Engine {
     streams: relay_stream::RelayStreams,
     /// The port mapper's latest state (None: port mapping not running).
     portmap: Option<crate::portmap::Snapshot>,
+    /// The built-in WireGuard device (`--tun`).
+    device: Option<DeviceParts>,
+    /// Where `meshpunch reload` requests go (to [`Daemon::reload_requests`]).
+    reload_tx: mpsc::Sender<ReloadRequest>,
 }
 
 impl Engine {
@@ -936,7 +1018,8 @@ impl Engine {
     fn find_peer(&self, s: &str) -> Option<usize> {
         self.peers
             .iter()
-            .position(|p| p.b64 == s || p.name.as_deref() == Some(s))
+            .zip(self.node.peers())
+            .position(|(p, np)| !np.is_removed() && (p.b64 == s || p.name.as_deref() == Some(s)))
     }
 
     fn on_ctl(&mut self, now: Instant, cmd: CtlCmd) {
@@ -977,6 +1060,15 @@ impl Engine {
             CtlCmd::Shutdown(reply) => {
                 let _ = reply.send(());
             }
+            // The config file is the caller's (`meshpunch up`): it re-reads it and answers.
+            CtlCmd::Reload(reply) => {
+                if let Err(
+                    mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r),
+                ) = self.reload_tx.try_send(reply)
+                {
+                    let _ = r.send(Err("a reload is already under way (or the daemon does not reload its config); try again".into()));
+                }
+            }
         }
     }
 
@@ -1012,6 +1104,10 @@ impl Engine {
             Internal::AddPeer { key, reply } => {
                 let _ = reply.send(self.add_peer(now, key));
             }
+            Internal::Reload { peers, tun, reply } => {
+                // The caller logs the outcome (one line).
+                let _ = reply.send(self.reload(now, peers, tun));
+            }
             Internal::RemovePeer { key, reply } => {
                 let removed = self.node.remove_peer(now, unix_ms(), &key).is_some();
                 if removed {
@@ -1027,21 +1123,9 @@ impl Engine {
     fn add_peer(&mut self, now: Instant, key: [u8; 32]) -> Result<SocketAddr, String> {
         let b64 = format_key(&key);
         let slot = self.peers.iter().position(|p| p.b64 == b64);
-        let new = match slot {
-            Some(_) => None,
-            None => {
-                let std =
-                    std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
-                        .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                        .map_err(|e| format!("cannot bind a proxy port for peer {b64}: {e}"))?;
-                let sock = UdpSocket::from_std(std)
-                    .map_err(|e| format!("proxy port for peer {b64}: {e}"))?;
-                let sock = Arc::new(sock);
-                let addr = sock
-                    .local_addr()
-                    .map_err(|e| format!("proxy port for peer {b64}: {e}"))?;
-                Some((sock, addr))
-            }
+        let new = match slot.map(|i| &self.peers[i].wg) {
+            Some(WgSide::Proxy(_) | WgSide::Device(_)) => None,
+            Some(WgSide::Removed) | None => Some(bind_proxy(0, &b64)?),
         };
         let i = self.node.add_peer(
             now,
@@ -1053,35 +1137,277 @@ impl Engine {
             },
         );
         if let Some((sock, addr)) = new {
-            if i != self.peers.len() {
-                return Err(format!("peer {b64}: node index {i} out of step"));
-            }
-            let fast = Arc::new(FastPath::default());
-            proxy::spawn_reader(
-                i,
-                sock.clone(),
-                addr,
-                self.wireguard_endpoint,
-                self.sock.clone(),
-                fast.clone(),
-                self.wg_tx.clone(),
-            );
-            self.peers.push(Peer::new(
-                fast,
-                b64.clone(),
-                None,
-                WgSide::Proxy(ProxyPort {
-                    sock,
-                    addr,
-                    wg: self.wireguard_endpoint,
-                }),
-            ));
+            let (fast, side) = self.proxy_side(i, sock, addr);
+            self.put_peer(i, Peer::new(fast, b64.clone(), None, side))?;
         }
         let addr = self.peers[i].wg.status_addr();
         tracing::info!(peer = %b64, proxy = %addr, "peer added");
         self.peers_changed();
         self.perform(now);
         Ok(addr)
+    }
+
+    /// Puts a driver peer at node index `i` (appended, or replacing a removed peer's slot).
+    fn put_peer(&mut self, i: usize, p: Peer) -> Result<(), String> {
+        if i < self.peers.len() {
+            self.peers[i] = p;
+        } else if i == self.peers.len() {
+            self.peers.push(p);
+        } else {
+            return Err(format!("peer {}: node index {i} out of step", p.b64));
+        }
+        Ok(())
+    }
+
+    /// A proxy port's WireGuard side for peer `i`, with its reader running.
+    fn proxy_side(
+        &self,
+        i: usize,
+        sock: Arc<UdpSocket>,
+        addr: SocketAddr,
+    ) -> (Arc<FastPath>, WgSide) {
+        let fast = Arc::new(FastPath::default());
+        let reader = proxy::spawn_reader(
+            i,
+            sock.clone(),
+            addr,
+            self.wireguard_endpoint,
+            self.sock.clone(),
+            fast.clone(),
+            self.wg_tx.clone(),
+        );
+        (
+            fast,
+            WgSide::Proxy(ProxyPort {
+                sock,
+                addr,
+                wg: self.wireguard_endpoint,
+                reader,
+            }),
+        )
+    }
+
+    /// Applies a re-read config's peers ([`Daemon::reload_peers`]): checks everything first
+    /// (mode, `AllowedIPs` overlaps and route collisions, proxy ports bindable), then removes,
+    /// changes and adds peers. Peers not touched keep their paths and sessions.
+    fn reload(
+        &mut self,
+        now: Instant,
+        new: Vec<PeerConfig>,
+        tun: Option<Vec<crate::tun::TunPeer>>,
+    ) -> Result<control::PeerChanges, String> {
+        use crate::config::peer_label;
+        match (&self.device, &tun) {
+            (Some(_), None) => return Err("this daemon runs the built-in WireGuard (--tun, Mode = tun) and the new config does not: restart meshpunch to change the mode".into()),
+            (None, Some(_)) => return Err("this daemon runs proxy ports and the new config asks for Mode = tun: restart meshpunch to change the mode".into()),
+            _ => {}
+        }
+        if let Some(t) = &tun {
+            if t.len() != new.len()
+                || t.iter()
+                    .zip(&new)
+                    .any(|(t, p)| t.public_key != p.public_key)
+            {
+                return Err("internal: TUN peers are not the config's peers".into());
+            }
+            crate::tun::routing_table(t).map_err(|e| e.to_string())?;
+        }
+        if self.wg_interface.is_some() {
+            return Err("peers follow the --wg-interface (add or remove them with `wg set`); the config's [Peer] sections are not reloaded".into());
+        }
+        let active: std::collections::HashMap<[u8; 32], usize> = self
+            .node
+            .peers()
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_removed())
+            .map(|(i, p)| (*p.key(), i))
+            .collect();
+        let keep: HashSet<[u8; 32]> = new.iter().map(|p| p.public_key).collect();
+        let mut removed: Vec<usize> = active
+            .iter()
+            .filter(|(k, _)| !keep.contains(*k))
+            .map(|(_, i)| *i)
+            .collect();
+        removed.sort_unstable();
+        // What to do with each peer of the new config.
+        struct Plan {
+            j: usize,
+            /// The node index of the peer today (None: new).
+            i: Option<usize>,
+            /// Node state restarts (new candidates or a new WireGuard side).
+            reset: bool,
+            /// A new WireGuard side (proxy port or tunnel).
+            side: bool,
+            /// Only the name changed.
+            renamed: bool,
+            /// A proxy port bound in advance.
+            bound: Option<(Arc<UdpSocket>, SocketAddr)>,
+        }
+        let mut plans = Vec::new();
+        for (j, pc) in new.iter().enumerate() {
+            let tp = tun.as_ref().and_then(|t| t.get(j));
+            let Some(&i) = active.get(&pc.public_key) else {
+                plans.push(Plan {
+                    j,
+                    i: None,
+                    reset: true,
+                    side: true,
+                    renamed: false,
+                    bound: None,
+                });
+                continue;
+            };
+            let p = &self.peers[i];
+            let old = p.cfg.as_ref();
+            let cands = old.is_none_or(|o| o.candidates != pc.candidates);
+            let side = match (&p.wg, tp) {
+                (WgSide::Proxy(pp), None) => pc.proxy_port != 0 && pc.proxy_port != pp.addr.port(),
+                (WgSide::Device(_), Some(tp)) => p.tun.as_ref().is_none_or(|t| {
+                    t.allowed_ips != tp.allowed_ips || t.preshared_key != tp.preshared_key
+                }),
+                _ => true,
+            };
+            let renamed = p.name != pc.name;
+            if cands || side || renamed {
+                plans.push(Plan {
+                    j,
+                    i: Some(i),
+                    reset: cands || side,
+                    side,
+                    renamed,
+                    bound: None,
+                });
+            }
+        }
+        // Checks that need the system: routes, proxy ports (bound now, used below).
+        for plan in plans.iter_mut().filter(|p| p.side) {
+            let pc = &new[plan.j];
+            match (&self.device, tun.as_ref().and_then(|t| t.get(plan.j))) {
+                (Some(d), Some(tp)) => d.dev.check_routes(tp).map_err(|e| e.to_string())?,
+                _ => {
+                    // A peer that keeps its fixed port keeps its socket.
+                    plan.bound = Some(bind_proxy(pc.proxy_port, &peer_label(pc))?);
+                }
+            }
+        }
+        let mut changes = control::PeerChanges::default();
+        for i in removed {
+            let key = *self.node.peers()[i].key();
+            self.node.remove_peer(now, unix_ms(), &key);
+            let p = &mut self.peers[i];
+            let label = p
+                .cfg
+                .as_ref()
+                .map_or_else(|| p.b64.chars().take(8).collect(), peer_label);
+            if let (Some(d), Some(_)) = (&self.device, &p.tun) {
+                for (n, e) in d.dev.remove_peer(i) {
+                    tracing::error!(peer = %label, route = %n, error = %e, "route of a removed peer not deleted; delete it with `ip route del`");
+                    changes
+                        .errors
+                        .push(format!("route {n} of {label} not deleted: {e}"));
+                }
+            }
+            let was = p.wg.status_addr();
+            p.wg = WgSide::Removed;
+            p.cfg = None;
+            p.tun = None;
+            p.fast.publish(None);
+            tracing::info!(peer = %label, key = %p.b64, proxy = %was, "peer removed (config reload)");
+            changes.removed.push(label);
+        }
+        for plan in plans {
+            let pc = &new[plan.j];
+            let tp = tun.as_ref().and_then(|t| t.get(plan.j));
+            let label = peer_label(pc);
+            if let Some(i) = plan.i {
+                if plan.reset {
+                    self.node.remove_peer(now, unix_ms(), &pc.public_key);
+                    self.node.add_peer(now, unix_ms(), peer_spec(&self.id, pc));
+                }
+                if plan.side {
+                    match self.new_side(i, pc, tp, plan.bound) {
+                        Ok((fast, side)) => {
+                            let p = &mut self.peers[i];
+                            p.fast = fast;
+                            p.wg = side;
+                        }
+                        Err(e) => {
+                            tracing::error!(peer = %label, error = %e, "peer not changed");
+                            changes.errors.push(e);
+                            continue;
+                        }
+                    }
+                }
+                let p = &mut self.peers[i];
+                p.name = pc.name.clone();
+                p.cfg = Some(pc.clone());
+                p.tun = tp.cloned();
+                tracing::info!(peer = %label, key = %p.b64, proxy = %p.wg.status_addr(), allowed_ips = ?tp.map(|t| t.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>()), renamed = plan.renamed, restarted = plan.reset, "peer changed (config reload)");
+                changes.changed.push(label);
+            } else {
+                let i = self.node.add_peer(now, unix_ms(), peer_spec(&self.id, pc));
+                match self.new_side(i, pc, tp, plan.bound) {
+                    Ok((fast, side)) => {
+                        let mut p =
+                            Peer::new(fast, format_key(&pc.public_key), pc.name.clone(), side);
+                        p.cfg = Some(pc.clone());
+                        p.tun = tp.cloned();
+                        let shown = p.wg.status_addr();
+                        if let Err(e) = self.put_peer(i, p) {
+                            self.node.remove_peer(now, unix_ms(), &pc.public_key);
+                            changes.errors.push(e);
+                            continue;
+                        }
+                        tracing::info!(peer = %label, key = %format_key(&pc.public_key), proxy = %shown, allowed_ips = ?tp.map(|t| t.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>()), "peer added (config reload)");
+                        changes.added.push(label);
+                    }
+                    Err(e) => {
+                        self.node.remove_peer(now, unix_ms(), &pc.public_key);
+                        tracing::error!(peer = %label, error = %e, "peer not added");
+                        changes.errors.push(e);
+                    }
+                }
+            }
+        }
+        self.peers_changed();
+        self.perform(now);
+        Ok(changes)
+    }
+
+    /// A fresh WireGuard side for peer slot `i`: the proxy port bound in advance (or a new
+    /// one), or the peer's tunnel and routes in the built-in device.
+    fn new_side(
+        &self,
+        i: usize,
+        pc: &PeerConfig,
+        tp: Option<&crate::tun::TunPeer>,
+        bound: Option<(Arc<UdpSocket>, SocketAddr)>,
+    ) -> Result<(Arc<FastPath>, WgSide), String> {
+        match (&self.device, tp) {
+            (Some(d), Some(tp)) => {
+                d.dev.remove_peer(i);
+                d.dev.add_peer(i, tp).map_err(|e| e.to_string())?;
+                let fast = Arc::new(FastPath::default());
+                d.out.set_fast(i, fast.clone());
+                Ok((
+                    fast,
+                    WgSide::Device(device::DeviceSide {
+                        dev: d.dev.clone(),
+                        peer: i,
+                        out: d.out.clone(),
+                        bufs: d.bufs.clone(),
+                    }),
+                ))
+            }
+            _ => {
+                let (sock, addr) = match bound {
+                    Some(b) => b,
+                    None => bind_proxy(pc.proxy_port, &crate::config::peer_label(pc))?,
+                };
+                Ok(self.proxy_side(i, sock, addr))
+            }
+        }
     }
 
     /// Tells the rendezvous task which peers we carry now.

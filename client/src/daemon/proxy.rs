@@ -72,7 +72,7 @@ pub(super) fn spawn_reader(
     data: Arc<UdpSocket>,
     fast_r: Arc<FastPath>,
     tx: mpsc::Sender<FromWg>,
-) {
+) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         // The one local address allowed to use this proxy port: the configured
@@ -135,5 +135,6 @@ pub(super) fn spawn_reader(
                 }
             }
         }
-    });
+    })
+    .abort_handle()
 }

@@ -36,6 +36,9 @@ pub(super) enum WgSide {
     Proxy(ProxyPort),
     /// The built-in WireGuard on a TUN device (`--tun`, [`super::device`]).
     Device(DeviceSide),
+    /// A peer removed from the config at run time (SIGHUP, `meshpunch reload`): its proxy
+    /// port is closed / its tunnel is gone; the slot stays so that indices never move.
+    Removed,
 }
 
 /// A peer's loopback proxy port as the engine uses it (its reader task is
@@ -47,6 +50,15 @@ pub(super) struct ProxyPort {
     pub(super) addr: SocketAddr,
     /// WireGuard's address (configured, or learned from the first packet).
     pub(super) wg: Option<SocketAddr>,
+    /// The reader task, stopped when the port is dropped (which closes the port: the task
+    /// holds the socket's other reference).
+    pub(super) reader: tokio::task::AbortHandle,
+}
+
+impl Drop for ProxyPort {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl WgSide {
@@ -59,6 +71,7 @@ impl WgSide {
                 None => false,
             },
             WgSide::Device(d) => d.deliver(pkt),
+            WgSide::Removed => false,
         }
     }
 
@@ -71,7 +84,7 @@ impl WgSide {
                     p.wg = src;
                 }
             }
-            WgSide::Device(_) => {}
+            WgSide::Device(_) | WgSide::Removed => {}
         }
     }
 
@@ -85,7 +98,7 @@ impl WgSide {
     /// The built-in device, for a [`WgSide::Device`].
     pub(super) fn device(&self) -> Option<&crate::tun::Device> {
         match self {
-            WgSide::Proxy(_) => None,
+            WgSide::Proxy(_) | WgSide::Removed => None,
             WgSide::Device(d) => Some(&d.dev),
         }
     }
@@ -95,7 +108,7 @@ impl WgSide {
     pub(super) fn status_addr(&self) -> SocketAddr {
         match self {
             WgSide::Proxy(p) => p.addr,
-            WgSide::Device(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            WgSide::Device(_) | WgSide::Removed => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }

@@ -30,7 +30,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use boringtun::noise::errors::WireGuardError;
@@ -247,20 +247,51 @@ impl Default for Buffers {
 pub struct Device {
     fd: AsyncFd<OwnedFd>,
     name: String,
-    peers: Vec<Mutex<Tunn>>,
-    labels: Vec<String>,
-    /// Per peer: its `AllowedIPs` as configured (for `status`).
-    allowed: Vec<Vec<IpNet>>,
-    table: AllowedIps,
+    /// Interface index (for routes of peers added or removed at run time).
+    index: u32,
+    /// Our private key (for tunnels of peers added at run time).
+    private_key: [u8; 32],
+    /// The peers; written only when a peer is added or removed (SIGHUP), read per packet.
+    peers: RwLock<PeerTable>,
     /// Counters.
     pub stats: TunStats,
+}
+
+/// The device's peers by index (the daemon's peer index; a removed peer's slot stays empty
+/// so that indices never move).
+#[derive(Default)]
+struct PeerTable {
+    tunnels: Vec<Option<Mutex<Tunn>>>,
+    labels: Vec<String>,
+    /// Per peer: its `AllowedIPs` as configured (for `status`; empty for a removed peer).
+    allowed: Vec<Vec<IpNet>>,
+    table: AllowedIps,
+}
+
+impl PeerTable {
+    fn label(&self, i: usize) -> &str {
+        self.labels.get(i).map_or("?", |l| l.as_str())
+    }
+}
+
+fn tunnel(private_key: [u8; 32], i: usize, p: &TunPeer) -> Mutex<Tunn> {
+    Mutex::new(Tunn::new(
+        boringtun::x25519::StaticSecret::from(private_key),
+        boringtun::x25519::PublicKey::from(p.public_key),
+        p.preshared_key,
+        None,
+        // Each tunnel's session indices carry its peer number (boringtun shifts this left by
+        // 8 and fills the low bits per session).
+        i as u32,
+        None,
+    ))
 }
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
             .field("name", &self.name)
-            .field("peers", &self.labels)
+            .field("index", &self.index)
             .finish()
     }
 }
@@ -301,24 +332,13 @@ impl Device {
         peers: &[TunPeer],
     ) -> Result<Device, TunError> {
         let table = routing_table(peers)?;
-        let secret = x25519_dalek::StaticSecret::from(private_key);
         let tunnels = peers
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                Mutex::new(Tunn::new(
-                    boringtun::x25519::StaticSecret::from(secret.to_bytes()),
-                    boringtun::x25519::PublicKey::from(p.public_key),
-                    p.preshared_key,
-                    None,
-                    // Each tunnel's session indices carry its peer number (boringtun shifts
-                    // this left by 8 and fills the low bits per session).
-                    i as u32,
-                    None,
-                ))
-            })
+            .map(|(i, p)| Some(tunnel(private_key, i, p)))
             .collect();
         let name = iface.name.clone();
+        let index = iface.index;
         // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (and its raw fd
         // unchanged) until the AsyncFd is dropped.
         let fd = unsafe { AsyncFd::register_with_interest(iface.fd, Interest::READABLE) }.map_err(
@@ -330,12 +350,159 @@ impl Device {
         Ok(Device {
             fd,
             name,
-            peers: tunnels,
-            labels: peers.iter().map(|p| p.label.clone()).collect(),
-            allowed: peers.iter().map(|p| p.allowed_ips.clone()).collect(),
-            table,
+            index,
+            private_key,
+            peers: RwLock::new(PeerTable {
+                tunnels,
+                labels: peers.iter().map(|p| p.label.clone()).collect(),
+                allowed: peers.iter().map(|p| p.allowed_ips.clone()).collect(),
+                table,
+            }),
             stats: TunStats::default(),
         })
+    }
+
+    /// Checks that `peer` could take slot `i` (the daemon's peer index; `i` = the peer
+    /// count appends): its `AllowedIPs` claimed by no other peer, and no route on another
+    /// interface to one of them. Nothing changes.
+    pub fn check_peer(&self, i: usize, peer: &TunPeer) -> Result<(), TunError> {
+        {
+            let t = self.peers.read().map_err(|_| poisoned())?;
+            self.new_table(&t, i, Some(peer))?;
+        }
+        self.check_routes(peer)
+    }
+
+    /// Checks that no route on another interface goes to one of `peer`'s `AllowedIPs`.
+    pub fn check_routes(&self, peer: &TunPeer) -> Result<(), TunError> {
+        let mut nl = sys::Netlink::open()?;
+        let routes = nl.routes().map_err(|e| TunError::Sys {
+            what: "reading the routing table".into(),
+            err: e,
+        })?;
+        for n in &peer.allowed_ips {
+            if let Some(r) = sys::route_collision(&routes, self.index, *n) {
+                return Err(TunError::RouteCollides {
+                    prefix: n.network(),
+                    peer: peer.label.clone(),
+                    dev: sys::if_name(r.oif),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The cryptokey routing table with slot `i` holding `peer` (None: empty).
+    fn new_table(
+        &self,
+        t: &PeerTable,
+        i: usize,
+        peer: Option<&TunPeer>,
+    ) -> Result<AllowedIps, TunError> {
+        let mut nets = t.allowed.clone();
+        let mut labels = t.labels.clone();
+        if nets.len() <= i {
+            nets.resize(i + 1, Vec::new());
+            labels.resize(i + 1, String::new());
+        }
+        nets[i] = peer.map(|p| p.allowed_ips.clone()).unwrap_or_default();
+        if let Some(p) = peer {
+            labels[i] = p.label.clone();
+        }
+        AllowedIps::build(&nets).map_err(|o| {
+            let l = |k: usize| labels.get(k).cloned().unwrap_or_default();
+            TunError::from(OverlapError {
+                prefix: o.prefix,
+                first: l(o.first),
+                second: l(o.second),
+            })
+        })
+    }
+
+    /// Puts `peer` in slot `i` at run time (`i` = the peer count appends; a removed peer's
+    /// slot is reused for the same key): a fresh WireGuard tunnel, its `AllowedIPs` in the
+    /// cryptokey routing table and a route for each through the device. On an error nothing
+    /// is left changed.
+    pub fn add_peer(&self, i: usize, peer: &TunPeer) -> Result<(), TunError> {
+        self.check_peer(i, peer)?;
+        let mut nl = sys::Netlink::open()?;
+        let mut added = Vec::new();
+        for n in &peer.allowed_ips {
+            match nl.add_route(self.index, *n) {
+                Ok(()) => added.push(*n),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    for a in added {
+                        let _ = nl.del_route(self.index, a);
+                    }
+                    return Err(TunError::Sys {
+                        what: format!(
+                            "adding route {} dev {} (AllowedIPs of {})",
+                            n.network(),
+                            self.name,
+                            peer.label
+                        ),
+                        err: e,
+                    });
+                }
+            }
+        }
+        let mut t = self.peers.write().map_err(|_| poisoned())?;
+        let table = match self.new_table(&t, i, Some(peer)) {
+            Ok(x) => x,
+            Err(e) => {
+                for a in added {
+                    let _ = nl.del_route(self.index, a);
+                }
+                return Err(e);
+            }
+        };
+        if t.tunnels.len() <= i {
+            t.tunnels.resize_with(i + 1, || None);
+            t.labels.resize(i + 1, String::new());
+            t.allowed.resize(i + 1, Vec::new());
+        }
+        t.tunnels[i] = Some(tunnel(self.private_key, i, peer));
+        t.labels[i] = peer.label.clone();
+        t.allowed[i] = peer.allowed_ips.clone();
+        t.table = table;
+        Ok(())
+    }
+
+    /// Empties slot `i` (a peer removed at run time): its tunnel and sessions are dropped,
+    /// its `AllowedIPs` leave the cryptokey routing table and their routes are deleted.
+    /// Returns the prefixes whose route could not be deleted (with why).
+    pub fn remove_peer(&self, i: usize) -> Vec<(IpNet, String)> {
+        let Ok(mut t) = self.peers.write() else {
+            return Vec::new();
+        };
+        let Some(old) = t.allowed.get(i).cloned() else {
+            return Vec::new();
+        };
+        if let Ok(table) = self.new_table(&t, i, None) {
+            t.table = table;
+        }
+        if let Some(x) = t.tunnels.get_mut(i) {
+            *x = None;
+        }
+        if let Some(a) = t.allowed.get_mut(i) {
+            a.clear();
+        }
+        drop(t);
+        let mut failed = Vec::new();
+        let mut nl = match sys::Netlink::open() {
+            Ok(nl) => nl,
+            Err(e) => return old.into_iter().map(|n| (n, e.to_string())).collect(),
+        };
+        for n in old {
+            match nl.del_route(self.index, n) {
+                Ok(()) => {}
+                // Not there (an Address's own prefix route is the kernel's, not ours).
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => failed.push((n, e.to_string())),
+            }
+        }
+        failed
     }
 
     /// Interface name.
@@ -343,14 +510,18 @@ impl Device {
         &self.name
     }
 
-    /// Peer `peer`'s `AllowedIPs` (empty for an unknown peer).
-    pub fn allowed_ips(&self, peer: usize) -> &[IpNet] {
-        self.allowed.get(peer).map_or(&[], |a| a.as_slice())
+    /// Peer `peer`'s `AllowedIPs` (empty for an unknown or removed peer).
+    pub fn allowed_ips(&self, peer: usize) -> Vec<IpNet> {
+        self.peers
+            .read()
+            .ok()
+            .and_then(|t| t.allowed.get(peer).cloned())
+            .unwrap_or_default()
     }
 
-    /// Number of peers.
+    /// Number of peer slots (removed peers' included).
     pub fn peer_count(&self) -> usize {
-        self.peers.len()
+        self.peers.read().map_or(0, |t| t.tunnels.len())
     }
 
     /// Reads packets from the TUN device forever, encrypts each for its peer and passes
@@ -373,11 +544,14 @@ impl Device {
 
     /// Encrypts one IP packet read from the device for the peer owning its destination.
     fn outgoing(&self, pkt: &[u8], out: &mut [u8], sink: &mut impl FnMut(usize, &[u8])) {
-        let Some(peer) = allowed::dst_addr(pkt).and_then(|d| self.table.lookup(d)) else {
+        let Ok(peers) = self.peers.read() else {
+            return;
+        };
+        let Some(peer) = allowed::dst_addr(pkt).and_then(|d| peers.table.lookup(d)) else {
             self.stats.no_peer.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some(t) = self.peers.get(peer) else {
+        let Some(Some(t)) = peers.tunnels.get(peer) else {
             return;
         };
         let Ok(mut t) = t.lock() else {
@@ -392,7 +566,7 @@ impl Device {
                 sink(peer, d);
             }
             TunnResult::Err(e) => {
-                tracing::debug!(peer = %self.labels[peer], error = ?e, "encapsulate failed");
+                tracing::debug!(peer = %peers.label(peer), error = ?e, "encapsulate failed");
             }
             // Queued until the handshake completes (no session yet).
             _ => {}
@@ -410,7 +584,10 @@ impl Device {
         b: &mut Buffers,
         mut sink: impl FnMut(usize, &[u8]),
     ) {
-        let Some(t) = self.peers.get(peer) else {
+        let Ok(peers) = self.peers.read() else {
+            return;
+        };
+        let Some(Some(t)) = peers.tunnels.get(peer) else {
             return;
         };
         let Ok(mut t) = t.lock() else {
@@ -428,15 +605,15 @@ impl Device {
                     continue;
                 }
                 TunnResult::WriteToTunnelV4(p, src) => {
-                    self.to_tun(peer, p, IpAddr::V4(src));
+                    self.to_tun(&peers, peer, p, IpAddr::V4(src));
                 }
                 TunnResult::WriteToTunnelV6(p, src) => {
-                    self.to_tun(peer, p, IpAddr::V6(src));
+                    self.to_tun(&peers, peer, p, IpAddr::V6(src));
                 }
                 TunnResult::Err(e) => {
                     let n = self.stats.decrypt_failed.fetch_add(1, Ordering::Relaxed);
                     if (n + 1).is_power_of_two() {
-                        tracing::warn!(peer = %self.labels[peer], error = ?e, count = n + 1, "WireGuard datagram dropped (meshpunch_client_tun_decrypt_failed_total)");
+                        tracing::warn!(peer = %peers.label(peer), error = ?e, count = n + 1, "WireGuard datagram dropped (meshpunch_client_tun_decrypt_failed_total)");
                     }
                 }
             }
@@ -444,16 +621,16 @@ impl Device {
         }
     }
 
-    fn to_tun(&self, peer: usize, pkt: &[u8], src: IpAddr) {
+    fn to_tun(&self, peers: &PeerTable, peer: usize, pkt: &[u8], src: IpAddr) {
         // Keepalives decrypt to an empty packet.
         if pkt.is_empty() {
             return;
         }
         // Cryptokey routing: the inner source must route back to the same peer.
-        if self.table.lookup(src) != Some(peer) {
+        if peers.table.lookup(src) != Some(peer) {
             let n = self.stats.bad_source.fetch_add(1, Ordering::Relaxed);
             if (n + 1).is_power_of_two() {
-                tracing::warn!(peer = %self.labels[peer], %src, count = n + 1, "packet from a source outside the peer's AllowedIPs dropped (meshpunch_client_tun_bad_source_total)");
+                tracing::warn!(peer = %peers.label(peer), %src, count = n + 1, "packet from a source outside the peer's AllowedIPs dropped (meshpunch_client_tun_bad_source_total)");
             }
             return;
         }
@@ -476,15 +653,18 @@ impl Device {
     /// Runs every tunnel's timers; what they send (handshake initiations and retries,
     /// keepalives) goes to `sink`.
     pub fn tick(&self, b: &mut Buffers, mut sink: impl FnMut(usize, &[u8])) {
-        for (i, t) in self.peers.iter().enumerate() {
-            let Ok(mut t) = t.lock() else {
+        let Ok(peers) = self.peers.read() else {
+            return;
+        };
+        for (i, t) in peers.tunnels.iter().enumerate() {
+            let Some(Ok(mut t)) = t.as_ref().map(|t| t.lock()) else {
                 continue;
             };
             match t.update_timers(&mut b.out) {
                 TunnResult::WriteToNetwork(d) => sink(i, d),
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(e) => {
-                    tracing::debug!(peer = %self.labels[i], error = ?e, "WireGuard timer")
+                    tracing::debug!(peer = %peers.label(i), error = ?e, "WireGuard timer")
                 }
                 _ => {}
             }
@@ -495,7 +675,15 @@ impl Device {
     /// waiting for WireGuard's 5 s retry (the first initiation, sent before any path
     /// existed, was dropped). Packets queued meanwhile leave when the handshake completes.
     pub fn path_up(&self, peer: usize, b: &mut Buffers, mut sink: impl FnMut(usize, &[u8])) {
-        let Some(Ok(mut t)) = self.peers.get(peer).map(|t| t.lock()) else {
+        let Ok(peers) = self.peers.read() else {
+            return;
+        };
+        let Some(Ok(mut t)) = peers
+            .tunnels
+            .get(peer)
+            .and_then(|t| t.as_ref())
+            .map(|t| t.lock())
+        else {
             return;
         };
         if t.stats().0.is_some() {
@@ -508,7 +696,16 @@ impl Device {
 
     /// Time since the last completed handshake with peer `peer`, if any.
     pub fn last_handshake(&self, peer: usize) -> Option<Duration> {
-        self.peers.get(peer)?.lock().ok()?.stats().0
+        let peers = self.peers.read().ok()?;
+        let t = peers.tunnels.get(peer)?.as_ref()?.lock().ok()?;
+        t.stats().0
+    }
+}
+
+fn poisoned() -> TunError {
+    TunError::Sys {
+        what: "the device's peer table".into(),
+        err: io::Error::other("lock poisoned by a panic"),
     }
 }
 

@@ -187,6 +187,7 @@ const NLM_F_CREATE: u16 = 0x400;
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
 const IFLA_MTU: u16 = 4;
 const IFA_ADDRESS: u16 = 1;
@@ -387,6 +388,25 @@ impl Netlink {
         push_attr(&mut body, RTA_DST, &ip_bytes(dst.addr));
         push_attr(&mut body, RTA_OIF, &index.to_ne_bytes());
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
+    }
+
+    /// Removes the route to `dst` through interface `index` from the main table (a peer
+    /// removed at run time). `ESRCH` means it is not there.
+    pub fn del_route(&mut self, index: u32, dst: IpNet) -> Result<(), io::Error> {
+        let dst = dst.network();
+        let mut body = Vec::with_capacity(40);
+        body.push(family(dst.addr));
+        body.push(dst.len);
+        body.push(0); // src_len
+        body.push(0); // tos
+        body.push(RT_TABLE_MAIN);
+        body.push(RTPROT_STATIC);
+        body.push(RT_SCOPE_LINK);
+        body.push(RTN_UNICAST);
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        push_attr(&mut body, RTA_DST, &ip_bytes(dst.addr));
+        push_attr(&mut body, RTA_OIF, &index.to_ne_bytes());
+        self.request(RTM_DELROUTE, 0, &body)
     }
 
     /// Every route of both families in the main and local tables.
