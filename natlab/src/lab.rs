@@ -272,6 +272,19 @@ impl Lab {
         }
     }
 
+    /// Sends signal `sig` (e.g. `libc::SIGHUP`) to process `name`; false if it is not running.
+    pub fn signal(&mut self, name: &str, sig: i32) -> bool {
+        if !self.is_running(name) {
+            return false;
+        }
+        let Some(p) = self.procs.get(name) else {
+            return false;
+        };
+        // `ip netns exec` execs the program, so the child's pid is the program's.
+        // SAFETY: plain kill(2) to our own running child.
+        unsafe { libc::kill(p.child.id() as i32, sig) == 0 }
+    }
+
     /// Stops process `name` (SIGTERM, SIGKILL after 3 s) and returns its log.
     pub fn stop(&mut self, name: &str) -> Option<String> {
         let mut p = self.procs.remove(name)?;

@@ -496,3 +496,222 @@ fn tun_full_size_packet_on_a_direct_ipv6_path() {
     // 1412 + 32 (WireGuard) + 8 (UDP) + 40 (IPv6) = 1492: fits the 1500-byte links.
     full_size_ping(&mesh, "s1", "10.9.0.2");
 }
+
+/// `--tun` and a config reload: a third peer added to the file and SIGHUP becomes pingable
+/// (route and tunnel appear); removed again with `meshpunch reload` its route goes while a
+/// ping to the other peer keeps passing; an overlapping `AllowedIPs` changes nothing.
+#[test]
+fn tun_sighup_adds_and_removes_a_peer_while_the_other_keeps_passing() {
+    let test = "tun_sighup_adds_and_removes_a_peer_while_the_other_keeps_passing";
+    if !tun_ready(test, &[]) {
+        return;
+    }
+    let bins = natlab::mesh::MeshBins::find().unwrap();
+    let client = bins.client.to_str().unwrap().to_string();
+    let mut lab = natlab::Lab::new().unwrap();
+    for n in ["a", "b", "c"] {
+        lab.add_node(n, false).unwrap();
+    }
+    lab.link("a", "veth-ab", "b", "veth-b").unwrap();
+    lab.link("a", "veth-ac", "c", "veth-c").unwrap();
+    for (n, ip, dev) in [
+        ("a", "10.201.0.1/24", "veth-ab"),
+        ("b", "10.201.0.2/24", "veth-b"),
+        ("a", "10.202.0.1/24", "veth-ac"),
+        ("c", "10.202.0.3/24", "veth-c"),
+    ] {
+        lab.ip(n, &["addr", "add", ip, "dev", dev]).unwrap();
+    }
+    let key = || {
+        let k = natlab::sh::run(&client, &["keygen"])
+            .unwrap()
+            .trim()
+            .to_string();
+        let p = natlab::sh::run_input(&client, &["pubkey"], Some(&k))
+            .unwrap()
+            .trim()
+            .to_string();
+        (k, p)
+    };
+    let (ka, kb, kc) = (key(), key(), key());
+    let dir = lab.log_dir().to_path_buf();
+    let iface = |h: &str, k: &str, tun_ip: &str| {
+        format!(
+            "[Interface]\nPrivateKey = {k}\nListenPort = 41641\nControlSocket = {}\nMode = tun\nTunName = mpv0\nAddress = {tun_ip}\nBindingLifetimeProbe = off\nPortMapping = off\n\n",
+            dir.join(format!("{h}.sock")).display()
+        )
+    };
+    let peer = |name: &str, k: &str, cand: &str, allowed: &str| {
+        format!("[Peer]\nPublicKey = {k}\nName = {name}\nCandidate = {cand}:41641\nAllowedIPs = {allowed}\n\n")
+    };
+    let write = |h: &str, text: String| {
+        let conf = dir.join(format!("{h}.conf"));
+        std::fs::write(&conf, text).unwrap();
+        std::fs::set_permissions(
+            &conf,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        conf
+    };
+    let a_iface = iface("a", &ka.0, "10.9.0.1/24");
+    let a_b = peer("b", &kb.1, "10.201.0.2", "10.9.0.2/32");
+    let a_c = peer("c", &kc.1, "10.202.0.3", "10.9.0.3/32");
+    let confs = [
+        ("a", write("a", format!("{a_iface}{a_b}"))),
+        (
+            "b",
+            write(
+                "b",
+                format!(
+                    "{}{}",
+                    iface("b", &kb.0, "10.9.0.2/24"),
+                    peer("a", &ka.1, "10.201.0.1", "10.9.0.1/32")
+                ),
+            ),
+        ),
+        (
+            "c",
+            write(
+                "c",
+                format!(
+                    "{}{}",
+                    iface("c", &kc.0, "10.9.0.3/24"),
+                    peer("a", &ka.1, "10.202.0.1", "10.9.0.1/32")
+                ),
+            ),
+        ),
+    ];
+    for (h, conf) in &confs {
+        lab.spawn_env(
+            h,
+            &format!("meshpunch-{h}"),
+            &bins.client,
+            &["up".into(), "--config".into(), conf.display().to_string()],
+            &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
+        )
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for h in ["a", "b", "c"] {
+        while !dir.join(format!("{h}.sock")).exists() {
+            if std::time::Instant::now() > deadline {
+                lab.dump_logs(40);
+                panic!("meshpunch up (Mode = tun) on {h} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let ping = |lab: &natlab::Lab, dst: &str, n: &str| {
+        let _ = lab.exec_any("a", "ping", &["-n", "-q", "-c", "1", "-W", "10", dst]);
+        let (ok, out) = lab
+            .exec_any("a", "ping", &["-n", "-c", n, "-i", "0.2", "-W", "2", dst])
+            .unwrap();
+        (ok, out)
+    };
+    let route_c = |lab: &natlab::Lab| {
+        lab.ip("a", &["-4", "route", "show", "exact", "10.9.0.3/32"])
+            .unwrap()
+    };
+    let reload = |lab: &natlab::Lab| {
+        lab.exec_any(
+            "a",
+            &client,
+            &[
+                "reload",
+                "--control-socket",
+                &dir.join("a.sock").display().to_string(),
+            ],
+        )
+        .unwrap()
+    };
+    let (ok, out) = ping(&lab, "10.9.0.2", "5");
+    assert!(ok, "a -> b before any reload: {out}");
+    assert!(route_c(&lab).trim().is_empty(), "no route to c yet");
+
+    // c added to a's file, SIGHUP: c gets a route and a tunnel and answers.
+    write("a", format!("{a_iface}{a_b}{a_c}"));
+    assert!(lab.signal("meshpunch-a", libc::SIGHUP));
+    let t0 = std::time::Instant::now();
+    let mut up = false;
+    while t0.elapsed() < Duration::from_secs(20) && !up {
+        up = lab
+            .exec_any("a", "ping", &["-n", "-q", "-c", "1", "-W", "2", "10.9.0.3"])
+            .unwrap()
+            .0;
+    }
+    println!("c answered {} after SIGHUP", support::secs(t0.elapsed()));
+    if !up {
+        lab.dump_logs(40);
+    }
+    assert!(up, "c not pingable after SIGHUP");
+    let (ok, out) = ping(&lab, "10.9.0.3", "5");
+    assert!(ok, "a -> c: {out}");
+    assert!(route_c(&lab).contains("dev mpv0"), "{}", route_c(&lab));
+
+    // An overlapping AllowedIPs: refused with both peers named, nothing changes.
+    write(
+        "a",
+        format!(
+            "{a_iface}{a_b}{}",
+            peer("c", &kc.1, "10.202.0.3", "10.9.0.2/32")
+        ),
+    );
+    let (ok, out) = reload(&lab);
+    assert!(!ok, "{out}");
+    let log = lab.log("meshpunch-a");
+    assert!(
+        log.contains("AllowedIPs 10.9.0.2/32 is claimed by peer b and by peer c"),
+        "{log}"
+    );
+    let (ok, out) = ping(&lab, "10.9.0.3", "3");
+    assert!(ok, "c still carried after the refused reload: {out}");
+
+    // c removed with `meshpunch reload` while a ping to b runs: the ping loses nothing.
+    let ping_bin = natlab::testenv::which("ping").unwrap();
+    lab.spawn(
+        "a",
+        "ping-b",
+        &ping_bin,
+        &[
+            "-n".into(),
+            "-c".into(),
+            "30".into(),
+            "-i".into(),
+            "0.1".into(),
+            "-W".into(),
+            "2".into(),
+            "10.9.0.2".into(),
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    write("a", format!("{a_iface}{a_b}"));
+    let (ok, out) = reload(&lab);
+    assert!(ok, "{out}");
+    assert!(out.contains("+0, -1 peer (c), ~0"), "{out}");
+    let t0 = std::time::Instant::now();
+    while lab.is_running("ping-b") && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = lab.log("ping-b");
+    let r = natlab::RttStats::parse_ping(&out);
+    println!("ping a -> b across the removal of c: {out}");
+    assert!(r.is_some_and(|r| r.received == 30), "{out}");
+    assert!(route_c(&lab).trim().is_empty(), "{}", route_c(&lab));
+    let (ok, _) = lab
+        .exec_any("a", "ping", &["-n", "-c", "2", "-W", "1", "10.9.0.3"])
+        .unwrap();
+    assert!(!ok, "c still answers after its removal");
+    let log = lab.log("meshpunch-a");
+    assert_eq!(
+        log.matches("peer added (config reload)").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("peer removed (config reload)").count(),
+        1,
+        "{log}"
+    );
+}
