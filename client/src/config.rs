@@ -467,7 +467,8 @@ pub fn peer_label(p: &PeerConfig) -> String {
 impl Config {
     /// The TUN device settings for `Mode = tun` / `--tun NAME` (`name` overrides `TunName`),
     /// checked: at least one `Address`, every peer with `AllowedIPs`, no prefix claimed by two
-    /// peers, no default route (a full tunnel would carry meshpunch's own traffic), an MTU an
+    /// peers (a default prefix, `0.0.0.0/0` or `::/0`, makes a full tunnel: `full_tunnel` is
+    /// set to wg-quick's 51820, which the caller replaces with the configured `FwMark`), an MTU an
     /// IPv6 address can live with. `file` names the configuration in errors.
     pub fn tun_settings(&self, file: &str, name: Option<&str>) -> Result<TunSettings, ConfigError> {
         let err = |line: usize, msg: String| ConfigError {
@@ -508,9 +509,6 @@ impl Config {
             if t.allowed_ips.is_empty() {
                 return Err(err(t.line, format!("[Peer] {label}: Mode = tun needs AllowedIPs (the peer's tunnel address, like AllowedIPs = 10.9.0.2/32)")));
             }
-            if let Some((line, a)) = t.allowed_ips.iter().find(|(_, a)| a.len == 0) {
-                return Err(err(*line, format!("AllowedIPs {a} of peer {label}: a default route (full tunnel) is not supported in Mode = tun yet (it would carry meshpunch's own traffic); list the peer's prefixes")));
-            }
             peers.push(TunPeer {
                 label,
                 public_key: p.public_key,
@@ -535,6 +533,10 @@ impl Config {
             name,
             addresses: self.addresses.iter().map(|(_, a)| *a).collect(),
             mtu,
+            full_tunnel: peers
+                .iter()
+                .any(|p| p.allowed_ips.iter().any(|a| a.len == 0))
+                .then_some(crate::tun::FULL_TUNNEL_MARK),
             peers,
         })
     }
@@ -827,11 +829,17 @@ mod tests {
         assert!(t("", &[("b", "AllowedIPs = 10.9.0.2/32")]).contains("add Address = "));
         assert!(t("Address = 10.9.0.1/24\n", &[("b", "")]).contains("needs AllowedIPs"));
         assert!(t("Address = 10.9.0.1/24\n", &[]).contains("at least one [Peer]"));
-        assert!(t(
-            "Address = 10.9.0.1/24\n",
-            &[("b", "AllowedIPs = 0.0.0.0/0")]
+        // A full tunnel is accepted (policy routing with fwmark 51820, like wg-quick).
+        let c = Config::parse(
+            "e.conf",
+            &tun_conf(
+                "Address = 10.9.0.1/24\n",
+                &[("b", "AllowedIPs = 0.0.0.0/0, ::/0")],
+            ),
         )
-        .contains("full tunnel"));
+        .unwrap();
+        let ts = c.tun_settings("e.conf", None).unwrap();
+        assert_eq!(ts.full_tunnel, Some(crate::tun::FULL_TUNNEL_MARK));
         assert!(t(
             "Address = fd00::1/64\nMTU = 1200\n",
             &[("b", "AllowedIPs = fd00::2/128")]

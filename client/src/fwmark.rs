@@ -1,6 +1,7 @@
 //! The process's firewall mark (`FwMark` / `--fwmark`) for the sockets `meshpunch up` opens
-//! outside the engine: the TLS-over-TCP fallback connection to the rendezvous and the
-//! background binding-lifetime probes. (The data socket and the birthday pool sockets get the
+//! outside the engine: the TLS-over-TCP fallback connection to the rendezvous, TURN over
+//! TCP/TLS, the port mapper's sockets (PCP / NAT-PMP / UPnP) and the background
+//! binding-lifetime probes. (The data socket and the birthday pool sockets get the
 //! mark from [`crate::daemon::Extras`].) Set once by `meshpunch up`; 0 = no mark.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +19,22 @@ pub fn process_mark() -> Option<u32> {
         0 => None,
         m => Some(m),
     }
+}
+
+/// Opens a TCP connection to `addr` from a socket carrying the process's mark (if one is set):
+/// in a full tunnel meshpunch's own TCP (the rendezvous fallback, TURN over TCP/TLS) must not
+/// be routed into the tunnel.
+pub async fn tcp_connect(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    if process_mark().is_none() {
+        return tokio::net::TcpStream::connect(addr).await;
+    }
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    apply(&s)?;
+    s.connect(addr).await
 }
 
 /// Marks `sock` with the process's mark, if one is set.

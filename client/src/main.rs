@@ -343,7 +343,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("no peers: add [Peer] sections or use --wg-interface");
             }
             // Built-in WireGuard (`--tun NAME` or `Mode = tun`): checked before anything starts.
-            let tun = if tun.is_some() || cfg.mode == meshpunch::config::Mode::Tun {
+            let mut tun = if tun.is_some() || cfg.mode == meshpunch::config::Mode::Tun {
                 if wg_interface.is_some() {
                     anyhow::bail!("Mode = tun (built-in WireGuard) and --wg-interface (an existing WireGuard interface) exclude each other: drop one");
                 }
@@ -421,15 +421,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wg_interface: wg_interface.is_some(),
                 cli_connect: cli_connect.clone(),
             };
-            let fwmark = match fwmark.as_deref() {
-                Some(v) => meshpunch::config::parse_fwmark(v).ok_or_else(|| {
+            let explicit_mark = match fwmark.as_deref() {
+                Some(v) => Some(meshpunch::config::parse_fwmark(v).ok_or_else(|| {
                     anyhow::anyhow!("--fwmark: expected off or a mark 1-4294967295, found {v:?}")
-                })?,
-                None => match cfg.fwmark {
-                    Some(m) => m,
-                    None => wg_dump.as_ref().and_then(|d| d.fwmark),
-                },
+                })?),
+                None => cfg.fwmark,
             };
+            let mut fwmark = match explicit_mark {
+                Some(m) => m,
+                None => wg_dump.as_ref().and_then(|d| d.fwmark),
+            };
+            // A full tunnel in tun mode: meshpunch's own sockets carry the mark (51820 unless
+            // FwMark says another), which is also the tunnel's routing table (wg-quick).
+            if let Some(t) = tun.as_mut().filter(|t| t.full_tunnel.is_some()) {
+                match explicit_mark {
+                    Some(None) => anyhow::bail!("AllowedIPs 0.0.0.0/0 or ::/0 (a full tunnel) needs FwMark: meshpunch's own packets must stay out of the tunnel; drop `FwMark = off` / `--fwmark off`"),
+                    Some(Some(m)) => t.full_tunnel = Some(m),
+                    None => fwmark = t.full_tunnel,
+                }
+            }
             let wg_status = wg_interface.as_ref().map(|iface| {
                 std::sync::Arc::new(std::sync::Mutex::new(control::WgInterfaceStatus {
                     name: iface.clone(),

@@ -162,6 +162,8 @@ pub fn parse_proc_net_route(text: &str) -> Option<Ipv4Addr> {
 /// Our source address towards `gateway` (PCP's client address; the UPnP internal client).
 fn local_ip_towards(gateway: IpAddr) -> std::io::Result<IpAddr> {
     let s = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))?;
+    // Marked like the mapper's socket, so the route looked up is the one its packets take.
+    crate::fwmark::apply(&s)?;
     s.connect(SocketAddr::new(gateway, SERVER_PORT))?;
     Ok(s.local_addr()?.ip())
 }
@@ -193,6 +195,8 @@ impl PortMapper {
     pub fn start(gateway: IpAddr, internal_port: u16, opts: Options) -> std::io::Result<Self> {
         let client_ip = local_ip_towards(gateway)?;
         let std_sock = std::net::UdpSocket::bind(SocketAddr::new(client_ip, 0))?;
+        // `FwMark`: in a full tunnel the gateway is reached outside the tunnel.
+        crate::fwmark::apply(&std_sock)?;
         std_sock.set_nonblocking(true)?;
         let sock = UdpSocket::from_std(std_sock)?;
         let cfg = MapperConfig {

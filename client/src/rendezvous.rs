@@ -688,23 +688,10 @@ async fn tcp_handshake(
 ) -> Result<Handshake, ClientError> {
     let server_name = rustls::pki_types::ServerName::try_from(name.clone())
         .map_err(|e| ClientError::Connect(format!("{name}: {e}")))?;
-    let stream = match crate::fwmark::process_mark() {
-        None => TcpStream::connect(addr).await,
-        // `FwMark`: in a full tunnel the fallback must not be routed into the tunnel.
-        Some(_) => {
-            async {
-                let s = if addr.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                crate::fwmark::apply(&s)?;
-                s.connect(addr).await
-            }
-            .await
-        }
-    }
-    .map_err(|e| ClientError::Connect(format!("tcp {addr}: {e}")))?;
+    // `FwMark`: in a full tunnel the fallback must not be routed into the tunnel.
+    let stream = crate::fwmark::tcp_connect(addr)
+        .await
+        .map_err(|e| ClientError::Connect(format!("tcp {addr}: {e}")))?;
     set_tcp_options(&stream);
     let local = stream.local_addr().ok();
     let stream = tls

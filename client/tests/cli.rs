@@ -217,3 +217,41 @@ fn fwmark_without_cap_net_admin_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// A full tunnel in tun mode needs the mark that keeps meshpunch's own packets out of it:
+/// `--fwmark off` with `AllowedIPs = 0.0.0.0/0` is refused before anything is created; and
+/// `meshpunch reload` without a daemon says so.
+#[test]
+fn full_tunnel_without_fwmark_and_reload_without_daemon_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("ft.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[Interface]\nPrivateKey = {}\nMode = tun\nTunName = mpft0\nAddress = 10.9.0.1/24\n\n[Peer]\nPublicKey = {}\nCandidate = 127.0.0.1:9\nAllowedIPs = 0.0.0.0/0\n",
+            meshpunch::keys::format_key(&meshpunch::keys::generate_private()),
+            meshpunch::keys::format_key(&meshpunch::keys::generate_private()),
+        ),
+    )
+    .unwrap();
+    let out = meshpunch()
+        .args(["up", "--fwmark", "off", "--config"])
+        .arg(&conf)
+        .arg("--control-socket")
+        .arg(dir.path().join("ft.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(a full tunnel) needs FwMark"), "{err}");
+    assert!(!std::path::Path::new("/sys/class/net/mpft0").exists());
+
+    let out = meshpunch()
+        .args(["reload", "--control-socket"])
+        .arg(dir.path().join("none.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no daemon is running"), "{err}");
+}

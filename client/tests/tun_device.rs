@@ -29,6 +29,7 @@ fn settings(name: &str, addr: &str, peer_key: [u8; 32], peer_allowed: &[&str]) -
             preshared_key: None,
             allowed_ips: peer_allowed.iter().map(|a| a.parse().unwrap()).collect(),
         }],
+        full_tunnel: None,
     }
 }
 

@@ -715,3 +715,180 @@ fn tun_sighup_adds_and_removes_a_peer_while_the_other_keeps_passing() {
         "{log}"
     );
 }
+
+/// A full tunnel with `--tun`: a's only peer b has `AllowedIPs = 0.0.0.0/0`; b forwards and
+/// masquerades to a server that a cannot reach except through the tunnel (b drops everything
+/// else a sends to it). meshpunch installs wg-quick's policy routing (fwmark 51820, table
+/// 51820, `not fwmark` and `suppress_prefixlength 0` rules), marks its own sockets so its path
+/// to b stays on the veth (not swallowed by the tunnel it carries), and removes the rules at `meshpunch down`.
+#[test]
+fn tun_full_tunnel_reaches_a_server_only_through_the_peer_and_cleans_up() {
+    let test = "tun_full_tunnel_reaches_a_server_only_through_the_peer_and_cleans_up";
+    if !tun_ready(test, &[]) {
+        return;
+    }
+    let bins = natlab::mesh::MeshBins::find().unwrap();
+    let client = bins.client.to_str().unwrap().to_string();
+    let mut lab = natlab::Lab::new().unwrap();
+    lab.add_node("a", false).unwrap();
+    lab.add_node("b", true).unwrap();
+    lab.add_node("srv", false).unwrap();
+    lab.link("a", "veth-ab", "b", "veth-ba").unwrap();
+    lab.link("b", "veth-bs", "srv", "veth-s").unwrap();
+    for (n, ip, dev) in [
+        ("a", "10.201.0.1/24", "veth-ab"),
+        ("b", "10.201.0.2/24", "veth-ba"),
+        ("b", "10.203.0.2/24", "veth-bs"),
+        ("srv", "10.203.0.9/24", "veth-s"),
+    ] {
+        lab.ip(n, &["addr", "add", ip, "dev", dev]).unwrap();
+    }
+    // a's default route goes to b, but b forwards only what leaves its tunnel.
+    lab.ip("a", &["route", "add", "default", "via", "10.201.0.2"])
+        .unwrap();
+    lab.nft(
+        "b",
+        "table inet fulltun {\n\
+         chain forward_filter {\n type filter hook forward priority 0; policy drop;\n\
+           iifname \"mpv0\" oifname \"veth-bs\" accept\n\
+           iifname \"veth-bs\" oifname \"mpv0\" ct state established,related accept\n}\n\
+         chain postrouting_nat {\n type nat hook postrouting priority 100;\n oifname \"veth-bs\" masquerade\n}\n\
+         }\n",
+    )
+    .unwrap();
+    let (ok, _) = lab
+        .exec_any("a", "ping", &["-n", "-c", "1", "-W", "1", "10.203.0.9"])
+        .unwrap();
+    assert!(
+        !ok,
+        "the server must not be reachable from a outside the tunnel"
+    );
+
+    let key = || {
+        let k = natlab::sh::run(&client, &["keygen"])
+            .unwrap()
+            .trim()
+            .to_string();
+        let p = natlab::sh::run_input(&client, &["pubkey"], Some(&k))
+            .unwrap()
+            .trim()
+            .to_string();
+        (k, p)
+    };
+    let (ka, kb) = (key(), key());
+    let dir = lab.log_dir().to_path_buf();
+    for (h, me, peer, tun_ip, allowed, cand) in [
+        ("a", &ka, &kb, "10.9.0.1/24", "0.0.0.0/0", "10.201.0.2"),
+        ("b", &kb, &ka, "10.9.0.2/24", "10.9.0.1/32", "10.201.0.1"),
+    ] {
+        let conf = dir.join(format!("{h}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "[Interface]\nPrivateKey = {}\nListenPort = 41641\nControlSocket = {}\nMode = tun\nTunName = mpv0\nAddress = {tun_ip}\nBindingLifetimeProbe = off\nPortMapping = off\n\n[Peer]\nPublicKey = {}\nName = peer\nCandidate = {cand}:41641\nAllowedIPs = {allowed}\n",
+                me.0,
+                dir.join(format!("{h}.sock")).display(),
+                peer.1
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &conf,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        lab.spawn_env(
+            h,
+            &format!("meshpunch-{h}"),
+            &bins.client,
+            &["up".into(), "--config".into(), conf.display().to_string()],
+            &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
+        )
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for h in ["a", "b"] {
+        while !dir.join(format!("{h}.sock")).exists() {
+            if std::time::Instant::now() > deadline {
+                lab.dump_logs(40);
+                panic!("meshpunch up (Mode = tun) on {h} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let rules = lab.ip("a", &["rule"]).unwrap();
+    assert!(
+        rules.contains("not from all fwmark 0xca6c lookup 51820"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("from all lookup main suppress_prefixlength 0"),
+        "{rules}"
+    );
+    let table = lab.ip("a", &["route", "show", "table", "51820"]).unwrap();
+    assert!(table.contains("default dev mpv0"), "{table}");
+
+    let _ = lab.exec_any(
+        "a",
+        "ping",
+        &["-n", "-q", "-c", "1", "-W", "10", "10.203.0.9"],
+    );
+    let (ok, out) = lab
+        .exec_any(
+            "a",
+            "ping",
+            &["-n", "-c", "10", "-i", "0.2", "-W", "2", "10.203.0.9"],
+        )
+        .unwrap();
+    if !ok {
+        lab.dump_logs(40);
+    }
+    println!("ping a -> server through the full tunnel: {out}");
+    let r = natlab::RttStats::parse_ping(&out);
+    assert!(r.is_some_and(|r| r.received >= 9), "{out}");
+    // meshpunch's own packets kept the veth: the path to b goes straight to b's veth address.
+    let st = lab
+        .exec(
+            "a",
+            &client,
+            &[
+                "status",
+                "--json",
+                "--control-socket",
+                &dir.join("a.sock").display().to_string(),
+            ],
+        )
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    // (b is on a's own subnet: the path is `lan`, a direct one.)
+    assert_eq!(st["peers"][0]["path"], "lan", "{st}");
+    assert_eq!(st["peers"][0]["remote"], "10.201.0.2:41641", "{st}");
+    assert_eq!(st["peers"][0]["allowed_ips"][0], "0.0.0.0/0", "{st}");
+
+    // `meshpunch down`: the rules and the table's route are gone.
+    let (ok, out) = lab
+        .exec_any(
+            "a",
+            &client,
+            &[
+                "down",
+                "--control-socket",
+                &dir.join("a.sock").display().to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(ok, "{out}");
+    let t0 = std::time::Instant::now();
+    while lab.is_running("meshpunch-a") && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rules = lab.ip("a", &["rule"]).unwrap();
+    assert!(!rules.contains("51820"), "{rules}");
+    assert!(!rules.contains("suppress_prefixlength"), "{rules}");
+    let table = lab
+        .ip("a", &["route", "show", "table", "51820"])
+        .unwrap_or_default();
+    assert!(table.trim().is_empty(), "{table}");
+    let log = lab.log("meshpunch-a");
+    assert!(log.contains("full tunnel: policy routing removed"), "{log}");
+}

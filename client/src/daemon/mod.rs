@@ -123,6 +123,9 @@ pub struct Daemon {
     portmap: Option<crate::portmap::PortMapper>,
     /// `meshpunch reload` requests from the control socket (see [`Daemon::reload_requests`]).
     reload_rx: Option<mpsc::Receiver<ReloadRequest>>,
+    /// A full tunnel's policy routing (`--tun` with `AllowedIPs = 0.0.0.0/0`): its rules are
+    /// deleted when the daemon is dropped or shut down.
+    full_tunnel: Option<crate::tun::FullTunnel>,
 }
 
 /// A `meshpunch reload` request: the caller re-reads the config, applies it with
@@ -267,6 +270,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.task.abort();
+        // The full tunnel's rules go before the control socket, whose removal tells
+        // `meshpunch down` that the daemon is done.
+        drop(self.full_tunnel.take());
         let _ = std::fs::remove_file(&self.control_socket);
     }
 }
@@ -364,9 +370,11 @@ pub async fn start_with_extras(
     let mut specs = Vec::new();
     let mut proxies = Vec::new();
     let mut device_parts = None;
+    let mut full_tunnel = None;
     if let Some(ts) = &tun {
         // Built-in WireGuard: one TUN device, no proxy ports.
-        let iface = crate::tun::TunIface::create(ts)?;
+        let mut iface = crate::tun::TunIface::create(ts)?;
+        full_tunnel = iface.take_full_tunnel();
         let dev = Arc::new(crate::tun::Device::new(
             iface,
             opts.identity.private,
@@ -550,6 +558,7 @@ pub async fn start_with_extras(
         int,
         portmap: None,
         reload_rx: Some(reload_rx),
+        full_tunnel,
     })
 }
 

@@ -22,7 +22,6 @@ use meshpunch_proto::node::relay::{LinkId, StreamKind};
 use meshpunch_proto::turn::stream::{encode_channel_data, StreamFramer, MAX_STREAM_FRAME};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::Internal;
@@ -159,7 +158,8 @@ async fn connect(
     tls: Option<&tokio_rustls::TlsConnector>,
     host: &str,
 ) -> Result<Box<dyn Stream>, String> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server))
+    // `FwMark`: in a full tunnel the relay stream must not be routed into the tunnel.
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::fwmark::tcp_connect(server))
         .await
         .map_err(|_| format!("tcp {server}: connect timed out"))?
         .map_err(|e| format!("tcp {server}: {e}"))?;

@@ -75,6 +75,108 @@ pub struct TunSettings {
     pub mtu: u32,
     /// One per peer, in the daemon's peer order.
     pub peers: Vec<TunPeer>,
+    /// A peer's `AllowedIPs` holds `0.0.0.0/0` or `::/0` (a full tunnel): the firewall mark
+    /// of meshpunch's own sockets, also the number of the tunnel's routing table (wg-quick's
+    /// recipe; [`FullTunnel`]). None: no full tunnel.
+    pub full_tunnel: Option<u32>,
+}
+
+/// The wg-quick default for a full tunnel's fwmark and routing table.
+pub const FULL_TUNNEL_MARK: u32 = 51820;
+
+/// Priorities of the full tunnel's rules: the suppressing one is consulted first.
+const SUPPRESS_PRIORITY: u32 = 32764;
+const NOT_MARK_PRIORITY: u32 = 32765;
+
+/// A full tunnel's policy routing, installed for each family with a default prefix in some
+/// peer's `AllowedIPs` (wg-quick's recipe): routing table `mark` holds the default route
+/// through the TUN device; `ip rule not fwmark MARK table MARK` sends every packet without
+/// meshpunch's mark there; `ip rule table main suppress_prefixlength 0` keeps the main table's
+/// specific routes (LAN, tunnel subnet) and drops only its default route. meshpunch's own
+/// sockets carry the mark, so its packets (paths to peers, rendezvous, relay, STUN, port
+/// mapping) keep the main table's default route. The rules are deleted when this is dropped
+/// (`meshpunch down`, SIGTERM); the table's route goes with the interface.
+#[derive(Debug)]
+pub struct FullTunnel {
+    mark: u32,
+    /// Families whose rules were added (`false` = IPv4, `true` = IPv6), with the rules.
+    added: Vec<(bool, sys::Rule)>,
+}
+
+impl FullTunnel {
+    fn install(index: u32, mark: u32, v4: bool, v6: bool) -> Result<FullTunnel, TunError> {
+        let mut nl = sys::Netlink::open()?;
+        let mut ft = FullTunnel {
+            mark,
+            added: Vec::new(),
+        };
+        for fam in [false, true]
+            .into_iter()
+            .filter(|f| if *f { v6 } else { v4 })
+        {
+            let ipv = if fam { "IPv6" } else { "IPv4" };
+            nl.add_default_route(index, fam, mark).map_err(|e| {
+                sys_err(format!("adding the {ipv} default route to table {mark}"), e)
+            })?;
+            for rule in [
+                sys::Rule::NotMark {
+                    mark,
+                    table: mark,
+                    priority: NOT_MARK_PRIORITY,
+                },
+                sys::Rule::SuppressDefault {
+                    priority: SUPPRESS_PRIORITY,
+                },
+            ] {
+                match nl.rule(true, fam, rule) {
+                    Ok(()) => ft.added.push((fam, rule)),
+                    // Left by a daemon that was killed: it is the same rule.
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => ft.added.push((fam, rule)),
+                    Err(e) => {
+                        return Err(sys_err(format!("adding the {ipv} rule {rule:?}"), e));
+                    }
+                }
+            }
+        }
+        if v4 {
+            // wg-quick does the same: replies to marked packets pass reverse-path filtering.
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1") {
+                tracing::warn!(error = %e, "cannot set net.ipv4.conf.all.src_valid_mark=1; with rp_filter on, replies to meshpunch's own packets may be dropped");
+            }
+        }
+        tracing::info!(
+            fwmark = mark,
+            table = mark,
+            ipv4 = v4,
+            ipv6 = v6,
+            "full tunnel: policy routing installed"
+        );
+        Ok(ft)
+    }
+
+    /// The mark (and table number).
+    pub fn mark(&self) -> u32 {
+        self.mark
+    }
+}
+
+impl Drop for FullTunnel {
+    fn drop(&mut self) {
+        let Ok(mut nl) = sys::Netlink::open() else {
+            tracing::error!("full tunnel: cannot open netlink to delete the rules; delete them with `ip rule del`");
+            return;
+        };
+        for (fam, rule) in self.added.drain(..).rev() {
+            if let Err(e) = nl.rule(false, fam, rule) {
+                tracing::error!(?rule, error = %e, "full tunnel rule not deleted; delete it with `ip rule del`");
+            }
+        }
+        tracing::info!(table = self.mark, "full tunnel: policy routing removed");
+    }
+}
+
+fn sys_err(what: String, err: io::Error) -> TunError {
+    TunError::Sys { what, err }
 }
 
 /// A peer as the TUN device sees it.
@@ -97,6 +199,7 @@ pub struct TunIface {
     fd: OwnedFd,
     index: u32,
     name: String,
+    full: Option<FullTunnel>,
 }
 
 impl TunIface {
@@ -132,7 +235,8 @@ impl TunIface {
             }
         }
         for p in &s.peers {
-            for n in &p.allowed_ips {
+            // A default prefix goes to the full tunnel's own table, not the main one.
+            for n in p.allowed_ips.iter().filter(|n| n.len > 0) {
                 if let Some(r) = sys::route_collision(&routes, 0, *n) {
                     return Err(TunError::RouteCollides {
                         prefix: n.network(),
@@ -143,10 +247,11 @@ impl TunIface {
             }
         }
         let (fd, index) = sys::create_tun(&s.name)?;
-        let iface = TunIface {
+        let mut iface = TunIface {
             fd,
             index,
             name: s.name.clone(),
+            full: None,
         };
         // Netlink says EPERM without CAP_NET_ADMIN; EACCES is what IPv6 answers when it is
         // disabled on the host, which is no permission problem.
@@ -167,7 +272,7 @@ impl TunIface {
                 .map_err(|e| perm(format!("adding Address {a} to {}", s.name), a.is_ipv6(), e))?;
         }
         for p in &s.peers {
-            for n in &p.allowed_ips {
+            for n in p.allowed_ips.iter().filter(|n| n.len > 0) {
                 match nl.add_route(index, *n) {
                     Ok(()) => {}
                     // Our own Address's prefix route, or a duplicate within one peer.
@@ -187,6 +292,27 @@ impl TunIface {
                 }
             }
         }
+        let defaults = s
+            .peers
+            .iter()
+            .flat_map(|p| &p.allowed_ips)
+            .filter(|n| n.len == 0);
+        let (v4, v6) = defaults.fold((false, false), |(a, b), n| {
+            (a || !n.is_ipv6(), b || n.is_ipv6())
+        });
+        if v4 || v6 {
+            let mark = s.full_tunnel.unwrap_or(FULL_TUNNEL_MARK);
+            iface.full = Some(
+                FullTunnel::install(index, mark, v4, v6).map_err(|e| match e {
+                    TunError::Sys { err, .. } if err.raw_os_error() == Some(libc::EPERM) => {
+                        TunError::NoPermission {
+                            name: s.name.clone(),
+                        }
+                    }
+                    e => e,
+                })?,
+            );
+        }
         tracing::info!(name = %s.name, index, mtu = s.mtu, addresses = ?s.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(), "TUN device up");
         Ok(iface)
     }
@@ -199,6 +325,11 @@ impl TunIface {
     /// Interface index.
     pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// Takes the full tunnel's policy routing (its rules go when it is dropped), if any.
+    pub fn take_full_tunnel(&mut self) -> Option<FullTunnel> {
+        self.full.take()
     }
 }
 
@@ -375,6 +506,15 @@ impl Device {
 
     /// Checks that no route on another interface goes to one of `peer`'s `AllowedIPs`.
     pub fn check_routes(&self, peer: &TunPeer) -> Result<(), TunError> {
+        if let Some(n) = peer.allowed_ips.iter().find(|n| n.len == 0) {
+            return Err(TunError::Sys {
+                what: format!(
+                    "AllowedIPs {n} of peer {}: a full tunnel is set up at start only",
+                    peer.label
+                ),
+                err: io::Error::other("restart meshpunch to add one"),
+            });
+        }
         let mut nl = sys::Netlink::open()?;
         let routes = nl.routes().map_err(|e| TunError::Sys {
             what: "reading the routing table".into(),

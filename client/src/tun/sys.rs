@@ -189,6 +189,15 @@ const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
+const RTM_NEWRULE: u16 = 32;
+const RTM_DELRULE: u16 = 33;
+const FRA_PRIORITY: u16 = 6;
+const FRA_FWMARK: u16 = 10;
+const FRA_SUPPRESS_PREFIXLEN: u16 = 14;
+const FRA_TABLE: u16 = 15;
+const FRA_FWMASK: u16 = 16;
+const FR_ACT_TO_TBL: u8 = 1;
+const FIB_RULE_INVERT: u32 = 0x2;
 const IFLA_MTU: u16 = 4;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
@@ -204,6 +213,27 @@ const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
 const RTN_LOCAL: u8 = 2;
 const IFF_UP: u32 = 0x1;
+
+/// A policy routing rule of a full tunnel (wg-quick's recipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// `not fwmark MARK table TABLE`: every packet without meshpunch's mark uses the tunnel's
+    /// table (its default route is the TUN device).
+    NotMark {
+        /// The mark of meshpunch's own sockets.
+        mark: u32,
+        /// The tunnel's routing table.
+        table: u32,
+        /// Rule priority.
+        priority: u32,
+    },
+    /// `table main suppress_prefixlength 0`: the main table's specific routes (the LAN, the
+    /// tunnel subnet) still apply, its default route does not.
+    SuppressDefault {
+        /// Rule priority.
+        priority: u32,
+    },
+}
 
 /// A route as the kernel reports it (the part we compare against).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,6 +437,62 @@ impl Netlink {
         push_attr(&mut body, RTA_DST, &ip_bytes(dst.addr));
         push_attr(&mut body, RTA_OIF, &index.to_ne_bytes());
         self.request(RTM_DELROUTE, 0, &body)
+    }
+
+    /// Adds the default route of `family`'s (`addr` decides: 0.0.0.0 or ::) through interface
+    /// `index` to routing table `table` (a full tunnel's table, wg-quick's recipe).
+    pub fn add_default_route(&mut self, index: u32, v6: bool, table: u32) -> Result<(), io::Error> {
+        let mut body = Vec::with_capacity(40);
+        body.push(if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8);
+        body.push(0); // dst_len: the default route
+        body.push(0); // src_len
+        body.push(0); // tos
+        body.push(0); // RT_TABLE_UNSPEC: the table is in RTA_TABLE (it may be > 255)
+        body.push(RTPROT_STATIC);
+        body.push(RT_SCOPE_LINK);
+        body.push(RTN_UNICAST);
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        push_attr(&mut body, RTA_OIF, &index.to_ne_bytes());
+        push_attr(&mut body, RTA_TABLE, &table.to_ne_bytes());
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
+    }
+
+    /// Adds (`add`) or deletes a policy routing rule of one family: `rule` is
+    /// [`Rule::NotMark`] (`ip rule add not fwmark M table T`) or [`Rule::SuppressDefault`]
+    /// (`ip rule add table main suppress_prefixlength 0`).
+    pub fn rule(&mut self, add: bool, v6: bool, rule: Rule) -> Result<(), io::Error> {
+        let mut body = Vec::with_capacity(48);
+        body.push(if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8);
+        body.push(0); // dst_len
+        body.push(0); // src_len
+        body.push(0); // tos
+        let (priority, table, flags) = match rule {
+            Rule::NotMark {
+                table, priority, ..
+            } => (priority, table, FIB_RULE_INVERT),
+            Rule::SuppressDefault { priority } => (priority, u32::from(RT_TABLE_MAIN), 0),
+        };
+        body.push(0); // table: in FRA_TABLE
+        body.push(0); // res1
+        body.push(0); // res2
+        body.push(FR_ACT_TO_TBL);
+        body.extend_from_slice(&flags.to_ne_bytes());
+        push_attr(&mut body, FRA_PRIORITY, &priority.to_ne_bytes());
+        push_attr(&mut body, FRA_TABLE, &table.to_ne_bytes());
+        match rule {
+            Rule::NotMark { mark, .. } => {
+                push_attr(&mut body, FRA_FWMARK, &mark.to_ne_bytes());
+                push_attr(&mut body, FRA_FWMASK, &u32::MAX.to_ne_bytes());
+            }
+            Rule::SuppressDefault { .. } => {
+                push_attr(&mut body, FRA_SUPPRESS_PREFIXLEN, &0u32.to_ne_bytes());
+            }
+        }
+        if add {
+            self.request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, &body)
+        } else {
+            self.request(RTM_DELRULE, 0, &body)
+        }
     }
 
     /// Every route of both families in the main and local tables.
