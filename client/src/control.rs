@@ -311,6 +311,19 @@ pub struct Status {
     /// The built-in WireGuard device (`up --tun`), when the daemon runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tun: Option<TunStatus>,
+    /// Config reloads (SIGHUP, `meshpunch reload`) since start.
+    #[serde(default)]
+    pub config_reloads: ConfigReloads,
+}
+
+/// Config reloads by outcome (`config_reloads` in `meshpunch status --json`,
+/// `meshpunch_client_config_reloads_total{result}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigReloads {
+    /// Applied.
+    pub ok: u64,
+    /// Refused (the file did not parse or check); nothing changed.
+    pub failed: u64,
 }
 
 /// The watched `--wg-interface` (`wg_interface` in `meshpunch status --json`).

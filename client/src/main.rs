@@ -701,6 +701,7 @@ impl Reloader {
     /// changed.
     async fn reload(&self, d: &daemon::Daemon, why: &str) -> Result<control::PeerChanges, String> {
         let r = self.apply(d).await;
+        d.record_reload(r.is_ok()).await;
         match &r {
             Ok(c) => tracing::info!(trigger = why, changes = %c.summary(), "config reloaded"),
             Err(e) => tracing::error!(trigger = why, "config not reloaded, nothing changed: {e}"),

@@ -97,6 +97,15 @@ pub fn render(st: &Status) -> String {
         "Candidates from peers refused (loopback, multicast, a private address that is no host candidate, ...).",
         &[("", st.probes.refused_candidates)],
     );
+    metric(
+        "meshpunch_client_config_reloads_total",
+        "counter",
+        "Config reloads (SIGHUP, meshpunch reload) by outcome; an error changed nothing.",
+        &[
+            ("result=\"ok\"", st.config_reloads.ok),
+            ("result=\"error\"", st.config_reloads.failed),
+        ],
+    );
     let b = &st.birthday;
     metric(
         "meshpunch_client_spray_sent_total",

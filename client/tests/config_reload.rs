@@ -200,7 +200,13 @@ async fn sighup_and_reload_add_remove_and_rename_peers_without_a_restart() {
     let (ok, _, err) = meshpunch(&sock, &["reload"]);
     assert!(!ok);
     assert!(err.contains("no [Peer] left"), "{err}");
-    assert_eq!(status(&sock).await.peers.len(), 1);
+    let st = status(&sock).await;
+    assert_eq!(st.peers.len(), 1);
+    assert_eq!(
+        (st.config_reloads.ok, st.config_reloads.failed),
+        (2, 2),
+        "SIGHUP and reload ok, duplicate key and no peers refused"
+    );
 
     let (ok, out, err) = meshpunch(&sock, &["down"]);
     assert!(ok, "{out}{err}");

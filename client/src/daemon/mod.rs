@@ -252,6 +252,11 @@ impl Daemon {
             .map_err(anyhow::Error::msg)
     }
 
+    /// Counts a config reload's outcome (`config_reloads` in status, and the metric).
+    pub async fn record_reload(&self, ok: bool) {
+        let _ = self.int.send(Internal::ReloadOutcome(ok)).await;
+    }
+
     /// Uses a new rendezvous connect string (SIGHUP: a rotated token) without a restart: the
     /// rendezvous client reconnects with it if it changed or the old token was refused.
     pub async fn reload_rendezvous(&self, connect: &str) -> anyhow::Result<()> {
@@ -539,6 +544,7 @@ pub async fn start_with_extras(
         portmap: None,
         device: device_parts,
         reload_tx,
+        reloads: control::ConfigReloads::default(),
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -697,6 +703,8 @@ enum Internal {
     },
     /// The port mapper's state changed (see [`Daemon::start_port_mapping`]).
     Portmap(Box<crate::portmap::Snapshot>),
+    /// A config reload ended (true: applied) ([`Daemon::record_reload`]).
+    ReloadOutcome(bool),
     /// Apply a re-read config's peers ([`Daemon::reload_peers`]).
     Reload {
         peers: Vec<PeerConfig>,
@@ -738,6 +746,8 @@ struct Engine {
     device: Option<DeviceParts>,
     /// Where `meshpunch reload` requests go (to [`Daemon::reload_requests`]).
     reload_tx: mpsc::Sender<ReloadRequest>,
+    /// Config reloads by outcome.
+    reloads: control::ConfigReloads,
 }
 
 impl Engine {
@@ -1113,6 +1123,8 @@ impl Engine {
             Internal::AddPeer { key, reply } => {
                 let _ = reply.send(self.add_peer(now, key));
             }
+            Internal::ReloadOutcome(true) => self.reloads.ok += 1,
+            Internal::ReloadOutcome(false) => self.reloads.failed += 1,
             Internal::Reload { peers, tun, reply } => {
                 // The caller logs the outcome (one line).
                 let _ = reply.send(self.reload(now, peers, tun));

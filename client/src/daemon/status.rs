@@ -123,7 +123,8 @@ impl Engine {
                 .wg_interface
                 .as_ref()
                 .and_then(|w| w.lock().ok().map(|s| s.clone())),
-            tun: self.peers.iter().find_map(|p| p.wg.device()).map(|d| {
+            config_reloads: self.reloads,
+            tun: self.device.as_ref().map(|d| &d.dev).map(|d| {
                 let s = &d.stats;
                 let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                 TunStatus {
