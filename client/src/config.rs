@@ -103,6 +103,9 @@ pub struct Config {
     pub birthday_sockets: Option<u16>,
     /// Birthday probing: spray pings per session towards a symmetric NAT (None = default).
     pub birthday_probes: Option<u16>,
+    /// Birthday probing: IP TTL of unanswered pool pings (`None` = `auto`: measured; 0 =
+    /// the system's TTL).
+    pub birthday_ttl: Option<u8>,
     /// `PortMapping`: ask the default gateway for a port mapping of the data socket (PCP,
     /// NAT-PMP, UPnP IGD; see `docs/portmap.md`).
     pub port_mapping: PortMapping,
@@ -352,6 +355,15 @@ impl Config {
                         cfg.birthday_probes = Some(v.parse().ok().filter(|n| *n <= MAX_BIRTHDAY_PROBES).ok_or_else(|| {
                             err(n, format!("BirthdayProbes: expected 0-{MAX_BIRTHDAY_PROBES} (0 = off), found {v:?}"))
                         })?)
+                    }
+                    "birthdayttl" => {
+                        cfg.birthday_ttl = if v.eq_ignore_ascii_case("auto") {
+                            None
+                        } else {
+                            Some(v.parse().ok().ok_or_else(|| {
+                                err(n, format!("BirthdayTtl: expected auto or 0-255 (0 = the system's TTL), found {v:?}"))
+                            })?)
+                        }
                     }
                     "portmapping" => {
                         cfg.port_mapping = match parse_bool(v) {
@@ -683,6 +695,12 @@ mod tests {
         assert!(e.msg.contains("BirthdaySockets: expected 0-1024"), "{e}");
         let e = Config::parse("b.conf", "[Interface]\nBirthdayProbes = -1\n").unwrap_err();
         assert!(e.msg.contains("BirthdayProbes: expected"), "{e}");
+        let c = Config::parse("b.conf", "[Interface]\nBirthdayTtl = 3\n").unwrap();
+        assert_eq!(c.birthday_ttl, Some(3));
+        let c = Config::parse("b.conf", "[Interface]\nBirthdayTtl = auto\n").unwrap();
+        assert_eq!(c.birthday_ttl, None);
+        let e = Config::parse("b.conf", "[Interface]\nBirthdayTtl = 256\n").unwrap_err();
+        assert!(e.msg.contains("BirthdayTtl: expected auto or 0-255"), "{e}");
     }
 
     #[test]

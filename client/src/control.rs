@@ -269,6 +269,9 @@ pub struct BirthdayTotals {
     pub spray_hits: u64,
     /// Pairs found by birthday probing that became valid.
     pub found: u64,
+    /// Pool pings sent with the low TTL (`BirthdayTtl`, hard side).
+    #[serde(default)]
+    pub low_ttl_pings: u64,
 }
 
 /// `meshpunch status --json`.

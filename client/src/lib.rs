@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fwmark;
+mod hops;
 pub mod keys;
 pub mod lifetime;
 pub mod metrics;

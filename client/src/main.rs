@@ -396,6 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     birthday_probes: cfg
                         .birthday_probes
                         .unwrap_or(PathConfig::default().birthday_probes),
+                    birthday_ttl: cfg.birthday_ttl.unwrap_or(0),
                     ..PathConfig::default()
                 },
             };
@@ -452,6 +453,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let extras = daemon::Extras {
                 fwmark,
                 wg_interface: wg_status.clone(),
+                birthday_ttl_auto: cfg.birthday_ttl.is_none(),
             };
             let mut d = daemon::start_with_extras(opts, lifetime, tun, extras).await?;
             if cfg.port_mapping.is_on() && !no_port_mapping {

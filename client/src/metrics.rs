@@ -126,6 +126,12 @@ pub fn render(st: &Status) -> String {
         &[("", b.found)],
     );
     metric(
+        "meshpunch_client_low_ttl_pings_total",
+        "counter",
+        "Birthday pool pings sent with the low TTL (BirthdayTtl).",
+        &[("", b.low_ttl_pings)],
+    );
+    metric(
         "meshpunch_client_pool_sockets_open",
         "gauge",
         "Birthday pool sockets open.",

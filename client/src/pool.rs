@@ -201,12 +201,24 @@ impl Pool {
         self.socket(local)?.local_addr().ok().map(|a| a.port())
     }
 
-    /// Sends from pool socket `local` (dropped if it is closed).
-    pub(crate) fn send(&self, local: LocalSocket, dest: SocketAddr, bytes: &[u8]) -> bool {
+    /// Sends from pool socket `local` (dropped if it is closed), with IP TTL `ttl` for this
+    /// datagram only when given (low-TTL birthday pings; the socket's TTL is not changed, so
+    /// a WireGuard packet sent from another task at the same time keeps the default).
+    pub(crate) fn send(
+        &self,
+        local: LocalSocket,
+        dest: SocketAddr,
+        bytes: &[u8],
+        ttl: Option<u8>,
+    ) -> bool {
         let Some(s) = self.slot(local) else {
             return false;
         };
-        match s.send.send_to(bytes, dest) {
+        let sent = match (ttl, dest) {
+            (Some(ttl), SocketAddr::V4(v4)) => send_with_ttl(&s.send, v4, bytes, ttl),
+            _ => s.send.send_to(bytes, dest),
+        };
+        match sent {
             Ok(_) => true,
             Err(e) => {
                 tracing::trace!(error = %e, %dest, local, "pool socket send failed");
@@ -237,6 +249,55 @@ impl Pool {
     }
 }
 
+/// `sendmsg` with an `IP_TTL` control message: the TTL of this one datagram (Linux 4.6+).
+fn send_with_ttl(
+    sock: &std::net::UdpSocket,
+    dest: std::net::SocketAddrV4,
+    bytes: &[u8],
+    ttl: u8,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: dest.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dest.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // Room for one cmsg carrying a c_int, 8-byte aligned.
+    let mut cbuf = [0u64; 4];
+    let value = libc::c_int::from(ttl);
+    // SAFETY: the sockaddr, iovec and control buffer live until sendmsg returns; the control
+    // buffer is large and aligned enough for one cmsg with a c_int (CMSG_SPACE checked).
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        debug_assert!(space <= std::mem::size_of_val(&cbuf));
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = &addr as *const libc::sockaddr_in as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::IPPROTO_IP;
+        (*c).cmsg_type = libc::IP_TTL;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), value);
+        let n = libc::sendmsg(sock.as_raw_fd(), &msg, 0);
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,7 +312,7 @@ mod tests {
         peer.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let pa = peer.local_addr().unwrap();
-        assert!(pool.send(3, pa, b"hi"));
+        assert!(pool.send(3, pa, b"hi", None));
         let mut buf = [0u8; 16];
         let (n, from) = peer.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"hi");
@@ -267,12 +328,32 @@ mod tests {
         assert_eq!(pool.open_count(), 1);
         assert_eq!(pool.announced(), 0);
         assert!(pool.socket(3).is_some() && pool.socket(1).is_none());
-        assert!(!pool.send(1, pa, b"x"));
+        assert!(!pool.send(1, pa, b"x", None));
         assert!(pool.socket(0).is_none() && pool.socket(9).is_none());
         // Reopening keeps socket 3 (and its port) and binds the others again.
         let port3 = pool.local_port(3);
         assert_eq!(pool.open(Instant::now()), 4);
         assert_eq!(pool.local_port(3), port3);
         assert_eq!(pool.opened_total, 7);
+    }
+
+    /// A datagram sent with a TTL carries it (read back with `IP_RECVTTL` on loopback, which
+    /// does not decrement); one without carries the socket's default.
+    #[tokio::test]
+    async fn send_sets_the_ttl_of_that_datagram_only() {
+        let mut pool = Pool::new(1);
+        assert_eq!(pool.open(Instant::now()), 1);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        crate::hops::set_recv_ttl(&peer).unwrap();
+        let pa = peer.local_addr().unwrap();
+        assert!(pool.send(1, pa, b"low", Some(3)));
+        assert!(pool.send(1, pa, b"full", None));
+        let (bytes, ttl, _) = crate::hops::recv_with_ttl(&peer).unwrap();
+        assert_eq!((&bytes[..], ttl), (&b"low"[..], Some(3)));
+        let (bytes, ttl, _) = crate::hops::recv_with_ttl(&peer).unwrap();
+        assert_eq!(&bytes[..], b"full");
+        assert!(ttl.is_some_and(|t| t > 3), "{ttl:?}");
     }
 }

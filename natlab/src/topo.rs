@@ -146,6 +146,10 @@ pub struct SiteSpec {
     /// The router runs Debian's `miniupnpd` (nftables backend) offering UPnP IGD, NAT-PMP and
     /// PCP to its LAN ([`TopologySpec::with_port_mapping`]).
     pub port_mapping: bool,
+    /// The router's internet side accepts unsolicited UDP to the router itself (no
+    /// `ct state new drop` in its input hook), like a plain Linux masquerade router with an
+    /// accepting input policy ([`TopologySpec::accepting`]).
+    pub accepting: bool,
 }
 
 /// What to build: sites, and the delay/loss between everything and the servers.
@@ -172,7 +176,20 @@ impl TopologySpec {
             nat,
             hosts,
             port_mapping: false,
+            accepting: false,
         });
+        self
+    }
+
+    /// Makes the router of the last site added accept unsolicited UDP from the internet (its
+    /// input hook has no `ct state new drop`): every datagram to the router's public address
+    /// makes a conntrack entry, which then collides with the mapping a host's own first packet
+    /// to that address and port needs (masquerade picks another source port). The router of a
+    /// double NAT (the home router, behind the carrier NAT) is the one that accepts.
+    pub fn accepting(mut self) -> Self {
+        if let Some(s) = self.sites.last_mut() {
+            s.accepting = true;
+        }
         self
     }
 
@@ -203,7 +220,7 @@ impl TopologySpec {
         vec![
             ("cafe", "two hosts on one LAN behind one NAT (cafe1, cafe2), a remote host (home1), servers 50 ms away"),
             ("pair", "two hosts behind two port-restricted NATs (a1, b1), servers 25 ms away"),
-            ("matrix", "two sites of each NAT behaviour (hosts op1 opb1, pr1 prb1, fc1 fcb1, sy1 syb1, dn1 dnb1) and UDP-blocked ub1"),
+            ("matrix", "two sites of each NAT behaviour (hosts op1 opb1, pr1 prb1, fc1 fcb1, sy1 syb1, dn1 dnb1), UDP-blocked ub1, xb1, and routers that accept unsolicited UDP (pra1, fca1, sya1)"),
             ("symmetric", "two hosts behind two symmetric NATs (s1, t1)"),
         ]
     }
@@ -238,8 +255,9 @@ impl TopologySpec {
     }
 }
 
-/// Two sites of every behaviour but UDP-blocked (one of that), for the NAT-pair matrix.
-/// The host of site `x` is `x1`.
+/// Two sites of every behaviour but UDP-blocked (one of that), plus port-restricted, full-cone
+/// and symmetric routers that accept unsolicited UDP (`pra`, `fca`, `sya`), for the NAT-pair
+/// matrix. The host of site `x` is `x1`.
 pub fn matrix_spec() -> TopologySpec {
     TopologySpec::new()
         .site("op", Nat::Open, 1)
@@ -254,6 +272,12 @@ pub fn matrix_spec() -> TopologySpec {
         .site("dnb", Nat::DoubleNat, 1)
         .site("ub", Nat::UdpBlocked, 1)
         .site("xb", Nat::UdpBlockedAll, 1)
+        .site("pra", Nat::PortRestricted, 1)
+        .accepting()
+        .site("fca", Nat::FullCone, 1)
+        .accepting()
+        .site("sya", Nat::Symmetric, 1)
+        .accepting()
         .server_delay(Duration::from_millis(10))
 }
 
@@ -671,6 +695,12 @@ fn validate(spec: &TopologySpec) -> Result<(), Error> {
                 s.name
             )));
         }
+        if s.accepting && s.nat == Nat::Open {
+            return Err(Error::Setup(format!(
+                "site {}: an open site has no router to accept or drop unsolicited UDP",
+                s.name
+            )));
+        }
         if s.hosts == 0 || s.hosts > 9 {
             return Err(Error::Setup(format!("site {}: 1-9 hosts", s.name)));
         }
@@ -838,7 +868,10 @@ fn build(spec: TopologySpec, mut lab: Lab) -> Result<Topology, Error> {
                 },
             );
         }
-        lab.nft(&router, &nat_ruleset(site.nat, first_host))?;
+        lab.nft(
+            &router,
+            &router_ruleset(site.nat, first_host, site.accepting),
+        )?;
         if site.port_mapping {
             start_miniupnpd(&mut lab, &router, lan_octet)?;
         }
@@ -866,8 +899,15 @@ fn build(spec: TopologySpec, mut lab: Lab) -> Result<Topology, Error> {
     })
 }
 
-/// The nftables ruleset of a NAT router whose internet side is interface `wan`.
+/// The nftables ruleset of a NAT router whose internet side is interface `wan` (one that
+/// drops unsolicited UDP to itself).
 pub fn nat_ruleset(nat: Nat, first_host: Option<Ipv4Addr>) -> String {
+    router_ruleset(nat, first_host, false)
+}
+
+/// [`nat_ruleset`], or with `accepting` one whose input hook accepts unsolicited UDP from the
+/// internet ([`SiteSpec::accepting`]).
+pub fn router_ruleset(nat: Nat, first_host: Option<Ipv4Addr>, accepting: bool) -> String {
     let masq = match nat {
         Nat::Symmetric => "masquerade random,fully-random",
         _ => "masquerade",
@@ -880,10 +920,12 @@ pub fn nat_ruleset(nat: Nat, first_host: Option<Ipv4Addr>) -> String {
     // confirms an entry for it. Otherwise that entry (peer:port -> wan:port) would clash with
     // the mapping the host's own first packet to that peer needs, and masquerade would pick
     // another source port: a hole-punching race Linux loses but home routers do not.
-    r.push_str(
-        "  chain input { type filter hook input priority filter; policy accept;\n    \
-         iifname \"wan\" meta l4proto udp ct state new drop\n  }\n",
-    );
+    if !accepting {
+        r.push_str(
+            "  chain input { type filter hook input priority filter; policy accept;\n    \
+             iifname \"wan\" meta l4proto udp ct state new drop\n  }\n",
+        );
+    }
     if let (Nat::FullCone, Some(h)) = (nat, first_host) {
         r.push_str(&format!(
             "  chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n    iifname \"wan\" udp dport 1024-65535 dnat to {h}\n  }}\n"

@@ -42,13 +42,50 @@ fn symmetric_nat_and_port_restricted_nat_carry_traffic_on_a_birthday_path() {
     if support::mesh_ready(test, &[]).is_none() {
         return;
     }
-    let delay = Duration::from_millis(25);
-    let topo = TopologySpec::new()
+    let spec = TopologySpec::new()
+        .site("a", Nat::Symmetric, 1)
+        .site("b", Nat::PortRestricted, 1);
+    birthday_path(spec);
+}
+
+/// Issue 17: b1's router ACCEPTS unsolicited UDP (no `ct state new drop`), so every pool ping
+/// that reached it would make a conntrack entry there and b1's spray to that port would
+/// leave from another source port. Half of a1's pool pings carry TTL 2 (they pass a1's router
+/// and die at the next hop), so those ports stay free on b1's router and the spray hits them.
+#[test]
+fn birthday_path_behind_a_router_that_accepts_unsolicited_udp() {
+    let test = "birthday_path_behind_a_router_that_accepts_unsolicited_udp";
+    if support::mesh_ready(test, &[]).is_none() {
+        return;
+    }
+    let spec = TopologySpec::new()
         .site("a", Nat::Symmetric, 1)
         .site("b", Nat::PortRestricted, 1)
-        .server_delay(delay)
-        .build()
-        .unwrap();
+        .accepting();
+    birthday_path(spec);
+}
+
+/// Both routers accept unsolicited UDP: the spray makes entries on a1's router too, but only
+/// for ports no pool socket holds (the pool pings went first), so the pool's mappings stay.
+#[test]
+fn birthday_path_when_both_routers_accept_unsolicited_udp() {
+    let test = "birthday_path_when_both_routers_accept_unsolicited_udp";
+    if support::mesh_ready(test, &[]).is_none() {
+        return;
+    }
+    let spec = TopologySpec::new()
+        .site("a", Nat::Symmetric, 1)
+        .accepting()
+        .site("b", Nat::PortRestricted, 1)
+        .accepting();
+    birthday_path(spec);
+}
+
+/// a1 (symmetric) and b1 (port-restricted) in `spec`, servers 25 ms away: direct by birthday
+/// probing, WireGuard-framed traffic both ways, the pool closed down to the path's socket.
+fn birthday_path(spec: TopologySpec) {
+    let delay = Duration::from_millis(25);
+    let topo = spec.server_delay(delay).build().unwrap();
     let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
 
     // a1: a fake WireGuard that measures round trips; b1: one that echoes.
@@ -58,8 +95,18 @@ fn symmetric_nat_and_port_restricted_nat_carry_traffic_on_a_birthday_path() {
         .spawn_echo()
         .unwrap();
     let echo_addr = echo.addr();
+    // MESHPUNCH_TEST_BIRTHDAY_TTL_OFF=1 sends every pool ping with the system's TTL (as
+    // before issue 17): the accepting-router tests then end on the relay, which shows what
+    // they test.
+    let ttl_off = std::env::var("MESHPUNCH_TEST_BIRTHDAY_TTL_OFF").is_ok();
+    let extra: Vec<String> = if ttl_off {
+        vec!["BirthdayTtl = 0".into()]
+    } else {
+        Vec::new()
+    };
     let oa = UpOptions {
         peers: vec!["b1".into()],
+        interface_extra: extra,
         wireguard_endpoint: Some(pinger.addr().unwrap()),
         proxy_ports: BTreeMap::from([("b1".to_string(), PROXY_PORT)]),
         ..Default::default()
@@ -72,9 +119,32 @@ fn symmetric_nat_and_port_restricted_nat_carry_traffic_on_a_birthday_path() {
     mesh.up("a1", &oa).unwrap();
     mesh.up("b1", &ob).unwrap();
 
-    let (va, took_a) = mesh
-        .wait_path("a1", "b1", &["direct"], Duration::from_secs(30))
-        .unwrap();
+    let (va, took_a) = match mesh.wait_path("a1", "b1", &["direct"], Duration::from_secs(30)) {
+        Ok(v) => v,
+        Err(e) => {
+            // What went wrong: both sides' birthday counters, and the routers' UDP conntrack
+            // entries (a collision shows as the spray leaving b's router from another port).
+            for h in ["a1", "b1"] {
+                let st = mesh.status(h).unwrap_or_default();
+                eprintln!("{h} birthday: {}", st["birthday"]);
+            }
+            for r in ["a", "b"] {
+                let out = mesh
+                    .topo
+                    .lab
+                    .exec_any(r, "conntrack", &["-L", "-p", "udp"])
+                    .unwrap_or_default()
+                    .1;
+                let sample: Vec<&str> = out.lines().take(20).collect();
+                eprintln!(
+                    "router {r}: {} UDP conntrack entries, first 20:\n{}",
+                    out.lines().count(),
+                    sample.join("\n")
+                );
+            }
+            panic!("{e}");
+        }
+    };
     let (vb, took_b) = mesh
         .wait_path("b1", "a1", &["direct"], Duration::from_secs(30))
         .unwrap();
@@ -97,10 +167,11 @@ fn symmetric_nat_and_port_restricted_nat_carry_traffic_on_a_birthday_path() {
     let pa = peer_entry(&sa, &key_b);
     let pb = peer_entry(&sb, &key_a);
     println!(
-        "a1: mapping {}, path from pool socket {} (port {}); b1: mapping {}, spray {} sent / {} answered, {} found",
+        "a1: mapping {}, path from pool socket {} (port {}), {} low-TTL pool pings; b1: mapping {}, spray {} sent / {} answered, {} found",
         sa["birthday"]["mapping"],
         num(&pa, &["local_socket"]),
         num(&pa, &["local_port"]),
+        num(&pa, &["birthday", "low_ttl_pings"]),
         sb["birthday"]["mapping"],
         num(&pb, &["birthday", "spray_sent"]),
         num(&pb, &["birthday", "spray_hits"]),
@@ -111,6 +182,7 @@ fn symmetric_nat_and_port_restricted_nat_carry_traffic_on_a_birthday_path() {
     assert_eq!(pa["birthday"]["role"], "hard", "{pa}");
     assert_eq!(pb["birthday"]["role"], "easy", "{pb}");
     assert!(num(&pb, &["birthday", "spray_sent"]) <= 2048, "{pb}");
+    assert!(num(&pa, &["birthday", "low_ttl_pings"]) > 0, "{pa}");
     // Almost always a pool socket carries a1's side. Rarely (about 1 in 257) the port that
     // answers is the data socket's own mapping towards b1 — also a birthday hit, without the
     // pool; and a pool socket's random port may equal the one the STUN server saw, so b1's

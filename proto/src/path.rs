@@ -53,6 +53,18 @@
 //! that found nothing (or whose pair died later) is tried again with a new session: the driver
 //! offers again at [`PeerPath::birthday_retry_at`] (30 s, doubling per failure, at most 10 min),
 //! because a relay path alone never makes it re-offer.
+//!
+//! Pool pings and routers that accept unsolicited UDP (issue 17): a pool ping that reaches the
+//! easy side's router leaves a conntrack entry there if the router accepts unsolicited UDP, and
+//! the easy side's later spray to that port collides with it — masquerade moves the spray to
+//! another source port, and Linux reuses that port for the rest of the spray. So a pool pair
+//! that has heard nothing from the peer pings with IP TTL [`PathConfig::birthday_ttl`]
+//! ([`Transmit::ttl`]): enough to pass our own NAT(s) and make the mapping, not enough to reach
+//! the peer's NAT. Pongs, the spray and every other ping keep the system's TTL, and so does a
+//! pool pair once an authenticated ping from the peer arrived on it. The driver measures the
+//! TTL (routers to the STUN server) or takes it from the config. An ordering (spray first, pool
+//! pings after) was rejected: it breaks an accepting HARD router, where the spray's entries make
+//! the symmetric NAT choose pool ports around every sprayed port.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -292,6 +304,11 @@ pub struct PathConfig {
     pub birthday_for: Duration,
     /// Ping interval of an unanswered pool pair (keeps its NAT mapping open for the spray).
     pub birthday_ping_interval: Duration,
+    /// IP TTL of unanswered pool pings (0: the system's TTL). It should pass our own NAT(s)
+    /// and die before the peer's NAT: see "Pool pings and routers that accept unsolicited
+    /// UDP" in the module doc. The driver sets it (configured, or measured:
+    /// [`PeerPath::set_birthday_ttl`]).
+    pub birthday_ttl: u8,
     /// How long predicted pairs are probed before they are dropped.
     pub predicted_for: Duration,
     /// Cap on pairs per peer (peer-reflexive ones included).
@@ -325,6 +342,7 @@ impl Default for PathConfig {
             birthday_after: Duration::from_millis(500),
             birthday_for: Duration::from_secs(15),
             birthday_ping_interval: Duration::from_secs(3),
+            birthday_ttl: 0,
             predicted_for: Duration::from_secs(5),
             max_pairs: 64,
             loopback_candidates: false,
@@ -339,6 +357,9 @@ pub struct Transmit {
     pub dest: PathAddr,
     /// The probe bytes.
     pub payload: Vec<u8>,
+    /// IP TTL for this datagram (`None`: the socket's default). Only low-TTL pool pings set
+    /// it ([`PathConfig::birthday_ttl`]).
+    pub ttl: Option<u8>,
 }
 
 /// Something the driver (and `meshpunch status`) should know.
@@ -393,6 +414,8 @@ struct Pair {
     srtt: Option<Duration>,
     pings_sent: u64,
     pongs_received: u64,
+    /// An authenticated ping arrived on this pair: its own pings no longer need a low TTL.
+    heard: bool,
 }
 
 const MAX_OUTSTANDING: usize = 8;
@@ -492,6 +515,9 @@ pub struct BirthdayStatus {
     pub spray_hits: u64,
     /// Birthday-found pairs that became valid since start (both sides).
     pub found: u64,
+    /// Pool pings sent with the low TTL ([`PathConfig::birthday_ttl`]) since start (hard side).
+    #[serde(default)]
+    pub low_ttl_pings: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -795,6 +821,7 @@ impl PeerPath {
             srtt: None,
             pings_sent: 0,
             pongs_received: 0,
+            heard: false,
         }
     }
 
@@ -980,11 +1007,14 @@ impl PeerPath {
                     self.transmits.push_back(Transmit {
                         dest: from,
                         payload: self.buf.clone(),
+                        ttl: None,
                     });
                 }
                 // Triggered check: make sure we ping back soon (and learn prflx addresses).
                 match self.pairs.iter_mut().find(|p| p.dest == from) {
                     Some(p) => {
+                        // The peer reached us on this pair: our pings may travel all the way.
+                        p.heard = true;
                         // Triggered check: ping back now unless we just did.
                         let recent = p.pings.back().is_some_and(|(_, t)| {
                             now.saturating_duration_since(*t) < self.cfg.punch_interval / 2
@@ -1146,6 +1176,10 @@ impl PeerPath {
             if let Some(s) = self.session.as_mut() {
                 s.sender.seal(unix, &ProbeBody::Ping { tx }, &mut self.buf);
             }
+            let ttl = self.pool_ping_ttl(&self.pairs[i]);
+            if ttl.is_some() {
+                self.birthday.status.low_ttl_pings += 1;
+            }
             let p = &mut self.pairs[i];
             if p.pings.len() >= MAX_OUTSTANDING {
                 p.pings.pop_front();
@@ -1157,6 +1191,7 @@ impl PeerPath {
             self.transmits.push_back(Transmit {
                 dest: p.dest,
                 payload: self.buf.clone(),
+                ttl,
             });
         }
     }
@@ -1378,6 +1413,7 @@ impl PeerPath {
         self.transmits.push_back(Transmit {
             dest: sel,
             payload: self.buf.clone(),
+            ttl: None,
         });
         Some((tx, sel))
     }
@@ -1393,6 +1429,12 @@ impl PeerPath {
 
 /// Birthday probing (see the module docs).
 impl PeerPath {
+    /// Sets [`PathConfig::birthday_ttl`] (configured, or measured by the driver; 0 = the
+    /// system's TTL). Applies to the next pool pings.
+    pub fn set_birthday_ttl(&mut self, ttl: u8) {
+        self.cfg.birthday_ttl = ttl;
+    }
+
     /// Tells the path manager how our own NAT maps the data socket (the driver measures it
     /// with two STUN servers). Decides whether we are the hard or the easy side.
     pub fn set_local_mapping(&mut self, mapping: MappingBehaviour) {
@@ -1620,6 +1662,13 @@ impl PeerPath {
         self.events.push_back(PathEvent::RemotesChanged);
     }
 
+    /// The TTL of `p`'s next ping: [`PathConfig::birthday_ttl`] for a waiting pool pair that
+    /// has heard nothing from the peer yet, else the system's.
+    fn pool_ping_ttl(&self, p: &Pair) -> Option<u8> {
+        (self.cfg.birthday_ttl > 0 && is_waiting_pool_pair(p) && !p.heard)
+            .then_some(self.cfg.birthday_ttl)
+    }
+
     /// Easy side: the next batch of spray pings to distinct random ports of the hard peer.
     fn spray(&mut self, now: Instant) {
         let (Some(target), Some(at)) = (self.birthday.target, self.birthday.next_spray) else {
@@ -1666,6 +1715,7 @@ impl PeerPath {
             self.transmits.push_back(Transmit {
                 dest: PathAddr::direct(SocketAddr::new(target.ip(), port)),
                 payload: self.buf.clone(),
+                ttl: None,
             });
         }
         self.birthday.next_spray =

@@ -103,6 +103,10 @@ pub struct Extras {
     pub fwmark: Option<u32>,
     /// The watched `--wg-interface`, shown in `meshpunch status`.
     pub wg_interface: Option<crate::wg::SharedStatus>,
+    /// `BirthdayTtl = auto`: once our mapping is endpoint-dependent (we are a birthday hard
+    /// side), measure the routers to the STUN server and use that as the pool pings' TTL
+    /// ([`crate::hops`]).
+    pub birthday_ttl_auto: bool,
 }
 
 /// A running daemon (the engine task aborts when this is dropped).
@@ -545,6 +549,8 @@ pub async fn start_with_extras(
         device: device_parts,
         reload_tx,
         reloads: control::ConfigReloads::default(),
+        hops_wanted: extras.birthday_ttl_auto,
+        fwmark: extras.fwmark,
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -592,6 +598,7 @@ fn send_on(
     socket: Socket,
     dst: SocketAddr,
     bytes: &[u8],
+    ttl: Option<u8>,
 ) {
     match socket {
         Socket::Data => {
@@ -601,7 +608,7 @@ fn send_on(
             }
         }
         Socket::Pool(l) => {
-            pool.send(l, dst, bytes);
+            pool.send(l, dst, bytes, ttl);
         }
         Socket::Relay(link) => streams.send(link, bytes),
     }
@@ -686,6 +693,8 @@ enum Internal {
         idx: usize,
         addr: Option<SocketAddr>,
     },
+    /// Routers to the STUN server, measured for the pool pings' TTL (`None`: no answer).
+    Hops(Option<u8>),
     /// The background binding-lifetime measurement for this public IP ended.
     Lifetime {
         public_ip: IpAddr,
@@ -748,6 +757,10 @@ struct Engine {
     reload_tx: mpsc::Sender<ReloadRequest>,
     /// Config reloads by outcome.
     reloads: control::ConfigReloads,
+    /// `BirthdayTtl = auto` and not measured yet (see [`Extras::birthday_ttl_auto`]).
+    hops_wanted: bool,
+    /// SO_MARK for the measurement socket.
+    fwmark: Option<u32>,
 }
 
 impl Engine {
@@ -803,12 +816,13 @@ impl Engine {
         }
     }
 
-    fn send(&self, socket: Socket, dst: SocketAddr, bytes: &[u8]) {
+    fn send(&self, socket: Socket, dst: SocketAddr, bytes: &[u8], ttl: Option<u8>) {
         send_on(
             (&self.sock, self.v6, &self.pool, &self.streams),
             socket,
             dst,
             bytes,
+            ttl,
         );
     }
 
@@ -820,10 +834,11 @@ impl Engine {
                 socket,
                 dst,
                 payload,
+                ttl,
             }) = self.node.poll_transmit()
             {
                 idle = false;
-                self.send(socket, dst, &payload);
+                self.send(socket, dst, &payload, ttl);
             }
             while let Some(ev) = self.node.poll_event() {
                 idle = false;
@@ -929,6 +944,9 @@ impl Engine {
             }
             Event::MappingBehaviour(m) => {
                 tracing::info!(mapping = ?m, "data socket mapping behaviour");
+                if m == meshpunch_proto::path::MappingBehaviour::EndpointDependent {
+                    self.measure_hops();
+                }
             }
             Event::RelayAllocating {
                 region,
@@ -1030,6 +1048,7 @@ impl Engine {
                 socket,
                 dst,
                 bytes,
+                None,
             );
         }
     }
@@ -1114,6 +1133,11 @@ impl Engine {
                     now,
                     meshpunch_proto::node::candidates::Source::PortMapped(mapped),
                 );
+            }
+            Internal::Hops(h) => {
+                let ttl = h.map_or(0, crate::hops::pool_ttl);
+                tracing::info!(routers = ?h, ttl, "birthday pool pings: TTL from the routers to the STUN server (0 = the system's)");
+                self.node.set_birthday_ttl(ttl);
             }
             Internal::Lifetime { public_ip, outcome } => {
                 if self.lifetime.on_result(now, public_ip, outcome) {
@@ -1467,6 +1491,29 @@ impl Engine {
             });
             self.lifetime.set_task(task);
         }
+    }
+
+    /// `BirthdayTtl = auto`: measures the routers to the first IPv4 STUN server once, in the
+    /// background; the answer comes back as [`Internal::Hops`].
+    fn measure_hops(&mut self) {
+        if !self.hops_wanted {
+            return;
+        }
+        let Some(server) = self.node.stun_servers().iter().find_map(|s| match s {
+            SocketAddr::V4(a) => Some(*a),
+            SocketAddr::V6(_) => None,
+        }) else {
+            return;
+        };
+        self.hops_wanted = false;
+        let (tx, mark) = (self.int_tx.clone(), self.fwmark);
+        tokio::spawn(async move {
+            let h = tokio::task::spawn_blocking(move || crate::hops::routers_to(server, mark))
+                .await
+                .ok()
+                .flatten();
+            let _ = tx.send(Internal::Hops(h)).await;
+        });
     }
 
     /// Gives the node the current keepalive interval.

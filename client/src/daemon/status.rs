@@ -43,6 +43,7 @@ impl Engine {
                 birthday.spray_sent += st.birthday.spray_sent;
                 birthday.spray_hits += st.birthday.spray_hits;
                 birthday.found += st.birthday.found;
+                birthday.low_ttl_pings += st.birthday.low_ttl_pings;
                 let local_socket = st.remote.map_or(DATA_SOCKET, |r| r.local);
                 let local_port = match local_socket {
                     DATA_SOCKET => Some(self.data_addr.port()),

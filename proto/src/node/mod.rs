@@ -97,6 +97,9 @@ pub struct Transmit {
     pub dst: SocketAddr,
     /// The bytes.
     pub payload: Vec<u8>,
+    /// IP TTL for this datagram (`None`: the socket's default; only low-TTL birthday pool
+    /// pings set it, see [`crate::path::PathConfig::birthday_ttl`]).
+    pub ttl: Option<u8>,
 }
 
 /// A received datagram that is a WireGuard packet for peer `peer`: hand `bytes[range]` of the
@@ -868,6 +871,15 @@ impl Node {
         self.drive(now);
     }
 
+    /// Sets the IP TTL of unanswered birthday pool pings for every peer, present and future
+    /// ([`crate::path::PathConfig::birthday_ttl`]; the driver measures or is configured).
+    pub fn set_birthday_ttl(&mut self, ttl: u8) {
+        self.path_cfg.birthday_ttl = ttl;
+        for p in &mut self.peers {
+            p.path.set_birthday_ttl(ttl);
+        }
+    }
+
     /// The NAT keepalive interval (configured, cached or measured).
     pub fn set_keepalive(&mut self, now: Instant, keepalive: Duration) {
         self.keepalive = keepalive;
@@ -943,6 +955,7 @@ impl Node {
                 socket: Socket::Data,
                 dst: server,
                 payload: bytes,
+                ttl: None,
             });
         }
         for (i, server) in self.home.measure_due(now) {
@@ -951,6 +964,7 @@ impl Node {
                 socket: Socket::Data,
                 dst: server,
                 payload: bytes,
+                ttl: None,
             });
         }
         if let Some((region, changed)) = self.home.evaluate_due(now) {
@@ -1000,6 +1014,7 @@ impl Node {
             socket: t.socket,
             dst: t.dst,
             payload: t.payload,
+            ttl: None,
         })
     }
 
@@ -1371,6 +1386,7 @@ impl Node {
                 socket: t.socket,
                 dst: t.dst,
                 payload: t.payload,
+                ttl: None,
             });
         }
         if old.transport().is_stream() {
@@ -1476,12 +1492,13 @@ impl Node {
         Some((link.socket(), link.server(), n))
     }
 
-    fn send_path(&mut self, now: Instant, dest: PathAddr, payload: Vec<u8>) {
+    fn send_path(&mut self, now: Instant, dest: PathAddr, payload: Vec<u8>, ttl: Option<u8>) {
         match dest.via {
             Via::Direct => self.transmits.push_back(Transmit {
                 socket: Socket::of_local(dest.local),
                 dst: dest.addr,
                 payload,
+                ttl,
             }),
             Via::Relay => {
                 if let Some((socket, server, n)) = self.frame_relay(now, dest.addr, &payload) {
@@ -1489,6 +1506,7 @@ impl Node {
                         socket,
                         dst: server,
                         payload: self.out[..n].to_vec(),
+                        ttl: None,
                     });
                 }
             }
@@ -1499,7 +1517,7 @@ impl Node {
     fn flush_peer(&mut self, now: Instant, i: usize) -> bool {
         let mut remap = false;
         while let Some(t) = self.peers[i].path.poll_transmit() {
-            self.send_path(now, t.dest, t.payload);
+            self.send_path(now, t.dest, t.payload, t.ttl);
         }
         while let Some(ev) = self.peers[i].path.poll_event() {
             match ev {

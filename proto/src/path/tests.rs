@@ -1408,3 +1408,102 @@ fn a_relayed_address_learned_as_peer_reflexive_is_a_relay_pair_once_signalled() 
         .collect();
     assert_eq!(kinds, [CandidateKind::Relayed]);
 }
+
+/// Issue 17: unanswered pool pings carry `birthday_ttl` (they must open our own NAT and die
+/// before the peer's NAT, which may accept unsolicited UDP and keep a conntrack entry that
+/// breaks the spray); everything else — the data socket's pings, the spray, pongs, and a pool
+/// pair's pings once the peer reached it — keeps the system's TTL.
+#[test]
+fn only_unanswered_pool_pings_carry_the_low_ttl() {
+    for ttl in [0u8, 2] {
+        let t0 = Instant::now();
+        let cfg = PathConfig {
+            birthday_ttl: ttl,
+            ..PathConfig::default()
+        };
+        let hard_ip: IpAddr = IpAddr::from([198, 51, 100, 7]);
+        let hard_srflx = SocketAddr::new(hard_ip, 40000);
+        let easy_srflx: SocketAddr = "203.0.113.50:41641".parse().unwrap();
+        let mut easy = PeerPath::new(cfg.clone(), [1; 32], [2; 32], t0, 1_000_000, 1);
+        let mut hard = PeerPath::new(cfg.clone(), [2; 32], [1; 32], t0, 1_000_000, 2);
+        easy.set_local_mapping(MappingBehaviour::EndpointIndependent);
+        hard.set_local_mapping(MappingBehaviour::EndpointDependent);
+        easy.set_peer_observed(Some(hard_ip));
+        hard.set_peer_observed(Some(easy_srflx.ip()));
+        easy.start_session(
+            t0,
+            &[5; 32],
+            t0,
+            vec![
+                Candidate {
+                    kind: CandidateKind::Srflx,
+                    addr: hard_srflx,
+                },
+                Candidate {
+                    kind: CandidateKind::SrflxDependent,
+                    addr: hard_srflx,
+                },
+            ],
+        );
+        hard.start_session(
+            t0,
+            &[5; 32],
+            t0,
+            vec![Candidate {
+                kind: CandidateKind::Srflx,
+                addr: easy_srflx,
+            }],
+        );
+        let mut now = t0;
+        let mut pool_ttls = HashMap::new();
+        let mut other_ttls = HashSet::new();
+        let mut spray = Vec::new();
+        while now < t0 + Duration::from_secs(2) {
+            now += Duration::from_millis(10);
+            if hard.wants_pool() && hard.pool() == 0 {
+                hard.set_pool(now, 8);
+            }
+            hard.handle_timeout(now);
+            easy.handle_timeout(now);
+            while let Some(t) = hard.poll_transmit() {
+                if t.dest.local == DATA_SOCKET {
+                    other_ttls.insert(t.ttl);
+                } else {
+                    pool_ttls.insert(t.dest.local, t.ttl);
+                }
+            }
+            while let Some(t) = easy.poll_transmit() {
+                other_ttls.insert(t.ttl);
+                if t.dest.addr.ip() == hard_ip && !(40000..=40002).contains(&t.dest.addr.port()) {
+                    spray.push(t);
+                }
+            }
+        }
+        let want = (ttl > 0).then_some(ttl);
+        assert_eq!(pool_ttls.len(), 8, "{pool_ttls:?}");
+        assert!(pool_ttls.values().all(|t| *t == want), "{pool_ttls:?}");
+        assert_eq!(other_ttls, HashSet::from([None]));
+        if ttl > 0 {
+            assert!(hard.birthday_status().low_ttl_pings >= 8);
+        } else {
+            assert_eq!(hard.birthday_status().low_ttl_pings, 0);
+        }
+        // A spray ping reaches pool socket 3: its pong and its next pings use the full TTL;
+        // socket 4, still unanswered, keeps the low one.
+        let ping = spray.remove(0);
+        assert!(hard
+            .handle_probe(now, PathAddr::direct_on(3, easy_srflx), &ping.payload)
+            .is_ok());
+        let mut sent = Vec::new();
+        for _ in 0..400 {
+            now += Duration::from_millis(10);
+            hard.handle_timeout(now);
+            sent.extend(std::iter::from_fn(|| hard.poll_transmit()));
+        }
+        let on = |l| sent.iter().filter(move |t: &&Transmit| t.dest.local == l);
+        assert!(on(3).count() >= 2, "a pong and a triggered ping");
+        assert!(on(3).all(|t| t.ttl.is_none()));
+        assert!(on(4).count() >= 1);
+        assert!(on(4).all(|t| t.ttl == want));
+    }
+}
