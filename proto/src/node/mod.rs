@@ -237,6 +237,10 @@ pub enum Event {
         /// What went wrong.
         message: String,
     },
+    /// The smallest tunnel MTU any working path to any peer allows changed ([`Node::mtu`]):
+    /// a `--tun` driver sets its interface MTU to `min(configured, this)`; `None` = no path
+    /// has a measured MTU (yet).
+    PathMtu(Option<u16>),
 }
 
 /// The rendezvous' go-ahead to punch towards one peer ([`Signal::Punch`]).
@@ -425,6 +429,8 @@ pub struct Node {
     pool_asked: Option<Instant>,
     pool_gc_at: Option<Instant>,
     unknown_probes: u64,
+    /// The [`Node::mtu`] last reported by [`Event::PathMtu`].
+    mtu_reported: Option<u16>,
     rng: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -508,6 +514,7 @@ impl Node {
             pool_asked: None,
             pool_gc_at: None,
             unknown_probes: 0,
+            mtu_reported: None,
             rng,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -1157,6 +1164,16 @@ impl Node {
         self.unknown_probes
     }
 
+    /// The smallest tunnel MTU the measured paths of all peers allow
+    /// ([`PeerPath::mtu`]); `None` until one search found a working size.
+    pub fn mtu(&self) -> Option<u16> {
+        self.peers
+            .iter()
+            .filter(|p| !p.removed)
+            .filter_map(|p| p.path.mtu())
+            .min()
+    }
+
     /// The keepalive interval in use.
     pub fn keepalive(&self) -> Duration {
         self.keepalive
@@ -1514,7 +1531,7 @@ impl Node {
                     reason,
                 }),
                 PathEvent::RemotesChanged => remap = true,
-                PathEvent::ObservedAddress(_) => {}
+                PathEvent::ObservedAddress(_) | PathEvent::MtuChanged(_) => {}
                 PathEvent::Pong {
                     remote,
                     kind,
@@ -1543,6 +1560,11 @@ impl Node {
         self.sync_pool(now);
         for i in 0..self.peers.len() {
             self.flush_peer(now, i);
+        }
+        let mtu = self.mtu();
+        if mtu != self.mtu_reported {
+            self.mtu_reported = mtu;
+            self.events.push_back(Event::PathMtu(mtu));
         }
         self.schedule_birthday_retries(now);
         let Some(link) = &mut self.link else { return };
