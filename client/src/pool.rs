@@ -153,6 +153,8 @@ impl Pool {
         if let Some(mark) = self.mark {
             crate::daemon::set_mark(&std, mark)?;
         }
+        // A birthday-found path carries MTU probes too.
+        crate::daemon::set_probe_pmtu(&std, false)?;
         std.set_nonblocking(true)?;
         let send = std.try_clone()?;
         let sock = Arc::new(UdpSocket::from_std(std)?);
@@ -209,7 +211,7 @@ impl Pool {
         match s.send.send_to(bytes, dest) {
             Ok(_) => true,
             Err(e) => {
-                tracing::trace!(error = %e, %dest, local, "pool socket send failed");
+                crate::daemon::note_send_error(&e, dest);
                 false
             }
         }
