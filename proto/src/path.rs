@@ -602,6 +602,9 @@ pub struct PeerPath {
     spray_window: Option<(Instant, u64)>,
     /// The [`PeerPath::mtu`] last reported by [`PathEvent::MtuChanged`].
     mtu_reported: Option<u16>,
+    /// Our TURN server's address ([`PeerPath::set_relay_leg`]): the first hop of pairs via
+    /// our allocation, whose family sets their MTU overhead.
+    relay_leg: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for PeerPath {
@@ -652,6 +655,7 @@ impl PeerPath {
             peer_observed: None,
             spray_window: None,
             mtu_reported: None,
+            relay_leg: None,
         }
     }
 
@@ -1317,6 +1321,13 @@ impl PeerPath {
             .min()
     }
 
+    /// Our TURN server's address (`None` without an allocation link): pairs via our
+    /// allocation leave on that leg, so an IPv6 leg costs IPv6's 40-byte header even towards
+    /// an IPv4 relayed address.
+    pub fn set_relay_leg(&mut self, server: Option<SocketAddr>) {
+        self.relay_leg = server;
+    }
+
     /// Runs the MTU searches of valid pairs: sends their due sized pings.
     fn mtu_tick(&mut self, now: Instant) {
         let unix = self.unix_ms(now);
@@ -1325,7 +1336,8 @@ impl PeerPath {
             if p.state != PairState::Valid || self.blocked(&p.dest) {
                 continue;
             }
-            let oh = crate::mtu::overhead(&p.dest.addr, pair_kind(p) == PathKind::Relay);
+            let first_hop = mtu_first_hop(&p.dest, self.relay_leg);
+            let oh = crate::mtu::overhead(&first_hop, pair_kind(p) == PathKind::Relay);
             let srtt = p.srtt;
             let (sizes, _) = self.pairs[i].mtu.poll(now, oh, srtt);
             for size in sizes {
@@ -1842,6 +1854,15 @@ impl PeerPath {
 /// An unanswered pair of a birthday pool socket (hundreds of them exist while searching).
 fn is_waiting_pool_pair(p: &Pair) -> bool {
     p.kind == CandidateKind::Birthday && p.state != PairState::Valid && p.dest.local != DATA_SOCKET
+}
+
+/// Where a pair's packets go on their first hop: our TURN server for pairs via our allocation
+/// (when known), else the pair's remote address. Its family sets the pair's MTU overhead.
+fn mtu_first_hop(dest: &PathAddr, relay_leg: Option<SocketAddr>) -> SocketAddr {
+    match (dest.via, relay_leg) {
+        (Via::Relay, Some(server)) => server,
+        _ => dest.addr,
+    }
 }
 
 fn pair_kind(p: &Pair) -> PathKind {

@@ -937,7 +937,9 @@ impl Node {
 
     /// Timers: call when [`Node::poll_timeout`] is reached (calling earlier is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
+        let relay_leg = self.link.as_ref().map(RelayLink::server);
         for p in &mut self.peers {
+            p.path.set_relay_leg(relay_leg);
             if p.path.poll_timeout().is_some_and(|t| t <= now) {
                 p.path.handle_timeout(now);
             }

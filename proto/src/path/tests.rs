@@ -1482,3 +1482,20 @@ fn a_peer_without_sized_probes_leaves_the_mtu_unknown() {
     assert_eq!(sim.nodes[0].path.mtu(), None);
     assert!(sim.nodes[0].mtu_events.is_empty());
 }
+
+#[test]
+fn a_pair_via_our_allocation_has_the_overhead_of_the_relay_leg_family() {
+    let relayed: SocketAddr = "203.0.113.20:49152".parse().unwrap();
+    let leg6: SocketAddr = "[2001:db8:ffff::10]:3478".parse().unwrap();
+    let via = PathAddr::relay(relayed);
+    // An IPv6 leg to the TURN server: 40 + 8 + 4, though the peer's relayed address is IPv4
+    // (1420 + 32 + 52 = 1504 bytes for WireGuard's default MTU).
+    let hop = mtu_first_hop(&via, Some(leg6));
+    assert_eq!(hop, leg6);
+    assert_eq!(crate::mtu::overhead(&hop, true), 52);
+    // Without a known leg, and for direct pairs (also to a relayed address): the remote.
+    assert_eq!(mtu_first_hop(&via, None), relayed);
+    let direct = PathAddr::direct(relayed);
+    assert_eq!(mtu_first_hop(&direct, Some(leg6)), relayed);
+    assert_eq!(crate::mtu::overhead(&relayed, true), 32);
+}
