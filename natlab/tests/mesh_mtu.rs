@@ -6,13 +6,15 @@
 //! inner packet of that MTU (`ping -M do`) must pass:
 //!
 //! - over IPv4, on the direct path and then (direct cut) on the relay;
-//! - over IPv6, on a direct path (two symmetric IPv4 NATs with global IPv6).
+//! - over IPv6, on a direct path (two symmetric IPv4 NATs with global IPv6);
+//! - on a forced relay (`debug block-direct`) whose client leg is IPv6: the relay also listens
+//!   on the server's IPv6 address and the relay map's UDP URI is that literal
+//!   ([`Mesh::relay_over_ipv6`]); relayed addresses stay IPv4. This is the case where
+//!   WireGuard's default MTU blackholes (1420 + 32 + 4 + 8 + 40 = 1504 bytes).
 //!
 //! A relay path from b1 may show 1500: the relay host, which sends without
 //! `IP_PMTUDISC_PROBE`, fragments towards a's 1400-byte link once it learned that link's MTU,
 //! and fragments reassembled at a1 do work. a1's own paths all start on its 1400-byte uplink.
-//!
-//! Not covered yet: the relay over IPv6 (the lab relay listens on IPv4 only).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -280,4 +282,101 @@ fn tun_mtu_follows_a_1400_byte_uplink_on_a_direct_ipv6_path() {
     }
     full_size_ping(&mesh, "s1", "10.9.0.2", link_mtu(&mesh, "s1"));
     full_size_ping(&mesh, "t1", "10.9.0.1", link_mtu(&mesh, "t1"));
+}
+
+#[test]
+fn tun_mtu_follows_a_1400_byte_uplink_on_a_relay_path_reached_over_ipv6() {
+    let test = "tun_mtu_follows_a_1400_byte_uplink_on_a_relay_path_reached_over_ipv6";
+    if !tun_ready(test, &["sysctl"]) {
+        return;
+    }
+    let topo = TopologySpec::new()
+        .site("s", Nat::Symmetric, 1)
+        .site("t", Nat::Symmetric, 1)
+        .build()
+        .unwrap();
+    topo.enable_ipv6(true).unwrap();
+    let mut mesh = Mesh::start_with(topo, support::relay_impl()).unwrap();
+    mesh.relay_over_ipv6().unwrap();
+    let relay6 = Mesh::relay_v6_addr().to_string();
+    lower_uplink(&mesh, "s");
+    up_pair(
+        &mut mesh,
+        "s1",
+        "t1",
+        &["BirthdaySockets = 0", "BirthdayProbes = 0"],
+    );
+    // Forced relay: no direct path (IPv4 or IPv6) is used.
+    for (h, peer) in [("s1", "t1"), ("t1", "s1")] {
+        let ctl = mesh.node(h).unwrap().control.display().to_string();
+        mesh.client(
+            h,
+            &[
+                "--control-socket",
+                &ctl,
+                "debug",
+                "block-direct",
+                peer,
+                "on",
+            ],
+        )
+        .unwrap();
+    }
+    mesh.wait_path("s1", "t1", &["relay"], Duration::from_secs(45))
+        .unwrap();
+    mesh.wait_path("t1", "s1", &["relay"], Duration::from_secs(45))
+        .unwrap();
+    let via_relay = |p: &serde_json::Value| p["remote"]["via"] == "relay";
+    // s1's relay leg is IPv6 over the 1400-byte link: 1400 - 40 - 8 - 4 - 32 = 1316 at most.
+    let (path, tun, st) = wait_mtu(&mut mesh, "s1", 1316, via_relay);
+    println!(
+        "s1 on the relay over IPv6: path mtu {path}, {TUN} mtu {tun}, relay pair outer {:?}, home relay {}",
+        pair_outer(&st, via_relay),
+        st["home_relay"]
+    );
+    assert_eq!(link_mtu(&mesh, "s1"), tun, "ip link vs status");
+    for h in ["s1", "t1"] {
+        let st = if h == "s1" {
+            st.clone()
+        } else {
+            mesh.status(h).unwrap()
+        };
+        assert_eq!(
+            st["home_relay"]["server"].as_str(),
+            Some(relay6.as_str()),
+            "{h}: relay leg must be IPv6: {:#}",
+            st["home_relay"]
+        );
+        assert_eq!(
+            st["home_relay"]["transport"], "udp",
+            "{:#}",
+            st["home_relay"]
+        );
+        assert_eq!(st["peers"][0]["path"], "relay", "{:#}", st["peers"][0]);
+    }
+    assert!(
+        st["peers"][0]["mtu"].as_u64().is_some_and(|m| m <= 1316),
+        "peer mtu: {:#}",
+        st["peers"][0]
+    );
+    // The first hop is the IPv6 leg to the relay (40-byte header), not the IPv4 relayed
+    // address: counted with an IPv4 header, a 1400-byte packet would read as 1380.
+    assert_eq!(
+        pair_outer(&st, via_relay),
+        Some(u64::from(LINK_MTU)),
+        "relay pair mtu: {:#}",
+        st["peers"][0]
+    );
+    // WireGuard's default 1420 (1504 bytes relayed over IPv6) and meshpunch's default 1412
+    // would not fit; the followed MTU does.
+    assert!(tun <= 1316, "{TUN} mtu {tun}");
+    full_size_ping(&mesh, "s1", "10.9.0.2", link_mtu(&mesh, "s1"));
+    full_size_ping(&mesh, "t1", "10.9.0.1", link_mtu(&mesh, "t1"));
+    // Still on the relay, still reached over IPv6.
+    for (h, peer) in [("s1", "t1"), ("t1", "s1")] {
+        let v = mesh.peer(h, peer).unwrap();
+        assert_eq!(v.path, "relay", "{h}: {v:?}");
+        let st = mesh.status(h).unwrap();
+        assert_eq!(st["home_relay"]["server"].as_str(), Some(relay6.as_str()));
+    }
 }
