@@ -249,8 +249,12 @@ pub struct PeerStatus {
     /// Birthday probing towards this peer (role, spray pings sent / answered, pairs found).
     #[serde(default)]
     pub birthday: BirthdayStatus,
-    /// Every candidate pair.
+    /// Every candidate pair (each with the `mtu` its last path MTU search found).
     pub pairs: Vec<PairStatus>,
+    /// The smallest tunnel MTU any working path to this peer allows (path MTU probing;
+    /// `null` until a search finished, or when the peer does not answer sized probes).
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 /// Birthday probing in `meshpunch status --json` (all peers together).
@@ -317,6 +321,9 @@ pub struct Status {
     /// Config reloads (SIGHUP, `meshpunch reload`) since start.
     #[serde(default)]
     pub config_reloads: ConfigReloads,
+    /// Path MTU probing (docs/mtu.md).
+    #[serde(default)]
+    pub mtu: MtuStatus,
 }
 
 /// Config reloads by outcome (`config_reloads` in `meshpunch status --json`,
@@ -327,6 +334,24 @@ pub struct ConfigReloads {
     pub ok: u64,
     /// Refused (the file did not parse or check); nothing changed.
     pub failed: u64,
+}
+
+/// Path MTU in `meshpunch status --json` (docs/mtu.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MtuStatus {
+    /// The smallest tunnel MTU any measured path to any peer allows (`null`: none measured).
+    pub path: Option<u16>,
+    /// The WireGuard interface MTU this daemon recommends: `path`, or the static
+    /// recommendation of the mode (1412) while nothing is measured. In `--tun` mode the
+    /// interface follows it (never above `MTU`); otherwise set it on your WireGuard interface.
+    pub recommended: u16,
+    /// Times the `--tun` interface MTU was changed to follow the paths.
+    pub changes: u64,
+    /// The last error setting the interface MTU.
+    pub error: Option<String>,
+    /// Datagrams the kernel refused as larger than the outgoing link (EMSGSIZE): MTU probes
+    /// above the local link's MTU, or WireGuard packets too big for it.
+    pub send_too_big: u64,
 }
 
 /// The watched `--wg-interface` (`wg_interface` in `meshpunch status --json`).
@@ -372,6 +397,12 @@ pub struct TunStatus {
     pub bad_source: u64,
     /// Packets the device refused.
     pub write_failed: u64,
+    /// The interface MTU now (follows the smallest working path, never above `configured_mtu`).
+    #[serde(default)]
+    pub mtu: u32,
+    /// `MTU` as configured.
+    #[serde(default)]
+    pub configured_mtu: u32,
 }
 
 /// One line of `ping` output.

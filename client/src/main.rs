@@ -862,6 +862,7 @@ fn print_status(st: &control::Status) {
             t.name, t.tx_packets, t.rx_packets, t.no_peer, t.decrypt_failed, t.bad_source
         );
     }
+    println!("{}", mtu_line(&st.mtu, st.tun.as_ref()));
     let b = &st.birthday;
     if b.pool_opened_total > 0 || b.spray_sent > 0 {
         println!(
@@ -927,8 +928,9 @@ fn peer_line(p: &control::PeerStatus, region: Option<&str>) -> String {
         (n, Some(port)) => format!("  [from pool socket {n}, port {port}]"),
         (n, None) => format!("  [from pool socket {n}]"),
     };
+    let mtu = p.mtu.map(|m| format!("  mtu {m}")).unwrap_or_default();
     format!(
-        "{:<10} {:<9} {:<18} {:<16} {:<24} rtt {:>9}  tx {} rx {}  {}{from}",
+        "{:<10} {:<9} {:<18} {:<16} {:<24} rtt {:>9}  tx {} rx {}{mtu}  {}{from}",
         p.name.as_deref().unwrap_or("-"),
         short_key(&p.public_key),
         tunnel,
@@ -941,6 +943,29 @@ fn peer_line(p: &control::PeerStatus, region: Option<&str>) -> String {
         human_bytes(p.rx_bytes),
         p.reason
     )
+}
+
+/// The `mtu` line of `status`: the smallest measured path, what the WireGuard interface
+/// should use (and, with `--tun`, what it has).
+fn mtu_line(m: &control::MtuStatus, tun: Option<&control::TunStatus>) -> String {
+    let path = m
+        .path
+        .map_or_else(|| "not measured yet".to_string(), |p| p.to_string());
+    let iface = match tun {
+        Some(t) => format!(", {} {} (configured {})", t.name, t.mtu, t.configured_mtu),
+        None => format!(", set MTU = {} on the WireGuard interface", m.recommended),
+    };
+    let too_big = if m.send_too_big > 0 {
+        format!(", {} sends refused as too big", m.send_too_big)
+    } else {
+        String::new()
+    };
+    let err = m
+        .error
+        .as_deref()
+        .map(|e| format!(", error: {e}"))
+        .unwrap_or_default();
+    format!("mtu: path {path}{iface}{too_big}{err}")
 }
 
 /// Stops a background task when the daemon's scope ends.
@@ -963,5 +988,30 @@ mod status_line_tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
         assert_eq!(short_key("AbCdEfGhIjKlMnOp="), "AbCdEfGh…");
+    }
+
+    #[test]
+    fn mtu_line_says_what_to_set() {
+        let mut m = control::MtuStatus {
+            recommended: 1412,
+            ..Default::default()
+        };
+        assert_eq!(
+            mtu_line(&m, None),
+            "mtu: path not measured yet, set MTU = 1412 on the WireGuard interface"
+        );
+        m.path = Some(1340);
+        m.recommended = 1340;
+        m.send_too_big = 3;
+        let t = control::TunStatus {
+            name: "mp0".into(),
+            mtu: 1340,
+            configured_mtu: 1412,
+            ..Default::default()
+        };
+        assert_eq!(
+            mtu_line(&m, Some(&t)),
+            "mtu: path 1340, mp0 1340 (configured 1412), 3 sends refused as too big"
+        );
     }
 }

@@ -180,7 +180,37 @@ pub fn render(st: &Status) -> String {
             &ignored,
         );
     }
+    metric(
+        "meshpunch_client_path_mtu_bytes",
+        "gauge",
+        "Smallest tunnel MTU any measured path to any peer allows (0: none measured yet).",
+        &[("", st.mtu.path.map_or(0, u64::from))],
+    );
+    metric(
+        "meshpunch_client_recommended_mtu_bytes",
+        "gauge",
+        "WireGuard interface MTU the daemon recommends (the measured path MTU, at most 1412).",
+        &[("", u64::from(st.mtu.recommended))],
+    );
+    metric(
+        "meshpunch_client_send_too_big_total",
+        "counter",
+        "Datagrams the kernel refused as larger than the outgoing link (EMSGSIZE).",
+        &[("", st.mtu.send_too_big)],
+    );
     if let Some(t) = &st.tun {
+        metric(
+            "meshpunch_client_tun_mtu_bytes",
+            "gauge",
+            "The built-in WireGuard interface's MTU now (follows the smallest working path).",
+            &[("", u64::from(t.mtu))],
+        );
+        metric(
+            "meshpunch_client_tun_mtu_changes_total",
+            "counter",
+            "Changes of the built-in WireGuard interface's MTU to follow the paths.",
+            &[("", st.mtu.changes)],
+        );
         metric(
             "meshpunch_client_tun_dropped_total",
             "counter",

@@ -153,6 +153,8 @@ impl Pool {
         if let Some(mark) = self.mark {
             crate::daemon::set_mark(&std, mark)?;
         }
+        // A birthday-found path carries MTU probes too.
+        crate::daemon::set_probe_pmtu(&std, false)?;
         std.set_nonblocking(true)?;
         let send = std.try_clone()?;
         let sock = Arc::new(UdpSocket::from_std(std)?);
@@ -221,7 +223,7 @@ impl Pool {
         match sent {
             Ok(_) => true,
             Err(e) => {
-                tracing::trace!(error = %e, %dest, local, "pool socket send failed");
+                crate::daemon::note_send_error(&e, dest);
                 false
             }
         }

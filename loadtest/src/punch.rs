@@ -160,7 +160,13 @@ async fn probe_until_direct(
                         sender.seal(unix_ms(), &ProbeBody::Pong { tx, observed: from }, &mut out);
                         let _ = sock.send_to(&out, from).await;
                     }
-                    ProbeBody::Pong { .. } => {
+                    // The loadtest never sends sized pings; a peer's path MTU probe is
+                    // answered as the client would.
+                    ProbeBody::SizedPing { tx, size } => {
+                        sender.seal(unix_ms(), &ProbeBody::SizedPong { tx, observed: from, size }, &mut out);
+                        let _ = sock.send_to(&out, from).await;
+                    }
+                    ProbeBody::Pong { .. } | ProbeBody::SizedPong { .. } => {
                         if direct_at.is_none() {
                             direct_at = Some(Instant::now());
                         }

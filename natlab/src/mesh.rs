@@ -5,7 +5,8 @@
 //! Addresses: rendezvous QUIC on `203.0.113.10:4433` and TLS over TCP on `203.0.113.10:443`,
 //! STUN on `203.0.113.10:3478` with the RFC
 //! 5780 alternate `203.0.113.11:3479`, TURN relay on `203.0.113.20:3478` (region `lab`, REST
-//! credentials from a shared secret). Each daemon's config is written in WireGuard's INI style
+//! credentials from a shared secret; [`Mesh::relay_over_ipv6`] adds `[2001:db8:ffff::10]:3478`
+//! as the region's UDP URI). Each daemon's config is written in WireGuard's INI style
 //! (`[Interface]` / `[Peer]`) to the lab's log directory; its control socket is there too.
 
 use std::collections::BTreeMap;
@@ -195,6 +196,11 @@ pub struct Mesh {
     rdv_dir: PathBuf,
     /// The relay's self-signed TLS certificate (the daemons' `CaFile`), once made.
     relay_ca: Option<PathBuf>,
+    /// The relay also listens on [`crate::ipv6::SERVER_V6`] and the relay map's UDP URI is
+    /// that IPv6 literal ([`Mesh::relay_over_ipv6`]).
+    relay_v6: bool,
+    /// Which relay runs.
+    relay_impl: RelayImpl,
 }
 
 impl Mesh {
@@ -215,6 +221,8 @@ impl Mesh {
             nodes: BTreeMap::new(),
             rdv_dir,
             relay_ca: None,
+            relay_v6: false,
+            relay_impl: relay,
         };
         match relay {
             RelayImpl::Meshpunch => mesh.start_relay()?,
@@ -239,7 +247,7 @@ impl Mesh {
             .join("turnserver.pid")
             .display()
             .to_string();
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "-c",
             "/dev/null",
             "--pidfile",
@@ -273,9 +281,14 @@ impl Mesh {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut want = format!("{relay}:{RELAY_PORT}");
+        if self.relay_v6 {
+            let v6 = Self::relay_v6_addr();
+            args.extend(["--listening-ip".to_string(), v6.ip().to_string()]);
+            want = v6.to_string();
+        }
         let server = self.topo.server.clone();
         self.topo.lab.spawn(&server, RELAY_PROC, &bin, &args)?;
-        let want = format!("{relay}:{RELAY_PORT}");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self
             .topo
@@ -329,9 +342,37 @@ impl Mesh {
         Ok((crt, key))
     }
 
+    /// Restarts the relay to listen also on the server's IPv6 address
+    /// ([`crate::ipv6::SERVER_V6`], port [`RELAY_PORT`]; call after
+    /// [`Topology::enable_ipv6`]) and the rendezvous with a relay map whose UDP URI is that
+    /// IPv6 literal (`turn:[2001:db8:ffff::10]:3478`, then the IPv4 `turn:` and `turns:`), so
+    /// daemons started afterwards reach the relay over IPv6. Relayed addresses stay IPv4 (no
+    /// REQUESTED-ADDRESS-FAMILY: RFC 6156's default). meshpunch-relay gets it as
+    /// `also_listen`, coturn as a second `--listening-ip`.
+    pub fn relay_over_ipv6(&mut self) -> Result<(), Error> {
+        if !self.topo.lab.is_running(RELAY_PROC) || self.relay_v6 {
+            return Err(Error::Setup(
+                "relay_over_ipv6: needs a running meshpunch-relay, once".into(),
+            ));
+        }
+        self.topo.lab.stop(RELAY_PROC);
+        self.relay_v6 = true;
+        match self.relay_impl {
+            RelayImpl::Meshpunch => self.start_relay()?,
+            RelayImpl::Coturn => self.start_coturn()?,
+        }
+        self.stop_rendezvous();
+        self.start_rendezvous()
+    }
+
+    /// The relay's IPv6 listening address (see [`Mesh::relay_over_ipv6`]).
+    pub fn relay_v6_addr() -> SocketAddr {
+        SocketAddr::from((crate::ipv6::SERVER_V6, RELAY_PORT))
+    }
+
     fn start_relay(&mut self) -> Result<(), Error> {
         let (crt, key) = self.relay_cert()?;
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--listen",
             &SocketAddr::from((SERVER_RELAY, RELAY_PORT)).to_string(),
             "--relay-ip",
@@ -350,6 +391,18 @@ impl Mesh {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut ready = format!(
+            "listening on {}",
+            SocketAddr::from((SERVER_RELAY, RELAY_PORT))
+        );
+        if self.relay_v6 {
+            // `also_listen` is a config-file key; the flags above override the rest.
+            let v6 = Self::relay_v6_addr();
+            let path = self.topo.lab.log_dir().join("relay.toml");
+            std::fs::write(&path, format!("also_listen = [\"{v6}\"]\n"))?;
+            args.extend(["--config".to_string(), path.display().to_string()]);
+            ready = format!("listening on {v6}");
+        }
         let server = self.topo.server.clone();
         let bin = self.bins.relay.clone();
         self.topo.lab.spawn_env(
@@ -359,16 +412,22 @@ impl Mesh {
             &args,
             &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
         )?;
-        self.wait_log(RELAY_PROC, "listening on", Duration::from_secs(20))
+        self.wait_log(RELAY_PROC, &ready, Duration::from_secs(20))
     }
 
     /// Starts (or restarts) the rendezvous; its data directory (token secret, certificate)
     /// survives restarts, so connect strings stay valid.
     pub fn start_rendezvous(&mut self) -> Result<(), Error> {
+        // The first UDP URI is the one daemons use (see `Mesh::relay_over_ipv6`).
+        let v6 = if self.relay_v6 {
+            format!("\"turn:{}\", ", Self::relay_v6_addr())
+        } else {
+            String::new()
+        };
         let config = format!(
             "listen = \"{}\"\ntcp_listen = \"{}\"\nstun_listen = \"{}\"\nstun_alt = \"{}\"\nadmin_listen = \"{}\"\n\
              data_dir = \"{}\"\ndev = true\n\n[[relay]]\nregion = \"{RELAY_REGION}\"\n\
-             urls = [\"turn:{}\", \"turns:{}\"]\nsecret = \"{RELAY_SECRET}\"\n",
+             urls = [{v6}\"turn:{}\", \"turns:{}\"]\nsecret = \"{RELAY_SECRET}\"\n",
             SocketAddr::from((SERVER_PRIMARY, RENDEZVOUS_PORT)),
             SocketAddr::from((SERVER_PRIMARY, RENDEZVOUS_TCP_PORT)),
             SocketAddr::from((SERVER_PRIMARY, STUN_PORT)),

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod connect;
 pub mod creds;
 pub mod lifetime;
+pub mod mtu;
 pub mod nat;
 pub mod node;
 pub mod path;

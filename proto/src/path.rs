@@ -72,6 +72,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::mtu::{MtuSearch, PathMtu};
 use crate::nat::is_lan_ip;
 use crate::probe::{
     ProbeBody, ProbeError, ProbeKey, ProbeReceiver, ProbeSender, TxId, MAX_PROBE_LEN,
@@ -378,6 +379,8 @@ pub enum PathEvent {
     RemotesChanged,
     /// A pong told us our address as the peer sees it (a peer-reflexive local candidate).
     ObservedAddress(SocketAddr),
+    /// The smallest tunnel MTU any pair of this peer has proven ([`PeerPath::mtu`]) changed.
+    MtuChanged(Option<u16>),
     /// A pong arrived (for `meshpunch ping`).
     Pong {
         /// The pair it validated.
@@ -416,6 +419,7 @@ struct Pair {
     pongs_received: u64,
     /// An authenticated ping arrived on this pair: its own pings no longer need a low TTL.
     heard: bool,
+    mtu: MtuSearch,
 }
 
 const MAX_OUTSTANDING: usize = 8;
@@ -435,6 +439,9 @@ pub struct PairStatus {
     pub pings_sent: u64,
     /// Pongs received.
     pub pongs_received: u64,
+    /// Path MTU found by the last search of this pair ([`crate::mtu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<PathMtu>,
 }
 
 /// Snapshot of a peer's path for status output.
@@ -454,6 +461,9 @@ pub struct PathStatus {
     pub pairs: Vec<PairStatus>,
     /// Birthday probing towards this peer.
     pub birthday: BirthdayStatus,
+    /// The smallest tunnel MTU any pair of this peer has proven ([`PeerPath::mtu`]).
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 /// Spray pings are sent in batches this far apart ([`PathConfig::birthday_rate`] per second).
@@ -616,6 +626,11 @@ pub struct PeerPath {
     /// Spray budget across sessions: when the current window started and how many spray
     /// pings it has used ([`PathConfig::birthday_probes`] per [`SPRAY_BUDGET_WINDOW`]).
     spray_window: Option<(Instant, u64)>,
+    /// The [`PeerPath::mtu`] last reported by [`PathEvent::MtuChanged`].
+    mtu_reported: Option<u16>,
+    /// Our TURN server's address ([`PeerPath::set_relay_leg`]): the first hop of pairs via
+    /// our allocation, whose family sets their MTU overhead.
+    relay_leg: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for PeerPath {
@@ -665,6 +680,8 @@ impl PeerPath {
             birthday_ended: None,
             peer_observed: None,
             spray_window: None,
+            mtu_reported: None,
+            relay_leg: None,
         }
     }
 
@@ -822,6 +839,7 @@ impl PeerPath {
             pings_sent: 0,
             pongs_received: 0,
             heard: false,
+            mtu: MtuSearch::default(),
         }
     }
 
@@ -832,6 +850,9 @@ impl PeerPath {
             p.next_ping = now;
             p.interval = self.cfg.punch_interval;
             p.added = now;
+            if p.state == PairState::Valid {
+                p.mtu.schedule(now);
+            }
         }
     }
 
@@ -1041,6 +1062,23 @@ impl PeerPath {
                     }
                 }
             }
+            ProbeBody::SizedPing { tx, size } => {
+                // Answered small: the search measures our peer's sending direction only.
+                let body = ProbeBody::SizedPong {
+                    tx,
+                    observed: from.addr,
+                    size,
+                };
+                if let Some(s) = self.session.as_mut() {
+                    s.sender.seal(unix, &body, &mut self.buf);
+                    self.transmits.push_back(Transmit {
+                        dest: from,
+                        payload: self.buf.clone(),
+                        ttl: None,
+                    });
+                }
+            }
+            ProbeBody::SizedPong { tx, size, .. } => self.mtu_pong(now, from, tx, size),
             ProbeBody::Pong { tx, observed } => {
                 self.spray_pong(now, from, tx);
                 let Some(p) = self.pairs.iter_mut().find(|p| p.dest == from) else {
@@ -1063,6 +1101,7 @@ impl PeerPath {
                 p.state = PairState::Valid;
                 if became_valid {
                     p.interval = self.cfg.punch_interval;
+                    p.mtu.schedule(now);
                 }
                 let birthday = became_valid && p.kind == CandidateKind::Birthday;
                 self.events.push_back(PathEvent::ObservedAddress(observed));
@@ -1123,6 +1162,7 @@ impl PeerPath {
                         p.interval = cfg.punch_interval;
                         p.added = now;
                         p.next_ping = p.next_ping.min(now);
+                        p.mtu.pause();
                         died = true;
                     }
                 } else {
@@ -1147,6 +1187,7 @@ impl PeerPath {
             self.select(now, "no direct path answered in time");
         }
         self.birthday_tick(now, start);
+        self.mtu_tick(now);
         // Send due pings.
         let selected = self.selected;
         let unix = self.unix_ms(now);
@@ -1296,7 +1337,69 @@ impl PeerPath {
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<PathEvent> {
+        let mtu = self.mtu();
+        if mtu != self.mtu_reported {
+            self.mtu_reported = mtu;
+            self.events.push_back(PathEvent::MtuChanged(mtu));
+        }
         self.events.pop_front()
+    }
+
+    /// The smallest tunnel MTU ([`crate::mtu::inner_mtu`]) among the pairs whose last MTU
+    /// search found a working size — every path that has worked, not only the selected one,
+    /// so a failover never meets a path too small for the tunnel. `None` until a search
+    /// finished (or when the peer predates sized probes).
+    pub fn mtu(&self) -> Option<u16> {
+        self.pairs
+            .iter()
+            .filter_map(|p| p.mtu.result())
+            .map(|m| m.inner)
+            .min()
+    }
+
+    /// Our TURN server's address (`None` without an allocation link): pairs via our
+    /// allocation leave on that leg, so an IPv6 leg costs IPv6's 40-byte header even towards
+    /// an IPv4 relayed address.
+    pub fn set_relay_leg(&mut self, server: Option<SocketAddr>) {
+        self.relay_leg = server;
+    }
+
+    /// Runs the MTU searches of valid pairs: sends their due sized pings.
+    fn mtu_tick(&mut self, now: Instant) {
+        let unix = self.unix_ms(now);
+        for i in 0..self.pairs.len() {
+            let p = &self.pairs[i];
+            if p.state != PairState::Valid || self.blocked(&p.dest) {
+                continue;
+            }
+            let first_hop = mtu_first_hop(&p.dest, self.relay_leg);
+            let oh = crate::mtu::overhead(&first_hop, pair_kind(p) == PathKind::Relay);
+            let srtt = p.srtt;
+            let (sizes, _) = self.pairs[i].mtu.poll(now, oh, srtt);
+            for size in sizes {
+                let mut tx = [0u8; 12];
+                tx[..8].copy_from_slice(&self.next_rand().to_be_bytes());
+                tx[8..10].copy_from_slice(&size.to_be_bytes());
+                let Some(s) = self.session.as_mut() else {
+                    return;
+                };
+                s.sender
+                    .seal(unix, &ProbeBody::SizedPing { tx, size }, &mut self.buf);
+                self.pairs[i].mtu.sent(tx, size);
+                self.transmits.push_back(Transmit {
+                    dest: self.pairs[i].dest,
+                    payload: self.buf.clone(),
+                    ttl: None,
+                });
+            }
+        }
+    }
+
+    /// A sized pong from `from`.
+    fn mtu_pong(&mut self, now: Instant, from: PathAddr, tx: TxId, size: u16) {
+        if let Some(p) = self.pairs.iter_mut().find(|p| p.dest == from) {
+            p.mtu.pong(now, tx, size);
+        }
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
@@ -1307,6 +1410,11 @@ impl PeerPath {
         for p in &self.pairs {
             if !self.blocked(&p.dest) {
                 take(p.next_ping);
+            }
+            if p.state == PairState::Valid && !self.blocked(&p.dest) {
+                if let Some(m) = p.mtu.timeout() {
+                    take(m);
+                }
             }
             if let (PairState::Valid, Some((_, sent))) = (p.state, p.pings.front()) {
                 let rtt2 = p.srtt.map_or(Duration::ZERO, |r| r * 2);
@@ -1357,9 +1465,11 @@ impl PeerPath {
                     rtt_us: p.srtt.map(|d| d.as_micros() as u64),
                     pings_sent: p.pings_sent,
                     pongs_received: p.pongs_received,
+                    mtu: p.mtu.result(),
                 })
                 .collect(),
             birthday: self.birthday_status(),
+            mtu: self.mtu(),
         }
     }
 
@@ -1796,6 +1906,15 @@ impl PeerPath {
 /// An unanswered pair of a birthday pool socket (hundreds of them exist while searching).
 fn is_waiting_pool_pair(p: &Pair) -> bool {
     p.kind == CandidateKind::Birthday && p.state != PairState::Valid && p.dest.local != DATA_SOCKET
+}
+
+/// Where a pair's packets go on their first hop: our TURN server for pairs via our allocation
+/// (when known), else the pair's remote address. Its family sets the pair's MTU overhead.
+fn mtu_first_hop(dest: &PathAddr, relay_leg: Option<SocketAddr>) -> SocketAddr {
+    match (dest.via, relay_leg) {
+        (Via::Relay, Some(server)) => server,
+        _ => dest.addr,
+    }
 }
 
 fn pair_kind(p: &Pair) -> PathKind {

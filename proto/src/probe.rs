@@ -19,7 +19,16 @@
 //! ```
 //!
 //! `observed` is present in a pong only: one family byte (4 or 6), the port and the address
-//! from which the answered ping was received. The tag is HMAC-SHA256 truncated to 16 bytes over
+//! from which the answered ping was received.
+//!
+//! Path MTU probing (as Tailscale's disco does it) adds two kinds: a **sized ping** (kind 3)
+//! carries after the header the total datagram length it was built to (2 bytes) and zero
+//! padding up to that length, all inside the authenticated part, so the padding can neither
+//! be stripped nor forged; a **sized pong** (kind 4) is a small pong (kind 2's `observed`)
+//! followed by the 2-byte length of the sized ping it answers. A peer that predates these kinds
+//! refuses them as malformed and never answers, which the MTU search reads as "unknown"; it
+//! still answers plain pings, and it is never sent a sized pong (those only answer sized
+//! pings). The version byte stays 1. The tag is HMAC-SHA256 truncated to 16 bytes over
 //! everything before it, keyed with a per-sender key derived from the session secret the
 //! rendezvous handed to both peers ([`ProbeKey::derive`]). Because each direction has its own
 //! key, a probe reflected back to its sender fails authentication. The counter is checked
@@ -40,8 +49,12 @@ pub const PROBE_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 36;
 /// Length of the truncated HMAC-SHA256 tag.
 pub const TAG_LEN: usize = 16;
-/// Largest encoded probe (a pong carrying an IPv6 address).
-pub const MAX_PROBE_LEN: usize = HEADER_LEN + 1 + 2 + 16 + TAG_LEN;
+/// Largest encoded unpadded probe (a sized pong carrying an IPv6 address).
+pub const MAX_PROBE_LEN: usize = HEADER_LEN + 1 + 2 + 16 + 2 + TAG_LEN;
+/// Smallest sized ping: header, length field, tag.
+pub const MIN_SIZED_PING: usize = HEADER_LEN + 2 + TAG_LEN;
+/// Largest sized ping (the largest UDP payload over IPv4).
+pub const MAX_SIZED_PING: usize = 65_507;
 /// Number of counters the replay window remembers below the highest one seen.
 pub const REPLAY_WINDOW: u64 = 128;
 /// Default largest accepted difference between the sender's and our clock (milliseconds).
@@ -108,20 +121,75 @@ pub enum ProbeBody {
         /// The address the ping arrived from (the sender's mapping as the peer sees it).
         observed: SocketAddr,
     },
+    /// A path MTU probe: a ping padded to `size` bytes in all (clamped to
+    /// [`MIN_SIZED_PING`]..=[`MAX_SIZED_PING`]). Decoded, `size` is the length received.
+    SizedPing {
+        /// Random transaction id the pong echoes.
+        tx: TxId,
+        /// Total datagram length.
+        size: u16,
+    },
+    /// The answer to a sized ping: small, it reports the size it answers.
+    SizedPong {
+        /// The ping's transaction id.
+        tx: TxId,
+        /// The address the ping arrived from.
+        observed: SocketAddr,
+        /// The length of the sized ping received.
+        size: u16,
+    },
 }
 
 impl ProbeBody {
     /// The transaction id of the ping or pong.
     pub fn tx(&self) -> TxId {
         match self {
-            ProbeBody::Ping { tx } | ProbeBody::Pong { tx, .. } => *tx,
+            ProbeBody::Ping { tx }
+            | ProbeBody::Pong { tx, .. }
+            | ProbeBody::SizedPing { tx, .. }
+            | ProbeBody::SizedPong { tx, .. } => *tx,
         }
     }
     fn kind_byte(&self) -> u8 {
         match self {
             ProbeBody::Ping { .. } => 1,
             ProbeBody::Pong { .. } => 2,
+            ProbeBody::SizedPing { .. } => 3,
+            ProbeBody::SizedPong { .. } => 4,
         }
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, observed: &SocketAddr) {
+    match observed.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&observed.port().to_be_bytes());
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&observed.port().to_be_bytes());
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+}
+
+/// Parses `family, port, address` (exactly) into a socket address.
+fn get_addr(rest: &[u8]) -> Option<SocketAddr> {
+    match rest {
+        [4, p0, p1, a @ ..] if a.len() == 4 => Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
+            u16::from_be_bytes([*p0, *p1]),
+        )),
+        [6, p0, p1, a @ ..] if a.len() == 16 => {
+            let oct: [u8; 16] = a.try_into().ok()?;
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(oct)),
+                u16::from_be_bytes([*p0, *p1]),
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -231,18 +299,17 @@ pub fn encode(
     out.extend_from_slice(&counter.to_be_bytes());
     out.extend_from_slice(&timestamp_ms.to_be_bytes());
     out.extend_from_slice(&body.tx());
-    if let ProbeBody::Pong { observed, .. } = body {
-        match observed.ip() {
-            IpAddr::V4(ip) => {
-                out.push(4);
-                out.extend_from_slice(&observed.port().to_be_bytes());
-                out.extend_from_slice(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                out.push(6);
-                out.extend_from_slice(&observed.port().to_be_bytes());
-                out.extend_from_slice(&ip.octets());
-            }
+    match body {
+        ProbeBody::Ping { .. } => {}
+        ProbeBody::Pong { observed, .. } => put_addr(out, observed),
+        ProbeBody::SizedPong { observed, size, .. } => {
+            put_addr(out, observed);
+            out.extend_from_slice(&size.to_be_bytes());
+        }
+        ProbeBody::SizedPing { size, .. } => {
+            let total = usize::from(*size).clamp(MIN_SIZED_PING, MAX_SIZED_PING);
+            out.extend_from_slice(&(total as u16).to_be_bytes());
+            out.resize(total - TAG_LEN, 0);
         }
     }
     let mut mac = key.mac();
@@ -281,21 +348,25 @@ pub fn decode(key: &ProbeKey, bytes: &[u8]) -> Result<Probe, ProbeError> {
     let rest = &signed[HEADER_LEN..];
     let body = match (signed[2], rest) {
         (1, []) => ProbeBody::Ping { tx },
-        (2, [4, p0, p1, a @ ..]) if a.len() == 4 => ProbeBody::Pong {
+        (2, rest) => ProbeBody::Pong {
             tx,
-            observed: SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
-                u16::from_be_bytes([*p0, *p1]),
-            ),
+            observed: get_addr(rest).ok_or(ProbeError::Malformed)?,
         },
-        (2, [6, p0, p1, a @ ..]) if a.len() == 16 => {
-            let oct: [u8; 16] = a.try_into().map_err(|_| ProbeError::Malformed)?;
-            ProbeBody::Pong {
+        (3, [l0, l1, pad @ ..]) => {
+            // The declared length must be the received length: a ping cut short on the way
+            // (or re-padded) is refused even before the tag would fail.
+            let size = u16::from_be_bytes([*l0, *l1]);
+            if usize::from(size) != bytes.len() || pad.iter().any(|b| *b != 0) {
+                return Err(ProbeError::Malformed);
+            }
+            ProbeBody::SizedPing { tx, size }
+        }
+        (4, rest) if rest.len() >= 2 => {
+            let (a, l) = rest.split_at(rest.len() - 2);
+            ProbeBody::SizedPong {
                 tx,
-                observed: SocketAddr::new(
-                    IpAddr::V6(Ipv6Addr::from(oct)),
-                    u16::from_be_bytes([*p0, *p1]),
-                ),
+                observed: get_addr(a).ok_or(ProbeError::Malformed)?,
+                size: u16::from_be_bytes([l[0], l[1]]),
             }
         }
         _ => return Err(ProbeError::Malformed),
@@ -459,6 +530,65 @@ mod tests {
     }
 
     #[test]
+    fn sized_ping_is_padded_to_its_size_and_pong_reports_it() {
+        let (a, _) = keys();
+        let mut s = ProbeSender::new(a.clone());
+        let mut r = ProbeReceiver::new(a);
+        let mut buf = Vec::new();
+        for size in [1452u16, 1280, 60, MIN_SIZED_PING as u16] {
+            let n = s.seal(7, &ProbeBody::SizedPing { tx: [1; 12], size }, &mut buf);
+            assert_eq!(n, usize::from(size));
+            assert_eq!(classify(&buf), PacketKind::Probe);
+            assert_eq!(
+                r.open(7, &buf).map(|p| p.body),
+                Ok(ProbeBody::SizedPing { tx: [1; 12], size })
+            );
+        }
+        // Too small a request is clamped to the smallest sized ping.
+        let n = s.seal(
+            7,
+            &ProbeBody::SizedPing {
+                tx: [1; 12],
+                size: 3,
+            },
+            &mut buf,
+        );
+        assert_eq!(n, MIN_SIZED_PING);
+        let pong = ProbeBody::SizedPong {
+            tx: [1; 12],
+            observed: "[2001:db8::1]:9".parse().unwrap_or_else(|_| unreachable!()),
+            size: 1452,
+        };
+        let n = s.seal(8, &pong, &mut buf);
+        assert!(n <= MAX_PROBE_LEN);
+        assert_eq!(r.open(8, &buf).map(|p| p.body), Ok(pong));
+    }
+
+    #[test]
+    fn sized_ping_cut_short_or_padded_out_is_refused() {
+        let (a, _) = keys();
+        let mut buf = Vec::new();
+        encode(
+            &a,
+            0,
+            0,
+            &ProbeBody::SizedPing {
+                tx: [0; 12],
+                size: 1000,
+            },
+            &mut buf,
+        );
+        // Strip 100 bytes of padding and re-append the tag: the length field disagrees.
+        let tag = buf[buf.len() - TAG_LEN..].to_vec();
+        let mut short = buf[..buf.len() - TAG_LEN - 100].to_vec();
+        short.extend_from_slice(&tag);
+        assert_eq!(decode(&a, &short), Err(ProbeError::BadTag));
+        let mut long = buf.clone();
+        long.insert(HEADER_LEN + 2, 0);
+        assert!(decode(&a, &long).is_err());
+    }
+
+    #[test]
     fn replayed_probe_is_refused() {
         let (a, _) = keys();
         let mut s = ProbeSender::new(a.clone());
@@ -538,14 +668,20 @@ mod tests {
 
         #[test]
         fn encode_decode_round_trip(counter in any::<u64>(), ts in any::<u64>(), tx in any::<[u8; 12]>(),
-                                    pong in any::<bool>(), v6 in any::<bool>(), port in any::<u16>(), oct in any::<[u8; 16]>()) {
+                                    pong in any::<bool>(), v6 in any::<bool>(), port in any::<u16>(), oct in any::<[u8; 16]>(),
+                                    size in any::<u16>()) {
             let (a, _) = keys();
             let observed = if v6 {
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::from(oct)), port)
             } else {
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::new(oct[0], oct[1], oct[2], oct[3])), port)
             };
-            let body = if pong { ProbeBody::Pong { tx, observed } } else { ProbeBody::Ping { tx } };
+            let body = match (pong, size % 3) {
+                (true, 0) => ProbeBody::Pong { tx, observed },
+                (true, _) => ProbeBody::SizedPong { tx, observed, size },
+                (false, 0) => ProbeBody::Ping { tx },
+                (false, _) => ProbeBody::SizedPing { tx, size: size.clamp(MIN_SIZED_PING as u16, 3000) },
+            };
             let mut buf = Vec::new();
             encode(&a, counter, ts, &body, &mut buf);
             prop_assert_eq!(classify(&buf), PacketKind::Probe);

@@ -69,10 +69,13 @@ impl DeviceOut {
             Some(FastRoute {
                 dest, pool_sock, ..
             }) => {
-                let _ = pool_sock
+                if let Err(e) = pool_sock
                     .as_ref()
                     .unwrap_or(&self.data)
-                    .try_send_to(dg, dest);
+                    .try_send_to(dg, dest)
+                {
+                    super::net::note_send_error(&e, dest);
+                }
                 fast.tx_bytes.fetch_add(dg.len() as u64, Ordering::Relaxed);
                 fast.tx_packets.fetch_add(1, Ordering::Relaxed);
                 // Tell the engine now and then that data flows (active probing).

@@ -45,11 +45,11 @@ mod status;
 mod wg;
 
 use net::bind_data;
-pub(crate) use net::set_mark;
 pub use net::{
     interface_addrs, interface_addrs_excluding, turn_uri_authority, usable_candidates,
     wireguard_interfaces,
 };
+pub(crate) use net::{note_send_error, set_mark, set_probe_pmtu, SEND_TOO_BIG};
 use proxy::{FastPath, FastRoute};
 use wg::{FromWg, ProxyPort, WgSide};
 
@@ -67,6 +67,8 @@ pub use meshpunch_proto::node::{HOST_SCAN_INTERVAL, LAST_RX_FALLBACK};
 
 /// Longest the driver sleeps without looking at the node's timer again.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
+/// WireGuard's (wg-quick's) default interface MTU.
+const WG_DEFAULT_MTU: u16 = 1420;
 
 /// What the daemon runs with.
 #[derive(Debug, Clone)]
@@ -384,11 +386,9 @@ pub async fn start_with_extras(
         // Built-in WireGuard: one TUN device, no proxy ports.
         let mut iface = crate::tun::TunIface::create(ts)?;
         full_tunnel = iface.take_full_tunnel();
-        let dev = Arc::new(crate::tun::Device::new(
-            iface,
-            opts.identity.private,
-            &ts.peers,
-        )?);
+        let dev = Arc::new(
+            crate::tun::Device::new(iface, opts.identity.private, &ts.peers)?.with_mtu(ts),
+        );
         let fasts: Vec<Arc<FastPath>> = opts
             .peers
             .iter()
@@ -551,6 +551,7 @@ pub async fn start_with_extras(
         reloads: control::ConfigReloads::default(),
         hops_wanted: extras.birthday_ttl_auto,
         fwmark: extras.fwmark,
+        mtu: MtuState::default(),
     };
     if engine.lifetime.is_configured() {
         // `BindingLifetime` given: every path uses its keepalive from the start.
@@ -604,7 +605,7 @@ fn send_on(
         Socket::Data => {
             let dest = for_socket(v6, dst);
             if let Err(e) = sock.try_send_to(bytes, dest) {
-                tracing::trace!(error = %e, %dest, "data socket send failed");
+                net::note_send_error(&e, dest);
             }
         }
         Socket::Pool(l) => {
@@ -761,6 +762,19 @@ struct Engine {
     hops_wanted: bool,
     /// SO_MARK for the measurement socket.
     fwmark: Option<u32>,
+    /// Path MTU following (`status`'s `mtu`).
+    mtu: MtuState,
+}
+
+/// What the engine did with the node's path MTU ([`Event::PathMtu`]).
+#[derive(Debug, Default)]
+struct MtuState {
+    /// Interface MTU changes (`--tun`).
+    changes: u64,
+    /// The last error setting it.
+    error: Option<String>,
+    /// The recommendation last warned about (proxy / `--wg-interface` modes).
+    warned: Option<u16>,
 }
 
 impl Engine {
@@ -971,6 +985,35 @@ impl Engine {
             Event::RelayError { region, message } => {
                 tracing::warn!(%region, error = %message, "relay error");
             }
+            Event::PathMtu(mtu) => self.follow_path_mtu(mtu),
+        }
+    }
+
+    /// The smallest working path's tunnel MTU changed: a `--tun` interface follows it
+    /// (lowered, or raised back up to `MTU`, never above; logged once per change); in the
+    /// other modes the interface is not ours, so a recommendation below WireGuard's default
+    /// MTU is logged once per value and shown in `status`.
+    fn follow_path_mtu(&mut self, path: Option<u16>) {
+        if let Some(dev) = self.peers.iter().find_map(|p| p.wg.device()) {
+            let from = dev.mtu();
+            match dev.follow_path_mtu(path) {
+                Ok(Some(to)) => {
+                    self.mtu.changes += 1;
+                    self.mtu.error = None;
+                    tracing::info!(name = %dev.name(), from, to, path_mtu = ?path, "TUN interface MTU follows the smallest working path");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(name = %dev.name(), error = %e, "cannot set the TUN interface MTU");
+                    self.mtu.error = Some(e.to_string());
+                }
+            }
+            return;
+        }
+        let rec = status::recommended_mtu(path);
+        if path.is_some_and(|p| p < WG_DEFAULT_MTU) && self.mtu.warned != Some(rec) {
+            self.mtu.warned = Some(rec);
+            tracing::warn!(recommended = rec, path_mtu = ?path, "a path to a peer carries less than WireGuard's default MTU 1420: set MTU = {rec} (or lower) on the WireGuard interface, or full-size packets are dropped on that path");
         }
     }
 

@@ -114,7 +114,9 @@ pub(super) fn spawn_reader(
                     dest, pool_sock, ..
                 }) => {
                     // A birthday-found path leaves from its pool socket.
-                    let _ = pool_sock.as_ref().unwrap_or(&data).try_send_to(pkt, dest);
+                    if let Err(e) = pool_sock.as_ref().unwrap_or(&data).try_send_to(pkt, dest) {
+                        super::net::note_send_error(&e, dest);
+                    }
                     fast_r.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     fast_r.tx_packets.fetch_add(1, Ordering::Relaxed);
                     // Tell the engine now and then that data flows (active probing).

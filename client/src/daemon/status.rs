@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use meshpunch_proto::path::{PathKind, ProbeCounters, DATA_SOCKET};
 
 use super::Engine;
-use crate::control::{BirthdayTotals, PeerStatus, RelayStatus, Status, TunStatus};
+use crate::control::{BirthdayTotals, MtuStatus, PeerStatus, RelayStatus, Status, TunStatus};
 use crate::keys::format_key;
 
 impl Engine {
@@ -84,6 +84,7 @@ impl Engine {
                     local_port,
                     birthday: st.birthday,
                     pairs: st.pairs,
+                    mtu: st.mtu,
                 }
             })
             .collect();
@@ -138,8 +139,25 @@ impl Engine {
                     decrypt_failed: n(&s.decrypt_failed),
                     bad_source: n(&s.bad_source),
                     write_failed: n(&s.write_failed),
+                    mtu: d.mtu(),
+                    configured_mtu: d.configured_mtu(),
                 }
             }),
+            mtu: MtuStatus {
+                path: node.mtu(),
+                recommended: recommended_mtu(node.mtu()),
+                changes: self.mtu.changes,
+                error: self.mtu.error.clone(),
+                send_too_big: super::SEND_TOO_BIG.load(Ordering::Relaxed),
+            },
         }
     }
+}
+
+/// The WireGuard interface MTU to recommend: the measured path's tunnel MTU (never above the
+/// static recommendation, [`crate::tun::DEFAULT_MTU`], which fits every path on a 1500-byte
+/// link), or that recommendation while nothing is measured.
+pub(super) fn recommended_mtu(path: Option<u16>) -> u16 {
+    let default = crate::tun::DEFAULT_MTU as u16;
+    path.map_or(default, |p| p.min(default))
 }

@@ -29,7 +29,7 @@ pub mod sys;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -359,6 +359,13 @@ pub struct TunStats {
     pub write_failed: AtomicU64,
 }
 
+/// The interface MTU for a configured MTU, a floor and the smallest working path's tunnel MTU
+/// (`None` = unknown): `min(configured, path)`, never below `floor` (nor above configured).
+pub fn target_mtu(configured: u32, floor: u32, path: Option<u16>) -> u32 {
+    let want = path.map_or(configured, |p| u32::from(p).min(configured));
+    want.max(floor.min(configured))
+}
+
 /// One caller's packet buffers, reused for every packet.
 pub struct Buffers {
     pkt: Box<[u8]>,
@@ -384,6 +391,12 @@ pub struct Device {
     private_key: [u8; 32],
     /// The peers; written only when a peer is added or removed (SIGHUP), read per packet.
     peers: RwLock<PeerTable>,
+    /// `MTU` as configured: the interface never goes above it.
+    configured_mtu: u32,
+    /// The lowest MTU the interface may get ([`MIN_MTU_IPV6`] with an IPv6 address).
+    floor_mtu: u32,
+    /// The interface MTU now (follows the smallest working path, [`Device::follow_path_mtu`]).
+    mtu: AtomicU32,
     /// Counters.
     pub stats: TunStats,
 }
@@ -489,6 +502,9 @@ impl Device {
                 allowed: peers.iter().map(|p| p.allowed_ips.clone()).collect(),
                 table,
             }),
+            configured_mtu: DEFAULT_MTU,
+            floor_mtu: MIN_MTU_IPV6,
+            mtu: AtomicU32::new(DEFAULT_MTU),
             stats: TunStats::default(),
         })
     }
@@ -648,6 +664,52 @@ impl Device {
     /// Interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Records the MTU the interface was created with ([`TunSettings::mtu`]) and the lowest
+    /// it may be given: [`MIN_MTU_IPV6`] when it has an IPv6 address, else [`MIN_MTU`].
+    pub fn with_mtu(mut self, s: &TunSettings) -> Device {
+        self.configured_mtu = s.mtu;
+        self.floor_mtu = if s.addresses.iter().any(|a| a.is_ipv6()) {
+            MIN_MTU_IPV6
+        } else {
+            MIN_MTU
+        };
+        self.mtu = AtomicU32::new(s.mtu);
+        self
+    }
+
+    /// The interface MTU now.
+    pub fn mtu(&self) -> u32 {
+        self.mtu.load(Ordering::Relaxed)
+    }
+
+    /// The configured MTU (the most [`Device::follow_path_mtu`] ever sets).
+    pub fn configured_mtu(&self) -> u32 {
+        self.configured_mtu
+    }
+
+    /// The MTU the interface should have when the smallest working path allows `path`
+    /// (a tunnel MTU, `None` = unknown): `min(configured, path)`, never below the floor.
+    pub fn target_mtu(&self, path: Option<u16>) -> u32 {
+        target_mtu(self.configured_mtu, self.floor_mtu, path)
+    }
+
+    /// Sets the interface MTU (rtnetlink) to [`Device::target_mtu`] of `path` if it differs
+    /// from the MTU now. Returns the new MTU when it changed.
+    pub fn follow_path_mtu(&self, path: Option<u16>) -> Result<Option<u32>, TunError> {
+        let target = self.target_mtu(path);
+        if target == self.mtu() {
+            return Ok(None);
+        }
+        let mut nl = sys::Netlink::open()?;
+        nl.set_mtu_up(self.index, target)
+            .map_err(|e| TunError::Sys {
+                what: format!("setting MTU {target} on {}", self.name),
+                err: e,
+            })?;
+        self.mtu.store(target, Ordering::Relaxed);
+        Ok(Some(target))
     }
 
     /// Peer `peer`'s `AllowedIPs` (empty for an unknown or removed peer).
@@ -866,5 +928,21 @@ fn write_fd(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod mtu_tests {
+    use super::*;
+
+    #[test]
+    fn interface_mtu_follows_the_path_but_never_above_configured_nor_below_the_floor() {
+        assert_eq!(target_mtu(1412, MIN_MTU_IPV6, None), 1412);
+        assert_eq!(target_mtu(1412, MIN_MTU_IPV6, Some(1340)), 1340);
+        assert_eq!(target_mtu(1412, MIN_MTU_IPV6, Some(1440)), 1412);
+        assert_eq!(target_mtu(1412, MIN_MTU_IPV6, Some(1100)), 1280);
+        assert_eq!(target_mtu(1412, MIN_MTU, Some(1100)), 1100);
+        // A configured MTU below the floor stays what was configured.
+        assert_eq!(target_mtu(1000, MIN_MTU_IPV6, Some(900)), 1000);
     }
 }

@@ -240,6 +240,10 @@ pub enum Event {
         /// What went wrong.
         message: String,
     },
+    /// The smallest tunnel MTU any working path to any peer allows changed ([`Node::mtu`]):
+    /// a `--tun` driver sets its interface MTU to `min(configured, this)`; `None` = no path
+    /// has a measured MTU (yet).
+    PathMtu(Option<u16>),
 }
 
 /// The rendezvous' go-ahead to punch towards one peer ([`Signal::Punch`]).
@@ -428,6 +432,8 @@ pub struct Node {
     pool_asked: Option<Instant>,
     pool_gc_at: Option<Instant>,
     unknown_probes: u64,
+    /// The [`Node::mtu`] last reported by [`Event::PathMtu`].
+    mtu_reported: Option<u16>,
     rng: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -511,6 +517,7 @@ impl Node {
             pool_asked: None,
             pool_gc_at: None,
             unknown_probes: 0,
+            mtu_reported: None,
             rng,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -942,7 +949,9 @@ impl Node {
 
     /// Timers: call when [`Node::poll_timeout`] is reached (calling earlier is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
+        let relay_leg = self.link.as_ref().map(RelayLink::server);
         for p in &mut self.peers {
+            p.path.set_relay_leg(relay_leg);
             if p.path.poll_timeout().is_some_and(|t| t <= now) {
                 p.path.handle_timeout(now);
             }
@@ -1170,6 +1179,16 @@ impl Node {
     /// Probes for no known session.
     pub fn unknown_probes(&self) -> u64 {
         self.unknown_probes
+    }
+
+    /// The smallest tunnel MTU the measured paths of all peers allow
+    /// ([`PeerPath::mtu`]); `None` until one search found a working size.
+    pub fn mtu(&self) -> Option<u16> {
+        self.peers
+            .iter()
+            .filter(|p| !p.removed)
+            .filter_map(|p| p.path.mtu())
+            .min()
     }
 
     /// The keepalive interval in use.
@@ -1532,7 +1551,7 @@ impl Node {
                     reason,
                 }),
                 PathEvent::RemotesChanged => remap = true,
-                PathEvent::ObservedAddress(_) => {}
+                PathEvent::ObservedAddress(_) | PathEvent::MtuChanged(_) => {}
                 PathEvent::Pong {
                     remote,
                     kind,
@@ -1561,6 +1580,11 @@ impl Node {
         self.sync_pool(now);
         for i in 0..self.peers.len() {
             self.flush_peer(now, i);
+        }
+        let mtu = self.mtu();
+        if mtu != self.mtu_reported {
+            self.mtu_reported = mtu;
+            self.events.push_back(Event::PathMtu(mtu));
         }
         self.schedule_birthday_retries(now);
         let Some(link) = &mut self.link else { return };

@@ -103,6 +103,8 @@ struct Node {
     data_sent: u64,
     data_received: u64,
     changes: Vec<(Duration, PathKind, Option<PathAddr>)>,
+    /// Every [`PathEvent::MtuChanged`] with its time.
+    mtu_events: Vec<(Duration, Option<u16>)>,
 }
 
 struct Sim {
@@ -114,6 +116,9 @@ struct Sim {
     same_lan: bool,
     direct_dead: bool,
     relay_dead: bool,
+    /// Largest datagram a direct / relay path carries (bigger ones are dropped, as with DF).
+    direct_max: usize,
+    relay_max: usize,
     loss_percent: u64,
     one_way: Duration,
     relay_one_way: Duration,
@@ -167,6 +172,7 @@ impl Sim {
                 data_sent: 0,
                 data_received: 0,
                 changes: Vec::new(),
+                mtu_events: Vec::new(),
             }
         };
         Sim {
@@ -178,6 +184,8 @@ impl Sim {
             same_lan: false,
             direct_dead: false,
             relay_dead: false,
+            direct_max: usize::MAX,
+            relay_max: usize::MAX,
             loss_percent: 0,
             one_way: Duration::from_millis(15),
             relay_one_way: Duration::from_millis(25),
@@ -262,7 +270,7 @@ impl Sim {
         let sock = dest.local;
         match dest.via {
             Via::Relay => {
-                if self.relay_dead {
+                if self.relay_dead || bytes.len() > self.relay_max {
                     return;
                 }
                 let src = self.nodes[from].relayed;
@@ -275,7 +283,7 @@ impl Sim {
                 }
             }
             Via::Direct if dest.addr == self.nodes[to].relayed => {
-                if self.relay_dead {
+                if self.relay_dead || bytes.len() > self.relay_max {
                     return;
                 }
                 let src = self.source(from, sock, dest.addr);
@@ -283,7 +291,7 @@ impl Sim {
                 self.inflight.push((at, to, PathAddr::relay(src), bytes));
             }
             Via::Direct => {
-                if self.direct_dead || self.lose() {
+                if self.direct_dead || bytes.len() > self.direct_max || self.lose() {
                     return;
                 }
                 // LAN: straight to the other host address.
@@ -354,9 +362,13 @@ impl Sim {
                 self.send(i, t.dest, t.payload);
             }
             while let Some(e) = self.nodes[i].path.poll_event() {
-                if let PathEvent::PathChanged { kind, remote, .. } = e {
-                    let at = self.now - self.t0;
-                    self.nodes[i].changes.push((at, kind, remote));
+                let at = self.now - self.t0;
+                match e {
+                    PathEvent::PathChanged { kind, remote, .. } => {
+                        self.nodes[i].changes.push((at, kind, remote));
+                    }
+                    PathEvent::MtuChanged(m) => self.nodes[i].mtu_events.push((at, m)),
+                    _ => {}
                 }
             }
         }
@@ -1506,4 +1518,81 @@ fn only_unanswered_pool_pings_carry_the_low_ttl() {
         assert!(on(4).count() >= 1);
         assert!(on(4).all(|t| t.ttl == want));
     }
+#[test]
+fn mtu_search_finds_each_paths_size_and_the_peer_takes_the_smallest() {
+    let mut sim = Sim::new(
+        Some(MapKind::Cone),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    // A 1400-byte direct link (IPv4: 1372-byte datagrams) and a relay that carries 1300.
+    sim.direct_max = 1372;
+    sim.relay_max = 1300;
+    sim.data_every = Some(Duration::from_millis(100));
+    sim.start();
+    sim.run_for(Duration::from_secs(6));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    let st = sim.nodes[0].path.status();
+    let direct = st
+        .pairs
+        .iter()
+        .find(|p| Some(p.remote) == st.remote)
+        .and_then(|p| p.mtu)
+        .expect("direct pair measured");
+    assert_eq!(
+        (direct.outer, direct.datagram, direct.inner),
+        (1400, 1372, 1340)
+    );
+    let relay = st
+        .pairs
+        .iter()
+        .find(|p| p.kind == CandidateKind::Relayed && p.state == PairState::Valid)
+        .and_then(|p| p.mtu)
+        .expect("relay pair measured");
+    // Ladder step 1320 on the wire: 1320 - 20 - 8 - 4 = 1288 datagram, the largest <= 1300.
+    assert_eq!(relay.datagram, 1288);
+    assert_eq!(sim.nodes[0].path.mtu(), Some(1288 - 32));
+    assert_eq!(st.mtu, Some(1256));
+    assert_eq!(
+        sim.nodes[0].mtu_events.last().map(|e| e.1),
+        Some(Some(1256))
+    );
+    // Both sides measure their own direction.
+    assert_eq!(sim.nodes[1].path.mtu(), Some(1256));
+    // Data still flowed all along: lost big probes never kill a path.
+    assert_eq!(sim.changed_to(0, PathKind::Relay, Duration::ZERO), None);
+}
+
+#[test]
+fn a_peer_without_sized_probes_leaves_the_mtu_unknown() {
+    let mut sim = Sim::new(
+        Some(MapKind::Cone),
+        Some(MapKind::Cone),
+        PathConfig::default(),
+    );
+    // Nothing larger than a plain probe gets through: no size of the ladder answers.
+    sim.direct_max = MAX_PROBE_LEN;
+    sim.relay_max = MAX_PROBE_LEN;
+    sim.start();
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    assert_eq!(sim.nodes[0].path.mtu(), None);
+    assert!(sim.nodes[0].mtu_events.is_empty());
+}
+
+#[test]
+fn a_pair_via_our_allocation_has_the_overhead_of_the_relay_leg_family() {
+    let relayed: SocketAddr = "203.0.113.20:49152".parse().unwrap();
+    let leg6: SocketAddr = "[2001:db8:ffff::10]:3478".parse().unwrap();
+    let via = PathAddr::relay(relayed);
+    // An IPv6 leg to the TURN server: 40 + 8 + 4, though the peer's relayed address is IPv4
+    // (1420 + 32 + 52 = 1504 bytes for WireGuard's default MTU).
+    let hop = mtu_first_hop(&via, Some(leg6));
+    assert_eq!(hop, leg6);
+    assert_eq!(crate::mtu::overhead(&hop, true), 52);
+    // Without a known leg, and for direct pairs (also to a relayed address): the remote.
+    assert_eq!(mtu_first_hop(&via, None), relayed);
+    let direct = PathAddr::direct(relayed);
+    assert_eq!(mtu_first_hop(&direct, Some(leg6)), relayed);
+    assert_eq!(crate::mtu::overhead(&relayed, true), 32);
 }
