@@ -290,7 +290,7 @@ def tunnel_paths(results, out, fmt):
     labels[2] += "\n(no plain WG: no TURN)"
     for ax in (ax1, ax2):
         ax.set_xticks(list(xs), labels)
-        ax.legend(frameon=False)
+        ax.legend(frameon=False, loc="best")
         ax.grid(axis="y", alpha=0.3)
     ax1.set_ylabel("iperf3 TCP Mbit/s through WireGuard")
     ax2.set_ylabel("CPU seconds per GB (tunnel processes, both hosts)")
