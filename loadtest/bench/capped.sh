@@ -36,6 +36,7 @@
 #   RELAY_EXTRA [""] (TOML lines appended to meshpunch-relay's config, e.g. "gso = false")
 #   LOAD_EXTRA [""] (more generator options, e.g. "--clients 1024 --peers-per-client 1")
 #   NICE [-19] OUT [bench/results/capped-<UTC time>] BUILD [1] SIDES ["A B"] BASE [B]
+#   BINS [target/release] (directory of meshpunch-relay and meshpunch-loadtest)
 # Needs root (cgroup, sysctl, nice) and coturn's turnserver on PATH for the coturn side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -66,7 +67,7 @@ export RUST_BACKTRACE=0
 if [ "$BUILD" = 1 ]; then
   cargo build --release -q -p meshpunch-loadtest -p meshpunch-relay
 fi
-REL="${CARGO_TARGET_DIR:-target}/release"
+REL=${BINS:-${CARGO_TARGET_DIR:-target}/release}
 GEN=${GEN:-$REL/meshpunch-loadtest}
 mkdir -p "$OUT"
 TMP=$(mktemp -d)
@@ -143,6 +144,7 @@ tls_cert() {
   [ -f "$TMP/cert.pem" ] && return 0
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
     -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
 }
 

@@ -15,6 +15,7 @@
 # Knobs [defaults]: TRANSPORT [udp] RATE [30000] SECS [8] PERF_SECS [4] FREQ [499]
 #   SERVER_CPU [1] GEN_CPU [0] SIZE [wg-mix] BUILD [1] OUT [bench/results/flame-<UTC time>-<transport>]
 #   SVG [docs/bench/relay-flame.svg, relay-flame-<transport>.svg for tcp/tls]
+#   BINS [target/release] (directory of meshpunch-relay and meshpunch-loadtest)
 # Writes: OUT/meta.json, OUT/load.json (the generator's report of the run), OUT/relay.folded
 # (folded stacks), OUT/summary.json (top symbols: self and inclusive share), SVG.
 # Needs root (perf on another process), perf, inferno-collapse-perf and inferno-flamegraph.
@@ -43,7 +44,7 @@ case "$TRANSPORT" in udp|tcp|tls) ;; *) echo "TRANSPORT must be udp, tcp or tls"
 if [ "$BUILD" = 1 ]; then
   cargo build --release -q -p meshpunch-loadtest -p meshpunch-relay
 fi
-REL="${CARGO_TARGET_DIR:-target}/release"
+REL=${BINS:-${CARGO_TARGET_DIR:-target}/release}
 mkdir -p "$OUT" "$(dirname "$SVG")"
 TMP=$(mktemp -d)
 RELAY_PID=
@@ -63,6 +64,7 @@ case "$TRANSPORT" in
   tls)
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
       -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
       -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
     ADDR=127.0.0.1:$((PORT + 1))
     EXTRA_TOML=$(printf 'tls_listen = "%s"\ntls_cert = "%s"\ntls_key = "%s"' "$ADDR" "$TMP/cert.pem" "$TMP/key.pem")

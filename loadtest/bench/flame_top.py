@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Top symbols of a folded-stack profile (loadtest/bench/flame.sh): reads OUT/relay.folded
-(`frame;frame;...;leaf count` lines, inferno-collapse-perf), writes OUT/summary.json and prints
+(`frame;frame;...;leaf weight` lines, inferno-collapse-perf), writes OUT/summary.json and prints
 markdown tables: self share (where the CPU is spent) and inclusive share (what it is spent
 under). Standard library only."""
 import json
@@ -9,6 +9,7 @@ import re
 import sys
 
 TOP = 20
+WRAPPER = re.compile(r"^(<?(std|core|alloc)::|<core::|<alloc::|__rust|_start$|main$|__libc_start)")
 
 
 def short(frame):
@@ -28,14 +29,17 @@ def main(out):
             total += n
             frames = [short(x) for x in stack.split(";")]
             selfc[frames[-1]] = selfc.get(frames[-1], 0) + n
-            for fr in set(frames):
-                incl[fr] = incl.get(fr, 0) + n
+            # Inclusive: skip the thread name (first frame) and the standard library's
+            # wrappers every stack passes through.
+            for fr in set(frames[1:]):
+                if not WRAPPER.match(fr):
+                    incl[fr] = incl.get(fr, 0) + n
     if total == 0:
         print(f"{out}/relay.folded has no samples", file=sys.stderr)
         sys.exit(1)
 
     def top(d):
-        return [{"symbol": k, "samples": v, "percent": round(100.0 * v / total, 2)}
+        return [{"symbol": k, "weight": v, "percent": round(100.0 * v / total, 2)}
                 for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:TOP]]
 
     meta = {}
@@ -50,7 +54,7 @@ def main(out):
         pass
     summary = {
         "meta": meta,
-        "samples": total,
+        "weight": total,
         "delivered_pps": load.get("pps"),
         "loss": load.get("loss"),
         "server_cpu_percent": load.get("server_cpu_percent"),
@@ -60,9 +64,9 @@ def main(out):
     }
     json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
     cpu = summary["server_cpu_percent"]
-    print(f"{total} samples; delivered {summary['delivered_pps'] or 0:,.0f} pps, loss "
+    print(f"{total} units of perf weight (sample periods); delivered {summary['delivered_pps'] or 0:,.0f} pps, loss "
           f"{(summary['loss'] or 0) * 100:.3f} %, relay CPU {cpu if cpu is None else round(cpu)} %, "
-          f"{summary['server_cpu_us_per_packet']} µs/pkt")
+          f"{summary['server_cpu_us_per_packet'] or 0:.2f} µs/pkt")
     for name in ("self", "inclusive"):
         print()
         print(f"| {name} % | symbol |")
