@@ -12,8 +12,14 @@ Inputs (all under --results; a missing input skips its figure with a message):
                               and variants are skipped)
   rendezvous-rss/*.json       `meshpunch-loadtest rendezvous --server-pid … --json` outputs at
                               several client counts (loadtest/bench/rendezvous_rss.sh)
+  transport-*/summary.json    written by loadtest/bench/transport.sh (relay on one core, clients
+                              on UDP / TCP / TLS; the newest run is plotted)
+  tunnel-*/summary.json       written by loadtest/bench/tunnel.sh (iperf3 through WireGuard per
+                              path kind, meshpunch vs plain WireGuard; the newest run)
 
-Outputs (--out): nat-matrix, relay-vs-coturn, failover-timeline, rendezvous-rss (.svg or .png).
+Outputs (--out): nat-matrix, relay-vs-coturn, failover-timeline, rendezvous-rss, relay-transport,
+tunnel-paths (.svg or .png). The relay flame graphs (docs/bench/relay-flame*.svg) come from
+loadtest/bench/flame.sh, not from here.
 Needs matplotlib: Debian's /usr/bin/python3 with `apt-get install python3-matplotlib` (the shebang
 uses it). The test suite does not run this.
 """
@@ -202,6 +208,99 @@ def rendezvous_rss(results, out, fmt):
     save(fig, out, "rendezvous-rss", fmt)
 
 
+def newest(results, pattern):
+    """(path, summary) of the newest `pattern` run by its meta start time, or None."""
+    best = None
+    for path in sorted(glob.glob(os.path.join(results, pattern, "summary.json"))):
+        s = load(path)
+        if not s:
+            continue
+        started = s["meta"].get("started") or str(s["meta"].get("unix_time", ""))
+        if best is None or started >= best[2]:
+            best = (path, s, started)
+    return best[:2] if best else None
+
+
+TRANSPORT_COLORS = {"udp": "#264653", "tcp": "#2a9d8f", "tls": "#e9c46a"}
+
+
+def transport_pps(results, out, fmt):
+    found = newest(results, "transport-*")
+    if not found:
+        print("  skip: no transport-*/summary.json (loadtest/bench/transport.sh)", file=sys.stderr)
+        return
+    path, s = found
+    meta = s["meta"]
+    sides = meta.get("sides", f"{meta['a']} {meta['b']}").split()
+    sizes = sorted({c["size"] for c in s["cases"]}, key=lambda z: int(z) if z.isdigit() else 0)
+    by = {(c["size"], c["side"]): c for c in s["cases"]}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / max(len(sides), 1)
+    xs = range(len(sizes))
+    for k, side in enumerate(sides):
+        pps = [(by.get((z, side)) or {}).get("pps") or 0 for z in sizes]
+        cpu = [(by.get((z, side)) or {}).get("server_cpu_us_per_packet") or 0 for z in sizes]
+        off = (k - (len(sides) - 1) / 2) * width
+        color = TRANSPORT_COLORS.get(side.rsplit("-", 1)[-1], None)
+        ax1.bar([x + off for x in xs], [v / 1000 for v in pps], width, label=side, color=color)
+        ax2.bar([x + off for x in xs], cpu, width, label=side, color=color)
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(xs), [f"{z} B" for z in sizes])
+        ax.legend(frameon=False)
+        ax.grid(axis="y", alpha=0.3)
+    ax1.set_ylabel("max delivered kpps (loss < 1 %, two passing trials)")
+    ax2.set_ylabel("relay CPU µs per delivered packet")
+    quota = 100 * meta["quota_us"] / meta["period_us"]
+    fig.suptitle(f"meshpunch-relay on {quota:.0f} % of one core, clients on UDP / TURN-over-TCP / TLS "
+                 f"(realistic pattern), median of {meta['rounds']} rounds — {meta.get('started', '')}")
+    fig.text(0.5, -0.06, f"source: {os.path.relpath(path)}; load before: {meta.get('load_before', '?')}",
+             ha="center", fontsize=7)
+    save(fig, out, "relay-transport", fmt)
+
+
+def tunnel_paths(results, out, fmt):
+    found = newest(results, "tunnel-*")
+    if not found:
+        print("  skip: no tunnel-*/summary.json (loadtest/bench/tunnel.sh)", file=sys.stderr)
+        return
+    path, s = found
+    meta = s["meta"]
+    paths = ["lan", "direct", "relay"]
+    setups = ["meshpunch", "plain-wireguard"]
+    by = {(c["setup"], c["path"]): c for c in s["cells"]}
+    colors = {"meshpunch": "#264653", "plain-wireguard": "#e76f51"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.38
+    xs = range(len(paths))
+    for k, setup in enumerate(setups):
+        off = (k - 0.5) * width
+        cells = [by.get((setup, p)) for p in paths]
+        present = [(x, c) for x, c in zip(xs, cells) if c]
+        ax1.bar([x + off for x, _ in present], [c["mbps"] or 0 for _, c in present], width,
+                label=setup, color=colors[setup])
+        ax2.bar([x + off for x, _ in present], [c["tunnel_cpu_s_per_gb"] or 0 for _, c in present], width,
+                label=setup, color=colors[setup])
+    relay = by.get(("meshpunch", "relay"))
+    if relay and relay.get("relay_cpu_s_per_gb"):
+        ax2.bar([2 + 0.5 * width], [relay["relay_cpu_s_per_gb"]], width, label="relay server",
+                color="#e9c46a")
+    labels = list(paths)
+    if "meshpunch_relay_vs_direct" in s.get("ratios", {}):
+        labels[2] += f"\n{s['ratios']['meshpunch_relay_vs_direct']:.2f}× direct"
+    labels[2] += "\n(no plain WG: no TURN)"
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(xs), labels)
+        ax.legend(frameon=False, loc="best")
+        ax.grid(axis="y", alpha=0.3)
+    ax1.set_ylabel("iperf3 TCP Mbit/s through WireGuard")
+    ax2.set_ylabel("CPU seconds per GB (tunnel processes, both hosts)")
+    fig.suptitle(f"Tunnel throughput per path kind (NAT lab), median of {meta.get('rounds')} "
+                 f"rounds × {meta.get('secs')} s")
+    fig.text(0.5, -0.1, f"source: {os.path.relpath(path)}; client {meta.get('client')}; "
+             f"load: {meta.get('load', '?')}", ha="center", fontsize=7)
+    save(fig, out, "tunnel-paths", fmt)
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
@@ -211,7 +310,8 @@ def main():
     ap.add_argument("--format", default="svg", choices=["svg", "png"])
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    for fig in (nat_matrix, relay_vs_coturn, failover_timeline, rendezvous_rss):
+    for fig in (nat_matrix, relay_vs_coturn, failover_timeline, rendezvous_rss, transport_pps,
+                tunnel_paths):
         print(f"{fig.__name__}:")
         fig(a.results, a.out, a.format)
 

@@ -22,22 +22,29 @@
 #
 # Sides: A and B name what to compare: `coturn`, `bare` (the bare forwarder) or any other
 # label for a meshpunch-relay binary (path in ${A_BIN} / ${B_BIN}, default
-# target/release/meshpunch-relay). Examples:
+# target/release/meshpunch-relay). A label ending in `-tcp` or `-tls` is meshpunch-relay with
+# the clients on TURN over TCP / TLS (`--transport`; a self-signed certificate made with
+# openssl for TLS); peers stay on UDP. SIDES lists more than two sides (default "A B"); each
+# round rotates which goes first; ratios are every side against BASE (default B). Examples:
 #   loadtest/bench/capped.sh                                 # meshpunch vs coturn
 #   A=before A_BIN=/tmp/before/meshpunch-relay B=after loadtest/bench/capped.sh
+#   loadtest/bench/transport.sh                              # udp vs tcp vs tls on one core
 #
 # Knobs [defaults]: A [meshpunch] B [coturn] ROUNDS [3] QUOTA_US [2500] PERIOD_US [10000]
 #   SERVER_CPU [1] GEN_CPU [0] BUF [2097152] TRIAL [2s] START_RATE [20000] MAX_LOSS [1]
 #   CASES ["realistic:wg-mix realistic:100 realistic:1200 bulk:100 bulk:1200"] (pattern:size)
 #   RELAY_EXTRA [""] (TOML lines appended to meshpunch-relay's config, e.g. "gso = false")
 #   LOAD_EXTRA [""] (more generator options, e.g. "--clients 1024 --peers-per-client 1")
-#   NICE [-19] OUT [bench/results/capped-<UTC time>] BUILD [1]
+#   NICE [-19] OUT [bench/results/capped-<UTC time>] BUILD [1] SIDES ["A B"] BASE [B]
+#   BINS [target/release] (directory of meshpunch-relay and meshpunch-loadtest)
 # Needs root (cgroup, sysctl, nice) and coturn's turnserver on PATH for the coturn side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 A=${A:-meshpunch}
 B=${B:-coturn}
+SIDES=${SIDES:-$A $B}
+BASE=${BASE:-$B}
 ROUNDS=${ROUNDS:-3}
 QUOTA_US=${QUOTA_US:-2500}
 PERIOD_US=${PERIOD_US:-10000}
@@ -60,7 +67,7 @@ export RUST_BACKTRACE=0
 if [ "$BUILD" = 1 ]; then
   cargo build --release -q -p meshpunch-loadtest -p meshpunch-relay
 fi
-REL="${CARGO_TARGET_DIR:-target}/release"
+REL=${BINS:-${CARGO_TARGET_DIR:-target}/release}
 GEN=${GEN:-$REL/meshpunch-loadtest}
 mkdir -p "$OUT"
 TMP=$(mktemp -d)
@@ -129,11 +136,21 @@ generator() {
 }
 
 port_free() {
-  ! ss -Huln "sport = :$PORT" | grep -q .
+  ! ss -Huln "sport = :$PORT" | grep -q . && ! ss -Htln "sport = :$((PORT + 1))" | grep -q .
 }
 
-start_server() { # side -> SERVER_PID MODE AUTH
-  local side=$1 binvar
+# For -tls sides: a self-signed certificate for 127.0.0.1 the generator trusts with --ca.
+tls_cert() {
+  [ -f "$TMP/cert.pem" ] && return 0
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
+    -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+}
+
+start_server() { # side -> SERVER_PID MODE AUTH ADDR
+  local side=$1 binvar stream_toml=""
+  ADDR=127.0.0.1:$PORT
   for _ in $(seq 1 50); do port_free && break; sleep 0.1; done
   if ! port_free; then echo "UDP port $PORT is taken (another server still running?)" >&2; exit 1; fi
   case "$side" in
@@ -152,7 +169,18 @@ start_server() { # side -> SERVER_PID MODE AUTH
       wait_line "$TMP/server.log" "listening on"
       MODE=bare; AUTH=();;
     *)
-      if [ "$side" = "$A" ]; then binvar=${A_BIN:-$REL/meshpunch-relay}; else binvar=${B_BIN:-$REL/meshpunch-relay}; fi
+      if [ "$side" = "$A" ]; then binvar=${A_BIN:-$REL/meshpunch-relay}; elif [ "$side" = "$B" ]; then binvar=${B_BIN:-$REL/meshpunch-relay}; else binvar=$REL/meshpunch-relay; fi
+      AUTH=(--secret "$SECRET")
+      case "$side" in
+        *-tcp)
+          ADDR=127.0.0.1:$((PORT + 1)); stream_toml="tcp_listen = \"$ADDR\""
+          AUTH+=(--transport tcp);;
+        *-tls)
+          tls_cert
+          ADDR=127.0.0.1:$((PORT + 1))
+          stream_toml=$(printf 'tls_listen = "%s"\ntls_cert = "%s"\ntls_key = "%s"' "$ADDR" "$TMP/cert.pem" "$TMP/key.pem")
+          AUTH+=(--transport tls --ca "$TMP/cert.pem");;
+      esac
       cat >"$TMP/relay.toml" <<TOML
 listen = "127.0.0.1:$PORT"
 relay_ips = ["127.0.0.1"]
@@ -161,12 +189,13 @@ auth_secret = "$SECRET"
 allow_loopback_peers = true
 workers = 1
 socket_buffer = $BUF
+$stream_toml
 $RELAY_EXTRA
 TOML
       in_cgroup "$binvar" --config "$TMP/relay.toml" >"$TMP/server.log" 2>&1 &
       SERVER_PID=$!
       wait_line "$TMP/server.log" "listening on"
-      MODE=relay; AUTH=(--secret "$SECRET");;
+      MODE=relay;;
   esac
 }
 
@@ -184,7 +213,7 @@ throttled() { # prints the cgroup's throttling counters
 {
   echo "{"
   echo "  \"started\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
-  echo "  \"a\": \"$A\", \"b\": \"$B\", \"rounds\": $ROUNDS,"
+  echo "  \"a\": \"$A\", \"b\": \"$B\", \"sides\": \"$SIDES\", \"base\": \"$BASE\", \"rounds\": $ROUNDS,"
   echo "  \"cgroup\": \"$CG_KIND\", \"quota_us\": $QUOTA_US, \"period_us\": $PERIOD_US,"
   echo "  \"server_cpu\": \"$SERVER_CPU\", \"generator_cpu\": \"$GEN_CPU\", \"socket_buffer\": $BUF,"
   echo "  \"trial\": \"$TRIAL\", \"start_rate\": $START_RATE, \"max_loss_percent\": $MAX_LOSS,"
@@ -196,7 +225,10 @@ throttled() { # prints the cgroup's throttling counters
 } >"$OUT/meta.json"
 
 for round in $(seq 1 "$ROUNDS"); do
-  if [ $((round % 2)) = 1 ]; then order="$A $B"; else order="$B $A"; fi
+  # Rotate the order each round (two sides: A B, B A, ...).
+  read -ra sides <<<"$SIDES"
+  n=${#sides[@]}; order=""
+  for i in $(seq 0 $((n - 1))); do order="$order ${sides[$(((i + round - 1) % n))]}"; done
   for case in $CASES; do
     pattern=${case%%:*}; size=${case#*:}
     for side in $order; do
@@ -204,7 +236,7 @@ for round in $(seq 1 "$ROUNDS"); do
       (sleep 3; ss -uampn 2>/dev/null | grep -A1 "pid=$SERVER_PID," >"$OUT/sockets-$side.txt" || true) &
       t0=$(throttled)
       echo "== round $round, $side, $pattern $size: max rate at $QUOTA_US/$PERIOD_US µs CPU" >&2
-      generator "$MODE" --server "127.0.0.1:$PORT" "${AUTH[@]}" \
+      generator "$MODE" --server "$ADDR" "${AUTH[@]}" \
         --pattern "$pattern" --size "$size" --rate "$START_RATE" --duration "$TRIAL" \
         --find-max --max-loss "$MAX_LOSS" --server-pid "$SERVER_PID" --json $LOAD_EXTRA \
         >"$OUT/r$round-$side-$pattern-$size.json"

@@ -48,15 +48,18 @@ def main(out):
             "p99_us": med(rs, "p99_us"),
             "generator_limited_runs": sum(1 for r in rs if r.get("generator_limited")),
         })
-    a, b = meta["a"], meta["b"]
+    # Every side against the base (two sides: A against B, as before).
+    base = meta.get("base", meta["b"])
     ratios = []
     for c in cases:
-        if c["side"] != a:
+        if c["side"] == base:
             continue
-        o = next((x for x in cases if x["side"] == b and x["pattern"] == c["pattern"] and x["size"] == c["size"]), None)
+        o = next((x for x in cases if x["side"] == base and x["pattern"] == c["pattern"] and x["size"] == c["size"]), None)
         if not o:
             continue
         ratios.append({
+            "side": c["side"],
+            "base": base,
             "pattern": c["pattern"],
             "size": c["size"],
             "pps_ratio": c["pps"] / o["pps"] if c["pps"] and o["pps"] else None,
@@ -81,11 +84,11 @@ def main(out):
               f"{f(c['duplicates'], '.0f')} | {f(c['reordered'], '.0f')} | {f(c['p99_us'], '.0f')} | "
               f"{c['generator_limited_runs']}/{c['rounds']} |")
     print()
-    print(f"| pattern | size | {a} / {b} pps | {a} vs {b} packets per CPU |")
-    print("|---|---|---:|---:|")
+    print("| pattern | size | side / base | pps ratio | packets per CPU ratio |")
+    print("|---|---|---|---:|---:|")
     for r in ratios:
-        print(f"| {r['pattern']} | {r['size']} | {f(r['pps_ratio'], '.2f')}× | {f(r['cpu_per_packet_ratio'], '.2f')}× |")
-
+        print(f"| {r['pattern']} | {r['size']} | {r['side']} / {r['base']} | {f(r['pps_ratio'], '.2f')}× | "
+              f"{f(r['cpu_per_packet_ratio'], '.2f')}× |")
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest")

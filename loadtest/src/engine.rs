@@ -41,15 +41,17 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::stream::StreamConn;
 use crate::sys;
 use crate::udp::{self, RecvBatch, SendBatch, BATCH, MAX_DATAGRAM};
+use meshpunch_proto::turn::stream::{channel_data_len, encode_channel_data};
 
 /// Bytes of the stamp every load datagram carries after its framing prefix.
 pub const STAMP_LEN: usize = 24;
@@ -93,13 +95,23 @@ impl Framing {
     }
 }
 
+/// Where a flow's datagrams leave the client.
+#[derive(Debug)]
+pub enum Link {
+    /// UDP socket `connect`ed to the server (or to the peer for a direct run). Several flows of
+    /// one client hold clones of the same socket.
+    Udp(UdpSocket),
+    /// TURN over TCP or TLS: the client's connection, shared by its flows. ChannelData goes
+    /// padded to 4 bytes (RFC 8656 §12.5).
+    Stream(Arc<Mutex<StreamConn>>),
+}
+
 /// One stream of datagrams: a client socket connected to where the datagrams go, the framing
 /// that selects the peer, and the peer socket they must come out of.
 #[derive(Debug)]
 pub struct Flow {
-    /// Socket `connect`ed to the server (or to the peer for a direct run). Several flows of
-    /// one client hold clones of the same socket.
-    pub sock: UdpSocket,
+    /// How the datagrams leave the client.
+    pub link: Link,
     /// Prefix written before each stamped payload.
     pub framing: Framing,
     /// Index of the [`Peer`] this flow's datagrams must reach.
@@ -290,6 +302,9 @@ pub struct TrialResult {
     pub misrouted: u64,
     /// Sends refused by the kernel.
     pub send_errors: u64,
+    /// TURN over TCP/TLS: datagrams the client dropped because its stream was still backed up
+    /// with earlier ones (the server did not read fast enough). Counted as sent and lost.
+    pub stream_backed_up: u64,
     /// Seconds spent sending.
     pub seconds: f64,
     /// Achieved send rate (datagrams/s).
@@ -571,6 +586,7 @@ fn receiver(mut peers: Vec<(usize, Peer)>, ctx: ReceiverCtx) -> (Vec<(usize, Pee
 
 struct SendOutcome {
     sent: u64,
+    backed_up: u64,
     reverse_sent: u64,
     errors: u64,
     seconds: f64,
@@ -623,6 +639,7 @@ fn sender(
     if flows.is_empty() {
         return SendOutcome {
             sent,
+            backed_up: 0,
             reverse_sent,
             errors,
             seconds: 0.0,
@@ -631,6 +648,8 @@ fn sender(
         };
     }
     let burst = spec.burst.clamp(1, BATCH) as u64;
+    let mut stream_buf: Vec<u8> = Vec::new();
+    let mut backed_up = 0u64;
     loop {
         let elapsed = start.elapsed();
         if elapsed >= spec.duration {
@@ -686,7 +705,36 @@ fn sender(
                     reverse_sent += ok;
                     ok
                 }
-                None => batch.send(&flow.sock) as u64,
+                None => match &flow.link {
+                    Link::Udp(sock) => batch.send(sock) as u64,
+                    Link::Stream(conn) => {
+                        // Whole padded ChannelData messages back to back, one write per run.
+                        // proto's stream encoder (header again, data, padding to 4).
+                        stream_buf.clear();
+                        for i in 0..batch.len() {
+                            let msg = batch.queued(i);
+                            let (ch, data) = (u16::from_be_bytes([msg[0], msg[1]]), &msg[4..]);
+                            let at = stream_buf.len();
+                            stream_buf.resize(at + channel_data_len(data.len()), 0);
+                            let _ = encode_channel_data(ch, data, &mut stream_buf[at..]);
+                        }
+                        batch.clear();
+                        let accepted = conn
+                            .lock()
+                            .map_err(|_| std::io::Error::other("stream lock poisoned"))
+                            .and_then(|mut c| c.try_send(&stream_buf));
+                        match accepted {
+                            Ok(true) => k as u64,
+                            Ok(false) => {
+                                // Sent as far as the client goes, lost at a server that does
+                                // not read fast enough.
+                                backed_up += k as u64;
+                                k as u64
+                            }
+                            Err(_) => 0,
+                        }
+                    }
+                },
             };
             sent += ok;
             errors += k as u64 - ok;
@@ -698,6 +746,7 @@ fn sender(
     }
     SendOutcome {
         sent,
+        backed_up,
         reverse_sent,
         errors,
         seconds: start.elapsed().as_secs_f64(),
@@ -872,6 +921,7 @@ pub fn run_trial(
         late: counts.late,
         misrouted: counts.misrouted,
         send_errors: out.errors,
+        stream_backed_up: out.backed_up,
         seconds,
         sent_pps,
         pps,

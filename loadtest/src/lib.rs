@@ -7,6 +7,7 @@
 //!   maximum-rate search.
 //! - [`forwarder`]: the bare recvmmsg/sendmmsg forwarder.
 //! - [`turn`]: TURN allocations and channels for the load (through `proto::turn_client`).
+//! - [`stream`]: TURN over TCP and TLS for the load (proto's stream framing).
 //! - [`load`]: the relay / bare / direct load modes and their report.
 //! - [`rendezvous`]: many lean QUIC clients registering, watching and exchanging offers.
 //! - [`punch`]: time from "connect to peer" to the first authenticated direct reply.
@@ -19,6 +20,7 @@ pub mod load;
 pub mod progress;
 pub mod punch;
 pub mod rendezvous;
+pub mod stream;
 pub mod sys;
 pub mod turn;
 pub mod udp;

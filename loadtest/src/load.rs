@@ -22,10 +22,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::engine::{
-    self, Back, Flow, Framing, Pattern, Peer, Progress, SearchSpec, Sizes, TrialResult, TrialSpec,
+    self, Back, Flow, Framing, Link, Pattern, Peer, Progress, SearchSpec, Sizes, TrialResult,
+    TrialSpec,
 };
 use crate::forwarder;
 use crate::progress::Bar;
+use crate::stream::Transport;
 use crate::sys::{self, CpuMeter};
 use crate::turn;
 use crate::udp;
@@ -39,10 +41,12 @@ pub enum Target {
     Bare(SocketAddr),
     /// A TURN server at `server`, authenticated with REST-API credentials from `secret`.
     Turn {
-        /// Server address.
+        /// Server address (UDP, TCP or TLS listener, as `transport` says).
         server: SocketAddr,
         /// The `static-auth-secret` shared with the server.
         secret: String,
+        /// How clients reach the server; peers are on UDP whatever this is.
+        transport: Transport,
     },
 }
 
@@ -53,6 +57,14 @@ impl Target {
             Target::Direct => "direct",
             Target::Bare(_) => "bare",
             Target::Turn { .. } => "relay",
+        }
+    }
+
+    /// How clients reach the server: `udp` except for TURN over TCP/TLS.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Target::Turn { transport, .. } => transport.name(),
+            _ => "udp",
         }
     }
 
@@ -208,6 +220,12 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
             engine::MAX_SIZE
         )));
     }
+    if opts.bidirectional && target.transport() != "udp" {
+        return Err(LoadError::Options(
+            "--bidirectional is UDP only (over TCP/TLS the clients' streams carry one direction)"
+                .into(),
+        ));
+    }
     if opts.bidirectional && matches!(target, Target::Bare(_)) {
         return Err(LoadError::Options(
             "--bidirectional needs a TURN server or direct mode (the bare forwarder is one-way)"
@@ -247,7 +265,7 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
                         None
                     };
                     flows.push(Flow {
-                        sock,
+                        link: Link::Udp(sock),
                         framing: Framing::Raw,
                         peer,
                         back,
@@ -265,7 +283,7 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
                     bare_bind(&sock, channel, peer_addrs[peer])
                         .map_err(|reason| LoadError::Setup { client: i, reason })?;
                     flows.push(Flow {
-                        sock: sock.try_clone()?,
+                        link: Link::Udp(sock.try_clone()?),
                         framing: Framing::ChannelData(channel),
                         peer,
                         back: None,
@@ -273,7 +291,11 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
                 }
             }
         }
-        Target::Turn { server, secret } => {
+        Target::Turn {
+            server,
+            secret,
+            transport,
+        } => {
             let peer_for: Vec<Vec<(usize, SocketAddr)>> = (0..opts.clients)
                 .map(|i| {
                     (0..ppc)
@@ -284,16 +306,16 @@ pub fn setup(target: &Target, opts: &LoadOptions) -> Result<Setup, LoadError> {
                         .collect()
                 })
                 .collect();
-            let (f, a) = turn::allocate_all(*server, secret, opts.client_ip, &peer_for)?;
+            let (f, a) = turn::allocate_all(*server, secret, opts.client_ip, transport, &peer_for)?;
             flows = f;
             if opts.bidirectional {
                 // Flows come client by client, `ppc` each; a client's reverse datagrams arrive
                 // as ChannelData on its socket (4-byte header before the stamp).
                 for (i, alloc) in a.iter().enumerate() {
-                    let Some(first) = flows.get(i * ppc) else {
+                    let Some(Link::Udp(sock)) = flows.get(i * ppc).map(|f| &f.link) else {
                         break;
                     };
-                    peers.push(Peer::with_prefix(first.sock.try_clone()?, 4)?);
+                    peers.push(Peer::with_prefix(sock.try_clone()?, 4)?);
                     let rx = peers.len() - 1;
                     for f in flows.iter_mut().skip(i * ppc).take(ppc) {
                         f.back = Some(Back {
@@ -341,6 +363,8 @@ fn bare_bind(sock: &UdpSocket, channel: u16, peer: SocketAddr) -> Result<(), Str
 pub struct Report {
     /// `relay`, `bare` or `direct`.
     pub mode: String,
+    /// How clients reached the server: `udp`, `tcp` or `tls` (peers always on UDP).
+    pub transport: String,
     /// Server under test, if any.
     pub server: Option<String>,
     /// Concurrent clients.
@@ -405,6 +429,7 @@ fn report_from(
 ) -> Report {
     Report {
         mode: target.mode().into(),
+        transport: target.transport().into(),
         server: target.server().map(|s| s.to_string()),
         clients: opts.clients,
         peers_per_client: opts.peers_per_client,
@@ -516,8 +541,8 @@ pub fn table(r: &Report) -> String {
     let mut s = String::new();
     let server = r.server.as_deref().unwrap_or("-");
     s.push_str(&format!(
-        "mode {}  server {}  pattern {}  clients {} × {} channels → {} peers  size {} (mean {} B)  offered {} pps  (setup {:.2} s)\n",
-        r.mode, server, t.pattern, r.clients, r.peers_per_client, r.peers, t.sizes, t.size, t.rate, r.setup_seconds
+        "mode {}  server {} ({})  pattern {}  clients {} × {} channels → {} peers  size {} (mean {} B)  offered {} pps  (setup {:.2} s)\n",
+        r.mode, server, r.transport, t.pattern, r.clients, r.peers_per_client, r.peers, t.sizes, t.size, t.rate, r.setup_seconds
     ));
     s.push_str(&format!(
         "{:>10} {:>10} {:>11} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7}\n",

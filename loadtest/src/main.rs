@@ -1,6 +1,7 @@
 //! `meshpunch-loadtest`: command-line driver of the load generator (see the crate docs).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -10,6 +11,7 @@ use meshpunch_loadtest::forwarder::Forwarder;
 use meshpunch_loadtest::load::{self, LoadOptions, Target};
 use meshpunch_loadtest::punch::{self, PunchOptions};
 use meshpunch_loadtest::rendezvous::{self, RendezvousOptions};
+use meshpunch_loadtest::stream::{TlsOptions, Transport};
 
 /// Load generator for meshpunch rendezvous nodes and any TURN server.
 #[derive(Parser, Debug)]
@@ -23,9 +25,20 @@ struct Cli {
 enum Cmd {
     /// Push ChannelData through a TURN server (ours, coturn, any RFC 8656 server).
     Relay {
-        /// TURN server address (UDP).
+        /// TURN server address (its UDP, TCP or TLS listener, as --transport says).
         #[arg(long)]
         server: SocketAddr,
+        /// How clients reach the server: udp, or one TCP / TLS connection per client (TURN
+        /// over TCP/TLS, RFC 8656 §3.1). Peers are on UDP whatever this is.
+        #[arg(long, value_enum, default_value = "udp")]
+        transport: TransportArg,
+        /// --transport tls: PEM file of the certificate(s) to trust (the relay's self-signed
+        /// certificate, or its CA).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// --transport tls: name the certificate must carry [the server's IP address].
+        #[arg(long)]
+        tls_name: Option<String>,
         /// TURN REST-API shared secret (coturn: static-auth-secret).
         #[arg(long, env = "MESHPUNCH_TURN_SECRET")]
         secret: String,
@@ -109,6 +122,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TransportArg {
+    Udp,
+    Tcp,
+    Tls,
 }
 
 #[derive(Args, Debug)]
@@ -248,9 +268,35 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Relay {
             server,
+            transport,
+            ca,
+            tls_name,
             secret,
             load,
-        } => run_load(Target::Turn { server, secret }, load),
+        } => {
+            let transport = match (transport, ca) {
+                (TransportArg::Udp, None) => Transport::Udp,
+                (TransportArg::Tcp, None) => Transport::Tcp,
+                (TransportArg::Tls, Some(ca)) => {
+                    let name = tls_name.unwrap_or_else(|| server.ip().to_string());
+                    Transport::Tls(
+                        TlsOptions::from_ca_file(&ca, &name).map_err(anyhow::Error::msg)?,
+                    )
+                }
+                (TransportArg::Tls, None) => {
+                    bail!("--transport tls needs --ca FILE (the relay's certificate or its CA)")
+                }
+                (_, Some(_)) => bail!("--ca is for --transport tls"),
+            };
+            run_load(
+                Target::Turn {
+                    server,
+                    secret,
+                    transport,
+                },
+                load,
+            )
+        }
         Cmd::Bare { server, load } => run_load(Target::Bare(server), load),
         Cmd::Direct { load } => run_load(Target::Direct, load),
         Cmd::Rendezvous {

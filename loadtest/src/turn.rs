@@ -12,8 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 use meshpunch_proto::creds::rest_credentials;
 use meshpunch_proto::turn_client::{TurnClient, TurnCredentials, TurnEvent};
 
-use crate::engine::{Flow, Framing};
+use std::sync::{Arc, Mutex};
+
+use crate::engine::{Flow, Framing, Link};
 use crate::load::LoadError;
+use crate::stream::{StreamConn, Transport};
 use crate::udp;
 
 /// How long one client's Allocate + ChannelBind may take.
@@ -28,7 +31,9 @@ const SETUP_THREADS: usize = 8;
 /// A live allocation kept so it can be released after the run.
 pub struct Allocation {
     client: TurnClient,
-    sock: UdpSocket,
+    /// UDP allocations: the client's socket (released with a zero-lifetime Refresh). Stream
+    /// allocations end with their connection (RFC 8656 §3.1), dropped with the flows.
+    sock: Option<UdpSocket>,
     relayed: SocketAddr,
 }
 
@@ -80,6 +85,75 @@ fn drive(
     }
 }
 
+fn new_client(server: SocketAddr, secret: &str, user: &str) -> TurnClient {
+    let expires =
+        meshpunch_proto::clock::unix_secs(SystemTime::now()) + CREDENTIAL_LIFETIME.as_secs();
+    let creds = rest_credentials(secret.as_bytes(), expires, user);
+    TurnClient::new(
+        server,
+        TurnCredentials {
+            username: creds.username,
+            password: creds.password,
+        },
+        Instant::now(),
+    )
+}
+
+/// One client's allocation and channels over a TCP or TLS connection (see [`crate::stream`]).
+fn allocate_one_stream(
+    server: SocketAddr,
+    secret: &str,
+    client_ip: IpAddr,
+    transport: &Transport,
+    peers: &[(usize, SocketAddr)],
+    user: &str,
+) -> Result<(Vec<Flow>, Allocation), String> {
+    let mut conn = StreamConn::connect(server, client_ip, transport, SETUP_TIMEOUT)
+        .map_err(|e| format!("{} connect: {e}", transport.name()))?;
+    let mut client = new_client(server, secret, user);
+    client.allocate(Instant::now());
+    conn.drive(&mut client, server, SETUP_TIMEOUT, |ev| match ev {
+        TurnEvent::Allocated { .. } => Some(Ok(())),
+        _ => None,
+    })?;
+    let relayed = client
+        .relayed_addr()
+        .ok_or_else(|| "no relayed address after Allocate".to_string())?;
+    let mut channels = Vec::with_capacity(peers.len());
+    for &(index, peer) in peers {
+        client
+            .bind_channel(peer, Instant::now())
+            .map_err(|e| format!("ChannelBind: {e}"))?;
+        conn.drive(&mut client, server, SETUP_TIMEOUT, |ev| match ev {
+            TurnEvent::ChannelBound { peer: p, .. } if *p == peer => Some(Ok(())),
+            _ => None,
+        })?;
+        let channel = client
+            .channel_for(peer)
+            .ok_or_else(|| "no channel after ChannelBind".to_string())?;
+        channels.push((index, channel));
+    }
+    conn.start_load().map_err(|e| e.to_string())?;
+    let conn = Arc::new(Mutex::new(conn));
+    let flows = channels
+        .into_iter()
+        .map(|(peer, channel)| Flow {
+            link: Link::Stream(conn.clone()),
+            framing: Framing::ChannelData(channel),
+            peer,
+            back: None,
+        })
+        .collect();
+    Ok((
+        flows,
+        Allocation {
+            client,
+            sock: None,
+            relayed,
+        },
+    ))
+}
+
 fn allocate_one(
     server: SocketAddr,
     secret: &str,
@@ -88,18 +162,8 @@ fn allocate_one(
     user: &str,
 ) -> Result<(Vec<Flow>, Allocation), String> {
     let sock = udp::bind(SocketAddr::new(client_ip, 0)).map_err(|e| e.to_string())?;
-    let expires =
-        meshpunch_proto::clock::unix_secs(SystemTime::now()) + CREDENTIAL_LIFETIME.as_secs();
-    let creds = rest_credentials(secret.as_bytes(), expires, user);
     let now = Instant::now();
-    let mut client = TurnClient::new(
-        server,
-        TurnCredentials {
-            username: creds.username,
-            password: creds.password,
-        },
-        now,
-    );
+    let mut client = new_client(server, secret, user);
     let mut buf = vec![0u8; 2048];
     client.allocate(now);
     drive(&mut client, &sock, &mut buf, |ev| match ev {
@@ -124,7 +188,7 @@ fn allocate_one(
             .channel_for(peer)
             .ok_or_else(|| "no channel after ChannelBind".to_string())?;
         flows.push(Flow {
-            sock: data.try_clone().map_err(|e| e.to_string())?,
+            link: Link::Udp(data.try_clone().map_err(|e| e.to_string())?),
             framing: Framing::ChannelData(channel),
             peer: index,
             back: None,
@@ -134,19 +198,20 @@ fn allocate_one(
         flows,
         Allocation {
             client,
-            sock,
+            sock: Some(sock),
             relayed,
         },
     ))
 }
 
-/// Allocates one relay per entry of `peers` (one client each) on `server` and binds a channel
-/// to each of that client's peers (peer index, address). Returns the flows in order (client by
-/// client, channel by channel) and the allocations.
+/// Allocates one relay per entry of `peers` (one client each) on `server`, reached over
+/// `transport`, and binds a channel to each of that client's peers (peer index, address).
+/// Returns the flows in order (client by client, channel by channel) and the allocations.
 pub fn allocate_all(
     server: SocketAddr,
     secret: &str,
     client_ip: IpAddr,
+    transport: &Transport,
     peers: &[Vec<(usize, SocketAddr)>],
 ) -> Result<(Vec<Flow>, Vec<Allocation>), LoadError> {
     let run_id: u32 = rand::random();
@@ -163,8 +228,20 @@ pub fn allocate_all(
                     for (j, client_peers) in part.iter().enumerate() {
                         let i = c * chunk + j;
                         let user = format!("load-{run_id:08x}-{i}");
-                        let one = allocate_one(server, secret, client_ip, client_peers, &user)
-                            .map_err(|reason| LoadError::Setup { client: i, reason })?;
+                        let one = match transport {
+                            Transport::Udp => {
+                                allocate_one(server, secret, client_ip, client_peers, &user)
+                            }
+                            _ => allocate_one_stream(
+                                server,
+                                secret,
+                                client_ip,
+                                transport,
+                                client_peers,
+                                &user,
+                            ),
+                        }
+                        .map_err(|reason| LoadError::Setup { client: i, reason })?;
                         out.push(one);
                     }
                     Ok(out)
@@ -200,9 +277,10 @@ pub fn release_all(allocs: Vec<Allocation>) {
     let mut buf = vec![0u8; 2048];
     let mut allocs = allocs;
     for a in allocs.iter_mut() {
+        let Some(sock) = &a.sock else { continue };
         a.client.release(Instant::now());
         while let Some(t) = a.client.poll_transmit() {
-            let _ = a.sock.send_to(&t.payload, t.dst);
+            let _ = sock.send_to(&t.payload, t.dst);
         }
     }
     let deadline = Instant::now() + Duration::from_millis(300);
@@ -210,8 +288,8 @@ pub fn release_all(allocs: Vec<Allocation>) {
         if Instant::now() >= deadline {
             break;
         }
-        if let Ok(Some((n, from))) = udp::recv_timeout(&a.sock, &mut buf, Duration::from_millis(20))
-        {
+        let Some(sock) = &a.sock else { continue };
+        if let Ok(Some((n, from))) = udp::recv_timeout(sock, &mut buf, Duration::from_millis(20)) {
             let _ = a.client.handle_input(Instant::now(), from, &buf[..n]);
         }
     }

@@ -145,6 +145,11 @@ impl SendBatch {
         &mut self.bufs[i]
     }
 
+    /// The bytes of queued datagram `i` (`i < len()`).
+    pub fn queued(&self, i: usize) -> &[u8] {
+        &self.bufs[i][..self.lens[i]]
+    }
+
     /// Queues the first `len` bytes of the next free slot, to `to` (or to the connected peer
     /// when `None`). Returns the index used. The caller checks [`Self::is_full`] first.
     pub fn push_slot(&mut self, len: usize, to: Option<SocketAddr>) -> usize {

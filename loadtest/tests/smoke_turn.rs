@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use meshpunch_loadtest::engine::Sizes;
 use meshpunch_loadtest::load::{self, LoadOptions, Target};
+use meshpunch_loadtest::stream::Transport;
 
 const SECRET: &str = "smoke-secret";
 
@@ -36,6 +37,7 @@ fn relay_mode_pushes_channel_data_through_coturn() {
     let target = Target::Turn {
         server: coturn.addr,
         secret: SECRET.into(),
+        transport: Transport::Udp,
     };
     let opts = LoadOptions {
         server_pid: Some(coturn.pid()),
@@ -93,11 +95,13 @@ fn relay_mode_rejects_a_wrong_secret() {
     let target = Target::Turn {
         server: coturn.addr,
         secret: "not-the-secret".into(),
+        transport: Transport::Udp,
     };
     // Wait until coturn listens (a good secret succeeds), then check the bad one fails.
     let good = Target::Turn {
         server: coturn.addr,
         secret: SECRET.into(),
+        transport: Transport::Udp,
     };
     let opts = LoadOptions {
         clients: 1,
@@ -133,6 +137,7 @@ fn relay_mode_pushes_channel_data_through_meshpunch_relay() {
     let target = Target::Turn {
         server: relay.listen_addr(),
         secret: SECRET.into(),
+        transport: Transport::Udp,
     };
     for sizes in [Sizes::Fixed(100), Sizes::Fixed(1200), Sizes::WireguardMix] {
         let opts = LoadOptions { sizes, ..short() };
@@ -157,6 +162,7 @@ fn bidirectional_load_through_meshpunch_relay() {
     let target = Target::Turn {
         server: relay.listen_addr(),
         secret: SECRET.into(),
+        transport: Transport::Udp,
     };
     let opts = LoadOptions {
         bidirectional: true,
@@ -179,6 +185,7 @@ fn bidirectional_load_through_coturn() {
     let target = Target::Turn {
         server: coturn.addr,
         secret: SECRET.into(),
+        transport: Transport::Udp,
     };
     let opts = LoadOptions {
         bidirectional: true,
@@ -196,6 +203,7 @@ fn find_max_against_meshpunch_relay_reports_a_passing_rate() {
     let target = Target::Turn {
         server: relay.listen_addr(),
         secret: SECRET.into(),
+        transport: Transport::Udp,
     };
     let opts = LoadOptions {
         rate: 1_000,

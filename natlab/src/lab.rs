@@ -285,6 +285,12 @@ impl Lab {
         unsafe { libc::kill(p.child.id() as i32, sig) == 0 }
     }
 
+    /// Process id of process `name` while it is known (the program itself: `ip netns exec`
+    /// execs it), e.g. to read its CPU time from `/proc/<pid>/stat`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.get(name).map(|p| p.child.id())
+    }
+
     /// Stops process `name` (SIGTERM, SIGKILL after 3 s) and returns its log.
     pub fn stop(&mut self, name: &str) -> Option<String> {
         let mut p = self.procs.remove(name)?;

@@ -619,6 +619,16 @@ impl Mesh {
         Ok(())
     }
 
+    /// Process id of the daemon on `host`, while it runs.
+    pub fn daemon_pid(&self, host: &str) -> Option<u32> {
+        self.topo.lab.pid(&daemon_proc(host))
+    }
+
+    /// Process id of the relay on the server host.
+    pub fn relay_pid(&self) -> Option<u32> {
+        self.topo.lab.pid(RELAY_PROC)
+    }
+
     /// Stops the daemon on `host`.
     pub fn down(&mut self, host: &str) {
         self.topo.lab.stop(&daemon_proc(host));

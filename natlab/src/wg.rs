@@ -106,6 +106,11 @@ impl WgIface {
         topo.lab.exec(&self.host, "wg", &args).map(|_| ())
     }
 
+    /// Process id of this interface's boringtun-cli, while it runs.
+    pub fn pid(&self, topo: &Topology) -> Option<u32> {
+        topo.lab.pid(&self.proc_name)
+    }
+
     /// `wg show <iface> dump` output.
     pub fn dump(&self, topo: &Topology) -> Result<String, Error> {
         topo.lab
