@@ -1518,6 +1518,8 @@ fn only_unanswered_pool_pings_carry_the_low_ttl() {
         assert!(on(4).count() >= 1);
         assert!(on(4).all(|t| t.ttl == want));
     }
+}
+
 #[test]
 fn mtu_search_finds_each_paths_size_and_the_peer_takes_the_smallest() {
     let mut sim = Sim::new(
