@@ -526,6 +526,7 @@ fn receiver(mut peers: Vec<(usize, Peer)>, ctx: ReceiverCtx) -> (Vec<(usize, Pee
                     break;
                 }
                 let now_ns = ctx.epoch.elapsed().as_nanos() as u64;
+                let delivered_before = counts.delivered;
                 for i in 0..got {
                     if let Some(o) = batch.rxq_ovfl(i) {
                         peer.rxq_ovfl = o;
@@ -564,9 +565,11 @@ fn receiver(mut peers: Vec<(usize, Peer)>, ctx: ReceiverCtx) -> (Vec<(usize, Pee
                         Arrival::Late => counts.late += 1,
                     }
                 }
+                // First copies only: the drain below stops once `sent` arrived, and copies
+                // (a duplicating server) must not end it while originals are still in flight.
                 ctx.progress
                     .received
-                    .fetch_add(got as u64, Ordering::Relaxed);
+                    .fetch_add(counts.delivered - delivered_before, Ordering::Relaxed);
                 if got < BATCH {
                     break;
                 }
