@@ -550,21 +550,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!("meshpunch down");
         }
         Cmd::Down => {
-            let v = match control::request(&sock, &Request::Down).await {
-                Ok(v) => v,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                    ) =>
-                {
-                    eprintln!(
-                        "meshpunch down: no daemon is running (nothing listens on {})",
-                        sock.display()
-                    );
-                    return Ok(ExitCode::FAILURE);
-                }
-                Err(e) => return Err(e.into()),
+            let Some(v) = request_running(&sock, &Request::Down, "down").await? else {
+                return Ok(ExitCode::FAILURE);
             };
             if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
                 anyhow::bail!("{e}");
@@ -583,21 +570,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("meshpunch down: daemon (pid {pid}) stopped");
         }
         Cmd::Reload => {
-            let v = match control::request(&sock, &Request::Reload).await {
-                Ok(v) => v,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                    ) =>
-                {
-                    eprintln!(
-                        "meshpunch reload: no daemon is running (nothing listens on {})",
-                        sock.display()
-                    );
-                    return Ok(ExitCode::FAILURE);
-                }
-                Err(e) => return Err(e.into()),
+            let Some(v) = request_running(&sock, &Request::Reload, "reload").await? else {
+                return Ok(ExitCode::FAILURE);
             };
             if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
                 eprintln!("meshpunch reload: {e}");
@@ -974,6 +948,31 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Sends `req` to the running daemon; `None` (after saying so on stderr) when no daemon
+/// listens on `sock`, so `meshpunch CMD` can exit 1 with a message instead of an I/O error.
+async fn request_running(
+    sock: &std::path::Path,
+    req: &Request,
+    cmd: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    match control::request(sock, req).await {
+        Ok(v) => Ok(Some(v)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            eprintln!(
+                "meshpunch {cmd}: no daemon is running (nothing listens on {})",
+                sock.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
