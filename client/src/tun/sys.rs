@@ -271,6 +271,25 @@ fn ip_bytes(a: IpAddr) -> Vec<u8> {
     }
 }
 
+/// The rtmsg body of a main-table route to `dst` through interface `index` (what
+/// [`Netlink::add_route`] creates and [`Netlink::del_route`] removes).
+fn main_route(index: u32, dst: IpNet) -> Vec<u8> {
+    let dst = dst.network();
+    let mut body = Vec::with_capacity(40);
+    body.push(family(dst.addr));
+    body.push(dst.len);
+    body.push(0); // src_len
+    body.push(0); // tos
+    body.push(RT_TABLE_MAIN);
+    body.push(RTPROT_STATIC);
+    body.push(RT_SCOPE_LINK);
+    body.push(RTN_UNICAST);
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    push_attr(&mut body, RTA_DST, &ip_bytes(dst.addr));
+    push_attr(&mut body, RTA_OIF, &index.to_ne_bytes());
+    body
+}
+
 fn family(a: IpAddr) -> u8 {
     if a.is_ipv4() {
         libc::AF_INET as u8
@@ -404,38 +423,14 @@ impl Netlink {
     /// Adds a route to `dst` through interface `index` in the main table. `EEXIST` means an
     /// identical route is there (for our own device: the prefix route of an `Address`).
     pub fn add_route(&mut self, index: u32, dst: IpNet) -> Result<(), io::Error> {
-        let dst = dst.network();
-        let mut body = Vec::with_capacity(40);
-        body.push(family(dst.addr));
-        body.push(dst.len);
-        body.push(0); // src_len
-        body.push(0); // tos
-        body.push(RT_TABLE_MAIN);
-        body.push(RTPROT_STATIC);
-        body.push(RT_SCOPE_LINK);
-        body.push(RTN_UNICAST);
-        body.extend_from_slice(&0u32.to_ne_bytes());
-        push_attr(&mut body, RTA_DST, &ip_bytes(dst.addr));
-        push_attr(&mut body, RTA_OIF, &index.to_ne_bytes());
+        let body = main_route(index, dst);
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
     }
 
     /// Removes the route to `dst` through interface `index` from the main table (a peer
     /// removed at run time). `ESRCH` means it is not there.
     pub fn del_route(&mut self, index: u32, dst: IpNet) -> Result<(), io::Error> {
-        let dst = dst.network();
-        let mut body = Vec::with_capacity(40);
-        body.push(family(dst.addr));
-        body.push(dst.len);
-        body.push(0); // src_len
-        body.push(0); // tos
-        body.push(RT_TABLE_MAIN);
-        body.push(RTPROT_STATIC);
-        body.push(RT_SCOPE_LINK);
-        body.push(RTN_UNICAST);
-        body.extend_from_slice(&0u32.to_ne_bytes());
-        push_attr(&mut body, RTA_DST, &ip_bytes(dst.addr));
-        push_attr(&mut body, RTA_OIF, &index.to_ne_bytes());
+        let body = main_route(index, dst);
         self.request(RTM_DELROUTE, 0, &body)
     }
 
