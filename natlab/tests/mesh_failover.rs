@@ -205,3 +205,84 @@ fn relay_candidate_reaches_the_peer_within_seconds() {
         );
     }
 }
+
+/// A daemon restarted on the same `ListenPort` behind the same NAT mapping reaches the relay
+/// from the same 5-tuple as its previous run. After a clean stop (SIGTERM) it deleted its
+/// allocation; after a crash (SIGKILL) the allocation is still there and the new run deletes
+/// it (437, Refresh with lifetime 0 under the same user's new credentials, Allocate again).
+/// Either way the relay is back at once, not after a retry every 15 s that meets the stale
+/// allocation until its lifetime (10 min) runs out. With `NATLAB_RELAY=coturn`: coturn keeps a
+/// released 5-tuple for a few seconds (the retry after a 437 comes after 3 s) and refuses to
+/// delete a crashed run's allocation under a new username (441), so only the clean restart
+/// is checked there, within 8 s.
+#[test]
+fn a_restarted_daemon_gets_its_relay_at_once() {
+    let test = "a_restarted_daemon_gets_its_relay_at_once";
+    if support::mesh_ready(test, &[]).is_none() {
+        return;
+    }
+    let relay = support::relay_impl();
+    let coturn = matches!(relay, natlab::mesh::RelayImpl::Coturn);
+    let topo = TopologySpec::new()
+        .site("a", Nat::PortRestricted, 1)
+        .site("b", Nat::PortRestricted, 1)
+        .build()
+        .unwrap();
+    let mut mesh = Mesh::start_with(topo, relay).unwrap();
+    let opts = |p: &str| UpOptions {
+        peers: vec![p.to_string()],
+        ..Default::default()
+    };
+    mesh.up("a1", &opts("b1")).unwrap();
+    mesh.up("b1", &opts("a1")).unwrap();
+    let allocated = |mesh: &mut Mesh, within: Duration| -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            let home = mesh
+                .status("a1")
+                .ok()
+                .and_then(|s| s.get("home_relay").cloned());
+            let state = home
+                .as_ref()
+                .and_then(|h| h.get("state"))
+                .and_then(|s| s.as_str())
+                .map(str::to_owned);
+            if state.as_deref() == Some("allocated") {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                return Err(format!(
+                    "a1: no relay allocation after {within:?}: {home:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let first = allocated(&mut mesh, Duration::from_secs(10)).unwrap();
+    println!("first run: allocated after {}", support::secs(first));
+    let cases: &[&str] = if coturn {
+        &["SIGTERM"]
+    } else {
+        &["SIGTERM", "SIGKILL"]
+    };
+    for how in cases {
+        if *how == "SIGKILL" {
+            let pid = mesh.daemon_pid("a1").expect("a1's daemon pid");
+            // SAFETY: kill(2) on the daemon the lab started and has not reaped.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        mesh.down("a1");
+        mesh.up("a1", &opts("b1")).unwrap();
+        let within = Duration::from_secs(if coturn { 8 } else { 5 });
+        let t = allocated(&mut mesh, within).unwrap_or_else(|e| {
+            mesh.topo.lab.dump_logs(30);
+            panic!("after {how}: {e}")
+        });
+        println!("restart after {how}: allocated after {}", support::secs(t));
+        // The peer's relayed candidate is usable again: b1 knows a relay pair towards a1.
+        mesh.wait_relay_pair("b1", "a1", Duration::from_secs(10))
+            .unwrap();
+    }
+}

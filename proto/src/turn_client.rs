@@ -16,6 +16,12 @@
 //! (ChannelData once a channel to the peer is bound, a Send indication before): no allocation
 //! per packet. A 401 challenge or 438 stale nonce is answered by resending the request with
 //! the new REALM/NONCE, so callers only see success or a final [`TurnEvent::Failed`].
+//! An Allocate refused with 437 (Allocation Mismatch) means an allocation left by an earlier
+//! run of this host (a crash, a restart behind a NAT that gave the same mapping) still holds
+//! the 5-tuple (RFC 8656 §7.3): the client deletes it once with a Refresh of lifetime 0 under
+//! its own credentials and allocates again, instead of waiting out the stale allocation's
+//! lifetime. A server accepts that Refresh when the credentials name the same user (as
+//! meshpunch-relay does for a REST-API username with a newer expiry).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -245,6 +251,12 @@ pub struct TurnClient {
     /// Transaction ids of requests (RFC 8489 §6: uniformly random; ChaCha from a seed the
     /// driver gives, so a simulation replays exactly).
     rng: rand::rngs::StdRng,
+    /// A Refresh of lifetime 0 is deleting a stale allocation on our 5-tuple (after a 437 to
+    /// Allocate); its answer starts the Allocate again instead of reporting a release.
+    clearing_stale: bool,
+    /// The stale allocation was already cleared once in this attempt to allocate: a second
+    /// 437 is final (someone else holds the 5-tuple).
+    stale_cleared: bool,
     /// Transaction ids of Send indications (no answer ever matches them: only spread, so a
     /// counter stepped through xorshift from the seeded generator, usable from `&self`).
     indication_rng: std::cell::Cell<u64>,
@@ -276,6 +288,8 @@ impl TurnClient {
             sha256: false,
             family: None,
             state: State::Idle,
+            clearing_stale: false,
+            stale_cleared: false,
             auth: None,
             relayed: None,
             mapped: None,
@@ -343,7 +357,7 @@ impl TurnClient {
 
     /// Starts an allocation (no-op when one exists or is being made).
     pub fn allocate(&mut self, now: Instant) {
-        if matches!(self.state, State::Allocating | State::Allocated) {
+        if matches!(self.state, State::Allocating | State::Allocated) || self.clearing_stale {
             return;
         }
         self.state = State::Allocating;
@@ -412,6 +426,7 @@ impl TurnClient {
 
     /// Releases the allocation (Refresh with LIFETIME 0).
     pub fn release(&mut self, now: Instant) {
+        self.clearing_stale = false;
         if self.state != State::Allocated {
             self.reset();
             return;
@@ -493,7 +508,7 @@ impl TurnClient {
         }
         for i in failed.into_iter().rev() {
             let p = self.pending.remove(i);
-            self.fail(p.op, None, "timeout".into());
+            self.fail(p.op, None, "timeout".into(), now);
         }
         if self.state != State::Allocated {
             return;
@@ -625,7 +640,7 @@ impl TurnClient {
                         }
                     }
                 }
-                self.fail(p.op, Some(code), reason);
+                self.fail(p.op, Some(code), reason, now);
             }
             _ => {}
         }
@@ -670,7 +685,7 @@ impl TurnClient {
                 let relayed = match msg.get::<XorRelayedAddress>() {
                     Some(StunAttribute::XorRelayedAddress(a)) => *a.socket_address(),
                     _ => {
-                        self.fail(Op::Allocate, None, "no XOR-RELAYED-ADDRESS".into());
+                        self.fail(Op::Allocate, None, "no XOR-RELAYED-ADDRESS".into(), now);
                         return;
                     }
                 };
@@ -680,12 +695,19 @@ impl TurnClient {
                 };
                 self.relayed = Some(relayed);
                 self.state = State::Allocated;
+                self.stale_cleared = false;
                 self.refresh_at = Some(now + refresh_delay(lifetime));
                 self.events.push_back(TurnEvent::Allocated {
                     relayed,
                     mapped: self.mapped,
                     lifetime: Duration::from_secs(u64::from(lifetime)),
                 });
+            }
+            Op::Refresh { lifetime: 0 } if self.clearing_stale => {
+                self.clearing_stale = false;
+                self.reset();
+                self.state = State::Allocating;
+                self.start(Op::Allocate, now);
             }
             Op::Refresh { lifetime: 0 } => {
                 self.reset();
@@ -720,10 +742,37 @@ impl TurnClient {
         }
     }
 
-    fn fail(&mut self, op: Op, code: Option<u16>, reason: String) {
-        let kind = op.kind();
+    fn fail(&mut self, op: Op, code: Option<u16>, mut reason: String, now: Instant) {
+        let mut kind = op.kind();
+        let mut code = code;
         match op {
-            Op::Allocate => self.reset(),
+            Op::Allocate if code == Some(437) && !self.stale_cleared => {
+                // A stale allocation of ours holds the 5-tuple: delete it, then allocate again
+                // (no event: the caller sees the final outcome of the Allocate).
+                self.reset();
+                self.stale_cleared = true;
+                self.clearing_stale = true;
+                self.state = State::Releasing;
+                self.start(Op::Refresh { lifetime: 0 }, now);
+                return;
+            }
+            Op::Allocate => {
+                self.reset();
+                self.stale_cleared = false;
+            }
+            Op::Refresh { lifetime: 0 } if self.clearing_stale => {
+                // The stale allocation could not be deleted (another user's, or a server that
+                // wants the old username): the Allocate fails with the original 437.
+                self.clearing_stale = false;
+                self.stale_cleared = false;
+                self.reset();
+                kind = TurnOp::Allocate;
+                reason = format!(
+                    "Allocation Mismatch (an earlier allocation holds this address; deleting it failed: {} {reason})",
+                    code.map_or_else(|| "no answer".to_owned(), |c| c.to_string())
+                );
+                code = Some(437);
+            }
             Op::Refresh { lifetime: 0 } => {
                 self.reset();
                 self.events.push_back(TurnEvent::Released);
@@ -787,7 +836,7 @@ impl TurnClient {
     fn send_op(&mut self, op: Op, now: Instant, auth_retries: u32) {
         let txid: [u8; 12] = self.rng.gen();
         let Some(packet) = self.build(&op, &txid) else {
-            self.fail(op, None, "could not encode request".into());
+            self.fail(op, None, "could not encode request".into(), now);
             return;
         };
         self.transmits.push_back(Transmit {

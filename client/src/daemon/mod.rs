@@ -222,10 +222,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// Clean exit: deletes the port mapping on the gateway, then stops the engine.
+    /// Clean exit: deletes the port mapping on the gateway and the relay allocation, then
+    /// stops the engine.
     pub async fn shutdown(mut self) {
         if let Some(m) = self.portmap.take() {
             m.stop().await;
+        }
+        let (reply, rx) = oneshot::channel();
+        if self.int.send(Internal::Shutdown(reply)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
         }
         self.task.abort();
     }
@@ -721,6 +726,8 @@ enum Internal {
         tun: Option<Vec<crate::tun::TunPeer>>,
         reply: oneshot::Sender<Result<control::PeerChanges, String>>,
     },
+    /// Clean exit ([`Daemon::shutdown`]): release what the relay holds for us, then stop.
+    Shutdown(oneshot::Sender<()>),
 }
 
 struct Engine {
@@ -817,17 +824,35 @@ impl Engine {
                     if let CtlCmd::Shutdown(reply) = cmd {
                         // `meshpunch down`: the driver returns; `Daemon::wait` ends and the
                         // caller restores what it changed.
+                        self.release().await;
                         let _ = reply.send(());
                         return;
                     }
                     self.on_ctl(Instant::now(), cmd)
                 }
                 Some(ev) = sig_rx.recv() => self.on_signal(Instant::now(), ev),
-                Some(ev) = int_rx.recv() => self.on_internal(Instant::now(), ev),
+                Some(ev) = int_rx.recv() => {
+                    if let Internal::Shutdown(reply) = ev {
+                        self.release().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    self.on_internal(Instant::now(), ev)
+                }
                 Some(d) = pool_rx.recv() => self.on_pool_datagram(Instant::now(), d),
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
             }
         }
+    }
+
+    /// Clean exit: deletes the relay allocation so a restart from the same address (same
+    /// `ListenPort`, same NAT mapping) allocates at once.
+    async fn release(&mut self) {
+        let now = Instant::now();
+        self.node.shutdown(now);
+        self.perform(now);
+        // A TURN-over-TCP/TLS link's writer task sends the request; give it a moment.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     fn send(&self, socket: Socket, dst: SocketAddr, bytes: &[u8], ttl: Option<u8>) {
@@ -1195,6 +1220,10 @@ impl Engine {
             Internal::Reload { peers, tun, reply } => {
                 // The caller logs the outcome (one line).
                 let _ = reply.send(self.reload(now, peers, tun));
+            }
+            // Handled by the run loop (it stops the engine).
+            Internal::Shutdown(reply) => {
+                let _ = reply.send(());
             }
             Internal::RemovePeer { key, reply } => {
                 let removed = self.node.remove_peer(now, unix_ms(), &key).is_some();

@@ -1128,6 +1128,14 @@ impl Node {
         i
     }
 
+    /// Clean exit, the last call before the driver stops: the relay allocation is deleted
+    /// (its Refresh with lifetime 0 is queued; drain [`Node::poll_transmit`] once more) so the
+    /// next run from the same address allocates at once instead of meeting its own stale
+    /// allocation (RFC 8656 §7.2: 437 on the 5-tuple until the lifetime runs out).
+    pub fn shutdown(&mut self, now: Instant) {
+        self.close_link(now);
+    }
+
     /// Removes a peer at run time (gone from the WireGuard interface): its session and
     /// pairs are dropped at once, its packets from now on too, it is never offered to; its
     /// index stays taken (see [`Node::add_peer`]). Returns its index, `None` if unknown.
@@ -1599,13 +1607,17 @@ impl Node {
                         relayed,
                     });
                 }
-                LinkEvent::Failed { message, fatal } => {
+                LinkEvent::Failed {
+                    message,
+                    fatal,
+                    retry,
+                } => {
                     self.events.push_back(Event::RelayError {
                         region: region.clone(),
                         message,
                     });
                     if fatal {
-                        self.turn_retry_at = Some(now + TURN_RETRY);
+                        self.turn_retry_at = Some(now + retry);
                     }
                 }
             }

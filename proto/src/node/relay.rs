@@ -52,6 +52,10 @@ pub const RELAY_MEASURE_INTERVAL: Duration = Duration::from_secs(120);
 pub const RELAY_EVAL_WAIT: Duration = Duration::from_millis(1500);
 /// Retry interval after the TURN allocation failed.
 pub const TURN_RETRY: Duration = Duration::from_secs(15);
+/// Retry interval after an Allocate still refused with 437 (Allocation Mismatch) once the
+/// TURN client tried to delete the old allocation on our 5-tuple: coturn keeps a released
+/// allocation's 5-tuple for a few seconds, and a restart should not wait [`TURN_RETRY`] for it.
+pub const TURN_RETRY_MISMATCH: Duration = Duration::from_secs(3);
 /// A UDP Allocate with no answer at all (not even a 401 challenge) after this long moves the
 /// link to the region's next transport (TLS, then TCP). Three UDP transmissions (0, 0.5 s,
 /// 1.5 s) have gone unanswered by then; tens of milliseconds suffice on any working path.
@@ -171,6 +175,9 @@ pub enum LinkEvent {
         message: String,
         /// The allocation is gone.
         fatal: bool,
+        /// When to try again if `fatal` ([`TURN_RETRY`], or [`TURN_RETRY_MISMATCH`] after a 437
+        /// to Allocate).
+        retry: Duration,
     },
 }
 
@@ -431,12 +438,21 @@ impl RelayLink {
                     };
                     self.error = Some(message.clone());
                     let fatal = matches!(op, TurnOp::Allocate | TurnOp::Refresh);
+                    let retry = if op == TurnOp::Allocate && code == Some(437) {
+                        TURN_RETRY_MISMATCH
+                    } else {
+                        TURN_RETRY
+                    };
                     if fatal {
                         self.state = LinkState::Failed;
                         self.bound.clear();
                         self.permitted.clear();
                     }
-                    return Some(LinkEvent::Failed { message, fatal });
+                    return Some(LinkEvent::Failed {
+                        message,
+                        fatal,
+                        retry,
+                    });
                 }
                 _ => {}
             }

@@ -37,7 +37,6 @@ pub(crate) enum Integrity {
 /// Outcome of authenticating a request.
 pub(super) enum AuthOutcome {
     Ok {
-        username: String,
         user: Tenant,
         key: HMACKey,
         integrity: Integrity,
@@ -130,7 +129,6 @@ impl<A: RelayAllocator> TurnServer<A> {
             if verify_hmac(integrity, key.as_bytes(), &input, &received) {
                 let user = Tenant::of(&username, !self.cfg.auth.users.contains_key(&username));
                 return AuthOutcome::Ok {
-                    username,
                     user,
                     key,
                     integrity,

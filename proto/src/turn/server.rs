@@ -279,7 +279,6 @@ pub(super) struct Allocation {
     tenant: Tenant,
     /// The network's shared bandwidth bucket.
     network_rate: Option<Arc<SharedRate>>,
-    username: String,
     expires: Instant,
     created_by: TransactionId,
     granted: u32,
@@ -766,14 +765,12 @@ impl<A: RelayAllocator> TurnServer<A> {
         if !unknown.is_empty() {
             return self.reply_unknown(now, from, method, &txid, &unknown, out);
         }
-        let (username, user, key, integrity) = match self.authenticate(now, from, packet, msg, out)
-        {
+        let (user, key, integrity) = match self.authenticate(now, from, packet, msg, out) {
             AuthOutcome::Ok {
-                username,
                 user,
                 key,
                 integrity,
-            } => (username, user, key, integrity),
+            } => (user, key, integrity),
             AuthOutcome::Replied(n) => return ClientAction::Reply(n),
             AuthOutcome::Drop => return ClientAction::None,
         };
@@ -787,14 +784,17 @@ impl<A: RelayAllocator> TurnServer<A> {
         let existing = self.live_slot(from, now);
         if let Some(i) = existing {
             if let Some(Some(a)) = self.slots.get(i) {
-                if a.username != username {
+                // The same user, not the same username: a REST-API username carries its expiry,
+                // so a client that fetched new credentials (or a new run of the same host,
+                // deleting its stale allocation) is the same user under a new username.
+                if a.tenant.user != user.user {
                     self.stats.auth_failures += 1;
                     return self.reply_error(&ctx, Refuse(441, "Wrong Credentials"), out);
                 }
             }
         }
         let result = if method == ALLOCATE {
-            self.allocate(now, from, msg, existing, username, user)
+            self.allocate(now, from, msg, existing, user)
         } else {
             match existing {
                 None => Err(Refuse(437, "Allocation Mismatch")),
@@ -952,7 +952,6 @@ impl<A: RelayAllocator> TurnServer<A> {
         from: SocketAddr,
         msg: &StunMessage,
         existing: Option<usize>,
-        username: String,
         tenant: Tenant,
     ) -> Result<Vec<StunAttribute>, Refuse> {
         if let Some(i) = existing {
@@ -1031,7 +1030,6 @@ impl<A: RelayAllocator> TurnServer<A> {
             relayed,
             tenant,
             network_rate: reservation.network_rate,
-            username,
             expires: now + Duration::from_secs(u64::from(lifetime)),
             created_by: *msg.transaction_id(),
             granted: lifetime,

@@ -824,21 +824,18 @@ fn lifetime_is_clamped_to_the_maximum() {
 fn second_allocation_on_a_five_tuple_gets_437_and_other_user_441() {
     let mut net = Net::new();
     let me = sa("198.51.100.7:40008");
-    let _c = net.allocated("ivan", me);
-    let mut again = net.client("ivan");
-    again.allocate(net.now);
-    let ev = net.drive(&mut again, me);
-    assert!(
-        matches!(
-            ev.as_slice(),
-            [TurnEvent::Failed {
-                op: TurnOp::Allocate,
-                code: Some(437),
-                ..
-            }]
-        ),
-        "{ev:?}"
+    let first = net.allocated("ivan", me);
+    let old_relayed = first.relayed_addr().unwrap();
+    // On the wire: a second Allocate (new transaction) on a held 5-tuple is a 437 (RFC 8656 §7.2).
+    let req = signed_request(
+        &mut net,
+        me,
+        ALLOCATE,
+        vec![RequestedTrasport::new(stun_rs::protocols::UDP).into()],
+        "ivan",
     );
+    assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(437));
+    // Another user cannot touch it: 441, to the Allocate and to the Refresh that would delete it.
     let mut other = net.client("mallory");
     other.allocate(net.now);
     let ev = net.drive(&mut other, me);
@@ -846,16 +843,105 @@ fn second_allocation_on_a_five_tuple_gets_437_and_other_user_441() {
         matches!(
             ev.as_slice(),
             [TurnEvent::Failed {
+                op: TurnOp::Allocate,
                 code: Some(441),
                 ..
             }]
         ),
         "{ev:?}"
     );
+    let req = signed_request(
+        &mut net,
+        me,
+        REFRESH,
+        vec![LifeTime::new(0).into()],
+        "mallory",
+    );
+    assert_eq!(error_code(&net.raw(me, &req).unwrap()), Some(441));
+    assert_eq!(net.server.relayed_addr(me, net.now), Some(old_relayed));
     // Refresh without an allocation: 437.
     let stranger = sa("198.51.100.8:1");
     let req = signed_request(&mut net, stranger, REFRESH, vec![], "ivan");
     assert_eq!(error_code(&net.raw(stranger, &req).unwrap()), Some(437));
+}
+
+/// A host that restarts (crash, upgrade) behind a NAT that maps it to the same address finds
+/// its previous run's allocation on the 5-tuple. With fresh credentials of the same user (a
+/// REST-API username with a later expiry) the client deletes it and allocates again, instead of
+/// being refused until the stale allocation's lifetime runs out.
+#[test]
+fn a_restarted_client_replaces_its_stale_allocation() {
+    let mut net = Net::new();
+    let me = sa("198.51.100.7:40010");
+    let _stale = net.allocated("ivan", me);
+    let c = creds::rest_credentials(SECRET, UNIX0 + 90_000, "ivan");
+    let mut again = TurnClient::new(
+        net.server_addr,
+        TurnCredentials {
+            username: c.username,
+            password: c.password,
+        },
+        net.now,
+    );
+    again.allocate(net.now);
+    let ev = net.drive(&mut again, me);
+    assert!(
+        matches!(ev.as_slice(), [TurnEvent::Allocated { .. }]),
+        "{ev:?}"
+    );
+    let relayed = again.relayed_addr().unwrap();
+    assert_eq!(net.server.relayed_addr(me, net.now), Some(relayed));
+    assert_eq!(
+        net.server.gauges(net.now).allocations,
+        1,
+        "the stale one is gone"
+    );
+    // Someone else's allocation on the 5-tuple stays: the Allocate fails with 437 after one try.
+    let other_me = sa("198.51.100.7:40011");
+    let _held = net.allocated("judy", other_me);
+    let mut intruder = net.client("mallory");
+    intruder.allocate(net.now);
+    let ev = net.drive(&mut intruder, other_me);
+    assert!(
+        matches!(
+            ev.as_slice(),
+            [TurnEvent::Failed {
+                op: TurnOp::Allocate,
+                code: Some(441),
+                ..
+            }]
+        ),
+        "{ev:?}"
+    );
+}
+
+/// Credentials rotate (the rendezvous hands out a username with a later expiry): the refresh of
+/// the existing allocation under the new username is the same user and succeeds.
+#[test]
+fn a_refresh_under_a_renewed_username_of_the_same_user_succeeds() {
+    let mut net = Net::new();
+    let me = sa("198.51.100.7:40012");
+    let _c = net.allocated("oscar", me);
+    let c = creds::rest_credentials(SECRET, UNIX0 + 172_800, "oscar");
+    let nonce = net.server.make_nonce(me.ip(), net.now);
+    let key = HMACKey::new_long_term(
+        &c.username,
+        "meshpunch.test",
+        &c.password,
+        Algorithm::from(AlgorithmId::MD5),
+    )
+    .unwrap();
+    let msg = StunMessageBuilder::new(REFRESH, MessageClass::Request)
+        .with_attribute(LifeTime::new(600))
+        .with_attribute(UserName::new(&c.username).unwrap())
+        .with_attribute(Realm::new("meshpunch.test").unwrap())
+        .with_attribute(Nonce::new(nonce).unwrap())
+        .with_attribute(MessageIntegrity::new(key))
+        .build();
+    let mut buf = vec![0u8; 1024];
+    let n = MessageEncoder::default().encode(&mut buf, &msg).unwrap();
+    let reply = net.raw(me, &buf[..n]).unwrap();
+    assert_eq!(error_code(&reply), None, "refresh refused");
 }
 
 #[test]
