@@ -69,10 +69,18 @@ def nat_matrix(results, out, fmt):
     cols = [c["host"] for c in data["cols"]]
     nat = {h["host"]: h["nat"] for h in data["rows"] + data["cols"]}
     cell = {(c["row"], c["col"]): c for c in data["cells"]}
-    paths = ["direct", "lan", "relay", "none"]
-    grid = [[paths.index(cell[(r, c)]["path"]) if cell[(r, c)]["path"] in paths else 3 for c in cols] for r in rows]
+    paths = ["direct", "lan", "relay", "none", "n/a"]
+    colors = [PATH_COLORS[p] for p in paths[:4]] + ["#d9d9d9"]
+
+    def kind(path):
+        # "relay-tls" / "relay-tcp": a relay path reached over a stream (UDP blocked).
+        if path.startswith("relay"):
+            return paths.index("relay")
+        return paths.index(path) if path in paths else paths.index("none")
+
+    grid = [[kind(cell[(r, c)]["path"]) for c in cols] for r in rows]
     fig, ax = plt.subplots(figsize=(1.5 * len(cols) + 2, 0.75 * len(rows) + 1.5))
-    ax.imshow(grid, cmap=ListedColormap([PATH_COLORS[p] for p in paths]), vmin=0, vmax=3, aspect="auto")
+    ax.imshow(grid, cmap=ListedColormap(colors), vmin=0, vmax=len(paths) - 1, aspect="auto")
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             x = cell[(r, c)]
@@ -86,7 +94,10 @@ def nat_matrix(results, out, fmt):
     ax.set_xlabel("column host (NAT)")
     ax.set_ylabel("row host (NAT)")
     ax.set_title("NAT pair matrix: path each row host ends on, time from start to direct")
-    ax.legend(handles=[Patch(color=PATH_COLORS[p], label=p) for p in ("direct", "relay", "none")],
+    labels = {"direct": "direct", "relay": "relay (UDP, or TLS: relay-tls)", "none": "none",
+              "n/a": "pair not in the matrix"}
+    ax.legend(handles=[Patch(color=colors[paths.index(p)], label=labels[p])
+                       for p in ("direct", "relay", "none", "n/a")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     save(fig, out, "nat-matrix", fmt)
 
