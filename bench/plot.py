@@ -8,8 +8,9 @@ Inputs (all under --results; a missing input skips its figure with a message):
                               (target/natlab-results/, copy it here to commit it)
   natlab/mesh_failover.json   written by `cargo test -p natlab --test mesh_failover`
   capped-*/summary.json       written by loadtest/bench/capped.sh (the newest meshpunch-vs-coturn
-                              run without LOAD_EXTRA is plotted; A/B runs of two relay builds
-                              and variants are skipped)
+                              run without LOAD_EXTRA is plotted, next to the newest one with
+                              LOAD_EXTRA=--bidirectional as "both ways"; A/B runs of two relay
+                              builds and other variants are skipped)
   rendezvous-rss/*.json       `meshpunch-loadtest rendezvous --server-pid … --json` outputs at
                               several client counts (loadtest/bench/rendezvous_rss.sh)
   transport-*/summary.json    written by loadtest/bench/transport.sh (relay on one core, clients
@@ -102,15 +103,15 @@ def nat_matrix(results, out, fmt):
     save(fig, out, "nat-matrix", fmt)
 
 
-def newest_capped(results):
+def newest_capped(results, load_extra=""):
     best = None
     for path in sorted(glob.glob(os.path.join(results, "capped-*", "summary.json"))):
         s = load(path)
         if not s:
             continue
         sides = {s["meta"]["a"], s["meta"]["b"]}
-        # The standard shape only: runs with extra generator options (LOAD_EXTRA) are variants.
-        if "coturn" not in sides or s["meta"].get("load_extra"):
+        # The standard shape, or the variant with exactly these extra generator options.
+        if "coturn" not in sides or s["meta"].get("load_extra", "") != load_extra:
             continue
         if best is None or s["meta"].get("started", "") >= best[1]["meta"].get("started", ""):
             best = (path, s)
@@ -130,11 +131,23 @@ def relay_vs_coturn(results, out, fmt):
         key = (c["pattern"], c["size"])
         if key not in cases:
             cases.append(key)
-    order = {"realistic": 0, "bulk": 1}
-    cases.sort(key=lambda k: (order.get(k[0], 2), k[1] != "wg-mix", int(k[1]) if k[1].isdigit() else 0))
     by = {(c["pattern"], c["size"], c["side"]): c for c in s["cases"]}
+    ratios = list(s.get("ratios", []))
+    sources = [os.path.relpath(path)]
+    # The same comparison with traffic both ways (a WireGuard session's shape), if measured.
+    both = newest_capped(results, "--bidirectional")
+    if both and {both[1]["meta"]["a"], both[1]["meta"]["b"]} == set(sides):
+        for c in both[1]["cases"]:
+            key = ("both ways", c["size"])
+            if key not in cases:
+                cases.append(key)
+            by[("both ways", c["size"], c["side"])] = c
+        ratios += [dict(r, pattern="both ways") for r in both[1].get("ratios", [])]
+        sources.append(os.path.relpath(both[0]))
+    order = {"realistic": 0, "both ways": 1, "bulk": 2}
+    cases.sort(key=lambda k: (order.get(k[0], 3), k[1] != "wg-mix", int(k[1]) if k[1].isdigit() else 0))
     colors = {sides[0]: "#264653", sides[1]: "#e76f51"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.2))
     width = 0.38
     xs = range(len(cases))
     for k, side in enumerate(sides):
@@ -143,8 +156,9 @@ def relay_vs_coturn(results, out, fmt):
         off = (k - 0.5) * width
         ax1.bar([x + off for x in xs], [v / 1000 for v in pps], width, label=side, color=colors[side])
         ax2.bar([x + off for x in xs], cpu, width, label=side, color=colors[side])
-    labels = [f"{p}\n{z}{'' if z == 'wg-mix' else ' B'}" for p, z in cases]
-    for r in s.get("ratios", []):
+    labels = [f"{'both' + chr(10) + 'ways' if p == 'both ways' else p}\n{z}{'' if z == 'wg-mix' else ' B'}"
+              for p, z in cases]
+    for r in ratios:
         if r.get("pps_ratio") is None:
             continue
         i = cases.index((r["pattern"], r["size"])) if (r["pattern"], r["size"]) in cases else None
@@ -152,6 +166,7 @@ def relay_vs_coturn(results, out, fmt):
             labels[i] += f"\n{r['pps_ratio']:.2f}×"
     for ax in (ax1, ax2):
         ax.set_xticks(list(xs), labels)
+        ax.tick_params(axis="x", labelsize=8)
         ax.legend(frameon=False)
         ax.grid(axis="y", alpha=0.3)
     ax1.set_ylabel("max delivered kpps (loss < 1 %, two passing trials)")
@@ -159,7 +174,7 @@ def relay_vs_coturn(results, out, fmt):
     quota = 100 * meta["quota_us"] / meta["period_us"]
     fig.suptitle(f"Relay under a {quota:.0f} % CPU quota ({meta['quota_us']}/{meta['period_us']} µs), "
                  f"median of {meta['rounds']} interleaved rounds — {meta.get('started', '')}")
-    fig.text(0.5, -0.1, f"source: {os.path.relpath(path)}; load before: {meta.get('load_before', '?')}",
+    fig.text(0.5, -0.12, f"source: {'; '.join(sources)}; load before: {meta.get('load_before', '?')}",
              ha="center", fontsize=7)
     save(fig, out, "relay-vs-coturn", fmt)
 
