@@ -131,6 +131,17 @@ fn signed_request(
     user: &str,
 ) -> Vec<u8> {
     let c = creds::rest_credentials(SECRET, UNIX0 + 86_400, user);
+    signed_request_with(net, from, method, attrs, &c)
+}
+
+/// [`signed_request`] under given REST-API credentials (another expiry of the same user).
+fn signed_request_with(
+    net: &mut Net,
+    from: SocketAddr,
+    method: stun_rs::MessageMethod,
+    attrs: Vec<StunAttribute>,
+    c: &creds::RestCredentials,
+) -> Vec<u8> {
     let nonce = net.server.make_nonce(from.ip(), net.now);
     let key = HMACKey::new_long_term(
         &c.username,
@@ -923,24 +934,8 @@ fn a_refresh_under_a_renewed_username_of_the_same_user_succeeds() {
     let me = sa("198.51.100.7:40012");
     let _c = net.allocated("oscar", me);
     let c = creds::rest_credentials(SECRET, UNIX0 + 172_800, "oscar");
-    let nonce = net.server.make_nonce(me.ip(), net.now);
-    let key = HMACKey::new_long_term(
-        &c.username,
-        "meshpunch.test",
-        &c.password,
-        Algorithm::from(AlgorithmId::MD5),
-    )
-    .unwrap();
-    let msg = StunMessageBuilder::new(REFRESH, MessageClass::Request)
-        .with_attribute(LifeTime::new(600))
-        .with_attribute(UserName::new(&c.username).unwrap())
-        .with_attribute(Realm::new("meshpunch.test").unwrap())
-        .with_attribute(Nonce::new(nonce).unwrap())
-        .with_attribute(MessageIntegrity::new(key))
-        .build();
-    let mut buf = vec![0u8; 1024];
-    let n = MessageEncoder::default().encode(&mut buf, &msg).unwrap();
-    let reply = net.raw(me, &buf[..n]).unwrap();
+    let req = signed_request_with(&mut net, me, REFRESH, vec![LifeTime::new(600).into()], &c);
+    let reply = net.raw(me, &req).unwrap();
     assert_eq!(error_code(&reply), None, "refresh refused");
 }
 
