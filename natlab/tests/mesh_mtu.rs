@@ -20,10 +20,9 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use natlab::mesh::{Mesh, TunOptions, UpOptions};
+use natlab::mesh::Mesh;
 use natlab::{Nat, TopologySpec};
 
 const TUN: &str = "mpmtu0";
@@ -31,37 +30,11 @@ const TUN: &str = "mpmtu0";
 const LINK_MTU: u32 = 1400;
 
 fn tun_ready(test: &str, extra: &[&str]) -> bool {
-    let Some(bins) = support::mesh_ready(test, extra) else {
-        return false;
-    };
-    let help = std::process::Command::new(&bins.client)
-        .args(["up", "--help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    natlab::testenv::require_features(
-        test,
-        (!help.contains("--tun")).then(|| "meshpunch up --tun".to_string()),
-    )
+    support::tun_ready(test, extra)
 }
 
 fn up_pair(mesh: &mut Mesh, h1: &str, h2: &str, extra: &[&str]) {
-    for (h, me, peer, peer_ip) in [
-        (h1, "10.9.0.1/24", h2, "10.9.0.2/32"),
-        (h2, "10.9.0.2/24", h1, "10.9.0.1/32"),
-    ] {
-        let opts = UpOptions {
-            peers: vec![peer.to_string()],
-            tun: Some(TunOptions {
-                name: TUN.into(),
-                address: me.into(),
-                allowed_ips: BTreeMap::from([(peer.to_string(), peer_ip.to_string())]),
-            }),
-            interface_extra: extra.iter().map(|l| l.to_string()).collect(),
-            ..Default::default()
-        };
-        mesh.up(h, &opts).unwrap();
-    }
+    support::up_tun_pair(mesh, TUN, h1, h2, extra);
 }
 
 /// Lowers both ends of site `site`'s uplink (router `wan`, internet `d-<site>`) to LINK_MTU.

@@ -24,11 +24,10 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use natlab::mesh::{Mesh, TunOptions, UpOptions};
+use natlab::mesh::Mesh;
 use natlab::wg::WgIface;
 use natlab::{Nat, TopologySpec};
 use serde_json::json;
@@ -118,21 +117,7 @@ fn transfer(
 }
 
 fn up_tun_pair(mesh: &mut Mesh, h1: &str, h2: &str) {
-    for (h, me, peer, peer_ip) in [
-        (h1, "10.9.0.1/24", h2, "10.9.0.2/32"),
-        (h2, "10.9.0.2/24", h1, "10.9.0.1/32"),
-    ] {
-        let opts = UpOptions {
-            peers: vec![peer.to_string()],
-            tun: Some(TunOptions {
-                name: TUN.into(),
-                address: me.into(),
-                allowed_ips: BTreeMap::from([(peer.to_string(), peer_ip.to_string())]),
-            }),
-            ..Default::default()
-        };
-        mesh.up(h, &opts).unwrap();
-    }
+    support::up_tun_pair(mesh, TUN, h1, h2, &[]);
 }
 
 fn pids(mesh: &Mesh, hosts: &[&str]) -> Vec<u32> {

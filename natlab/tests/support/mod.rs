@@ -92,3 +92,49 @@ pub(crate) fn up_flow_pair(
     mesh.up("b1", &ob).unwrap();
     sink
 }
+
+/// [`mesh_ready`] plus a client built with `meshpunch up --tun` (the built-in WireGuard).
+pub(crate) fn tun_ready(test: &str, extra: &[&str]) -> bool {
+    let Some(bins) = mesh_ready(test, extra) else {
+        return false;
+    };
+    let help = std::process::Command::new(&bins.client)
+        .args(["up", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    natlab::testenv::require_features(
+        test,
+        (!help.contains("--tun")).then(|| "meshpunch up --tun".to_string()),
+    )
+}
+
+/// Starts `--tun` daemons (interface `tun`) on `h1` (10.9.0.1) and `h2` (10.9.0.2), each the
+/// other's peer, with `extra` lines in both `[Interface]` sections.
+pub(crate) fn up_tun_pair(
+    mesh: &mut natlab::mesh::Mesh,
+    tun: &str,
+    h1: &str,
+    h2: &str,
+    extra: &[&str],
+) {
+    for (h, me, peer, peer_ip) in [
+        (h1, "10.9.0.1/24", h2, "10.9.0.2/32"),
+        (h2, "10.9.0.2/24", h1, "10.9.0.1/32"),
+    ] {
+        let opts = natlab::mesh::UpOptions {
+            peers: vec![peer.to_string()],
+            tun: Some(natlab::mesh::TunOptions {
+                name: tun.into(),
+                address: me.into(),
+                allowed_ips: std::collections::BTreeMap::from([(
+                    peer.to_string(),
+                    peer_ip.to_string(),
+                )]),
+            }),
+            interface_extra: extra.iter().map(|l| l.to_string()).collect(),
+            ..Default::default()
+        };
+        mesh.up(h, &opts).unwrap();
+    }
+}
