@@ -251,11 +251,10 @@ pub struct TurnClient {
     /// Transaction ids of requests (RFC 8489 §6: uniformly random; ChaCha from a seed the
     /// driver gives, so a simulation replays exactly).
     rng: rand::rngs::StdRng,
-    /// A Refresh of lifetime 0 is deleting a stale allocation on our 5-tuple (after a 437 to
-    /// Allocate); its answer starts the Allocate again instead of reporting a release.
-    clearing_stale: bool,
-    /// The stale allocation was already cleared once in this attempt to allocate: a second
-    /// 437 is final (someone else holds the 5-tuple).
+    /// A 437 to Allocate made us delete a stale allocation on our 5-tuple in this attempt to
+    /// allocate: while `Releasing`, the Refresh of lifetime 0 answering starts the Allocate
+    /// again (`clearing_stale`); a second 437 is final (someone else holds
+    /// the 5-tuple).
     stale_cleared: bool,
     /// Transaction ids of Send indications (no answer ever matches them: only spread, so a
     /// counter stepped through xorshift from the seeded generator, usable from `&self`).
@@ -288,7 +287,6 @@ impl TurnClient {
             sha256: false,
             family: None,
             state: State::Idle,
-            clearing_stale: false,
             stale_cleared: false,
             auth: None,
             relayed: None,
@@ -357,7 +355,7 @@ impl TurnClient {
 
     /// Starts an allocation (no-op when one exists or is being made).
     pub fn allocate(&mut self, now: Instant) {
-        if matches!(self.state, State::Allocating | State::Allocated) || self.clearing_stale {
+        if matches!(self.state, State::Allocating | State::Allocated) || self.clearing_stale() {
             return;
         }
         self.state = State::Allocating;
@@ -426,7 +424,7 @@ impl TurnClient {
 
     /// Releases the allocation (Refresh with LIFETIME 0).
     pub fn release(&mut self, now: Instant) {
-        self.clearing_stale = false;
+        self.stale_cleared = false;
         if self.state != State::Allocated {
             self.reset();
             return;
@@ -703,8 +701,7 @@ impl TurnClient {
                     lifetime: Duration::from_secs(u64::from(lifetime)),
                 });
             }
-            Op::Refresh { lifetime: 0 } if self.clearing_stale => {
-                self.clearing_stale = false;
+            Op::Refresh { lifetime: 0 } if self.clearing_stale() => {
                 self.reset();
                 self.state = State::Allocating;
                 self.start(Op::Allocate, now);
@@ -751,7 +748,6 @@ impl TurnClient {
                 // (no event: the caller sees the final outcome of the Allocate).
                 self.reset();
                 self.stale_cleared = true;
-                self.clearing_stale = true;
                 self.state = State::Releasing;
                 self.start(Op::Refresh { lifetime: 0 }, now);
                 return;
@@ -760,10 +756,9 @@ impl TurnClient {
                 self.reset();
                 self.stale_cleared = false;
             }
-            Op::Refresh { lifetime: 0 } if self.clearing_stale => {
+            Op::Refresh { lifetime: 0 } if self.clearing_stale() => {
                 // The stale allocation could not be deleted (another user's, or a server that
                 // wants the old username): the Allocate fails with the original 437.
-                self.clearing_stale = false;
                 self.stale_cleared = false;
                 self.reset();
                 kind = TurnOp::Allocate;
@@ -800,6 +795,12 @@ impl TurnClient {
             code,
             reason,
         });
+    }
+
+    /// A Refresh of lifetime 0 is deleting a stale allocation (not releasing our own): only
+    /// after a 437 does the client release before it ever allocated in this attempt.
+    fn clearing_stale(&self) -> bool {
+        self.state == State::Releasing && self.stale_cleared
     }
 
     fn reset(&mut self) {

@@ -125,6 +125,8 @@ pub struct Daemon {
     sig: Option<mpsc::Sender<SignalCmd>>,
     /// The engine's internal channel (port-mapping updates).
     int: mpsc::Sender<Internal>,
+    /// The engine's command channel, as the control socket uses it (clean exit).
+    ctl: mpsc::Sender<CtlCmd>,
     /// The port mapper of the data socket (`PortMapping = on`).
     portmap: Option<crate::portmap::PortMapper>,
     /// `meshpunch reload` requests from the control socket (see [`Daemon::reload_requests`]).
@@ -229,7 +231,7 @@ impl Daemon {
             m.stop().await;
         }
         let (reply, rx) = oneshot::channel();
-        if self.int.send(Internal::Shutdown(reply)).await.is_ok() {
+        if self.ctl.send(CtlCmd::Shutdown(reply)).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), rx).await;
         }
         self.task.abort();
@@ -468,7 +470,7 @@ pub async fn start_with_extras(
     }
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<CtlCmd>(64);
-    control::serve(opts.control_socket.clone(), ctl_tx)
+    control::serve(opts.control_socket.clone(), ctl_tx.clone())
         .await
         .map_err(|e| anyhow::anyhow!("control socket {}: {e}", opts.control_socket.display()))?;
 
@@ -574,6 +576,7 @@ pub async fn start_with_extras(
         task,
         sig: sig_handle,
         int,
+        ctl: ctl_tx,
         portmap: None,
         reload_rx: Some(reload_rx),
         full_tunnel,
@@ -726,8 +729,6 @@ enum Internal {
         tun: Option<Vec<crate::tun::TunPeer>>,
         reply: oneshot::Sender<Result<control::PeerChanges, String>>,
     },
-    /// Clean exit ([`Daemon::shutdown`]): release what the relay holds for us, then stop.
-    Shutdown(oneshot::Sender<()>),
 }
 
 struct Engine {
@@ -822,8 +823,8 @@ impl Engine {
                 },
                 Some(cmd) = ctl_rx.recv() => {
                     if let CtlCmd::Shutdown(reply) = cmd {
-                        // `meshpunch down`: the driver returns; `Daemon::wait` ends and the
-                        // caller restores what it changed.
+                        // `meshpunch down` or [`Daemon::shutdown`]: the driver returns;
+                        // `Daemon::wait` ends and the caller restores what it changed.
                         self.release().await;
                         let _ = reply.send(());
                         return;
@@ -831,14 +832,7 @@ impl Engine {
                     self.on_ctl(Instant::now(), cmd)
                 }
                 Some(ev) = sig_rx.recv() => self.on_signal(Instant::now(), ev),
-                Some(ev) = int_rx.recv() => {
-                    if let Internal::Shutdown(reply) = ev {
-                        self.release().await;
-                        let _ = reply.send(());
-                        return;
-                    }
-                    self.on_internal(Instant::now(), ev)
-                }
+                Some(ev) = int_rx.recv() => self.on_internal(Instant::now(), ev),
                 Some(d) = pool_rx.recv() => self.on_pool_datagram(Instant::now(), d),
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
             }
@@ -1220,10 +1214,6 @@ impl Engine {
             Internal::Reload { peers, tun, reply } => {
                 // The caller logs the outcome (one line).
                 let _ = reply.send(self.reload(now, peers, tun));
-            }
-            // Handled by the run loop (it stops the engine).
-            Internal::Shutdown(reply) => {
-                let _ = reply.send(());
             }
             Internal::RemovePeer { key, reply } => {
                 let removed = self.node.remove_peer(now, unix_ms(), &key).is_some();
